@@ -1,0 +1,308 @@
+"""`sagakit demo`: place N orders through the orchestrated checkout, under faults, and
+check the invariants from the four services' own ledgers.
+
+The order mix and the fault schedule come from ``--seed``. With ``--data-dir`` the
+databases are kept: running the same command again after a ``kill -9`` finishes the
+interrupted sagas, places only the orders not placed yet, and reports on all N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from sagakit import Engine, SagaState
+from sagakit.testing.faults import Faults
+from sagakit_checkout.invariants import InvariantReport, check_invariants
+from sagakit_checkout.inventory import seed_stock
+from sagakit_checkout.sagas import CHECKOUT, checkout_definition
+from sagakit_checkout.services import Checkout, migrate, open_checkout
+
+SCENARIOS = (
+    # (name, weight)
+    ("success", 58),
+    ("card_declined", 8),
+    ("out_of_stock", 8),
+    ("last_item_race", 10),
+    ("shipping_failure", 6),
+    ("carrier_flaky", 4),
+    ("provider_timeout", 4),
+    ("void_refused", 2),
+)
+REGULAR_SKUS = [f"sku-{i:02d}" for i in range(8)]
+REGULAR_STOCK = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSpec:
+    """One order of the demo, and the scenario it was drawn for."""
+
+    order_id: str
+    scenario: str
+    data: dict[str, Any]
+
+
+def make_orders(n: int, seed: int) -> tuple[list[OrderSpec], dict[str, int]]:
+    """The order mix and the initial stock, both determined by ``seed``."""
+    rng = random.Random(seed)
+    names = [s for s, _ in SCENARIOS]
+    weights = [w for _, w in SCENARIOS]
+    stock = dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK)
+    stock["sku-sold-out"] = 0
+    orders: list[OrderSpec] = []
+    race = 0
+    while len(orders) < n:
+        scenario = rng.choices(names, weights)[0]
+        group = 1
+        sku = rng.choice(REGULAR_SKUS)
+        card, ship_to = f"card-ok-{rng.randrange(10**6)}", f"addr-ok-{rng.randrange(10**6)}"
+        if scenario == "card_declined":
+            card = f"card-decline-{rng.randrange(10**6)}"
+        elif scenario == "out_of_stock":
+            sku = "sku-sold-out"
+        elif scenario == "last_item_race":
+            # Three orders race for the last unit of a SKU: exactly one may win.
+            race += 1
+            sku = f"sku-last-{race:04d}"
+            stock[sku] = 1
+            group = 3
+        elif scenario == "shipping_failure":
+            ship_to = f"addr-bad-{rng.randrange(10**6)}"
+        elif scenario == "carrier_flaky":
+            ship_to = f"addr-flaky-{rng.randrange(10**6)}"
+        elif scenario == "provider_timeout":
+            card = f"card-slow-{rng.randrange(10**6)}"
+        elif scenario == "void_refused":
+            # Declined later at the shipping step, so the void must be tried -- and fails.
+            card, ship_to = f"card-novoid-{rng.randrange(10**6)}", f"addr-bad-{rng.randrange(10**6)}"
+        for _ in range(group):
+            if len(orders) == n:
+                break
+            i = len(orders)
+            orders.append(
+                OrderSpec(
+                    order_id=f"order-{seed}-{i:06d}",
+                    scenario=scenario,
+                    data={
+                        "customer": f"cust-{rng.randrange(10**6):06d}",
+                        "sku": sku,
+                        "qty": 1,
+                        "amount": rng.randrange(500, 50_000),
+                        "currency": "EUR",
+                        "card": card,
+                        "ship_to": ship_to,
+                    },
+                )
+            )
+    return orders, stock
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured."""
+
+    orders: int
+    outcomes: dict[str, int]
+    report: InvariantReport
+    elapsed_s: float
+    faults_injected: dict[str, int]
+    seed: int
+    data_dir: str
+    placed_now: int
+    scenarios: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` report."""
+        return {
+            "orders": self.orders,
+            "mode": "orchestration",
+            "outcomes": self.outcomes,
+            "invariants": self.report.invariants,
+            "violations": self.report.violations,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "sagas_per_s": round(self.orders / self.elapsed_s, 1) if self.elapsed_s else 0.0,
+            "seed": self.seed,
+            "faults_injected": self.faults_injected,
+            "placed_this_run": self.placed_now,
+            "scenarios": self.scenarios,
+            "data_dir": self.data_dir,
+        }
+
+    @property
+    def ok(self) -> bool:
+        """True when every invariant holds."""
+        return all(self.report.invariants.values()) and not self.report.violations
+
+
+async def run_demo(
+    *,
+    orders: int = 200,
+    faults: str = "default",
+    seed: int = 0,
+    data_dir: Path | None = None,
+    progress: TextIO | None = None,
+    synchronous: str = "FULL",
+    timeout: float = 600.0,
+) -> DemoResult:
+    """Run the demo; returns the result (the caller prints it)."""
+    if orders < 1:
+        raise ValueError("--orders must be at least 1")
+    keep = data_dir is not None
+    base = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
+    base.mkdir(parents=True, exist_ok=True)
+    lock = _lock(base)
+    try:
+        return await _run(orders, faults, seed, base, progress, synchronous, timeout)
+    finally:
+        lock.close()
+        if not keep:
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _lock(base: Path) -> TextIO:
+    f = open(base / ".lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"another sagakit process is using {base}; wait for it or pick another --data-dir") from None
+    return f
+
+
+async def _run(
+    n: int, fault_name: str, seed: int, base: Path, progress: TextIO | None, synchronous: str,
+    timeout: float,
+) -> DemoResult:
+    specs, stock = make_orders(n, seed)
+    checkout: Checkout = open_checkout(base, synchronous=synchronous)
+    fault_plan = Faults.named(fault_name, seed)
+    started = time.monotonic()
+    placed_now = 0
+    engine = Engine(
+        checkout.orchestrator_store,
+        [checkout_definition()],
+        participants=checkout.participants,
+        faults=fault_plan,
+    )
+    async with engine:
+        await migrate(checkout)
+        await seed_stock(checkout.inventory_store, stock)
+        for i in range(0, n, 100):
+            chunk = specs[i : i + 100]
+            results = await engine.orchestrator.start_many(
+                [(CHECKOUT, s.order_id, s.data) for s in chunk]
+            )
+            placed_now += sum(1 for _, created in results if created)
+            await _show(engine, n, progress, started)
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = await engine.store.count_sagas()
+            done = sum(v for k, v in counts.items() if k.terminal)
+            _bar(progress, done, n, time.monotonic() - started)
+            if done >= n or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        # Let the relays hand over the last replies and acks before checking.
+        await _drain(engine)
+        elapsed = time.monotonic() - started
+        if progress is not None:
+            progress.write("\n")
+        report = await check_invariants(
+            orchestrator_store=checkout.orchestrator_store,
+            order_store=checkout.order_store,
+            payment_store=checkout.payment_store,
+            inventory_store=checkout.inventory_store,
+            shipping_store=checkout.shipping_store,
+            provider=checkout.provider,
+            initial_stock=stock,
+        )
+        counts = await checkout.orchestrator_store.count_sagas()
+    outcomes = {s.value: counts.get(s, 0) for s in SagaState if s.terminal}
+    running = sum(v for k, v in counts.items() if not k.terminal)
+    if running:
+        outcomes["RUNNING"] = running
+    return DemoResult(
+        orders=n,
+        outcomes=outcomes,
+        report=report,
+        elapsed_s=elapsed,
+        faults_injected=dict(sorted(fault_plan.counts.items())),
+        seed=seed,
+        data_dir=str(base),
+        placed_now=placed_now,
+        scenarios=dict(Counter(s.scenario for s in specs)),
+    )
+
+
+async def _show(engine: Engine, n: int, progress: TextIO | None, started: float) -> None:
+    if progress is None:
+        return
+    counts = await engine.store.count_sagas()
+    _bar(progress, sum(v for k, v in counts.items() if k.terminal), n, time.monotonic() - started)
+
+
+async def _drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:
+    """Wait until no outbox row is pending and no mailbox holds a message."""
+    end = time.monotonic() + limit
+    calm_since: float | None = None
+    while time.monotonic() < end:
+        busy = 0
+        for s in engine.stores:
+            busy += await s.outbox_pending() + await s.queue_depth()
+        if busy:
+            calm_since = None
+        elif calm_since is None:
+            calm_since = time.monotonic()
+        elif time.monotonic() - calm_since >= quiet_for:
+            return
+        await asyncio.sleep(0.05)
+
+
+def _bar(out: TextIO | None, done: int, total: int, elapsed: float) -> None:
+    if out is None:
+        return
+    width = 32
+    filled = int(width * done / total) if total else width
+    rate = done / elapsed if elapsed > 0 else 0.0
+    out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} sagas terminal  {rate:7.1f}/s")
+    out.flush()
+
+
+def render(result: DemoResult) -> str:
+    """The human-readable summary table."""
+    lines = [
+        f"sagakit demo: {result.orders} orders, orchestration, seed {result.seed}",
+        "",
+        "  outcome               sagas",
+        "  --------------------  -----",
+    ]
+    for k, v in result.outcomes.items():
+        lines.append(f"  {k:<20}  {v:>5}")
+    lines += ["", "  invariant (from the services' own ledgers)", "  ------------------------------------------"]
+    for k, ok in result.report.invariants.items():
+        lines.append(f"  {k:<20}  {'ok' if ok else 'VIOLATED'}")
+    if result.faults_injected:
+        lines += ["", "  faults injected: " + ", ".join(f"{k}={v}" for k, v in result.faults_injected.items())]
+    for v in result.report.violations[:20]:
+        lines.append(f"  ! {v}")
+    if len(result.report.violations) > 20:
+        lines.append(f"  ! ... and {len(result.report.violations) - 20} more")
+    rate = result.orders / result.elapsed_s if result.elapsed_s else 0.0
+    lines += ["", f"  {result.elapsed_s:.2f} s, {rate:.1f} sagas/s; data in {result.data_dir}"]
+    return "\n".join(lines)
+
+
+def stderr_progress() -> TextIO | None:
+    """stderr when it is a terminal (a progress bar makes no sense in a log file)."""
+    return sys.stderr if sys.stderr.isatty() or os.environ.get("SAGAKIT_PROGRESS") == "1" else None

@@ -1,0 +1,70 @@
+"""sagakit: durable sagas that make business operations across services all-or-nothing."""
+
+from __future__ import annotations
+
+from sagakit.core.definition import (
+    CommandAction,
+    LocalAction,
+    RetryPolicy,
+    Rung,
+    SagaDefinition,
+    SagaView,
+    Step,
+    StepContext,
+    StepKind,
+    command,
+    local,
+)
+from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, success
+from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
+from sagakit.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    DefinitionError,
+    MessageError,
+    SagakitError,
+    SagaNotFound,
+    StepFailed,
+    StoreError,
+    TransportError,
+    UnknownMessageType,
+)
+from sagakit.runtime.engine import Engine, embedded
+from sagakit.runtime.participant import Participant
+
+__all__ = [
+    "CommandAction",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "DefinitionError",
+    "Engine",
+    "Envelope",
+    "HistoryEntry",
+    "LocalAction",
+    "MessageError",
+    "MessageKind",
+    "Outcome",
+    "Participant",
+    "RetryPolicy",
+    "Rung",
+    "SagaDefinition",
+    "SagaInstance",
+    "SagaNotFound",
+    "SagaState",
+    "SagaView",
+    "SagakitError",
+    "Step",
+    "StepContext",
+    "StepFailed",
+    "StepKind",
+    "StepState",
+    "StepStatus",
+    "StoreError",
+    "TransportError",
+    "UnknownMessageType",
+    "command",
+    "embedded",
+    "failure",
+    "local",
+    "success",
+]

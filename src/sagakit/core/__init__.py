@@ -1,0 +1,1 @@
+"""The pure core: definitions, envelopes, instances and the state machine (no I/O)."""

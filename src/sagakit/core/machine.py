@@ -1,0 +1,562 @@
+"""The saga state machine: a pure function from (instance, input) to a decision.
+
+No I/O happens here. The runtime loads the instance, calls one of :class:`Machine`'s
+methods with the current time, and writes the returned :class:`Decision` (new
+instance, history rows, outgoing messages, timers to set or cancel) in one local
+transaction. Message ids are derived from the saga id and the new version, so a
+transition recomputed after a crash emits the very same messages.
+
+Rules worth knowing (they are the safety of the whole engine):
+
+* A reply for a step the saga is no longer waiting on is *stale*: it is recorded in
+  history and moves nothing. A late success of a step that is being compensated needs
+  no special case, because the step's compensation is sent whenever its action *may*
+  have happened, and the participant serialises action and compensation on the same
+  idempotency key (a compensation that arrives first leaves a tombstone).
+* A timed-out action is retried with the same idempotency key; when attempts run out
+  its outcome is UNKNOWN: before the pivot it is compensated with the others, at or
+  after the pivot a person decides.
+* Only a definite failure moves a compensation to the next rung of its ladder. A rung
+  whose outcome stays unknown goes to a person: refunding money whose void may have
+  succeeded would pay the customer twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagakit.core.definition import CommandAction, LocalAction, SagaDefinition, SagaView, Step
+from sagakit.core.envelope import Envelope, MessageKind, Outcome, traceparent_for
+from sagakit.core.instance import (
+    MAY_HAVE_EFFECT,
+    HistoryEntry,
+    SagaInstance,
+    SagaState,
+    StepState,
+    StepStatus,
+    Timer,
+)
+from sagakit.errors import MessageError
+
+STEP_TIMER = "step"
+DEADLINE_TIMER = "deadline"
+LOCAL_COMMAND = "sagakit.local"
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a transition decided. ``changed`` is False for stale or refused inputs."""
+
+    instance: SagaInstance
+    outgoing: list[Envelope] = field(default_factory=list)
+    set_timers: list[Timer] = field(default_factory=list)
+    cancel_timers: list[str] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+    changed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class KeyParts:
+    """An idempotency key split into its parts."""
+
+    saga_id: str
+    step: str
+    phase: str  # "action" | "comp"
+    rung: int = 0
+
+
+def action_key(saga_id: str, step: str) -> str:
+    """Idempotency key of a step's action."""
+    return f"{saga_id}:{step}:action"
+
+
+def compensation_key(saga_id: str, step: str, rung: int) -> str:
+    """Idempotency key of one rung of a step's compensation."""
+    return f"{saga_id}:{step}:comp:{rung}"
+
+
+def parse_key(key: str) -> KeyParts:
+    """Split an idempotency key made by :func:`action_key` or :func:`compensation_key`."""
+    parts = key.split(":")
+    if len(parts) >= 3 and parts[-1] == "action":
+        return KeyParts(":".join(parts[:-2]), parts[-2], "action")
+    if len(parts) >= 4 and parts[-2] == "comp" and parts[-1].isdigit():
+        return KeyParts(":".join(parts[:-3]), parts[-3], "comp", int(parts[-1]))
+    raise MessageError(f"idempotency key {key!r} is not a sagakit step key")
+
+
+class _Transition:
+    """Accumulates one transition's effects on a private copy of the instance."""
+
+    def __init__(self, machine: Machine, inst: SagaInstance, now: float, cause: str | None):
+        self.m = machine
+        self.d = machine.definition
+        self.original = inst
+        self.inst = inst.copy()
+        self.now = now
+        self.cause = cause
+        self.new_version = inst.version + 1
+        self.out: list[Envelope] = []
+        self.timers: list[Timer] = []
+        self.cancel: list[str] = []
+        self.history: list[HistoryEntry] = []
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def log(self, event: str, step: str | None = None, **detail: Any) -> None:
+        self.history.append(
+            HistoryEntry(
+                saga_id=self.inst.saga_id,
+                version=self.new_version,
+                at=self.now,
+                event=event,
+                state=self.inst.state,
+                status=self.inst.status,
+                step=step,
+                detail=detail,
+                message_id=self.cause,
+            )
+        )
+
+    def unchanged(self, event: str, step: str | None, **detail: Any) -> Decision:
+        """Record an input that moves nothing (stale, refused) and keep the instance."""
+        self.new_version = self.original.version
+        self.inst = self.original
+        self.log(event, step, **detail)
+        return Decision(self.original, [], [], [], self.history, False)
+
+    def decision(self) -> Decision:
+        self.inst.version = self.new_version
+        self.inst.updated_at = self.now
+        return Decision(self.inst, self.out, self.timers, self.cancel, self.history, True)
+
+    def view(self) -> SagaView:
+        names = [s.name for s in self.d.steps]
+        return SagaView(
+            self.inst.saga_id, self.inst.business_key, self.inst.data, self.inst.results(names)
+        )
+
+    def _send(
+        self,
+        step: Step,
+        action: CommandAction | LocalAction,
+        *,
+        key: str,
+        attempt: int,
+        compensates: str | None,
+        phase: str,
+    ) -> None:
+        inst = self.inst
+        message_id = f"{inst.saga_id}:{self.new_version}:{len(self.out)}"
+        if isinstance(action, CommandAction):
+            mtype, destination, version = action.type, action.endpoint, action.version
+            payload = action.build(self.view())
+        else:
+            view = self.view()
+            mtype, destination, version = LOCAL_COMMAND, self.m.local_endpoint, 1
+            payload = {
+                "definition": self.d.name,
+                "definition_version": self.d.version,
+                "phase": phase,
+                "data": dict(view.data),
+                "results": {k: dict(v) for k, v in view.results.items()},
+            }
+        self.out.append(
+            Envelope(
+                message_id=message_id,
+                type=mtype,
+                version=version,
+                kind=MessageKind.COMMAND,
+                source=self.m.endpoint,
+                destination=destination,
+                correlation_id=inst.correlation_id,
+                causation_id=self.cause,
+                saga_id=inst.saga_id,
+                business_key=inst.business_key,
+                step=step.name,
+                attempt=attempt,
+                fence=self.new_version,
+                idempotency_key=key,
+                compensates=compensates,
+                reply_to=self.m.endpoint,
+                occurred_at=self.now,
+                payload=payload,
+                traceparent=traceparent_for(inst.correlation_id, message_id),
+            )
+        )
+
+    def set_step_timer(self, kind: str, index: int, phase: str, attempt: int, due: float) -> None:
+        fence = f"{kind}:{index}:{phase}:{self.inst.steps[index].rung}:{attempt}"
+        self.timers.append(Timer(self.inst.saga_id, STEP_TIMER, due, fence))
+
+    # -- forward ----------------------------------------------------------------------
+    def dispatch_action(self, index: int) -> None:
+        step, st = self.d.steps[index], self.inst.steps[index]
+        st.attempt += 1
+        st.status = StepStatus.RUNNING
+        st.next_retry_at = None
+        if st.started_at is None:
+            st.started_at = self.now
+        self.inst.cursor = index
+        if step.status is not None:
+            self.inst.status = step.status
+        self._send(
+            step,
+            step.action,
+            key=action_key(self.inst.saga_id, step.name),
+            attempt=st.attempt,
+            compensates=None,
+            phase="action",
+        )
+        self.set_step_timer("timeout", index, "action", st.attempt, self.now + step.timeout)
+        self.log("step.started", step.name, attempt=st.attempt, action=step.action.label)
+
+    def advance(self, index: int) -> None:
+        """Step ``index`` is settled (succeeded or skipped): move to the next one."""
+        inst = self.inst
+        nxt = index + 1
+        if inst.cancel_requested and not self.pivot_passed():
+            self.begin_compensation(index, inst.reason or "cancelled")
+            return
+        if nxt == len(self.d.steps):
+            partial = any(s.status is StepStatus.SKIPPED for s in inst.steps)
+            self.finish(
+                SagaState.PARTIAL_ACCEPTED if partial else SagaState.SUCCEEDED,
+                self.d.completed_status,
+                None,
+            )
+            return
+        self.dispatch_action(nxt)
+
+    def pivot_passed(self) -> bool:
+        p = self.d.pivot_index
+        return p is not None and self.inst.steps[p].status is StepStatus.SUCCEEDED
+
+    def finish(self, state: SagaState, status: str, reason: str | None) -> None:
+        self.inst.state = state
+        self.inst.status = status
+        if reason is not None:
+            self.inst.reason = reason
+        self.cancel.extend([STEP_TIMER, DEADLINE_TIMER])
+        self.log("saga.finished", None, outcome=state.value, reason=reason)
+
+    def needs_manual(self, reason: str, step: str | None) -> None:
+        self.log("manual.escalated", step, reason=reason)
+        self.finish(SagaState.FAILED_NEEDS_MANUAL, self.d.attention_status, reason)
+
+    # -- backward ---------------------------------------------------------------------
+    def begin_compensation(self, from_index: int, reason: str) -> None:
+        inst = self.inst
+        inst.state = SagaState.COMPENSATING
+        inst.reason = reason
+        inst.status = self.d.cancelling_status
+        self.cancel.append(STEP_TIMER)
+        first = self.d.steps[from_index].name if from_index >= 0 else None
+        self.log("compensation.started", None, reason=reason, from_step=first)
+        self.next_compensation(from_index)
+
+    def next_compensation(self, start: int) -> None:
+        for k in range(start, -1, -1):
+            st = self.inst.steps[k]
+            if st.status in (StepStatus.RUNNING, StepStatus.WAITING_RETRY):
+                # Cancelled or failed around a step in flight: its effect is unknown.
+                st.status = StepStatus.UNKNOWN
+            if st.status in MAY_HAVE_EFFECT and self.d.steps[k].ladder:
+                st.rung = 0
+                st.rung_attempt = 0
+                self.dispatch_compensation(k)
+                return
+        state = SagaState.TIMED_OUT if self.inst.timed_out else SagaState.COMPENSATED
+        self.finish(state, self.d.cancelled_status, None)
+
+    def dispatch_compensation(self, index: int) -> None:
+        step, st = self.d.steps[index], self.inst.steps[index]
+        rung = step.ladder[st.rung]
+        st.rung_attempt += 1
+        st.status = StepStatus.COMPENSATING
+        st.next_retry_at = None
+        self.inst.cursor = index
+        self._send(
+            step,
+            rung.action,
+            key=compensation_key(self.inst.saga_id, step.name, st.rung),
+            attempt=st.rung_attempt,
+            compensates=action_key(self.inst.saga_id, step.name),
+            phase="comp",
+        )
+        self.set_step_timer("timeout", index, "comp", st.rung_attempt, self.now + rung.timeout)
+        self.log(
+            "compensation.sent", step.name, rung=st.rung, attempt=st.rung_attempt, action=rung.label
+        )
+
+
+class Machine:
+    """The transition function of one saga definition.
+
+    ``endpoint`` is where replies come back to; local steps are sent to
+    ``endpoint + ".local"``.
+    """
+
+    def __init__(self, definition: SagaDefinition, endpoint: str = "orchestrator") -> None:
+        self.definition = definition
+        self.endpoint = endpoint
+        self.local_endpoint = f"{endpoint}.local"
+
+    # -- inputs -----------------------------------------------------------------------
+    def start(
+        self,
+        saga_id: str,
+        business_key: str,
+        data: dict[str, Any],
+        now: float,
+        *,
+        correlation_id: str | None = None,
+    ) -> Decision:
+        """Create the instance and send the first step."""
+        d = self.definition
+        inst = SagaInstance(
+            saga_id=saga_id,
+            definition=d.name,
+            definition_version=d.version,
+            business_key=business_key,
+            correlation_id=correlation_id or saga_id,
+            state=SagaState.RUNNING,
+            status=d.started_status,
+            data=data,
+            steps=[StepState() for _ in d.steps],
+            created_at=now,
+            updated_at=now,
+            version=0,
+            deadline_at=None if d.deadline is None else now + d.deadline,
+        )
+        t = _Transition(self, inst, now, None)
+        t.log("saga.started", None, definition=d.key, business_key=business_key)
+        if t.inst.deadline_at is not None:
+            t.timers.append(Timer(saga_id, DEADLINE_TIMER, t.inst.deadline_at, "deadline"))
+        t.dispatch_action(0)
+        return t.decision()
+
+    def on_reply(self, inst: SagaInstance, reply: Envelope, now: float) -> Decision:
+        """Apply a participant's reply (or a local step's result)."""
+        if reply.idempotency_key is None:
+            raise MessageError(f"reply {reply.message_id} has no idempotency_key")
+        key = parse_key(reply.idempotency_key)
+        if key.saga_id != inst.saga_id:
+            raise MessageError(
+                f"reply {reply.message_id} is for saga {key.saga_id}, not {inst.saga_id}"
+            )
+        outcome = Outcome.from_payload(reply.payload)
+        d = self.definition
+        index = d.step_index(key.step)
+        step, st = d.steps[index], inst.steps[index]
+        t = _Transition(self, inst, now, reply.message_id)
+        if inst.terminal:
+            return self._stale(t, key.step, f"saga is already {inst.state.value}", reply, outcome)
+        if key.phase == "action":
+            waiting = (
+                inst.state is SagaState.RUNNING
+                and inst.cursor == index
+                and st.status in (StepStatus.RUNNING, StepStatus.WAITING_RETRY)
+            )
+            # Any success of the action counts (every attempt shares one idempotency
+            # key, so they report one effect); a failure counts only for the current try.
+            if not waiting or (not outcome.ok and reply.attempt != st.attempt):
+                return self._stale(t, key.step, "not waiting for this action", reply, outcome)
+            self._on_action_outcome(t, index, outcome)
+            return t.decision()
+        waiting = (
+            inst.state is SagaState.COMPENSATING
+            and inst.cursor == index
+            and st.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_WAITING)
+            and st.rung == key.rung
+        )
+        if not waiting or (not outcome.ok and reply.attempt != st.rung_attempt):
+            return self._stale(t, key.step, "not waiting for this compensation", reply, outcome)
+        ts = t.inst.steps[index]
+        if outcome.ok:
+            ts.status = StepStatus.COMPENSATED
+            ts.finished_at = now
+            t.cancel.append(STEP_TIMER)
+            t.log("compensation.succeeded", step.name, rung=key.rung, result=outcome.result)
+            t.next_compensation(index - 1)
+            return t.decision()
+        ts.error = outcome.reason
+        rung = step.ladder[ts.rung]
+        if outcome.retryable and ts.rung_attempt < rung.retry.max_attempts:
+            seed = f"{inst.saga_id}:{step.name}:comp:{ts.rung}"
+            delay = rung.retry.backoff(ts.rung_attempt, seed)
+            self._schedule_retry(t, index, "comp", delay, outcome.reason)
+            return t.decision()
+        t.log("compensation.failed", step.name, rung=ts.rung, reason=outcome.reason)
+        self._next_rung(t, index, outcome.reason)
+        return t.decision()
+
+    def on_timer(self, inst: SagaInstance, timer: Timer, now: float) -> Decision:
+        """Apply a fired timer; a timer fenced to an earlier step or attempt is stale."""
+        t = _Transition(self, inst, now, None)
+        d = self.definition
+        if inst.terminal:
+            return self._stale_timer(t, timer, f"saga is already {inst.state.value}")
+        if timer.name == DEADLINE_TIMER:
+            t.inst.timed_out = True
+            t.log("deadline.passed", None)
+            if inst.state is SagaState.COMPENSATING:
+                return t.decision()  # compensation keeps going; it is never skipped
+            p = d.pivot_index
+            if p is not None and inst.cursor >= p and inst.steps[p].status is not StepStatus.PENDING:
+                step = d.steps[inst.cursor].name
+                t.needs_manual(f"deadline passed at or after the pivot (step {step!r} not done)", step)
+                return t.decision()
+            t.begin_compensation(inst.cursor, "deadline passed")
+            return t.decision()
+        try:
+            kind, idx, phase, rung_s, attempt_s = timer.fence.split(":")
+            index, rung, attempt = int(idx), int(rung_s), int(attempt_s)
+        except ValueError:
+            return self._stale_timer(t, timer, f"unreadable fence {timer.fence!r}")
+        if index != inst.cursor or not 0 <= index < len(d.steps):
+            return self._stale_timer(t, timer, "saga moved to another step")
+        step, st = d.steps[index], inst.steps[index]
+        if phase == "action":
+            expect = StepStatus.RUNNING if kind == "timeout" else StepStatus.WAITING_RETRY
+            if inst.state is not SagaState.RUNNING or st.status is not expect or st.attempt != attempt:
+                return self._stale_timer(t, timer, "step moved on")
+            if kind == "retry":
+                t.dispatch_action(index)
+                return t.decision()
+            t.log("step.timed_out", step.name, attempt=attempt)
+            if st.attempt < step.retry.max_attempts:
+                t.dispatch_action(index)  # same idempotency key: the participant answers once
+                return t.decision()
+            reason = f"step {step.name!r} timed out {st.attempt} times; outcome unknown"
+            t.inst.steps[index].status = StepStatus.UNKNOWN
+            t.inst.steps[index].error = reason
+            if d.pivot_index is not None and index >= d.pivot_index:
+                t.needs_manual(reason, step.name)
+            else:
+                t.begin_compensation(index, reason)
+            return t.decision()
+        expect = StepStatus.COMPENSATING if kind == "timeout" else StepStatus.COMPENSATION_WAITING
+        if (
+            inst.state is not SagaState.COMPENSATING
+            or st.status is not expect
+            or st.rung != rung
+            or st.rung_attempt != attempt
+        ):
+            return self._stale_timer(t, timer, "compensation moved on")
+        if kind == "retry":
+            t.dispatch_compensation(index)
+            return t.decision()
+        t.log("compensation.timed_out", step.name, rung=rung, attempt=attempt)
+        if st.rung_attempt < step.ladder[rung].retry.max_attempts:
+            t.dispatch_compensation(index)
+            return t.decision()
+        t.inst.steps[index].status = StepStatus.COMPENSATION_FAILED
+        t.needs_manual(
+            f"compensation {step.ladder[rung].label} of step {step.name!r} timed out "
+            f"{attempt} times; outcome unknown",
+            step.name,
+        )
+        return t.decision()
+
+    def on_cancel(self, inst: SagaInstance, reason: str, now: float) -> Decision:
+        """A cancel request: compensate before the pivot, refuse after it."""
+        t = _Transition(self, inst, now, None)
+        d = self.definition
+        if inst.terminal:
+            why = f"saga is already {inst.state.value}"
+            return t.unchanged("cancel.refused", None, reason=reason, why=why)
+        if inst.state is SagaState.COMPENSATING or inst.cancel_requested:
+            return t.unchanged("cancel.duplicate", None, reason=reason)
+        if t.pivot_passed():
+            why = "the saga is past its point of no return"
+            return t.unchanged("cancel.refused", None, reason=reason, why=why)
+        p = d.pivot_index
+        t.log("cancel.requested", None, reason=reason)
+        if p is not None and inst.cursor == p:
+            # The pivot is in flight: its outcome decides. Success refuses the cancel,
+            # failure compensates; guessing either way could lose money.
+            t.inst.cancel_requested = True
+            t.inst.reason = f"cancelled: {reason}"
+            return t.decision()
+        t.begin_compensation(inst.cursor, f"cancelled: {reason}")
+        return t.decision()
+
+    # -- helpers ----------------------------------------------------------------------
+    def _on_action_outcome(self, t: _Transition, index: int, outcome: Outcome) -> None:
+        d = self.definition
+        step, st = d.steps[index], t.inst.steps[index]
+        if outcome.ok:
+            st.status = StepStatus.SUCCEEDED
+            st.result = outcome.result
+            st.error = None
+            st.finished_at = t.now
+            t.cancel.append(STEP_TIMER)
+            t.log("step.succeeded", step.name, attempt=st.attempt)
+            if t.inst.cancel_requested and d.pivot_index == index:
+                t.inst.cancel_requested = False
+                t.log("cancel.refused", None, why="the pivot succeeded first")
+            t.advance(index)
+            return
+        st.error = outcome.reason
+        if outcome.retryable and st.attempt < step.retry.max_attempts:
+            delay = step.retry.backoff(st.attempt, f"{t.inst.saga_id}:{step.name}")
+            self._schedule_retry(t, index, "action", delay, outcome.reason)
+            return
+        st.finished_at = t.now
+        t.cancel.append(STEP_TIMER)
+        if d.past_pivot(index):
+            st.status = StepStatus.FAILED
+            t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
+            t.needs_manual(f"step {step.name!r} failed after the pivot: {outcome.reason}", step.name)
+            return
+        if step.optional:
+            st.status = StepStatus.SKIPPED
+            t.log("step.skipped", step.name, reason=outcome.reason)
+            t.advance(index)
+            return
+        st.status = StepStatus.FAILED
+        t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
+        t.begin_compensation(index - 1, f"step {step.name!r} failed: {outcome.reason}")
+
+    def _schedule_retry(
+        self, t: _Transition, index: int, phase: str, delay: float, reason: str
+    ) -> None:
+        st = t.inst.steps[index]
+        st.status = StepStatus.WAITING_RETRY if phase == "action" else StepStatus.COMPENSATION_WAITING
+        st.next_retry_at = t.now + delay
+        attempt = st.attempt if phase == "action" else st.rung_attempt
+        t.set_step_timer("retry", index, phase, attempt, st.next_retry_at)
+        t.log(
+            "retry.scheduled",
+            self.definition.steps[index].name,
+            phase=phase,
+            attempt=attempt,
+            delay=round(delay, 4),
+            reason=reason,
+        )
+
+    def _next_rung(self, t: _Transition, index: int, reason: str) -> None:
+        step, st = self.definition.steps[index], t.inst.steps[index]
+        if st.rung + 1 < len(step.ladder):
+            st.rung += 1
+            st.rung_attempt = 0
+            t.log("compensation.escalated", step.name, rung=st.rung, action=step.ladder[st.rung].label)
+            t.dispatch_compensation(index)
+            return
+        st.status = StepStatus.COMPENSATION_FAILED
+        t.needs_manual(
+            f"compensation of step {step.name!r} failed on every rung: {reason}", step.name
+        )
+
+    @staticmethod
+    def _stale(
+        t: _Transition, step: str, why: str, reply: Envelope, outcome: Outcome
+    ) -> Decision:
+        return t.unchanged(
+            "reply.stale", step, why=why, ok=outcome.ok, attempt=reply.attempt, fence=reply.fence
+        )
+
+    @staticmethod
+    def _stale_timer(t: _Transition, timer: Timer, why: str) -> Decision:
+        return t.unchanged("timer.stale", None, timer=timer.name, fence=timer.fence, why=why)

@@ -1,0 +1,1 @@
+"""The runtime: orchestrator, participants, relay, timers and the loops that drive them."""

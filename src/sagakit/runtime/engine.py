@@ -1,0 +1,213 @@
+"""The embedded engine: orchestrator, participants, relays and timers in one process.
+
+This is the composition root of the embedded deployment: it opens the stores, wires
+the transport routes, and runs one loop per relay, one timer loop and one consumer per
+endpoint. Production deployments run the same pieces as separate processes against
+PostgreSQL and a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sagakit.core.definition import SagaDefinition
+from sagakit.core.instance import SagaInstance
+from sagakit.errors import ConfigurationError, SagaNotFound
+from sagakit.runtime.consumer import FaultHook
+from sagakit.runtime.orchestrator import Orchestrator
+from sagakit.runtime.participant import Participant
+from sagakit.runtime.relay import Relay
+from sagakit.runtime.wakeup import Wakeups
+from sagakit.stores.base import Store
+from sagakit.transports.base import Transport
+from sagakit.transports.embedded import EmbeddedTransport
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Runs sagas; use as ``async with Engine(...) as engine:``."""
+
+    def __init__(
+        self,
+        store: Store,
+        definitions: Sequence[SagaDefinition],
+        *,
+        participants: Sequence[Participant] = (),
+        transport: Transport | None = None,
+        wakeups: Wakeups | None = None,
+        clock: Callable[[], float] = time.time,
+        faults: FaultHook | None = None,
+        relay_lease: float = 1.0,
+        idle_poll: float = 0.5,
+        batch_size: int = 256,
+    ) -> None:
+        self.wakeups = wakeups or Wakeups()
+        self.clock = clock
+        self.store = store
+        self.faults = faults or FaultHook()
+        self.orchestrator = Orchestrator(
+            store, definitions, wakeups=self.wakeups, clock=clock, faults=self.faults
+        )
+        self.participants = list(participants)
+        for p in self.participants:
+            p.wakeups = self.wakeups
+            p.faults = self.faults
+            p.clock = clock
+        if transport is None:
+            routes: dict[str, Store] = {
+                self.orchestrator.endpoint: store,
+                self.orchestrator.local_endpoint: store,
+            }
+            for p in self.participants:
+                if p.name in routes:
+                    raise ConfigurationError(f"two endpoints are named {p.name!r}")
+                routes[p.name] = p.store
+            transport = EmbeddedTransport(
+                routes, wakeups=self.wakeups, clock=clock, idle_poll=idle_poll
+            )
+        self.transport = self.faults.wrap_transport(transport)
+        self.stores: list[Store] = [store]
+        for p in self.participants:
+            if all(p.store is not s for s in self.stores):
+                self.stores.append(p.store)
+        self.relays = [
+            Relay(s, self.transport, clock=clock, lease=relay_lease, faults=self.faults) for s in self.stores
+        ]
+        self._wrap = self.faults.wrap_consumer
+        self.idle_poll = idle_poll
+        self.batch_size = batch_size
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def __aenter__(self) -> Engine:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the stores and start every loop."""
+        for s in self.stores:
+            await s.open()
+        o = self.orchestrator
+        self.transport.subscribe(o.endpoint, self._wrap(o.endpoint, o), batch_size=self.batch_size)
+        self.transport.subscribe(
+            o.local_endpoint, self._wrap(o.local_endpoint, o.local), batch_size=self.batch_size
+        )
+        for p in self.participants:
+            self.transport.subscribe(p.name, self._wrap(p.name, p), batch_size=self.batch_size)
+        await self.transport.start()
+        self._running = True
+        for relay in self.relays:
+            self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
+        self._spawn(self._timer_loop(), "timers")
+
+    async def close(self) -> None:
+        """Stop the loops and close the stores (committed work is kept)."""
+        self._running = False
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        await self.transport.close()
+        for s in self.stores:
+            await s.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    # -- API --------------------------------------------------------------------------
+    async def start(
+        self, definition: str, business_key: str, data: Mapping[str, Any] | None = None, **kw: Any
+    ) -> SagaInstance:
+        """Start a saga (idempotent by business key); returns the instance."""
+        inst, _ = await self.orchestrator.start(definition, business_key, data, **kw)
+        return inst
+
+    async def start_many(
+        self, requests: Sequence[tuple[str, str, Mapping[str, Any]]]
+    ) -> list[SagaInstance]:
+        """Start several sagas in one transaction."""
+        return [inst for inst, _ in await self.orchestrator.start_many(requests)]
+
+    async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
+        """Ask a saga to cancel (compensates before its pivot, refused after)."""
+        return await self.orchestrator.cancel(saga_id, reason)
+
+    async def get(self, saga_id: str) -> SagaInstance:
+        """The instance, as committed."""
+        inst = await self.store.get_saga(saga_id)
+        if inst is None:
+            raise SagaNotFound(f"no saga {saga_id!r}")
+        return inst
+
+    async def wait(self, saga_id: str, timeout: float = 30.0) -> SagaInstance:
+        """Wait until the saga is terminal; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            inst = await self.get(saga_id)
+            if inst.terminal:
+                return inst
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"saga {saga_id} still {inst.state.value} after {timeout}s")
+            await self.wakeups.wait(f"sagas:{self.store.name}", min(left, 0.05))
+
+    # -- loops ------------------------------------------------------------------------
+    async def _relay_loop(self, relay: Relay) -> None:
+        channel = f"outbox:{relay.store.name}"
+        while self._running:
+            try:
+                n = await relay.relay_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("relay of %s failed; retrying", relay.store.name)
+                n = 0
+                await asyncio.sleep(0.05)
+            if n == 0:
+                await self.wakeups.wait(channel, min(self.idle_poll, relay.lease))
+
+    async def _timer_loop(self) -> None:
+        channel = f"timers:{self.store.name}"
+        while self._running:
+            try:
+                # Read first (no write lock): most wake-ups find nothing due yet.
+                due = await self.store.next_timer_due()
+                if due is not None and due <= self.clock():
+                    await self.orchestrator.fire_due_timers(self.batch_size)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer loop failed; retrying")
+                await asyncio.sleep(0.05)
+                continue
+            timeout = self.idle_poll if due is None else min(self.idle_poll, due - self.clock())
+            await self.wakeups.wait(channel, max(timeout, 0.001))
+
+
+def embedded(
+    path: str | Path,
+    definitions: Sequence[SagaDefinition],
+    *,
+    participants: Sequence[Participant] = (),
+    synchronous: str = "FULL",
+    **kwargs: Any,
+) -> Engine:
+    """An engine on one SQLite file (the embedded default): no server, survives ``kill -9``."""
+    from sagakit.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(path, name="orchestrator", synchronous=synchronous)
+    return Engine(store, definitions, participants=participants, **kwargs)

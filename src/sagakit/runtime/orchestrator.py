@@ -1,0 +1,330 @@
+"""The orchestrator: applies the pure state machine durably.
+
+Each input (a reply, a fired timer, a start or cancel request) is applied in a local
+transaction that loads the instance, computes the decision, and writes the new
+instance (version-checked), its history, its timers and its outgoing commands to the
+outbox. Many inputs share one transaction when they arrive together. A crash at any
+point leaves either the old state with the input still to be processed, or the new
+state with the outbox still to be relayed; the version check means two workers can
+never both apply a transition.
+
+Local steps (Python callables) are commands to ``<endpoint>.local``: the worker runs
+the callable outside any transaction (at least once, with the step's idempotency key)
+and then checkpoints its result by applying it as a reply, in the same transaction
+that records the command as handled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
+from sagakit.core.envelope import Envelope, Outcome, failure, reply_to, success
+from sagakit.core.instance import SagaInstance, Timer
+from sagakit.core.machine import Decision, Machine, parse_key
+from sagakit.errors import (
+    DefinitionError,
+    MessageError,
+    SagaNotFound,
+    StepFailed,
+)
+from sagakit.runtime.consumer import BatchConsumer, FaultHook
+from sagakit.runtime.wakeup import Wakeups
+from sagakit.stores.base import Store, Tx
+from sagakit.transports.base import Delivery, Settle
+
+log = logging.getLogger(__name__)
+
+
+class Orchestrator(BatchConsumer):
+    """Drives saga instances of the registered definitions."""
+
+    def __init__(
+        self,
+        store: Store,
+        definitions: Sequence[SagaDefinition],
+        *,
+        endpoint: str = "orchestrator",
+        wakeups: Wakeups | None = None,
+        clock: Callable[[], float] = time.time,
+        faults: FaultHook | None = None,
+        max_deliveries: int = 20,
+    ) -> None:
+        super().__init__(endpoint, store, clock=clock, faults=faults, max_deliveries=max_deliveries)
+        self.wakeups = wakeups or Wakeups()
+        self.local_endpoint = f"{endpoint}.local"
+        self.machines: dict[tuple[str, int], Machine] = {}
+        self.latest: dict[str, SagaDefinition] = {}
+        for d in definitions:
+            self.register(d)
+        self.local = LocalStepRunner(self)
+
+    # -- definitions ------------------------------------------------------------------
+    def register(self, definition: SagaDefinition) -> None:
+        """Add a definition (several versions of one name may run side by side)."""
+        key = (definition.name, definition.version)
+        if key in self.machines:
+            raise DefinitionError(f"saga {definition.key} is registered twice")
+        self.machines[key] = Machine(definition, self.endpoint)
+        current = self.latest.get(definition.name)
+        if current is None or current.version < definition.version:
+            self.latest[definition.name] = definition
+
+    def machine_for(self, inst: SagaInstance) -> Machine:
+        """The machine of the definition version the instance was started with."""
+        try:
+            return self.machines[(inst.definition, inst.definition_version)]
+        except KeyError:
+            raise DefinitionError(
+                f"saga {inst.saga_id} needs definition {inst.definition}@{inst.definition_version}, "
+                f"which this worker does not have (registered: "
+                f"{sorted(f'{n}@{v}' for n, v in self.machines)})"
+            ) from None
+
+    # -- commands from callers ---------------------------------------------------------
+    async def start(
+        self,
+        definition: str,
+        business_key: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> tuple[SagaInstance, bool]:
+        """Start a saga, idempotently by business key.
+
+        Returns ``(instance, created)``; if a saga of this definition already exists
+        for ``business_key``, that one is returned with ``created=False``.
+        """
+        out = await self.start_many(
+            [(definition, business_key, data or {})], version=version, correlation_id=correlation_id
+        )
+        return out[0]
+
+    async def start_many(
+        self,
+        requests: Sequence[tuple[str, str, Mapping[str, Any]]],
+        *,
+        version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> list[tuple[SagaInstance, bool]]:
+        """Start several sagas in one transaction (see :meth:`start`)."""
+        machines = [self._machine_named(name, version) for name, _, _ in requests]
+        for _, key, data in requests:
+            if not isinstance(key, str) or not key:
+                raise DefinitionError(f"business key must be a non-empty string, got {key!r}")
+            if not isinstance(data, Mapping):
+                raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
+        results: list[tuple[SagaInstance, bool]] = []
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            fresh: dict[tuple[str, str], SagaInstance] = {}
+            for machine, (name, key, data) in zip(machines, requests, strict=True):
+                existing = fresh.get((name, key)) or await tx.saga_get_by_key(name, key)
+                if existing is not None:
+                    results.append((existing, False))
+                    continue
+                decision = machine.start(
+                    uuid.uuid4().hex, key, dict(data), now, correlation_id=correlation_id
+                )
+                await self._write(tx, decision, None, now)
+                fresh[(name, key)] = decision.instance
+                results.append((decision.instance, True))
+        self.after_commit()
+        return results
+
+    async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
+        """Ask a saga to cancel: compensates before the pivot, refused after it."""
+        if not reason or not reason.strip():
+            raise ValueError("a cancel needs a reason")
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            inst = await tx.saga_get(saga_id)
+            if inst is None:
+                raise SagaNotFound(f"no saga {saga_id!r}")
+            decision = self.machine_for(inst).on_cancel(inst, reason, now)
+            await self._write(tx, decision, inst.version, now)
+        self.after_commit()
+        return decision.instance
+
+    # -- replies ----------------------------------------------------------------------
+    async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
+        if not await tx.inbox_add(self.endpoint, envelope.message_id, now):
+            return
+        await self.apply_reply(tx, envelope, now)
+
+    async def apply_reply(self, tx: Tx, reply: Envelope, now: float) -> None:
+        """Apply one reply inside ``tx`` (the caller recorded it in the inbox)."""
+        if reply.saga_id is None:
+            raise MessageError(f"reply {reply.message_id} has no saga_id")
+        inst = await tx.saga_get(reply.saga_id)
+        if inst is None:
+            raise SagaNotFound(f"reply {reply.message_id} is for unknown saga {reply.saga_id!r}")
+        decision = self.machine_for(inst).on_reply(inst, reply, now)
+        await self._write(tx, decision, inst.version, now)
+
+    # -- timers -----------------------------------------------------------------------
+    async def fire_due_timers(self, limit: int = 512) -> int:
+        """Apply every timer due now (up to ``limit``) in one transaction; return how many."""
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            timers = await tx.timers_take_due(now, limit)
+            for timer in timers:
+                await self._apply_timer(tx, timer, now)
+            if timers:
+                self.faults.point("before_commit", f"{self.endpoint}.timers")
+        if timers:
+            self.after_commit()
+        return len(timers)
+
+    async def _apply_timer(self, tx: Tx, timer: Timer, now: float) -> None:
+        inst = await tx.saga_get(timer.saga_id)
+        if inst is None:
+            log.warning("timer %s of unknown saga %s dropped", timer.name, timer.saga_id)
+            return
+        decision = self.machine_for(inst).on_timer(inst, timer, now)
+        await self._write(tx, decision, inst.version, now)
+
+    # -- writing a decision -------------------------------------------------------------
+    async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
+        inst = d.instance
+        if expected is None:
+            await tx.saga_insert(inst)
+        elif d.changed:
+            await tx.saga_update(inst, expected)
+        if d.history:
+            await tx.history_add(d.history)
+        if d.cancel_timers:
+            setting = {t.name for t in d.set_timers}
+            names = [n for n in d.cancel_timers if n not in setting]
+            if names:
+                await tx.timers_cancel(inst.saga_id, names)
+        if d.set_timers:
+            await tx.timers_set(d.set_timers)
+        if d.outgoing:
+            await tx.outbox_add(d.outgoing, now)
+        for h in d.history:
+            log.debug(
+                "%s %s", h.event, h.detail,
+                extra={"saga_id": h.saga_id, "step": h.step, "version": h.version,
+                       "state": h.state.value},
+            )
+
+    def after_commit(self) -> None:
+        self.wakeups.notify(f"outbox:{self.store.name}")
+        self.wakeups.notify(f"timers:{self.store.name}")
+        self.wakeups.notify(f"sagas:{self.store.name}")
+
+    def _machine_named(self, name: str, version: int | None) -> Machine:
+        if version is None:
+            d = self.latest.get(name)
+            if d is None:
+                raise DefinitionError(
+                    f"no saga definition named {name!r}; registered: {sorted(self.latest)}"
+                )
+            return self.machines[(d.name, d.version)]
+        try:
+            return self.machines[(name, version)]
+        except KeyError:
+            raise DefinitionError(f"no saga definition {name}@{version}") from None
+
+
+class LocalStepRunner(BatchConsumer):
+    """Runs local steps (``sagakit.local`` commands) and checkpoints their results.
+
+    The callable runs before the transaction (it may take long, and may call out); then
+    one transaction records the command in the inbox and applies the result to the saga.
+    A crash between the two runs the callable again on redelivery: at least once, with
+    the same idempotency key, as documented.
+    """
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        super().__init__(
+            orchestrator.local_endpoint,
+            orchestrator.store,
+            clock=orchestrator.clock,
+            faults=orchestrator.faults,
+            max_deliveries=orchestrator.max_deliveries,
+        )
+        self.orchestrator = orchestrator
+        self._results: dict[str, Outcome] = {}
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
+        # Run the callables first, outside any transaction; BatchConsumer then commits.
+        for d in deliveries:
+            try:
+                env = Envelope.from_json(d.body)
+            except MessageError:
+                continue  # parked by the base class
+            if env.message_id not in self._results:
+                self._results[env.message_id] = await self._run_callable(env)
+        try:
+            return await super().__call__(deliveries)
+        finally:
+            self._results.clear()
+
+    async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
+        if not await tx.inbox_add(self.endpoint, envelope.message_id, now):
+            return
+        outcome = self._results.get(envelope.message_id)
+        if outcome is None:
+            outcome = await self._run_callable(envelope)
+        reply = reply_to(envelope, outcome, source=self.endpoint, now=now)
+        await self.orchestrator.apply_reply(tx, reply, now)
+
+    def after_commit(self) -> None:
+        self.orchestrator.after_commit()
+
+    async def _run_callable(self, env: Envelope) -> Outcome:
+        payload = env.payload
+        try:
+            name = payload["definition"]
+            version = payload["definition_version"]
+            phase = payload["phase"]
+            machine = self.orchestrator.machines[(name, version)]
+            if env.step is None or env.idempotency_key is None:
+                raise MessageError("local step command without step or idempotency key")
+            step = machine.definition.steps[machine.definition.step_index(env.step)]
+        except (KeyError, TypeError, DefinitionError) as exc:
+            raise MessageError(f"local step command {env.message_id} is not runnable: {exc}") from exc
+        key = parse_key(env.idempotency_key)
+        if phase == "action":
+            action = step.action
+        else:
+            action = step.ladder[key.rung].action
+        if not isinstance(action, LocalAction):
+            raise MessageError(f"step {env.step!r} {phase} is not a local step")
+        ctx = StepContext(
+            saga_id=env.saga_id or "",
+            business_key=env.business_key or "",
+            step=env.step,
+            attempt=env.attempt,
+            idempotency_key=env.idempotency_key,
+            data=payload.get("data", {}),
+            results=payload.get("results", {}),
+        )
+        try:
+            result = action.fn(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        except StepFailed as exc:
+            return failure(exc.reason, retryable=exc.retryable)
+        except Exception as exc:  # the step's own error: retry it, as the policy allows
+            log.warning(
+                "local step %s raised %r", env.step, exc,
+                extra={"saga_id": env.saga_id, "step": env.step, "attempt": env.attempt},
+            )
+            return failure(f"{type(exc).__name__}: {exc}", retryable=True)
+        if result is None:
+            return success()
+        if isinstance(result, Mapping):
+            return success(dict(result))
+        return failure(
+            f"local step {env.step!r} returned {type(result).__name__}; return a dict or None"
+        )
+

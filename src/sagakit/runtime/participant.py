@@ -1,0 +1,133 @@
+"""Participants: services that own their data and handle commands.
+
+Every command is handled in ONE local transaction with its inbox record, the business
+writes of the handler, the idempotency record and the reply in the outbox. On top of
+that, the runtime gives every participant the same safety, so handlers stay plain
+business code:
+
+* a repeated command (same idempotency key, e.g. a retry after a lost reply) gets the
+  outcome recorded the first time, and the handler is not called again;
+* a compensation whose action never ran records a *tombstone* for the action's key
+  and answers "nothing to undo"; the late action is then refused, never applied after
+  its undo;
+* a compensation whose action failed has nothing to undo either.
+
+Handlers return an :class:`~sagakit.core.envelope.Outcome` or a result dict, or raise
+:class:`~sagakit.errors.StepFailed`; any other exception rolls the transaction back
+and the message is delivered again (then parked, after too many tries).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias
+
+from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
+from sagakit.errors import ConfigurationError, StepFailed, UnknownMessageType
+from sagakit.runtime.consumer import BatchConsumer
+from sagakit.runtime.wakeup import Wakeups
+from sagakit.stores.base import Tx
+
+log = logging.getLogger(__name__)
+
+HandlerResult: TypeAlias = "Outcome | Mapping[str, Any] | None"
+Handler: TypeAlias = Callable[[Tx, Envelope], "Awaitable[HandlerResult] | HandlerResult"]
+
+REFUSED_AFTER_COMPENSATION = "refused: this action was already compensated"
+
+
+class Participant(BatchConsumer):
+    """A service endpoint with command handlers, run with inbox, outbox and idempotency."""
+
+    def __init__(self, name: str, store: Any, *, wakeups: Wakeups | None = None, **kwargs: Any):
+        super().__init__(name, store, **kwargs)
+        self.name = name
+        self.wakeups = wakeups or Wakeups()
+        self._handlers: dict[str, Handler] = {}
+
+    def handles(self, message_type: str) -> Callable[[Handler], Handler]:
+        """Decorator registering the handler of a command (or compensation, or query) type."""
+
+        def register(fn: Handler) -> Handler:
+            self.add_handler(message_type, fn)
+            return fn
+
+        return register
+
+    def add_handler(self, message_type: str, fn: Handler) -> None:
+        """Register ``fn`` for ``message_type``; one handler per type."""
+        if message_type in self._handlers:
+            raise ConfigurationError(f"{self.name}: {message_type!r} already has a handler")
+        self._handlers[message_type] = fn
+
+    @property
+    def message_types(self) -> list[str]:
+        """The types this participant handles."""
+        return sorted(self._handlers)
+
+    def after_commit(self) -> None:
+        self.wakeups.notify(f"outbox:{self.store.name}")
+
+    async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
+        if not await tx.inbox_add(self.name, envelope.message_id, now):
+            return  # a duplicate delivery: handled before, reply already in the outbox
+        handler = self._handlers.get(envelope.type)
+        if handler is None:
+            raise UnknownMessageType(
+                f"{self.name} has no handler for {envelope.type!r}; it handles {self.message_types}"
+            )
+        if envelope.kind is MessageKind.QUERY or envelope.idempotency_key is None:
+            outcome = await self._call(handler, tx, envelope)
+        else:
+            outcome = await self._handle_keyed(handler, tx, envelope, now)
+        if envelope.reply_to is not None:
+            await tx.outbox_add([reply_to(envelope, outcome, source=self.name, now=now)], now)
+
+    async def _handle_keyed(self, handler: Handler, tx: Tx, env: Envelope, now: float) -> Outcome:
+        key = env.idempotency_key
+        assert key is not None
+        recorded = await tx.idempotency_get(self.name, key)
+        if recorded is not None:
+            if recorded.tombstone:
+                return failure(REFUSED_AFTER_COMPENSATION)
+            return Outcome.from_payload(recorded.outcome)
+        if env.compensates is not None:
+            action = await tx.idempotency_get(self.name, env.compensates)
+            if action is None:
+                # The compensation overtook its action (or the action never arrived).
+                await tx.idempotency_put(
+                    self.name, env.compensates, failure(REFUSED_AFTER_COMPENSATION).to_payload(),
+                    now, tombstone=True,
+                )
+                outcome = success({"compensated": False, "why": "the action was never applied"})
+                await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
+                return outcome
+            if action.tombstone or not action.outcome.get("ok"):
+                outcome = success({"compensated": False, "why": "the action had no effect"})
+                await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
+                return outcome
+        outcome = await self._call(handler, tx, env)
+        # A retryable failure is not an answer: the next attempt must run the handler again.
+        if outcome.ok or not outcome.retryable:
+            await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
+        return outcome
+
+    async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome:
+        try:
+            result = handler(tx, env)
+            if inspect.isawaitable(result):
+                result = await result
+        except StepFailed as exc:
+            return failure(exc.reason, retryable=exc.retryable)
+        if isinstance(result, Outcome):
+            return result
+        if result is None:
+            return success()
+        if isinstance(result, Mapping):
+            return success(dict(result))
+        raise TypeError(
+            f"{self.name} handler for {env.type} returned {type(result).__name__}; "
+            "return an Outcome, a dict or None, or raise StepFailed"
+        )

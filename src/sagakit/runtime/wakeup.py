@@ -1,0 +1,38 @@
+"""In-process wake-ups, so that loops react to new work instead of sleeping on a poll.
+
+A producer calls :meth:`Wakeups.notify` after its commit; a loop waits on the same
+channel with a timeout that is only a safety net (for work written by another process,
+which PostgreSQL's LISTEN/NOTIFY or a broker push covers in production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class Wakeups:
+    """Named channels of level-triggered wake-ups."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def _event(self, channel: str) -> asyncio.Event:
+        event = self._events.get(channel)
+        if event is None:
+            event = self._events[channel] = asyncio.Event()
+        return event
+
+    def notify(self, channel: str) -> None:
+        """Wake whoever waits on ``channel`` (or the next one to wait)."""
+        self._event(channel).set()
+
+    async def wait(self, channel: str, timeout: float) -> bool:
+        """Wait for a notification or ``timeout`` seconds; True if notified."""
+        event = self._event(channel)
+        if not event.is_set() and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        notified = event.is_set()
+        event.clear()
+        return notified

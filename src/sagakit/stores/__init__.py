@@ -1,0 +1,1 @@
+"""Stores: one service's database behind the :mod:`sagakit.stores.base` protocols."""

@@ -1,0 +1,271 @@
+"""The store port: what the runtime needs from a database, as ``typing.Protocol`` s.
+
+A store is one service's database. The orchestrator's store keeps saga instances,
+history and timers; every store (orchestrator and participants alike) keeps an outbox,
+an inbox, idempotency records, a mailbox queue for the embedded transport and a
+dead-letter table. Everything a handler does happens inside one :class:`Tx`, which
+commits atomically or not at all.
+
+Adapters: :class:`~sagakit.stores.memory.MemoryStore`,
+:class:`~sagakit.stores.sqlite.SQLiteStore` (PostgreSQL follows). All of them pass
+``tests/contract/test_store_contract.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sagakit.core.envelope import Envelope
+from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A message written by a transaction, waiting for the relay to publish it."""
+
+    id: int
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message in an endpoint's mailbox (the embedded transport's queue).
+
+    ``body`` is the raw text as published: it may be malformed, which is why it is not
+    parsed here. ``deliveries`` counts how often it was handed out, this time included.
+    """
+
+    id: int
+    endpoint: str
+    body: str
+    deliveries: int
+    enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be handled, parked with its reason."""
+
+    id: int
+    endpoint: str
+    message_id: str | None
+    body: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """The outcome a participant recorded for an idempotency key.
+
+    ``tombstone`` marks a key whose compensation arrived before (or without) its
+    action: a late action for that key is refused instead of applied after its undo.
+    """
+
+    key: str
+    outcome: dict[str, Any]
+    tombstone: bool
+    at: float
+
+
+class Tx(Protocol):
+    """One local transaction. Nothing it writes is visible to others before commit."""
+
+    # -- business data (SQL stores only; qmark ``?`` parameters) ----------------------
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; return the number of rows it changed."""
+        ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query; return every row."""
+        ...
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        """Run a query; return the first row or ``None``."""
+        ...
+
+    # -- inbox, idempotency, outbox, dead letters ------------------------------------
+    async def inbox_add(self, consumer: str, message_id: str, now: float) -> bool:
+        """Record that ``consumer`` handled ``message_id``; False if it already had."""
+        ...
+
+    async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
+        """The outcome ``consumer`` recorded for ``key``, if any."""
+        ...
+
+    async def idempotency_put(
+        self, consumer: str, key: str, outcome: dict[str, Any], now: float, *, tombstone: bool = False
+    ) -> None:
+        """Record the outcome for ``key``; a key is written once (a second put is an error)."""
+        ...
+
+    async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
+        """Queue messages to be published after commit."""
+        ...
+
+    async def dead_letter(
+        self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
+    ) -> None:
+        """Park a message that cannot be handled, with the reason."""
+        ...
+
+    # -- sagas (orchestrator stores) --------------------------------------------------
+    async def saga_get(self, saga_id: str) -> SagaInstance | None:
+        """Load an instance for update (PostgreSQL locks the row)."""
+        ...
+
+    async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` (any version) started for ``business_key``."""
+        ...
+
+    async def saga_insert(self, instance: SagaInstance) -> None:
+        """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
+        ...
+
+    async def saga_update(self, instance: SagaInstance, expected_version: int) -> None:
+        """Write ``instance`` if the stored version is still ``expected_version``.
+
+        Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
+        applied a transition first, and this one must be recomputed.
+        """
+        ...
+
+    async def history_add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Append history rows (never updated, never deleted)."""
+        ...
+
+    async def timers_set(self, timers: Sequence[Timer]) -> None:
+        """Set timers; one with the same (saga_id, name) is replaced."""
+        ...
+
+    async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
+        """Delete the named timers of one saga (missing ones are ignored)."""
+        ...
+
+    async def timers_take_due(self, now: float, limit: int) -> list[Timer]:
+        """Remove and return up to ``limit`` timers due at ``now``, earliest first.
+
+        Taken inside the transaction that applies them: if it rolls back, they stay.
+        """
+        ...
+
+
+class Store(Protocol):
+    """One service's database."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A transaction: commits when the block exits normally, rolls back on error."""
+        ...
+
+    # -- reads ------------------------------------------------------------------------
+    async def get_saga(self, saga_id: str) -> SagaInstance | None:
+        """An instance by id (no lock)."""
+        ...
+
+    async def list_sagas(
+        self,
+        *,
+        states: Sequence[SagaState] | None = None,
+        definition: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SagaInstance]:
+        """Instances, newest first, optionally filtered."""
+        ...
+
+    async def count_sagas(self) -> dict[SagaState, int]:
+        """How many instances are in each state (states with none are left out)."""
+        ...
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """A saga's history in the order it was written."""
+        ...
+
+    async def next_timer_due(self) -> float | None:
+        """When the earliest timer is due, or ``None`` when there is none."""
+        ...
+
+    # -- outbox relay -----------------------------------------------------------------
+    async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:
+        """Claim up to ``limit`` unpublished rows for ``lease`` seconds, oldest first.
+
+        A claimed row is not handed to another relay until its lease expires, so a
+        relay that dies mid-publish only delays its rows. Callers publish, wait for the
+        acknowledgement, then :meth:`outbox_mark_published`.
+        """
+        ...
+
+    async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
+        """Mark rows as published (acknowledged by the transport)."""
+        ...
+
+    async def outbox_pending(self) -> int:
+        """How many rows are not yet published."""
+        ...
+
+    async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
+        """Every outbox row with its published time (for audits and invariant checks)."""
+        ...
+
+    # -- inbox ------------------------------------------------------------------------
+    async def inbox_ids(self, consumer: str) -> set[str]:
+        """Message ids ``consumer`` has handled (for audits and invariant checks)."""
+        ...
+
+    async def inbox_purge(self, older_than: float) -> int:
+        """Delete inbox rows recorded before ``older_than``; return how many."""
+        ...
+
+    # -- mailbox queue (embedded transport) -------------------------------------------
+    async def queue_push(
+        self, endpoint: str, bodies: Sequence[str], now: float, available_at: float | None = None
+    ) -> None:
+        """Append raw messages to ``endpoint``'s mailbox, visible from ``available_at``."""
+        ...
+
+    async def queue_fetch(
+        self, endpoint: str, limit: int, now: float, lease: float
+    ) -> list[QueuedMessage]:
+        """Hand out up to ``limit`` visible messages, oldest first, hidden for ``lease`` s.
+
+        Each counts one more delivery. A message not acknowledged before its lease
+        ends is handed out again (at-least-once).
+        """
+        ...
+
+    async def queue_ack(self, ids: Sequence[int]) -> None:
+        """Remove handled messages from the mailbox."""
+        ...
+
+    async def queue_retry(self, id: int, available_at: float, error: str) -> None:
+        """Make a message visible again at ``available_at`` (a failed delivery)."""
+        ...
+
+    async def queue_reset_leases(self, endpoint: str) -> int:
+        """Make every leased message of ``endpoint`` visible now (the sole consumer restarted)."""
+        ...
+
+    async def queue_depth(self, endpoint: str | None = None) -> int:
+        """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
+        ...
+
+    async def next_queue_visible(self, endpoint: str) -> float | None:
+        """When the next hidden or delayed message of ``endpoint`` becomes visible."""
+        ...
+
+    async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
+        """Parked messages, oldest first."""
+        ...

@@ -1,0 +1,1 @@
+"""SQL scripts of the stores, loaded with importlib.resources."""

@@ -1,0 +1,1 @@
+"""Testing aids: fault injection, invariant checks and (soon) the deterministic simulator."""

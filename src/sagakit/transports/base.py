@@ -1,0 +1,70 @@
+"""The transport port.
+
+A transport publishes envelopes (returning only once the destination durably accepted
+them: a broker acknowledgement, or a commit into the consumer's mailbox) and hands
+batches of raw deliveries to a consumer's handler. The handler settles each delivery:
+ACK removes it, RETRY hands it out again later. Delivery is at-least-once; consumers
+deduplicate with their inbox. Parsing and dead-lettering belong to the consumer
+(:mod:`sagakit.runtime.consumer`), so every transport treats poison messages alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sagakit.core.envelope import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to a consumer. ``deliveries`` counts this one too."""
+
+    handle: int
+    body: str
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """How a consumer settles a delivery: acknowledge it, or ask for it again later."""
+
+    ack: bool
+    delay: float = 0.0
+    error: str = ""
+
+
+ACK = Settle(ack=True)
+
+
+def retry(delay: float, error: str) -> Settle:
+    """Hand the delivery out again after ``delay`` seconds."""
+    return Settle(ack=False, delay=delay, error=error)
+
+
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Settle]]]
+
+
+class Transport(Protocol):
+    """Moves envelopes from a relay to the consumers of their destination."""
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish and wait until every envelope is durably accepted.
+
+        Raises :class:`~sagakit.errors.TransportError` if any was not acknowledged;
+        the caller then publishes them again later (duplicates are allowed).
+        """
+        ...
+
+    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
+        """Deliver ``endpoint``'s messages to ``handler`` once :meth:`start` ran."""
+        ...
+
+    async def start(self) -> None:
+        """Start consuming for every subscription."""
+        ...
+
+    async def close(self) -> None:
+        """Stop consuming; in-flight batches finish first."""
+        ...

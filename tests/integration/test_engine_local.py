@@ -1,0 +1,122 @@
+"""The embedded engine end to end with local steps, on SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sagakit import (
+    SagaDefinition,
+    SagaState,
+    Step,
+    StepContext,
+    StepFailed,
+    StepKind,
+    StepStatus,
+    embedded,
+)
+
+
+def trip(calls: list[tuple[str, str]], fail_at: str | None = None, flaky: dict[str, int] | None = None) -> SagaDefinition:
+    flaky = flaky if flaky is not None else {}
+
+    def act(name: str) -> Any:
+        def fn(ctx: StepContext) -> dict[str, Any]:
+            calls.append((name, ctx.idempotency_key))
+            if flaky.get(name, 0) > 0:
+                flaky[name] -= 1
+                raise StepFailed(f"{name} busy", retryable=True)
+            if name == fail_at:
+                raise StepFailed(f"{name} refused")
+            return {"ref": f"{name}-{ctx.business_key}"}
+
+        fn.__name__ = name
+        return fn
+
+    return SagaDefinition(
+        "trip",
+        steps=[
+            Step("hotel", act("book_hotel"), act("cancel_hotel"), status="BOOKING"),
+            Step("flight", act("book_flight"), act("cancel_flight"), timeout=5),
+            Step("charge", act("charge_card"), kind=StepKind.PIVOT, status="CHARGING"),
+            Step("email", act("send_email"), kind=StepKind.RETRIABLE),
+        ],
+    )
+
+
+async def test_happy_path_reaches_succeeded(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls)]) as engine:
+        inst = await engine.start("trip", "trip-1", {"city": "Oslo"})
+        done = await engine.wait(inst.saga_id, timeout=10)
+        history = await engine.store.history(inst.saga_id)
+    assert done.state is SagaState.SUCCEEDED
+    assert done.status == "COMPLETED"
+    assert [c[0] for c in calls] == ["book_hotel", "book_flight", "charge_card", "send_email"]
+    assert done.steps[0].result == {"ref": "book_hotel-trip-1"}
+    assert history[0].event == "saga.started" and history[-1].event == "saga.finished"
+
+
+async def test_failure_compensates_in_reverse_order(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls, fail_at="charge_card")]) as engine:
+        inst = await engine.start("trip", "trip-2")
+        done = await engine.wait(inst.saga_id, timeout=10)
+    assert done.state is SagaState.COMPENSATED
+    assert done.status == "CANCELLED"
+    assert [c[0] for c in calls] == [
+        "book_hotel", "book_flight", "charge_card", "cancel_flight", "cancel_hotel",
+    ]
+    assert [s.status for s in done.steps[:2]] == [StepStatus.COMPENSATED] * 2
+    # Compensations receive their own key; the action's key is stable across retries.
+    assert calls[3][1].endswith(":flight:comp:0")
+
+
+async def test_retryable_failure_is_retried_with_the_same_key(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    definition = trip(calls, flaky={"book_flight": 2})
+    async with embedded(tmp_path / "trip.db", [definition]) as engine:
+        inst = await engine.start("trip", "trip-3")
+        done = await engine.wait(inst.saga_id, timeout=20)
+    assert done.state is SagaState.SUCCEEDED
+    flight_keys = {k for name, k in calls if name == "book_flight"}
+    assert len([1 for name, _ in calls if name == "book_flight"]) == 3
+    assert len(flight_keys) == 1
+    assert done.steps[1].attempt == 3
+
+
+async def test_start_is_idempotent_by_business_key(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls)]) as engine:
+        a = await engine.start("trip", "same-key", {"n": 1})
+        b = await engine.start("trip", "same-key", {"n": 2})
+        assert a.saga_id == b.saga_id
+        await engine.wait(a.saga_id, timeout=10)
+        assert len(await engine.store.list_sagas()) == 1
+
+
+async def test_sagas_resume_after_the_engine_stops_midway(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    definition = trip(calls)
+    engine = embedded(tmp_path / "trip.db", [definition])
+    await engine.open()
+    started = await engine.start_many([("trip", f"t-{i}", {}) for i in range(50)])
+    await engine.close()  # stops wherever the loops were
+    async with embedded(tmp_path / "trip.db", [definition]) as engine2:
+        for inst in started:
+            done = await engine2.wait(inst.saga_id, timeout=20)
+            assert done.state is SagaState.SUCCEEDED
+
+
+async def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
+    from sagakit import DefinitionError, SagaNotFound
+
+    async with embedded(tmp_path / "trip.db", [trip([])]) as engine:
+        with pytest.raises(DefinitionError, match="no saga definition named 'nope'"):
+            await engine.start("nope", "k")
+        with pytest.raises(DefinitionError, match="business key"):
+            await engine.start("trip", "")
+        with pytest.raises(SagaNotFound):
+            await engine.get("missing")
