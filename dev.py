@@ -24,7 +24,7 @@ EXTRAS = {"demo": "", "test": "[dev]"}
 
 
 def ensure_env(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py itself runs on any Python 3
         sys.exit(f"sagakit needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating {VENV}", flush=True)

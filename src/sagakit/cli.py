@@ -80,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument(
-        "--synchronous", choices=["FULL", "NORMAL"], default="FULL",
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
         help="SQLite durability: FULL survives power loss, NORMAL survives kill -9",
     )
-    demo.add_argument("--timeout", type=float, default=600.0, help="give up waiting after this many seconds")
+    demo.add_argument(
+        "--timeout", type=float, default=600.0, help="give up waiting after this many seconds"
+    )
     demo.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "INFO"))
     demo.set_defaults(func=_demo)
     return parser

@@ -19,7 +19,9 @@ from sagakit import (
 )
 
 
-def trip(calls: list[tuple[str, str]], fail_at: str | None = None, flaky: dict[str, int] | None = None) -> SagaDefinition:
+def trip(
+    calls: list[tuple[str, str]], fail_at: str | None = None, flaky: dict[str, int] | None = None
+) -> SagaDefinition:
     flaky = flaky if flaky is not None else {}
 
     def act(name: str) -> Any:
@@ -67,7 +69,11 @@ async def test_failure_compensates_in_reverse_order(tmp_path: Path) -> None:
     assert done.state is SagaState.COMPENSATED
     assert done.status == "CANCELLED"
     assert [c[0] for c in calls] == [
-        "book_hotel", "book_flight", "charge_card", "cancel_flight", "cancel_hotel",
+        "book_hotel",
+        "book_flight",
+        "charge_card",
+        "cancel_flight",
+        "cancel_hotel",
     ]
     assert [s.status for s in done.steps[:2]] == [StepStatus.COMPENSATED] * 2
     # Compensations receive their own key; the action's key is stable across retries.

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 from sagakit.errors import DefinitionError
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,99}")
 
 
 class StepKind(StrEnum):
@@ -49,16 +49,26 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise DefinitionError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0:
+        # Written as "not >=" so that NaN is refused too.
+        if not (self.initial_backoff >= 0 and self.max_backoff >= 0):
             raise DefinitionError("RetryPolicy backoffs must be >= 0 seconds")
-        if self.multiplier < 1:
+        if not (self.initial_backoff < float("inf") and self.max_backoff < float("inf")):
+            raise DefinitionError("RetryPolicy backoffs must be finite")
+        if not 1 <= self.multiplier < float("inf"):
             raise DefinitionError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
-        if not 0 <= self.jitter <= 1:
+        if not 0 <= self.jitter <= 1:  # NaN fails this comparison too
             raise DefinitionError(f"RetryPolicy.jitter must be within [0, 1], got {self.jitter}")
 
     def backoff(self, attempt: int, seed: str) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        base = self.initial_backoff
+        # Grow step by step and stop at the cap: multiplier ** attempt overflows a float
+        # long before a patient retriable step runs out of attempts.
+        for _ in range(max(attempt - 1, 0)):
+            if base >= self.max_backoff:
+                break
+            base *= self.multiplier
+        base = min(base, self.max_backoff)
         if not self.jitter or not base:
             return base
         digest = hashlib.blake2b(f"{seed}:{attempt}".encode(), digest_size=8).digest()
@@ -93,7 +103,7 @@ class StepContext:
 
 
 LocalFn: TypeAlias = Callable[
-    [StepContext], "Mapping[str, Any] | None | Awaitable[Mapping[str, Any] | None]"
+    [StepContext], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"
 ]
 
 
@@ -150,8 +160,10 @@ def _as_action(value: object, where: str) -> Action:
     if isinstance(value, CommandAction | LocalAction):
         return value
     if callable(value):
-        return LocalAction(fn=value)  # type: ignore[arg-type]
-    raise DefinitionError(f"{where}: expected command(...), local(...) or a callable, got {value!r}")
+        return LocalAction(fn=value)
+    raise DefinitionError(
+        f"{where}: expected command(...), local(...) or a callable, got {value!r}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +213,7 @@ class Step:
         status: str | None = None,
         optional: bool = False,
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
                 f"step name {name!r} is invalid: use letters, digits, '_', '.', '-' "
                 "(starting with a letter, at most 100 characters)"
@@ -210,8 +222,7 @@ class Step:
             self.kind = StepKind(kind)
         except ValueError:
             raise DefinitionError(
-                f"step {name!r}: kind {kind!r} is not one of "
-                f"{', '.join(k.value for k in StepKind)}"
+                f"step {name!r}: kind {kind!r} is not one of {', '.join(k.value for k in StepKind)}"
             ) from None
         if not timeout > 0:
             raise DefinitionError(f"step {name!r}: timeout must be > 0 seconds, got {timeout}")
@@ -220,19 +231,25 @@ class Step:
         self.retry = retry or RetryPolicy()
         self.timeout = float(timeout)
         self.status_query: Action | None = (
-            None if status_query is None else _as_action(status_query, f"step {name!r} status_query")
+            None
+            if status_query is None
+            else _as_action(status_query, f"step {name!r} status_query")
         )
         self.status = status
         self.optional = optional
         rungs: list[Rung] = []
         if compensation is not None:
             items: Sequence[object]
-            if isinstance(compensation, CommandAction | LocalAction | Rung) or callable(compensation):
+            if isinstance(compensation, CommandAction | LocalAction | Rung) or callable(
+                compensation
+            ):
                 items = [compensation]
             elif isinstance(compensation, Sequence) and not isinstance(compensation, str):
                 items = compensation
             else:
-                raise DefinitionError(f"step {name!r}: compensation {compensation!r} is not an action")
+                raise DefinitionError(
+                    f"step {name!r}: compensation {compensation!r} is not an action"
+                )
             for i, item in enumerate(items):
                 if isinstance(item, Rung):
                     rungs.append(item)
@@ -280,13 +297,15 @@ class SagaDefinition:
         attention_status: str = "NEEDS_ATTENTION",
         started_status: str = "PENDING",
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
                 f"saga name {name!r} is invalid: use letters, digits, '_', '.', '-' "
                 "(starting with a letter, at most 100 characters)"
             )
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise DefinitionError(f"saga {name!r}: version must be an integer >= 1, got {version!r}")
+            raise DefinitionError(
+                f"saga {name!r}: version must be an integer >= 1, got {version!r}"
+            )
         if deadline is not None and not deadline > 0:
             raise DefinitionError(f"saga {name!r}: deadline must be > 0 seconds, got {deadline}")
         steps = list(steps)
@@ -329,7 +348,8 @@ class SagaDefinition:
                 )
             if s.optional and s.kind is not StepKind.COMPENSATABLE:
                 raise DefinitionError(
-                    f"saga {name!r}: only compensatable steps can be optional ({s.name!r} is {s.kind.value})"
+                    f"saga {name!r}: only compensatable steps can be optional "
+                    f"({s.name!r} is {s.kind.value})"
                 )
         self.name = name
         self.version = version

@@ -94,13 +94,15 @@ class Envelope:
         for name in _REQUIRED_STR:
             value = raw.get(name)
             if not isinstance(value, str) or not value:
-                raise MessageError(f"envelope field {name!r} must be a non-empty string, got {value!r}")
+                raise MessageError(
+                    f"envelope field {name!r} must be a non-empty string, got {value!r}"
+                )
         try:
-            kind = MessageKind(raw["kind"])
+            kind = MessageKind(str(raw.get("kind")))
         except ValueError:
             raise MessageError(
                 f"envelope field 'kind' must be one of {[k.value for k in MessageKind]}, "
-                f"got {raw['kind']!r}"
+                f"got {raw.get('kind')!r}"
             ) from None
         occurred = raw.get("occurred_at")
         if not isinstance(occurred, int | float) or isinstance(occurred, bool):
@@ -108,20 +110,16 @@ class Envelope:
         payload = raw.get("payload", {})
         if not isinstance(payload, dict):
             raise MessageError(f"envelope field 'payload' must be an object, got {payload!r}")
-        ints: dict[str, int] = {}
-        for name, default, minimum in (("version", 1, 1), ("attempt", 0, 0), ("fence", 0, 0)):
-            value = raw.get(name, default)
+        for name, minimum in (("version", 1), ("attempt", 0), ("fence", 0)):
+            value = raw.get(name, minimum)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise MessageError(
                     f"envelope field {name!r} must be an integer >= {minimum}, got {value!r}"
                 )
-            ints[name] = value
-        optional: dict[str, str | None] = {}
         for name in _OPTIONAL_STR:
             value = raw.get(name)
             if value is not None and not isinstance(value, str):
                 raise MessageError(f"envelope field {name!r} must be a string, got {value!r}")
-            optional[name] = value
         unknown = set(raw) - _ALL_FIELDS
         if unknown:
             raise MessageError(f"envelope has unknown fields: {sorted(unknown)}")
@@ -133,8 +131,18 @@ class Envelope:
             correlation_id=raw["correlation_id"],
             occurred_at=float(occurred),
             payload=payload,
-            **ints,
-            **optional,
+            version=raw.get("version", 1),
+            attempt=raw.get("attempt", 0),
+            fence=raw.get("fence", 0),
+            destination=raw.get("destination"),
+            saga_id=raw.get("saga_id"),
+            business_key=raw.get("business_key"),
+            causation_id=raw.get("causation_id"),
+            step=raw.get("step"),
+            idempotency_key=raw.get("idempotency_key"),
+            compensates=raw.get("compensates"),
+            reply_to=raw.get("reply_to"),
+            traceparent=raw.get("traceparent"),
         )
 
     @classmethod
@@ -164,7 +172,16 @@ _OPTIONAL_STR = (
     "traceparent",
 )
 _ALL_FIELDS = frozenset(
-    (*_REQUIRED_STR, *_OPTIONAL_STR, "kind", "occurred_at", "payload", "version", "attempt", "fence")
+    (
+        *_REQUIRED_STR,
+        *_OPTIONAL_STR,
+        "kind",
+        "occurred_at",
+        "payload",
+        "version",
+        "attempt",
+        "fence",
+    )
 )
 
 

@@ -37,7 +37,7 @@ from sagakit.core.instance import (
     StepStatus,
     Timer,
 )
-from sagakit.errors import MessageError
+from sagakit.errors import DefinitionError, MessageError
 
 STEP_TIMER = "step"
 DEADLINE_TIMER = "deadline"
@@ -128,7 +128,11 @@ class _Transition:
     def decision(self) -> Decision:
         self.inst.version = self.new_version
         self.inst.updated_at = self.now
-        return Decision(self.inst, self.out, self.timers, self.cancel, self.history, True)
+        # A transition that cancels a timer and sets it again means "replace": keep only
+        # the set, so the order a runtime applies them in cannot lose the new timer.
+        setting = {t.name for t in self.timers}
+        cancel = [n for n in dict.fromkeys(self.cancel) if n not in setting]
+        return Decision(self.inst, self.out, self.timers, cancel, self.history, True)
 
     def view(self) -> SagaView:
         names = [s.name for s in self.d.steps]
@@ -347,7 +351,10 @@ class Machine:
             )
         outcome = Outcome.from_payload(reply.payload)
         d = self.definition
-        index = d.step_index(key.step)
+        try:
+            index = d.step_index(key.step)
+        except DefinitionError as exc:
+            raise MessageError(f"reply {reply.message_id}: {exc}") from None
         step, st = d.steps[index], inst.steps[index]
         t = _Transition(self, inst, now, reply.message_id)
         if inst.terminal:
@@ -360,7 +367,12 @@ class Machine:
             )
             # Any success of the action counts (every attempt shares one idempotency
             # key, so they report one effect); a failure counts only for the current try.
-            if not waiting or (not outcome.ok and reply.attempt != st.attempt):
+            # A failure counts only for the try in flight: a duplicate of the failure that
+            # put the step in WAITING_RETRY must not schedule the retry again.
+            if not waiting or (
+                not outcome.ok
+                and (reply.attempt != st.attempt or st.status is not StepStatus.RUNNING)
+            ):
                 return self._stale(t, key.step, "not waiting for this action", reply, outcome)
             self._on_action_outcome(t, index, outcome)
             return t.decision()
@@ -370,7 +382,10 @@ class Machine:
             and st.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_WAITING)
             and st.rung == key.rung
         )
-        if not waiting or (not outcome.ok and reply.attempt != st.rung_attempt):
+        if not waiting or (
+            not outcome.ok
+            and (reply.attempt != st.rung_attempt or st.status is not StepStatus.COMPENSATING)
+        ):
             return self._stale(t, key.step, "not waiting for this compensation", reply, outcome)
         ts = t.inst.steps[index]
         if outcome.ok:
@@ -398,14 +413,25 @@ class Machine:
         if inst.terminal:
             return self._stale_timer(t, timer, f"saga is already {inst.state.value}")
         if timer.name == DEADLINE_TIMER:
+            if inst.timed_out:
+                return self._stale_timer(t, timer, "the deadline already passed")
             t.inst.timed_out = True
             t.log("deadline.passed", None)
             if inst.state is SagaState.COMPENSATING:
                 return t.decision()  # compensation keeps going; it is never skipped
             p = d.pivot_index
-            if p is not None and inst.cursor >= p and inst.steps[p].status is not StepStatus.PENDING:
-                step = d.steps[inst.cursor].name
-                t.needs_manual(f"deadline passed at or after the pivot (step {step!r} not done)", step)
+            if (
+                p is not None
+                and inst.cursor >= p
+                and inst.steps[p].status is not StepStatus.PENDING
+            ):
+                current = t.inst.steps[inst.cursor]
+                if current.status in (StepStatus.RUNNING, StepStatus.WAITING_RETRY):
+                    current.status = StepStatus.UNKNOWN
+                name = d.steps[inst.cursor].name
+                t.needs_manual(
+                    f"deadline passed at or after the pivot (step {name!r} not done)", name
+                )
                 return t.decision()
             t.begin_compensation(inst.cursor, "deadline passed")
             return t.decision()
@@ -414,12 +440,18 @@ class Machine:
             index, rung, attempt = int(idx), int(rung_s), int(attempt_s)
         except ValueError:
             return self._stale_timer(t, timer, f"unreadable fence {timer.fence!r}")
+        if kind not in ("timeout", "retry") or phase not in ("action", "comp"):
+            return self._stale_timer(t, timer, f"unknown fence {timer.fence!r}")
         if index != inst.cursor or not 0 <= index < len(d.steps):
             return self._stale_timer(t, timer, "saga moved to another step")
         step, st = d.steps[index], inst.steps[index]
         if phase == "action":
             expect = StepStatus.RUNNING if kind == "timeout" else StepStatus.WAITING_RETRY
-            if inst.state is not SagaState.RUNNING or st.status is not expect or st.attempt != attempt:
+            if (
+                inst.state is not SagaState.RUNNING
+                or st.status is not expect
+                or st.attempt != attempt
+            ):
                 return self._stale_timer(t, timer, "step moved on")
             if kind == "retry":
                 t.dispatch_action(index)
@@ -495,6 +527,7 @@ class Machine:
             t.log("step.succeeded", step.name, attempt=st.attempt)
             if t.inst.cancel_requested and d.pivot_index == index:
                 t.inst.cancel_requested = False
+                t.inst.reason = None
                 t.log("cancel.refused", None, why="the pivot succeeded first")
             t.advance(index)
             return
@@ -508,7 +541,9 @@ class Machine:
         if d.past_pivot(index):
             st.status = StepStatus.FAILED
             t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
-            t.needs_manual(f"step {step.name!r} failed after the pivot: {outcome.reason}", step.name)
+            t.needs_manual(
+                f"step {step.name!r} failed after the pivot: {outcome.reason}", step.name
+            )
             return
         if step.optional:
             st.status = StepStatus.SKIPPED
@@ -523,7 +558,9 @@ class Machine:
         self, t: _Transition, index: int, phase: str, delay: float, reason: str
     ) -> None:
         st = t.inst.steps[index]
-        st.status = StepStatus.WAITING_RETRY if phase == "action" else StepStatus.COMPENSATION_WAITING
+        st.status = (
+            StepStatus.WAITING_RETRY if phase == "action" else StepStatus.COMPENSATION_WAITING
+        )
         st.next_retry_at = t.now + delay
         attempt = st.attempt if phase == "action" else st.rung_attempt
         t.set_step_timer("retry", index, phase, attempt, st.next_retry_at)
@@ -541,7 +578,9 @@ class Machine:
         if st.rung + 1 < len(step.ladder):
             st.rung += 1
             st.rung_attempt = 0
-            t.log("compensation.escalated", step.name, rung=st.rung, action=step.ladder[st.rung].label)
+            t.log(
+                "compensation.escalated", step.name, rung=st.rung, action=step.ladder[st.rung].label
+            )
             t.dispatch_compensation(index)
             return
         st.status = StepStatus.COMPENSATION_FAILED
@@ -550,9 +589,7 @@ class Machine:
         )
 
     @staticmethod
-    def _stale(
-        t: _Transition, step: str, why: str, reply: Envelope, outcome: Outcome
-    ) -> Decision:
+    def _stale(t: _Transition, step: str, why: str, reply: Envelope, outcome: Outcome) -> Decision:
         return t.unchanged(
             "reply.stale", step, why=why, ok=outcome.ok, attempt=reply.attempt, fence=reply.fence
         )

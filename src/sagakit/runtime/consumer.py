@@ -84,7 +84,9 @@ class BatchConsumer:
                 poison.append((d, None, f"malformed message: {exc}"))
                 continue
             if env.destination not in (None, self.endpoint):
-                poison.append((d, env.message_id, f"addressed to {env.destination!r}, not {self.endpoint!r}"))
+                poison.append(
+                    (d, env.message_id, f"addressed to {env.destination!r}, not {self.endpoint!r}")
+                )
                 continue
             parsed.append((d, env))
         if poison:
@@ -118,14 +120,21 @@ class BatchConsumer:
 
     async def _settle_failure(self, item: tuple[Delivery, Envelope], exc: Exception) -> Settle:
         d, env = item
-        extra = {"message_id": env.message_id, "saga_id": env.saga_id, "step": env.step,
-                 "message_type": env.type, "endpoint": self.endpoint}
+        extra = {
+            "message_id": env.message_id,
+            "saga_id": env.saga_id,
+            "step": env.step,
+            "message_type": env.type,
+            "endpoint": self.endpoint,
+        }
         if isinstance(exc, PERMANENT):
             log.warning("parking %s: %s", env.message_id, exc, extra=extra)
             await self._dead_letter([(d, env.message_id, f"{type(exc).__name__}: {exc}")])
             return ACK
         if d.deliveries >= self.max_deliveries:
-            log.error("parking %s after %d deliveries: %r", env.message_id, d.deliveries, exc, extra=extra)
+            log.error(
+                "parking %s after %d deliveries: %r", env.message_id, d.deliveries, exc, extra=extra
+            )
             reason = f"failed {d.deliveries} deliveries; last error {type(exc).__name__}: {exc}"
             await self._dead_letter([(d, env.message_id, reason)])
             return ACK

@@ -78,7 +78,8 @@ class Engine:
             if all(p.store is not s for s in self.stores):
                 self.stores.append(p.store)
         self.relays = [
-            Relay(s, self.transport, clock=clock, lease=relay_lease, faults=self.faults) for s in self.stores
+            Relay(s, self.transport, clock=clock, lease=relay_lease, faults=self.faults)
+            for s in self.stores
         ]
         self._wrap = self.faults.wrap_consumer
         self.idle_poll = idle_poll

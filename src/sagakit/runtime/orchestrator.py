@@ -81,8 +81,9 @@ class Orchestrator(BatchConsumer):
             return self.machines[(inst.definition, inst.definition_version)]
         except KeyError:
             raise DefinitionError(
-                f"saga {inst.saga_id} needs definition {inst.definition}@{inst.definition_version}, "
-                f"which this worker does not have (registered: "
+                f"saga {inst.saga_id} needs definition "
+                f"{inst.definition}@{inst.definition_version}, which this worker does not "
+                "have (registered: "
                 f"{sorted(f'{n}@{v}' for n, v in self.machines)})"
             ) from None
 
@@ -210,9 +211,15 @@ class Orchestrator(BatchConsumer):
             await tx.outbox_add(d.outgoing, now)
         for h in d.history:
             log.debug(
-                "%s %s", h.event, h.detail,
-                extra={"saga_id": h.saga_id, "step": h.step, "version": h.version,
-                       "state": h.state.value},
+                "%s %s",
+                h.event,
+                h.detail,
+                extra={
+                    "saga_id": h.saga_id,
+                    "step": h.step,
+                    "version": h.version,
+                    "state": h.state.value,
+                },
             )
 
     def after_commit(self) -> None:
@@ -291,12 +298,11 @@ class LocalStepRunner(BatchConsumer):
                 raise MessageError("local step command without step or idempotency key")
             step = machine.definition.steps[machine.definition.step_index(env.step)]
         except (KeyError, TypeError, DefinitionError) as exc:
-            raise MessageError(f"local step command {env.message_id} is not runnable: {exc}") from exc
+            raise MessageError(
+                f"local step command {env.message_id} is not runnable: {exc}"
+            ) from exc
         key = parse_key(env.idempotency_key)
-        if phase == "action":
-            action = step.action
-        else:
-            action = step.ladder[key.rung].action
+        action = step.action if phase == "action" else step.ladder[key.rung].action
         if not isinstance(action, LocalAction):
             raise MessageError(f"step {env.step!r} {phase} is not a local step")
         ctx = StepContext(
@@ -316,7 +322,9 @@ class LocalStepRunner(BatchConsumer):
             return failure(exc.reason, retryable=exc.retryable)
         except Exception as exc:  # the step's own error: retry it, as the policy allows
             log.warning(
-                "local step %s raised %r", env.step, exc,
+                "local step %s raised %r",
+                env.step,
+                exc,
                 extra={"saga_id": env.saga_id, "step": env.step, "attempt": env.attempt},
             )
             return failure(f"{type(exc).__name__}: {exc}", retryable=True)
@@ -327,4 +335,3 @@ class LocalStepRunner(BatchConsumer):
         return failure(
             f"local step {env.step!r} returned {type(result).__name__}; return a dict or None"
         )
-

@@ -98,8 +98,11 @@ class Participant(BatchConsumer):
             if action is None:
                 # The compensation overtook its action (or the action never arrived).
                 await tx.idempotency_put(
-                    self.name, env.compensates, failure(REFUSED_AFTER_COMPENSATION).to_payload(),
-                    now, tombstone=True,
+                    self.name,
+                    env.compensates,
+                    failure(REFUSED_AFTER_COMPENSATION).to_payload(),
+                    now,
+                    tombstone=True,
                 )
                 outcome = success({"compensated": False, "why": "the action was never applied"})
                 await tx.idempotency_put(self.name, key, outcome.to_payload(), now)

@@ -56,8 +56,11 @@ class Relay:
                 for r in rows:
                     if r.envelope.message_id in bad:
                         await tx.dead_letter(
-                            r.envelope.destination or "", r.envelope.message_id,
-                            r.envelope.to_json(), f"unroutable: {exc}", now,
+                            r.envelope.destination or "",
+                            r.envelope.message_id,
+                            r.envelope.to_json(),
+                            f"unroutable: {exc}",
+                            now,
                         )
         except TransportError as exc:
             # Not acknowledged: leave the rows claimed; they are retried when the lease ends.

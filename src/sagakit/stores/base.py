@@ -97,7 +97,13 @@ class Tx(Protocol):
         ...
 
     async def idempotency_put(
-        self, consumer: str, key: str, outcome: dict[str, Any], now: float, *, tombstone: bool = False
+        self,
+        consumer: str,
+        key: str,
+        outcome: dict[str, Any],
+        now: float,
+        *,
+        tombstone: bool = False,
     ) -> None:
         """Record the outcome for ``key``; a key is written once (a second put is an error)."""
         ...

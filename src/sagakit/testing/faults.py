@@ -51,12 +51,22 @@ class FaultProfile:
 PROFILES: dict[str, FaultProfile] = {
     "none": FaultProfile(),
     "default": FaultProfile(
-        publish_lost=0.02, ack_lost=0.02, delay=0.05, duplicate=0.03,
-        crash_before_commit=0.01, crash_after_publish=0.02,
+        publish_lost=0.02,
+        ack_lost=0.02,
+        delay=0.05,
+        duplicate=0.03,
+        crash_before_commit=0.01,
+        crash_after_publish=0.02,
     ),
     "chaos": FaultProfile(
-        publish_lost=0.05, ack_lost=0.05, delay=0.15, max_delay=0.5, long_delay=0.05,
-        duplicate=0.08, crash_before_commit=0.03, crash_after_publish=0.05,
+        publish_lost=0.05,
+        ack_lost=0.05,
+        delay=0.15,
+        max_delay=0.5,
+        long_delay=0.05,
+        duplicate=0.08,
+        crash_before_commit=0.03,
+        crash_after_publish=0.05,
     ),
 }
 
@@ -78,7 +88,9 @@ class Faults(FaultHook):
         try:
             return cls(PROFILES[name], seed)
         except KeyError:
-            raise ValueError(f"unknown fault profile {name!r}; choose from {sorted(PROFILES)}") from None
+            raise ValueError(
+                f"unknown fault profile {name!r}; choose from {sorted(PROFILES)}"
+            ) from None
 
     def _hit(self, p: float, kind: str) -> bool:
         if p > 0 and self._rng.random() < p:
@@ -107,9 +119,13 @@ class Faults(FaultHook):
             now_batch: list[Delivery] = []
             for d in deliveries:
                 if self._hit(self.profile.long_delay, "long_delay"):
-                    out[d.handle] = retry(self.profile.long_delay_s * (1 + self._rng.random()), "injected long delay")
+                    out[d.handle] = retry(
+                        self.profile.long_delay_s * (1 + self._rng.random()), "injected long delay"
+                    )
                 elif self._hit(self.profile.delay, "delay"):
-                    out[d.handle] = retry(self.profile.max_delay * self._rng.random(), "injected delay")
+                    out[d.handle] = retry(
+                        self.profile.max_delay * self._rng.random(), "injected delay"
+                    )
                 else:
                     now_batch.append(d)
             if now_batch:

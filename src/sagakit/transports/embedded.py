@@ -85,7 +85,9 @@ class EmbeddedTransport:
         for endpoint, handler, batch in self._subs:
             await self.routes[endpoint].queue_reset_leases(endpoint)
             self._tasks.append(
-                asyncio.create_task(self._consume(endpoint, handler, batch), name=f"consume:{endpoint}")
+                asyncio.create_task(
+                    self._consume(endpoint, handler, batch), name=f"consume:{endpoint}"
+                )
             )
 
     async def close(self) -> None:
@@ -106,7 +108,9 @@ class EmbeddedTransport:
             msgs = await store.queue_fetch(endpoint, batch, now, self.lease)
             if not msgs:
                 nxt = await store.next_queue_visible(endpoint)
-                timeout = self.idle_poll if nxt is None else min(self.idle_poll, max(nxt - now, 0.001))
+                timeout = (
+                    self.idle_poll if nxt is None else min(self.idle_poll, max(nxt - now, 0.001))
+                )
                 await self.wakeups.wait(channel, timeout)
                 continue
             deliveries = [Delivery(m.id, m.body, m.deliveries) for m in msgs]

@@ -1,0 +1,165 @@
+-- Every statement SQLiteStore runs, by name. Each block starts with "-- name: <name>"
+-- and runs as one statement with qmark parameters. Batches go through executemany, and
+-- variable-length id lists are passed as one JSON array (json_each) so that every
+-- statement text stays constant and prepared statements are reused from the cache.
+
+-- name: schema_migrations_create
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    namespace  TEXT NOT NULL,
+    step       INTEGER NOT NULL,
+    applied_at REAL NOT NULL,
+    PRIMARY KEY (namespace, step)
+)
+
+-- name: migration_applied
+SELECT 1 FROM schema_migrations WHERE namespace = ? AND step = ?
+
+-- name: migration_steps
+SELECT step FROM schema_migrations WHERE namespace = ?
+
+-- name: migration_record
+INSERT INTO schema_migrations (namespace, step, applied_at) VALUES (?, ?, ?)
+
+-- name: saga_get
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = ?
+
+-- name: saga_get_by_key
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE definition = ? AND business_key = ?
+
+-- name: saga_insert
+INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
+                   version, cursor, correlation_id, created_at, updated_at, deadline_at,
+                   reason, cancel_requested, timed_out, data, steps)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: saga_update
+-- saga_id, definition, business_key and created_at are fixed at insert.
+UPDATE sagas
+SET definition_version = ?, state = ?, status = ?, version = ?, cursor = ?,
+    correlation_id = ?, updated_at = ?, deadline_at = ?, reason = ?,
+    cancel_requested = ?, timed_out = ?, data = ?, steps = ?
+WHERE saga_id = ? AND version = ?
+
+-- name: saga_list
+-- Optional filters are written as "? IS NULL OR ..." so that one prepared statement
+-- serves every combination; the states filter is a JSON array.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas
+WHERE (?1 IS NULL OR state IN (SELECT value FROM json_each(?1)))
+  AND (?2 IS NULL OR definition = ?2)
+ORDER BY created_at DESC, rowid DESC
+LIMIT ?3 OFFSET ?4
+
+-- name: saga_count
+SELECT state, count(*) FROM sagas GROUP BY state
+
+-- name: history_add
+INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+
+-- name: history
+SELECT saga_id, version, at, event, state, status, step, detail, message_id
+FROM saga_history WHERE saga_id = ? ORDER BY id
+
+-- name: timer_set
+INSERT OR REPLACE INTO timers (saga_id, name, due_at, fence) VALUES (?, ?, ?, ?)
+
+-- name: timer_cancel
+DELETE FROM timers WHERE saga_id = ? AND name = ?
+
+-- name: timers_take_due
+-- RETURNING yields rows in no promised order; the caller sorts them.
+DELETE FROM timers
+WHERE rowid IN (SELECT rowid FROM timers WHERE due_at <= ?
+                ORDER BY due_at, saga_id, name LIMIT ?)
+RETURNING saga_id, name, due_at, fence
+
+-- name: timer_next_due
+SELECT min(due_at) FROM timers
+
+-- name: inbox_add
+INSERT OR IGNORE INTO inbox (consumer, message_id, at) VALUES (?, ?, ?)
+
+-- name: inbox_ids
+SELECT message_id FROM inbox WHERE consumer = ?
+
+-- name: inbox_purge
+DELETE FROM inbox WHERE at < ?
+
+-- name: idempotency_get
+SELECT outcome, tombstone, at FROM idempotency WHERE consumer = ? AND key = ?
+
+-- name: idempotency_put
+INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (?, ?, ?, ?, ?)
+
+-- name: outbox_add
+INSERT INTO outbox (message_id, destination, body, created_at) VALUES (?, ?, ?, ?)
+
+-- name: outbox_claim
+-- RETURNING yields rows in no promised order; the caller sorts them by id.
+UPDATE outbox SET claimed_until = ?
+WHERE id IN (SELECT id FROM outbox
+             WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until <= ?)
+             ORDER BY id LIMIT ?)
+RETURNING id, body
+
+-- name: outbox_mark_published
+-- The first publication time is kept when a row is published twice (lease expired).
+UPDATE outbox SET published_at = ?
+WHERE id IN (SELECT value FROM json_each(?)) AND published_at IS NULL
+
+-- name: outbox_pending
+SELECT count(*) FROM outbox WHERE published_at IS NULL
+
+-- name: outbox_all
+SELECT body, published_at FROM outbox ORDER BY id
+
+-- name: dead_letter_add
+INSERT INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (?, ?, ?, ?, ?)
+
+-- name: dead_letters
+SELECT id, endpoint, message_id, body, reason, at FROM dead_letters ORDER BY id
+
+-- name: dead_letters_of
+SELECT id, endpoint, message_id, body, reason, at FROM dead_letters
+WHERE endpoint = ? ORDER BY id
+
+-- name: queue_push
+INSERT INTO queue (endpoint, body, enqueued_at, available_at) VALUES (?, ?, ?, ?)
+
+-- name: queue_fetch
+-- RETURNING yields rows in no promised order; the caller sorts them by id.
+UPDATE queue SET deliveries = deliveries + 1, available_at = ?
+WHERE id IN (SELECT id FROM queue WHERE endpoint = ? AND available_at <= ?
+             ORDER BY id LIMIT ?)
+RETURNING id, endpoint, body, deliveries, enqueued_at
+
+-- name: queue_ack
+DELETE FROM queue WHERE id IN (SELECT value FROM json_each(?))
+
+-- name: queue_retry
+UPDATE queue SET available_at = ?, last_error = ? WHERE id = ?
+
+-- name: queue_reset_leases
+-- Leased rows are those handed out at least once and still hidden; rows delayed at
+-- push time (never delivered) keep their available_at.
+UPDATE queue SET available_at = 0
+WHERE endpoint = ? AND deliveries > 0 AND available_at > 0
+
+-- name: queue_depth
+SELECT count(*) FROM queue
+
+-- name: queue_depth_of
+-- Separate from queue_depth: an "? IS NULL OR" filter would keep the index unused.
+SELECT count(*) FROM queue WHERE endpoint = ?
+
+-- name: queue_next_visible
+SELECT min(available_at) FROM queue WHERE endpoint = ?
