@@ -22,10 +22,11 @@ from typing import Any, TextIO
 
 from sagakit import Engine, SagaState
 from sagakit.testing.faults import Faults
-from sagakit_checkout.invariants import InvariantReport, check_invariants
-from sagakit_checkout.inventory import seed_stock
-from sagakit_checkout.sagas import CHECKOUT, checkout_definition
-from sagakit_checkout.services import Checkout, migrate, open_checkout
+
+from .invariants import InvariantReport, check_invariants
+from .inventory import seed_stock
+from .sagas import CHECKOUT, checkout_definition
+from .services import Checkout, migrate, open_checkout
 
 SCENARIOS = (
     # (name, weight)
@@ -83,7 +84,10 @@ def make_orders(n: int, seed: int) -> tuple[list[OrderSpec], dict[str, int]]:
             card = f"card-slow-{rng.randrange(10**6)}"
         elif scenario == "void_refused":
             # Declined later at the shipping step, so the void must be tried -- and fails.
-            card, ship_to = f"card-novoid-{rng.randrange(10**6)}", f"addr-bad-{rng.randrange(10**6)}"
+            card, ship_to = (
+                f"card-novoid-{rng.randrange(10**6)}",
+                f"addr-bad-{rng.randrange(10**6)}",
+            )
         for _ in range(group):
             if len(orders) == n:
                 break
@@ -157,7 +161,9 @@ async def run_demo(
     if orders < 1:
         raise ValueError("--orders must be at least 1")
     keep = data_dir is not None
-    base = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
+    base = (
+        Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
+    )
     base.mkdir(parents=True, exist_ok=True)
     lock = _lock(base)
     try:
@@ -176,12 +182,19 @@ def _lock(base: Path) -> TextIO:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RuntimeError(f"another sagakit process is using {base}; wait for it or pick another --data-dir") from None
+        raise RuntimeError(
+            f"another sagakit process is using {base}; wait for it or pick another --data-dir"
+        ) from None
     return f
 
 
 async def _run(
-    n: int, fault_name: str, seed: int, base: Path, progress: TextIO | None, synchronous: str,
+    n: int,
+    fault_name: str,
+    seed: int,
+    base: Path,
+    progress: TextIO | None,
+    synchronous: str,
     timeout: float,
 ) -> DemoResult:
     specs, stock = make_orders(n, seed)
@@ -275,7 +288,9 @@ def _bar(out: TextIO | None, done: int, total: int, elapsed: float) -> None:
     width = 32
     filled = int(width * done / total) if total else width
     rate = done / elapsed if elapsed > 0 else 0.0
-    out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} sagas terminal  {rate:7.1f}/s")
+    out.write(
+        f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} sagas terminal  {rate:7.1f}/s"
+    )
     out.flush()
 
 
@@ -289,13 +304,21 @@ def render(result: DemoResult) -> str:
     ]
     for k, v in result.outcomes.items():
         lines.append(f"  {k:<20}  {v:>5}")
-    lines += ["", "  invariant (from the services' own ledgers)", "  ------------------------------------------"]
+    lines += [
+        "",
+        "  invariant (from the services' own ledgers)",
+        "  ------------------------------------------",
+    ]
     for k, ok in result.report.invariants.items():
         lines.append(f"  {k:<20}  {'ok' if ok else 'VIOLATED'}")
     if result.faults_injected:
-        lines += ["", "  faults injected: " + ", ".join(f"{k}={v}" for k, v in result.faults_injected.items())]
-    for v in result.report.violations[:20]:
-        lines.append(f"  ! {v}")
+        lines += [
+            "",
+            "  faults injected: "
+            + ", ".join(f"{k}={v}" for k, v in result.faults_injected.items()),
+        ]
+    for violation in result.report.violations[:20]:
+        lines.append(f"  ! {violation}")
     if len(result.report.violations) > 20:
         lines.append(f"  ! ... and {len(result.report.violations) - 20} more")
     rate = result.orders / result.elapsed_s if result.elapsed_s else 0.0

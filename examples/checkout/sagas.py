@@ -25,12 +25,20 @@ FORWARD = RetryPolicy(max_attempts=12, initial_backoff=0.1, max_backoff=2.0)
 
 
 def _order(v: SagaView) -> dict[str, Any]:
-    return {"order_id": v.business_key, **{k: v.data[k] for k in ("customer", "sku", "qty", "amount")}}
+    return {
+        "order_id": v.business_key,
+        **{k: v.data[k] for k in ("customer", "sku", "qty", "amount")},
+    }
 
 
 def _payment(v: SagaView) -> dict[str, Any]:
     d = v.data
-    return {"order_id": v.business_key, "amount": d["amount"], "currency": d["currency"], "card": d["card"]}
+    return {
+        "order_id": v.business_key,
+        "amount": d["amount"],
+        "currency": d["currency"],
+        "card": d["card"],
+    }
 
 
 def _stock(v: SagaView) -> dict[str, Any]:
@@ -38,8 +46,12 @@ def _stock(v: SagaView) -> dict[str, Any]:
 
 
 def _shipment(v: SagaView) -> dict[str, Any]:
-    return {"order_id": v.business_key, "ship_to": v.data["ship_to"], "sku": v.data["sku"],
-            "qty": v.data["qty"]}
+    return {
+        "order_id": v.business_key,
+        "ship_to": v.data["ship_to"],
+        "sku": v.data["sku"],
+        "qty": v.data["qty"],
+    }
 
 
 def _ref(v: SagaView) -> dict[str, Any]:
@@ -54,24 +66,62 @@ def checkout_definition(*, deadline: float = 120.0) -> SagaDefinition:
         deadline=deadline,
         started_status="PENDING_PAYMENT",
         steps=[
-            Step("create_order", command("order", "CreateOrder", _order),
-                 command("order", "CancelOrder", _ref), timeout=COMMAND_TIMEOUT, retry=RETRY),
-            Step("authorize_payment", command("payment", "AuthorizePayment", _payment),
-                 [command("payment", "VoidAuthorization", _ref),
-                  command("payment", "RefundPayment", _ref),
-                  command("payment", "IssueCreditNote", _ref)],
-                 status="PENDING_PAYMENT", timeout=COMMAND_TIMEOUT, retry=RETRY),
-            Step("reserve_inventory", command("inventory", "ReserveInventory", _stock),
-                 command("inventory", "ReleaseInventory", _ref),
-                 status="PENDING_INVENTORY", timeout=COMMAND_TIMEOUT, retry=RETRY),
-            Step("create_shipment", command("shipping", "CreateShipment", _shipment),
-                 command("shipping", "CancelShipment", _ref),
-                 status="PENDING_SHIPMENT", timeout=COMMAND_TIMEOUT, retry=RETRY),
-            Step("capture_payment", command("payment", "CapturePayment", _ref),
-                 kind=StepKind.PIVOT, status="COMPLETING", timeout=COMMAND_TIMEOUT, retry=FORWARD),
-            Step("commit_inventory", command("inventory", "CommitReservation", _ref),
-                 kind=StepKind.RETRIABLE, timeout=COMMAND_TIMEOUT, retry=FORWARD),
-            Step("complete_order", command("order", "CompleteOrder", _ref),
-                 kind=StepKind.RETRIABLE, timeout=COMMAND_TIMEOUT, retry=FORWARD),
+            Step(
+                "create_order",
+                command("order", "CreateOrder", _order),
+                command("order", "CancelOrder", _ref),
+                timeout=COMMAND_TIMEOUT,
+                retry=RETRY,
+            ),
+            Step(
+                "authorize_payment",
+                command("payment", "AuthorizePayment", _payment),
+                [
+                    command("payment", "VoidAuthorization", _ref),
+                    command("payment", "RefundPayment", _ref),
+                    command("payment", "IssueCreditNote", _ref),
+                ],
+                status="PENDING_PAYMENT",
+                timeout=COMMAND_TIMEOUT,
+                retry=RETRY,
+            ),
+            Step(
+                "reserve_inventory",
+                command("inventory", "ReserveInventory", _stock),
+                command("inventory", "ReleaseInventory", _ref),
+                status="PENDING_INVENTORY",
+                timeout=COMMAND_TIMEOUT,
+                retry=RETRY,
+            ),
+            Step(
+                "create_shipment",
+                command("shipping", "CreateShipment", _shipment),
+                command("shipping", "CancelShipment", _ref),
+                status="PENDING_SHIPMENT",
+                timeout=COMMAND_TIMEOUT,
+                retry=RETRY,
+            ),
+            Step(
+                "capture_payment",
+                command("payment", "CapturePayment", _ref),
+                kind=StepKind.PIVOT,
+                status="COMPLETING",
+                timeout=COMMAND_TIMEOUT,
+                retry=FORWARD,
+            ),
+            Step(
+                "commit_inventory",
+                command("inventory", "CommitReservation", _ref),
+                kind=StepKind.RETRIABLE,
+                timeout=COMMAND_TIMEOUT,
+                retry=FORWARD,
+            ),
+            Step(
+                "complete_order",
+                command("order", "CompleteOrder", _ref),
+                kind=StepKind.RETRIABLE,
+                timeout=COMMAND_TIMEOUT,
+                retry=FORWARD,
+            ),
         ],
     )

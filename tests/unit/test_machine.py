@@ -552,7 +552,8 @@ def test_retry_delay_uses_policy_backoff_with_jitter() -> None:
     assert run.timers[STEP_TIMER].due_at == pytest.approx(run.now + policy.backoff(1, "s1:pay"))
 
 
-def test_retries_exhausted_is_a_failure() -> None:
+def test_retries_exhausted_on_retryable_failures_compensate_the_step_too() -> None:
+    """An earlier try may have had an effect, so the step is UNKNOWN and compensated."""
     run = Run(checkout())
     run.ok()
     for attempt in (1, 2):
@@ -560,12 +561,21 @@ def test_retries_exhausted_is_a_failure() -> None:
         run.fire()
         assert run.last.attempt == attempt + 1
     dec = run.fail("busy", retryable=True)
-    assert run.step("pay").status is StepStatus.FAILED
+    assert run.step("pay").status is StepStatus.COMPENSATING
     assert run.step("pay").attempt == 3
-    assert run.inst.state is SagaState.COMPENSATED  # validate has nothing to undo
-    assert run.inst.reason == "step 'pay' failed: busy"
-    assert not any(e.compensates for e in run.sent)  # pay failed: nothing to void
+    assert run.inst.state is SagaState.COMPENSATING
+    assert run.inst.reason == "step 'pay' failed 3 times: busy"
+    assert dec.outgoing[0].compensates == "s1:pay:action"
     assert "retry.scheduled" not in run.events(dec)
+
+
+def test_definite_failure_is_not_compensated() -> None:
+    run = Run(checkout())
+    run.ok()
+    run.fail("card declined")
+    assert run.step("pay").status is StepStatus.FAILED
+    assert run.inst.state is SagaState.COMPENSATED  # validate has nothing to undo
+    assert not any(e.compensates for e in run.sent)
 
 
 def test_action_timeout_resends_same_key() -> None:

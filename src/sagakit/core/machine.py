@@ -538,6 +538,14 @@ class Machine:
             return
         st.finished_at = t.now
         t.cancel.append(STEP_TIMER)
+        if outcome.retryable and not d.past_pivot(index) and d.pivot_index != index:
+            # Out of attempts on "try again" answers: an earlier try may still have had an
+            # effect (it may have timed out at the participant), so it is compensated too.
+            st.status = StepStatus.UNKNOWN
+            reason = f"step {step.name!r} failed {st.attempt} times: {outcome.reason}"
+            t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
+            t.begin_compensation(index, reason)
+            return
         if d.past_pivot(index):
             st.status = StepStatus.FAILED
             t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)

@@ -7,10 +7,12 @@ business code:
 
 * a repeated command (same idempotency key, e.g. a retry after a lost reply) gets the
   outcome recorded the first time, and the handler is not called again;
-* a compensation whose action never ran records a *tombstone* for the action's key
-  and answers "nothing to undo"; the late action is then refused, never applied after
-  its undo;
-* a compensation whose action failed has nothing to undo either.
+* a compensation whose action has no recorded outcome records a *tombstone* for the
+  action's key, so a late action is refused, never applied after its undo; the
+  compensation handler still runs, because an action that failed with a retryable
+  error may have had an effect (compensation handlers must accept "nothing to undo");
+* a compensation whose action failed definitely has nothing to undo: the handler is
+  not called.
 
 Handlers return an :class:`~sagakit.core.envelope.Outcome` or a result dict, or raise
 :class:`~sagakit.errors.StepFailed`; any other exception rolls the transaction back
@@ -28,7 +30,7 @@ from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply
 from sagakit.errors import ConfigurationError, StepFailed, UnknownMessageType
 from sagakit.runtime.consumer import BatchConsumer
 from sagakit.runtime.wakeup import Wakeups
-from sagakit.stores.base import Tx
+from sagakit.stores.base import Store, Tx
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ REFUSED_AFTER_COMPENSATION = "refused: this action was already compensated"
 class Participant(BatchConsumer):
     """A service endpoint with command handlers, run with inbox, outbox and idempotency."""
 
-    def __init__(self, name: str, store: Any, *, wakeups: Wakeups | None = None, **kwargs: Any):
+    def __init__(self, name: str, store: Store, *, wakeups: Wakeups | None = None, **kwargs: Any):
         super().__init__(name, store, **kwargs)
         self.name = name
         self.wakeups = wakeups or Wakeups()
@@ -96,7 +98,10 @@ class Participant(BatchConsumer):
         if env.compensates is not None:
             action = await tx.idempotency_get(self.name, env.compensates)
             if action is None:
-                # The compensation overtook its action (or the action never arrived).
+                # The compensation overtook its action, or the action never arrived, or it
+                # ended in a retryable failure that may still have had an effect (a card
+                # provider that timed out after authorising). Tombstone the action's key so
+                # a late action is refused, and let the handler undo whatever it finds.
                 await tx.idempotency_put(
                     self.name,
                     env.compensates,
@@ -104,10 +109,8 @@ class Participant(BatchConsumer):
                     now,
                     tombstone=True,
                 )
-                outcome = success({"compensated": False, "why": "the action was never applied"})
-                await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
-                return outcome
-            if action.tombstone or not action.outcome.get("ok"):
+            elif not action.tombstone and not action.outcome.get("ok"):
+                # A definite failure had no effect: nothing to undo.
                 outcome = success({"compensated": False, "why": "the action had no effect"})
                 await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
                 return outcome

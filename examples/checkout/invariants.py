@@ -1,0 +1,425 @@
+"""The six invariants of DESIGN.md, checked from the services' own ledgers.
+
+Nothing here trusts the orchestrator's view of what happened: money is read from the
+payment ledger and the provider's effects, stock from the inventory tables, shipments
+from shipping, order status from the order service. The orchestrator store supplies
+the saga list (order id == business key), the history of statuses a user saw, and the
+message plumbing (outboxes, inboxes, mailboxes, dead letters).
+
+Run it when the system is quiet (every saga settled): a saga still running is itself
+a violation of ``terminal``, and its half-done effects show up elsewhere too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagakit import SagaInstance, SagaState
+
+from . import inventory, order, payment, shipping
+from .provider import Authorization, Effect, FakeCardProvider
+
+INVARIANTS = ("money", "stock", "terminal", "effect_once", "honest_status", "nothing_lost")
+"""The invariant names, in DESIGN.md's order."""
+
+FORWARD_STATUSES = (
+    "PENDING_PAYMENT",
+    "PENDING_INVENTORY",
+    "PENDING_SHIPMENT",
+    "COMPLETING",
+    "COMPLETED",
+)
+CANCELLING, CANCELLED, NEEDS_ATTENTION = "CANCELLING", "CANCELLED", "NEEDS_ATTENTION"
+MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
+ORCHESTRATOR = "orchestrator"
+"""The orchestrator's endpoint (its local steps run at ``orchestrator.local``)."""
+_PAGE = 500
+
+
+@dataclass(slots=True)
+class InvariantReport:
+    """Which invariants hold, and every violation found (each names its order/sku/message)."""
+
+    invariants: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(INVARIANTS, True))
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Not violations, but worth a look: sagas in the manual queue, dead letters."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every invariant holds."""
+        return all(self.invariants.values())
+
+    def fail(self, invariant: str, message: str) -> None:
+        """Record a violation of ``invariant``."""
+        self.invariants[invariant] = False
+        self.violations.append(f"{invariant}: {message}")
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {'ok' if ok else 'VIOLATED'}" for name, ok in self.invariants.items()]
+        return "\n".join(lines + [f"  - {v}" for v in self.violations])
+
+
+def in_manual_queue(saga: SagaInstance) -> bool:
+    """True when a person owns the saga: FAILED_NEEDS_MANUAL or TIMED_OUT, with a reason."""
+    return saga.state in MANUAL_STATES and bool(saga.reason and saga.reason.strip())
+
+
+async def check_invariants(
+    *,
+    orchestrator_store: Any,
+    order_store: Any,
+    payment_store: Any,
+    inventory_store: Any,
+    shipping_store: Any,
+    provider: FakeCardProvider,
+    initial_stock: Mapping[str, int],
+) -> InvariantReport:
+    """Check DESIGN.md's six invariants; the stores must be open."""
+    report = InvariantReport()
+    sagas = await _all_sagas(orchestrator_store)
+    by_order: dict[str, list[SagaInstance]] = defaultdict(list)
+    for s in sagas:
+        by_order[s.business_key].append(s)
+    data = _Ledgers(
+        orders={
+            r[0]: (str(r[1]), int(r[2]))
+            for r in await _rows(order_store, "SELECT order_id, status, amount FROM orders")
+        },
+        order_history=await _rows(
+            order_store,
+            "SELECT order_id, seq, status FROM order_status_history ORDER BY order_id, seq",
+        ),
+        ledger=await _rows(
+            payment_store, "SELECT order_id, op, amount FROM payment_ledger ORDER BY id"
+        ),
+        stock=await _rows(
+            inventory_store, "SELECT sku, initial, available, reserved, shipped FROM stock"
+        ),
+        reservations=await _rows(
+            inventory_store, "SELECT order_id, sku, qty, status FROM reservations"
+        ),
+        shipments=await _rows(shipping_store, "SELECT order_id, status FROM shipments"),
+    )
+    effects = await provider.effects()
+    auths = await provider.authorizations()
+
+    manual = {key for key, ss in by_order.items() if any(in_manual_queue(s) for s in ss)}
+    for s in sagas:
+        if in_manual_queue(s):
+            report.notes.append(
+                f"order {s.business_key}: saga {s.saga_id} in the manual queue "
+                f"({s.state.value}: {s.reason})"
+            )
+
+    _money(report, data, effects, auths, by_order, manual)
+    _stock(report, data, by_order, manual, initial_stock)
+    _terminal(report, sagas)
+    _effect_once(report, data, effects)
+    await _honest_status(report, data, sagas, orchestrator_store)
+    await _nothing_lost(
+        report,
+        {
+            ORCHESTRATOR: orchestrator_store,
+            f"{ORCHESTRATOR}.local": orchestrator_store,
+            order.NAME: order_store,
+            payment.NAME: payment_store,
+            inventory.NAME: inventory_store,
+            shipping.NAME: shipping_store,
+        },
+    )
+    return report
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Ledgers:
+    orders: dict[str, tuple[str, int]]  # order_id -> (status, amount)
+    order_history: list[tuple[Any, ...]]
+    ledger: list[tuple[Any, ...]]
+    stock: list[tuple[Any, ...]]
+    reservations: list[tuple[Any, ...]]
+    shipments: list[tuple[Any, ...]]
+
+    def ledger_sum(self, order_id: str, op: str) -> int:
+        return sum(int(r[2]) for r in self.ledger if r[0] == order_id and r[1] == op)
+
+
+async def _rows(store: Any, sql: str) -> list[tuple[Any, ...]]:
+    # A transaction is the one read path the Store port offers for business tables; it is
+    # short and read-only, so holding the writer for it costs nothing at quiescence.
+    async with store.transaction() as tx:
+        rows: list[tuple[Any, ...]] = await tx.fetchall(sql)
+    return rows
+
+
+async def _all_sagas(store: Any) -> list[SagaInstance]:
+    out: list[SagaInstance] = []
+    offset = 0
+    while True:
+        page: list[SagaInstance] = await store.list_sagas(limit=_PAGE, offset=offset)
+        out.extend(page)
+        if len(page) < _PAGE:
+            return out
+        offset += _PAGE
+
+
+def _describe(sagas: Iterable[SagaInstance]) -> str:
+    return ", ".join(f"saga {s.saga_id} {s.state.value}" for s in sagas) or "no saga"
+
+
+# -- 1. money --------------------------------------------------------------------------
+
+
+def _money(
+    report: InvariantReport,
+    data: _Ledgers,
+    effects: list[Effect],
+    auths: list[Authorization],
+    by_order: Mapping[str, list[SagaInstance]],
+    manual: set[str],
+) -> None:
+    provider_sum: Counter[tuple[str, str]] = Counter()
+    for e in effects:
+        provider_sum[(e.order_id, e.op)] += e.amount
+    open_auths: dict[str, list[str]] = defaultdict(list)
+    for a in auths:
+        if a.open:
+            open_auths[a.order_id].append(a.authorization)
+    order_ids = (
+        set(data.orders)
+        | {r[0] for r in data.ledger}
+        | {e.order_id for e in effects}
+        | set(by_order)
+    )
+    for oid in sorted(order_ids):
+        status, amount = data.orders.get(oid, ("NONE", 0))
+        captured, refunded = data.ledger_sum(oid, "capture"), data.ledger_sum(oid, "refund")
+        credited = data.ledger_sum(oid, "credit")
+        p_captured, p_refunded = provider_sum[(oid, "capture")], provider_sum[(oid, "refund")]
+        problems: list[str] = []
+        if (captured, refunded) != (p_captured, p_refunded):
+            problems.append(
+                f"payment ledger (captured {captured}, refunded {refunded}) disagrees with the "
+                f"provider (captured {p_captured}, refunded {p_refunded})"
+            )
+        # The provider's effects are the money that really moved; credits exist only in
+        # the payment service.
+        balance = p_captured - p_refunded - credited
+        expected = amount if status == "COMPLETED" else 0
+        if balance != expected:
+            problems.append(
+                f"captured {p_captured} - refunded {p_refunded} - credited {credited} = {balance}, "
+                f"expected {expected} (order {status})"
+            )
+        if open_auths.get(oid):
+            problems.append(
+                f"authorization {', '.join(open_auths[oid])} still holds money (order {status})"
+            )
+        if problems and oid not in manual:
+            for p in problems:
+                report.fail("money", f"order {oid}: {p} [{_describe(by_order.get(oid, []))}]")
+
+
+# -- 2. stock --------------------------------------------------------------------------
+
+
+def _stock(
+    report: InvariantReport,
+    data: _Ledgers,
+    by_order: Mapping[str, list[SagaInstance]],
+    manual: set[str],
+    initial_stock: Mapping[str, int],
+) -> None:
+    reserved: Counter[str] = Counter()
+    shipped: Counter[str] = Counter()
+    for oid, sku, qty, status in data.reservations:
+        if status == "RESERVED":
+            reserved[sku] += int(qty)
+            sagas = by_order.get(oid, [])
+            if oid not in manual and (not sagas or all(s.terminal for s in sagas)):
+                report.fail(
+                    "stock",
+                    f"order {oid}: reservation of {qty} x {sku} outlives its "
+                    f"saga [{_describe(sagas)}]",
+                )
+        elif status == "COMMITTED":
+            shipped[sku] += int(qty)
+    known = set()
+    for sku, initial, available, res, ship in data.stock:
+        known.add(sku)
+        if min(available, res, ship) < 0:
+            report.fail(
+                "stock",
+                f"sku {sku}: negative stock (available {available}, reserved "
+                f"{res}, shipped {ship})",
+            )
+        if initial != available + res + ship:
+            report.fail(
+                "stock",
+                f"sku {sku}: initial {initial} != available {available} + "
+                f"reserved {res} + shipped {ship}",
+            )
+        if res != reserved[sku]:
+            report.fail(
+                "stock", f"sku {sku}: reserved {res} but RESERVED reservations hold {reserved[sku]}"
+            )
+        if ship != shipped[sku]:
+            report.fail(
+                "stock", f"sku {sku}: shipped {ship} but COMMITTED reservations hold {shipped[sku]}"
+            )
+        if sku in initial_stock and initial != initial_stock[sku]:
+            report.fail(
+                "stock", f"sku {sku}: initial {initial} but {initial_stock[sku]} was seeded"
+            )
+    for sku in sorted(set(initial_stock) - known):
+        report.fail("stock", f"sku {sku}: seeded with {initial_stock[sku]} but has no stock row")
+    for sku in sorted((set(reserved) | set(shipped)) - known):
+        report.fail("stock", f"sku {sku}: reservations exist for a sku with no stock row")
+
+
+# -- 3. terminal -----------------------------------------------------------------------
+
+
+def _terminal(report: InvariantReport, sagas: list[SagaInstance]) -> None:
+    for s in sagas:
+        if not s.terminal:
+            report.fail(
+                "terminal",
+                f"order {s.business_key}: saga {s.saga_id} is still "
+                f"{s.state.value} (status {s.status})",
+            )
+        elif s.state in MANUAL_STATES and not in_manual_queue(s):
+            report.fail(
+                "terminal",
+                f"order {s.business_key}: saga {s.saga_id} is "
+                f"{s.state.value} without a reason for the person on duty",
+            )
+
+
+# -- 4. effect once --------------------------------------------------------------------
+
+
+def _effect_once(report: InvariantReport, data: _Ledgers, effects: list[Effect]) -> None:
+    def once(where: str, keys: Iterable[tuple[str, ...]]) -> None:
+        for key, n in sorted(Counter(keys).items()):
+            if n > 1:
+                report.fail(
+                    "effect_once", f"order {key[0]}: {n} {' '.join(key[1:])} effects in {where}"
+                )
+
+    once("the payment ledger", ((r[0], r[1]) for r in data.ledger))
+    once("the provider's ledger", ((e.order_id, e.op) for e in effects))
+    once("inventory reservations", ((r[0], "reservation") for r in data.reservations))
+    once("shipments", ((r[0], "shipment") for r in data.shipments))
+
+
+# -- 5. honest status ------------------------------------------------------------------
+
+
+def status_step_allowed(prev: str, nxt: str) -> bool:
+    """True when a user who saw ``prev`` may see ``nxt`` next."""
+    if nxt == prev:
+        return True
+    if prev == NEEDS_ATTENTION:
+        return False
+    if nxt == NEEDS_ATTENTION:
+        return True
+    if prev == CANCELLING:
+        return nxt == CANCELLED
+    if nxt == CANCELLING:
+        return prev in FORWARD_STATUSES[:-1]
+    if prev in FORWARD_STATUSES and nxt in FORWARD_STATUSES:
+        return FORWARD_STATUSES.index(nxt) > FORWARD_STATUSES.index(prev)
+    return False
+
+
+async def _honest_status(
+    report: InvariantReport, data: _Ledgers, sagas: list[SagaInstance], orchestrator_store: Any
+) -> None:
+    captured = {r[0] for r in data.ledger if r[1] == "capture"}
+    committed = {r[0] for r in data.reservations if r[3] == "COMMITTED"}
+    shipped = {r[0] for r in data.shipments if r[1] == "CREATED"}
+    for s in sagas:
+        history = await orchestrator_store.history(s.saga_id)
+        seen = [h.status for h in history]
+        if not seen or seen[-1] != s.status:
+            seen.append(s.status)
+        for prev, nxt in itertools.pairwise(seen):
+            if not status_step_allowed(prev, nxt):
+                report.fail(
+                    "honest_status",
+                    f"order {s.business_key}: saga {s.saga_id} showed {nxt} after {prev}",
+                )
+                break
+        if "COMPLETED" in seen:
+            oid = s.business_key
+            missing = [
+                what
+                for what, ok in (
+                    ("order COMPLETED", data.orders.get(oid, ("",))[0] == "COMPLETED"),
+                    ("payment captured", oid in captured),
+                    ("inventory committed", oid in committed),
+                    ("shipment created", oid in shipped),
+                )
+                if not ok
+            ]
+            if missing:
+                report.fail(
+                    "honest_status",
+                    f"order {oid}: saga {s.saga_id} showed COMPLETED without {', '.join(missing)}",
+                )
+    statuses: dict[str, list[str]] = defaultdict(list)
+    for oid, _seq, status in data.order_history:
+        statuses[oid].append(status)
+    for oid, seen in sorted(statuses.items()):
+        if seen[0] != "CREATED" or len(seen) > 2 or any(x == "CREATED" for x in seen[1:]):
+            report.fail("honest_status", f"order {oid}: order service showed {' -> '.join(seen)}")
+
+
+# -- 6. nothing lost -------------------------------------------------------------------
+
+
+async def _nothing_lost(report: InvariantReport, routes: Mapping[str, Any]) -> None:
+    stores = list({id(s): s for s in routes.values()}.values())
+    dead: dict[int, set[str]] = {}
+    for s in stores:
+        letters = await s.dead_letters()
+        dead[id(s)] = {d.message_id for d in letters if d.message_id}
+        for d in letters:
+            report.notes.append(
+                f"dead letter in {s.name} ({d.endpoint}): message {d.message_id}: {d.reason}"
+            )
+    inboxes: dict[str, set[str]] = {}
+    for s in stores:
+        for env, published_at in await s.outbox_all():
+            what = f"message {env.message_id} ({env.type}) from {s.name} to {env.destination}"
+            if published_at is None:
+                report.fail("nothing_lost", f"{what} was never published")
+                continue
+            if env.destination is None:
+                continue  # broadcast events: no single inbox to look in
+            if env.message_id in dead[id(s)]:
+                continue  # unroutable, parked by the producer's relay
+            target = routes.get(env.destination)
+            if target is None:
+                report.fail("nothing_lost", f"{what}: no such endpoint, and not dead-lettered")
+                continue
+            if env.destination not in inboxes:
+                inboxes[env.destination] = await target.inbox_ids(env.destination)
+            handled = inboxes[env.destination] | dead[id(target)]
+            if env.message_id not in handled:
+                report.fail(
+                    "nothing_lost", f"{what} was published but neither processed nor dead-lettered"
+                )
+        depth = await s.queue_depth()
+        if depth:
+            report.fail(
+                "nothing_lost", f"store {s.name}: {depth} messages still wait in its mailboxes"
+            )

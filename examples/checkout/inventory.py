@@ -1,0 +1,157 @@
+"""The inventory service: stock per SKU and one reservation per order.
+
+Stock moves between three buckets, so that ``initial = available + reserved + shipped``
+holds after every transaction: a reservation moves units from *available* to
+*reserved*, a release moves them back, a commit (the goods leave) moves them from
+*reserved* to *shipped*. The reservation itself is one conditional UPDATE, so two
+orders racing for the last item cannot both win, whatever the isolation level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sagakit import Envelope, Participant, StepFailed
+from sagakit.stores.base import Tx
+
+NAME = "inventory"
+"""The participant's endpoint name."""
+
+NAMESPACE = "checkout.inventory"
+"""The ``schema_migrations`` namespace of the inventory tables."""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE stock (
+        sku       TEXT PRIMARY KEY,
+        initial   INTEGER NOT NULL CHECK (initial >= 0),
+        available INTEGER NOT NULL CHECK (available >= 0),
+        reserved  INTEGER NOT NULL CHECK (reserved >= 0),
+        shipped   INTEGER NOT NULL CHECK (shipped >= 0)
+    );
+    CREATE TABLE reservations (
+        order_id   TEXT PRIMARY KEY,
+        sku        TEXT NOT NULL,
+        qty        INTEGER NOT NULL CHECK (qty > 0),
+        status     TEXT NOT NULL CHECK (status IN ('RESERVED', 'RELEASED', 'COMMITTED')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX reservations_sku_status_idx ON reservations (sku, status);
+    """,
+]
+"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+
+OUT_OF_STOCK = "out of stock"
+
+
+async def seed_stock(store: Any, stock: Mapping[str, int]) -> None:
+    """Create stock rows (idempotent: a SKU that already exists keeps its numbers).
+
+    Run after the inventory migrations. Seeding twice never doubles the stock, which is
+    what makes a restart that seeds again safe.
+    """
+    for sku, qty in stock.items():
+        if not isinstance(qty, int) or isinstance(qty, bool) or qty < 0:
+            raise ValueError(f"stock of {sku!r} must be an integer >= 0, got {qty!r}")
+    async with store.transaction() as tx:
+        for sku, qty in stock.items():
+            await tx.execute(
+                "INSERT INTO stock (sku, initial, available, reserved, shipped) "
+                "VALUES (?, ?, ?, 0, 0) ON CONFLICT (sku) DO NOTHING",
+                (sku, qty, qty),
+            )
+
+
+def build_inventory(store: Any) -> Participant:
+    """The inventory participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
+    p = Participant(NAME, store)
+
+    async def reservation(tx: Tx, order_id: str) -> tuple[str, int, str] | None:
+        row = await tx.fetchone(
+            "SELECT sku, qty, status FROM reservations WHERE order_id = ?", (order_id,)
+        )
+        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
+
+    @p.handles("ReserveInventory")
+    async def reserve(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        sku = _text(cmd, "sku")
+        qty = cmd.payload.get("qty")
+        if not isinstance(qty, int) or isinstance(qty, bool) or qty <= 0:
+            raise StepFailed(f"ReserveInventory: 'qty' must be a positive integer, got {qty!r}")
+        existing = await reservation(tx, order_id)
+        if existing is not None:
+            if existing[2] == "RELEASED":
+                raise StepFailed(f"the reservation of order {order_id} was already released")
+            return {"sku": existing[0], "reserved": existing[1]}
+        # One conditional statement: the check and the decrement cannot be separated by
+        # another transaction, so the last unit goes to exactly one order.
+        changed = await tx.execute(
+            "UPDATE stock SET available = available - ?, reserved = reserved + ? "
+            "WHERE sku = ? AND available >= ?",
+            (qty, qty, sku, qty),
+        )
+        if changed == 0:
+            if await tx.fetchone("SELECT 1 FROM stock WHERE sku = ?", (sku,)) is None:
+                raise StepFailed(f"unknown sku {sku}")
+            raise StepFailed(OUT_OF_STOCK)
+        now = p.clock()
+        await tx.execute(
+            "INSERT INTO reservations (order_id, sku, qty, status, created_at, updated_at) "
+            "VALUES (?, ?, ?, 'RESERVED', ?, ?)",
+            (order_id, sku, qty, now, now),
+        )
+        return {"sku": sku, "reserved": qty}
+
+    @p.handles("ReleaseInventory")
+    async def release(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        existing = await reservation(tx, order_id)
+        if existing is None or existing[2] == "RELEASED":
+            return {"released": 0}
+        sku, qty, status = existing
+        if status == "COMMITTED":
+            raise StepFailed(f"the goods of order {order_id} have left the warehouse")
+        await tx.execute(
+            "UPDATE reservations SET status = 'RELEASED', updated_at = ? "
+            "WHERE order_id = ? AND status = 'RESERVED'",
+            (p.clock(), order_id),
+        )
+        await tx.execute(
+            "UPDATE stock SET available = available + ?, reserved = reserved - ? WHERE sku = ?",
+            (qty, qty, sku),
+        )
+        return {"released": qty}
+
+    @p.handles("CommitReservation")
+    async def commit(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        existing = await reservation(tx, order_id)
+        if existing is None:
+            raise StepFailed(f"order {order_id} has no reservation to commit")
+        sku, qty, status = existing
+        if status == "COMMITTED":
+            return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
+        if status == "RELEASED":
+            raise StepFailed(f"the reservation of order {order_id} was released")
+        await tx.execute(
+            "UPDATE reservations SET status = 'COMMITTED', updated_at = ? "
+            "WHERE order_id = ? AND status = 'RESERVED'",
+            (p.clock(), order_id),
+        )
+        await tx.execute(
+            "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? WHERE sku = ?",
+            (qty, qty, sku),
+        )
+        return {"sku": sku, "shipped": qty}
+
+    return p
+
+
+def _text(cmd: Envelope, name: str) -> str:
+    value = cmd.payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise StepFailed(f"{cmd.type}: {name!r} must be a non-empty string, got {value!r}")
+    return value

@@ -1,0 +1,269 @@
+"""The payment service: holds, takes and gives back money through the card provider.
+
+Its own database keeps a *payment ledger*: one row per (order, operation) for
+authorize, capture, void, refund and credit (a credit note). A UNIQUE constraint makes
+a second row for the same operation impossible, and every handler reads the ledger
+first, so a repeated command returns the recorded answer instead of hitting it.
+
+Calls to the provider carry the command's idempotency key (``saga:step:action`` or
+``saga:step:comp:rung``), so a retry after a provider timeout gets the effect that
+already happened rather than a second one. The provider is external: its effects do
+not roll back with this service's transaction, which is why the key, not the
+transaction, is what keeps them single.
+
+Amounts are integers in minor units (cents).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from sagakit import Envelope, Participant, StepFailed
+from sagakit.stores.base import Tx
+
+from .provider import (
+    CardDeclined,
+    FakeCardProvider,
+    OperationRefused,
+    ProviderTimeout,
+    ProviderUnavailable,
+    Receipt,
+)
+
+NAME = "payment"
+"""The participant's endpoint name."""
+
+NAMESPACE = "checkout.payment"
+"""The ``schema_migrations`` namespace of the payment tables."""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE payment_ledger (
+        id           INTEGER PRIMARY KEY,
+        order_id     TEXT NOT NULL,
+        op           TEXT NOT NULL
+                     CHECK (op IN ('authorize', 'capture', 'void', 'refund', 'credit')),
+        amount       INTEGER NOT NULL CHECK (amount >= 0),
+        provider_ref TEXT NOT NULL,
+        at           REAL NOT NULL,
+        UNIQUE (order_id, op)
+    );
+    """,
+]
+"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One operation of one order in the payment ledger."""
+
+    order_id: str
+    op: str
+    amount: int
+    provider_ref: str
+    at: float
+
+
+async def ledger(tx: Tx, order_id: str) -> dict[str, LedgerRow]:
+    """The ledger rows of ``order_id``, by operation."""
+    rows = await tx.fetchall(
+        "SELECT order_id, op, amount, provider_ref, at FROM payment_ledger WHERE order_id = ?",
+        (order_id,),
+    )
+    return {r[1]: LedgerRow(r[0], r[1], int(r[2]), r[3], float(r[4])) for r in rows}
+
+
+def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
+    """The payment participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
+    p = Participant(NAME, store)
+
+    async def record(tx: Tx, order_id: str, op: str, amount: int, ref: str) -> None:
+        # Callers looked the row up first in this same transaction, so this never
+        # conflicts; if it did, the UNIQUE constraint fails the transaction loudly.
+        await tx.execute(
+            "INSERT INTO payment_ledger (order_id, op, amount, provider_ref, at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (order_id, op, amount, ref, p.clock()),
+        )
+
+    async def authorization(tx: Tx, cmd: Envelope, rows: dict[str, LedgerRow]) -> LedgerRow | None:
+        """The order's authorization: from the ledger, or learned from the provider.
+
+        A provider timeout can leave an authorization the ledger never recorded; the
+        provider remembers it under the action's key, so a compensation asks for it
+        instead of concluding there is nothing to undo.
+        """
+        if "authorize" in rows:
+            return rows["authorize"]
+        if cmd.compensates is None:
+            return None
+        receipt = await provider.lookup(cmd.compensates)
+        if receipt is None or receipt.op != "authorize":
+            return None
+        await record(tx, receipt.order_id, "authorize", receipt.amount, receipt.authorization)
+        row = LedgerRow(
+            receipt.order_id, "authorize", receipt.amount, receipt.authorization, p.clock()
+        )
+        rows["authorize"] = row
+        return row
+
+    @p.handles("AuthorizePayment")
+    async def authorize(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        amount = _amount(cmd)
+        currency = _text(cmd, "currency")
+        card = _token(cmd, "card")
+        rows = await ledger(tx, order_id)
+        if "authorize" in rows:
+            row = rows["authorize"]
+            return {"authorization": row.provider_ref, "amount": row.amount}
+        try:
+            receipt = await provider.authorize(
+                _key(cmd, order_id, "authorize"),
+                order_id=order_id,
+                card=card,
+                amount=amount,
+                currency=currency,
+            )
+        except CardDeclined as exc:
+            raise StepFailed("card declined") from exc
+        except OperationRefused as exc:
+            raise StepFailed(f"authorization refused: {exc}") from exc
+        except (ProviderTimeout, ProviderUnavailable) as exc:
+            raise _transient(exc) from exc
+        await record(tx, order_id, "authorize", receipt.amount, receipt.authorization)
+        return {"authorization": receipt.authorization, "amount": receipt.amount}
+
+    @p.handles("CapturePayment")
+    async def capture(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        rows = await ledger(tx, order_id)
+        if "capture" in rows:
+            return {"captured": rows["capture"].amount}
+        auth = rows.get("authorize")
+        if auth is None:
+            raise StepFailed(f"order {order_id} has no authorization to capture")
+        if "void" in rows or "refund" in rows:
+            raise StepFailed(f"the authorization of order {order_id} was released; cannot capture")
+        receipt = await _call(
+            provider.capture(_key(cmd, order_id, "capture"), authorization=auth.provider_ref)
+        )
+        await record(tx, order_id, "capture", receipt.amount, receipt.authorization)
+        return {"captured": receipt.amount}
+
+    @p.handles("VoidAuthorization")
+    async def void(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        rows = await ledger(tx, order_id)
+        if "void" in rows:
+            return {"voided": rows["void"].amount}
+        auth = await authorization(tx, cmd, rows)
+        if auth is None or "refund" in rows:
+            return {"voided": 0}
+        if "capture" in rows:
+            # A definitive failure: the saga's ladder moves on to RefundPayment.
+            raise StepFailed("authorization already captured; cannot void")
+        receipt = await _call(
+            provider.void(_key(cmd, order_id, "void"), authorization=auth.provider_ref)
+        )
+        await record(tx, order_id, "void", receipt.amount, receipt.authorization)
+        return {"voided": receipt.amount}
+
+    @p.handles("RefundPayment")
+    async def refund(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        rows = await ledger(tx, order_id)
+        if "refund" in rows:
+            return {"refunded": rows["refund"].amount}
+        auth = await authorization(tx, cmd, rows)
+        if auth is None or "void" in rows:
+            return {"refunded": 0}
+        # Even with nothing captured this goes to the provider: refunding an uncaptured
+        # authorization releases the hold (the route when a void was refused).
+        receipt = await _call(
+            provider.refund(_key(cmd, order_id, "refund"), authorization=auth.provider_ref)
+        )
+        await record(tx, order_id, "refund", receipt.amount, receipt.authorization)
+        return {"refunded": receipt.amount}
+
+    @p.handles("IssueCreditNote")
+    async def credit_note(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        rows = await ledger(tx, order_id)
+        if "credit" in rows:
+            return {"credited": rows["credit"].amount, "credit_note": rows["credit"].provider_ref}
+        auth = await authorization(tx, cmd, rows)
+        if auth is None:
+            return {"credited": 0}
+        if not rows.keys() & {"capture", "void", "refund"}:
+            # Money is still held on the card and only the provider can release it; a
+            # credit note would pay the customer while the hold stays: a person decides.
+            raise StepFailed(
+                f"the card hold of order {order_id} is still open at the provider "
+                "(void and refund refused); it needs a person"
+            )
+        taken = rows["capture"].amount if "capture" in rows else 0
+        given_back = rows["refund"].amount if "refund" in rows else 0
+        owed = taken - given_back
+        if owed <= 0:
+            return {"credited": 0}
+        ref = f"credit-note-{order_id}"
+        await record(tx, order_id, "credit", owed, ref)
+        return {"credited": owed, "credit_note": ref}
+
+    @p.handles("GetPaymentStatus")
+    async def status(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        """A query (no effect): what the ledger says happened to the order's money."""
+        rows = await ledger(tx, _text(cmd, "order_id"))
+        return {op: {"amount": r.amount, "ref": r.provider_ref} for op, r in rows.items()}
+
+    return p
+
+
+async def _call(request: Awaitable[Receipt]) -> Receipt:
+    """Await a provider request, turning its errors into step outcomes."""
+    try:
+        receipt = await request
+    except OperationRefused as exc:
+        raise StepFailed(str(exc)) from exc
+    except (ProviderTimeout, ProviderUnavailable) as exc:
+        raise _transient(exc) from exc
+    return receipt
+
+
+def _transient(exc: Exception) -> StepFailed:
+    # Retryable: the runtime records no answer, so the next attempt calls the provider
+    # again with the same key and gets the recorded effect (or the first real one).
+    return StepFailed(f"card provider did not answer: {exc}", retryable=True)
+
+
+def _key(cmd: Envelope, order_id: str, op: str) -> str:
+    return cmd.idempotency_key or f"payment:{order_id}:{op}"
+
+
+def _text(cmd: Envelope, name: str) -> str:
+    value = cmd.payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise StepFailed(f"{cmd.type}: {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _token(cmd: Envelope, name: str) -> str:
+    value = _text(cmd, name)
+    if not _TOKEN.match(value):
+        raise StepFailed(f"{cmd.type}: {name!r} must be a token, never personal data")
+    return value
+
+
+def _amount(cmd: Envelope) -> int:
+    value = cmd.payload.get("amount")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise StepFailed(
+            f"{cmd.type}: 'amount' must be a positive integer in minor units, got {value!r}"
+        )
+    return value

@@ -1,0 +1,443 @@
+"""A fake external card provider, with its own SQLite file.
+
+The provider stands for a system the checkout does not own: its effects are committed
+at once (autocommit, one short transaction per request) and never roll back with the
+payment service's transaction. Every request carries an idempotency key: the same key
+always gets the first answer, and never causes a second effect.
+
+Behaviour is chosen per card token, so that tests and demos can provoke each failure.
+The words of a token after ``card-`` are flags (a word *starting* with a flag counts,
+so ``card-declined-7`` declines); several flags can be combined (``card-slow-novoid``):
+
+=============  ===========================================================================
+``decline``    authorizations are declined (a definitive answer)
+``flaky``      the first two calls of every key fail with :class:`ProviderUnavailable`
+               before doing anything (a transient outage)
+``slow``       the first call of every key does its effect, commits it, *then* raises
+               :class:`ProviderTimeout`; a retry with the same key gets the recorded result
+``novoid``     voids are refused ("authorization cannot be voided")
+``norefund``   refunds (and releases of uncaptured holds) are refused
+=============  ===========================================================================
+
+:meth:`FakeCardProvider.configure` sets the same rules for a token explicitly.
+
+Amounts are integers in minor units (cents). A refund of an authorization that was
+never captured releases the hold (as real providers do), with amount 0.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS card_rules (
+    card              TEXT PRIMARY KEY,
+    decline           INTEGER NOT NULL,
+    transient_calls   INTEGER NOT NULL,
+    slow              INTEGER NOT NULL,
+    refuse_void       INTEGER NOT NULL,
+    refuse_refund     INTEGER NOT NULL
+);
+-- One row per idempotency key: how often it was called and what it answered (NULL
+-- while only transient failures were seen).
+CREATE TABLE IF NOT EXISTS requests (
+    key      TEXT PRIMARY KEY,
+    op       TEXT NOT NULL,
+    calls    INTEGER NOT NULL,
+    outcome  TEXT,
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS authorizations (
+    authorization TEXT PRIMARY KEY,
+    order_id      TEXT NOT NULL,
+    card          TEXT NOT NULL,
+    amount        INTEGER NOT NULL,
+    currency      TEXT NOT NULL,
+    status        TEXT NOT NULL,   -- AUTHORIZED | CAPTURED | VOIDED | RELEASED
+    captured      INTEGER NOT NULL DEFAULT 0,
+    refunded      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+-- The provider's ledger of effects: what really happened to money, for the invariant
+-- checks. No uniqueness on (order_id, op): a caller that uses two keys for one
+-- operation gets two effects here, which is exactly what the checks must catch.
+CREATE TABLE IF NOT EXISTS effects (
+    id            INTEGER PRIMARY KEY,
+    key           TEXT NOT NULL UNIQUE,
+    order_id      TEXT NOT NULL,
+    op            TEXT NOT NULL,
+    authorization TEXT NOT NULL,
+    amount        INTEGER NOT NULL,
+    at            REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS effects_order_idx ON effects (order_id, op);
+"""
+
+TRANSIENT_CALLS = 2
+"""How many calls per key a ``flaky`` card fails before the provider answers."""
+
+
+class ProviderError(Exception):
+    """The card provider did not do what was asked."""
+
+
+class CardDeclined(ProviderError):
+    """The card was declined (a definitive answer: retrying will not help)."""
+
+
+class OperationRefused(ProviderError):
+    """The provider refused the operation definitively (e.g. a void it cannot do)."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider is down; nothing happened. Retry with the same key."""
+
+
+class ProviderTimeout(ProviderError):
+    """No answer in time: the effect may or may not have happened. Retry with the same key."""
+
+
+@dataclass(frozen=True, slots=True)
+class CardRules:
+    """How the provider treats one card token."""
+
+    decline: bool = False
+    transient_calls: int = 0
+    slow: bool = False
+    refuse_void: bool = False
+    refuse_refund: bool = False
+
+    @classmethod
+    def from_token(cls, card: str) -> CardRules:
+        """The rules a token's flag words ask for (see the module docstring)."""
+        words = card.split("-")[1:] if card.startswith("card-") else []
+
+        def has(flag: str) -> bool:
+            return any(w.startswith(flag) for w in words)
+
+        return cls(
+            decline=has("decline"),
+            transient_calls=TRANSIENT_CALLS if has("flaky") else 0,
+            slow=has("slow"),
+            refuse_void=has("novoid"),
+            refuse_refund=has("norefund"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The provider's answer to a successful request (the same for every retry of its key)."""
+
+    key: str
+    op: str
+    order_id: str
+    authorization: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """An authorization as the provider sees it."""
+
+    authorization: str
+    order_id: str
+    card: str
+    amount: int
+    currency: str
+    status: str
+    captured: int
+    refunded: int
+
+    @property
+    def open(self) -> bool:
+        """True while money is held on the card but neither taken nor released."""
+        return self.status == "AUTHORIZED"
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """One row of the provider's ledger."""
+
+    key: str
+    order_id: str
+    op: str
+    authorization: str
+    amount: int
+    at: float
+
+
+class FakeCardProvider:
+    """The fake provider; one SQLite file, shared by every process that opens it.
+
+    Each request runs in one ``BEGIN IMMEDIATE`` transaction that checks the key,
+    applies the effect and records the answer, so two callers racing on one key get one
+    effect. The connection is opened on first use.
+    """
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._conn: sqlite3.Connection | None = None
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (it reopens on the next request)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _request(
+        self,
+        key: str,
+        op: str,
+        card_of: Callable[[sqlite3.Connection], str],
+        effect: Callable[[sqlite3.Connection, float], Receipt],
+    ) -> Receipt:
+        """Run one keyed request: replay the recorded answer, or call ``effect`` once."""
+        if not key:
+            raise ValueError("a provider request needs a non-empty idempotency key")
+        db = self._db()
+        now = self.clock()
+        slow_timeout = False
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT op, calls, outcome FROM requests WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None and row[0] != op:
+                raise ValueError(f"idempotency key {key!r} was used for {row[0]}, not {op}")
+            calls = 1 if row is None else row[1] + 1
+            db.execute(
+                "INSERT INTO requests (key, op, calls, at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (key) DO UPDATE SET calls = calls + 1",
+                (key, op, now),
+            )
+            if row is not None and row[2] is not None:
+                db.execute("COMMIT")
+                return _replay(json.loads(row[2]))
+            rules = self.rules(card_of(db))
+            if calls <= rules.transient_calls:
+                db.execute("COMMIT")  # the call count must survive: it is what ends the outage
+                raise ProviderUnavailable(f"provider unavailable (call {calls} of key {key})")
+            try:
+                receipt = effect(db, now)
+                outcome: dict[str, Any] = {"ok": True, "receipt": asdict(receipt)}
+            except (CardDeclined, OperationRefused) as exc:
+                outcome = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            db.execute("UPDATE requests SET outcome = ? WHERE key = ?", (json.dumps(outcome), key))
+            slow_timeout = rules.slow and calls == 1
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if slow_timeout:
+            # The effect is committed; only the answer is lost on the way back.
+            raise ProviderTimeout(f"provider timed out on {op} (key {key})")
+        return _replay(outcome)
+
+    def _auth_row(self, db: sqlite3.Connection, authorization: str) -> Authorization:
+        row = db.execute(
+            "SELECT authorization, order_id, card, amount, currency, status, captured, refunded "
+            "FROM authorizations WHERE authorization = ?",
+            (authorization,),
+        ).fetchone()
+        if row is None:
+            raise OperationRefused(f"no such authorization {authorization!r}")
+        return Authorization(*row)
+
+    @staticmethod
+    def _effect(db: sqlite3.Connection, receipt: Receipt, now: float) -> Receipt:
+        db.execute(
+            "INSERT INTO effects (key, order_id, op, authorization, amount, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (receipt.key, receipt.order_id, receipt.op, receipt.authorization, receipt.amount, now),
+        )
+        return receipt
+
+    # -- configuration ----------------------------------------------------------------
+    def configure(self, card: str, rules: CardRules) -> None:
+        """Set the rules for ``card`` explicitly (they replace what its flags say)."""
+        self._db().execute(
+            "INSERT OR REPLACE INTO card_rules VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                card,
+                rules.decline,
+                rules.transient_calls,
+                rules.slow,
+                rules.refuse_void,
+                rules.refuse_refund,
+            ),
+        )
+
+    def rules(self, card: str) -> CardRules:
+        """The rules in force for ``card``."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT decline, transient_calls, slow, refuse_void, refuse_refund "
+                "FROM card_rules WHERE card = ?",
+                (card,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return CardRules.from_token(card)
+        return CardRules(bool(row[0]), int(row[1]), bool(row[2]), bool(row[3]), bool(row[4]))
+
+    # -- operations -------------------------------------------------------------------
+    async def authorize(
+        self, key: str, *, order_id: str, card: str, amount: int, currency: str
+    ) -> Receipt:
+        """Hold ``amount`` on ``card``; :class:`CardDeclined` if the card is declined."""
+
+        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+            if self.rules(card).decline:
+                raise CardDeclined("card declined")
+            auth = f"auth-{uuid.uuid4().hex[:16]}"
+            db.execute(
+                "INSERT INTO authorizations (authorization, order_id, card, amount, currency, "
+                "status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'AUTHORIZED', ?, ?)",
+                (auth, order_id, card, amount, currency, now, now),
+            )
+            return self._effect(db, Receipt(key, "authorize", order_id, auth, amount), now)
+
+        return self._request(key, "authorize", lambda _db: card, effect)
+
+    async def capture(self, key: str, *, authorization: str) -> Receipt:
+        """Take the authorized amount; refused if the hold was voided, released or taken."""
+
+        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+            a = self._auth_row(db, authorization)
+            if a.status != "AUTHORIZED":
+                raise OperationRefused(f"authorization is {a.status}, cannot capture")
+            db.execute(
+                "UPDATE authorizations SET status = 'CAPTURED', captured = amount, updated_at = ? "
+                "WHERE authorization = ?",
+                (now, authorization),
+            )
+            receipt = Receipt(key, "capture", a.order_id, authorization, a.amount)
+            return self._effect(db, receipt, now)
+
+        return self._request(key, "capture", lambda db: self._card(db, authorization), effect)
+
+    async def void(self, key: str, *, authorization: str) -> Receipt:
+        """Release an uncaptured hold; refused for ``novoid`` cards and captured holds."""
+
+        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+            a = self._auth_row(db, authorization)
+            if a.status == "CAPTURED":
+                raise OperationRefused("authorization already captured; refund it instead")
+            if a.status != "AUTHORIZED":
+                raise OperationRefused(f"authorization is already {a.status}")
+            if self.rules(a.card).refuse_void:
+                raise OperationRefused("authorization cannot be voided")
+            db.execute(
+                "UPDATE authorizations SET status = 'VOIDED', updated_at = ? "
+                "WHERE authorization = ?",
+                (now, authorization),
+            )
+            return self._effect(db, Receipt(key, "void", a.order_id, authorization, a.amount), now)
+
+        return self._request(key, "void", lambda db: self._card(db, authorization), effect)
+
+    async def refund(self, key: str, *, authorization: str) -> Receipt:
+        """Give back what was captured and not yet refunded; release an uncaptured hold."""
+
+        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+            a = self._auth_row(db, authorization)
+            if a.status in ("VOIDED", "RELEASED"):
+                return Receipt(key, "refund", a.order_id, authorization, 0)  # nothing held
+            if self.rules(a.card).refuse_refund:
+                raise OperationRefused("refund refused by the provider")
+            if a.status == "AUTHORIZED":
+                db.execute(
+                    "UPDATE authorizations SET status = 'RELEASED', updated_at = ? "
+                    "WHERE authorization = ?",
+                    (now, authorization),
+                )
+                return self._effect(db, Receipt(key, "refund", a.order_id, authorization, 0), now)
+            amount = a.captured - a.refunded
+            db.execute(
+                "UPDATE authorizations SET refunded = refunded + ?, updated_at = ? "
+                "WHERE authorization = ?",
+                (amount, now, authorization),
+            )
+            return self._effect(db, Receipt(key, "refund", a.order_id, authorization, amount), now)
+
+        return self._request(key, "refund", lambda db: self._card(db, authorization), effect)
+
+    @staticmethod
+    def _card(db: sqlite3.Connection, authorization: str) -> str:
+        row = db.execute(
+            "SELECT card FROM authorizations WHERE authorization = ?", (authorization,)
+        ).fetchone()
+        return "" if row is None else str(row[0])
+
+    # -- reads ------------------------------------------------------------------------
+    async def lookup(self, key: str) -> Receipt | None:
+        """The receipt recorded for ``key``, if that request succeeded (no side effect).
+
+        This is how a caller that lost an answer (a timeout) learns what happened.
+        """
+        row = self._db().execute("SELECT outcome FROM requests WHERE key = ?", (key,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        outcome = json.loads(row[0])
+        return Receipt(**outcome["receipt"]) if outcome["ok"] else None
+
+    async def authorizations(self, order_id: str | None = None) -> list[Authorization]:
+        """Every authorization (of one order, if given)."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT authorization, order_id, card, amount, currency, status, captured, refunded "
+                "FROM authorizations WHERE ? IS NULL OR order_id = ? "
+                "ORDER BY created_at, authorization",
+                (order_id, order_id),
+            )
+            .fetchall()
+        )
+        return [Authorization(*r) for r in rows]
+
+    async def effects(self, order_id: str | None = None) -> list[Effect]:
+        """The provider's ledger of effects (of one order, if given), oldest first."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT key, order_id, op, authorization, amount, at FROM effects "
+                "WHERE ? IS NULL OR order_id = ? ORDER BY id",
+                (order_id, order_id),
+            )
+            .fetchall()
+        )
+        return [Effect(*r) for r in rows]
+
+    async def calls(self, key: str) -> int:
+        """How many times ``key`` was requested (retries included)."""
+        row = self._db().execute("SELECT calls FROM requests WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+
+def _replay(outcome: dict[str, Any]) -> Receipt:
+    if outcome["ok"]:
+        return Receipt(**outcome["receipt"])
+    error = CardDeclined if outcome["error"] == "CardDeclined" else OperationRefused
+    raise error(outcome["message"])

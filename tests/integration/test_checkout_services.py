@@ -1,0 +1,769 @@
+"""The checkout's four services and the fake card provider, driven command by command.
+
+Each test builds the command envelopes the orchestrator would send, delivers them to a
+participant as the transport would, and reads the reply from the participant's outbox
+and the effects from the services' own ledgers. The last tests run whole sagas through
+the embedded engine and check the invariants, then plant violations and check that
+each one is caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sagakit_checkout import inventory, shipping
+from sagakit_checkout.invariants import InvariantReport, check_invariants, status_step_allowed
+from sagakit_checkout.provider import CardRules, FakeCardProvider, ProviderTimeout
+from sagakit_checkout.sagas import CHECKOUT
+from sagakit_checkout.services import Checkout, checkout_engine, migrate, open_checkout
+
+from sagakit import Envelope, MessageKind, Outcome, Participant, SagaState
+from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
+from sagakit.stores.sqlite import SQLiteStore
+from sagakit.transports.base import Delivery
+
+_handles = itertools.count(1)
+_ids = itertools.count(1)
+
+
+# -- plumbing --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def services(
+    data_dir: Path, stock: Mapping[str, int] | None = None, **kw: Any
+) -> AsyncIterator[Checkout]:
+    """The checkout with its stores opened by hand (no engine: commands are sent directly)."""
+    c = open_checkout(data_dir, synchronous="NORMAL", **kw)
+    stores = [c.orchestrator_store, *c.service_stores.values()]
+    for s in stores:
+        await s.open()
+    try:
+        await migrate(c, initial_stock=stock)
+        yield c
+    finally:
+        for s in stores:
+            await s.close()
+        c.provider.close()
+
+
+def command(
+    to: Participant,
+    type_: str,
+    payload: dict[str, Any],
+    *,
+    saga: str = "saga-1",
+    step: str,
+    attempt: int = 1,
+    rung: int | None = None,
+) -> Envelope:
+    """A command as the orchestrator sends it; ``rung`` makes it a compensation."""
+    action_key = f"{saga}:{step}:action"
+    key = action_key if rung is None else f"{saga}:{step}:comp:{rung}"
+    message_id = f"{saga}:{next(_ids)}:0"
+    return Envelope(
+        message_id=message_id,
+        type=type_,
+        kind=MessageKind.COMMAND,
+        source="orchestrator",
+        destination=to.name,
+        correlation_id=saga,
+        occurred_at=time.time(),
+        payload=payload,
+        saga_id=saga,
+        business_key=payload.get("order_id"),
+        step=step,
+        attempt=attempt,
+        fence=1,
+        idempotency_key=key,
+        compensates=None if rung is None else action_key,
+        reply_to="orchestrator",
+    )
+
+
+async def deliver(p: Participant, env: Envelope, deliveries: int = 1) -> Outcome:
+    """Deliver ``env`` once and return the reply the participant put in its outbox."""
+    settles = await p([Delivery(next(_handles), env.to_json(), deliveries)])
+    assert settles[0].ack, f"{env.type} was not acknowledged: {settles[0].error}"
+    return await reply_of(p, env)
+
+
+async def reply_of(p: Participant, env: Envelope) -> Outcome:
+    replies = [e for e, _ in await p.store.outbox_all() if e.causation_id == env.message_id]
+    assert len(replies) == 1, f"expected one reply to {env.message_id}, got {len(replies)}"
+    assert replies[0].destination == "orchestrator"
+    assert replies[0].idempotency_key == env.idempotency_key
+    return Outcome.from_payload(replies[0].payload)
+
+
+async def rows(store: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async with store.transaction() as tx:
+        result: list[tuple[Any, ...]] = await tx.fetchall(sql, params)
+    return result
+
+
+async def ledger(c: Checkout, order_id: str) -> dict[str, int]:
+    got = await rows(
+        c.payment_store, "SELECT op, amount FROM payment_ledger WHERE order_id = ?", (order_id,)
+    )
+    return {op: amount for op, amount in got}
+
+
+async def provider_ops(c: Checkout, order_id: str) -> list[tuple[str, int]]:
+    return [(e.op, e.amount) for e in await c.provider.effects(order_id)]
+
+
+def pay(order_id: str, card: str = "card-ok-1", amount: int = 2500) -> dict[str, Any]:
+    return {"order_id": order_id, "amount": amount, "currency": "EUR", "card": card}
+
+
+async def authorize(c: Checkout, order_id: str, card: str, saga: str = "saga-1") -> Outcome:
+    return await deliver(
+        c.payment,
+        command(
+            c.payment, "AuthorizePayment", pay(order_id, card), saga=saga, step="authorize_payment"
+        ),
+    )
+
+
+def ref(order_id: str) -> dict[str, Any]:
+    return {"order_id": order_id}
+
+
+async def invariants(c: Checkout, stock: Mapping[str, int]) -> InvariantReport:
+    return await check_invariants(**c.invariant_stores(), initial_stock=stock)
+
+
+# -- order -----------------------------------------------------------------------------
+
+
+async def test_order_create_is_idempotent_and_history_is_kept(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        data = {"order_id": "o-1", "customer": "cust-7", "sku": "sku-1", "qty": 2, "amount": 900}
+        first = command(c.order, "CreateOrder", data, step="create_order")
+        assert (await deliver(c.order, first)).result == {"order_id": "o-1", "status": "CREATED"}
+        # The same message again (redelivery): the inbox skips it, no second reply.
+        await c.order([Delivery(next(_handles), first.to_json(), 2)])
+        assert len(await c.order.store.outbox_all()) == 1
+        # A retry under the same key: the recorded answer, no second order.
+        again = command(c.order, "CreateOrder", data, step="create_order", attempt=2)
+        assert (await deliver(c.order, again)).ok
+        done = await deliver(
+            c.order, command(c.order, "CompleteOrder", ref("o-1"), step="complete_order")
+        )
+        assert done.result["status"] == "COMPLETED"
+        cancel = await deliver(
+            c.order, command(c.order, "CancelOrder", ref("o-1"), step="create_order", rung=0)
+        )
+        assert not cancel.ok and "already completed" in cancel.reason
+        assert await rows(c.order_store, "SELECT order_id, status, amount FROM orders") == [
+            ("o-1", "COMPLETED", 900)
+        ]
+        assert await rows(c.order_store, "SELECT seq, status FROM order_status_history") == [
+            (1, "CREATED"),
+            (2, "COMPLETED"),
+        ]
+
+
+async def test_order_refuses_personal_data(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        data = {
+            "order_id": "o-1",
+            "customer": "Jane Doe <jane@example.com>",
+            "sku": "s",
+            "qty": 1,
+            "amount": 1,
+        }
+        out = await deliver(c.order, command(c.order, "CreateOrder", data, step="create_order"))
+        assert not out.ok and not out.retryable and "token" in out.reason
+        assert await rows(c.order_store, "SELECT * FROM orders") == []
+
+
+# -- payment ---------------------------------------------------------------------------
+
+
+async def test_payment_happy_path_authorize_then_capture(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        auth = await authorize(c, "o-1", "card-ok-1")
+        assert auth.ok and auth.result["amount"] == 2500
+        cap = await deliver(
+            c.payment, command(c.payment, "CapturePayment", ref("o-1"), step="capture_payment")
+        )
+        assert cap.ok and cap.result == {"captured": 2500}
+        assert await ledger(c, "o-1") == {"authorize": 2500, "capture": 2500}
+        assert await provider_ops(c, "o-1") == [("authorize", 2500), ("capture", 2500)]
+        status = await deliver(
+            c.payment,
+            command(c.payment, "GetPaymentStatus", ref("o-1"), step="capture_payment").with_changes(
+                kind=MessageKind.QUERY
+            ),
+        )
+        assert status.result["capture"]["amount"] == 2500
+
+
+async def test_declined_card_fails_definitively_without_effect(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        out = await authorize(c, "o-1", "card-decline-42")
+        assert not out.ok and out.reason == "card declined" and not out.retryable
+        assert await ledger(c, "o-1") == {}
+        assert await provider_ops(c, "o-1") == []
+
+
+async def test_duplicate_authorize_returns_same_reply_without_second_effect(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        first = await authorize(c, "o-1", "card-ok-1")
+        # The reply was lost; the orchestrator retries with the same key.
+        second = await deliver(
+            c.payment,
+            command(c.payment, "AuthorizePayment", pay("o-1"), step="authorize_payment", attempt=2),
+        )
+        assert second == first
+        assert await provider_ops(c, "o-1") == [("authorize", 2500)]
+        assert await c.provider.calls("saga-1:authorize_payment:action") == 1
+        assert await ledger(c, "o-1") == {"authorize": 2500}
+
+
+async def test_provider_timeout_after_success_then_retry_gives_one_effect(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        first = await authorize(c, "o-1", "card-slow-1")
+        assert not first.ok and first.retryable
+        # The provider did authorize; the payment ledger does not know it yet.
+        assert await provider_ops(c, "o-1") == [("authorize", 2500)]
+        assert await ledger(c, "o-1") == {}
+        second = await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "AuthorizePayment",
+                pay("o-1", "card-slow-1"),
+                step="authorize_payment",
+                attempt=2,
+            ),
+        )
+        assert second.ok and second.result["amount"] == 2500
+        assert await provider_ops(c, "o-1") == [("authorize", 2500)]
+        assert await ledger(c, "o-1") == {"authorize": 2500}
+        # The capture times out the same way and is settled by its retry.
+        cap = command(c.payment, "CapturePayment", ref("o-1"), step="capture_payment")
+        assert (await deliver(c.payment, cap)).retryable
+        cap2 = command(c.payment, "CapturePayment", ref("o-1"), step="capture_payment", attempt=2)
+        assert (await deliver(c.payment, cap2)).result == {"captured": 2500}
+        assert await provider_ops(c, "o-1") == [("authorize", 2500), ("capture", 2500)]
+
+
+async def test_provider_replays_a_key_and_times_out_only_once(tmp_path: Path) -> None:
+    provider = FakeCardProvider(tmp_path / "p.db")
+    try:
+        with pytest.raises(ProviderTimeout):
+            await provider.authorize("k", order_id="o", card="card-slow", amount=5, currency="EUR")
+        r1 = await provider.authorize("k", order_id="o", card="card-slow", amount=5, currency="EUR")
+        r2 = await provider.authorize("k", order_id="o", card="card-slow", amount=5, currency="EUR")
+        assert r1 == r2 and await provider.lookup("k") == r1
+        assert len(await provider.effects()) == 1 and await provider.calls("k") == 3
+        # Explicit rules override the token's flags.
+        provider.configure("card-plain", CardRules(decline=True))
+        assert provider.rules("card-plain").decline
+        assert CardRules.from_token("card-slow-novoid-3") == CardRules(slow=True, refuse_void=True)
+    finally:
+        provider.close()
+
+
+async def test_flaky_provider_fails_transiently_then_answers_once(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        for attempt in (1, 2):
+            out = await deliver(
+                c.payment,
+                command(
+                    c.payment,
+                    "AuthorizePayment",
+                    pay("o-1", "card-flaky-1"),
+                    step="authorize_payment",
+                    attempt=attempt,
+                ),
+            )
+            assert not out.ok and out.retryable
+            assert await provider_ops(c, "o-1") == []
+        out = await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "AuthorizePayment",
+                pay("o-1", "card-flaky-1"),
+                step="authorize_payment",
+                attempt=3,
+            ),
+        )
+        assert out.ok and await provider_ops(c, "o-1") == [("authorize", 2500)]
+
+
+async def test_void_releases_the_hold(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        await authorize(c, "o-1", "card-ok-1")
+        out = await deliver(
+            c.payment,
+            command(c.payment, "VoidAuthorization", ref("o-1"), step="authorize_payment", rung=0),
+        )
+        assert out.result == {"voided": 2500}
+        assert [a.status for a in await c.provider.authorizations("o-1")] == ["VOIDED"]
+        assert (await invariants(c, {})).invariants["money"]
+
+
+async def test_void_refused_moves_to_refund_which_releases_the_hold(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        await authorize(c, "o-1", "card-novoid-1")
+        void = await deliver(
+            c.payment,
+            command(c.payment, "VoidAuthorization", ref("o-1"), step="authorize_payment", rung=0),
+        )
+        assert not void.ok and not void.retryable
+        assert void.reason == "authorization cannot be voided"
+        report = await invariants(c, {})
+        assert not report.invariants["money"]  # the hold is still open here
+        refund = await deliver(
+            c.payment,
+            command(c.payment, "RefundPayment", ref("o-1"), step="authorize_payment", rung=1),
+        )
+        assert refund.ok and refund.result == {"refunded": 0}
+        assert [a.status for a in await c.provider.authorizations("o-1")] == ["RELEASED"]
+        assert await ledger(c, "o-1") == {"authorize": 2500, "refund": 0}
+        assert (await invariants(c, {})).invariants["money"]
+
+
+async def test_captured_money_is_refunded_or_credited(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        for order_id, card in (("o-r", "card-ok-1"), ("o-c", "card-norefund-1")):
+            saga = f"saga-{order_id}"
+            await authorize(c, order_id, card, saga=saga)
+            cap = await deliver(
+                c.payment,
+                command(
+                    c.payment, "CapturePayment", ref(order_id), saga=saga, step="capture_payment"
+                ),
+            )
+            assert cap.ok
+            void = await deliver(
+                c.payment,
+                command(
+                    c.payment,
+                    "VoidAuthorization",
+                    ref(order_id),
+                    saga=saga,
+                    step="authorize_payment",
+                    rung=0,
+                ),
+            )
+            assert not void.ok and "already captured" in void.reason
+        refund = await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "RefundPayment",
+                ref("o-r"),
+                saga="saga-o-r",
+                step="authorize_payment",
+                rung=1,
+            ),
+        )
+        assert refund.result == {"refunded": 2500}
+        refused = await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "RefundPayment",
+                ref("o-c"),
+                saga="saga-o-c",
+                step="authorize_payment",
+                rung=1,
+            ),
+        )
+        assert not refused.ok and not refused.retryable
+        credit = await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "IssueCreditNote",
+                ref("o-c"),
+                saga="saga-o-c",
+                step="authorize_payment",
+                rung=2,
+            ),
+        )
+        assert credit.result == {"credited": 2500, "credit_note": "credit-note-o-c"}
+        assert await ledger(c, "o-r") == {"authorize": 2500, "capture": 2500, "refund": 2500}
+        assert await ledger(c, "o-c") == {"authorize": 2500, "capture": 2500, "credit": 2500}
+        assert (await invariants(c, {})).invariants["money"]
+
+
+async def test_credit_note_refuses_while_the_hold_is_open(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        await authorize(c, "o-1", "card-novoid-norefund-1")
+        out = await deliver(
+            c.payment,
+            command(c.payment, "IssueCreditNote", ref("o-1"), step="authorize_payment", rung=2),
+        )
+        assert not out.ok and not out.retryable and "still open" in out.reason
+        assert await ledger(c, "o-1") == {"authorize": 2500}
+
+
+async def test_compensation_before_action_leaves_tombstone(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        void = await deliver(
+            c.payment,
+            command(c.payment, "VoidAuthorization", ref("o-1"), step="authorize_payment", rung=0),
+        )
+        assert void.ok  # nothing to undo
+        late = await authorize(c, "o-1", "card-ok-1")
+        assert not late.ok and late.reason == REFUSED_AFTER_COMPENSATION
+        assert await provider_ops(c, "o-1") == [] and await ledger(c, "o-1") == {}
+
+
+async def test_compensation_after_a_provider_timeout_releases_the_hold(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        first = await authorize(c, "o-1", "card-slow-1")
+        assert first.retryable  # the provider authorized, the answer was lost
+        # The saga is cancelled before the retry: the step's outcome is unknown, so it
+        # is compensated. The hold must be released.
+        for attempt in (1, 2):  # a slow card times out the first void too
+            void = await deliver(
+                c.payment,
+                command(
+                    c.payment,
+                    "VoidAuthorization",
+                    ref("o-1"),
+                    step="authorize_payment",
+                    rung=0,
+                    attempt=attempt,
+                ),
+            )
+        assert void.ok and void.result == {"voided": 2500}, void
+        assert [a.status for a in await c.provider.authorizations("o-1")] == ["VOIDED"]
+
+
+# -- inventory -------------------------------------------------------------------------
+
+
+def reserve(c: Checkout, order_id: str, sku: str = "sku-1", qty: int = 1) -> Envelope:
+    return command(
+        c.inventory,
+        "ReserveInventory",
+        {"order_id": order_id, "sku": sku, "qty": qty},
+        saga=f"saga-{order_id}",
+        step="reserve_inventory",
+    )
+
+
+async def stock(c: Checkout, sku: str = "sku-1") -> tuple[int, int, int, int]:
+    got = await rows(
+        c.inventory_store,
+        "SELECT initial, available, reserved, shipped FROM stock WHERE sku = ?",
+        (sku,),
+    )
+    initial, available, reserved, shipped = got[0]
+    return initial, available, reserved, shipped
+
+
+async def test_last_item_goes_to_exactly_one_order(tmp_path: Path) -> None:
+    async with services(tmp_path, {"sku-1": 1}) as c:
+        outs = [await deliver(c.inventory, reserve(c, o)) for o in ("o-1", "o-2")]
+        assert [o.ok for o in outs] == [True, False]
+        assert outs[1].reason == inventory.OUT_OF_STOCK and not outs[1].retryable
+        assert await stock(c) == (1, 0, 1, 0)
+        unknown = await deliver(c.inventory, reserve(c, "o-3", sku="sku-nope"))
+        assert not unknown.ok and "unknown sku" in unknown.reason
+
+
+def test_last_item_race_between_processes(tmp_path: Path) -> None:
+    """Eight consumers, each with its own connection (as separate processes would have)."""
+
+    async def setup() -> None:
+        async with services(tmp_path, {"sku-1": 1}):
+            pass
+
+    asyncio.run(setup())
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+
+    def worker(i: int) -> None:
+        async def run() -> bool:
+            store = SQLiteStore(tmp_path / "inventory.db", name="inventory")
+            await store.open()
+            try:
+                p = inventory.build_inventory(store)
+                barrier.wait()
+                env = command(
+                    p,
+                    "ReserveInventory",
+                    {"order_id": f"o-{i}", "sku": "sku-1", "qty": 1},
+                    saga=f"saga-{i}",
+                    step="reserve_inventory",
+                )
+                outcome = await deliver(p, env)
+                return outcome.ok
+            finally:
+                await store.close()
+
+        results.append(asyncio.run(run()))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    conn = sqlite3.connect(tmp_path / "inventory.db")
+    try:
+        assert conn.execute("SELECT available, reserved FROM stock").fetchall() == [(0, 1)]
+        assert conn.execute("SELECT COUNT(*) FROM reservations").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+async def test_release_and_commit(tmp_path: Path) -> None:
+    async with services(tmp_path, {"sku-1": 5}) as c:
+        await inventory.seed_stock(c.inventory_store, {"sku-1": 99})  # idempotent: ignored
+        assert (await deliver(c.inventory, reserve(c, "o-1", qty=2))).ok
+        assert (await deliver(c.inventory, reserve(c, "o-2", qty=3))).ok
+        assert await stock(c) == (5, 0, 5, 0)
+        rel = command(
+            c.inventory,
+            "ReleaseInventory",
+            ref("o-1"),
+            saga="saga-o-1",
+            step="reserve_inventory",
+            rung=0,
+        )
+        assert (await deliver(c.inventory, rel)).result == {"released": 2}
+        commit = command(
+            c.inventory, "CommitReservation", ref("o-2"), saga="saga-o-2", step="commit_inventory"
+        )
+        assert (await deliver(c.inventory, commit)).result == {"sku": "sku-1", "shipped": 3}
+        # Committed already, asked again under another key: same answer, no second move.
+        again = command(
+            c.inventory, "CommitReservation", ref("o-2"), saga="saga-other", step="commit_inventory"
+        )
+        assert (await deliver(c.inventory, again)).result == {"sku": "sku-1", "shipped": 3}
+        assert await stock(c) == (5, 2, 0, 3)
+        status = await rows(
+            c.inventory_store, "SELECT order_id, status FROM reservations ORDER BY order_id"
+        )
+        assert status == [("o-1", "RELEASED"), ("o-2", "COMMITTED")]
+
+
+async def test_release_before_reserve_refuses_the_late_reservation(tmp_path: Path) -> None:
+    async with services(tmp_path, {"sku-1": 1}) as c:
+        rel = command(
+            c.inventory,
+            "ReleaseInventory",
+            ref("o-1"),
+            saga="saga-o-1",
+            step="reserve_inventory",
+            rung=0,
+        )
+        assert (await deliver(c.inventory, rel)).ok  # nothing to undo
+        late = await deliver(c.inventory, reserve(c, "o-1"))
+        assert not late.ok and late.reason == REFUSED_AFTER_COMPENSATION
+        assert await stock(c) == (1, 1, 0, 0)
+        assert await rows(c.inventory_store, "SELECT * FROM reservations") == []
+
+
+# -- shipping --------------------------------------------------------------------------
+
+
+def ship(c: Checkout, order_id: str, address: str, attempt: int = 1) -> Envelope:
+    payload = {"order_id": order_id, "ship_to": address, "sku": "sku-1", "qty": 1}
+    return command(
+        c.shipping,
+        "CreateShipment",
+        payload,
+        saga=f"saga-{order_id}",
+        step="create_shipment",
+        attempt=attempt,
+    )
+
+
+async def test_shipping_bad_address_and_flaky_carrier(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        bad = await deliver(c.shipping, ship(c, "o-bad", "addr-bad-1"))
+        assert not bad.ok and bad.reason == "bad address" and not bad.retryable
+        for attempt in (1, 2):
+            down = await deliver(c.shipping, ship(c, "o-fl", "addr-flaky-1", attempt))
+            assert not down.ok and down.retryable
+        up = await deliver(c.shipping, ship(c, "o-fl", "addr-flaky-1", 3))
+        assert up.ok and up.result["carrier"] in shipping.CARRIERS
+        cancel = command(
+            c.shipping,
+            "CancelShipment",
+            ref("o-fl"),
+            saga="saga-o-fl",
+            step="create_shipment",
+            rung=0,
+        )
+        assert (await deliver(c.shipping, cancel)).result == {"cancelled": True}
+        assert await rows(c.shipping_store, "SELECT order_id, status FROM shipments") == [
+            ("o-fl", "CANCELLED")
+        ]
+
+
+def test_carrier_outages_are_deterministic() -> None:
+    pairs = [(f"o-{i}", a) for i in range(400) for a in (1, 2)]
+    down = [shipping.carrier_down(o, a, 0.25) for o, a in pairs]
+    assert down == [shipping.carrier_down(o, a, 0.25) for o, a in pairs]
+    assert 0.15 < sum(down) / len(down) < 0.35
+    assert not any(shipping.carrier_down(o, a, 0.0) for o, a in pairs)
+
+
+# -- invariants ------------------------------------------------------------------------
+
+
+def order_data(
+    card: str = "card-ok-1", address: str = "addr-ok-1", sku: str = "sku-1", amount: int = 1500
+) -> dict[str, Any]:
+    return {
+        "customer": "cust-1",
+        "sku": sku,
+        "qty": 1,
+        "amount": amount,
+        "currency": "EUR",
+        "card": card,
+        "ship_to": address,
+    }
+
+
+async def drain(c: Checkout, quiet: float = 0.2, limit: float = 20.0) -> None:
+    """Wait until no outbox row is pending and no mailbox holds a message."""
+    stores = [c.orchestrator_store, *c.service_stores.values()]
+    end, calm = time.monotonic() + limit, time.monotonic()
+    while time.monotonic() < end:
+        busy = sum([await s.outbox_pending() + await s.queue_depth() for s in stores])
+        if busy:
+            calm = time.monotonic()
+        elif time.monotonic() - calm >= quiet:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the checkout did not go quiet")
+
+
+SCENARIOS = {
+    "o-ok": (order_data(), SagaState.SUCCEEDED),
+    "o-declined": (order_data(card="card-decline-1"), SagaState.COMPENSATED),
+    "o-slow": (order_data(card="card-slow-1"), SagaState.SUCCEEDED),
+    "o-novoid": (order_data(card="card-novoid-1", address="addr-bad-1"), SagaState.COMPENSATED),
+    "o-flaky": (order_data(address="addr-flaky-1"), SagaState.SUCCEEDED),
+    "o-last-1": (order_data(sku="sku-last"), None),
+    "o-last-2": (order_data(sku="sku-last"), None),
+}
+STOCK = {"sku-1": 10, "sku-last": 1}
+
+
+async def run_sagas(tmp_path: Path) -> None:
+    c = open_checkout(tmp_path, synchronous="NORMAL")
+    async with checkout_engine(c, idle_poll=0.05) as engine:
+        await migrate(c, initial_stock=STOCK)
+        started = {o: await engine.start(CHECKOUT, o, data) for o, (data, _) in SCENARIOS.items()}
+        done = {o: await engine.wait(inst.saga_id, timeout=30) for o, inst in started.items()}
+        await drain(c)
+    for o, (_, expected) in SCENARIOS.items():
+        if expected is not None:
+            assert done[o].state is expected, (o, done[o].state, done[o].reason)
+    last = sorted(done[o].state.value for o in ("o-last-1", "o-last-2"))
+    assert last == ["COMPENSATED", "SUCCEEDED"]
+
+
+async def test_invariants_hold_after_a_clean_run(tmp_path: Path) -> None:
+    await run_sagas(tmp_path)
+    async with services(tmp_path) as c:
+        report = await invariants(c, STOCK)
+        assert report.ok, str(report)
+        assert report.violations == []
+        assert set(report.invariants) == {
+            "money",
+            "stock",
+            "terminal",
+            "effect_once",
+            "honest_status",
+            "nothing_lost",
+        }
+        assert await ledger(c, "o-novoid") == {"authorize": 1500, "refund": 0}
+        assert await ledger(c, "o-slow") == {"authorize": 1500, "capture": 1500}
+
+
+async def test_invariants_catch_planted_violations(tmp_path: Path) -> None:
+    await run_sagas(tmp_path)
+    # A second capture under another key at the provider: money taken twice.
+    conn = sqlite3.connect(tmp_path / "provider.db")
+    with conn:
+        conn.execute(
+            "INSERT INTO effects (key, order_id, op, authorization, amount, at) "
+            "SELECT 'rogue-key', order_id, op, authorization, amount, at FROM effects "
+            "WHERE order_id = 'o-ok' AND op = 'capture'"
+        )
+    conn.close()
+    conn = sqlite3.connect(tmp_path / "inventory.db")
+    with conn:
+        # Stock below zero (past the CHECK constraints, as a bug in raw SQL would be) and
+        # a reservation left behind by a compensated saga.
+        conn.execute("PRAGMA ignore_check_constraints = ON")
+        conn.execute(
+            "UPDATE stock SET available = -1, initial = initial - available - 1 WHERE sku = 'sku-1'"
+        )
+        conn.execute(
+            "UPDATE reservations SET status = 'RESERVED' WHERE order_id = ("
+            "SELECT order_id FROM reservations WHERE status = 'RELEASED' LIMIT 1)"
+        )
+    conn.close()
+    conn = sqlite3.connect(tmp_path / "order.db")
+    with conn:
+        # A message the relay never published.
+        conn.execute(
+            "UPDATE outbox SET published_at = NULL WHERE id = (SELECT MIN(id) FROM outbox)"
+        )
+    conn.close()
+    conn = sqlite3.connect(tmp_path / "shipping.db")
+    with conn:
+        # The shipment of a completed order vanishes: COMPLETED was shown dishonestly.
+        conn.execute("DELETE FROM shipments WHERE order_id = 'o-ok'")
+    conn.close()
+    conn = sqlite3.connect(tmp_path / "orchestrator.db")
+    with conn:
+        conn.execute("UPDATE sagas SET state = 'RUNNING' WHERE business_key = 'o-flaky'")
+    conn.close()
+
+    async with services(tmp_path) as c:
+        report = await invariants(c, STOCK)
+    assert {k for k, ok in report.invariants.items() if not ok} == set(report.invariants)
+    text = "\n".join(report.violations)
+    assert "effect_once: order o-ok: 2 capture effects in the provider's ledger" in text
+    assert "money: order o-ok: captured 3000" in text
+    assert "stock: sku sku-1: negative stock" in text
+    assert "outlives its saga" in text
+    assert "terminal: order o-flaky" in text
+    assert "honest_status: order o-ok" in text and "without shipment created" in text
+    assert "nothing_lost: message" in text and "never published" in text
+
+
+def test_status_order_rules() -> None:
+    ok = [
+        ("PENDING_PAYMENT", "PENDING_SHIPMENT"),
+        ("COMPLETING", "CANCELLING"),
+        ("CANCELLING", "CANCELLED"),
+        ("COMPLETED", "NEEDS_ATTENTION"),
+        ("CANCELLING", "NEEDS_ATTENTION"),
+    ]
+    bad = [
+        ("PENDING_SHIPMENT", "PENDING_PAYMENT"),
+        ("COMPLETED", "CANCELLING"),
+        ("CANCELLING", "COMPLETED"),
+        ("NEEDS_ATTENTION", "CANCELLED"),
+        ("CANCELLED", "PENDING_PAYMENT"),
+    ]
+    assert all(status_step_allowed(a, b) for a, b in ok)
+    assert not any(status_step_allowed(a, b) for a, b in bad)
