@@ -408,8 +408,8 @@ class FakeCardProvider:
         rows = (
             self._db()
             .execute(
-                "SELECT authorization, order_id, card, amount, currency, status, captured, refunded "
-                "FROM authorizations WHERE ? IS NULL OR order_id = ? "
+                "SELECT authorization, order_id, card, amount, currency, status, captured, "
+                "refunded FROM authorizations WHERE ? IS NULL OR order_id = ? "
                 "ORDER BY created_at, authorization",
                 (order_id, order_id),
             )
