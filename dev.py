@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     if what == "demo":
         return run([str(BIN / "sagakit"), "demo", *rest])
     for step in (
-        [str(BIN / "ruff"), "check", "src", "examples", "tests", "benchmarks", "dev.py"],
+        [str(BIN / "ruff"), "check", "src", "examples", "tests", "dev.py"],
         [str(BIN / "mypy")],
     ):
         code = run(step)

@@ -126,3 +126,15 @@ async def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
             await engine.start("trip", "")
         with pytest.raises(SagaNotFound):
             await engine.get("missing")
+
+
+async def test_housekeeping_purges_old_inbox_rows_only(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls)], inbox_retention=3600) as engine:
+        inst = await engine.start("trip", "trip-h")
+        await engine.wait(inst.saga_id, timeout=10)
+        assert await engine.housekeeping() == 0  # everything is recent
+        assert await engine.store.inbox_ids("orchestrator.local")
+        engine.inbox_retention = -1.0  # now every row is past the retention
+        assert await engine.housekeeping() > 0
+        assert not await engine.store.inbox_ids("orchestrator.local")

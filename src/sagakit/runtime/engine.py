@@ -47,6 +47,8 @@ class Engine:
         relay_lease: float = 1.0,
         idle_poll: float = 0.5,
         batch_size: int = 256,
+        inbox_retention: float = 7 * 86400.0,
+        housekeeping_every: float = 600.0,
     ) -> None:
         self.wakeups = wakeups or Wakeups()
         self.clock = clock
@@ -84,6 +86,10 @@ class Engine:
         self._wrap = self.faults.wrap_consumer
         self.idle_poll = idle_poll
         self.batch_size = batch_size
+        # Inbox rows only need to outlive the longest possible redelivery of a message
+        # (a mailbox lease, a broker's replay window); a week is far beyond both.
+        self.inbox_retention = inbox_retention
+        self.housekeeping_every = housekeeping_every
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
 
@@ -111,6 +117,7 @@ class Engine:
         for relay in self.relays:
             self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
         self._spawn(self._timer_loop(), "timers")
+        self._spawn(self._housekeeping_loop(), "housekeeping")
 
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
@@ -197,6 +204,27 @@ class Engine:
                 continue
             timeout = self.idle_poll if due is None else min(self.idle_poll, due - self.clock())
             await self.wakeups.wait(channel, max(timeout, 0.001))
+
+
+    async def housekeeping(self) -> int:
+        """Purge inbox rows older than the retention; return how many were removed."""
+        cutoff = self.clock() - self.inbox_retention
+        removed = 0
+        for s in self.stores:
+            removed += await s.inbox_purge(cutoff)
+        return removed
+
+    async def _housekeeping_loop(self) -> None:
+        while self._running:
+            try:
+                removed = await self.housekeeping()
+                if removed:
+                    log.info("purged %d inbox rows older than the retention", removed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("housekeeping failed; will try again")
+            await asyncio.sleep(self.housekeeping_every)
 
 
 def embedded(
