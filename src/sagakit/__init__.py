@@ -17,10 +17,12 @@ from sagakit.core.definition import (
 )
 from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, success
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
+from sagakit.core.machine import ManualAction
 from sagakit.errors import (
     ConcurrencyError,
     ConfigurationError,
     DefinitionError,
+    ManualActionRefused,
     MessageError,
     SagakitError,
     SagaNotFound,
@@ -41,6 +43,8 @@ __all__ = [
     "Envelope",
     "HistoryEntry",
     "LocalAction",
+    "ManualAction",
+    "ManualActionRefused",
     "MessageError",
     "MessageKind",
     "Outcome",

@@ -66,3 +66,7 @@ class UnroutableMessage(TransportError):
     def __init__(self, message: str, message_ids: list[str]) -> None:
         super().__init__(message)
         self.message_ids = message_ids
+
+
+class ManualActionRefused(SagakitError):
+    """That manual action does not apply to the saga in its current state."""

@@ -228,7 +228,7 @@ class Driver:
                 )
             skipped = any(s.status is StepStatus.SKIPPED for s in inst.steps)
             assert skipped == (inst.state is SagaState.PARTIAL_ACCEPTED)
-            assert inst.status == d.completed_status
+            assert inst.status == (d.partial_status if skipped else d.completed_status)
         if inst.state in (SagaState.COMPENSATED, SagaState.TIMED_OUT):
             for i, (step, s) in enumerate(zip(d.steps, inst.steps, strict=True)):
                 if step.ladder:
@@ -276,6 +276,7 @@ class Driver:
         d = self.d
         forward = [d.started_status, *(s.status for s in d.steps if s.status), d.completed_status]
         rank = {label: i for i, label in enumerate(forward)}
+        rank[d.partial_status] = rank[d.completed_status]
         if old is None:
             assert new in rank
             return
@@ -283,7 +284,7 @@ class Driver:
             return
         if old == d.cancelling_status:
             assert new in (d.cancelled_status, d.attention_status), f"{old} -> {new}"
-        elif old in (d.cancelled_status, d.attention_status, d.completed_status):
+        elif old in (d.cancelled_status, d.attention_status, d.completed_status, d.partial_status):
             raise AssertionError(f"a final status changed: {old} -> {new}")
         elif new in rank:
             assert rank[new] > rank[old], f"status went backwards: {old} -> {new}"

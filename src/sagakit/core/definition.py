@@ -280,8 +280,8 @@ class SagaDefinition:
     ``deadline`` is the saga's SLA in seconds: past it a saga that has not reached its
     pivot is compensated and ends TIMED_OUT; one past its pivot goes to the manual queue.
     Status labels are what a user sees: each step's ``status`` while it runs, then
-    ``completed_status``, ``cancelling_status``/``cancelled_status`` or
-    ``attention_status``.
+    ``completed_status`` (``partial_status`` when an optional step was skipped),
+    ``cancelling_status``/``cancelled_status`` or ``attention_status``.
     """
 
     def __init__(
@@ -296,6 +296,7 @@ class SagaDefinition:
         cancelled_status: str = "CANCELLED",
         attention_status: str = "NEEDS_ATTENTION",
         started_status: str = "PENDING",
+        partial_status: str = "PARTIALLY_COMPLETED",
     ) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
@@ -361,6 +362,7 @@ class SagaDefinition:
         self.cancelled_status = cancelled_status
         self.attention_status = attention_status
         self.started_status = started_status
+        self.partial_status = partial_status
         self._index = {s.name: i for i, s in enumerate(steps)}
 
     @property

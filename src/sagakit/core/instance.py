@@ -43,6 +43,8 @@ class StepStatus(StrEnum):
     SKIPPED = "SKIPPED"
     UNKNOWN = "UNKNOWN"
     """The action may or may not have happened (timed out, or cancelled mid-flight)."""
+    QUERYING = "QUERYING"
+    """The outcome is unknown and the step's status query is asking the participant."""
     COMPENSATING = "COMPENSATING"
     COMPENSATION_WAITING = "COMPENSATION_WAITING"
     COMPENSATED = "COMPENSATED"
@@ -51,7 +53,13 @@ class StepStatus(StrEnum):
 
 # Steps in these states may have had an effect that a compensation must undo.
 MAY_HAVE_EFFECT = frozenset(
-    {StepStatus.SUCCEEDED, StepStatus.UNKNOWN, StepStatus.RUNNING, StepStatus.WAITING_RETRY}
+    {
+        StepStatus.SUCCEEDED,
+        StepStatus.UNKNOWN,
+        StepStatus.QUERYING,
+        StepStatus.RUNNING,
+        StepStatus.WAITING_RETRY,
+    }
 )
 
 
@@ -68,6 +76,10 @@ class StepState:
     next_retry_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    queries: int = 0
+    """Status queries sent since the outcome became unknown."""
+    retry_base: int = 0
+    """``attempt`` when a person last asked for a retry: the retry budget counts from here."""
 
     def copy(self) -> StepState:
         """A shallow copy (``result`` is never mutated in place)."""
@@ -81,7 +93,14 @@ class StepState:
             self.next_retry_at,
             self.started_at,
             self.finished_at,
+            self.queries,
+            self.retry_base,
         )
+
+    @property
+    def attempts_used(self) -> int:
+        """Attempts of the action counted against its retry policy."""
+        return self.attempt - self.retry_base
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -95,6 +114,8 @@ class StepState:
             "next_retry_at": self.next_retry_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "queries": self.queries,
+            "retry_base": self.retry_base,
         }
 
     @classmethod
@@ -110,6 +131,8 @@ class StepState:
             next_retry_at=raw.get("next_retry_at"),
             started_at=raw.get("started_at"),
             finished_at=raw.get("finished_at"),
+            queries=raw.get("queries", 0),
+            retry_base=raw.get("retry_base", 0),
         )
 
 

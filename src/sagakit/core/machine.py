@@ -24,6 +24,7 @@ Rules worth knowing (they are the safety of the whole engine):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from sagakit.core.definition import CommandAction, LocalAction, SagaDefinition, SagaView, Step
@@ -37,11 +38,28 @@ from sagakit.core.instance import (
     StepStatus,
     Timer,
 )
-from sagakit.errors import DefinitionError, MessageError
+from sagakit.errors import DefinitionError, ManualActionRefused, MessageError
 
 STEP_TIMER = "step"
 DEADLINE_TIMER = "deadline"
 LOCAL_COMMAND = "sagakit.local"
+
+
+class ManualAction(StrEnum):
+    """What a person can decide for a saga in FAILED_NEEDS_MANUAL."""
+
+    RETRY = "retry"
+    """Try the stuck step (or its compensation rung) again, with a fresh retry budget."""
+    MARK_DONE = "mark_done"
+    """The stuck forward step was done by hand: record it and continue forward."""
+    COMPENSATE = "compensate"
+    """The stuck step (at or before the pivot) is to be undone with the steps before it."""
+    MARK_COMPENSATED = "mark_compensated"
+    """The stuck compensation was done by hand: record it and go on undoing."""
+    USE_RUNG = "use_rung"
+    """Run a given rung of the stuck step's ladder (e.g. the credit note)."""
+    ACCEPT_PARTIAL = "accept_partial"
+    """Accept the saga as it stands: it ends PARTIAL_ACCEPTED."""
 
 
 @dataclass(slots=True)
@@ -62,7 +80,7 @@ class KeyParts:
 
     saga_id: str
     step: str
-    phase: str  # "action" | "comp"
+    phase: str  # "action" | "comp" | "query"
     rung: int = 0
 
 
@@ -76,11 +94,16 @@ def compensation_key(saga_id: str, step: str, rung: int) -> str:
     return f"{saga_id}:{step}:comp:{rung}"
 
 
+def query_key(saga_id: str, step: str) -> str:
+    """Key of a step's status queries (queries have no effect; the key routes the answer)."""
+    return f"{saga_id}:{step}:query"
+
+
 def parse_key(key: str) -> KeyParts:
-    """Split an idempotency key made by :func:`action_key` or :func:`compensation_key`."""
+    """Split a key made by :func:`action_key`, :func:`compensation_key` or :func:`query_key`."""
     parts = key.split(":")
-    if len(parts) >= 3 and parts[-1] == "action":
-        return KeyParts(":".join(parts[:-2]), parts[-2], "action")
+    if len(parts) >= 3 and parts[-1] in ("action", "query"):
+        return KeyParts(":".join(parts[:-2]), parts[-2], parts[-1])
     if len(parts) >= 4 and parts[-2] == "comp" and parts[-1].isdigit():
         return KeyParts(":".join(parts[:-3]), parts[-3], "comp", int(parts[-1]))
     raise MessageError(f"idempotency key {key!r} is not a sagakit step key")
@@ -152,9 +175,13 @@ class _Transition:
     ) -> None:
         inst = self.inst
         message_id = f"{inst.saga_id}:{self.new_version}:{len(self.out)}"
+        kind = MessageKind.QUERY if phase == "query" else MessageKind.COMMAND
         if isinstance(action, CommandAction):
             mtype, destination, version = action.type, action.endpoint, action.version
             payload = action.build(self.view())
+            if phase == "query":
+                # Tell the participant which action the question is about.
+                payload["action_key"] = action_key(inst.saga_id, step.name)
         else:
             view = self.view()
             mtype, destination, version = LOCAL_COMMAND, self.m.local_endpoint, 1
@@ -170,7 +197,7 @@ class _Transition:
                 message_id=message_id,
                 type=mtype,
                 version=version,
-                kind=MessageKind.COMMAND,
+                kind=kind,
                 source=self.m.endpoint,
                 destination=destination,
                 correlation_id=inst.correlation_id,
@@ -223,14 +250,50 @@ class _Transition:
             self.begin_compensation(index, inst.reason or "cancelled")
             return
         if nxt == len(self.d.steps):
-            partial = any(s.status is StepStatus.SKIPPED for s in inst.steps)
-            self.finish(
-                SagaState.PARTIAL_ACCEPTED if partial else SagaState.SUCCEEDED,
-                self.d.completed_status,
-                None,
-            )
+            if any(s.status is StepStatus.SKIPPED for s in inst.steps):
+                self.finish(SagaState.PARTIAL_ACCEPTED, self.d.partial_status, None)
+            else:
+                self.finish(SagaState.SUCCEEDED, self.d.completed_status, None)
             return
         self.dispatch_action(nxt)
+
+    def dispatch_query(self, index: int) -> None:
+        """Ask the participant what became of the step's action (its outcome is unknown)."""
+        step, st = self.d.steps[index], self.inst.steps[index]
+        assert step.status_query is not None
+        st.queries += 1
+        st.status = StepStatus.QUERYING
+        st.next_retry_at = None
+        self._send(
+            step,
+            step.status_query,
+            key=query_key(self.inst.saga_id, step.name),
+            attempt=st.queries,
+            compensates=None,
+            phase="query",
+        )
+        self.set_step_timer("timeout", index, "query", st.queries, self.now + step.timeout)
+        self.log("status.queried", step.name, query=st.queries, action=step.status_query.label)
+
+    def outcome_unknown(self, index: int, reason: str) -> None:
+        """The action may or may not have happened: ask, or make it safe, or ask a person.
+
+        With a status query the participant is asked. Without one, a step before the
+        pivot is compensated with the others (its compensation undoes the effect or
+        tombstones the key); at or after the pivot, guessing could lose money, so a
+        person decides.
+        """
+        step, st = self.d.steps[index], self.inst.steps[index]
+        st.status = StepStatus.UNKNOWN
+        st.error = reason
+        self.log("outcome.unknown", step.name, reason=reason)
+        if step.status_query is not None:
+            st.queries = 0
+            self.dispatch_query(index)
+        elif self.d.pivot_index is not None and index >= self.d.pivot_index:
+            self.needs_manual(reason, step.name)
+        else:
+            self.begin_compensation(index, reason)
 
     def pivot_passed(self) -> bool:
         p = self.d.pivot_index
@@ -376,6 +439,20 @@ class Machine:
                 return self._stale(t, key.step, "not waiting for this action", reply, outcome)
             self._on_action_outcome(t, index, outcome)
             return t.decision()
+        if key.phase == "query":
+            waiting = (
+                inst.state is SagaState.RUNNING
+                and inst.cursor == index
+                and st.status is StepStatus.QUERYING
+                and reply.attempt == st.queries
+                and st.next_retry_at is None
+            )
+            if not waiting:
+                return self._stale(
+                    t, key.step, "not waiting for this status answer", reply, outcome
+                )
+            self._on_status_answer(t, index, outcome)
+            return t.decision()
         waiting = (
             inst.state is SagaState.COMPENSATING
             and inst.cursor == index
@@ -440,11 +517,23 @@ class Machine:
             index, rung, attempt = int(idx), int(rung_s), int(attempt_s)
         except ValueError:
             return self._stale_timer(t, timer, f"unreadable fence {timer.fence!r}")
-        if kind not in ("timeout", "retry") or phase not in ("action", "comp"):
+        if kind not in ("timeout", "retry") or phase not in ("action", "comp", "query"):
             return self._stale_timer(t, timer, f"unknown fence {timer.fence!r}")
         if index != inst.cursor or not 0 <= index < len(d.steps):
             return self._stale_timer(t, timer, "saga moved to another step")
         step, st = d.steps[index], inst.steps[index]
+        if phase == "query":
+            if (
+                inst.state is not SagaState.RUNNING
+                or st.status is not StepStatus.QUERYING
+                or st.queries != attempt
+                or (kind == "retry") != (st.next_retry_at is not None)
+            ):
+                return self._stale_timer(t, timer, "status query moved on")
+            if kind == "timeout":
+                t.log("status.timed_out", step.name, query=attempt)
+            self._query_again(t, index, "no answer to the status query")
+            return t.decision()
         if phase == "action":
             expect = StepStatus.RUNNING if kind == "timeout" else StepStatus.WAITING_RETRY
             if (
@@ -457,16 +546,12 @@ class Machine:
                 t.dispatch_action(index)
                 return t.decision()
             t.log("step.timed_out", step.name, attempt=attempt)
-            if st.attempt < step.retry.max_attempts:
+            if st.attempts_used < step.retry.max_attempts:
                 t.dispatch_action(index)  # same idempotency key: the participant answers once
                 return t.decision()
-            reason = f"step {step.name!r} timed out {st.attempt} times; outcome unknown"
-            t.inst.steps[index].status = StepStatus.UNKNOWN
-            t.inst.steps[index].error = reason
-            if d.pivot_index is not None and index >= d.pivot_index:
-                t.needs_manual(reason, step.name)
-            else:
-                t.begin_compensation(index, reason)
+            t.outcome_unknown(
+                index, f"step {step.name!r} timed out {st.attempt} times; outcome unknown"
+            )
             return t.decision()
         expect = StepStatus.COMPENSATING if kind == "timeout" else StepStatus.COMPENSATION_WAITING
         if (
@@ -514,7 +599,176 @@ class Machine:
         t.begin_compensation(inst.cursor, f"cancelled: {reason}")
         return t.decision()
 
+    def on_manual(
+        self,
+        inst: SagaInstance,
+        action: ManualAction | str,
+        *,
+        reason: str,
+        actor: str,
+        now: float,
+        rung: int | None = None,
+    ) -> Decision:
+        """Apply a person's decision to a saga in the manual queue; audited in history.
+
+        Raises :class:`~sagakit.errors.ManualActionRefused` when the action does not fit
+        the saga's state (the message says why and what would).
+        """
+        try:
+            action = ManualAction(action)
+        except ValueError:
+            raise ManualActionRefused(
+                f"unknown manual action {action!r}; choose from {[a.value for a in ManualAction]}"
+            ) from None
+        if not reason or not reason.strip():
+            raise ManualActionRefused("a manual action needs a reason (it is audited)")
+        if not actor or not actor.strip():
+            raise ManualActionRefused("a manual action needs the actor who decided it")
+        if inst.state is not SagaState.FAILED_NEEDS_MANUAL:
+            raise ManualActionRefused(
+                f"saga {inst.saga_id} is {inst.state.value}; only FAILED_NEEDS_MANUAL sagas "
+                "take manual actions"
+            )
+        d = self.definition
+        index = inst.cursor
+        step = d.steps[index]
+        undoing = inst.steps[index].status in (
+            StepStatus.COMPENSATION_FAILED,
+            StepStatus.COMPENSATING,
+            StepStatus.COMPENSATION_WAITING,
+        )
+        t = _Transition(self, inst, now, None)
+        st = t.inst.steps[index]
+        t.log(
+            "manual.resolved",
+            step.name,
+            action=action.value,
+            actor=actor,
+            reason=reason,
+            rung=rung,
+            previous_reason=inst.reason,
+        )
+
+        def refuse(why: str) -> ManualActionRefused:
+            return ManualActionRefused(
+                f"{action.value} does not apply to saga {inst.saga_id}: {why}"
+            )
+
+        if action is ManualAction.ACCEPT_PARTIAL:
+            t.finish(SagaState.PARTIAL_ACCEPTED, d.partial_status, f"accepted by {actor}: {reason}")
+        elif action is ManualAction.RETRY:
+            t.inst.reason = None
+            if undoing:
+                t.inst.state = SagaState.COMPENSATING
+                t.inst.status = d.cancelling_status
+                st.rung_attempt = 0
+                t.dispatch_compensation(index)
+            else:
+                t.inst.state = SagaState.RUNNING
+                st.retry_base = st.attempt
+                st.queries = 0
+                t.dispatch_action(index)
+        elif action is ManualAction.MARK_DONE:
+            if undoing:
+                raise refuse(f"step {step.name!r} is being compensated; use mark_compensated")
+            st.status = StepStatus.SUCCEEDED
+            st.result = {"resolved_by": actor, "reason": reason}
+            st.finished_at = now
+            t.inst.state = SagaState.RUNNING
+            t.inst.reason = None
+            t.advance(index)
+        elif action is ManualAction.COMPENSATE:
+            if undoing:
+                raise refuse(f"step {step.name!r} is already being compensated")
+            if d.pivot_index is not None and index > d.pivot_index:
+                raise refuse(f"step {step.name!r} is past the pivot; nothing after it is undone")
+            if st.status is not StepStatus.SUCCEEDED:
+                st.status = StepStatus.UNKNOWN if step.ladder else StepStatus.FAILED
+            t.begin_compensation(index, f"compensation decided by {actor}: {reason}")
+        elif action is ManualAction.MARK_COMPENSATED:
+            if not undoing:
+                raise refuse(f"step {step.name!r} is not being compensated")
+            st.status = StepStatus.COMPENSATED
+            st.finished_at = now
+            t.inst.state = SagaState.COMPENSATING
+            t.inst.status = d.cancelling_status
+            t.next_compensation(index - 1)
+        else:  # USE_RUNG
+            if not undoing:
+                raise refuse(f"step {step.name!r} is not being compensated")
+            if rung is None or not 0 <= rung < len(step.ladder):
+                rungs = [f"{i}: {r.label}" for i, r in enumerate(step.ladder)]
+                raise refuse(f"rung must be one of {rungs}, got {rung!r}")
+            st.rung = rung
+            st.rung_attempt = 0
+            t.inst.state = SagaState.COMPENSATING
+            t.inst.status = d.cancelling_status
+            t.dispatch_compensation(index)
+        return t.decision()
+
     # -- helpers ----------------------------------------------------------------------
+    def _on_status_answer(self, t: _Transition, index: int, outcome: Outcome) -> None:
+        """Act on a status query's answer.
+
+        The answer's result is ``{"state": "done" | "failed" | "not_found" | "pending",
+        "result": {...}, "reason": "..."}``: the action happened (its result), failed
+        for good, never happened, or is still being worked on.
+        """
+        d = self.definition
+        step, st = d.steps[index], t.inst.steps[index]
+        if not outcome.ok:
+            self._query_again(t, index, outcome.reason or "status query failed")
+            return
+        state = outcome.result.get("state")
+        t.log("status.answered", step.name, state=state, query=st.queries)
+        if state == "done":
+            result = outcome.result.get("result", {})
+            st.status = StepStatus.RUNNING  # settle it as the action's own success would
+            self._on_action_outcome(t, index, Outcome(ok=True, result=dict(result or {})))
+        elif state == "failed":
+            st.status = StepStatus.RUNNING
+            reason = str(outcome.result.get("reason") or "failed (per status query)")
+            self._on_action_outcome(t, index, Outcome(ok=False, reason=reason))
+        elif state == "not_found":
+            # It never happened. Before the pivot, compensating tombstones the key so a
+            # late copy is refused; at or after it, the step must move forward: send the
+            # action again with the same key and a fresh budget, a bounded number of times.
+            if d.pivot_index is None or index < d.pivot_index:
+                t.begin_compensation(index, f"step {step.name!r} never happened (status query)")
+            elif st.attempt < 3 * step.retry.max_attempts:
+                st.retry_base = st.attempt
+                st.queries = 0
+                t.dispatch_action(index)
+            else:
+                t.needs_manual(
+                    f"step {step.name!r} keeps not happening after {st.attempt} attempts",
+                    step.name,
+                )
+        elif state == "pending":
+            self._query_again(t, index, "the participant is still working on it")
+        else:
+            raise MessageError(
+                f"status answer for step {step.name!r} has state {state!r}; "
+                "expected done, failed, not_found or pending"
+            )
+
+    def _query_again(self, t: _Transition, index: int, why: str) -> None:
+        step, st = self.definition.steps[index], t.inst.steps[index]
+        if st.next_retry_at is not None:
+            # The retry wait is over: ask again.
+            t.dispatch_query(index)
+            return
+        if st.queries >= step.retry.max_attempts:
+            t.needs_manual(
+                f"outcome of step {step.name!r} still unknown after {st.queries} status "
+                f"queries: {why}",
+                step.name,
+            )
+            return
+        st.next_retry_at = t.now + step.retry.backoff(st.queries, f"{t.inst.saga_id}:{step.name}:q")
+        t.set_step_timer("retry", index, "query", st.queries, st.next_retry_at)
+        t.log("retry.scheduled", step.name, phase="query", attempt=st.queries, reason=why)
+
     def _on_action_outcome(self, t: _Transition, index: int, outcome: Outcome) -> None:
         d = self.definition
         step, st = d.steps[index], t.inst.steps[index]
@@ -532,19 +786,19 @@ class Machine:
             t.advance(index)
             return
         st.error = outcome.reason
-        if outcome.retryable and st.attempt < step.retry.max_attempts:
+        if outcome.retryable and st.attempts_used < step.retry.max_attempts:
             delay = step.retry.backoff(st.attempt, f"{t.inst.saga_id}:{step.name}")
             self._schedule_retry(t, index, "action", delay, outcome.reason)
             return
         st.finished_at = t.now
         t.cancel.append(STEP_TIMER)
-        if outcome.retryable and not d.past_pivot(index) and d.pivot_index != index:
+        if outcome.retryable and (step.status_query is not None or not d.past_pivot(index)):
             # Out of attempts on "try again" answers: an earlier try may still have had an
-            # effect (it may have timed out at the participant), so it is compensated too.
-            st.status = StepStatus.UNKNOWN
-            reason = f"step {step.name!r} failed {st.attempt} times: {outcome.reason}"
+            # effect (it may have timed out at the participant), so the outcome is unknown.
             t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
-            t.begin_compensation(index, reason)
+            t.outcome_unknown(
+                index, f"step {step.name!r} failed {st.attempt} times: {outcome.reason}"
+            )
             return
         if d.past_pivot(index):
             st.status = StepStatus.FAILED

@@ -18,6 +18,7 @@ from typing import Any
 
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import SagaInstance
+from sagakit.core.machine import ManualAction
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime.consumer import FaultHook
 from sagakit.runtime.orchestrator import Orchestrator
@@ -153,6 +154,24 @@ class Engine:
         """Ask a saga to cancel (compensates before its pivot, refused after)."""
         return await self.orchestrator.cancel(saga_id, reason)
 
+    async def resolve(
+        self,
+        saga_id: str,
+        action: ManualAction | str,
+        *,
+        reason: str,
+        actor: str,
+        rung: int | None = None,
+    ) -> SagaInstance:
+        """Apply a person's decision to a saga in the manual queue (audited)."""
+        return await self.orchestrator.resolve(
+            saga_id, action, reason=reason, actor=actor, rung=rung
+        )
+
+    async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
+        """The manual queue: FAILED_NEEDS_MANUAL and TIMED_OUT sagas, newest first."""
+        return await self.orchestrator.manual_cases(limit=limit, offset=offset)
+
     async def get(self, saga_id: str) -> SagaInstance:
         """The instance, as committed."""
         inst = await self.store.get_saga(saga_id)
@@ -204,7 +223,6 @@ class Engine:
                 continue
             timeout = self.idle_poll if due is None else min(self.idle_poll, due - self.clock())
             await self.wakeups.wait(channel, max(timeout, 0.001))
-
 
     async def housekeeping(self) -> int:
         """Purge inbox rows older than the retention; return how many were removed."""

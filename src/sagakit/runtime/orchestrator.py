@@ -25,8 +25,8 @@ from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
 from sagakit.core.envelope import Envelope, Outcome, failure, reply_to, success
-from sagakit.core.instance import SagaInstance, Timer
-from sagakit.core.machine import Decision, Machine, parse_key
+from sagakit.core.instance import SagaInstance, SagaState, Timer
+from sagakit.core.machine import Decision, Machine, ManualAction, parse_key
 from sagakit.errors import (
     DefinitionError,
     MessageError,
@@ -152,6 +152,41 @@ class Orchestrator(BatchConsumer):
             await self._write(tx, decision, inst.version, now)
         self.after_commit()
         return decision.instance
+
+    async def resolve(
+        self,
+        saga_id: str,
+        action: ManualAction | str,
+        *,
+        reason: str,
+        actor: str,
+        rung: int | None = None,
+    ) -> SagaInstance:
+        """Apply a person's decision to a saga in the manual queue (audited in history)."""
+        now = self.clock()
+        async with self.store.transaction() as tx:
+            inst = await tx.saga_get(saga_id)
+            if inst is None:
+                raise SagaNotFound(f"no saga {saga_id!r}")
+            decision = self.machine_for(inst).on_manual(
+                inst, action, reason=reason, actor=actor, now=now, rung=rung
+            )
+            await self._write(tx, decision, inst.version, now)
+        log.info(
+            "manual action %s by %s: %s",
+            action,
+            actor,
+            reason,
+            extra={"saga_id": saga_id, "step": decision.history[0].step, "actor": actor},
+        )
+        self.after_commit()
+        return decision.instance
+
+    async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
+        """Sagas waiting for a person (FAILED_NEEDS_MANUAL) and those that timed out."""
+        return await self.store.list_sagas(
+            states=[SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT], limit=limit, offset=offset
+        )
 
     # -- replies ----------------------------------------------------------------------
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
@@ -302,7 +337,12 @@ class LocalStepRunner(BatchConsumer):
                 f"local step command {env.message_id} is not runnable: {exc}"
             ) from exc
         key = parse_key(env.idempotency_key)
-        action = step.action if phase == "action" else step.ladder[key.rung].action
+        if phase == "action":
+            action: object = step.action
+        elif phase == "query":
+            action = step.status_query
+        else:
+            action = step.ladder[key.rung].action
         if not isinstance(action, LocalAction):
             raise MessageError(f"step {env.step!r} {phase} is not a local step")
         ctx = StepContext(
