@@ -54,8 +54,12 @@ class Orchestrator(BatchConsumer):
         clock: Callable[[], float] = time.time,
         faults: FaultHook | None = None,
         max_deliveries: int = 20,
+        id_factory: Callable[[], str] | None = None,
     ) -> None:
         super().__init__(endpoint, store, clock=clock, faults=faults, max_deliveries=max_deliveries)
+        # Saga ids are random by default; the simulator passes a seeded factory so that
+        # a seed replays the very same run.
+        self.id_factory = id_factory or (lambda: uuid.uuid4().hex)
         self.wakeups = wakeups or Wakeups()
         self.local_endpoint = f"{endpoint}.local"
         self.machines: dict[tuple[str, int], Machine] = {}
@@ -131,7 +135,7 @@ class Orchestrator(BatchConsumer):
                     results.append((existing, False))
                     continue
                 decision = machine.start(
-                    uuid.uuid4().hex, key, dict(data), now, correlation_id=correlation_id
+                    self.id_factory(), key, dict(data), now, correlation_id=correlation_id
                 )
                 await self._write(tx, decision, None, now)
                 fresh[(name, key)] = decision.instance
