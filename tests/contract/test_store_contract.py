@@ -524,6 +524,22 @@ async def test_dead_letters_oldest_first_per_endpoint(open_store: OpenStore) -> 
         assert await store.dead_letters("nowhere") == []
 
 
+async def test_a_message_is_parked_once_per_endpoint(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        for _ in range(2):  # a redelivery after a crash parks it again
+            async with store.transaction() as tx:
+                await tx.dead_letter("payments", "m1", "{}", "unknown type", now=1.0)
+                await tx.dead_letter("shipping", "m1", "{}", "unknown type", now=1.0)
+                await tx.dead_letter("payments", None, "garbage", "not JSON", now=1.0)
+        letters = await store.dead_letters()
+        assert sorted((d.endpoint, d.message_id or "") for d in letters) == [
+            ("payments", ""),
+            ("payments", ""),
+            ("payments", "m1"),
+            ("shipping", "m1"),
+        ]
+
+
 # -- mailbox queue -------------------------------------------------------------------
 
 
@@ -759,7 +775,7 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
@@ -802,7 +818,7 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1)]
+        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")
     finally:

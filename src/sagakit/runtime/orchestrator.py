@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
-from sagakit.core.envelope import Envelope, Outcome, failure, reply_to, success
+from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
 from sagakit.core.instance import SagaInstance, SagaState, Timer
 from sagakit.core.machine import Decision, Machine, ManualAction, parse_key
 from sagakit.errors import (
@@ -194,6 +194,10 @@ class Orchestrator(BatchConsumer):
 
     # -- replies ----------------------------------------------------------------------
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
+        if envelope.kind is not MessageKind.REPLY:
+            raise MessageError(
+                f"{self.endpoint} takes replies; got a {envelope.kind.value} {envelope.type!r}"
+            )
         if not await tx.inbox_add(self.endpoint, envelope.message_id, now):
             return
         await self.apply_reply(tx, envelope, now)
@@ -305,10 +309,10 @@ class LocalStepRunner(BatchConsumer):
         for d in deliveries:
             try:
                 env = Envelope.from_json(d.body)
+                if env.message_id not in self._results:
+                    self._results[env.message_id] = await self._run_callable(env)
             except MessageError:
-                continue  # parked by the base class
-            if env.message_id not in self._results:
-                self._results[env.message_id] = await self._run_callable(env)
+                continue  # not runnable: the base class parks it with the reason
         try:
             return await super().__call__(deliveries)
         finally:

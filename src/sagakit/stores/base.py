@@ -115,7 +115,7 @@ class Tx(Protocol):
     async def dead_letter(
         self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
     ) -> None:
-        """Park a message that cannot be handled, with the reason."""
+        """Park a message that cannot be handled, with the reason (once per endpoint and id)."""
         ...
 
     # -- sagas (orchestrator stores) --------------------------------------------------

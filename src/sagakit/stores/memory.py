@@ -217,6 +217,10 @@ class MemoryTx:
     ) -> None:
         """Park a message that cannot be handled, with the reason."""
         store = self._store or _finished()
+        if message_id is not None and any(
+            d.endpoint == endpoint and d.message_id == message_id for d in store._dead_letters
+        ):
+            return  # parked already (a redelivery after a crash): once is enough
         store._last_id += 1
         store._dead_letters.append(
             DeadLetter(store._last_id, endpoint, message_id, body, reason, now)

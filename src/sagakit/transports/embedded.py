@@ -57,9 +57,11 @@ class EmbeddedTransport:
         """Commit each envelope into its destination's mailbox (one commit per store)."""
         by_dest: dict[str, list[str]] = defaultdict(list)
         unroutable: list[str] = []
+        unknown: set[str] = set()
         for env in envelopes:
             if env.destination is None or env.destination not in self.routes:
                 unroutable.append(env.message_id)
+                unknown.add(repr(env.destination))
             else:
                 by_dest[env.destination].append(env.to_json())
         now = self.clock()
@@ -68,8 +70,8 @@ class EmbeddedTransport:
             self.wakeups.notify(f"queue:{dest}")
         if unroutable:
             raise UnroutableMessage(
-                f"no route for {len(unroutable)} message(s); known endpoints: "
-                f"{sorted(self.routes)}",
+                f"no route to {', '.join(sorted(unknown))} for {len(unroutable)} message(s); "
+                f"known endpoints: {sorted(self.routes)}",
                 unroutable,
             )
 

@@ -123,7 +123,7 @@ SELECT count(*) FROM outbox WHERE published_at IS NULL
 SELECT body, published_at FROM outbox ORDER BY id
 
 -- name: dead_letter_add
-INSERT INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (?, ?, ?, ?, ?)
+INSERT OR IGNORE INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (?, ?, ?, ?, ?)
 
 -- name: dead_letters
 SELECT id, endpoint, message_id, body, reason, at FROM dead_letters ORDER BY id

@@ -1,0 +1,189 @@
+"""`sagakit demo` as a user runs it: a subprocess, its JSON report and its exit status.
+
+Covers the documented ``--json`` shape under chaos, resuming after ``kill -9`` with
+``--data-dir``, the seed fixing the scenario mix, and clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TERMINAL = {"SUCCEEDED", "COMPENSATED", "FAILED_NEEDS_MANUAL", "TIMED_OUT", "PARTIAL_ACCEPTED"}
+DOCUMENTED_OUTCOMES = {"SUCCEEDED", "COMPENSATED", "FAILED_NEEDS_MANUAL", "TIMED_OUT"}
+INVARIANTS = {"money", "stock", "terminal", "effect_once", "honest_status", "nothing_lost"}
+
+
+def demo_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sagakit.cli", "demo", *args]
+
+
+def env() -> dict[str, str]:
+    """The caller's environment without SAGAKIT_* settings that would change defaults."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
+    out["PYTHONUNBUFFERED"] = "1"
+    return out
+
+
+def run_demo(*args: str, timeout: float = 90.0) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        demo_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env()
+    )
+    report: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return proc.returncode, report, proc.stderr
+
+
+def assert_report(report: dict[str, Any], orders: int) -> None:
+    """The documented JSON shape, every saga terminal, every invariant holding."""
+    required = {
+        "orders",
+        "mode",
+        "outcomes",
+        "invariants",
+        "violations",
+        "elapsed_s",
+        "sagas_per_s",
+    }
+    assert required <= set(report), sorted(required - set(report))
+    assert report["orders"] == orders
+    assert report["mode"] == "orchestration"
+    outcomes = report["outcomes"]
+    assert set(outcomes) >= DOCUMENTED_OUTCOMES, outcomes
+    assert set(outcomes) <= TERMINAL, f"non-terminal sagas reported: {outcomes}"
+    assert all(isinstance(v, int) and v >= 0 for v in outcomes.values())
+    assert sum(outcomes.values()) == orders
+    assert set(report["invariants"]) == INVARIANTS
+    assert all(v is True for v in report["invariants"].values()), report["invariants"]
+    assert report["violations"] == []
+    assert isinstance(report["elapsed_s"], float) and report["elapsed_s"] > 0
+    assert isinstance(report["sagas_per_s"], float) and report["sagas_per_s"] > 0
+    assert abs(report["sagas_per_s"] - orders / report["elapsed_s"]) < 0.1 + 0.01 * orders
+
+
+@pytest.mark.slow
+def test_chaos_run_reports_the_documented_json_and_exits_zero() -> None:
+    code, report, stderr = run_demo("--orders", "120", "--faults", "chaos", "--json", "--seed", "7")
+    assert code == 0, stderr
+    assert_report(report, 120)
+    # Under chaos, faults were actually injected, and both success and compensation occur.
+    assert sum(report["faults_injected"].values()) > 0
+    assert report["outcomes"]["SUCCEEDED"] > 0 and report["outcomes"]["COMPENSATED"] > 0
+    assert report["placed_this_run"] == 120
+
+
+def _progress(db: Path) -> tuple[int, int] | None:
+    """(sagas, terminal sagas) read-only from the demo's orchestrator database."""
+    if not db.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
+        try:
+            total, done = conn.execute(
+                "SELECT count(*), coalesce(sum(state NOT IN ('RUNNING', 'COMPENSATING')), 0) "
+                "FROM sagas"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None  # not created yet, or locked for a moment
+    return int(total), int(done)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> None:
+    data = tmp_path / "demo-data"
+    args = ("--orders", "400", "--faults", "default", "--seed", "3", "--data-dir", str(data))
+    proc = subprocess.Popen(
+        demo_cmd(*args, "--json"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+    )
+    seen: tuple[int, int] | None = None
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and proc.poll() is None:
+            seen = _progress(data / "orchestrator.db")
+            # Kill it mid-flight: some sagas finished, most still running.
+            if seen is not None and seen[1] >= 10:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the demo finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = _progress(data / "orchestrator.db")
+    assert at_kill is not None and at_kill[0] > 0
+    assert at_kill[1] < 400, "every saga was already terminal: nothing left to resume"
+
+    code, report, stderr = run_demo(*args, "--json")
+    assert code == 0, stderr
+    assert_report(report, 400)
+    assert report["placed_this_run"] < 400, "the rerun placed every order again"
+    assert report["placed_this_run"] == 400 - at_kill[0]
+    assert _progress(data / "orchestrator.db") == (400, 400)
+
+
+def test_same_seed_gives_the_same_scenario_mix() -> None:
+    runs = [
+        subprocess.Popen(
+            demo_cmd("--orders", "50", "--faults", "none", "--json", "--seed", str(seed)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        for seed in (11, 11, 12)
+    ]
+    reports = []
+    for proc in runs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    a, b, c = reports
+    for r in reports:
+        assert_report(r, 50)
+        assert sum(r["scenarios"].values()) == 50
+        assert r["faults_injected"] == {}
+    assert a["scenarios"] == b["scenarios"]
+    assert a["scenarios"] != c["scenarios"]
+
+
+@pytest.mark.parametrize("orders", ["0", "-3"])
+def test_too_few_orders_exit_2_with_a_clear_message(orders: str) -> None:
+    proc = subprocess.run(
+        demo_cmd("--orders", orders, "--json"),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "--orders must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--faults", "hurricane"], "invalid choice: 'hurricane'"),
+        (["--orders", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_argparse(args: list[str], complaint: str) -> None:
+    proc = subprocess.run(demo_cmd(*args), capture_output=True, text=True, env=env(), timeout=30)
+    assert proc.returncode == 2
+    assert complaint in proc.stderr
+    assert "usage: sagakit demo" in proc.stderr
+    assert "Traceback" not in proc.stderr
