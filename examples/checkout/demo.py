@@ -41,6 +41,8 @@ SCENARIOS = (
 )
 REGULAR_SKUS = [f"sku-{i:02d}" for i in range(8)]
 REGULAR_STOCK = 1_000_000
+WAVE = 100  # orders placed per start_many transaction
+WINDOW = 300  # place more orders while fewer than this many sagas run
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,21 +213,26 @@ async def _run(
     async with engine:
         await migrate(checkout)
         await seed_stock(checkout.inventory_store, stock)
-        for i in range(0, n, 100):
-            chunk = specs[i : i + 100]
-            results = await engine.orchestrator.start_many(
-                [(CHECKOUT, s.order_id, s.data) for s in chunk]
-            )
-            placed_now += sum(1 for _, created in results if created)
-            await _show(engine, n, progress, started)
+        # Orders arrive as customers click: a new wave whenever fewer than WINDOW sagas
+        # are in flight. (It also means a run killed midway has orders left to place.)
         deadline = time.monotonic() + timeout
+        placed = 0
         while True:
             counts = await engine.store.count_sagas()
             done = sum(v for k, v in counts.items() if k.terminal)
+            in_flight = sum(counts.values()) - done
+            if placed < n and in_flight < WINDOW:
+                chunk = specs[placed : placed + WAVE]
+                results = await engine.orchestrator.start_many(
+                    [(CHECKOUT, s.order_id, s.data) for s in chunk]
+                )
+                placed += len(chunk)
+                placed_now += sum(1 for _, created in results if created)
+                continue
             _bar(progress, done, n, time.monotonic() - started)
-            if done >= n or time.monotonic() > deadline:
+            if (placed >= n and done >= n) or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         # Let the relays hand over the last replies and acks before checking.
         await _drain(engine)
         elapsed = time.monotonic() - started
@@ -256,13 +263,6 @@ async def _run(
         placed_now=placed_now,
         scenarios=dict(Counter(s.scenario for s in specs)),
     )
-
-
-async def _show(engine: Engine, n: int, progress: TextIO | None, started: float) -> None:
-    if progress is None:
-        return
-    counts = await engine.store.count_sagas()
-    _bar(progress, sum(v for k, v in counts.items() if k.terminal), n, time.monotonic() - started)
 
 
 async def _drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:

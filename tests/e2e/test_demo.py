@@ -130,6 +130,7 @@ def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> Non
     assert code == 0, stderr
     assert_report(report, 400)
     assert report["placed_this_run"] < 400, "the rerun placed every order again"
+    assert report["placed_this_run"] > 0, "the kill came after every order was placed"
     assert report["placed_this_run"] == 400 - at_kill[0]
     assert _progress(data / "orchestrator.db") == (400, 400)
 
