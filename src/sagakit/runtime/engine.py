@@ -106,6 +106,7 @@ class Engine:
         """Open the stores and start every loop."""
         for s in self.stores:
             await s.open()
+        await self.transport.open()
         o = self.orchestrator
         self.transport.subscribe(o.endpoint, self._wrap(o.endpoint, o), batch_size=self.batch_size)
         self.transport.subscribe(

@@ -144,6 +144,9 @@ class _FaultyTransport:
         self.inner = inner
         self.faults = faults
 
+    async def open(self) -> None:
+        await self.inner.open()
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if self.faults._hit(self.faults.profile.publish_lost, "publish_lost"):
             raise TransportError("injected: publish lost, not acknowledged")

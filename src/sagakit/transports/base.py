@@ -49,6 +49,10 @@ BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Settle]]]
 class Transport(Protocol):
     """Moves envelopes from a relay to the consumers of their destination."""
 
+    async def open(self) -> None:
+        """Connect and declare what the endpoints need (streams, queues); idempotent."""
+        ...
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Publish and wait until every envelope is durably accepted.
 

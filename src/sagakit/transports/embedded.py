@@ -53,6 +53,9 @@ class EmbeddedTransport:
         """Deliver messages for ``endpoint`` into ``store``'s mailbox."""
         self.routes[endpoint] = store
 
+    async def open(self) -> None:
+        """Nothing to connect: the mailboxes live in the stores, opened by their owners."""
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Commit each envelope into its destination's mailbox (one commit per store)."""
         by_dest: dict[str, list[str]] = defaultdict(list)
