@@ -1,9 +1,11 @@
-"""The embedded engine: orchestrator, participants, relays and timers in one process.
+"""The engine: what one process runs of the orchestrator, participants, relays, timers.
 
-This is the composition root of the embedded deployment: it opens the stores, wires
-the transport routes, and runs one loop per relay, one timer loop and one consumer per
-endpoint. Production deployments run the same pieces as separate processes against
-PostgreSQL and a broker.
+Embedded (the default), one engine runs everything: it opens the stores, wires the
+embedded transport's routes, and runs one loop per relay, one timer loop and one
+consumer per endpoint. In production the same class runs a share of the work per
+process, chosen with ``roles``: ``sagakit worker`` runs the orchestrator and timers,
+``sagakit relay`` the relays, ``sagakit service NAME`` a participant, any number of
+each against the same databases and broker.
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ from sagakit.transports.embedded import EmbeddedTransport
 log = logging.getLogger(__name__)
 
 
+ALL_ROLES = frozenset({"orchestrator", "timers", "participants", "relays", "housekeeping"})
+
+
 class Engine:
-    """Runs sagas; use as ``async with Engine(...) as engine:``."""
+    """Runs sagas; use as ``async with Engine(...) as engine:``.
+
+    ``store`` is the orchestrator's store (the saga instances). ``roles`` picks what
+    this process runs: ``orchestrator`` (consume replies, run local steps),
+    ``timers``, ``participants`` (consume their commands), ``relays`` (publish the
+    outboxes of every store this engine holds) and ``housekeeping``.
+    """
 
     def __init__(
         self,
@@ -41,6 +52,8 @@ class Engine:
         definitions: Sequence[SagaDefinition],
         *,
         participants: Sequence[Participant] = (),
+        roles: frozenset[str] | set[str] = ALL_ROLES,
+        extra_stores: Sequence[Store] = (),
         transport: Transport | None = None,
         wakeups: Wakeups | None = None,
         clock: Callable[[], float] = time.time,
@@ -51,6 +64,12 @@ class Engine:
         inbox_retention: float = 7 * 86400.0,
         housekeeping_every: float = 600.0,
     ) -> None:
+        unknown = set(roles) - ALL_ROLES
+        if unknown:
+            raise ConfigurationError(
+                f"unknown roles {sorted(unknown)}; choose from {sorted(ALL_ROLES)}"
+            )
+        self.roles = frozenset(roles)
         self.wakeups = wakeups or Wakeups()
         self.clock = clock
         self.store = store
@@ -77,9 +96,9 @@ class Engine:
             )
         self.transport = self.faults.wrap_transport(transport)
         self.stores: list[Store] = [store]
-        for p in self.participants:
-            if all(p.store is not s for s in self.stores):
-                self.stores.append(p.store)
+        for extra in [*(p.store for p in self.participants), *extra_stores]:
+            if all(extra is not s for s in self.stores):
+                self.stores.append(extra)
         self.relays = [
             Relay(s, self.transport, clock=clock, lease=relay_lease, faults=self.faults)
             for s in self.stores
@@ -107,19 +126,24 @@ class Engine:
         for s in self.stores:
             await s.open()
         await self.transport.open()
-        o = self.orchestrator
-        self.transport.subscribe(o.endpoint, self._wrap(o.endpoint, o), batch_size=self.batch_size)
-        self.transport.subscribe(
-            o.local_endpoint, self._wrap(o.local_endpoint, o.local), batch_size=self.batch_size
-        )
-        for p in self.participants:
-            self.transport.subscribe(p.name, self._wrap(p.name, p), batch_size=self.batch_size)
+        o, size = self.orchestrator, self.batch_size
+        if "orchestrator" in self.roles:
+            self.transport.subscribe(o.endpoint, self._wrap(o.endpoint, o), batch_size=size)
+            self.transport.subscribe(
+                o.local_endpoint, self._wrap(o.local_endpoint, o.local), batch_size=size
+            )
+        if "participants" in self.roles:
+            for p in self.participants:
+                self.transport.subscribe(p.name, self._wrap(p.name, p), batch_size=size)
         await self.transport.start()
         self._running = True
-        for relay in self.relays:
-            self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
-        self._spawn(self._timer_loop(), "timers")
-        self._spawn(self._housekeeping_loop(), "housekeeping")
+        if "relays" in self.roles:
+            for relay in self.relays:
+                self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
+        if "timers" in self.roles:
+            self._spawn(self._timer_loop(), "timers")
+        if "housekeeping" in self.roles:
+            self._spawn(self._housekeeping_loop(), "housekeeping")
 
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
