@@ -12,7 +12,6 @@ a violation of ``terminal``, and its half-done effects show up elsewhere too.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,9 @@ FORWARD_STATUSES = (
     "COMPLETED",
 )
 CANCELLING, CANCELLED, NEEDS_ATTENTION = "CANCELLING", "CANCELLED", "NEEDS_ATTENTION"
+PARTIALLY_COMPLETED = "PARTIALLY_COMPLETED"
+MANUAL_RESOLVED = "manual.resolved"
+"""The history event of a person's decision on a saga in the manual queue."""
 MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
 ORCHESTRATOR = "orchestrator"
 """The orchestrator's endpoint (its local steps run at ``orchestrator.local``)."""
@@ -237,12 +239,15 @@ def _stock(
     manual: set[str],
     initial_stock: Mapping[str, int],
 ) -> None:
+    # RESERVED units are held (counted in ``reserved``), COMMITTED ones left (``shipped``);
+    # RELEASED and EXPIRED reservations gave their units back to ``available``.
     reserved: Counter[str] = Counter()
     shipped: Counter[str] = Counter()
+    expired = 0
     for oid, sku, qty, status in data.reservations:
+        sagas = by_order.get(oid, [])
         if status == "RESERVED":
             reserved[sku] += int(qty)
-            sagas = by_order.get(oid, [])
             if oid not in manual and (not sagas or all(s.terminal for s in sagas)):
                 report.fail(
                     "stock",
@@ -251,6 +256,20 @@ def _stock(
                 )
         elif status == "COMMITTED":
             shipped[sku] += int(qty)
+        elif status == "EXPIRED":
+            expired += 1
+            # Its units went back to stock (and maybe to another order): an order that
+            # completed on it sold goods it did not hold.
+            if oid not in manual and any(s.state is SagaState.SUCCEEDED for s in sagas):
+                report.fail(
+                    "stock",
+                    f"order {oid}: completed although its reservation of {qty} x {sku} "
+                    f"expired [{_describe(sagas)}]",
+                )
+        elif status != "RELEASED":
+            report.fail("stock", f"order {oid}: reservation in unknown status {status!r}")
+    if expired:
+        report.notes.append(f"{expired} reservation(s) expired and went back to stock")
     known = set()
     for sku, initial, available, res, ship in data.stock:
         known.add(sku)
@@ -324,7 +343,11 @@ def _effect_once(report: InvariantReport, data: _Ledgers, effects: list[Effect])
 
 
 def status_step_allowed(prev: str, nxt: str) -> bool:
-    """True when a user who saw ``prev`` may see ``nxt`` next."""
+    """True when a user who saw ``prev`` may see ``nxt`` next.
+
+    Nothing leaves NEEDS_ATTENTION on its own; :func:`status_path_violation` lets a
+    saga that a person resumed (a ``manual.resolved`` history row) move on from it.
+    """
     if nxt == prev:
         return True
     if prev == NEEDS_ATTENTION:
@@ -340,6 +363,43 @@ def status_step_allowed(prev: str, nxt: str) -> bool:
     return False
 
 
+def status_path_violation(path: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first status change a user should not have seen, as ``(prev, next)``; or None.
+
+    ``path`` is a saga's history as ``(event, status)`` pairs, oldest first. Every change
+    must pass :func:`status_step_allowed`, except one: a saga in NEEDS_ATTENTION that a
+    person resumed (a ``manual.resolved`` row while it showed NEEDS_ATTENTION) may show
+    a status again. Even then it may not go back past what the user saw before the
+    saga needed attention: it shows that status again, one allowed after it, or
+    the partial status (the person accepted it as it stands).
+    """
+    prev: str | None = None
+    before_attention: str | None = None
+    resumed = False
+    for event, status in path:
+        if prev is None:
+            prev = status
+            continue
+        if event == MANUAL_RESOLVED and prev == NEEDS_ATTENTION:
+            resumed = True
+        if status == prev:
+            continue
+        if prev == NEEDS_ATTENTION and resumed:
+            resumed = False
+            ok = status in (NEEDS_ATTENTION, PARTIALLY_COMPLETED) or (
+                before_attention is not None
+                and (status == before_attention or status_step_allowed(before_attention, status))
+            )
+        else:
+            ok = status_step_allowed(prev, status)
+        if not ok:
+            return prev, status
+        if status == NEEDS_ATTENTION:
+            before_attention = prev
+        prev = status
+    return None
+
+
 async def _honest_status(
     report: InvariantReport, data: _Ledgers, sagas: list[SagaInstance], orchestrator_store: Any
 ) -> None:
@@ -348,16 +408,16 @@ async def _honest_status(
     shipped = {r[0] for r in data.shipments if r[1] == "CREATED"}
     for s in sagas:
         history = await orchestrator_store.history(s.saga_id)
-        seen = [h.status for h in history]
-        if not seen or seen[-1] != s.status:
-            seen.append(s.status)
-        for prev, nxt in itertools.pairwise(seen):
-            if not status_step_allowed(prev, nxt):
-                report.fail(
-                    "honest_status",
-                    f"order {s.business_key}: saga {s.saga_id} showed {nxt} after {prev}",
-                )
-                break
+        path = [(h.event, h.status) for h in history]
+        if not path or path[-1][1] != s.status:
+            path.append(("", s.status))
+        seen = [status for _, status in path]
+        bad = status_path_violation(path)
+        if bad is not None:
+            report.fail(
+                "honest_status",
+                f"order {s.business_key}: saga {s.saga_id} showed {bad[1]} after {bad[0]}",
+            )
         if "COMPLETED" in seen:
             oid = s.business_key
             missing = [

@@ -5,6 +5,13 @@ holds after every transaction: a reservation moves units from *available* to
 *reserved*, a release moves them back, a commit (the goods leave) moves them from
 *reserved* to *shipped*. The reservation itself is one conditional UPDATE, so two
 orders racing for the last item cannot both win, whatever the isolation level.
+
+Reservations expire: each carries ``expires_at`` (creation + a TTL longer than the
+checkout's deadline), and :func:`expire_reservations` returns the units of RESERVED
+reservations past it to *available* (status EXPIRED). A saga that died or stalled
+therefore cannot hold stock forever. Releasing an expired reservation is a no-op
+success; committing one fails for good (its units may have gone to another order), so
+a saga past its pivot then goes to a person.
 """
 
 from __future__ import annotations
@@ -40,10 +47,38 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reservations_sku_status_idx ON reservations (sku, status);
     """,
+    # 2: reservation TTL. SQLite cannot change a CHECK constraint in place: rebuild the
+    # table. Reservations made before this step get the TTL of its day (900 s).
+    """
+    CREATE TABLE reservations_v2 (
+        order_id   TEXT PRIMARY KEY,
+        sku        TEXT NOT NULL,
+        qty        INTEGER NOT NULL CHECK (qty > 0),
+        status     TEXT NOT NULL
+                   CHECK (status IN ('RESERVED', 'RELEASED', 'COMMITTED', 'EXPIRED')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    INSERT INTO reservations_v2 (order_id, sku, qty, status, created_at, updated_at, expires_at)
+        SELECT order_id, sku, qty, status, created_at, updated_at, created_at + 900.0
+        FROM reservations;
+    DROP TABLE reservations;
+    ALTER TABLE reservations_v2 RENAME TO reservations;
+    CREATE INDEX reservations_sku_status_idx ON reservations (sku, status);
+    CREATE INDEX reservations_expiry_idx ON reservations (status, expires_at);
+    """,
 ]
 """Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
 
 OUT_OF_STOCK = "out of stock"
+
+RESERVATION_TTL = 900.0
+"""Seconds a reservation holds its units unless committed or released first.
+
+Longer than the checkout saga's deadline (``sagas.DEADLINE``, 120 s): a saga that is
+still within its SLA never loses its reservation to the sweeper.
+"""
 
 
 async def seed_stock(store: Any, stock: Mapping[str, int]) -> None:
@@ -64,8 +99,45 @@ async def seed_stock(store: Any, stock: Mapping[str, int]) -> None:
             )
 
 
-def build_inventory(store: Any) -> Participant:
-    """The inventory participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
+async def expire_reservations(store: Any, now: float) -> int:
+    """Return the units of RESERVED reservations that expired by ``now`` to stock.
+
+    Each becomes EXPIRED and its units move from *reserved* back to *available*, in one
+    transaction, so the stock equation holds throughout. Returns how many expired.
+    Safe to run at any time and from any process: a reservation that is committed or
+    released concurrently is skipped by the conditional UPDATE.
+    """
+    expired = 0
+    async with store.transaction() as tx:
+        due = await tx.fetchall(
+            "SELECT order_id, sku, qty FROM reservations "
+            "WHERE status = 'RESERVED' AND expires_at <= ? ORDER BY expires_at",
+            (now,),
+        )
+        for order_id, sku, qty in due:
+            changed = await tx.execute(
+                "UPDATE reservations SET status = 'EXPIRED', updated_at = ? "
+                "WHERE order_id = ? AND status = 'RESERVED'",
+                (now, order_id),
+            )
+            if changed:
+                await tx.execute(
+                    "UPDATE stock SET available = available + ?, reserved = reserved - ? "
+                    "WHERE sku = ?",
+                    (qty, qty, sku),
+                )
+                expired += 1
+    return expired
+
+
+def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> Participant:
+    """The inventory participant on ``store`` (its tables: :data:`MIGRATIONS`).
+
+    ``reservation_ttl`` is how long a reservation holds its units (see
+    :func:`expire_reservations`).
+    """
+    if not reservation_ttl > 0:
+        raise ValueError(f"reservation_ttl must be > 0 seconds, got {reservation_ttl!r}")
     p = Participant(NAME, store)
 
     async def reservation(tx: Tx, order_id: str) -> tuple[str, int, str] | None:
@@ -83,8 +155,10 @@ def build_inventory(store: Any) -> Participant:
             raise StepFailed(f"ReserveInventory: 'qty' must be a positive integer, got {qty!r}")
         existing = await reservation(tx, order_id)
         if existing is not None:
-            if existing[2] == "RELEASED":
-                raise StepFailed(f"the reservation of order {order_id} was already released")
+            if existing[2] in ("RELEASED", "EXPIRED"):
+                raise StepFailed(
+                    f"the reservation of order {order_id} was already {existing[2].lower()}"
+                )
             return {"sku": existing[0], "reserved": existing[1]}
         # One conditional statement: the check and the decrement cannot be separated by
         # another transaction, so the last unit goes to exactly one order.
@@ -99,9 +173,10 @@ def build_inventory(store: Any) -> Participant:
             raise StepFailed(OUT_OF_STOCK)
         now = p.clock()
         await tx.execute(
-            "INSERT INTO reservations (order_id, sku, qty, status, created_at, updated_at) "
-            "VALUES (?, ?, ?, 'RESERVED', ?, ?)",
-            (order_id, sku, qty, now, now),
+            "INSERT INTO reservations "
+            "(order_id, sku, qty, status, created_at, updated_at, expires_at) "
+            "VALUES (?, ?, ?, 'RESERVED', ?, ?, ?)",
+            (order_id, sku, qty, now, now, now + reservation_ttl),
         )
         return {"sku": sku, "reserved": qty}
 
@@ -109,7 +184,9 @@ def build_inventory(store: Any) -> Participant:
     async def release(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
         existing = await reservation(tx, order_id)
-        if existing is None or existing[2] == "RELEASED":
+        if existing is None or existing[2] in ("RELEASED", "EXPIRED"):
+            # Nothing held: never reserved, released before, or expired (its units are
+            # back in stock already).
             return {"released": 0}
         sku, qty, status = existing
         if status == "COMMITTED":
@@ -136,6 +213,12 @@ def build_inventory(store: Any) -> Participant:
             return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
         if status == "RELEASED":
             raise StepFailed(f"the reservation of order {order_id} was released")
+        if status == "EXPIRED":
+            # Its units went back to stock and may be sold to another order by now: a
+            # definite failure (past the pivot, a person decides what to do).
+            raise StepFailed(f"the reservation of order {order_id} expired")
+        # A RESERVED reservation past its expires_at that the sweeper has not reached
+        # still holds its units: committing it takes nobody's stock.
         await tx.execute(
             "UPDATE reservations SET status = 'COMMITTED', updated_at = ? "
             "WHERE order_id = ? AND status = 'RESERVED'",

@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from sagakit import Envelope, Participant, StepFailed
+from sagakit import Envelope, Outcome, Participant, StepFailed
 from sagakit.stores.base import Tx
 
 from .provider import (
@@ -54,6 +54,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 """Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+
+COMPENSATED_FIRST = "the action was compensated before it arrived; it is refused"
+"""The status answer for an action whose key carries a tombstone."""
 
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
@@ -218,9 +221,55 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
 
     @p.handles("GetPaymentStatus")
     async def status(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        """A query (no effect): what the ledger says happened to the order's money."""
-        rows = await ledger(tx, _text(cmd, "order_id"))
-        return {op: {"amount": r.amount, "ref": r.provider_ref} for op, r in rows.items()}
+        """A query: what became of the action under the payload's ``action_key``.
+
+        The saga asks when an action's outcome is unknown. The answer follows sagakit's
+        status protocol: ``{"state": "done", "result": {...}}`` (with the result the
+        action itself would have returned), ``{"state": "failed", "reason": ...}`` or
+        ``{"state": "not_found"}``. The answer recorded under the key comes first; with
+        none, the provider is asked, because it keeps what it did under the key even
+        when this service never recorded it (a provider timeout after it succeeded:
+        the handler failed and its transaction kept no ledger row). Such an effect is
+        written to the ledger now, so that the next steps (a capture, a void) find it:
+        that is bookkeeping of what already happened, not a new effect.
+
+        Without ``action_key`` it answers what the ledger holds for the order, by
+        operation (an operator's view).
+        """
+        order_id = _text(cmd, "order_id")
+        action_key = cmd.payload.get("action_key")
+        if action_key is None:
+            rows = await ledger(tx, order_id)
+            return {op: {"amount": r.amount, "ref": r.provider_ref} for op, r in rows.items()}
+        if not isinstance(action_key, str) or not action_key:
+            raise StepFailed(f"GetPaymentStatus: 'action_key' must be a key, got {action_key!r}")
+        recorded = await tx.idempotency_get(p.name, action_key)
+        if recorded is not None:
+            if recorded.tombstone:
+                # Compensated before it arrived: the action is refused whenever it comes.
+                return {"state": "failed", "reason": COMPENSATED_FIRST}
+            outcome = Outcome.from_payload(recorded.outcome)
+            if outcome.ok:
+                return {"state": "done", "result": outcome.result}
+            return {"state": "failed", "reason": outcome.reason}
+        receipt = await provider.lookup(action_key)
+        if receipt is None or receipt.order_id != order_id:
+            # Never reached the provider, or only met transient failures there: nothing
+            # happened. (A definite refusal is recorded under the key, found above.)
+            return {"state": "not_found"}
+        rows = await ledger(tx, order_id)
+        if receipt.op == "authorize":
+            if "authorize" not in rows:
+                await record(tx, order_id, "authorize", receipt.amount, receipt.authorization)
+            return {
+                "state": "done",
+                "result": {"authorization": receipt.authorization, "amount": receipt.amount},
+            }
+        if receipt.op == "capture":
+            if "capture" not in rows:
+                await record(tx, order_id, "capture", receipt.amount, receipt.authorization)
+            return {"state": "done", "result": {"captured": receipt.amount}}
+        raise StepFailed(f"GetPaymentStatus: key {action_key!r} is a {receipt.op}, not an action")
 
     return p
 

@@ -7,13 +7,18 @@ Before the pivot every step has a compensation: CancelOrder, the payment ladder
 (void the authorisation -> refund -> credit note), ReleaseInventory, CancelShipment.
 After it, steps are retried until they succeed or a person decides. Commands carry
 tokens (customer, card, address), never personal data.
+
+The two payment steps talk to an external card provider, whose answer can be lost
+after it acted (a timeout after success). When their attempts run out without an
+answer, the saga does not guess: it asks ``GetPaymentStatus`` what became of the
+action's idempotency key, and continues, compensates or escalates on the answer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sagakit import RetryPolicy, SagaDefinition, SagaView, Step, StepKind, command
+from sagakit import CommandAction, RetryPolicy, SagaDefinition, SagaView, Step, StepKind, command
 
 CHECKOUT = "checkout"
 
@@ -22,6 +27,8 @@ CHECKOUT = "checkout"
 COMMAND_TIMEOUT = 2.0
 RETRY = RetryPolicy(max_attempts=6, initial_backoff=0.1, max_backoff=2.0)
 FORWARD = RetryPolicy(max_attempts=12, initial_backoff=0.1, max_backoff=2.0)
+DEADLINE = 120.0
+"""The checkout's SLA in seconds (inventory reservations live longer than this)."""
 
 
 def _order(v: SagaView) -> dict[str, Any]:
@@ -58,8 +65,24 @@ def _ref(v: SagaView) -> dict[str, Any]:
     return {"order_id": v.business_key}
 
 
-def checkout_definition(*, deadline: float = 120.0) -> SagaDefinition:
-    """The checkout saga, version 1."""
+def _payment_status() -> CommandAction:
+    # The machine adds ``action_key`` (the key of the action in doubt) to this payload.
+    return command("payment", "GetPaymentStatus", _ref)
+
+
+def checkout_definition(
+    *,
+    deadline: float = DEADLINE,
+    timeout: float = COMMAND_TIMEOUT,
+    retry: RetryPolicy = RETRY,
+    forward: RetryPolicy = FORWARD,
+) -> SagaDefinition:
+    """The checkout saga, version 1.
+
+    ``timeout`` (per command), ``retry`` (steps before the pivot and compensations) and
+    ``forward`` (the pivot and the steps after it) default to the production values;
+    tests pass short ones.
+    """
     return SagaDefinition(
         CHECKOUT,
         version=1,
@@ -70,8 +93,8 @@ def checkout_definition(*, deadline: float = 120.0) -> SagaDefinition:
                 "create_order",
                 command("order", "CreateOrder", _order),
                 command("order", "CancelOrder", _ref),
-                timeout=COMMAND_TIMEOUT,
-                retry=RETRY,
+                timeout=timeout,
+                retry=retry,
             ),
             Step(
                 "authorize_payment",
@@ -82,46 +105,48 @@ def checkout_definition(*, deadline: float = 120.0) -> SagaDefinition:
                     command("payment", "IssueCreditNote", _ref),
                 ],
                 status="PENDING_PAYMENT",
-                timeout=COMMAND_TIMEOUT,
-                retry=RETRY,
+                status_query=_payment_status(),
+                timeout=timeout,
+                retry=retry,
             ),
             Step(
                 "reserve_inventory",
                 command("inventory", "ReserveInventory", _stock),
                 command("inventory", "ReleaseInventory", _ref),
                 status="PENDING_INVENTORY",
-                timeout=COMMAND_TIMEOUT,
-                retry=RETRY,
+                timeout=timeout,
+                retry=retry,
             ),
             Step(
                 "create_shipment",
                 command("shipping", "CreateShipment", _shipment),
                 command("shipping", "CancelShipment", _ref),
                 status="PENDING_SHIPMENT",
-                timeout=COMMAND_TIMEOUT,
-                retry=RETRY,
+                timeout=timeout,
+                retry=retry,
             ),
             Step(
                 "capture_payment",
                 command("payment", "CapturePayment", _ref),
                 kind=StepKind.PIVOT,
                 status="COMPLETING",
-                timeout=COMMAND_TIMEOUT,
-                retry=FORWARD,
+                status_query=_payment_status(),
+                timeout=timeout,
+                retry=forward,
             ),
             Step(
                 "commit_inventory",
                 command("inventory", "CommitReservation", _ref),
                 kind=StepKind.RETRIABLE,
-                timeout=COMMAND_TIMEOUT,
-                retry=FORWARD,
+                timeout=timeout,
+                retry=forward,
             ),
             Step(
                 "complete_order",
                 command("order", "CompleteOrder", _ref),
                 kind=StepKind.RETRIABLE,
-                timeout=COMMAND_TIMEOUT,
-                retry=FORWARD,
+                timeout=timeout,
+                retry=forward,
             ),
         ],
     )

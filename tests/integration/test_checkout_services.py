@@ -21,12 +21,17 @@ from typing import Any
 
 import pytest
 from sagakit_checkout import inventory, shipping
-from sagakit_checkout.invariants import InvariantReport, check_invariants, status_step_allowed
+from sagakit_checkout.invariants import (
+    InvariantReport,
+    check_invariants,
+    status_path_violation,
+    status_step_allowed,
+)
 from sagakit_checkout.provider import CardRules, FakeCardProvider, ProviderTimeout
-from sagakit_checkout.sagas import CHECKOUT
+from sagakit_checkout.sagas import CHECKOUT, DEADLINE, checkout_definition
 from sagakit_checkout.services import Checkout, checkout_engine, migrate, open_checkout
 
-from sagakit import Envelope, MessageKind, Outcome, Participant, SagaState
+from sagakit import CommandAction, Envelope, MessageKind, Outcome, Participant, SagaState
 from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
 from sagakit.stores.sqlite import SQLiteStore
 from sagakit.transports.base import Delivery
@@ -767,3 +772,331 @@ def test_status_order_rules() -> None:
     ]
     assert all(status_step_allowed(a, b) for a, b in ok)
     assert not any(status_step_allowed(a, b) for a, b in bad)
+
+
+# -- payment status queries ------------------------------------------------------------
+
+
+def status_query(
+    c: Checkout, order_id: str, step: str, saga: str = "saga-1", action_key: str | None = None
+) -> Envelope:
+    """GetPaymentStatus as the orchestrator sends it when an action's outcome is unknown."""
+    payload = {"order_id": order_id, "action_key": action_key or f"{saga}:{step}:action"}
+    return command(c.payment, "GetPaymentStatus", payload, saga=saga, step=step).with_changes(
+        kind=MessageKind.QUERY, idempotency_key=f"{saga}:{step}:query"
+    )
+
+
+async def test_payment_status_answers_done_with_the_actions_result(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        auth = await authorize(c, "o-1", "card-ok-1")
+        out = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
+        assert out.ok and out.result == {"state": "done", "result": auth.result}
+        cap = await deliver(
+            c.payment, command(c.payment, "CapturePayment", ref("o-1"), step="capture_payment")
+        )
+        out = await deliver(c.payment, status_query(c, "o-1", "capture_payment"))
+        assert out.result == {"state": "done", "result": cap.result}
+        # A query has no effect and is not remembered under a key: asking again answers again.
+        again = await deliver(c.payment, status_query(c, "o-1", "capture_payment"))
+        assert again.result == out.result
+        assert await provider_ops(c, "o-1") == [("authorize", 2500), ("capture", 2500)]
+
+
+async def test_payment_status_answers_failed_and_not_found(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        await authorize(c, "o-d", "card-decline-1", saga="saga-d")
+        declined = await deliver(c.payment, status_query(c, "o-d", "authorize_payment", "saga-d"))
+        assert declined.result == {"state": "failed", "reason": "card declined"}
+        never = await deliver(c.payment, status_query(c, "o-n", "authorize_payment", "saga-n"))
+        assert never.result == {"state": "not_found"}
+        # Only transient failures at the provider: nothing happened there either.
+        flaky = await authorize(c, "o-f", "card-flaky-1", saga="saga-f")
+        assert flaky.retryable
+        out = await deliver(c.payment, status_query(c, "o-f", "authorize_payment", "saga-f"))
+        assert out.result == {"state": "not_found"}
+        # Compensated before it arrived: the action will be refused whenever it comes.
+        await deliver(
+            c.payment,
+            command(
+                c.payment,
+                "VoidAuthorization",
+                ref("o-t"),
+                saga="saga-t",
+                step="authorize_payment",
+                rung=0,
+            ),
+        )
+        tomb = await deliver(c.payment, status_query(c, "o-t", "authorize_payment", "saga-t"))
+        assert tomb.result["state"] == "failed"
+        assert "compensated before it arrived" in tomb.result["reason"]
+
+
+async def test_payment_status_learns_a_lost_answer_from_the_provider(tmp_path: Path) -> None:
+    """The provider authorized, then timed out: the handler failed (retryably) and kept
+    no ledger row. The status query finds the effect under the key and records it, so
+    the capture that follows finds its authorization."""
+    async with services(tmp_path) as c:
+        first = await authorize(c, "o-1", "card-slow-1")
+        assert first.retryable and await ledger(c, "o-1") == {}
+        out = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
+        auths = await c.provider.authorizations("o-1")
+        assert out.result == {
+            "state": "done",
+            "result": {"authorization": auths[0].authorization, "amount": 2500},
+        }
+        assert await ledger(c, "o-1") == {"authorize": 2500}
+        again = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
+        assert again.result == out.result and await ledger(c, "o-1") == {"authorize": 2500}
+        cap = command(c.payment, "CapturePayment", ref("o-1"), step="capture_payment")
+        assert (await deliver(c.payment, cap)).retryable  # slow: captured, answer lost
+        out = await deliver(c.payment, status_query(c, "o-1", "capture_payment"))
+        assert out.result == {"state": "done", "result": {"captured": 2500}}
+        assert await ledger(c, "o-1") == {"authorize": 2500, "capture": 2500}
+        assert await provider_ops(c, "o-1") == [("authorize", 2500), ("capture", 2500)]
+        report = await invariants(c, {})
+        assert report.invariants["effect_once"]
+        # The payment ledger agrees with the provider (the order itself never completed
+        # here, which the money check rightly reports).
+        assert not any("disagrees with the provider" in v for v in report.violations)
+
+
+async def test_payment_status_refuses_a_bad_action_key(tmp_path: Path) -> None:
+    async with services(tmp_path) as c:
+        bad = status_query(c, "o-1", "authorize_payment").with_changes(
+            payload={"order_id": "o-1", "action_key": 42}
+        )
+        out = await deliver(c.payment, bad)
+        assert not out.ok and "'action_key' must be a key" in out.reason
+
+
+def test_checkout_payment_steps_have_a_status_query() -> None:
+    d = checkout_definition()
+    for name in ("authorize_payment", "capture_payment"):
+        query = d.steps[d.step_index(name)].status_query
+        assert isinstance(query, CommandAction)
+        assert (query.endpoint, query.type) == ("payment", "GetPaymentStatus")
+    assert all(
+        d.steps[d.step_index(n)].status_query is None
+        for n in ("create_order", "reserve_inventory", "create_shipment", "commit_inventory")
+    )
+    short = checkout_definition(deadline=5, timeout=0.5)
+    assert short.deadline == 5 and {s.timeout for s in short.steps} == {0.5}
+    assert {r.timeout for s in short.steps for r in s.ladder} == {0.5}
+
+
+# -- reservation TTL -------------------------------------------------------------------
+
+
+def test_reservations_outlive_the_saga_deadline_by_default() -> None:
+    assert inventory.RESERVATION_TTL > DEADLINE
+    assert checkout_definition().deadline == DEADLINE
+    with pytest.raises(ValueError, match="reservation_ttl"):
+        inventory.build_inventory(object(), reservation_ttl=0)
+
+
+async def test_reservations_expire_back_to_stock(tmp_path: Path) -> None:
+    async with services(tmp_path, {"sku-1": 5}) as c:
+        c.inventory = inventory.build_inventory(c.inventory_store, reservation_ttl=60.0)
+        assert (await deliver(c.inventory, reserve(c, "o-1", qty=2))).ok
+        assert (await deliver(c.inventory, reserve(c, "o-2", qty=1))).ok
+        created, expires = (
+            await rows(
+                c.inventory_store,
+                "SELECT created_at, expires_at FROM reservations WHERE order_id = 'o-1'",
+            )
+        )[0]
+        assert expires == pytest.approx(created + 60.0)
+        assert await inventory.expire_reservations(c.inventory_store, created + 59) == 0
+        commit = command(
+            c.inventory, "CommitReservation", ref("o-2"), saga="saga-o-2", step="commit_inventory"
+        )
+        assert (await deliver(c.inventory, commit)).ok  # committed ones never expire
+        assert await inventory.expire_reservations(c.inventory_store, created + 61) == 1
+        assert await inventory.expire_reservations(c.inventory_store, created + 61) == 0
+        assert await stock(c) == (5, 4, 0, 1)
+        assert await rows(
+            c.inventory_store, "SELECT order_id, status FROM reservations ORDER BY order_id"
+        ) == [("o-1", "EXPIRED"), ("o-2", "COMMITTED")]
+        # Releasing it is a no-op: its units came back once already.
+        rel = command(
+            c.inventory,
+            "ReleaseInventory",
+            ref("o-1"),
+            saga="saga-o-1",
+            step="reserve_inventory",
+            rung=0,
+        )
+        assert (await deliver(c.inventory, rel)).result == {"released": 0}
+        assert await stock(c) == (5, 4, 0, 1)
+        # Committing it fails for good: the units may be another order's by now.
+        late = command(
+            c.inventory, "CommitReservation", ref("o-1"), saga="saga-o-1", step="commit_inventory"
+        )
+        out = await deliver(c.inventory, late)
+        assert not out.ok and not out.retryable
+        assert out.reason == "the reservation of order o-1 expired"
+        again = command(
+            c.inventory,
+            "ReserveInventory",
+            {"order_id": "o-1", "sku": "sku-1", "qty": 2},
+            saga="saga-other",
+            step="reserve_inventory",
+        )
+        out = await deliver(c.inventory, again)
+        assert not out.ok and "already expired" in out.reason
+        assert await stock(c) == (5, 4, 0, 1)
+
+
+async def test_a_reservation_past_its_time_but_not_swept_can_still_commit(tmp_path: Path) -> None:
+    async with services(tmp_path, {"sku-1": 1}) as c:
+        c.inventory = inventory.build_inventory(c.inventory_store, reservation_ttl=0.01)
+        assert (await deliver(c.inventory, reserve(c, "o-1"))).ok
+        await asyncio.sleep(0.02)
+        commit = command(
+            c.inventory, "CommitReservation", ref("o-1"), saga="saga-o-1", step="commit_inventory"
+        )
+        assert (await deliver(c.inventory, commit)).ok  # its unit was still held
+        assert await inventory.expire_reservations(c.inventory_store, time.time()) == 0
+        assert await stock(c) == (1, 0, 0, 1)
+
+
+async def test_reservation_ttl_migration_keeps_existing_reservations(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "inventory.db", name="inventory", synchronous="NORMAL")
+    await store.open()
+    try:
+        await store.apply_migrations(inventory.NAMESPACE, inventory.MIGRATIONS[:1])
+        async with store.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO reservations (order_id, sku, qty, status, created_at, updated_at) "
+                "VALUES ('o-old', 'sku-1', 1, 'RESERVED', 100.0, 100.0)"
+            )
+        await store.apply_migrations(inventory.NAMESPACE, inventory.MIGRATIONS)
+        assert await rows(
+            store, "SELECT order_id, status, created_at, expires_at FROM reservations"
+        ) == [("o-old", "RESERVED", 100.0, 1000.0)]
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO stock VALUES ('sku-1', 1, 0, 1, 0)")
+        assert await inventory.expire_reservations(store, 1000.0) == 1
+        assert await rows(store, "SELECT status FROM reservations") == [("EXPIRED",)]
+        indexes = {
+            r[0] for r in await rows(store, "SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"reservations_sku_status_idx", "reservations_expiry_idx"} <= indexes
+    finally:
+        await store.close()
+
+
+# -- invariants: expired reservations and manual resolutions ---------------------------
+
+
+async def test_invariants_catch_an_order_completed_on_an_expired_reservation(
+    tmp_path: Path,
+) -> None:
+    await run_sagas(tmp_path)
+    conn = sqlite3.connect(tmp_path / "inventory.db")
+    with conn:
+        # The reservation of a completed order expired instead of being committed, and its
+        # unit went back to stock: the stock equation holds, but the item was sold twice.
+        conn.execute(
+            "UPDATE stock SET available = available + 1, shipped = shipped - 1 WHERE sku = 'sku-1'"
+        )
+        conn.execute("UPDATE reservations SET status = 'EXPIRED' WHERE order_id = 'o-ok'")
+    conn.close()
+    async with services(tmp_path) as c:
+        report = await invariants(c, STOCK)
+    # Stock, and honest status too: COMPLETED was shown without the inventory committed.
+    assert [k for k, ok in report.invariants.items() if not ok] == ["stock", "honest_status"]
+    assert any("order o-ok: completed although its reservation" in v for v in report.violations), (
+        report.violations
+    )
+    assert not any("initial" in v for v in report.violations)  # the equation itself holds
+
+
+def test_status_path_through_needs_attention_needs_a_person() -> None:
+    def path(*steps: str) -> list[tuple[str, str]]:
+        out = []
+        for s in steps:
+            event, _, status = s.rpartition(":")
+            out.append((event or "step.started", status))
+        return out
+
+    ok = [
+        path("PENDING_PAYMENT", "COMPLETING", "NEEDS_ATTENTION"),
+        # A person resumed it: it goes on from where it was.
+        path(
+            "COMPLETING",
+            "NEEDS_ATTENTION",
+            "manual.resolved:NEEDS_ATTENTION",
+            "COMPLETING",
+            "COMPLETED",
+        ),
+        path(
+            "PENDING_SHIPMENT",
+            "CANCELLING",
+            "NEEDS_ATTENTION",
+            "manual.resolved:NEEDS_ATTENTION",
+            "CANCELLING",
+            "CANCELLED",
+        ),
+        path("COMPLETING", "NEEDS_ATTENTION", "manual.resolved:NEEDS_ATTENTION", "CANCELLING"),
+        path("COMPLETING", "NEEDS_ATTENTION", "manual.resolved:NEEDS_ATTENTION", "COMPLETED"),
+        path(
+            "COMPLETING",
+            "NEEDS_ATTENTION",
+            "manual.resolved:NEEDS_ATTENTION",
+            "PARTIALLY_COMPLETED",
+        ),
+        # Resumed, stuck again, resumed again.
+        path(
+            "COMPLETING",
+            "NEEDS_ATTENTION",
+            "manual.resolved:NEEDS_ATTENTION",
+            "COMPLETING",
+            "NEEDS_ATTENTION",
+            "manual.resolved:NEEDS_ATTENTION",
+            "COMPLETED",
+        ),
+    ]
+    bad = [
+        (path("COMPLETING", "NEEDS_ATTENTION", "COMPLETED"), ("NEEDS_ATTENTION", "COMPLETED")),
+        (
+            path("CANCELLING", "NEEDS_ATTENTION", "saga.finished:CANCELLED"),
+            ("NEEDS_ATTENTION", "CANCELLED"),
+        ),
+        # Even resumed, it may not go back past what the user saw before.
+        (
+            path(
+                "COMPLETING",
+                "NEEDS_ATTENTION",
+                "manual.resolved:NEEDS_ATTENTION",
+                "PENDING_PAYMENT",
+            ),
+            ("NEEDS_ATTENTION", "PENDING_PAYMENT"),
+        ),
+        (
+            path("CANCELLING", "NEEDS_ATTENTION", "manual.resolved:NEEDS_ATTENTION", "COMPLETED"),
+            ("NEEDS_ATTENTION", "COMPLETED"),
+        ),
+        # One resolution resumes once; a second escalation needs a second one.
+        (
+            path(
+                "COMPLETING",
+                "NEEDS_ATTENTION",
+                "manual.resolved:NEEDS_ATTENTION",
+                "COMPLETING",
+                "NEEDS_ATTENTION",
+                "COMPLETED",
+            ),
+            ("NEEDS_ATTENTION", "COMPLETED"),
+        ),
+        # A resolution row elsewhere does not count.
+        (
+            path("manual.resolved:COMPLETING", "NEEDS_ATTENTION", "COMPLETED"),
+            ("NEEDS_ATTENTION", "COMPLETED"),
+        ),
+    ]
+    for p in ok:
+        assert status_path_violation(p) is None, p
+    for p, expected in bad:
+        assert status_path_violation(p) == expected, p

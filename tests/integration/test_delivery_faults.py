@@ -346,6 +346,9 @@ class CountingTransport:
         self.inner = inner
         self.published: Counter[str] = Counter()
 
+    async def open(self) -> None:
+        await self.inner.open()
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         await self.inner.publish(envelopes)
         self.published.update(e.message_id for e in envelopes)

@@ -59,6 +59,7 @@ class Envelope:
     compensates: str | None = None
     reply_to: str | None = None
     traceparent: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``None`` fields and defaults are left out."""
@@ -80,6 +81,8 @@ class Envelope:
             out["attempt"] = self.attempt
         if self.fence:
             out["fence"] = self.fence
+        if self.headers:
+            out["headers"] = self.headers
         return out
 
     def to_json(self) -> str:
@@ -120,6 +123,13 @@ class Envelope:
             value = raw.get(name)
             if value is not None and not isinstance(value, str):
                 raise MessageError(f"envelope field {name!r} must be a string, got {value!r}")
+        headers = raw.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise MessageError(
+                f"envelope field 'headers' must map strings to strings, got {headers!r}"
+            )
         unknown = set(raw) - _ALL_FIELDS
         if unknown:
             raise MessageError(f"envelope has unknown fields: {sorted(unknown)}")
@@ -143,6 +153,7 @@ class Envelope:
             compensates=raw.get("compensates"),
             reply_to=raw.get("reply_to"),
             traceparent=raw.get("traceparent"),
+            headers=headers,
         )
 
     @classmethod
@@ -181,6 +192,7 @@ _ALL_FIELDS = frozenset(
         "version",
         "attempt",
         "fence",
+        "headers",
     )
 )
 
@@ -194,6 +206,13 @@ def traceparent_for(correlation_id: str, span_seed: str) -> str:
     trace = hashlib.blake2b(correlation_id.encode(), digest_size=16).hexdigest()
     span = hashlib.blake2b(span_seed.encode(), digest_size=8).hexdigest()
     return f"00-{trace}-{span}-01"
+
+
+MANUAL_RETRY = "sagakit-manual-retry"
+"""Header on a command a person asked to try again: its value counts those requests.
+
+A participant that recorded a *definite failure* for the key runs the handler again
+(recording the new outcome under ``key#m<n>``); a recorded success is still replayed."""
 
 
 # --- replies -------------------------------------------------------------------------
@@ -272,4 +291,5 @@ def reply_to(command: Envelope, outcome: Outcome, *, source: str, now: float) ->
         occurred_at=now,
         payload=outcome.to_payload(),
         traceparent=command.traceparent,
+        headers=command.headers,
     )

@@ -80,6 +80,13 @@ class StepState:
     """Status queries sent since the outcome became unknown."""
     retry_base: int = 0
     """``attempt`` when a person last asked for a retry: the retry budget counts from here."""
+    fence_floor: int = 0
+    """Replies to messages sent before this saga version are stale for this step.
+
+    Set when a person resumes the step, so a late answer to a try sent before the
+    decision is never mistaken for an answer to the new try."""
+    manual_retries: int = 0
+    """How often a person asked for this step (or its rung) to be tried again."""
 
     def copy(self) -> StepState:
         """A shallow copy (``result`` is never mutated in place)."""
@@ -95,6 +102,8 @@ class StepState:
             self.finished_at,
             self.queries,
             self.retry_base,
+            self.fence_floor,
+            self.manual_retries,
         )
 
     @property
@@ -116,6 +125,8 @@ class StepState:
             "finished_at": self.finished_at,
             "queries": self.queries,
             "retry_base": self.retry_base,
+            "fence_floor": self.fence_floor,
+            "manual_retries": self.manual_retries,
         }
 
     @classmethod
@@ -133,6 +144,8 @@ class StepState:
             finished_at=raw.get("finished_at"),
             queries=raw.get("queries", 0),
             retry_base=raw.get("retry_base", 0),
+            fence_floor=raw.get("fence_floor", 0),
+            manual_retries=raw.get("manual_retries", 0),
         )
 
 

@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from sagakit.core.definition import CommandAction, LocalAction, SagaDefinition, SagaView, Step
-from sagakit.core.envelope import Envelope, MessageKind, Outcome, traceparent_for
+from sagakit.core.envelope import MANUAL_RETRY, Envelope, MessageKind, Outcome, traceparent_for
 from sagakit.core.instance import (
     MAY_HAVE_EFFECT,
     HistoryEntry,
@@ -213,8 +213,13 @@ class _Transition:
                 occurred_at=self.now,
                 payload=payload,
                 traceparent=traceparent_for(inst.correlation_id, message_id),
+                headers=self._headers(step),
             )
         )
+
+    def _headers(self, step: Step) -> dict[str, str]:
+        retries = self.inst.steps[self.d.step_index(step.name)].manual_retries
+        return {MANUAL_RETRY: str(retries)} if retries else {}
 
     def set_step_timer(self, kind: str, index: int, phase: str, attempt: int, due: float) -> None:
         fence = f"{kind}:{index}:{phase}:{self.inst.steps[index].rung}:{attempt}"
@@ -229,8 +234,13 @@ class _Transition:
         if st.started_at is None:
             st.started_at = self.now
         self.inst.cursor = index
-        if step.status is not None:
-            self.inst.status = step.status
+        # The label in force: the step's own, else the last one before it. (After a
+        # person resumed a saga its status must leave NEEDS_ATTENTION.)
+        label = next(
+            (s.status for s in reversed(self.d.steps[: index + 1]) if s.status is not None),
+            self.d.started_status,
+        )
+        self.inst.status = label
         self._send(
             step,
             step.action,
@@ -422,6 +432,9 @@ class Machine:
         t = _Transition(self, inst, now, reply.message_id)
         if inst.terminal:
             return self._stale(t, key.step, f"saga is already {inst.state.value}", reply, outcome)
+        if reply.fence < st.fence_floor:
+            why = "answers a try sent before a person resumed the step"
+            return self._stale(t, key.step, why, reply, outcome)
         if key.phase == "action":
             waiting = (
                 inst.state is SagaState.RUNNING
@@ -480,6 +493,17 @@ class Machine:
             self._schedule_retry(t, index, "comp", delay, outcome.reason)
             return t.decision()
         t.log("compensation.failed", step.name, rung=ts.rung, reason=outcome.reason)
+        if outcome.retryable:
+            # Out of attempts on "try again": an earlier try may have worked. Only a
+            # definite failure may move down the ladder (refunding money whose void went
+            # through would pay twice), so a person decides.
+            ts.status = StepStatus.COMPENSATION_FAILED
+            t.needs_manual(
+                f"compensation {rung.label} of step {step.name!r} failed {ts.rung_attempt} "
+                f"times: {outcome.reason}; outcome unknown",
+                step.name,
+            )
+            return t.decision()
         self._next_rung(t, index, outcome.reason)
         return t.decision()
 
@@ -639,6 +663,7 @@ class Machine:
         )
         t = _Transition(self, inst, now, None)
         st = t.inst.steps[index]
+        st.fence_floor = t.new_version
         t.log(
             "manual.resolved",
             step.name,
@@ -658,6 +683,7 @@ class Machine:
             t.finish(SagaState.PARTIAL_ACCEPTED, d.partial_status, f"accepted by {actor}: {reason}")
         elif action is ManualAction.RETRY:
             t.inst.reason = None
+            st.manual_retries += 1
             if undoing:
                 t.inst.state = SagaState.COMPENSATING
                 t.inst.status = d.cancelling_status
@@ -701,6 +727,7 @@ class Machine:
                 raise refuse(f"rung must be one of {rungs}, got {rung!r}")
             st.rung = rung
             st.rung_attempt = 0
+            st.manual_retries += 1
             t.inst.state = SagaState.COMPENSATING
             t.inst.status = d.cancelling_status
             t.dispatch_compensation(index)

@@ -26,11 +26,19 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
-from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
-from sagakit.errors import ConfigurationError, StepFailed, UnknownMessageType
+from sagakit.core.envelope import (
+    MANUAL_RETRY,
+    Envelope,
+    MessageKind,
+    Outcome,
+    failure,
+    reply_to,
+    success,
+)
+from sagakit.errors import ConfigurationError, MessageError, StepFailed, UnknownMessageType
 from sagakit.runtime.consumer import BatchConsumer
 from sagakit.runtime.wakeup import Wakeups
-from sagakit.stores.base import Store, Tx
+from sagakit.stores.base import IdempotencyRecord, Store, Tx
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +98,20 @@ class Participant(BatchConsumer):
     async def _handle_keyed(self, handler: Handler, tx: Tx, env: Envelope, now: float) -> Outcome:
         key = env.idempotency_key
         assert key is not None
-        recorded = await tx.idempotency_get(self.name, key)
+        generation = _generation(env)
+        recorded = await self._latest(tx, key, generation)
+        record_key = key
         if recorded is not None:
             if recorded.tombstone:
                 return failure(REFUSED_AFTER_COMPENSATION)
-            return Outcome.from_payload(recorded.outcome)
+            this_generation = f"{key}#m{generation}"
+            if recorded.outcome.get("ok") or not generation or recorded.key == this_generation:
+                return Outcome.from_payload(recorded.outcome)
+            # A definite failure, and a person asked to try again after fixing its cause:
+            # run the handler once more and keep the new answer beside the old one.
+            record_key = this_generation
         if env.compensates is not None:
-            action = await tx.idempotency_get(self.name, env.compensates)
+            action = await self._latest(tx, env.compensates, generation)
             if action is None:
                 # The compensation overtook its action, or the action never arrived, or it
                 # ended in a retryable failure that may still have had an effect (a card
@@ -112,13 +127,21 @@ class Participant(BatchConsumer):
             elif not action.tombstone and not action.outcome.get("ok"):
                 # A definite failure had no effect: nothing to undo.
                 outcome = success({"compensated": False, "why": "the action had no effect"})
-                await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
+                await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
                 return outcome
         outcome = await self._call(handler, tx, env)
         # A retryable failure is not an answer: the next attempt must run the handler again.
         if outcome.ok or not outcome.retryable:
-            await tx.idempotency_put(self.name, key, outcome.to_payload(), now)
+            await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
         return outcome
+
+    async def _latest(self, tx: Tx, key: str, generation: int) -> IdempotencyRecord | None:
+        """The newest record for ``key``: a person's latest retry first, then the original."""
+        for n in range(generation, 0, -1):
+            record = await tx.idempotency_get(self.name, f"{key}#m{n}")
+            if record is not None:
+                return record
+        return await tx.idempotency_get(self.name, key)
 
     async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome:
         try:
@@ -137,3 +160,10 @@ class Participant(BatchConsumer):
             f"{self.name} handler for {env.type} returned {type(result).__name__}; "
             "return an Outcome, a dict or None, or raise StepFailed"
         )
+
+
+def _generation(env: Envelope) -> int:
+    raw = env.headers.get(MANUAL_RETRY, "0")
+    if not raw.isdigit():
+        raise MessageError(f"header {MANUAL_RETRY} must be a count, got {raw!r}")
+    return int(raw)
