@@ -24,7 +24,7 @@ from sagakit import Engine, SagaState
 from sagakit.testing.faults import Faults
 
 from .invariants import InvariantReport, check_invariants
-from .inventory import seed_stock
+from .inventory import expire_reservations, seed_stock
 from .sagas import CHECKOUT, checkout_definition
 from .services import Checkout, migrate, open_checkout
 
@@ -209,6 +209,12 @@ async def _run(
         [checkout_definition()],
         participants=checkout.participants,
         faults=fault_plan,
+    )
+    # Reservations whose saga died are returned to stock (a sweeper, as in production).
+    engine.every(
+        5.0,
+        "expire-reservations",
+        lambda: expire_reservations(checkout.inventory_store, time.time()),
     )
     async with engine:
         await migrate(checkout)

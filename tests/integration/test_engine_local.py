@@ -138,3 +138,23 @@ async def test_housekeeping_purges_old_inbox_rows_only(tmp_path: Path) -> None:
         engine.inbox_retention = -1.0  # now every row is past the retention
         assert await engine.housekeeping() > 0
         assert not await engine.store.inbox_ids("orchestrator.local")
+
+
+async def test_periodic_jobs_run_while_the_engine_runs(tmp_path: Path) -> None:
+    import asyncio
+
+    ran: list[int] = []
+
+    async def job() -> None:
+        ran.append(1)
+        if len(ran) == 2:
+            raise RuntimeError("a failing run is logged, not fatal")
+
+    engine = embedded(tmp_path / "trip.db", [trip([])])
+    engine.every(0.05, "tick", job)
+    async with engine:
+        await asyncio.sleep(0.4)
+    count = len(ran)
+    assert count >= 3
+    await asyncio.sleep(0.15)
+    assert len(ran) == count  # stopped with the engine

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,19 @@ class Engine:
         self.inbox_retention = inbox_retention
         self.housekeeping_every = housekeeping_every
         self._tasks: list[asyncio.Task[None]] = []
+        self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
         self._running = False
+
+    def every(self, seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` every ``seconds`` while the engine runs (sweepers, reports).
+
+        A failing run is logged and the job runs again at the next interval.
+        """
+        if not seconds > 0:
+            raise ConfigurationError(f"job {name!r}: interval must be > 0 seconds")
+        self._periodic.append((name, seconds, job))
+        if self._running:
+            self._spawn(self._periodic_loop(name, seconds, job), name)
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -144,6 +156,8 @@ class Engine:
             self._spawn(self._timer_loop(), "timers")
         if "housekeeping" in self.roles:
             self._spawn(self._housekeeping_loop(), "housekeeping")
+        for name, seconds, job in self._periodic:
+            self._spawn(self._periodic_loop(name, seconds, job), name)
 
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
@@ -256,6 +270,18 @@ class Engine:
         for s in self.stores:
             removed += await s.inbox_purge(cutoff)
         return removed
+
+    async def _periodic_loop(
+        self, name: str, seconds: float, job: Callable[[], Awaitable[object]]
+    ) -> None:
+        while self._running:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("periodic job %s failed; it runs again in %.1fs", name, seconds)
 
     async def _housekeeping_loop(self) -> None:
         while self._running:
