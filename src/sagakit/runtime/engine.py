@@ -112,7 +112,15 @@ class Engine:
         self.housekeeping_every = housekeeping_every
         self._tasks: list[asyncio.Task[None]] = []
         self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
+        self._setup: list[Callable[[], Awaitable[object]]] = []
         self._running = False
+
+    def before_start(self, step: Callable[[], Awaitable[object]]) -> None:
+        """Run ``step`` after the stores opened and before any consumer starts.
+
+        For migrations of business tables: no message is handled before they exist.
+        """
+        self._setup.append(step)
 
     def every(self, seconds: float, name: str, job: Callable[[], Awaitable[object]]) -> None:
         """Run ``job`` every ``seconds`` while the engine runs (sweepers, reports).
@@ -137,6 +145,8 @@ class Engine:
         """Open the stores and start every loop."""
         for s in self.stores:
             await s.open()
+        for step in self._setup:
+            await step()
         await self.transport.open()
         o, size = self.orchestrator, self.batch_size
         if "orchestrator" in self.roles:
@@ -158,6 +168,9 @@ class Engine:
             self._spawn(self._housekeeping_loop(), "housekeeping")
         for name, seconds, job in self._periodic:
             self._spawn(self._periodic_loop(name, seconds, job), name)
+        for store in self.stores:
+            if hasattr(store, "listen"):
+                self._spawn(self._listen_loop(store), f"listen:{store.name}")
 
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
@@ -270,6 +283,26 @@ class Engine:
         for s in self.stores:
             removed += await s.inbox_purge(cutoff)
         return removed
+
+    async def _listen_loop(self, store: Any) -> None:
+        """Turn a store's commit notifications (PostgreSQL NOTIFY) into wake-ups.
+
+        Work committed by other processes then wakes this one at once; the loops' idle
+        poll stays only as a safety net.
+        """
+        local = {
+            store.outbox_channel: f"outbox:{store.name}",
+            store.timers_channel: f"timers:{store.name}",
+        }
+        async with contextlib.aclosing(store.listen()) as notes:
+            async for channel, payload in notes:
+                if channel == store.queue_channel:
+                    if payload:
+                        self.wakeups.notify(f"queue:{payload}")
+                elif channel in local:
+                    self.wakeups.notify(local[channel])
+                    if channel == store.timers_channel:
+                        self.wakeups.notify(f"sagas:{store.name}")
 
     async def _periodic_loop(
         self, name: str, seconds: float, job: Callable[[], Awaitable[object]]

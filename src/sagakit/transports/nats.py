@@ -86,6 +86,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def token(endpoint: str) -> str:
+    """``endpoint`` as one subject token and consumer name (NATS allows no '.' there).
+
+    Letters, digits and '_' stay; any other character becomes ``-xx`` (its hex code),
+    so the mapping is reversible and two endpoints never share a token.
+    """
+    return _UNSAFE.sub(lambda m: "".join(f"-{b:02x}" for b in m.group().encode()), endpoint)
+
+
+def untoken(name: str) -> str:
+    """Inverse of :func:`token`."""
+    return re.sub(
+        r"(?:-[0-9a-f]{2})+",
+        lambda m: bytes.fromhex(m.group().replace("-", "")).decode("utf-8", "replace"),
+        name,
+    )
 _ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 _MOVER = "dead-letter-mover"
 _IDLE_PULL = 5.0  # seconds a lingering pull waits for the first message
@@ -294,12 +313,10 @@ class NatsTransport:
         max_ack_pending: int = 1000,
     ) -> None:
         _require_nats()
-        for name in (stream, *endpoints):
-            if not _TOKEN.match(name):
-                raise ConfigurationError(
-                    f"NATS stream and endpoint names may use letters, digits, '_' and '-' "
-                    f"only, got {name!r}"
-                )
+        if not _TOKEN.match(stream):
+            raise ConfigurationError(
+                f"NATS stream names may use letters, digits, '_' and '-' only, got {stream!r}"
+            )
         if not endpoints:
             raise ConfigurationError("a NATS transport needs at least one endpoint")
         if ack_wait <= 0 or max_deliver < 1 or duplicate_window <= 0:
@@ -332,7 +349,7 @@ class NatsTransport:
 
     def subject(self, endpoint: str) -> str:
         """The subject that carries ``endpoint``'s messages."""
-        return f"{self.stream}.{endpoint}"
+        return f"{self.stream}.{token(endpoint)}"
 
     async def _connect(self) -> Client:
         import nats
@@ -425,8 +442,8 @@ class NatsTransport:
                 await js.add_consumer(
                     self.stream,
                     api.ConsumerConfig(
-                        name=endpoint,
-                        durable_name=endpoint,
+                        name=token(endpoint),
+                        durable_name=token(endpoint),
                         filter_subject=self.subject(endpoint),
                         ack_policy=api.AckPolicy.EXPLICIT,
                         ack_wait=self.ack_wait,
@@ -590,7 +607,7 @@ class NatsTransport:
         for sub in self._subs:
             if sub.puller is not None:
                 continue
-            sub.puller = _Puller(nc, self.stream, sub.endpoint, self.request_timeout)
+            sub.puller = _Puller(nc, self.stream, token(sub.endpoint), self.request_timeout)
             self._pullers.append(sub.puller)
             self._tasks.append(
                 asyncio.create_task(
@@ -866,7 +883,7 @@ class NatsTransport:
             headers = dict(raw.headers or {})
             out.append(
                 DeadLetter(
-                    endpoint=(raw.subject or "").rsplit(".", 1)[-1],
+                    endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
                     body=(raw.data or b"").decode("utf-8", errors="replace"),
                     reason=headers.get(HEADER_REASON, ""),
                     message_id=headers.get(HEADER_MESSAGE_ID),
