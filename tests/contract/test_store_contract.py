@@ -8,8 +8,10 @@ migrations) sit at the end, under their adapter's name.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from sagakit.core.instance import (
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
 from sagakit.stores.base import Store
 from sagakit.stores.memory import MemoryStore
+from sagakit.stores.postgres import PostgresStore
 from sagakit.stores.sqlite import SQLiteStore, split_statements
 
 OpenStore = Callable[[], AbstractAsyncContextManager[Store]]
@@ -36,29 +39,51 @@ class Boom(Exception):
     """Raised inside a transaction to force its rollback."""
 
 
-def _conforms(sqlite: SQLiteStore, memory: MemoryStore) -> list[Store]:
-    # Checked by mypy: both adapters satisfy the Store protocol (and so their Tx, Tx).
-    return [sqlite, memory]
+PG_DSN = os.environ.get("SAGAKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+def _conforms(sqlite: SQLiteStore, memory: MemoryStore, postgres: PostgresStore) -> list[Store]:
+    # Checked by mypy: the adapters satisfy the Store protocol (and so their Tx, Tx).
+    return [sqlite, memory, postgres]
+
+
+def drop_pg_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     """``async with open_store() as store``: an opened store, closed on exit.
 
-    For SQLite every call opens the same file again, which is how restarts look.
+    For SQLite every call opens the same file again, which is how restarts look; for
+    PostgreSQL, the same schema (unique to the test, dropped afterwards). PostgreSQL
+    leases run on the caller's clock here, since these tests simulate time.
     """
     kind: str = request.param
+    schema = f"sagakit_test_{uuid.uuid4().hex[:12]}"
+
+    def make() -> Store:
+        if kind == "memory":
+            return MemoryStore()
+        if kind == "sqlite":
+            return SQLiteStore(tmp_path / "store.db")
+        return PostgresStore(PG_DSN, schema=schema, lease_clock="caller")
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[Store]:
-        store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "store.db")
+        store = make()
         await store.open()
         try:
             yield store
         finally:
             await store.close()
 
-    return opened
+    yield opened
+    if kind == "postgres":
+        drop_pg_schema(schema)
 
 
 # -- builders ------------------------------------------------------------------------
@@ -694,6 +719,11 @@ async def test_transaction_is_unusable_after_its_block(open_store: OpenStore) ->
 
 async def test_transactions_are_serialised(open_store: OpenStore) -> None:
     async with open_store() as store:
+        if isinstance(store, PostgresStore):
+            pytest.skip(
+                "PostgreSQL runs transactions concurrently; row locks order them "
+                "(see test_postgres_store.py)"
+            )
         order: list[str] = []
 
         async def work(name: str) -> None:

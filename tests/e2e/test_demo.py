@@ -101,7 +101,7 @@ def _progress(db: Path) -> tuple[int, int] | None:
 @pytest.mark.slow
 def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> None:
     data = tmp_path / "demo-data"
-    args = ("--orders", "400", "--faults", "default", "--seed", "3", "--data-dir", str(data))
+    args = ("--orders", "1000", "--faults", "default", "--seed", "3", "--data-dir", str(data))
     proc = subprocess.Popen(
         demo_cmd(*args, "--json"),
         stdout=subprocess.DEVNULL,
@@ -124,15 +124,15 @@ def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> Non
     assert proc.returncode == -signal.SIGKILL
     at_kill = _progress(data / "orchestrator.db")
     assert at_kill is not None and at_kill[0] > 0
-    assert at_kill[1] < 400, "every saga was already terminal: nothing left to resume"
+    assert at_kill[1] < 1000, "every saga was already terminal: nothing left to resume"
 
     code, report, stderr = run_demo(*args, "--json")
     assert code == 0, stderr
-    assert_report(report, 400)
-    assert report["placed_this_run"] < 400, "the rerun placed every order again"
+    assert_report(report, 1000)
+    assert report["placed_this_run"] < 1000, "the rerun placed every order again"
     assert report["placed_this_run"] > 0, "the kill came after every order was placed"
-    assert report["placed_this_run"] == 400 - at_kill[0]
-    assert _progress(data / "orchestrator.db") == (400, 400)
+    assert report["placed_this_run"] == 1000 - at_kill[0]
+    assert _progress(data / "orchestrator.db") == (1000, 1000)
 
 
 def test_same_seed_gives_the_same_scenario_mix() -> None:

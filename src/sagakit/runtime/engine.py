@@ -299,6 +299,8 @@ class Engine:
                 if channel == store.queue_channel:
                     if payload:
                         self.wakeups.notify(f"queue:{payload}")
+                    else:  # (re)connected: anything sent meanwhile was lost, look everywhere
+                        self.wakeups.notify_all("queue:")
                 elif channel in local:
                     self.wakeups.notify(local[channel])
                     if channel == store.timers_channel:

@@ -27,6 +27,12 @@ class Wakeups:
         """Wake whoever waits on ``channel`` (or the next one to wait)."""
         self._event(channel).set()
 
+    def notify_all(self, prefix: str) -> None:
+        """Wake every channel whose name starts with ``prefix`` (e.g. all mailboxes)."""
+        for name, event in self._events.items():
+            if name.startswith(prefix):
+                event.set()
+
     async def wait(self, channel: str, timeout: float) -> bool:
         """Wait for a notification or ``timeout`` seconds; True if notified."""
         event = self._event(channel)

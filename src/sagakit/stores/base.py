@@ -275,3 +275,11 @@ class Store(Protocol):
     async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
         """Parked messages, oldest first."""
         ...
+
+
+class SQLStore(Store, Protocol):
+    """A store with business tables: what participants' migrations need."""
+
+    async def apply_migrations(self, namespace: str, steps: Sequence[str]) -> None:
+        """Apply, in order and once each, the SQL scripts of ``namespace`` not applied yet."""
+        ...

@@ -1,0 +1,1225 @@
+"""The PostgreSQL store: one service's database (or schema) for production deployments.
+
+::
+
+    store = PostgresStore("postgresql://app@db/shop", name="payments", schema="payments")
+    await store.open()          # creates the schema if missing, applies migrations
+    async with store.transaction() as tx:
+        await tx.execute("UPDATE stock SET available = available - ? WHERE sku = ?", (1, "A"))
+
+Needs the ``sagakit[postgres]`` extra (psycopg 3 and psycopg-pool).
+
+**Connections.** A pool (``min_size``..``max_size``) in autocommit mode; every pooled
+connection gets ``search_path`` set to the store's ``schema``, so tables are never
+qualified and no statement crosses into another service's schema. Each
+``async with store.transaction()`` takes one connection for its whole block and runs
+an explicit transaction (READ COMMITTED) in *pipeline mode*: writes whose result is not
+needed (history, timers, outbox) are queued and travel with the next statement that
+must wait for an answer, or with the COMMIT. A transition (load saga, inbox, update,
+history, timers, outbox, commit) costs four round trips instead of nine. An error in
+a queued write surfaces at that next statement or at commit, named as such.
+Transactions of different tasks run concurrently: row locks (``saga_get`` is
+``SELECT ... FOR UPDATE``) and the version check order them, not a store-wide lock.
+
+**Clocks.** Outbox leases are contended by every relay process, so by default
+(``lease_clock="database"``) :meth:`PostgresStore.outbox_claim` stamps and compares
+``claimed_until`` with the server's clock and ignores its ``now`` argument; a relay
+host whose clock is off cannot steal a fresh claim. Timers keep the caller's clock:
+``due_at`` is computed by the state machine from the runtime's clock, and the
+runtime decides "something is due" with that same clock before it calls
+``timers_take_due``; comparing on the server instead would let a worker whose clock
+runs ahead spin on timers it sees due but cannot take. The mailbox queue keeps the
+caller's clock too (its delays come from ``queue_push``/``queue_retry`` and it has a
+single consumer per endpoint). To run *every* process on the database clock, pass
+``clock=store.clock`` to the runtime: :meth:`PostgresStore.clock` is the local clock
+corrected by the offset to the server's, measured at :meth:`~PostgresStore.open`.
+
+**Notifications.** A commit that added outbox rows runs
+``pg_notify('sagakit_outbox_<name>', '')`` in the same transaction (delivered on commit,
+never for a rollback); one that set timers, ``sagakit_timers_<name>``; ``queue_push``
+notifies ``sagakit_queue_<name>`` with the endpoint as payload. Wake loops with
+:meth:`PostgresStore.listen` instead of polling::
+
+    async def wake_on_commits(store: PostgresStore, wakeups: Wakeups) -> None:
+        local = {store.outbox_channel: f"outbox:{store.name}",
+                 store.timers_channel: f"timers:{store.name}"}
+        async for channel, payload in store.listen():
+            if channel == store.queue_channel:
+                wakeups.notify(f"queue:{payload}")   # "" (reconnected): wake every queue
+            else:
+                wakeups.notify(local[channel])
+
+Every statement lives in ``stores/sql/postgres_queries.sql``, the schema in
+``stores/sql/postgres_NNNN_*.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import cache, lru_cache
+from importlib import resources
+from importlib.resources.abc import Traversable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias
+
+from sagakit.core.envelope import Envelope
+from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
+from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
+from sagakit.stores.base import DeadLetter, IdempotencyRecord, OutboxRow, QueuedMessage
+
+# The driver is optional: `import sagakit` never imports this module, and a missing
+# extra is reported when a PostgresStore is built.
+_MISSING_DRIVER: ImportError | None = None
+try:
+    import psycopg
+    import psycopg_pool
+    from psycopg import sql
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    _MISSING_DRIVER = exc
+
+if TYPE_CHECKING:
+    _Conn: TypeAlias = psycopg.AsyncConnection[tuple[Any, ...]]
+    _Pool: TypeAlias = psycopg_pool.AsyncConnectionPool[_Conn]
+    _Cursor: TypeAlias = psycopg.AsyncCursor[tuple[Any, ...]]
+
+__all__ = [
+    "ENGINE_NAMESPACE",
+    "PostgresStore",
+    "PostgresTx",
+    "qmark_to_psycopg",
+    "translate_error",
+]
+
+ENGINE_NAMESPACE = "sagakit"
+"""The ``schema_migrations`` namespace of sagakit's own tables."""
+
+_Params: TypeAlias = "Sequence[Any] | Mapping[str, Any]"
+_MIGRATION_FILE = re.compile(r"postgres_(\d{4})_\w+\.sql")
+_IDLE_STATUS = 0  # psycopg.pq.TransactionStatus.IDLE (the driver may be missing here)
+_MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names (NAMEDATALEN - 1)
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_loads = json.JSONDecoder().decode
+log = logging.getLogger(__name__)
+
+
+@cache
+def _queries() -> dict[str, str]:
+    text = _sql_dir().joinpath("postgres_queries.sql").read_text(encoding="utf-8")
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        queries[name.strip()] = "\n".join(lines).strip()
+    return queries
+
+
+@cache
+def _engine_migrations() -> tuple[str, ...]:
+    found = sorted(
+        (int(match[1]), entry.name)
+        for entry in _sql_dir().iterdir()
+        if (match := _MIGRATION_FILE.fullmatch(entry.name))
+    )
+    if [number for number, _ in found] != list(range(1, len(found) + 1)):
+        raise ConfigurationError(f"sagakit's PostgreSQL migrations are not numbered 1..n: {found}")
+    return tuple(_sql_dir().joinpath(name).read_text(encoding="utf-8") for _, name in found)
+
+
+def _sql_dir() -> Traversable:
+    return resources.files("sagakit.stores").joinpath("sql")
+
+
+# -- qmark parameters ----------------------------------------------------------------
+
+# Whatever may contain a "?" that is not a parameter, or a "%" psycopg would misread.
+# An E-string or dollar quote must not continue an identifier (date'...' is no E-string).
+_SQL_TOKEN = re.compile(
+    r"""
+      (?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'?   # escape string: backslash escapes
+    | '(?:[^']|'')*'?                       # string literal
+    | "(?:[^"]|"")*"?                       # quoted identifier
+    | --[^\n]*                              # line comment
+    | /\*                                   # block comment (they nest)
+    | (?<![\w$])\$(?:[A-Za-z_]\w*)?\$       # dollar quote, opening tag
+    | \?\d*                                 # qmark parameter (numbered: refused)
+    | %                                     # psycopg's placeholder mark
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_BLOCK_COMMENT = re.compile(r"/\*|\*/")
+
+
+@lru_cache(maxsize=4096)
+def qmark_to_psycopg(query: str) -> str:
+    """Rewrite SQLite-style ``?`` parameters as psycopg's ``%s`` (cached per string).
+
+    A ``?`` inside a string literal, quoted identifier, comment or dollar-quoted body
+    stays as it is, and every ``%`` becomes ``%%`` (psycopg reads ``%`` everywhere,
+    literals included). PostgreSQL's JSON operators ``?``, ``?|`` and ``?&`` cannot be
+    told from a parameter: write ``jsonb_exists(doc, key)`` and friends instead.
+    """
+    if "?" not in query and "%" not in query:
+        return query
+    out: list[str] = []
+    pos = 0
+    while (match := _SQL_TOKEN.search(query, pos)) is not None:
+        token, start, end = match.group(), match.start(), match.end()
+        out.append(query[pos:start])
+        if token == "?":
+            out.append("%s")
+        elif token.startswith("?"):
+            raise StoreError(
+                f"numbered parameter {token!r} is not supported by PostgresStore; "
+                f"use plain ? parameters in order (in {query[:200]!r})"
+            )
+        elif token == "%":
+            out.append("%%")
+        else:
+            if token == "/*":
+                end = _block_comment_end(query, end)
+            elif token.startswith("$"):
+                close = query.find(token, end)
+                end = len(query) if close < 0 else close + len(token)
+            out.append(query[start:end].replace("%", "%%"))
+        pos = end
+    out.append(query[pos:])
+    return "".join(out)
+
+
+def _block_comment_end(query: str, pos: int) -> int:
+    depth = 1
+    while depth and (match := _BLOCK_COMMENT.search(query, pos)) is not None:
+        depth += 1 if match.group() == "/*" else -1
+        pos = match.end()
+    return pos if depth == 0 else len(query)
+
+
+# -- errors --------------------------------------------------------------------------
+
+# Lost a race with another transaction: retrying the transaction is the remedy.
+_CONFLICT_STATES = {
+    "23505": "a unique key is already taken",
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+    "55P03": "lock not available",
+}
+
+
+def translate_error(store: str, what: str, exc: Exception) -> StoreError:
+    """A driver error as sagakit's :class:`StoreError` (raise it ``from exc``).
+
+    Unique violations, serialization failures, deadlocks and lock timeouts become
+    :class:`ConcurrencyError` (another transaction won; retry); everything else,
+    :class:`StoreError`.
+    """
+    state: str | None = getattr(exc, "sqlstate", None)
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    message = f"PostgreSQL store {store!r} could not {what}: {detail}"
+    if state is not None:
+        message += f" (SQLSTATE {state})"
+    if state in _CONFLICT_STATES:
+        return ConcurrencyError(f"{message}; {_CONFLICT_STATES[state]}: retry the transaction")
+    if state == "25P02":
+        message += "; an earlier statement of this transaction failed, so it can only roll back"
+    return StoreError(message)
+
+
+def _finished() -> NoReturn:
+    raise StoreError(
+        "this transaction has ended; use the Tx only inside its `async with "
+        "store.transaction()` block"
+    )
+
+
+def _lock_key(schema: str | None) -> int:
+    digest = hashlib.blake2b(f"sagakit migrate {schema or ''}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _safe_dsn(dsn: str) -> str:
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparsable DSN>"
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "password")
+
+
+# -- row codecs ----------------------------------------------------------------------
+
+
+def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
+    return (
+        i.saga_id,
+        i.definition,
+        i.definition_version,
+        i.business_key,
+        i.state.value,
+        i.status,
+        i.version,
+        i.cursor,
+        i.correlation_id,
+        i.created_at,
+        i.updated_at,
+        i.deadline_at,
+        i.reason,
+        i.cancel_requested,
+        i.timed_out,
+        _dumps(i.data),
+        _dumps(i.steps_to_json()),
+    )
+
+
+def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
+    return (
+        i.definition_version,
+        i.state.value,
+        i.status,
+        i.version,
+        i.cursor,
+        i.correlation_id,
+        i.updated_at,
+        i.deadline_at,
+        i.reason,
+        i.cancel_requested,
+        i.timed_out,
+        _dumps(i.data),
+        _dumps(i.steps_to_json()),
+        i.saga_id,
+        expected_version,
+    )
+
+
+def _saga_from_row(r: Sequence[Any]) -> SagaInstance:
+    return SagaInstance(
+        saga_id=r[0],
+        definition=r[1],
+        definition_version=r[2],
+        business_key=r[3],
+        state=SagaState(r[4]),
+        status=r[5],
+        version=r[6],
+        cursor=r[7],
+        correlation_id=r[8],
+        created_at=r[9],
+        updated_at=r[10],
+        deadline_at=r[11],
+        reason=r[12],
+        cancel_requested=r[13],
+        timed_out=r[14],
+        data=_loads(r[15]),
+        steps=SagaInstance.steps_from_json(_loads(r[16])),
+    )
+
+
+def _history_params(entries: Iterable[HistoryEntry]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            e.saga_id,
+            e.version,
+            e.at,
+            e.event,
+            e.state.value,
+            e.status,
+            e.step,
+            _dumps(e.detail),
+            e.message_id,
+        )
+        for e in entries
+    ]
+
+
+def _history_from_row(r: Sequence[Any]) -> HistoryEntry:
+    return HistoryEntry(
+        saga_id=r[0],
+        version=r[1],
+        at=r[2],
+        event=r[3],
+        state=SagaState(r[4]),
+        status=r[5],
+        step=r[6],
+        detail=_loads(r[7]),
+        message_id=r[8],
+    )
+
+
+# -- transaction ---------------------------------------------------------------------
+
+
+class PostgresTx:
+    """One transaction on one pooled connection (see :class:`~sagakit.stores.base.Tx`).
+
+    Obtained from :meth:`PostgresStore.transaction`; every method raises
+    :class:`~sagakit.errors.StoreError` once the block has ended. After a method
+    raised, PostgreSQL has aborted the transaction: leave the block (it rolls back).
+    Expected refusals (a duplicate saga, idempotency key, inbox or dead-letter entry)
+    do not abort it.
+    """
+
+    __slots__ = ("_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
+
+    def __init__(
+        self, cursor: _Cursor, pipeline: psycopg.AsyncPipeline | None, store: PostgresStore
+    ) -> None:
+        # One cursor for every statement: in pipeline mode each statement's result is
+        # attached to it in order, so after a sync it holds the last statement's.
+        self._cur: _Cursor | None = cursor
+        self._pipeline = pipeline
+        self._store = store
+        self._name = store.name
+        self._q = store._q
+        self._queued: list[str] = []  # writes sent since the last answer, for error messages
+        self._notify: set[str] = set()
+
+    def _fail(self, what: str, exc: Exception) -> StoreError:
+        if self._queued:
+            what = f"{what} (or {', '.join(self._queued)}, sent before it)"
+            self._queued = []
+        return translate_error(self._name, what, exc)
+
+    # The helpers below are the only places that touch the connection: they refuse to
+    # run after the block ended and translate driver errors into StoreError.
+    async def _send(self, what: str, query: str, params: _Params) -> None:
+        """A write whose result is not needed: queued in the pipeline."""
+        cursor = self._cur or _finished()
+        try:
+            await cursor.execute(query, params)
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued.append(what)
+
+    async def _send_many(self, what: str, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        cursor = self._cur or _finished()
+        try:
+            if len(rows) == 1:
+                await cursor.execute(query, rows[0])  # cheaper than executemany of one
+            else:
+                await cursor.executemany(query, rows)
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued.append(what)
+
+    async def _ask(self, what: str, query: str, params: _Params) -> _Cursor:
+        """A statement whose result is needed: sends it with everything queued, waits."""
+        cursor = self._cur or _finished()
+        try:
+            await cursor.execute(query, params)
+            if self._pipeline is not None:
+                await self._pipeline.sync()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued = []
+        return cursor
+
+    async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
+        cursor = await self._ask(what, query, params)
+        if cursor.description is None:  # not a query: no rows, as on SQLite
+            return []
+        try:
+            return await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+
+    async def _one(self, what: str, query: str, params: _Params) -> tuple[Any, ...] | None:
+        cursor = await self._ask(what, query, params)
+        if cursor.description is None:
+            return None
+        try:
+            return await cursor.fetchone()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+
+    # -- business data ----------------------------------------------------------------
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement (qmark ``?`` parameters); return the number of rows it changed."""
+        cursor = await self._ask(f"execute {sql[:200]!r}", qmark_to_psycopg(sql), tuple(params))
+        return max(cursor.rowcount, 0)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query (qmark ``?`` parameters); return every row."""
+        return await self._all(f"run query {sql[:200]!r}", qmark_to_psycopg(sql), tuple(params))
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        """Run a query (qmark ``?`` parameters); return the first row or ``None``."""
+        return await self._one(f"run query {sql[:200]!r}", qmark_to_psycopg(sql), tuple(params))
+
+    # -- inbox, idempotency, outbox, dead letters ------------------------------------
+    async def inbox_add(self, consumer: str, message_id: str, now: float) -> bool:
+        """Record that ``consumer`` handled ``message_id``; False if it already had.
+
+        A concurrent transaction recording the same id makes this one wait for its
+        outcome: False if it commits, True if it rolls back.
+        """
+        row = await self._one(
+            f"record message {message_id} in the inbox",
+            self._q["inbox_add"],
+            (consumer, message_id, now),
+        )
+        return row is not None
+
+    async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
+        """The outcome ``consumer`` recorded for ``key``, if any."""
+        row = await self._one(
+            f"read idempotency key {key!r}", self._q["idempotency_get"], (consumer, key)
+        )
+        if row is None:
+            return None
+        return IdempotencyRecord(key=key, outcome=_loads(row[0]), tombstone=row[1], at=row[2])
+
+    async def idempotency_put(
+        self,
+        consumer: str,
+        key: str,
+        outcome: dict[str, Any],
+        now: float,
+        *,
+        tombstone: bool = False,
+    ) -> None:
+        """Record the outcome for ``key``; a key is written once (a second put is an error)."""
+        row = await self._one(
+            f"record idempotency key {key!r}",
+            self._q["idempotency_put"],
+            (consumer, key, _dumps(outcome), tombstone, now),
+        )
+        if row is None:
+            raise StoreError(
+                f"idempotency key {key!r} of consumer {consumer!r} is already recorded; "
+                "read it with idempotency_get before writing"
+            )
+
+    async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
+        """Queue messages to be published after commit (and notify the relays on commit)."""
+        if not envelopes:
+            return
+        rows = [(e.message_id, e.destination, e.to_json(), now) for e in envelopes]
+        await self._send_many(
+            f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows
+        )
+        self._notify.add(self._store.outbox_channel)
+
+    async def dead_letter(
+        self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
+    ) -> None:
+        """Park a message that cannot be handled, with the reason (once per endpoint and id)."""
+        await self._send(
+            f"park message {message_id} as a dead letter",
+            self._q["dead_letter_add"],
+            (endpoint, message_id, body, reason, now),
+        )
+
+    # -- sagas ------------------------------------------------------------------------
+    async def saga_get(self, saga_id: str) -> SagaInstance | None:
+        """Load an instance and lock its row until the transaction ends (FOR UPDATE).
+
+        Another transaction loading it waits, then reads the version committed here.
+        """
+        row = await self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
+        return None if row is None else _saga_from_row(row)
+
+    async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` (any version) started for ``business_key``."""
+        row = await self._one(
+            f"load the {definition} saga of {business_key!r}",
+            self._q["saga_get_by_key"],
+            (definition, business_key),
+        )
+        return None if row is None else _saga_from_row(row)
+
+    async def saga_insert(self, instance: SagaInstance) -> None:
+        """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists.
+
+        The refusal leaves the transaction usable (nothing is aborted).
+        """
+        what = f"insert saga {instance.saga_id}"
+        row = await self._one(what, self._q["saga_insert"], _saga_insert_params(instance))
+        if row is not None:
+            return
+        if await self._one(what, self._q["saga_exists"], (instance.saga_id,)) is not None:
+            raise ConcurrencyError(f"saga {instance.saga_id} already exists")
+        raise ConcurrencyError(
+            f"a {instance.definition} saga already exists for business key "
+            f"{instance.business_key!r}"
+        )
+
+    async def saga_update(self, instance: SagaInstance, expected_version: int) -> None:
+        """Write ``instance`` if the stored version is still ``expected_version``.
+
+        Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
+        applied a transition first, and this one must be recomputed. A concurrent
+        writer of the same row makes this wait for its commit, then re-check.
+        """
+        what = f"update saga {instance.saga_id}"
+        params = _saga_update_params(instance, expected_version)
+        if await self._one(what, self._q["saga_update"], params) is not None:
+            return
+        # Only the losing path pays for the second query that explains the loss.
+        row = await self._one(what, self._q["saga_exists"], (instance.saga_id,))
+        found = "it does not exist" if row is None else f"it is at version {row[0]}"
+        raise ConcurrencyError(
+            f"saga {instance.saga_id} was not updated: expected version {expected_version}, "
+            f"but {found}; reload it and recompute the transition"
+        )
+
+    async def history_add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Append history rows (never updated, never deleted)."""
+        if entries:
+            rows = _history_params(entries)
+            await self._send_many(
+                f"append {len(rows)} history row(s)", self._q["history_add"], rows
+            )
+
+    async def timers_set(self, timers: Sequence[Timer]) -> None:
+        """Set timers; one with the same (saga_id, name) is replaced."""
+        if not timers:
+            return
+        rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers]
+        await self._send_many(f"set {len(rows)} timer(s)", self._q["timer_set"], rows)
+        self._notify.add(self._store.timers_channel)
+
+    async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
+        """Delete the named timers of one saga (missing ones are ignored)."""
+        if names:
+            await self._send(
+                f"cancel timers of saga {saga_id}", self._q["timers_cancel"], (saga_id, list(names))
+            )
+
+    async def timers_take_due(self, now: float, limit: int) -> list[Timer]:
+        """Remove and return up to ``limit`` timers due at ``now``, earliest first.
+
+        Taken inside the transaction that applies them: if it rolls back, they stay.
+        Timers another open transaction took are skipped (SKIP LOCKED), not waited for,
+        so concurrent workers never take the same timer. ``now`` is the caller's clock,
+        the clock ``due_at`` was computed with (see the module docstring).
+        """
+        if limit <= 0:
+            return []
+        rows = await self._all("take due timers", self._q["timers_take_due"], (now, limit))
+        rows.sort(key=lambda r: (r[2], r[0], r[1]))
+        return [Timer(saga_id=r[0], name=r[1], due_at=r[2], fence=r[3]) for r in rows]
+
+    # -- end of the block ---------------------------------------------------------------
+    async def _send_commit(self) -> None:
+        """Queue the notifications and COMMIT; leaving pipeline mode sends them."""
+        cursor = self._cur or _finished()
+        if self._store.notify:
+            for channel in sorted(self._notify):
+                await cursor.execute(self._q["notify"], (channel, ""))
+        await cursor.execute("COMMIT")
+
+
+class _Transaction(AbstractAsyncContextManager[PostgresTx]):
+    """``async with``: a pooled connection in pipeline mode, BEGIN; COMMIT or ROLLBACK."""
+
+    __slots__ = ("_conn", "_pool", "_stack", "_store", "_task", "_tx")
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._tx: PostgresTx | None = None
+        self._pool: _Pool | None = None
+        self._conn: _Conn | None = None
+        self._stack = AsyncExitStack()
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> PostgresTx:
+        store = self._store
+        self._task = store._enter_task()
+        try:
+            self._pool = store._pool or store._not_open()
+            try:
+                conn = self._conn = await self._pool.getconn()
+            except psycopg.Error as exc:
+                raise translate_error(store.name, "get a connection from the pool", exc) from exc
+            pipeline = None
+            if store._use_pipeline:
+                pipeline = await self._stack.enter_async_context(conn.pipeline())
+            cursor = conn.cursor()
+            await cursor.execute("BEGIN")  # queued: travels with the first statement
+        except psycopg.Error as exc:
+            await self._release()
+            raise translate_error(store.name, "begin a transaction", exc) from exc
+        except BaseException:
+            await self._release()
+            raise
+        self._tx = PostgresTx(cursor, pipeline, store)
+        return self._tx
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._tx
+        assert tx is not None and tx._cur is not None, "transaction exited without entering"
+        cursor = tx._cur
+        try:
+            if exc_type is None:
+                try:
+                    await tx._send_commit()
+                    # Leaving pipeline mode syncs: the queued writes, the notifications
+                    # and the COMMIT travel together and are answered together.
+                    await self._stack.aclose()
+                except psycopg.Error as commit_exc:
+                    # A lost connection may have lost the answer, not the commit.
+                    outcome = (
+                        "commit: the connection was lost, so whether it committed is unknown"
+                        if self._conn is None or self._conn.broken
+                        else "commit (nothing was written)"
+                    )
+                    raise tx._fail(outcome, commit_exc) from commit_exc
+            else:
+                try:
+                    await cursor.execute("ROLLBACK")
+                    await self._stack.aclose()
+                except psycopg.Error as rollback_exc:
+                    # A queued write failed first; the block's own error is what matters.
+                    log.debug("store %r: ignored while rolling back: %s", tx._name, rollback_exc)
+        finally:
+            tx._cur = None
+            await self._release()
+
+    async def _release(self) -> None:
+        """Leave pipeline mode, make sure no transaction is left open, return the connection."""
+        store, pool, conn = self._store, self._pool, self._conn
+        try:
+            if conn is not None:
+                try:
+                    await self._stack.aclose()
+                except psycopg.Error as exc:
+                    log.debug("store %r: ignored leaving pipeline mode: %s", store.name, exc)
+                if not conn.closed and conn.info.transaction_status != _IDLE_STATUS:
+                    try:
+                        await conn.execute("ROLLBACK")
+                    except psycopg.Error:
+                        await conn.close()  # unusable: the pool replaces it
+        finally:
+            store._leave_task(self._task)
+            if conn is not None and pool is not None:
+                await pool.putconn(conn)  # a closed pool closes it
+
+
+# -- store ---------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """A :class:`~sagakit.stores.base.Store` in a PostgreSQL database (or one schema of it).
+
+    ``schema`` is this service's own schema: created if missing, and the only one on
+    the ``search_path`` of every pooled connection. ``None`` uses the server's default
+    search path. ``min_size``/``max_size`` bound the pool; a transaction holds one
+    connection for its whole block. ``lease_clock`` says whose clock outbox leases use
+    (``"database"``, the default, or ``"caller"`` for simulated clocks); ``notify=False``
+    turns off the NOTIFY sent by commits that add outbox rows or timers.
+
+    Call :meth:`open` before use (it applies pending migrations) and :meth:`close`
+    after; a closed store can be opened again.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        name: str = "store",
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        lease_clock: Literal["database", "caller"] = "database",
+        notify: bool = True,
+    ) -> None:
+        if _MISSING_DRIVER is not None:
+            raise ConfigurationError(
+                "PostgresStore needs psycopg 3 and psycopg-pool: install the "
+                f"`sagakit[postgres]` extra (pip install 'sagakit[postgres]'); {_MISSING_DRIVER}"
+            )
+        if schema is not None and not 0 < len(schema.encode()) <= _MAX_IDENTIFIER:
+            raise ConfigurationError(
+                f"schema {schema!r} must be 1 to {_MAX_IDENTIFIER} bytes long (PostgreSQL "
+                "truncates longer names)"
+            )
+        if len(f"sagakit_outbox_{name}".encode()) > _MAX_IDENTIFIER:
+            raise ConfigurationError(
+                f"store name {name!r} is too long for a notification channel "
+                f"(sagakit_outbox_<name> must fit in {_MAX_IDENTIFIER} bytes)"
+            )
+        if not 0 <= min_size <= max_size or max_size < 2:
+            raise ConfigurationError(
+                f"need 0 <= min_size <= max_size and max_size >= 2 (a transaction holds one "
+                f"connection, a read or a claim needs another); got {min_size}, {max_size}"
+            )
+        if lease_clock not in ("database", "caller"):
+            raise ConfigurationError(
+                f"lease_clock={lease_clock!r}: use 'database' (relays on many hosts) or "
+                "'caller' (simulated clocks)"
+            )
+        self.dsn = dsn
+        self.name = name
+        self.schema = schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.lease_clock = lease_clock
+        self.notify = notify
+        self.outbox_channel = f"sagakit_outbox_{name}"
+        self.timers_channel = f"sagakit_timers_{name}"
+        self.queue_channel = f"sagakit_queue_{name}"
+        self._q = _queries()
+        self._pool: _Pool | None = None
+        self._use_pipeline = psycopg.Pipeline.is_supported()
+        self._tasks_in_tx: set[asyncio.Task[Any]] = set()
+        self._clock_offset = 0.0
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({_safe_dsn(self.dsn)!r}, name={self.name!r}, schema={self.schema!r})"
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the schema if missing, apply pending migrations, open the pool.
+
+        Migrations run under a transaction-level advisory lock, so processes that
+        start together apply each step once; an up-to-date database costs one query.
+        """
+        if self._pool is not None:
+            return
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.dsn, **self._connect_args("open"))
+        except psycopg.Error as exc:
+            raise translate_error(self.name, f"connect to {_safe_dsn(self.dsn)}", exc) from exc
+        try:
+            await self._configure(conn)
+            await self._migrate(conn, ENGINE_NAMESPACE, _engine_migrations(), bootstrap=True)
+            await self._measure_clock(conn)
+        except psycopg.Error as exc:
+            raise translate_error(self.name, "prepare the database", exc) from exc
+        finally:
+            await conn.close()
+        pool: _Pool = psycopg_pool.AsyncConnectionPool(
+            self.dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            kwargs=self._connect_args("pool"),
+            configure=self._configure,
+            name=f"sagakit-{self.name}",
+            open=False,
+        )
+        try:
+            await pool.open(wait=True)
+        except psycopg.Error as exc:
+            await pool.close()
+            raise translate_error(self.name, "open the connection pool", exc) from exc
+        if self._pool is not None:  # a concurrent open() of this store finished first
+            await pool.close()
+            return
+        self._pool = pool
+
+    def _connect_args(self, role: str) -> dict[str, Any]:
+        args: dict[str, Any] = {"autocommit": True}
+        # Names the connections in pg_stat_activity, unless the DSN names them already.
+        if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.dsn):
+            args["application_name"] = f"sagakit {self.name} {role}"[:_MAX_IDENTIFIER]
+        return args
+
+    async def _configure(self, conn: _Conn) -> None:
+        if self.schema is not None:
+            await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+
+    async def close(self) -> None:
+        """Close the pool (connections still lent out close when they come back)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def apply_migrations(self, namespace: str, steps: Sequence[str]) -> None:
+        """Apply the SQL scripts of ``steps`` not yet applied for ``namespace``, in order.
+
+        Step *n* is ``steps[n - 1]``: append new steps, never edit or reorder applied
+        ones. Each step runs in its own transaction, under the advisory lock, together
+        with its record in ``schema_migrations``; PostgreSQL's DDL is transactional,
+        so a step that fails leaves nothing behind. Scripts may hold many statements
+        (no parameters; no BEGIN/COMMIT). Participant services call this after
+        :meth:`open` for their business tables.
+        """
+        if not namespace:
+            raise ConfigurationError("apply_migrations needs a non-empty namespace")
+        if isinstance(steps, str):
+            raise ConfigurationError(
+                "apply_migrations takes a sequence of SQL scripts (one per step), not one string"
+            )
+        pool = self._pool or self._not_open()
+        self._check_no_tx()
+        try:
+            async with pool.connection() as conn:
+                await self._migrate(conn, namespace, steps, bootstrap=False)
+        except psycopg.Error as exc:
+            raise translate_error(self.name, f"apply migrations of {namespace!r}", exc) from exc
+
+    async def _migrate(
+        self, conn: _Conn, namespace: str, steps: Sequence[str], *, bootstrap: bool
+    ) -> None:
+        q = self._q
+        try:
+            cursor = await conn.execute(q["migration_steps"], (namespace,))
+            done: set[int] = {r[0] for r in await cursor.fetchall()}
+        except psycopg.errors.UndefinedTable:
+            done = set()  # a new database (or schema): bootstrapped below, under the lock
+        for number, script in enumerate(steps, start=1):
+            if number in done:
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.execute(q["migration_lock"], (_lock_key(self.schema),))
+                    if bootstrap:
+                        await self._bootstrap(conn)
+                    # Another process may have applied it while this one waited.
+                    cursor = await conn.execute(q["migration_steps"], (namespace,))
+                    if number not in {r[0] for r in await cursor.fetchall()}:
+                        await conn.execute(script)  # no parameters: no %-parsing
+                        await conn.execute(q["migration_record"], (namespace, number))
+            except psycopg.Error as exc:
+                raise translate_error(
+                    self.name,
+                    f"apply migration step {number} of {namespace!r} (rolled back; fix the "
+                    "script and open again)",
+                    exc,
+                ) from exc
+
+    async def _bootstrap(self, conn: _Conn) -> None:
+        # Created only when missing: CREATE ... IF NOT EXISTS would need the CREATE
+        # privilege even when there is nothing to create.
+        if self.schema is not None:
+            cursor = await conn.execute(self._q["schema_exists"], (self.schema,))
+            if await cursor.fetchone() is None:
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+        cursor = await conn.execute(self._q["schema_migrations_exists"])
+        row = await cursor.fetchone()
+        if row is None or not row[0]:
+            await conn.execute(self._q["schema_migrations_create"])
+
+    # -- clock ------------------------------------------------------------------------
+    async def _measure_clock(self, conn: _Conn) -> None:
+        before = time.time()
+        cursor = await conn.execute(self._q["database_time"])
+        row = await cursor.fetchone()
+        after = time.time()
+        assert row is not None
+        self._clock_offset = float(row[0]) - (before + after) / 2
+
+    async def sync_clock(self) -> float:
+        """Measure the offset to the server's clock again; return it in seconds."""
+        pool = self._pool or self._not_open()
+        try:
+            async with pool.connection() as conn:
+                await self._measure_clock(conn)
+        except psycopg.Error as exc:
+            raise translate_error(self.name, "read the database clock", exc) from exc
+        return self._clock_offset
+
+    def clock(self) -> float:
+        """The database server's time, in epoch seconds, without a round trip.
+
+        The local clock plus the offset measured at :meth:`open` (or
+        :meth:`sync_clock`), accurate to about half a round trip. Hand it to the
+        runtime (``clock=store.clock``) so every process computes and compares timer
+        due times and leases on the same clock.
+        """
+        return time.time() + self._clock_offset
+
+    # -- notifications ----------------------------------------------------------------
+    async def listen(
+        self, *channels: str, health_every: float = 30.0, retry_every: float = 1.0
+    ) -> AsyncGenerator[tuple[str, str], None]:
+        """Yield ``(channel, payload)`` for each notification, until the caller stops.
+
+        Listens on ``channels`` (default: this store's outbox, timers and queue
+        channels) over a dedicated connection, not a pooled one. Right after
+        connecting, and after every reconnection, it yields each channel once with an
+        empty payload: notifications sent while nobody listened are lost, so the
+        waiter must look for work. The connection is checked every ``health_every``
+        seconds; a lost one is reopened every ``retry_every`` seconds until it works.
+        Close the iterator (``aclose``, or leave the ``async for``) to stop.
+        """
+        channels = channels or (self.outbox_channel, self.timers_channel, self.queue_channel)
+        while True:
+            conn: _Conn | None = None
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, **self._connect_args("listen")
+                )
+                for channel in channels:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                for channel in channels:
+                    yield channel, ""
+                while True:
+                    async with contextlib.aclosing(conn.notifies(timeout=health_every)) as notes:
+                        async for note in notes:
+                            yield note.channel, note.payload
+                    await conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                log.warning(
+                    "store %r: listening for notifications failed (%s); retrying in %.1fs",
+                    self.name,
+                    exc,
+                    retry_every,
+                )
+            finally:
+                if conn is not None:
+                    await conn.close()
+            await asyncio.sleep(retry_every)
+
+    # -- connections ------------------------------------------------------------------
+    def _not_open(self) -> NoReturn:
+        raise StoreError(
+            f"PostgreSQL store {self.name!r} is not open; call `await store.open()` first"
+        )
+
+    def _check_no_tx(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task in self._tasks_in_tx:
+            raise StoreError(
+                f"store {self.name!r} is already in a transaction in this task; a second "
+                "connection could wait on the first one's locks forever (use the open Tx "
+                "instead of the store or a second transaction)"
+            )
+
+    def _enter_task(self) -> asyncio.Task[Any] | None:
+        if self._pool is None:
+            self._not_open()
+        self._check_no_tx()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks_in_tx.add(task)
+        return task
+
+    def _leave_task(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks_in_tx.discard(task)
+
+    def transaction(self) -> AbstractAsyncContextManager[PostgresTx]:
+        """A transaction: commits when the block exits normally, rolls back on error."""
+        return _Transaction(self)
+
+    async def _read(self, what: str, query: str, params: _Params = ()) -> list[tuple[Any, ...]]:
+        pool = self._pool or self._not_open()
+        try:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                return await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise translate_error(self.name, what, exc) from exc
+
+    async def _write(self, what: str, query: str, params: _Params) -> tuple[int, list[Any]]:
+        """One statement as its own transaction (autocommit); rows changed and returned."""
+        pool = self._pool or self._not_open()
+        self._check_no_tx()
+        try:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                rows = await cursor.fetchall() if cursor.description is not None else []
+                return cursor.rowcount, rows
+        except psycopg.Error as exc:
+            raise translate_error(self.name, what, exc) from exc
+
+    # -- reads ------------------------------------------------------------------------
+    async def get_saga(self, saga_id: str) -> SagaInstance | None:
+        """An instance by id (no lock)."""
+        rows = await self._read(f"read saga {saga_id}", self._q["saga_read"], (saga_id,))
+        return _saga_from_row(rows[0]) if rows else None
+
+    async def list_sagas(
+        self,
+        *,
+        states: Sequence[SagaState] | None = None,
+        definition: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SagaInstance]:
+        """Instances, newest first (ties in insertion order), optionally filtered."""
+        params = {
+            "states": None if states is None else [s.value for s in states],
+            "definition": definition,
+            "limit": max(limit, 0),
+            "offset": max(offset, 0),
+        }
+        rows = await self._read("list sagas", self._q["saga_list"], params)
+        return [_saga_from_row(r) for r in rows]
+
+    async def count_sagas(self) -> dict[SagaState, int]:
+        """How many instances are in each state (states with none are left out)."""
+        rows = await self._read("count sagas", self._q["saga_count"])
+        return {SagaState(s): n for s, n in rows}
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """A saga's history in the order it was written."""
+        rows = await self._read(
+            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
+        )
+        return [_history_from_row(r) for r in rows]
+
+    async def next_timer_due(self) -> float | None:
+        """When the earliest timer is due, or ``None`` when there is none."""
+        rows = await self._read("read the next timer", self._q["timer_next_due"])
+        due: float | None = rows[0][0]
+        return due
+
+    # -- outbox relay -----------------------------------------------------------------
+    async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:
+        """Claim up to ``limit`` unpublished rows for ``lease`` seconds, oldest first.
+
+        ``FOR UPDATE SKIP LOCKED`` in one statement (its own transaction): concurrent
+        relays never claim the same row and never wait for each other. With
+        ``lease_clock="database"`` the lease is stamped and checked on the server's
+        clock and ``now`` is not used. Callers publish, wait for the acknowledgement,
+        then :meth:`outbox_mark_published`.
+        """
+        if limit <= 0:
+            return []
+        params: tuple[Any, ...]
+        if self.lease_clock == "database":
+            query, params = self._q["outbox_claim_db_clock"], (lease, limit)
+        else:
+            query, params = self._q["outbox_claim_caller_clock"], (now + lease, now, limit)
+        _, rows = await self._write("claim outbox rows", query, params)
+        rows.sort()
+        return [OutboxRow(id=r[0], envelope=Envelope.from_json(r[1])) for r in rows]
+
+    async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
+        """Mark rows as published (acknowledged by the transport); ``now`` is recorded."""
+        if ids:
+            await self._write(
+                f"mark {len(ids)} outbox row(s) published",
+                self._q["outbox_mark_published"],
+                (now, list(ids)),
+            )
+
+    async def outbox_pending(self) -> int:
+        """How many rows are not yet published."""
+        rows = await self._read("count pending outbox rows", self._q["outbox_pending"])
+        count: int = rows[0][0]
+        return count
+
+    async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
+        """Every outbox row with its published time (for audits and invariant checks)."""
+        rows = await self._read("read the outbox", self._q["outbox_all"])
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    # -- inbox ------------------------------------------------------------------------
+    async def inbox_ids(self, consumer: str) -> set[str]:
+        """Message ids ``consumer`` has handled (for audits and invariant checks)."""
+        rows = await self._read(
+            f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
+        )
+        return {r[0] for r in rows}
+
+    async def inbox_purge(self, older_than: float) -> int:
+        """Delete inbox rows recorded before ``older_than``; return how many."""
+        purged, _ = await self._write("purge the inbox", self._q["inbox_purge"], (older_than,))
+        return purged
+
+    # -- mailbox queue (embedded transport) -------------------------------------------
+    async def queue_push(
+        self, endpoint: str, bodies: Sequence[str], now: float, available_at: float | None = None
+    ) -> None:
+        """Append raw messages to ``endpoint``'s mailbox, visible from ``available_at``.
+
+        One statement for the batch; it notifies ``queue_channel`` with the endpoint.
+        """
+        if not bodies:
+            return
+        params = {
+            "endpoint": endpoint,
+            "now": now,
+            "at": now if available_at is None else available_at,
+            "bodies": list(bodies),
+            "channel": self.queue_channel,
+            "notify": self.notify,
+        }
+        await self._write(
+            f"push {len(bodies)} message(s) to {endpoint!r}", self._q["queue_push"], params
+        )
+
+    async def queue_fetch(
+        self, endpoint: str, limit: int, now: float, lease: float
+    ) -> list[QueuedMessage]:
+        """Hand out up to ``limit`` visible messages, oldest first, hidden for ``lease`` s.
+
+        Each counts one more delivery. A message not acknowledged before its lease
+        ends is handed out again (at-least-once). Concurrent fetches skip each
+        other's rows (SKIP LOCKED). Uses the caller's clock, like the push delays.
+        """
+        if limit <= 0:
+            return []
+        _, rows = await self._write(
+            f"fetch from the mailbox of {endpoint!r}",
+            self._q["queue_fetch"],
+            (now + lease, endpoint, now, limit),
+        )
+        rows.sort()
+        return [
+            QueuedMessage(id=r[0], endpoint=r[1], body=r[2], deliveries=r[3], enqueued_at=r[4])
+            for r in rows
+        ]
+
+    async def queue_ack(self, ids: Sequence[int]) -> None:
+        """Remove handled messages from the mailbox."""
+        if ids:
+            await self._write(
+                f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (list(ids),)
+            )
+
+    async def queue_retry(self, id: int, available_at: float, error: str) -> None:
+        """Make a message visible again at ``available_at`` (a failed delivery)."""
+        await self._write(
+            f"reschedule message {id}", self._q["queue_retry"], (available_at, error, id)
+        )
+
+    async def queue_reset_leases(self, endpoint: str) -> int:
+        """Make every leased message of ``endpoint`` visible now (the sole consumer restarted).
+
+        A message counts as leased once it was handed out; messages delayed at push
+        time and never delivered keep their delay.
+        """
+        reset, _ = await self._write(
+            f"reset the leases of {endpoint!r}", self._q["queue_reset_leases"], (endpoint,)
+        )
+        return reset
+
+    async def queue_depth(self, endpoint: str | None = None) -> int:
+        """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
+        if endpoint is None:
+            rows = await self._read("count queued messages", self._q["queue_depth"])
+        else:
+            rows = await self._read(
+                f"count the mailbox of {endpoint!r}", self._q["queue_depth_of"], (endpoint,)
+            )
+        depth: int = rows[0][0]
+        return depth
+
+    async def next_queue_visible(self, endpoint: str) -> float | None:
+        """When the next hidden or delayed message of ``endpoint`` becomes visible.
+
+        This is the smallest ``available_at`` of the mailbox, which is in the past when
+        a message is visible already; ``None`` when the mailbox is empty.
+        """
+        rows = await self._read(
+            f"read the mailbox of {endpoint!r}", self._q["queue_next_visible"], (endpoint,)
+        )
+        at: float | None = rows[0][0]
+        return at
+
+    async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
+        """Parked messages, oldest first."""
+        if endpoint is None:
+            rows = await self._read("read dead letters", self._q["dead_letters"])
+        else:
+            rows = await self._read(
+                f"read dead letters of {endpoint!r}", self._q["dead_letters_of"], (endpoint,)
+            )
+        return [
+            DeadLetter(id=r[0], endpoint=r[1], message_id=r[2], body=r[3], reason=r[4], at=r[5])
+            for r in rows
+        ]

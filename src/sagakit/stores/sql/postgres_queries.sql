@@ -1,0 +1,231 @@
+-- Every statement PostgresStore runs, by name. Each block starts with "-- name: <name>"
+-- and runs as one statement with psycopg placeholders (%s, or %(name)s); comment lines
+-- inside a block are dropped by the loader. Tables are unqualified: the pool sets the
+-- store's schema as search_path on every connection. Variable-length id lists are
+-- passed as one array (= ANY), so every statement text stays constant and psycopg
+-- prepares each one once per connection.
+
+-- name: schema_migrations_create
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    namespace  text NOT NULL,
+    step       integer NOT NULL,
+    applied_at double precision NOT NULL,
+    PRIMARY KEY (namespace, step)
+)
+
+-- name: schema_migrations_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL
+
+-- name: schema_exists
+SELECT 1 FROM pg_namespace WHERE nspname = %s
+
+-- name: migration_lock
+-- Held until the transaction ends: concurrent processes apply migrations one at a time.
+SELECT pg_advisory_xact_lock(%s)
+
+-- name: migration_steps
+SELECT step FROM schema_migrations WHERE namespace = %s
+
+-- name: migration_record
+INSERT INTO schema_migrations (namespace, step, applied_at)
+VALUES (%s, %s, extract(epoch FROM clock_timestamp())::float8)
+
+-- name: database_time
+SELECT extract(epoch FROM clock_timestamp())::float8
+
+-- name: notify
+SELECT pg_notify(%s, %s)
+
+-- name: saga_get
+-- FOR UPDATE: a second worker loading the same saga waits for this transaction, then
+-- reads the version it committed.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = %s
+FOR UPDATE
+
+-- name: saga_read
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = %s
+
+-- name: saga_get_by_key
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE definition = %s AND business_key = %s
+
+-- name: saga_insert
+-- DO NOTHING (no RETURNING row) instead of a unique violation, which would abort the
+-- whole transaction; the store raises ConcurrencyError. Covers both unique keys.
+INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
+                   version, cursor, correlation_id, created_at, updated_at, deadline_at,
+                   reason, cancel_requested, timed_out, data, steps)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+RETURNING 1
+
+-- name: saga_exists
+SELECT version FROM sagas WHERE saga_id = %s
+
+-- name: saga_update
+-- saga_id, definition, business_key and created_at are fixed at insert.
+UPDATE sagas
+SET definition_version = %s, state = %s, status = %s, version = %s, cursor = %s,
+    correlation_id = %s, updated_at = %s, deadline_at = %s, reason = %s,
+    cancel_requested = %s, timed_out = %s, data = %s, steps = %s
+WHERE saga_id = %s AND version = %s
+RETURNING 1
+
+-- name: saga_list
+-- Optional filters as "IS NULL OR" so that one prepared statement serves every
+-- combination (console listing, not the hot path).
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas
+WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
+  AND (%(definition)s::text IS NULL OR definition = %(definition)s::text)
+ORDER BY created_at DESC, seq DESC
+LIMIT %(limit)s OFFSET %(offset)s
+
+-- name: saga_count
+SELECT state, count(*) FROM sagas GROUP BY state
+
+-- name: history_add
+INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+
+-- name: history
+SELECT saga_id, version, at, event, state, status, step, detail, message_id
+FROM saga_history WHERE saga_id = %s ORDER BY id
+
+-- name: timer_set
+INSERT INTO timers (saga_id, name, due_at, fence) VALUES (%s, %s, %s, %s)
+ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
+
+-- name: timers_cancel
+DELETE FROM timers WHERE saga_id = %s AND name = ANY(%s::text[])
+
+-- name: timers_take_due
+-- SKIP LOCKED: timers another worker's open transaction took are passed over, so two
+-- workers never take the same timer and neither waits for the other. RETURNING yields
+-- rows in no promised order; the caller sorts them.
+DELETE FROM timers
+WHERE (saga_id, name) IN (SELECT saga_id, name FROM timers WHERE due_at <= %s
+                          ORDER BY due_at, saga_id, name LIMIT %s
+                          FOR UPDATE SKIP LOCKED)
+RETURNING saga_id, name, due_at, fence
+
+-- name: timer_next_due
+SELECT min(due_at) FROM timers
+
+-- name: inbox_add
+INSERT INTO inbox (consumer, message_id, at) VALUES (%s, %s, %s)
+ON CONFLICT DO NOTHING
+RETURNING 1
+
+-- name: inbox_ids
+SELECT message_id FROM inbox WHERE consumer = %s
+
+-- name: inbox_purge
+DELETE FROM inbox WHERE at < %s
+
+-- name: idempotency_get
+SELECT outcome, tombstone, at FROM idempotency WHERE consumer = %s AND key = %s
+
+-- name: idempotency_put
+INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+RETURNING 1
+
+-- name: outbox_add
+INSERT INTO outbox (message_id, destination, body, created_at) VALUES (%s, %s, %s, %s)
+
+-- name: outbox_claim_db_clock
+-- One statement is one transaction: the subquery's row locks are held until the UPDATE
+-- commits, and SKIP LOCKED passes over rows a concurrent claim is taking. Leases are
+-- stamped and compared with the server's clock (statement_timestamp: one value for
+-- the whole statement), so relays on hosts with skewed clocks agree on expiry.
+UPDATE outbox SET claimed_until = extract(epoch FROM statement_timestamp())::float8 + %s
+WHERE id IN (SELECT id FROM outbox
+             WHERE published_at IS NULL
+               AND (claimed_until IS NULL
+                    OR claimed_until <= extract(epoch FROM statement_timestamp())::float8)
+             ORDER BY id LIMIT %s
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, body
+
+-- name: outbox_claim_caller_clock
+-- The same claim with the caller's clock (simulated clocks, the contract suite).
+UPDATE outbox SET claimed_until = %s
+WHERE id IN (SELECT id FROM outbox
+             WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until <= %s)
+             ORDER BY id LIMIT %s
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, body
+
+-- name: outbox_mark_published
+-- The first publication time is kept when a row is published twice (lease expired).
+UPDATE outbox SET published_at = %s
+WHERE id = ANY(%s::bigint[]) AND published_at IS NULL
+
+-- name: outbox_pending
+SELECT count(*) FROM outbox WHERE published_at IS NULL
+
+-- name: outbox_all
+SELECT body, published_at FROM outbox ORDER BY id
+
+-- name: dead_letter_add
+INSERT INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+
+-- name: dead_letters
+SELECT id, endpoint, message_id, body, reason, at FROM dead_letters ORDER BY id
+
+-- name: dead_letters_of
+SELECT id, endpoint, message_id, body, reason, at FROM dead_letters
+WHERE endpoint = %s ORDER BY id
+
+-- name: queue_push
+-- One statement for the whole batch; ids follow the order of the bodies. The notice
+-- (when asked for) is sent in the same implicit transaction, so on commit.
+WITH pushed AS (
+    INSERT INTO queue (endpoint, body, enqueued_at, available_at)
+    SELECT %(endpoint)s, body, %(now)s, %(at)s
+    FROM unnest(%(bodies)s::text[]) WITH ORDINALITY AS b(body, n)
+    ORDER BY n
+    RETURNING 1
+)
+SELECT pg_notify(%(channel)s, %(endpoint)s) WHERE %(notify)s
+
+-- name: queue_fetch
+-- RETURNING yields rows in no promised order; the caller sorts them by id.
+UPDATE queue SET deliveries = deliveries + 1, available_at = %s
+WHERE id IN (SELECT id FROM queue WHERE endpoint = %s AND available_at <= %s
+             ORDER BY id LIMIT %s
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, endpoint, body, deliveries, enqueued_at
+
+-- name: queue_ack
+DELETE FROM queue WHERE id = ANY(%s::bigint[])
+
+-- name: queue_retry
+UPDATE queue SET available_at = %s, last_error = %s WHERE id = %s
+
+-- name: queue_reset_leases
+-- Leased rows are those handed out at least once and still hidden; rows delayed at
+-- push time (never delivered) keep their available_at.
+UPDATE queue SET available_at = 0
+WHERE endpoint = %s AND deliveries > 0 AND available_at > 0
+
+-- name: queue_depth
+SELECT count(*) FROM queue
+
+-- name: queue_depth_of
+SELECT count(*) FROM queue WHERE endpoint = %s
+
+-- name: queue_next_visible
+SELECT min(available_at) FROM queue WHERE endpoint = %s
