@@ -278,7 +278,16 @@ class Store(Protocol):
 
 
 class SQLStore(Store, Protocol):
-    """A store with business tables: what participants' migrations need."""
+    """A store with business tables: what participants' migrations need.
+
+    Business SQL uses qmark ``?`` parameters on every adapter. Transactions are
+    isolated, not necessarily serialised (PostgreSQL runs them concurrently under row
+    locks). After a ``StoreError`` inside a block other than the documented refusals,
+    the transaction can only roll back.
+    """
+
+    dialect: str
+    """``"sqlite"`` or ``"postgresql"``."""
 
     async def apply_migrations(self, namespace: str, steps: Sequence[str]) -> None:
         """Apply, in order and once each, the SQL scripts of ``namespace`` not applied yet."""

@@ -722,6 +722,9 @@ class PostgresStore:
     after; a closed store can be opened again.
     """
 
+    dialect = "postgresql"
+    """The SQL dialect of business tables, for the rare migration that differs."""
+
     def __init__(
         self,
         dsn: str,

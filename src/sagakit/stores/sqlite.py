@@ -474,6 +474,9 @@ class SQLiteStore:
     after; a closed store can be opened again on the same file.
     """
 
+    dialect = "sqlite"
+    """The SQL dialect of business tables, for the rare migration that differs."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
