@@ -97,7 +97,8 @@ async def check_invariants(
             "SELECT order_id, seq, status FROM order_status_history ORDER BY order_id, seq",
         ),
         ledger=await _rows(
-            payment_store, "SELECT order_id, op, amount FROM payment_ledger ORDER BY id"
+            payment_store,
+            "SELECT order_id, op, amount FROM payment_ledger ORDER BY order_id, op",
         ),
         stock=await _rows(
             inventory_store, "SELECT sku, initial, available, reserved, shipped FROM stock"

@@ -12,6 +12,11 @@ reservations past it to *available* (status EXPIRED). A saga that died or stalle
 therefore cannot hold stock forever. Releasing an expired reservation is a no-op
 success; committing one fails for good (its units may have gone to another order), so
 a saga past its pivot then goes to a person.
+
+The SQL is portable (SQLiteStore and PostgresStore run the same statements) and never
+relies on transactions running one at a time: on PostgreSQL (READ COMMITTED) a
+handler and the sweeper may work on one reservation concurrently, so every status
+change is a conditional UPDATE whose row count decides what happens next.
 """
 
 from __future__ import annotations
@@ -31,45 +36,33 @@ NAMESPACE = "checkout.inventory"
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE stock (
-        sku       TEXT PRIMARY KEY,
-        initial   INTEGER NOT NULL CHECK (initial >= 0),
-        available INTEGER NOT NULL CHECK (available >= 0),
-        reserved  INTEGER NOT NULL CHECK (reserved >= 0),
-        shipped   INTEGER NOT NULL CHECK (shipped >= 0)
+        sku       TEXT NOT NULL PRIMARY KEY,
+        initial   BIGINT NOT NULL CHECK (initial >= 0),
+        available BIGINT NOT NULL CHECK (available >= 0),
+        reserved  BIGINT NOT NULL CHECK (reserved >= 0),
+        shipped   BIGINT NOT NULL CHECK (shipped >= 0)
     );
     CREATE TABLE reservations (
-        order_id   TEXT PRIMARY KEY,
+        order_id   TEXT NOT NULL PRIMARY KEY,
         sku        TEXT NOT NULL,
-        qty        INTEGER NOT NULL CHECK (qty > 0),
-        status     TEXT NOT NULL CHECK (status IN ('RESERVED', 'RELEASED', 'COMMITTED')),
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX reservations_sku_status_idx ON reservations (sku, status);
-    """,
-    # 2: reservation TTL. SQLite cannot change a CHECK constraint in place: rebuild the
-    # table. Reservations made before this step get the TTL of its day (900 s).
-    """
-    CREATE TABLE reservations_v2 (
-        order_id   TEXT PRIMARY KEY,
-        sku        TEXT NOT NULL,
-        qty        INTEGER NOT NULL CHECK (qty > 0),
+        qty        BIGINT NOT NULL CHECK (qty > 0),
         status     TEXT NOT NULL
                    CHECK (status IN ('RESERVED', 'RELEASED', 'COMMITTED', 'EXPIRED')),
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        expires_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
     );
-    INSERT INTO reservations_v2 (order_id, sku, qty, status, created_at, updated_at, expires_at)
-        SELECT order_id, sku, qty, status, created_at, updated_at, created_at + 900.0
-        FROM reservations;
-    DROP TABLE reservations;
-    ALTER TABLE reservations_v2 RENAME TO reservations;
     CREATE INDEX reservations_sku_status_idx ON reservations (sku, status);
     CREATE INDEX reservations_expiry_idx ON reservations (status, expires_at);
     """,
 ]
-"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+"""Schema steps for ``apply_migrations`` (append, never edit).
+
+Portable SQL, the same text on SQLite and PostgreSQL: ``BIGINT`` counts,
+``DOUBLE PRECISION`` epoch seconds, explicit ``NOT NULL`` on primary keys. A later step
+that must change a CHECK constraint needs dialect-specific text (SQLite rebuilds the
+table, PostgreSQL alters the constraint): choose it by the store's ``dialect`` then.
+"""
 
 OUT_OF_STOCK = "out of stock"
 
@@ -161,7 +154,9 @@ def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> 
                 )
             return {"sku": existing[0], "reserved": existing[1]}
         # One conditional statement: the check and the decrement cannot be separated by
-        # another transaction, so the last unit goes to exactly one order.
+        # another transaction, so the last unit goes to exactly one order. (Two
+        # transactions reserving for the same order concurrently both get here; the
+        # second one's INSERT below then fails on the primary key and rolls back.)
         changed = await tx.execute(
             "UPDATE stock SET available = available - ?, reserved = reserved + ? "
             "WHERE sku = ? AND available >= ?",
@@ -180,22 +175,34 @@ def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> 
         )
         return {"sku": sku, "reserved": qty}
 
+    async def settle(tx: Tx, order_id: str, status: str) -> bool:
+        """RESERVED -> ``status``; False if the reservation is no longer RESERVED.
+
+        False means another transaction (the sweeper, or a handler in another process)
+        settled it since it was read; the caller reads it again and answers from that.
+        """
+        changed = await tx.execute(
+            "UPDATE reservations SET status = ?, updated_at = ? "
+            "WHERE order_id = ? AND status = 'RESERVED'",
+            (status, p.clock(), order_id),
+        )
+        return changed > 0
+
     @p.handles("ReleaseInventory")
     async def release(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        existing = await reservation(tx, order_id)
-        if existing is None or existing[2] in ("RELEASED", "EXPIRED"):
-            # Nothing held: never reserved, released before, or expired (its units are
-            # back in stock already).
-            return {"released": 0}
-        sku, qty, status = existing
-        if status == "COMMITTED":
-            raise StepFailed(f"the goods of order {order_id} have left the warehouse")
-        await tx.execute(
-            "UPDATE reservations SET status = 'RELEASED', updated_at = ? "
-            "WHERE order_id = ? AND status = 'RESERVED'",
-            (p.clock(), order_id),
-        )
+        while True:
+            existing = await reservation(tx, order_id)
+            if existing is None or existing[2] in ("RELEASED", "EXPIRED"):
+                # Nothing held: never reserved, released before, or expired (its units
+                # are back in stock already).
+                return {"released": 0}
+            sku, qty, status = existing
+            if status == "COMMITTED":
+                raise StepFailed(f"the goods of order {order_id} have left the warehouse")
+            if await settle(tx, order_id, "RELEASED"):
+                break
+            # Settled by another transaction since the read: decide on what it is now.
         await tx.execute(
             "UPDATE stock SET available = available + ?, reserved = reserved - ? WHERE sku = ?",
             (qty, qty, sku),
@@ -205,25 +212,24 @@ def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> 
     @p.handles("CommitReservation")
     async def commit(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        existing = await reservation(tx, order_id)
-        if existing is None:
-            raise StepFailed(f"order {order_id} has no reservation to commit")
-        sku, qty, status = existing
-        if status == "COMMITTED":
-            return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
-        if status == "RELEASED":
-            raise StepFailed(f"the reservation of order {order_id} was released")
-        if status == "EXPIRED":
-            # Its units went back to stock and may be sold to another order by now: a
-            # definite failure (past the pivot, a person decides what to do).
-            raise StepFailed(f"the reservation of order {order_id} expired")
-        # A RESERVED reservation past its expires_at that the sweeper has not reached
-        # still holds its units: committing it takes nobody's stock.
-        await tx.execute(
-            "UPDATE reservations SET status = 'COMMITTED', updated_at = ? "
-            "WHERE order_id = ? AND status = 'RESERVED'",
-            (p.clock(), order_id),
-        )
+        while True:
+            existing = await reservation(tx, order_id)
+            if existing is None:
+                raise StepFailed(f"order {order_id} has no reservation to commit")
+            sku, qty, status = existing
+            if status == "COMMITTED":
+                return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
+            if status == "RELEASED":
+                raise StepFailed(f"the reservation of order {order_id} was released")
+            if status == "EXPIRED":
+                # Its units went back to stock and may be sold to another order by now:
+                # a definite failure (past the pivot, a person decides what to do).
+                raise StepFailed(f"the reservation of order {order_id} expired")
+            # A RESERVED reservation past its expires_at that the sweeper has not
+            # reached still holds its units: committing it takes nobody's stock.
+            if await settle(tx, order_id, "COMMITTED"):
+                break
+            # Settled by another transaction since the read: decide on what it is now.
         await tx.execute(
             "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? WHERE sku = ?",
             (qty, qty, sku),

@@ -4,6 +4,8 @@ An order is CREATED by the saga's first step and ends COMPLETED (every step done
 CANCELLED (compensated). ``order_status_history`` keeps each change with a sequence
 number, so the service can show what the customer saw and when. The customer is a
 token: no names, e-mail or postal addresses are stored here.
+
+Its SQL is portable: the same statements run on SQLiteStore and PostgresStore.
 """
 
 from __future__ import annotations
@@ -23,25 +25,31 @@ NAMESPACE = "checkout.order"
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE orders (
-        order_id       TEXT PRIMARY KEY,
+        order_id       TEXT NOT NULL PRIMARY KEY,
         customer_token TEXT NOT NULL,
         sku            TEXT NOT NULL,
-        qty            INTEGER NOT NULL CHECK (qty > 0),
-        amount         INTEGER NOT NULL CHECK (amount >= 0),
+        qty            BIGINT NOT NULL CHECK (qty > 0),
+        amount         BIGINT NOT NULL CHECK (amount >= 0),
         status         TEXT NOT NULL CHECK (status IN ('CREATED', 'COMPLETED', 'CANCELLED')),
-        created_at     REAL NOT NULL,
-        updated_at     REAL NOT NULL
+        created_at     DOUBLE PRECISION NOT NULL,
+        updated_at     DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE order_status_history (
         order_id TEXT NOT NULL,
         seq      INTEGER NOT NULL,
         status   TEXT NOT NULL,
-        at       REAL NOT NULL,
+        at       DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (order_id, seq)
     );
     """,
 ]
-"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+"""Schema steps for ``apply_migrations`` (append, never edit).
+
+Portable SQL, the same text on SQLite and PostgreSQL: ``BIGINT`` for amounts and
+quantities (64-bit on both, like SQLite's ``INTEGER``), ``DOUBLE PRECISION`` for epoch
+seconds (PostgreSQL's ``REAL`` is 4 bytes: far too coarse for a timestamp), explicit
+``NOT NULL`` on primary keys (SQLite would otherwise accept a NULL key).
+"""
 
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
@@ -50,22 +58,34 @@ def build_order(store: Any) -> Participant:
     """The order participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
     p = Participant(NAME, store)
 
-    async def set_status(tx: Tx, order_id: str, status: str) -> None:
+    async def status_of(tx: Tx, order_id: str) -> str | None:
+        row = await tx.fetchone("SELECT status FROM orders WHERE order_id = ?", (order_id,))
+        return None if row is None else str(row[0])
+
+    async def settle(tx: Tx, order_id: str, status: str) -> str | None:
+        """Move a CREATED order to ``status``; return the order's status afterwards.
+
+        ``None``: no such order. One conditional UPDATE decides, so two transactions
+        settling the same order concurrently (PostgreSQL, READ COMMITTED) cannot both
+        move it: the second waits for the first's row lock, finds it no longer CREATED,
+        and answers from what the first wrote.
+        """
         now = p.clock()
-        await tx.execute(
-            "UPDATE orders SET status = ?, updated_at = ? WHERE order_id = ?",
+        changed = await tx.execute(
+            "UPDATE orders SET status = ?, updated_at = ? "
+            "WHERE order_id = ? AND status = 'CREATED'",
             (status, now, order_id),
         )
+        if not changed:
+            return await status_of(tx, order_id)
+        # The order's row is locked by the UPDATE above: seq cannot be taken twice.
         await tx.execute(
             "INSERT INTO order_status_history (order_id, seq, status, at) "
             "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM order_status_history "
             "WHERE order_id = ?",
             (order_id, status, now, order_id),
         )
-
-    async def status_of(tx: Tx, order_id: str) -> str | None:
-        row = await tx.fetchone("SELECT status FROM orders WHERE order_id = ?", (order_id,))
-        return None if row is None else str(row[0])
+        return status
 
     @p.handles("CreateOrder")
     async def create(tx: Tx, cmd: Envelope) -> dict[str, Any]:
@@ -80,17 +100,16 @@ def build_order(store: Any) -> Participant:
                 raise StepFailed(
                     f"CreateOrder: {name!r} must be an integer >= {least}, got {value!r}"
                 )
-        existing = await status_of(tx, order_id)
-        if existing is not None:
-            # Idempotent by order id: a second CreateOrder (another key, a replay) is
-            # answered with the order that exists.
-            return {"order_id": order_id, "status": existing}
         now = p.clock()
-        await tx.execute(
+        created = await tx.execute(
             "INSERT INTO orders (order_id, customer_token, sku, qty, amount, status, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, 'CREATED', ?, ?)",
+            "updated_at) VALUES (?, ?, ?, ?, ?, 'CREATED', ?, ?) ON CONFLICT (order_id) DO NOTHING",
             (order_id, customer, sku, qty, amount, now, now),
         )
+        if not created:
+            # Idempotent by order id: a second CreateOrder (another key, a replay) is
+            # answered with the order that exists.
+            return {"order_id": order_id, "status": await status_of(tx, order_id)}
         await tx.execute(
             "INSERT INTO order_status_history (order_id, seq, status, at) "
             "VALUES (?, 1, 'CREATED', ?)",
@@ -101,25 +120,21 @@ def build_order(store: Any) -> Participant:
     @p.handles("CompleteOrder")
     async def complete(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        status = await status_of(tx, order_id)
+        status = await settle(tx, order_id, "COMPLETED")
         if status is None:
             raise StepFailed(f"no order {order_id}")
         if status == "CANCELLED":
             raise StepFailed(f"order {order_id} was cancelled; it cannot complete")
-        if status == "CREATED":
-            await set_status(tx, order_id, "COMPLETED")
         return {"order_id": order_id, "status": "COMPLETED"}
 
     @p.handles("CancelOrder")
     async def cancel(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        status = await status_of(tx, order_id)
+        status = await settle(tx, order_id, "CANCELLED")
         if status is None:
             return {"order_id": order_id, "cancelled": False}
         if status == "COMPLETED":
             raise StepFailed(f"order {order_id} is already completed; it cannot be cancelled")
-        if status == "CREATED":
-            await set_status(tx, order_id, "CANCELLED")
         return {"order_id": order_id, "cancelled": True}
 
     return p

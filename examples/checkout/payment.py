@@ -11,7 +11,8 @@ already happened rather than a second one. The provider is external: its effects
 not roll back with this service's transaction, which is why the key, not the
 transaction, is what keeps them single.
 
-Amounts are integers in minor units (cents).
+Amounts are integers in minor units (cents). The SQL is portable: the same statements
+run on SQLiteStore and PostgresStore.
 """
 
 from __future__ import annotations
@@ -40,20 +41,25 @@ NAMESPACE = "checkout.payment"
 """The ``schema_migrations`` namespace of the payment tables."""
 
 MIGRATIONS: list[str] = [
+    # The primary key (order_id, op) is the UNIQUE constraint that makes a second row
+    # for the same operation, and so a second effect recorded, impossible.
     """
     CREATE TABLE payment_ledger (
-        id           INTEGER PRIMARY KEY,
         order_id     TEXT NOT NULL,
         op           TEXT NOT NULL
                      CHECK (op IN ('authorize', 'capture', 'void', 'refund', 'credit')),
-        amount       INTEGER NOT NULL CHECK (amount >= 0),
+        amount       BIGINT NOT NULL CHECK (amount >= 0),
         provider_ref TEXT NOT NULL,
-        at           REAL NOT NULL,
-        UNIQUE (order_id, op)
+        at           DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (order_id, op)
     );
     """,
 ]
-"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+"""Schema steps for ``apply_migrations`` (append, never edit).
+
+Portable SQL, the same text on SQLite and PostgreSQL: a natural primary key instead
+of an auto-increment id, ``BIGINT`` minor units, ``DOUBLE PRECISION`` epoch seconds.
+"""
 
 COMPENSATED_FIRST = "the action was compensated before it arrived; it is refused"
 """The status answer for an action whose key carries a tombstone."""
@@ -87,7 +93,9 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
 
     async def record(tx: Tx, order_id: str, op: str, amount: int, ref: str) -> None:
         # Callers looked the row up first in this same transaction, so this never
-        # conflicts; if it did, the UNIQUE constraint fails the transaction loudly.
+        # conflicts; if it did (a concurrent transaction on PostgreSQL recorded the same
+        # operation first), the primary key fails the transaction loudly and the command
+        # is delivered again, to find the row.
         await tx.execute(
             "INSERT INTO payment_ledger (order_id, op, amount, provider_ref, at) "
             "VALUES (?, ?, ?, ?, ?)",

