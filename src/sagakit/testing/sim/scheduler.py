@@ -1,0 +1,473 @@
+"""The seeded scheduler: one action per step, faults within a budget, then fair to quiescence."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sagakit.core.envelope import MessageKind
+from sagakit.core.instance import SagaState
+from sagakit.errors import SagaNotFound
+from sagakit.runtime.orchestrator import Orchestrator
+from sagakit.runtime.relay import Relay
+from sagakit.stores.base import Store
+from sagakit.testing.faults import InjectedCrash
+from sagakit.testing.sim.network import (
+    EPOCH,
+    STEP_COST,
+    InFlight,
+    SimFaultHook,
+    SimNetwork,
+    VirtualClock,
+)
+
+FAULT_KINDS = (
+    "drop",
+    "lost_reply",
+    "duplicate",
+    "delay",
+    "partition",
+    "crash_before_commit",
+    "crash_after_commit",
+    "ack_lost",
+    "publish_lost",
+    "timeout",
+)
+"""Schedule actions that are faults: what the budget bounds and shrinking removes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One scheduler decision. ``target``: message ids, a store or an endpoint;
+    ``value``: a delay in virtual seconds, or (for ticks, informational) the time."""
+
+    kind: str
+    target: tuple[str, ...] = ()
+    value: float | None = None
+
+    @property
+    def fault(self) -> bool:
+        """True for the faults the budget bounds and :func:`~sagakit.testing.sim.shrink` removes."""
+        return self.kind in FAULT_KINDS
+
+    def to_json(self) -> list[Any]:
+        """``[kind, *target]`` plus the value if any (round-trips through :meth:`from_json`)."""
+        out: list[Any] = [self.kind, *self.target]
+        if self.value is not None:
+            out.append(self.value)
+        return out
+
+    @classmethod
+    def from_json(cls, item: Sequence[Any]) -> Action:
+        """The action :meth:`to_json` wrote."""
+        kind, *rest = item
+        value = float(rest.pop()) if rest and isinstance(rest[-1], int | float) else None
+        return cls(str(kind), tuple(str(x) for x in rest), value)
+
+
+@dataclass
+class Verdict:
+    """A world's invariant check: which hold, and every violation as text."""
+
+    invariants: dict[str, bool]
+    violations: list[str]
+    outcomes: dict[str, int] = field(default_factory=dict)
+    """How many sagas ended in each state."""
+    notes: list[str] = field(default_factory=list)
+    """Worth a look, not violations (e.g. sagas waiting in the manual queue)."""
+
+    @property
+    def ok(self) -> bool:
+        """True when every invariant holds and nothing else went wrong."""
+        return all(self.invariants.values()) and not self.violations
+
+
+class World(Protocol):
+    """What the scheduler drives: built fresh per run by a :data:`WorldFactory`."""
+
+    @property
+    def clock(self) -> VirtualClock:
+        """The clock every component of the world reads."""
+        ...
+
+    @property
+    def network(self) -> SimNetwork:
+        """The transport every relay publishes to and every consumer subscribed on."""
+        ...
+
+    @property
+    def hook(self) -> SimFaultHook:
+        """The fault hook every consumer was given."""
+        ...
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        """The orchestrator (its timers are fired by ticks)."""
+        ...
+
+    @property
+    def relays(self) -> Mapping[str, Relay]:
+        """One relay per store, by store name."""
+        ...
+
+    @property
+    def routes(self) -> Mapping[str, Store]:
+        """Each endpoint's store."""
+        ...
+
+    async def begin(self) -> int:
+        """Start the sagas of this run; return how many."""
+        ...
+
+    async def all_terminal(self) -> bool:
+        """True when every saga is in a terminal state."""
+        ...
+
+    async def check(self) -> Verdict:
+        """Check the invariants (the system is quiescent)."""
+        ...
+
+    async def fingerprint(self) -> str:
+        """A digest of the outcome (same seed, same schedule: same fingerprint)."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything (files included)."""
+        ...
+
+
+WorldFactory = Callable[[int], Awaitable[World]]
+"""Builds a fresh world for a seed (the seed decides the world, e.g. its orders)."""
+
+
+@dataclass
+class RunResult:
+    """What one simulated run did and found."""
+
+    seed: int
+    schedule: list[Action]
+    faults: Counter[str]
+    verdict: Verdict
+    sagas: int
+    steps: int
+    fingerprint: str
+    applied: list[Action] = field(default_factory=list)
+    """For replays: the actions of the given schedule that applied (the rest were skipped)."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the run kept every invariant."""
+        return self.verdict.ok
+
+    @property
+    def failed_invariants(self) -> set[str]:
+        """The names of the violated invariants (and ``liveness``/``engine_error``)."""
+        names = {k for k, ok in self.verdict.invariants.items() if not ok}
+        return names | {v.split(":", 1)[0] for v in self.verdict.violations}
+
+    def fault_count(self) -> int:
+        """How many faults the schedule injected."""
+        return sum(1 for a in self.schedule if a.fault)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How hard the scheduler pushes: fault budget, rates, step limits."""
+
+    budget: int = 8
+    fault_rate: float = 0.15
+    max_steps: int = 400
+    fair_steps: int = 5000
+    batch_rate: float = 0.2
+    newest_rate: float = 0.3
+    """How often the newest deliverable message goes first (overtaking is what breaks
+    ordering assumptions; a uniform pick rarely lets the last of many messages win)."""
+    max_batch: int = 3
+    cancel_rate: float = 0.01
+    """How often (per step, at most ``max_cancels`` per run) a running saga is cancelled:
+    not a fault but a customer changing their mind, at the worst possible moment."""
+    max_cancels: int = 1
+    delay: tuple[float, float] = (0.5, 8.0)
+    partition: tuple[float, float] = (2.0, 25.0)
+    fingerprint: bool = False
+    """Compute :attr:`RunResult.fingerprint` (a digest of the outcome; costs a few ms)."""
+
+
+class Scheduler:
+    """Runs one world: random (seeded) or from a schedule, then fair to quiescence."""
+
+    def __init__(self, world: World, seed: int, config: SimConfig | None = None) -> None:
+        self.w = world
+        self.seed = seed
+        self.cfg = config or SimConfig()
+        self.rng = random.Random(seed)
+        self.schedule: list[Action] = []
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.steps = 0
+        self.dirty: set[str] = set()
+        self.store_of = {ep: s.name for ep, s in world.routes.items()}
+        self.timer_point = f"{world.orchestrator.endpoint}.timers"
+
+    # -- running ----------------------------------------------------------------------------
+    async def run(self, replay: Sequence[Action] | None = None) -> RunResult:
+        """Run the world to quiescence and check it."""
+        sagas = await self.w.begin()
+        self.dirty.add(self.w.orchestrator.store.name)
+        applied: list[Action] = []
+        if replay is None:
+            await self._random_phase()
+        else:
+            for action in replay:
+                self.steps += 1
+                done = await self.apply(action)
+                if done is not None:
+                    applied.append(done)
+        quiet = await self._fair_phase()
+        verdict = await self.w.check()
+        if not quiet:
+            verdict.violations.append(
+                f"liveness: not quiescent after {self.cfg.fair_steps} fair steps"
+            )
+        verdict.violations.extend(self.errors)
+        return RunResult(
+            seed=self.seed,
+            schedule=self.schedule,
+            faults=self.counts,
+            verdict=verdict,
+            sagas=sagas,
+            steps=self.steps,
+            fingerprint=await self.w.fingerprint() if self.cfg.fingerprint else "",
+            applied=applied,
+        )
+
+    async def _random_phase(self) -> None:
+        cfg, rng, net = self.cfg, self.rng, self.w.network
+        budget, cancels = cfg.budget, 0
+        for _ in range(cfg.max_steps):
+            self.steps += 1
+            ready = net.deliverable()
+            pending = sorted(self.dirty)
+            if not ready and not pending:
+                if not net.in_flight and await self.w.all_terminal():
+                    return
+                if await self.apply(Action("tick")) is None:
+                    return
+                continue
+            if cancels < cfg.max_cancels and rng.random() < cfg.cancel_rate:
+                running = await self.w.orchestrator.store.list_sagas(
+                    states=[SagaState.RUNNING], limit=1000
+                )
+                if running:
+                    victim = rng.choice(sorted(s.saga_id for s in running))
+                    await self.apply(Action("cancel", (victim,)))
+                    cancels += 1
+                    continue
+            if budget > 0 and rng.random() < cfg.fault_rate:
+                action = self._pick_fault(ready, pending)
+                if action is not None and await self.apply(action) is not None:
+                    budget -= 1
+                    continue
+            if ready and (not pending or rng.random() < 0.75):
+                first = ready[-1] if rng.random() < cfg.newest_rate else rng.choice(ready)
+                items = [first]
+                if rng.random() < cfg.batch_rate:
+                    same = [m for m in ready if m.endpoint == first.endpoint and m is not first]
+                    rng.shuffle(same)
+                    items += same[: rng.randrange(cfg.max_batch)]
+                await self.apply(Action("deliver", tuple(m.message_id for m in items)))
+            else:
+                await self.apply(Action("relay", (rng.choice(pending),)))
+
+    def _pick_fault(self, ready: list[InFlight], pending: list[str]) -> Action | None:
+        rng, cfg = self.rng, self.cfg
+        replies = [m for m in ready if m.kind is MessageKind.REPLY]
+        others = [m for m in ready if m.kind is not MessageKind.REPLY]
+        kinds = ["partition"]
+        if ready:
+            kinds += ["duplicate", "delay", "crash_before_commit", "crash_after_commit"]
+            kinds += ["timeout"]
+        kinds += ["lost_reply"] if replies else []
+        kinds += ["drop"] if others else []
+        kinds += ["ack_lost", "publish_lost"] if pending else []
+        kind = rng.choice(kinds)
+        if kind == "partition":
+            # Cut off where a message is about to go: that is where it hurts.
+            pool = [m.endpoint for m in ready] or sorted(self.w.network.handlers)
+            endpoint = rng.choice(pool)
+            return Action(kind, (endpoint,), round(rng.uniform(*cfg.partition), 3))
+        if kind in ("ack_lost", "publish_lost"):
+            return Action(kind, (rng.choice(pending),))
+        if kind == "timeout":
+            return Action(kind)
+        if kind == "crash_before_commit" and rng.random() < 0.25:
+            return Action(kind, (self.timer_point,))  # crash while firing timers
+        victims = replies if kind == "lost_reply" else others if kind == "drop" else ready
+        target = (rng.choice(victims).message_id,)
+        if kind == "delay":
+            return Action(kind, target, round(rng.uniform(*cfg.delay), 3))
+        return Action(kind, target)
+
+    async def _fair_phase(self) -> bool:
+        """Oldest message first, relays next, timers last, until nothing is left to do."""
+        net, w = self.w.network, self.w
+        for _ in range(self.cfg.fair_steps):
+            self.steps += 1
+            ready = net.deliverable()
+            if ready:
+                await self.apply(Action("deliver", (ready[0].message_id,)))
+                continue
+            if not self.dirty:
+                self.dirty = {
+                    name for name, r in w.relays.items() if await r.store.outbox_pending()
+                }
+            if self.dirty:
+                await self.apply(Action("relay", (min(self.dirty),)))
+                continue
+            release = net.next_release()
+            due = None if await w.all_terminal() else await self._next_timer()
+            times = [t for t in (release, due) if t is not None]
+            if not times:
+                return True
+            await self.apply(Action("tick", (), min(times) - EPOCH))
+        return False
+
+    async def _next_timer(self) -> float | None:
+        return await self.w.orchestrator.store.next_timer_due()
+
+    # -- one action -------------------------------------------------------------------------
+    async def apply(self, action: Action) -> Action | None:
+        """Apply ``action`` if it still applies (a replay may have diverged); record it.
+
+        Returns the action as recorded (a tick that fired while messages were waiting is
+        recorded as a ``timeout``), or None if it no longer applied.
+        """
+        net, w, kind = self.w.network, self.w, action.kind
+        timers_crash = kind == "crash_before_commit" and action.target == (self.timer_point,)
+        if timers_crash:
+            pass  # below, with the ticks
+        elif kind in ("deliver", "duplicate", "crash_before_commit", "crash_after_commit"):
+            items = net.find(action.target)
+            if not items:
+                return None
+            if len(items) > 1 or items[0] is not min(
+                (m for m in net.deliverable() if m.endpoint == items[0].endpoint),
+                key=lambda m: m.seq,
+            ):
+                self.counts["reorder"] += 1
+            endpoint = items[0].endpoint
+            if kind == "duplicate":
+                copy = net.add(endpoint, items[0].message_id, items[0].kind, items[0].body)
+                copy.deliveries = items[0].deliveries
+            if kind == "crash_before_commit":
+                w.hook.armed = endpoint
+            try:
+                await net.deliver(items, keep=kind == "crash_after_commit")
+            except Exception as exc:  # a consumer must settle everything itself
+                self.errors.append(f"engine_error: consumer {endpoint} raised {exc!r}")
+            finally:
+                w.hook.armed = None
+            self.dirty.add(self.store_of[endpoint])
+        elif kind in ("drop", "lost_reply", "delay"):
+            items = net.find(action.target)
+            if not items:
+                return None
+            if kind == "delay":
+                items[0].not_before = w.clock.now + (action.value or 0.0)
+            else:
+                net.drop(items[0])
+        elif kind == "partition":
+            if not action.target or action.target[0] not in net.handlers:
+                return None
+            net.partitions[action.target[0]] = w.clock.now + (action.value or 0.0)
+        elif kind in ("relay", "ack_lost", "publish_lost"):
+            relay = w.relays.get(action.target[0]) if action.target else None
+            if relay is None:
+                return None
+            if kind != "relay":
+                net.publish_fault = kind
+            try:
+                published = await relay.relay_once()
+            except Exception as exc:
+                self.errors.append(f"engine_error: relay {relay.store.name} raised {exc!r}")
+                published = 0
+            net.publish_fault = None
+            if kind == "relay" and published < relay.batch_size:
+                self.dirty.discard(relay.store.name)
+            else:
+                self.dirty.add(relay.store.name)
+        elif kind == "cancel":
+            if not action.target:
+                return None
+            try:
+                await w.orchestrator.cancel(action.target[0], "simulated: the customer cancelled")
+            except SagaNotFound:
+                return None
+            except Exception as exc:
+                self.errors.append(f"engine_error: cancel raised {exc!r}")
+            self.dirty.add(w.orchestrator.store.name)
+            self.counts["cancel"] += 1
+        elif kind not in ("tick", "timeout"):
+            raise ValueError(f"unknown schedule action {kind!r}")
+        if kind in ("tick", "timeout") or timers_crash:
+            # Timers that fire while a message could still be delivered or relayed hide
+            # its success: that is a fault, whatever the schedule called it.
+            kind = "timeout" if self.dirty or net.deliverable() else "tick"
+            due = await self._next_timer()
+            release = net.next_release()
+            nxt = min((t for t in (due, release) if t is not None), default=None)
+            if nxt is None:
+                return None
+            w.clock.advance_to(nxt)
+            fired, crashes = 0, w.hook.crashes
+            if due is not None and due <= w.clock.now:
+                if timers_crash:
+                    w.hook.armed = self.timer_point
+                try:
+                    fired = await w.orchestrator.fire_due_timers()
+                except InjectedCrash:
+                    pass  # rolled back: the timers are still due
+                except Exception as exc:
+                    self.errors.append(f"engine_error: timers raised {exc!r}")
+                finally:
+                    w.hook.armed = None
+            if fired:
+                self.dirty.add(w.orchestrator.store.name)
+            target: tuple[str, ...] = ()
+            if w.hook.crashes > crashes:
+                kind, target = "crash_before_commit", (self.timer_point,)
+            action = Action(kind, target, round(w.clock.elapsed, 6))
+        w.clock.advance_to(w.clock.now + STEP_COST)
+        self.schedule.append(action)
+        if action.fault:
+            self.counts[kind] += 1
+        return action
+
+
+async def simulate(
+    factory: WorldFactory,
+    seed: int,
+    *,
+    config: SimConfig | None = None,
+    schedule: Sequence[Action] | None = None,
+) -> RunResult:
+    """Run one seed (or replay ``schedule`` on the seed's world) and check it."""
+    world = await factory(seed)
+    try:
+        return await Scheduler(world, seed, config).run(schedule)
+    finally:
+        await world.close()
+
+
+async def replay(
+    factory: WorldFactory,
+    seed: int,
+    schedule: Sequence[Action],
+    *,
+    config: SimConfig | None = None,
+) -> RunResult:
+    """Replay ``schedule`` on the world of ``seed``, then complete fairly; check it."""
+    return await simulate(factory, seed, config=config, schedule=schedule)
