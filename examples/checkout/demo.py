@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from sagakit import Engine, SagaState
 from sagakit.testing.faults import Faults
 
+from .deploy import build_all
 from .invariants import InvariantReport, check_invariants
 from .inventory import expire_reservations, seed_stock
 from .sagas import CHECKOUT, checkout_definition
@@ -116,6 +117,7 @@ def make_orders(n: int, seed: int) -> tuple[list[OrderSpec], dict[str, int]]:
 class DemoResult:
     """What the demo measured."""
 
+    mode: str
     orders: int
     outcomes: dict[str, int]
     report: InvariantReport
@@ -130,7 +132,7 @@ class DemoResult:
         """The ``--json`` report."""
         return {
             "orders": self.orders,
-            "mode": "orchestration",
+            "mode": self.mode,
             "outcomes": self.outcomes,
             "invariants": self.report.invariants,
             "violations": self.report.violations,
@@ -158,10 +160,20 @@ async def run_demo(
     progress: TextIO | None = None,
     synchronous: str = "FULL",
     timeout: float = 600.0,
+    store_url: str | None = None,
+    broker_url: str | None = None,
 ) -> DemoResult:
-    """Run the demo; returns the result (the caller prints it)."""
+    """Run the demo; returns the result (the caller prints it).
+
+    Embedded by default (SQLite files in ``data_dir``, no broker). With ``store_url``
+    and ``broker_url`` it runs on PostgreSQL (a schema per service) and NATS or
+    RabbitMQ instead, all roles in this one process; the card provider's file stays
+    in ``data_dir``.
+    """
     if orders < 1:
         raise ValueError("--orders must be at least 1")
+    if (store_url is None) != (broker_url is None):
+        raise ValueError("--store and --broker go together")
     keep = data_dir is not None
     base = (
         Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
@@ -169,7 +181,9 @@ async def run_demo(
     base.mkdir(parents=True, exist_ok=True)
     lock = _lock(base)
     try:
-        return await _run(orders, faults, seed, base, progress, synchronous, timeout)
+        return await _run(
+            orders, faults, seed, base, progress, synchronous, timeout, store_url, broker_url
+        )
     finally:
         lock.close()
         if not keep:
@@ -198,27 +212,35 @@ async def _run(
     progress: TextIO | None,
     synchronous: str,
     timeout: float,
+    store_url: str | None,
+    broker_url: str | None,
 ) -> DemoResult:
     specs, stock = make_orders(n, seed)
-    checkout: Checkout = open_checkout(base, synchronous=synchronous)
     fault_plan = Faults.named(fault_name, seed)
     started = time.monotonic()
     placed_now = 0
-    engine = Engine(
-        checkout.orchestrator_store,
-        [checkout_definition()],
-        participants=checkout.participants,
-        faults=fault_plan,
-    )
+    if store_url is not None and broker_url is not None:
+        engine, dep = build_all(store_url, broker_url, base / "provider.db", faults=fault_plan)
+        stores = dep.invariant_stores()
+        mode = "orchestration"
+    else:
+        checkout: Checkout = open_checkout(base, synchronous=synchronous)
+        engine = Engine(
+            checkout.orchestrator_store,
+            [checkout_definition()],
+            participants=checkout.participants,
+            faults=fault_plan,
+        )
+        engine.before_start(lambda: migrate(checkout))
+        stores = checkout.invariant_stores()
+        mode = "orchestration"
+    inventory_store = stores["inventory_store"]
     # Reservations whose saga died are returned to stock (a sweeper, as in production).
     engine.every(
-        5.0,
-        "expire-reservations",
-        lambda: expire_reservations(checkout.inventory_store, time.time()),
+        5.0, "expire-reservations", lambda: expire_reservations(inventory_store, time.time())
     )
     async with engine:
-        await migrate(checkout)
-        await seed_stock(checkout.inventory_store, stock)
+        await seed_stock(inventory_store, stock)
         # Orders arrive as customers click: a new wave whenever fewer than WINDOW sagas
         # are in flight. (It also means a run killed midway has orders left to place.)
         deadline = time.monotonic() + timeout
@@ -244,21 +266,14 @@ async def _run(
         elapsed = time.monotonic() - started
         if progress is not None:
             progress.write("\n")
-        report = await check_invariants(
-            orchestrator_store=checkout.orchestrator_store,
-            order_store=checkout.order_store,
-            payment_store=checkout.payment_store,
-            inventory_store=checkout.inventory_store,
-            shipping_store=checkout.shipping_store,
-            provider=checkout.provider,
-            initial_stock=stock,
-        )
-        counts = await checkout.orchestrator_store.count_sagas()
+        report = await check_invariants(**stores, initial_stock=stock)
+        counts = await engine.store.count_sagas()
     outcomes = {s.value: counts.get(s, 0) for s in SagaState if s.terminal}
     running = sum(v for k, v in counts.items() if not k.terminal)
     if running:
         outcomes["RUNNING"] = running
     return DemoResult(
+        mode=mode,
         orders=n,
         outcomes=outcomes,
         report=report,

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sagakit.errors import SagakitError
+
 
 def _configure_logging(data_dir: Path | None, level: str) -> None:
     # The library installs no handlers; the CLI decides where logs go. Without this,
@@ -46,9 +48,11 @@ def _demo(args: argparse.Namespace) -> int:
                 progress=stderr_progress(),
                 synchronous=args.synchronous,
                 timeout=args.timeout,
+                store_url=args.store,
+                broker_url=args.broker,
             )
         )
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, SagakitError) as exc:
         print(f"sagakit demo: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -101,6 +105,60 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _check(args: argparse.Namespace) -> int:
+    import importlib
+    import time
+
+    from sagakit.core.definition import SagaDefinition
+    from sagakit.testing.checker import Bounds, Checker, checkout_checker
+
+    bounds = Bounds(
+        sagas=args.sagas,
+        stock=args.stock,
+        faults=args.faults,
+        failures=args.failures,
+        cancels=args.cancels,
+        max_states=args.max_states,
+    )
+    if args.definition == "checkout":
+        checker = checkout_checker(bounds)
+    else:
+        module, _, attr = args.definition.partition(":")
+        try:
+            target = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            print(f"sagakit check: cannot load {args.definition!r}: {exc}", file=sys.stderr)
+            return 2
+        definition = target() if callable(target) else target
+        if not isinstance(definition, SagaDefinition):
+            print(f"sagakit check: {args.definition!r} is not a SagaDefinition", file=sys.stderr)
+            return 2
+        checker = Checker(definition, bounds)
+    started = time.monotonic()
+    report = checker.run()
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed, 2)}))
+    else:
+        print(f"sagakit check {args.definition}: {bounds}")
+        print(
+            f"  states visited: {report.states}, transitions: {report.transitions}, "
+            f"final states: {report.final_states}, {elapsed:.1f}s, "
+            f"{'complete' if report.complete else 'CUT SHORT by --max-states'}"
+        )
+        for outcome, count in report.outcomes.items():
+            print(f"  final {outcome}: {count}")
+        if report.violations:
+            print(f"  VIOLATION: {report.violations[0]}")
+            for i, step in enumerate(report.trace, 1):
+                print(f"    {i:3}. {step}")
+        else:
+            print("  no invariant broken")
+    if report.violations:
+        return 1
+    return 0 if report.complete else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="sagakit", description="Durable sagas for Python.")
@@ -132,7 +190,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=600.0, help="give up waiting after this many seconds"
     )
     demo.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "INFO"))
+    demo.add_argument(
+        "--store",
+        help="run on this database instead of SQLite files: postgresql://user@host/db "
+        "(a schema per service); needs --broker",
+    )
+    demo.add_argument("--broker", help="nats://host:4222 or amqp://user:pass@host:5672/")
     demo.set_defaults(func=_demo)
+
+    check = sub.add_parser(
+        "check",
+        help="explore every interleaving of a few sagas within fault bounds",
+        description="Run the real state machine against model participants and explore "
+        "every order of deliveries and timer firings, with up to --faults lost, duplicated "
+        "or late messages, --failures business failures and --cancels cancel requests. "
+        "Prints the number of states; a broken invariant comes with the trace that breaks "
+        "it. Exit status 1 on a violation, 3 if --max-states cut the search short.",
+    )
+    check.add_argument("definition", help="'checkout' (the reference checkout) or module:attribute")
+    check.add_argument("--sagas", type=int, default=2)
+    check.add_argument("--stock", type=int, default=1, help="units of the contested item")
+    check.add_argument("--faults", type=int, default=1)
+    check.add_argument("--failures", type=int, default=1)
+    check.add_argument("--cancels", type=int, default=0)
+    check.add_argument("--max-states", type=int, default=2_000_000)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(func=_check)
+
+    from sagakit.cli_processes import register as register_processes
+
+    register_processes(sub)
 
     sim = sub.add_parser(
         "simulate",
