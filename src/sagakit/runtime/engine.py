@@ -58,6 +58,7 @@ class Engine:
         wakeups: Wakeups | None = None,
         clock: Callable[[], float] = time.time,
         faults: FaultHook | None = None,
+        event_routes: Mapping[str, Sequence[str]] | None = None,
         relay_lease: float = 1.0,
         idle_poll: float = 0.5,
         batch_size: int = 256,
@@ -99,8 +100,24 @@ class Engine:
         for extra in [*(p.store for p in self.participants), *extra_stores]:
             if all(extra is not s for s in self.stores):
                 self.stores.append(extra)
+        if event_routes is None:
+            # Embedded: every subscriber runs here. Across processes, pass the whole
+            # topology, since a relay must know subscribers it does not host.
+            derived: dict[str, list[str]] = {}
+            for p in self.participants:
+                for event_type in sorted(p.subscriptions):
+                    derived.setdefault(event_type, []).append(p.name)
+            event_routes = derived
+        self.event_routes = {k: list(v) for k, v in event_routes.items()}
         self.relays = [
-            Relay(s, self.transport, clock=clock, lease=relay_lease, faults=self.faults)
+            Relay(
+                s,
+                self.transport,
+                clock=clock,
+                lease=relay_lease,
+                faults=self.faults,
+                event_routes=self.event_routes,
+            )
             for s in self.stores
         ]
         self._wrap = self.faults.wrap_consumer

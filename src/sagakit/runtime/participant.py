@@ -34,6 +34,7 @@ from sagakit.core.envelope import (
     failure,
     reply_to,
     success,
+    traceparent_for,
 )
 from sagakit.errors import ConfigurationError, MessageError, StepFailed, UnknownMessageType
 from sagakit.runtime.consumer import BatchConsumer
@@ -56,6 +57,8 @@ class Participant(BatchConsumer):
         self.name = name
         self.wakeups = wakeups or Wakeups()
         self._handlers: dict[str, Handler] = {}
+        self.subscriptions: set[str] = set()
+        """Event types this participant reacts to (the relay fans events out by them)."""
 
     def handles(self, message_type: str) -> Callable[[Handler], Handler]:
         """Decorator registering the handler of a command (or compensation, or query) type."""
@@ -65,6 +68,70 @@ class Participant(BatchConsumer):
             return fn
 
         return register
+
+    def on_event(self, event_type: str) -> Callable[[Handler], Handler]:
+        """Decorator: react to the event ``event_type`` (choreography).
+
+        The handler runs in one transaction with the inbox record; it may write
+        business data and :meth:`emit` further events. There is no reply.
+        """
+
+        def register(fn: Handler) -> Handler:
+            self.add_handler(event_type, fn)
+            self.subscriptions.add(event_type)
+            return fn
+
+        return register
+
+    async def emit(
+        self,
+        tx: Tx,
+        event_type: str,
+        payload: Mapping[str, Any],
+        *,
+        cause: Envelope | None = None,
+        correlation_id: str | None = None,
+        business_key: str | None = None,
+        version: int = 1,
+        now: float,
+    ) -> Envelope:
+        """Write the event ``event_type`` (a fact, past tense) to the outbox in ``tx``.
+
+        With ``cause`` (the message being handled) the event continues its trace: same
+        correlation id, business key and saga id, causation = the cause, and a message
+        id derived from the cause's, so handling the cause twice emits one event id.
+        Without it, ``correlation_id`` starts a new flow (e.g. a placed order).
+        """
+        if cause is not None:
+            message_id = f"{cause.message_id}/{event_type}"
+            correlation = cause.correlation_id
+            key = business_key or cause.business_key
+            saga_id = cause.saga_id
+            traceparent = cause.traceparent
+        else:
+            if not correlation_id:
+                raise ConfigurationError(f"emit {event_type}: give a cause or a correlation_id")
+            message_id = f"{correlation_id}/{event_type}"
+            correlation = correlation_id
+            key = business_key
+            saga_id = correlation_id
+            traceparent = traceparent_for(correlation_id, message_id)
+        event = Envelope(
+            message_id=message_id,
+            type=event_type,
+            version=version,
+            kind=MessageKind.EVENT,
+            source=self.name,
+            correlation_id=correlation,
+            causation_id=None if cause is None else cause.message_id,
+            saga_id=saga_id,
+            business_key=key,
+            occurred_at=now,
+            payload=dict(payload),
+            traceparent=traceparent,
+        )
+        await tx.outbox_add([event], now)
+        return event
 
     def add_handler(self, message_type: str, fn: Handler) -> None:
         """Register ``fn`` for ``message_type``; one handler per type."""
@@ -88,7 +155,7 @@ class Participant(BatchConsumer):
             raise UnknownMessageType(
                 f"{self.name} has no handler for {envelope.type!r}; it handles {self.message_types}"
             )
-        if envelope.kind is MessageKind.QUERY or envelope.idempotency_key is None:
+        if envelope.kind in (MessageKind.QUERY, MessageKind.EVENT) or not envelope.idempotency_key:
             outcome = await self._call(handler, tx, envelope)
         else:
             outcome = await self._handle_keyed(handler, tx, envelope, now)

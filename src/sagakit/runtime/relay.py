@@ -3,14 +3,20 @@
 A crash between publish and mark means the rows are published again after their claim
 lease runs out: duplicates are allowed, losses are not. Rows the transport cannot route
 are parked in the producer's dead-letter table with the reason, never dropped.
+
+Events (facts, no destination) are fanned out here: one addressed copy per endpoint
+that subscribes to the event's type, all with the event's message id (each consumer's
+inbox deduplicates on its own). An event nobody subscribes to is parked with that
+reason: a fact nobody hears is a flow bug to see, not to lose.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
+from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.errors import TransportError, UnroutableMessage
 from sagakit.runtime.consumer import FaultHook
 from sagakit.stores.base import Store
@@ -31,6 +37,7 @@ class Relay:
         batch_size: int = 512,
         lease: float = 5.0,
         faults: FaultHook | None = None,
+        event_routes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -38,6 +45,7 @@ class Relay:
         self.batch_size = batch_size
         self.lease = lease
         self.faults = faults or FaultHook()
+        self.event_routes = {k: tuple(v) for k, v in (event_routes or {}).items()}
         self.published = 0
 
     async def relay_once(self) -> int:
@@ -46,26 +54,36 @@ class Relay:
         rows = await self.store.outbox_claim(self.batch_size, now, self.lease)
         if not rows:
             return 0
-        envelopes = [r.envelope for r in rows]
+        envelopes: list[Envelope] = []
+        unheard: list[Envelope] = []
+        for r in rows:
+            env = r.envelope
+            if env.destination is None and env.kind is MessageKind.EVENT:
+                subscribers = self.event_routes.get(env.type, ())
+                if not subscribers:
+                    unheard.append(env)
+                envelopes.extend(env.with_changes(destination=e) for e in subscribers)
+            else:
+                envelopes.append(env)
         done = [r.id for r in rows]
+        parked: list[tuple[Envelope, str]] = [
+            (e, f"no endpoint subscribes to event {e.type!r}") for e in unheard
+        ]
         try:
             await self.transport.publish(envelopes)
         except UnroutableMessage as exc:
             bad = set(exc.message_ids)
-            async with self.store.transaction() as tx:
-                for r in rows:
-                    if r.envelope.message_id in bad:
-                        await tx.dead_letter(
-                            r.envelope.destination or "",
-                            r.envelope.message_id,
-                            r.envelope.to_json(),
-                            f"unroutable: {exc}",
-                            now,
-                        )
+            parked += [(e, f"unroutable: {exc}") for e in envelopes if e.message_id in bad]
         except TransportError as exc:
             # Not acknowledged: leave the rows claimed; they are retried when the lease ends.
             log.warning("publish of %d messages failed: %s", len(rows), exc)
             return 0
+        if parked:
+            async with self.store.transaction() as tx:
+                for env, reason in parked:
+                    await tx.dead_letter(
+                        env.destination or "", env.message_id, env.to_json(), reason, now
+                    )
         self.faults.point("after_publish", self.store.name)
         await self.store.outbox_mark_published(done, self.clock())
         self.published += len(done)

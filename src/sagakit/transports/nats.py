@@ -550,7 +550,9 @@ class NatsTransport:
                 # first call's lazy reply-subscription setup race-free.
                 async with self._issue_lock:
                     for env in envelopes:
-                        headers = {"Nats-Msg-Id": env.message_id}
+                        # One id per copy: an event fanned out to several endpoints
+                        # shares its message id, and JetStream dedups per stream.
+                        headers = {"Nats-Msg-Id": f"{env.message_id}@{env.destination}"}
                         if env.traceparent:
                             headers["traceparent"] = env.traceparent
                         futures.append(
