@@ -552,7 +552,10 @@ class NatsTransport:
                     for env in envelopes:
                         # One id per copy: an event fanned out to several endpoints
                         # shares its message id, and JetStream dedups per stream.
-                        headers = {"Nats-Msg-Id": f"{env.message_id}@{env.destination}"}
+                        headers = {
+                            "Nats-Msg-Id": f"{env.message_id}@{env.destination}",
+                            HEADER_MESSAGE_ID: env.message_id,
+                        }
                         if env.traceparent:
                             headers["traceparent"] = env.traceparent
                         futures.append(
@@ -837,7 +840,7 @@ class NatsTransport:
             await advisory.ack_sync(timeout=self.request_timeout)
             return
         old = dict(original.headers or {})
-        message_id = old.get("Nats-Msg-Id")
+        message_id = old.get(HEADER_MESSAGE_ID) or old.get("Nats-Msg-Id")
         reason = (
             f"JetStream gave up after {deliveries} deliveries (max_deliver={deliveries} "
             f"reached) on consumer {consumer!r} of stream {self.stream!r}: never acknowledged"
