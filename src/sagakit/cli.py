@@ -218,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     from sagakit.cli_processes import register as register_processes
+    from sagakit.graph import register_graph_command
 
     register_processes(sub)
+    register_graph_command(sub)
 
     sim = sub.add_parser(
         "simulate",

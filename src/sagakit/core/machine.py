@@ -718,6 +718,7 @@ class Machine:
             st.finished_at = now
             t.inst.state = SagaState.COMPENSATING
             t.inst.status = d.cancelling_status
+            t.inst.reason = f"compensated by hand ({actor}): {reason}"
             t.next_compensation(index - 1)
         else:  # USE_RUNG
             if not undoing:

@@ -1,0 +1,334 @@
+"""The console's Starlette routes: pages, decisions, live events, pictures, static files.
+
+See :mod:`sagakit.console` for how to mount them and how forms are protected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from sagakit.console import html as h
+from sagakit.console import pages
+from sagakit.console.http import (
+    HEADERS,
+    Csrf,
+    event_stream,
+    html_response,
+    read_form,
+    static_file,
+)
+from sagakit.console.svg import flow_svg, timeline_svg
+from sagakit.core.definition import SagaDefinition
+from sagakit.core.instance import SagaInstance, SagaState
+from sagakit.core.machine import ManualAction
+from sagakit.errors import ManualActionRefused, SagaNotFound
+from sagakit.graph import to_dot, to_mermaid, to_svg
+from sagakit.runtime.engine import Engine
+
+MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
+ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
+"""What a decision form may ask: the engine's manual actions, and cancel."""
+
+
+class _Console:
+    """The handlers, sharing the engine, the permission callables and the settings."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        actor: Callable[[Request], str | None],
+        can_act: Callable[[Request], bool],
+        secret: bytes,
+        poll_interval: float,
+        stream_seconds: float,
+        search_limit: int,
+    ) -> None:
+        self.engine = engine
+        self.actor = actor
+        self.can_act = can_act
+        self.csrf = Csrf(secret)
+        self.poll = poll_interval
+        self.stream_seconds = stream_seconds
+        self.search_limit = search_limit
+
+    # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def base(request: Request) -> str:
+        """Where the console is mounted (links are built from it)."""
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    def definition_of(self, inst: SagaInstance) -> SagaDefinition | None:
+        m = self.engine.orchestrator.machines.get((inst.definition, inst.definition_version))
+        return None if m is None else m.definition
+
+    def who(self, request: Request) -> str:
+        return (self.actor(request) or "").strip()
+
+    def page(
+        self, request: Request, body: str, status: int = 200, nonce: str | None = None
+    ) -> Response:
+        return html_response(request, body, base=self.base(request), status=status, nonce=nonce)
+
+    def error(self, request: Request, status: int, title: str, message: str) -> Response:
+        return self.page(request, h.error_page(self.base(request), status, title, message), status)
+
+    @staticmethod
+    def flash(request: Request) -> str:
+        done = request.query_params.get("done", "")
+        return f"Decision recorded: {done}." if done in ACTIONS else ""
+
+    async def list_tag(self, states: list[SagaState] | None, definition: str | None) -> str:
+        """A short fingerprint of what a list page shows; it changes when a saga moves."""
+        store = self.engine.store
+        if states == list(MANUAL_STATES):
+            rows = await self.engine.manual_cases(limit=100)
+            data: object = [(s.saga_id, s.version) for s in rows]
+        else:
+            counts = await store.count_sagas()
+            rows = await store.list_sagas(states=states, definition=definition, limit=50)
+            data = [
+                sorted((k.value, v) for k, v in counts.items()),
+                [(s.saga_id, s.version) for s in rows],
+            ]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+    # -- pages ------------------------------------------------------------------------
+    async def sagas(self, request: Request) -> Response:
+        p = request.query_params
+        state = SagaState(p["state"]) if p.get("state") in SagaState.__members__ else None
+        offset = int(p["offset"]) if p.get("offset", "").isdigit() else 0
+        query = pages.ListQuery(
+            state=state,
+            definition=p.get("definition") or None,
+            search=p.get("q", "").strip()[:200],
+            offset=min(offset, 10**6),
+        )
+        states = [state] if state else None
+        if query.search:
+            found, more = await self.search(query, states)
+        else:
+            found = await self.engine.store.list_sagas(
+                states=states,
+                definition=query.definition,
+                limit=query.limit + 1,
+                offset=query.offset,
+            )
+            more, found = len(found) > query.limit, found[: query.limit]
+        body = pages.list_page(
+            self.base(request),
+            query=query,
+            sagas=found,
+            counts=await self.engine.store.count_sagas(),
+            definitions=sorted({name for name, _ in self.engine.orchestrator.machines}),
+            definition_of=self.definition_of,
+            tag=await self.list_tag(states, query.definition),
+            more=more,
+        )
+        return self.page(request, body)
+
+    async def search(
+        self, query: pages.ListQuery, states: list[SagaState] | None
+    ) -> tuple[list[SagaInstance], bool]:
+        """Sagas whose business key or id contains the search text (case-insensitive),
+        among the newest ``search_limit`` that match the other filters."""
+        needle = query.search.lower()
+        hits: list[SagaInstance] = []
+        exact = await self.engine.store.get_saga(query.search)
+        if exact is not None and (states is None or exact.state in states):
+            hits.append(exact)
+        scanned, size = 0, 500
+        while scanned < self.search_limit:
+            batch = await self.engine.store.list_sagas(
+                states=states, definition=query.definition, limit=size, offset=scanned
+            )
+            hits += [
+                s
+                for s in batch
+                if (needle in s.business_key.lower() or needle in s.saga_id)
+                and (exact is None or s.saga_id != exact.saga_id)
+            ]
+            scanned += len(batch)
+            if len(batch) < size:
+                break
+        end = query.offset + query.limit
+        return hits[query.offset : end], len(hits) > end
+
+    async def detail(self, request: Request) -> Response:
+        inst = await self.engine.store.get_saga(request.path_params["saga_id"])
+        if inst is None:
+            return self.error(request, 404, "No such saga", "There is no saga with this id.")
+        token, nonce = self.csrf.issue(request, self.who(request))
+        body = pages.detail_page(
+            self.base(request),
+            inst=inst,
+            definition=self.definition_of(inst),
+            history=await self.engine.store.history(inst.saga_id),
+            csrf=token,
+            can_act=self.can_act(request),
+            now=self.engine.clock(),
+            flash=self.flash(request),
+        )
+        return self.page(request, body, nonce=nonce)
+
+    async def manual(self, request: Request) -> Response:
+        token, nonce = self.csrf.issue(request, self.who(request))
+        body = pages.manual_page(
+            self.base(request),
+            cases=await self.engine.manual_cases(limit=100),
+            definition_of=self.definition_of,
+            csrf=token,
+            can_act=self.can_act(request),
+            tag=await self.list_tag(list(MANUAL_STATES), None),
+            flash=self.flash(request),
+        )
+        return self.page(request, body, nonce=nonce)
+
+    async def picture(self, request: Request) -> Response:
+        inst = await self.engine.store.get_saga(request.path_params["saga_id"])
+        d = None if inst is None else self.definition_of(inst)
+        if inst is None or d is None:
+            return self.error(request, 404, "No picture", "Unknown saga or definition.")
+        name = request.path_params["name"]
+        if name in ("diagram.mmd", "diagram.dot"):
+            text = (to_mermaid if name.endswith("mmd") else to_dot)(d, inst)
+            return Response(text, media_type="text/plain; charset=utf-8", headers=HEADERS)
+        if name == "diagram.svg":
+            return Response(to_svg(d, inst), media_type="image/svg+xml", headers=HEADERS)
+        if name not in ("timeline.svg", "flow.svg"):
+            return self.error(request, 404, "No picture", f"There is no picture {name!r}.")
+        history = await self.engine.store.history(inst.saga_id)
+        draw = timeline_svg if name == "timeline.svg" else flow_svg
+        return Response(draw(d, inst, history), media_type="image/svg+xml", headers=HEADERS)
+
+    async def static(self, request: Request) -> Response:
+        return static_file(request.path_params["name"])
+
+    # -- decisions --------------------------------------------------------------------
+    async def act(self, request: Request) -> Response:
+        if not self.can_act(request):
+            why = "You may look at sagas but not act on them."
+            return self.error(request, 403, "Not allowed", why)
+        who = self.who(request)
+        if not who:
+            return self.error(request, 403, "Who are you?", "Sign in before deciding on a saga.")
+        form = await read_form(request)
+        if form is None:
+            why = "Send the form as application/x-www-form-urlencoded, at most 64 KiB."
+            return self.error(request, 400, "Unreadable form", why)
+        if not self.csrf.check(request, form.get("csrf", ""), who):
+            why = "This form did not come from this console, or it expired. Reload the page."
+            return self.error(request, 403, "Form refused", why)
+        action, reason = form.get("action", ""), form.get("reason", "").strip()
+        if action not in ACTIONS:
+            return self.error(request, 400, "Unknown action", f"Choose one of {sorted(ACTIONS)}.")
+        if not reason:
+            why = "Every decision needs a reason; it is recorded in the saga's history."
+            return self.error(request, 400, "Reason missing", why)
+        saga_id = request.path_params["saga_id"]
+        rung = form.get("rung", "")
+        try:
+            if action == "cancel":
+                # The engine's cancel takes no actor: the reason carries it into history.
+                before = await self.engine.get(saga_id)
+                after = await self.engine.cancel(saga_id, f"{reason} (by {who})")
+                if after.version == before.version:
+                    why = (
+                        f"The saga is {after.state.value}: a cancel is refused once the saga "
+                        "passed its point of no return, is already cancelling, or finished."
+                    )
+                    return self.error(request, 409, "Cancel refused", why)
+            else:
+                await self.engine.resolve(
+                    saga_id,
+                    action,
+                    reason=reason,
+                    actor=who,
+                    rung=int(rung) if action == "use_rung" and rung.isdigit() else None,
+                )
+        except SagaNotFound:
+            return self.error(request, 404, "No such saga", "There is no saga with this id.")
+        except ManualActionRefused as exc:
+            return self.error(request, 409, "Decision refused", str(exc))
+        base = self.base(request)
+        target = form.get("next", "").split("?")[0]
+        # Only back into the console: never an open redirect.
+        if not target.startswith(base + "/") or "//" in target or "\\" in target:
+            target = f"{base}/sagas/{h.seg(saga_id)}"
+        return RedirectResponse(h.url("", target, {"done": action}), status_code=303)
+
+    # -- live events ------------------------------------------------------------------
+    async def saga_events(self, request: Request) -> Response:
+        saga_id = request.path_params["saga_id"]
+
+        async def tag() -> tuple[str, bool]:
+            inst = await self.engine.store.get_saga(saga_id)
+            if inst is None:
+                return "gone", True
+            # A saga in the manual queue still changes when someone decides.
+            final = inst.terminal and inst.state is not SagaState.FAILED_NEEDS_MANUAL
+            return str(inst.version), final
+
+        return event_stream(tag, poll=self.poll, lifetime=self.stream_seconds)
+
+    async def list_events(self, request: Request) -> Response:
+        p = request.query_params
+        states: list[SagaState] | None
+        if p.get("manual"):
+            states, definition = list(MANUAL_STATES), None
+        else:
+            state = p.get("state", "")
+            states = [SagaState(state)] if state in SagaState.__members__ else None
+            definition = p.get("definition") or None
+
+        async def tag() -> tuple[str, bool]:
+            return await self.list_tag(states, definition), False
+
+        return event_stream(tag, poll=self.poll, lifetime=self.stream_seconds)
+
+
+def console_routes(
+    engine: Engine,
+    *,
+    actor: Callable[[Request], str | None],
+    can_act: Callable[[Request], bool],
+    secret: bytes | None = None,
+    poll_interval: float = 0.5,
+    stream_seconds: float = 300.0,
+    search_limit: int = 5000,
+) -> list[BaseRoute]:
+    """The console's routes, to mount under a prefix of your app (``Mount("/console",
+    routes=console_routes(...))``) behind your authentication.
+
+    ``actor(request)`` names the person deciding (recorded in history); ``can_act``
+    says whether they may decide at all (if not, forms are hidden and posts get 403).
+    ``secret`` signs the CSRF tokens (default: random per process, so tokens expire on
+    restart; give the same one to every process behind a load balancer).
+    ``poll_interval`` is how often live event streams look at the store;
+    ``search_limit`` bounds how many of the newest sagas a business-key search scans.
+    """
+    c = _Console(
+        engine,
+        actor,
+        can_act,
+        secret or secrets.token_bytes(32),
+        poll_interval,
+        stream_seconds,
+        search_limit,
+    )
+    return [
+        Route("/", c.sagas, name="console_sagas"),
+        Route("/manual", c.manual, name="console_manual"),
+        Route("/events", c.list_events, name="console_events"),
+        Route("/sagas/{saga_id}", c.detail, name="console_saga"),
+        Route("/sagas/{saga_id}/act", c.act, methods=["POST"], name="console_act"),
+        Route("/sagas/{saga_id}/events", c.saga_events, name="console_saga_events"),
+        Route("/sagas/{saga_id}/pictures/{name}", c.picture, name="console_picture"),
+        Route("/static/{name}", c.static, name="console_static"),
+    ]
