@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sagakit.errors import SagakitError
+from sagakit.redaction import RedactPersonalData
 
 
 def _configure_logging(data_dir: Path | None, level: str) -> None:
@@ -29,6 +30,7 @@ def _configure_logging(data_dir: Path | None, level: str) -> None:
     else:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RedactPersonalData())  # e-mails and card numbers never reach a log
     root.addHandler(handler)
     root.propagate = False
 
@@ -50,6 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
                 store_url=args.store,
                 broker_url=args.broker,
+                mode=args.mode,
             )
         )
     except (ValueError, RuntimeError, SagakitError) as exc:
@@ -196,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(a schema per service); needs --broker",
     )
     demo.add_argument("--broker", help="nats://host:4222 or amqp://user:pass@host:5672/")
+    demo.add_argument(
+        "--mode",
+        choices=["orchestration", "choreography", "hybrid"],
+        default="orchestration",
+        help="orchestrated saga, choreographed services, or orchestrated with a "
+        "choreography inside shipping (default orchestration)",
+    )
     demo.set_defaults(func=_demo)
 
     check = sub.add_parser(
@@ -217,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(func=_check)
 
+    from sagakit.api.cli import register as register_api
     from sagakit.cli_processes import register as register_processes
     from sagakit.graph import register_graph_command
 
     register_processes(sub)
     register_graph_command(sub)
+    register_api(sub)
 
     sim = sub.add_parser(
         "simulate",

@@ -106,35 +106,44 @@ class EmbeddedTransport:
         self._tasks.clear()
 
     async def _consume(self, endpoint: str, handler: BatchHandler, batch: int) -> None:
-        store = self.routes[endpoint]
-        channel = f"queue:{endpoint}"
         while not self._stopping:
-            now = self.clock()
-            msgs = await store.queue_fetch(endpoint, batch, now, self.lease)
-            if not msgs:
-                nxt = await store.next_queue_visible(endpoint)
-                timeout = (
-                    self.idle_poll if nxt is None else min(self.idle_poll, max(nxt - now, 0.001))
-                )
-                await self.wakeups.wait(channel, timeout)
-                continue
-            deliveries = [Delivery(m.id, m.body, m.deliveries) for m in msgs]
             try:
-                settles = await handler(deliveries)
+                await self._consume_once(endpoint, handler, batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # The handler settles poison messages itself; reaching here is a bug or an
-                # outage (database gone). Leave the batch leased: it comes back later.
-                log.exception("consumer of %s failed; batch will be redelivered", endpoint)
-                await asyncio.sleep(min(self.lease, 1.0))
-                continue
-            acks = [d.handle for d, s in zip(deliveries, settles, strict=True) if s.ack]
-            if acks:
-                await store.queue_ack(acks)
-            now = self.clock()
-            for d, s in zip(deliveries, settles, strict=True):
-                if not s.ack:
-                    await store.queue_retry(d.handle, now + s.delay, s.error)
-                    if s.delay <= 0:
-                        self.wakeups.notify(channel)
+                # The mailbox's store failed (locked, closed, disk): keep the consumer
+                # alive; leased messages come back when their lease ends.
+                log.exception("consumer of %s failed reading its mailbox; retrying", endpoint)
+                await asyncio.sleep(min(self.idle_poll, 1.0))
+
+    async def _consume_once(self, endpoint: str, handler: BatchHandler, batch: int) -> None:
+        store = self.routes[endpoint]
+        channel = f"queue:{endpoint}"
+        now = self.clock()
+        msgs = await store.queue_fetch(endpoint, batch, now, self.lease)
+        if not msgs:
+            nxt = await store.next_queue_visible(endpoint)
+            timeout = self.idle_poll if nxt is None else min(self.idle_poll, max(nxt - now, 0.001))
+            await self.wakeups.wait(channel, timeout)
+            return
+        deliveries = [Delivery(m.id, m.body, m.deliveries) for m in msgs]
+        try:
+            settles = await handler(deliveries)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The handler settles poison messages itself; reaching here is a bug or an
+            # outage (database gone). Leave the batch leased: it comes back later.
+            log.exception("consumer of %s failed; batch will be redelivered", endpoint)
+            await asyncio.sleep(min(self.lease, 1.0))
+            return
+        acks = [d.handle for d, s in zip(deliveries, settles, strict=True) if s.ack]
+        if acks:
+            await store.queue_ack(acks)
+        now = self.clock()
+        for d, s in zip(deliveries, settles, strict=True):
+            if not s.ack:
+                await store.queue_retry(d.handle, now + s.delay, s.error)
+                if s.delay <= 0:
+                    self.wakeups.notify(channel)

@@ -1,0 +1,288 @@
+"""The API's commands for the ``sagakit`` CLI: ``serve``, ``sagas ...``, ``manual-cases``.
+
+``serve`` runs the embedded checkout and the HTTP API (needs the ``api`` extra).
+
+``sagas list|show|retry|compensate|resolve|cancel`` and ``manual-cases`` talk to a
+*running* API (``--url``, default ``$SAGAKIT_URL`` or http://127.0.0.1:8000) with a
+bearer token (``--token``, default ``$SAGAKIT_TOKEN``), never to the databases
+directly: every decision then goes through the same authentication, validation and
+audit as the HTTP API, the actor recorded in the saga's history is the token's name,
+and the data directory stays owned by the one process that serves it. They need only
+the standard library. Every command takes ``--json`` to print the API's JSON answer.
+
+Exit status: 0 on success, 1 when the API refused or failed (its message is printed
+on stderr), 2 for usage errors and an unreachable API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STATES = (
+    "RUNNING",
+    "COMPENSATING",
+    "SUCCEEDED",
+    "COMPENSATED",
+    "FAILED_NEEDS_MANUAL",
+    "TIMED_OUT",
+    "PARTIAL_ACCEPTED",
+)
+ACTIONS = (
+    "retry",
+    "mark_done",
+    "compensate",
+    "mark_compensated",
+    "use_rung",
+    "accept_partial",
+    "cancel",
+)
+
+
+class CommandFailed(Exception):
+    """The API answered with an error, or could not be reached (``code`` is the exit status)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One request to the API; the parsed JSON answer, or :class:`CommandFailed`."""
+    if not args.token:
+        raise CommandFailed("no token: pass --token or set SAGAKIT_TOKEN", 2)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        args.url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {args.token}",
+            "Accept": "application/json",
+            **({"Content-Type": "application/json"} if data is not None else {}),
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            message = json.loads(raw)["message"]
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode("utf-8", "replace")[:500] or exc.reason
+        raise CommandFailed(f"{exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CommandFailed(
+            f"cannot reach {args.url} ({reason}); is `sagakit serve` running?", 2
+        ) from None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _table(items: list[dict[str, Any]], extra: str | None = None) -> str:
+    cols = ["saga_id", "state", "status", "current_step", "age", "definition", "business_key"]
+    rows = [
+        [
+            str(i["saga_id"]),
+            i["state"],
+            i["status"],
+            str(i.get("current_step") or "-"),
+            _age(float(i.get("age_s", 0.0))),
+            f"{i['definition']}@{i['definition_version']}",
+            str(i["business_key"]),
+        ]
+        + ([str(i.get(extra) or "")] if extra else [])
+        for i in items
+    ]
+    header = cols + ([extra] if extra else [])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> Any:
+    query: list[tuple[str, str]] = [("state", s) for s in args.state or []]
+    for key in ("definition", "version", "step", "min_age", "max_age", "limit", "offset"):
+        value = getattr(args, key)
+        if value is not None:
+            query.append((key, str(value)))
+    page = call(args, "GET", "/sagas?" + urllib.parse.urlencode(query))
+    counts = ", ".join(f"{k}={v}" for k, v in page["counts"].items() if v)
+    text = f"{_table(page['items'])}\n{len(page['items'])} of {page['total']} ({counts or 'none'})"
+    return page, text
+
+
+def _show(args: argparse.Namespace) -> Any:
+    s = call(args, "GET", f"/sagas/{urllib.parse.quote(args.saga_id, safe='')}")
+    lines = [
+        f"saga {s['saga_id']}  {s['definition']}@{s['definition_version']}  "
+        f"key {s['business_key']}",
+        f"state {s['state']}  status {s['status']}  version {s['version']}",
+    ]
+    if s.get("last_error"):
+        lines.append(f"last error: {s['last_error']}")
+    lines.append("steps:")
+    for st in s["steps"]:
+        err = f"  error: {st['error']}" if st.get("error") else ""
+        lines.append(
+            f"  {st['index']}. {st['name']:<20} {st['status']:<22} "
+            f"attempt {st['attempt']} rung {st['rung']}{err}"
+        )
+    lines.append("history:")
+    for h in s["history"]:
+        lines.append(f"  v{h['version']:<3} {h['event']:<26} {h['state']:<20} {h['step'] or ''}")
+    return s, "\n".join(lines)
+
+
+def _act(args: argparse.Namespace) -> Any:
+    action = args.action_name or args.action
+    body: dict[str, Any] = {"action": action, "reason": args.reason}
+    if getattr(args, "rung", None) is not None:
+        body["rung"] = args.rung
+    path = f"/sagas/{urllib.parse.quote(args.saga_id, safe='')}/actions"
+    res = call(args, "POST", path, body)
+    saga = res["saga"]
+    return res, f"{action} applied to {saga['saga_id']}: now {saga['state']} ({saga['status']})"
+
+
+def _manual(args: argparse.Namespace) -> Any:
+    page = call(args, "GET", f"/manual-cases?limit={args.limit}&offset={args.offset}")
+    text = _table(page["items"], "reason") + f"\n{len(page['items'])} of {page['total']} waiting"
+    return page, text
+
+
+def _runner(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            data, text = fn(args)
+        except CommandFailed as exc:
+            print(f"sagakit: {exc}", file=sys.stderr)
+            return exc.code
+        print(json.dumps(data, indent=2) if args.json else text)
+        return 0
+
+    return run
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sagakit.api.serve import serve
+    from sagakit.errors import ConfigurationError
+
+    try:
+        asyncio.run(
+            serve(
+                args.host,
+                args.port,
+                args.data_dir,
+                args.tokens_file,
+                args.orders,
+                seed=args.seed,
+                log_level=args.log_level,
+                json_output=args.json,
+            )
+        )
+    except ConfigurationError as exc:
+        print(f"sagakit serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("SAGAKIT_URL", DEFAULT_URL),
+        help="the running API (default $SAGAKIT_URL or %(default)s)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("SAGAKIT_TOKEN"),
+        help="bearer token (default $SAGAKIT_TOKEN)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve``, ``sagas`` and ``manual-cases`` to the ``sagakit`` command line."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the embedded checkout and the HTTP API",
+        description="Run the reference checkout (embedded, SQLite) and the HTTP API in one "
+        "process. Without configured tokens an admin token is generated and printed once.",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default=os.environ.get("SAGAKIT_DATA_DIR", "sagakit-data"))
+    serve.add_argument(
+        "--tokens-file",
+        default=None,
+        help="JSON file of {name, role, sha256} entries (default "
+        "$SAGAKIT_TOKENS_FILE, else <data-dir>/tokens.json)",
+    )
+    serve.add_argument("--orders", type=int, default=0, help="place N demo orders at start")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the demo orders")
+    serve.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--json",
+        action="store_true",
+        help="print the URL (and a generated token) as one JSON object",
+    )
+    serve.set_defaults(func=_serve)
+
+    sagas = subparsers.add_parser(
+        "sagas",
+        help="list, inspect and act on sagas (via the API)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = sagas.add_subparsers(dest="sagas_command", required=True)
+    ls = sub.add_parser("list", help="sagas, newest first, filtered")
+    ls.add_argument("--state", action="append", choices=STATES, help="repeat for several")
+    ls.add_argument("--definition")
+    ls.add_argument("--version", type=int)
+    ls.add_argument("--step", help="the step at the saga's cursor")
+    ls.add_argument("--min-age", dest="min_age", type=float, help="seconds")
+    ls.add_argument("--max-age", dest="max_age", type=float, help="seconds")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--offset", type=int, default=0)
+    _client_options(ls)
+    ls.set_defaults(func=_runner(_list))
+    show = sub.add_parser("show", help="one saga: steps, history, messages")
+    show.add_argument("saga_id")
+    _client_options(show)
+    show.set_defaults(func=_runner(_show))
+    for name, help_text in (
+        ("retry", "try the stuck step again"),
+        ("compensate", "undo the stuck step and the steps before it"),
+        ("cancel", "cancel a running saga (before its point of no return)"),
+        ("resolve", "any manual action (--action)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("saga_id")
+        p.add_argument("--reason", required=True, help="why (recorded with your token's name)")
+        if name == "resolve":
+            p.add_argument("--action", required=True, choices=ACTIONS)
+            p.add_argument("--rung", type=int, help="for use_rung: the ladder rung")
+        _client_options(p)
+        p.set_defaults(func=_runner(_act), action_name=None if name == "resolve" else name)
+    manual = subparsers.add_parser("manual-cases", help="sagas waiting for a person (via the API)")
+    manual.add_argument("--limit", type=int, default=50)
+    manual.add_argument("--offset", type=int, default=0)
+    _client_options(manual)
+    manual.set_defaults(func=_runner(_manual))

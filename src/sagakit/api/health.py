@@ -1,0 +1,157 @@
+"""Liveness, readiness and Prometheus metrics.
+
+``/metrics`` is the Prometheus text exposition format (0.0.4), written by hand: a few
+gauges read with the stores' cheap counting methods, cached for a second so that many
+scrapers cost no more than one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sagakit.api.auth import Role
+from sagakit.api.http import ApiContext, Endpoint, Reply, json_reply
+from sagakit.api.views import MANUAL_STATES
+from sagakit.core.instance import SagaState
+from sagakit.runtime.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+READY_TIMEOUT = 2.0
+"""Seconds a store has to answer the readiness probe."""
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Renders the gauges; one rendering serves every scrape within ``ttl`` seconds."""
+
+    def __init__(
+        self, engine: Engine, *, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.clock = clock
+        self._cached: tuple[float, str] | None = None
+        self._lock = asyncio.Lock()
+
+    async def text(self) -> str:
+        """The exposition text (fresh at most ``ttl`` seconds ago)."""
+        async with self._lock:
+            if self._cached is None or self.clock() - self._cached[0] >= self.ttl:
+                self._cached = (self.clock(), await self._render())
+            return self._cached[1]
+
+    async def _render(self) -> str:
+        engine = self.engine
+        counts = await engine.store.count_sagas()
+        lines: list[str] = []
+
+        def gauge(name: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            for labels, value in samples:
+                lines.append(f"{name}{labels} {value:g}")
+
+        gauge(
+            "sagakit_sagas",
+            "Saga instances by state.",
+            [(f'{{state="{s.value}"}}', counts.get(s, 0)) for s in SagaState],
+        )
+        gauge(
+            "sagakit_manual_cases",
+            "Sagas waiting for a person (FAILED_NEEDS_MANUAL and TIMED_OUT).",
+            [("", sum(counts.get(s, 0) for s in MANUAL_STATES))],
+        )
+        pending, dead, depth = [], [], []
+        for store in engine.stores:
+            label = f'{{store="{_label(store.name)}"}}'
+            pending.append((label, await store.outbox_pending()))
+            # dead_letters returns the rows; a count query belongs in the store.
+            dead.append((label, len(await store.dead_letters())))
+            depth.append((label, await store.queue_depth()))
+        gauge("sagakit_outbox_pending", "Outbox rows not yet published, per store.", pending)
+        gauge("sagakit_dead_letters", "Messages parked as dead letters, per store.", dead)
+        gauge("sagakit_mailbox_depth", "Messages waiting in a store's mailboxes.", depth)
+        return "\n".join(lines) + "\n"
+
+
+def endpoints(ctx: ApiContext) -> list[Endpoint]:
+    """``/healthz``, ``/readyz`` and ``/metrics``."""
+    engine = ctx.engine
+    metrics = Metrics(engine)
+
+    async def healthz(request: Request) -> Response:
+        return json_reply({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        stores: dict[str, str] = {}
+        ready = True
+        for store in engine.stores:
+            try:
+                await asyncio.wait_for(store.outbox_pending(), READY_TIMEOUT)
+                stores[store.name] = "ok"
+            except Exception as exc:  # any failure means "not ready", with its reason
+                ready = False
+                stores[store.name] = f"{type(exc).__name__}: {exc}"
+        try:
+            await asyncio.wait_for(ctx.records.ensure(), READY_TIMEOUT)
+        except Exception as exc:
+            ready = False
+            stores["api"] = f"{type(exc).__name__}: {exc}"
+        body = {"ready": ready, "stores": stores}
+        if not ready:
+            body.update(error="not_ready", message="a store does not answer; see stores")
+        return json_reply(body, 200 if ready else 503)
+
+    async def metrics_text(request: Request) -> Response:
+        return Response(await metrics.text(), media_type=CONTENT_TYPE)
+
+    return [
+        Endpoint(
+            "GET",
+            "/healthz",
+            Role.VIEWER,
+            healthz,
+            "healthz",
+            "The process is alive",
+            "health",
+            {200: Reply("Alive.", "Health")},
+        ),
+        Endpoint(
+            "GET",
+            "/readyz",
+            Role.VIEWER,
+            readyz,
+            "readyz",
+            "Every store answers",
+            "health",
+            {
+                200: Reply("Ready: every store answered.", "Ready"),
+                503: Reply("Not ready: the stores that did not answer, and why.", "Ready"),
+            },
+        ),
+        Endpoint(
+            "GET",
+            "/metrics",
+            Role.VIEWER,
+            metrics_text,
+            "metrics",
+            "Prometheus metrics (text exposition format 0.0.4)",
+            "health",
+            {
+                200: Reply(
+                    "Gauges: sagas by state, manual cases, outbox pending, dead letters "
+                    "and mailbox depth per store.",
+                    None,
+                    "text/plain",
+                )
+            },
+        ),
+    ]

@@ -1,0 +1,196 @@
+"""HTTP plumbing shared by the routes: endpoint declarations, authentication, bodies.
+
+Each route is declared once as an :class:`Endpoint` (method, path, the least role it
+needs, its handler and what it returns); the Starlette routes *and* the OpenAPI
+document are built from the same declarations, so neither can forget an endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sagakit.api.auth import Principal, Role, TokenStore, require
+from sagakit.api.problems import ApiError
+from sagakit.api.records import CheckoutStores, Records
+from sagakit.api.validation import parse_json
+from sagakit.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+PRINCIPAL = "sagakit.principal"
+"""The ASGI scope key under which the authenticated :class:`Principal` travels."""
+
+
+@dataclass(slots=True)
+class ApiContext:
+    """The shared state of one app (built by :func:`sagakit.api.app.create_app`)."""
+
+    engine: Engine
+    records: Records
+    tokens: TokenStore
+    checkout: CheckoutStores | None
+    max_body: int
+    order_definition: str = "checkout"
+    sse_heartbeat: float = 15.0
+    """Seconds between heartbeat comments on an idle event stream."""
+    sse_poll: float = 0.25
+    """Longest wait between two reads of a saga's history while streaming."""
+    sse_max_seconds: float = 600.0
+    """An event stream ends after this long; the client reconnects with Last-Event-ID."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One documented success response: its description and body schema (a ``$ref`` name)."""
+
+    description: str
+    schema: str | None = None
+    media_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One route: what it does, who may call it, and what it returns."""
+
+    method: str
+    path: str
+    role: Role
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    replies: Mapping[int, Reply]
+    params: Sequence[dict[str, Any]] = ()
+    body: str | None = None
+    errors: Sequence[int] = ()
+    description: str = ""
+
+    def guarded(self) -> Handler:
+        """The handler behind the role check (the token was checked by the middleware)."""
+        role, handler = self.role, self.handler
+
+        async def run(request: Request) -> Response:
+            require(principal(request), role)
+            return await handler(request)
+
+        run.__name__ = self.operation_id
+        return run
+
+
+def principal(request: Request) -> Principal:
+    """Who made ``request`` (set by :class:`TokenAuth`)."""
+    who = request.scope.get(PRINCIPAL)
+    if not isinstance(who, Principal):  # pragma: no cover - the middleware always sets it
+        raise ApiError(401, "the request was not authenticated")
+    return who
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    """The JSON response of an :class:`ApiError`."""
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class TokenAuth:
+    """ASGI middleware: every HTTP request needs a valid bearer token, or gets 401."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenStore) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header: str | None = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            scope[PRINCIPAL] = self.tokens.principal_for(header)
+        except ApiError as err:
+            await error_response(err)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    """Render an :class:`ApiError` raised by a handler."""
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    """Render Starlette's own errors (unknown path, wrong method) as JSON."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.url.path!r}; see /openapi.json for the endpoints"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path!r}"
+    else:
+        message = str(exc.detail)
+    err = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+    return error_response(err)
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    """A 500 with a JSON body; the traceback goes to the log, not to the client."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "the server failed on this request; it is logged"))
+
+
+def query_lists(request: Request) -> dict[str, list[str]]:
+    """The query string as ``{name: [values...]}``."""
+    out: dict[str, list[str]] = {}
+    for k, v in request.query_params.multi_items():
+        out.setdefault(k, []).append(v)
+    return out
+
+
+def one(query: Mapping[str, Sequence[str]], name: str) -> str | None:
+    """The last value of a query parameter, or None when absent or empty."""
+    values = query.get(name)
+    return values[-1] if values and values[-1] != "" else None
+
+
+async def read_json(request: Request, max_body: int) -> object:
+    """The request body parsed as JSON: 415, 413 or 400 saying what was wrong."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise ApiError(415, f"send the body as application/json, not {media or 'nothing'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.strip().isascii() and declared.strip().isdigit()):
+            raise ApiError(400, "the Content-Length header is not a number")
+        if int(declared) > max_body:
+            raise _too_large(max_body)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise _too_large(max_body)
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks))
+
+
+def _too_large(max_body: int) -> ApiError:
+    return ApiError(413, f"the body is larger than {max_body} bytes; send less")
+
+
+def json_reply(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON response (compact, UTF-8)."""
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)

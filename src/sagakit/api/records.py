@@ -1,0 +1,304 @@
+"""The API's own tables, and the reads the store port does not offer (yet).
+
+Two tables live in the orchestrator's store, created with ``apply_migrations`` under
+the namespace ``sagakit.api`` (portable SQL: SQLite and PostgreSQL, qmark ``?``):
+
+* ``api_idempotency``: one row per ``Idempotency-Key`` of ``POST /orders``, with the
+  SHA-256 of the canonical body and the order id it created. The row is committed
+  *before* the saga starts, and the start is idempotent by order id, so a client that
+  retries after a crash gets the very same order.
+* ``api_audit``: who did what to which saga, when, why, and how it ended.
+
+Filtering sagas by version, current step or age, and finding a saga by business key
+without a write transaction, are done here over the store's public methods; they
+belong in the store (indexed SQL) once it grows those queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from sagakit.api.auth import Principal
+from sagakit.api.validation import SagaFilter
+from sagakit.core.instance import SagaInstance
+from sagakit.errors import ConfigurationError
+from sagakit.runtime.engine import Engine
+from sagakit.stores.base import SQLStore, Store
+
+NAMESPACE = "sagakit.api"
+"""The ``schema_migrations`` namespace of the API's tables."""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE api_idempotency (
+        idempotency_key TEXT NOT NULL PRIMARY KEY,
+        body_hash       TEXT NOT NULL,
+        order_id        TEXT NOT NULL UNIQUE,
+        actor           TEXT NOT NULL,
+        created_at      DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE api_audit (
+        audit_id TEXT NOT NULL PRIMARY KEY,
+        at       DOUBLE PRECISION NOT NULL,
+        actor    TEXT NOT NULL,
+        role     TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        saga_id  TEXT,
+        reason   TEXT,
+        outcome  TEXT NOT NULL,
+        detail   TEXT NOT NULL
+    );
+    CREATE INDEX api_audit_at_idx ON api_audit (at);
+    CREATE INDEX api_audit_saga_idx ON api_audit (saga_id, at);
+    """,
+]
+"""Schema steps (append, never edit). A text primary key instead of an auto-increment
+id keeps the SQL the same on both databases."""
+
+PAGE = 500
+"""Rows read per ``list_sagas`` call while filtering."""
+
+
+class CheckoutStores(Protocol):
+    """What the ledger endpoints need of the reference checkout (its services' stores)."""
+
+    @property
+    def payment_store(self) -> Any:
+        """The SQL store holding payment_ledger."""
+        ...
+
+    @property
+    def inventory_store(self) -> Any:
+        """The SQL store holding stock and reservations."""
+        ...
+
+    @property
+    def shipping_store(self) -> Any:
+        """The SQL store holding shipments."""
+        ...
+
+
+class Records:
+    """The API's tables in the orchestrator store, and filtered reads over the engine."""
+
+    def __init__(self, engine: Engine, *, order_definition: str = "checkout") -> None:
+        if not callable(getattr(engine.store, "apply_migrations", None)):
+            raise ConfigurationError(
+                f"the HTTP API keeps idempotency keys and its audit trail in the orchestrator "
+                f"store, which must be an SQL store (SQLiteStore, PostgresStore); "
+                f"{type(engine.store).__name__} is not"
+            )
+        self.engine = engine
+        self.store: SQLStore = cast(SQLStore, engine.store)
+        self.order_definition = order_definition
+        self._ready = False
+        self._lock = asyncio.Lock()
+
+    async def ensure(self) -> None:
+        """Create the API's tables if needed (once per process; cheap afterwards)."""
+        if self._ready:
+            return
+        async with self._lock:
+            if not self._ready:
+                await self.store.apply_migrations(NAMESPACE, MIGRATIONS)
+                self._ready = True
+
+    # -- idempotency ---------------------------------------------------------------------
+    async def claim(self, key: str, body_hash: str, actor: str) -> tuple[str, str, bool]:
+        """Record ``key`` for a new order id unless it exists.
+
+        Returns ``(order_id, stored_hash, created)``: the order the key stands for, the
+        hash of the body first sent with it, and whether this call created it.
+        """
+        await self.ensure()
+        fresh = f"order-{uuid.uuid4().hex}"
+        async with self.store.transaction() as tx:
+            created = await tx.execute(
+                "INSERT INTO api_idempotency (idempotency_key, body_hash, order_id, actor, "
+                "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+                (key, body_hash, fresh, actor, time.time()),
+            )
+            row = await tx.fetchone(
+                "SELECT order_id, body_hash FROM api_idempotency WHERE idempotency_key = ?",
+                (key,),
+            )
+        assert row is not None, "the key was inserted or found in the same transaction"
+        return str(row[0]), str(row[1]), created == 1
+
+    async def order_saga(self, order_id: str) -> SagaInstance | None:
+        """The checkout saga of ``order_id`` (its business key), or None."""
+        async with self.store.transaction() as tx:
+            return await tx.saga_get_by_key(self.order_definition, order_id)
+
+    # -- audit ---------------------------------------------------------------------------
+    async def audit(
+        self,
+        who: Principal,
+        action: str,
+        *,
+        saga_id: str | None,
+        reason: str | None,
+        outcome: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one row to ``api_audit``."""
+        await self.ensure()
+        async with self.store.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO api_audit (audit_id, at, actor, role, action, saga_id, reason, "
+                "outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uuid.uuid4().hex,
+                    time.time(),
+                    who.name,
+                    who.role.value,
+                    action,
+                    saga_id,
+                    reason,
+                    outcome,
+                    json.dumps(detail or {}, separators=(",", ":")),
+                ),
+            )
+
+    async def audit_rows(
+        self, *, saga_id: str | None, actor: str | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]:
+        """Audit rows, newest first, optionally of one saga and/or one actor."""
+        await self.ensure()
+        where, params = [], []
+        for column, value in (("saga_id", saga_id), ("actor", actor)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = (
+            "SELECT audit_id, at, actor, role, action, saga_id, reason, outcome, detail "
+            "FROM api_audit"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY at DESC, audit_id LIMIT ? OFFSET ?"
+        )
+        async with self.store.transaction() as tx:
+            rows = await tx.fetchall(sql, (*params, limit, offset))
+        keys = ("audit_id", "at", "actor", "role", "action", "saga_id", "reason", "outcome")
+        return [{**dict(zip(keys, r[:8], strict=True)), "detail": json.loads(r[8])} for r in rows]
+
+    # -- filtered saga reads -------------------------------------------------------------
+    async def select(
+        self,
+        flt: SagaFilter,
+        *,
+        limit: int,
+        offset: int,
+        step_of: Callable[[SagaInstance], str | None],
+        now: float | None = None,
+    ) -> tuple[int, list[SagaInstance]]:
+        """``(total matching, the page [offset, offset + limit))``, newest first."""
+        now = time.time() if now is None else now
+        store: Store = self.store
+        states = list(flt.states) or None
+        if flt == SagaFilter(states=flt.states):
+            # Only states: the store counts and pages by itself.
+            counts = await store.count_sagas()
+            total = sum(n for s, n in counts.items() if states is None or s in states)
+            page = await store.list_sagas(states=states, limit=limit, offset=offset)
+            return total, page
+
+        def matches(inst: SagaInstance) -> bool:
+            age = now - inst.created_at
+            return (
+                (not flt.states or inst.state in flt.states)
+                and (flt.definition is None or inst.definition == flt.definition)
+                and (flt.version is None or inst.definition_version == flt.version)
+                and (flt.step is None or step_of(inst) == flt.step)
+                and (flt.min_age is None or age >= flt.min_age)
+                and (flt.max_age is None or age <= flt.max_age)
+            )
+
+        total, items = 0, []
+        if flt.saga_ids:
+            found = [await store.get_saga(i) for i in flt.saga_ids]
+            candidates = sorted(
+                (i for i in found if i is not None), key=lambda i: i.created_at, reverse=True
+            )
+            for inst in candidates:
+                if matches(inst):
+                    if offset <= total < offset + limit:
+                        items.append(inst)
+                    total += 1
+            return total, items
+        read = 0
+        while True:
+            batch = await store.list_sagas(
+                states=states, definition=flt.definition, limit=PAGE, offset=read
+            )
+            read += len(batch)
+            for inst in batch:
+                if flt.max_age is not None and now - inst.created_at > flt.max_age:
+                    return total, items  # newest first: everything after is older still
+                if matches(inst):
+                    if offset <= total < offset + limit:
+                        items.append(inst)
+                    total += 1
+            if len(batch) < PAGE:
+                return total, items
+
+
+async def payments(
+    checkout: CheckoutStores, order_id: str | None, limit: int, offset: int
+) -> list[dict[str, Any]]:
+    """Rows of the payment service's ledger, newest first."""
+    sql = "SELECT order_id, op, amount, provider_ref, at FROM payment_ledger"
+    params: tuple[Any, ...] = (limit, offset)
+    if order_id is not None:
+        sql += " WHERE order_id = ?"
+        params = (order_id, *params)
+    async with checkout.payment_store.transaction() as tx:
+        rows = await tx.fetchall(sql + " ORDER BY at DESC, order_id, op LIMIT ? OFFSET ?", params)
+    keys = ("order_id", "op", "amount", "provider_ref", "at")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+async def stock(checkout: CheckoutStores, sku: str) -> dict[str, Any] | None:
+    """One SKU's stock buckets and its reservations by status, or None."""
+    async with checkout.inventory_store.transaction() as tx:
+        row = await tx.fetchone(
+            "SELECT sku, initial, available, reserved, shipped FROM stock WHERE sku = ?", (sku,)
+        )
+        counts = await tx.fetchall(
+            "SELECT status, COUNT(*) FROM reservations WHERE sku = ? GROUP BY status", (sku,)
+        )
+    if row is None:
+        return None
+    out = dict(zip(("sku", "initial", "available", "reserved", "shipped"), row, strict=True))
+    out["reservations"] = {str(s): int(n) for s, n in counts}
+    return out
+
+
+async def shipments(
+    checkout: CheckoutStores, order_id: str | None, limit: int, offset: int
+) -> list[dict[str, Any]]:
+    """Rows of the shipping service's shipments, newest first."""
+    cols = (
+        "order_id",
+        "status",
+        "carrier",
+        "address_token",
+        "sku",
+        "qty",
+        "created_at",
+        "updated_at",
+    )
+    sql = f"SELECT {', '.join(cols)} FROM shipments"
+    params: tuple[Any, ...] = (limit, offset)
+    if order_id is not None:
+        sql += " WHERE order_id = ?"
+        params = (order_id, *params)
+    async with checkout.shipping_store.transaction() as tx:
+        rows = await tx.fetchall(
+            sql + " ORDER BY created_at DESC, order_id LIMIT ? OFFSET ?", params
+        )
+    return [dict(zip(cols, r, strict=True)) for r in rows]

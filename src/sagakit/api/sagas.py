@@ -1,0 +1,388 @@
+"""Operator routes: list and inspect sagas, act on them one by one or in batches.
+
+Actions are a person's decisions: ``cancel`` goes to :meth:`Engine.cancel`, the
+others (retry, mark_done, compensate, mark_compensated, use_rung, accept_partial) to
+:meth:`Engine.resolve`, which records the actor and reason in the saga's history in
+the same transaction as the decision. The API also writes a structured log line and
+a row of its ``api_audit`` table for every action, refused or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sagakit.api.auth import Principal, Role
+from sagakit.api.http import (
+    ApiContext,
+    Endpoint,
+    Reply,
+    json_reply,
+    one,
+    principal,
+    query_lists,
+    read_json,
+)
+from sagakit.api.problems import ApiError, FieldProblem, invalid, not_found
+from sagakit.api.validation import (
+    CANCEL,
+    ActionRequest,
+    parse_action,
+    parse_batch,
+    parse_paging,
+    parse_query_filter,
+)
+from sagakit.api.views import MANUAL_STATES, manual_case, saga_detail, saga_summary, step_name
+from sagakit.core.instance import SagaInstance, SagaState
+from sagakit.errors import DefinitionError, ManualActionRefused, SagaNotFound
+
+audit_log = logging.getLogger("sagakit.api.audit")
+
+SAGA_ID = {
+    "name": "saga_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+PAGING = (
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+)
+FILTERS = (
+    {
+        "name": "state",
+        "in": "query",
+        "style": "form",
+        "explode": True,
+        "description": "Repeat (or comma-separate) for several states.",
+        "schema": {"type": "array", "items": {"$ref": "#/components/schemas/SagaState"}},
+    },
+    {"name": "definition", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+    {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+    {
+        "name": "step",
+        "in": "query",
+        "description": "The step at the saga's cursor.",
+        "schema": {"type": "string", "maxLength": 200},
+    },
+    {
+        "name": "min_age",
+        "in": "query",
+        "description": "Seconds since the saga started, at least.",
+        "schema": {"type": "number", "minimum": 0},
+    },
+    {
+        "name": "max_age",
+        "in": "query",
+        "description": "Seconds since the saga started, at most.",
+        "schema": {"type": "number", "minimum": 0},
+    },
+)
+
+
+CANCELLING = (SagaState.COMPENSATING, SagaState.COMPENSATED)
+"""States that show a cancel was accepted (the saga is being, or was, undone)."""
+
+
+class ActionOutcome(Exception):
+    """An action that did not apply: its HTTP status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def _decide(
+    ctx: ApiContext, who: Principal, saga_id: str, req: ActionRequest
+) -> SagaInstance:
+    """Hand the decision to the engine; :class:`ActionOutcome` when it does not apply."""
+    engine = ctx.engine
+    try:
+        if req.action != CANCEL:
+            return await engine.resolve(
+                saga_id, req.action, reason=req.reason, actor=who.name, rung=req.rung
+            )
+        before = await engine.get(saga_id)
+        inst = before if before.terminal else await engine.cancel(saga_id, req.reason)
+    except SagaNotFound:
+        raise ActionOutcome(404, "not_found", f"no saga {saga_id!r}") from None
+    except (ManualActionRefused, DefinitionError) as exc:
+        raise ActionOutcome(409, "refused", str(exc)) from None
+    # engine.cancel records a refused cancel in history and returns the saga unchanged.
+    if inst.terminal and (before.terminal or inst.state is not SagaState.COMPENSATED):
+        why = f"saga {saga_id} is already {inst.state.value}"
+        raise ActionOutcome(409, "refused", f"cancel refused: {why}")
+    if not (inst.cancel_requested or inst.state in CANCELLING):
+        why = f"saga {saga_id} is past its point of no return; only a manual decision can change it"
+        raise ActionOutcome(409, "refused", f"cancel refused: {why}")
+    return inst
+
+
+async def apply_action(
+    ctx: ApiContext, who: Principal, saga_id: str, req: ActionRequest
+) -> SagaInstance:
+    """Apply one action; raise :class:`ActionOutcome` when it does not apply.
+
+    Every attempt is audited (structured log line and ``api_audit`` row) with its
+    outcome: ``applied``, ``refused``, ``not_found`` or ``error``.
+    """
+    outcome, detail = "error", {}
+    try:
+        inst = await _decide(ctx, who, saga_id, req)
+        outcome, detail = "applied", {"state": inst.state.value, "version": inst.version}
+        return inst
+    except ActionOutcome as exc:
+        outcome, detail = exc.code, {"message": exc.message}
+        raise
+    finally:
+        audit_log.info(
+            "%s on saga %s by %s (%s): %s",
+            req.action,
+            saga_id,
+            who.name,
+            outcome,
+            req.reason,
+            extra={
+                "saga_id": saga_id,
+                "actor": who.name,
+                "action": req.action,
+                "reason": req.reason,
+                "outcome": outcome,
+                "rung": req.rung,
+            },
+        )
+        if req.rung is not None:
+            detail["rung"] = req.rung
+        await ctx.records.audit(
+            who, req.action, saga_id=saga_id, reason=req.reason, outcome=outcome, detail=detail
+        )
+
+
+def endpoints(ctx: ApiContext) -> list[Endpoint]:
+    """The operator routes."""
+    engine = ctx.engine
+
+    def step_of(inst: SagaInstance) -> str | None:
+        return step_name(engine, inst)
+
+    async def list_sagas(request: Request) -> Response:
+        query = query_lists(request)
+        flt, problems = parse_query_filter(query)
+        limit, offset, more = parse_paging(query)
+        if problems or more:
+            raise invalid(problems + more, "the query")
+        total, page = await ctx.records.select(flt, limit=limit, offset=offset, step_of=step_of)
+        counts = await engine.store.count_sagas()
+        now = time.time()
+        return json_reply(
+            {
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+                "filter": flt.to_json(),
+                "counts": {s.value: counts.get(s, 0) for s in SagaState},
+                "items": [saga_summary(engine, i, now) for i in page],
+            }
+        )
+
+    async def get_saga(request: Request) -> Response:
+        saga_id = request.path_params["saga_id"]
+        inst = await engine.store.get_saga(saga_id)
+        if inst is None:
+            raise not_found(f"no saga {saga_id!r}")
+        history = await engine.store.history(saga_id)
+        # outbox_all reads every row of the store: a per-saga outbox read belongs in the store.
+        outbox = await engine.store.outbox_all()
+        return json_reply(saga_detail(engine, inst, history, outbox, time.time()))
+
+    async def act(request: Request) -> Response:
+        who = principal(request)
+        saga_id = request.path_params["saga_id"]
+        req = parse_action(await read_json(request, ctx.max_body))
+        try:
+            inst = await apply_action(ctx, who, saga_id, req)
+        except ActionOutcome as exc:
+            raise ApiError(exc.status, exc.message, code=exc.code) from None
+        return json_reply(
+            {
+                "action": req.action,
+                "actor": who.name,
+                "reason": req.reason,
+                "saga": saga_summary(engine, inst, time.time()),
+            }
+        )
+
+    async def batch(request: Request) -> Response:
+        who = principal(request)
+        req = parse_batch(await read_json(request, ctx.max_body))
+        total, page = await ctx.records.select(
+            req.filter, limit=req.limit, offset=0, step_of=step_of
+        )
+        ids = [i.saga_id for i in page]
+        out: dict[str, Any] = {
+            "dry_run": req.dry_run,
+            "action": req.action.action,
+            "filter": req.filter.to_json(),
+            "matched": total,
+            "saga_ids": ids,
+        }
+        if req.dry_run:
+            return json_reply(out)
+        batch_id = uuid.uuid4().hex
+        results = []
+        for saga_id in ids:
+            try:
+                inst = await apply_action(ctx, who, saga_id, req.action)
+                results.append(
+                    {
+                        "saga_id": saga_id,
+                        "ok": True,
+                        "state": inst.state.value,
+                        "status": inst.status,
+                    }
+                )
+            except ActionOutcome as exc:
+                results.append(
+                    {"saga_id": saga_id, "ok": False, "error": exc.code, "message": exc.message}
+                )
+        done = sum(1 for r in results if r["ok"])
+        audit_log.info(
+            "batch %s of %s by %s: %d of %d applied",
+            batch_id,
+            req.action.action,
+            who.name,
+            done,
+            len(ids),
+            extra={
+                "actor": who.name,
+                "action": req.action.action,
+                "reason": req.action.reason,
+                "batch_id": batch_id,
+            },
+        )
+        out.update(
+            batch_id=batch_id,
+            applied=done,
+            failed=len(results) - done,
+            remaining=max(total - len(ids), 0),
+            results=results,
+        )
+        return json_reply(out)
+
+    async def manual_cases(request: Request) -> Response:
+        limit, offset, problems = parse_paging(query_lists(request))
+        if problems:
+            raise invalid(problems, "the query")
+        page = await engine.manual_cases(limit=limit, offset=offset)
+        counts = await engine.store.count_sagas()
+        now = time.time()
+        return json_reply(
+            {
+                "total": sum(counts.get(s, 0) for s in MANUAL_STATES),
+                "limit": limit,
+                "offset": offset,
+                "items": [manual_case(engine, i, now) for i in page],
+            }
+        )
+
+    async def audit(request: Request) -> Response:
+        query = query_lists(request)
+        limit, offset, problems = parse_paging(query)
+        saga_id, actor = one(query, "saga_id"), one(query, "actor")
+        for name, value in (("saga_id", saga_id), ("actor", actor)):
+            if value is not None and len(value) > 200:
+                problems.append(FieldProblem(name, "must be at most 200 characters"))
+        if problems:
+            raise invalid(problems, "the query")
+        rows = await ctx.records.audit_rows(
+            saga_id=saga_id, actor=actor, limit=limit, offset=offset
+        )
+        return json_reply({"limit": limit, "offset": offset, "items": rows})
+
+    text_query = {"type": "string", "minLength": 1, "maxLength": 200}
+    return [
+        Endpoint(
+            "GET",
+            "/sagas",
+            Role.VIEWER,
+            list_sagas,
+            "listSagas",
+            "Sagas, newest first, filtered and paginated, with counts per state",
+            "sagas",
+            {200: Reply("A page of sagas.", "SagaPage")},
+            params=(*FILTERS, *PAGING),
+            errors=(422,),
+        ),
+        Endpoint(
+            "POST",
+            "/sagas/actions/batch",
+            Role.OPERATOR,
+            batch,
+            "batchAction",
+            "Apply one action to every saga a filter matches (dry run first)",
+            "sagas",
+            {200: Reply("The matching sagas (dry run) or the result per saga.", "BatchResult")},
+            body="BatchRequest",
+        ),
+        Endpoint(
+            "GET",
+            "/sagas/{saga_id}",
+            Role.VIEWER,
+            get_saga,
+            "getSaga",
+            "One saga: steps, attempts, errors, retries, history and messages",
+            "sagas",
+            {200: Reply("The saga.", "SagaDetail")},
+            params=(SAGA_ID,),
+            errors=(404,),
+        ),
+        Endpoint(
+            "POST",
+            "/sagas/{saga_id}/actions",
+            Role.OPERATOR,
+            act,
+            "sagaAction",
+            "A person's decision on one saga (audited)",
+            "sagas",
+            {200: Reply("The decision was applied.", "ActionResult")},
+            params=(SAGA_ID,),
+            body="ActionRequest",
+            errors=(404, 409),
+            description="`cancel` compensates a saga before its point of no return; the "
+            "other actions apply to sagas in FAILED_NEEDS_MANUAL. 409 says why an action "
+            "does not apply.",
+        ),
+        Endpoint(
+            "GET",
+            "/manual-cases",
+            Role.VIEWER,
+            manual_cases,
+            "listManualCases",
+            "The manual queue: FAILED_NEEDS_MANUAL and TIMED_OUT sagas",
+            "sagas",
+            {200: Reply("Sagas waiting for a person, newest first.", "ManualCasePage")},
+            params=PAGING,
+            errors=(422,),
+        ),
+        Endpoint(
+            "GET",
+            "/audit",
+            Role.ADMIN,
+            audit,
+            "listAudit",
+            "The API's audit trail: who did what, when and why",
+            "admin",
+            {200: Reply("Audit rows, newest first.", "AuditPage")},
+            params=(
+                {"name": "saga_id", "in": "query", "schema": text_query},
+                {"name": "actor", "in": "query", "schema": text_query},
+                *PAGING,
+            ),
+            errors=(422,),
+        ),
+    ]

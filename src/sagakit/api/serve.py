@@ -1,0 +1,275 @@
+"""``sagakit serve``: the embedded checkout and the HTTP API in one process.
+
+One data directory holds the five SQLite files of the checkout (see
+``sagakit_checkout.services.open_checkout``), the API's tables (in
+``orchestrator.db``) and ``tokens.json``. When no tokens are configured (no
+``tokens_file``, no ``SAGAKIT_TOKENS_FILE``, no tokens in ``<data_dir>/tokens.json``),
+an admin token is generated, only its SHA-256 is stored, and the token is printed
+once with the URL: keep it, it cannot be shown again (delete ``tokens.json`` to get a
+new one). SIGTERM and SIGINT stop the server gracefully: requests in flight finish,
+then the engine closes its stores (committed work is kept; a restart resumes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import TextIO
+
+import uvicorn
+
+from sagakit.api.app import DEFAULT_MAX_BODY, create_app
+from sagakit.api.auth import (
+    TOKENS_FILE_ENV,
+    Role,
+    TokenEntry,
+    TokenStore,
+    generate_token,
+    hash_token,
+    write_tokens_file,
+)
+from sagakit.errors import ConfigurationError
+
+TOKENS_JSON = "tokens.json"
+_EXTRAS = (
+    "saga_id",
+    "step",
+    "actor",
+    "action",
+    "reason",
+    "outcome",
+    "rung",
+    "batch_id",
+    "version",
+    "state",
+    "attempt",
+)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, with sagakit's ``extra`` fields (saga_id, actor...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        out: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in _EXTRAS:
+            if key in record.__dict__:
+                out[key] = record.__dict__[key]
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def load_tokens(
+    data_dir: Path, tokens_file: str | os.PathLike[str] | None
+) -> tuple[TokenStore, str | None]:
+    """The configured tokens, or a generated admin token: ``(store, token or None)``.
+
+    The token is returned (to be shown once) only when it was generated now.
+    """
+    if tokens_file is not None:
+        store = TokenStore.from_file(tokens_file)
+        if not len(store):
+            raise ConfigurationError(f"tokens file {tokens_file} lists no tokens; add one")
+        return store, None
+    path = data_dir / TOKENS_JSON
+    if path.exists():
+        store = TokenStore.from_file(path)
+        if len(store):
+            return store, None
+    token = generate_token()
+    store = TokenStore([TokenEntry("admin", Role.ADMIN, hash_token(token))])
+    write_tokens_file(path, store)
+    return store, token
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` stops it, then the engine."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Install nothing: :func:`serve` handles SIGTERM and SIGINT itself."""
+        # uvicorn re-raises a caught SIGTERM once it stopped, which would kill the process
+        # before the engine closed; serve() installs handlers that only ask it to exit.
+        yield
+
+
+def _lock(data_dir: Path) -> TextIO:
+    """Create ``data_dir`` and hold its lock file (one process per data directory)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / ".lock", "w")  # noqa: SIM115 - held while serving
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigurationError(
+            f"another sagakit process is using {data_dir}; stop it or pick another --data-dir"
+        ) from None
+    return f
+
+
+def _configure_logging(level: str) -> Callable[[], None]:
+    """JSON lines on stderr for sagakit's loggers, unless configured; returns the undo."""
+    root = logging.getLogger("sagakit")
+    if root.handlers:
+        return lambda: None  # the caller configured logging
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    saved = (root.level, root.propagate)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+
+    return undo
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: str | os.PathLike[str] = "sagakit-data",
+    tokens_file: str | os.PathLike[str] | None = None,
+    orders: int = 0,
+    *,
+    seed: int = 0,
+    max_body: int = DEFAULT_MAX_BODY,
+    synchronous: str = "FULL",
+    log_level: str = "info",
+    out: TextIO | None = None,
+    json_output: bool = False,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run the embedded checkout and the API until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``orders`` places that many demo orders (the demo's seeded mix) at start, once: a
+    restart with the same ``seed`` does not place them again. The URL (and a generated
+    token) are printed to ``out`` (stdout), as one JSON object with ``json_output``;
+    ``on_ready`` gets the URL once serving.
+    """
+    from sagakit_checkout.demo import REGULAR_SKUS, REGULAR_STOCK, make_orders
+    from sagakit_checkout.inventory import expire_reservations
+    from sagakit_checkout.sagas import CHECKOUT
+    from sagakit_checkout.services import checkout_engine, migrate, open_checkout
+
+    if orders < 0:
+        raise ConfigurationError("orders must be >= 0")
+    out = out or sys.stdout
+    base = Path(data_dir)
+    lock = _lock(base)
+    undo_logging = _configure_logging(log_level)
+    try:
+        configured = tokens_file if tokens_file is not None else os.environ.get(TOKENS_FILE_ENV)
+        tokens, generated = load_tokens(base, configured or None)
+        checkout = open_checkout(base, synchronous=synchronous)
+        engine = checkout_engine(checkout)
+        engine.every(
+            5.0,
+            "expire-reservations",
+            lambda: expire_reservations(checkout.inventory_store, time.time()),
+        )
+        specs, stock = make_orders(orders, seed) if orders else ([], {})
+        stock.update(dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK), **{"sku-sold-out": 0})
+        async with engine:
+            await migrate(checkout, initial_stock=stock)
+            for i in range(0, len(specs), 100):
+                await engine.start_many(
+                    [(CHECKOUT, s.order_id, s.data) for s in specs[i : i + 100]]
+                )
+            app = create_app(engine, checkout=checkout, tokens=tokens, max_body=max_body)
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level=log_level.lower(),
+                access_log=False,
+                lifespan="on",
+            )
+            server = _Server(config)
+            await _run(server, host, base, generated, out, json_output, stop, on_ready)
+    finally:
+        undo_logging()
+        lock.close()
+
+
+async def _run(
+    server: _Server,
+    host: str,
+    base: Path,
+    generated: str | None,
+    out: TextIO,
+    json_output: bool,
+    stop: asyncio.Event | None,
+    on_ready: Callable[[str], None] | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    def request_exit() -> None:
+        if server.should_exit:
+            server.force_exit = True  # a second signal: stop waiting for open requests
+        server.should_exit = True
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    installed = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, request_exit)
+            installed.append(sig)
+    task = asyncio.create_task(server.serve())
+    watcher = asyncio.create_task(_watch(stop, request_exit)) if stop is not None else None
+    try:
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn has a flag only
+            await asyncio.sleep(0.02)
+        if server.started:
+            bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else 0
+            shown = f"[{host}]" if ":" in host else host
+            url = f"http://{shown}:{bound}"
+            if json_output:
+                info = {"url": url, "data_dir": str(base), "token": generated}
+                print(json.dumps(info), file=out)
+            else:
+                print(
+                    f"sagakit API on {url} (data in {base}; OpenAPI at {url}/openapi.json)",
+                    file=out,
+                )
+                if generated is not None:
+                    print(
+                        f"admin token (shown once; only its hash is kept in "
+                        f"{base / TOKENS_JSON}):\n  {generated}",
+                        file=out,
+                    )
+            out.flush()
+            if on_ready is not None:
+                on_ready(url)
+        await task
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if not task.done():
+            server.should_exit = True
+            await task
+
+
+async def _watch(stop: asyncio.Event, request_exit: Callable[[], None]) -> None:
+    await stop.wait()
+    request_exit()
