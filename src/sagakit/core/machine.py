@@ -378,6 +378,7 @@ class Machine:
         self.definition = definition
         self.endpoint = endpoint
         self.local_endpoint = f"{endpoint}.local"
+        self.step_names = [step.name for step in definition.steps]
 
     # -- inputs -----------------------------------------------------------------------
     def start(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
 from sagakit.errors import DefinitionError, MessageError, SagaNotFound
+from sagakit.observability import handler_span
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
 
@@ -114,7 +115,8 @@ class BatchConsumer:
         now = self.clock()
         async with self.store.transaction() as tx:
             for _, env in items:
-                await self.process(tx, env, now)
+                with handler_span(self.endpoint, env):
+                    await self.process(tx, env, now)
             self.faults.point("before_commit", self.endpoint)
         self.after_commit()
 

@@ -33,6 +33,7 @@ from sagakit.errors import (
     SagaNotFound,
     StepFailed,
 )
+from sagakit.observability import record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
@@ -252,6 +253,10 @@ class Orchestrator(BatchConsumer):
             await tx.timers_set(d.set_timers)
         if d.outgoing:
             await tx.outbox_add(d.outgoing, now)
+        if d.history:
+            machine = self.machines.get((inst.definition, inst.definition_version))
+            if machine is not None:
+                record_transition(inst, machine.step_names, d.history)
         for h in d.history:
             log.debug(
                 "%s %s",
