@@ -10,10 +10,10 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from sagakit import SagaState, observability
 from sagakit_checkout.demo import make_orders
 from sagakit_checkout.services import checkout_engine, migrate, open_checkout
+
+from sagakit import SagaState, observability
 
 
 @pytest.fixture
