@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sagakit.errors import SagakitError
+from sagakit.observability import JsonFormatter
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,9 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format='{"at":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-        '"message":"%(message)s"}',
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if not args.store or not args.broker:
         print(f"sagakit {args.role}: --store and --broker are required", file=sys.stderr)
         return 2

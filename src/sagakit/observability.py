@@ -18,6 +18,9 @@ no-op. The library never configures a provider or exporter; the application does
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -137,3 +140,34 @@ def _span(
 ) -> None:
     span = tracer.start_span(name, context=context, start_time=int(start * 1e9), attributes=attrs)
     span.end(end_time=int(max(end, start) * 1e9))
+
+
+# -- structured logs ------------------------------------------------------------------
+
+_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the record's ``extra`` fields (saga_id, step, ...).
+
+    The library logs with ``extra={"saga_id": ..., "step": ...}``; this formatter, which
+    the CLI installs (the library installs no handlers), turns them into fields.
+    """
+
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed: gmtime takes an optional float
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[key] = value if isinstance(value, str | int | float | bool) else str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))

@@ -66,3 +66,29 @@ async def test_a_checkout_is_one_trace_across_all_services(
     assert saga_span.end_time >= saga_span.start_time
     # Different orders are different traces.
     assert len({s.context.trace_id for s in finished if s.name == "saga checkout"}) == 3
+
+
+def test_json_logs_carry_the_saga_fields() -> None:
+    import io
+    import json
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(observability.JsonFormatter())
+    logger = logging.getLogger("sagakit.test.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning('step "pay" failed', extra={"saga_id": "s-1", "step": "pay", "attempt": 2})
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["message"] == 'step "pay" failed'
+    assert (line["saga_id"], line["step"], line["attempt"], line["level"]) == (
+        "s-1",
+        "pay",
+        2,
+        "WARNING",
+    )
+    assert line["at"].endswith("Z")
