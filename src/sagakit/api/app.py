@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from sagakit.api import health, orders, sagas
 from sagakit.api.auth import Role, TokenStore
+from sagakit.api.console_mount import console_mount
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
@@ -51,6 +52,7 @@ def create_app(
     sse_heartbeat: float = 15.0,
     sse_poll: float = 0.25,
     sse_max_seconds: float = 600.0,
+    console_secret: bytes | None = None,
 ) -> Starlette:
     """The HTTP API of ``engine`` (which the caller opens and closes).
 
@@ -107,7 +109,7 @@ def create_app(
         yield
 
     app = Starlette(
-        routes=_routes(endpoints),
+        routes=[*_routes(endpoints), *console_mount(engine, tokens, secret=console_secret)],
         middleware=[Middleware(TokenAuth, tokens=tokens)],
         exception_handlers={
             ApiError: on_api_error,

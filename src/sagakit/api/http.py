@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api.auth import Principal, Role, TokenStore, require
@@ -111,17 +111,37 @@ class TokenAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope.get("path", "")
+        if path == "/console-login":
+            await self.app(scope, receive, send)  # the sign-in page itself
+            return
+        console = path == "/console" or path.startswith("/console/")
         header: str | None = None
+        cookie: str | None = None
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 header = value.decode("latin-1")
-                break
+            elif name == b"cookie" and console:
+                cookie = _console_cookie(value.decode("latin-1"))
+        if header is None and cookie is not None:
+            header = f"Bearer {cookie}"  # the console's sign-in cookie, console paths only
         try:
             scope[PRINCIPAL] = self.tokens.principal_for(header)
         except ApiError as err:
+            if console:
+                await RedirectResponse("/console-login", status_code=303)(scope, receive, send)
+                return
             await error_response(err)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _console_cookie(raw: str) -> str | None:
+    for part in raw.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == "sagakit_console" and value:
+            return value
+    return None
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
