@@ -247,7 +247,8 @@ async def _run(
                 print(json.dumps(info), file=out)
             else:
                 print(
-                    f"sagakit API on {url} (data in {base}; OpenAPI at {url}/openapi.json)",
+                    f"sagakit API on {url} (data in {base}; OpenAPI at {url}/openapi.json; "
+                    f"console at {url}/console/)",
                     file=out,
                 )
                 if generated is not None:
