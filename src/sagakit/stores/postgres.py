@@ -58,11 +58,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import cache, lru_cache
 from importlib import resources
@@ -74,6 +73,12 @@ from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
 from sagakit.stores.base import DeadLetter, IdempotencyRecord, OutboxRow, QueuedMessage
+from sagakit.stores.rows import dumps as _dumps
+from sagakit.stores.rows import history_from_row as _history_from_row
+from sagakit.stores.rows import history_params as _history_params
+from sagakit.stores.rows import loads as _loads
+from sagakit.stores.rows import saga_from_row as _saga_from_row
+from sagakit.stores.rows import saga_insert_params, saga_update_params
 
 # The driver is optional: `import sagakit` never imports this module, and a missing
 # extra is reported when a PostgresStore is built.
@@ -105,8 +110,6 @@ _Params: TypeAlias = "Sequence[Any] | Mapping[str, Any]"
 _MIGRATION_FILE = re.compile(r"postgres_(\d{4})_\w+\.sql")
 _IDLE_STATUS = 0  # psycopg.pq.TransactionStatus.IDLE (the driver may be missing here)
 _MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names (NAMEDATALEN - 1)
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-_loads = json.JSONDecoder().decode
 log = logging.getLogger(__name__)
 
 
@@ -253,101 +256,6 @@ def _safe_dsn(dsn: str) -> str:
 
 
 # -- row codecs ----------------------------------------------------------------------
-
-
-def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
-    return (
-        i.saga_id,
-        i.definition,
-        i.definition_version,
-        i.business_key,
-        i.state.value,
-        i.status,
-        i.version,
-        i.cursor,
-        i.correlation_id,
-        i.created_at,
-        i.updated_at,
-        i.deadline_at,
-        i.reason,
-        i.cancel_requested,
-        i.timed_out,
-        _dumps(i.data),
-        _dumps(i.steps_to_json()),
-    )
-
-
-def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
-    return (
-        i.definition_version,
-        i.state.value,
-        i.status,
-        i.version,
-        i.cursor,
-        i.correlation_id,
-        i.updated_at,
-        i.deadline_at,
-        i.reason,
-        i.cancel_requested,
-        i.timed_out,
-        _dumps(i.data),
-        _dumps(i.steps_to_json()),
-        i.saga_id,
-        expected_version,
-    )
-
-
-def _saga_from_row(r: Sequence[Any]) -> SagaInstance:
-    return SagaInstance(
-        saga_id=r[0],
-        definition=r[1],
-        definition_version=r[2],
-        business_key=r[3],
-        state=SagaState(r[4]),
-        status=r[5],
-        version=r[6],
-        cursor=r[7],
-        correlation_id=r[8],
-        created_at=r[9],
-        updated_at=r[10],
-        deadline_at=r[11],
-        reason=r[12],
-        cancel_requested=r[13],
-        timed_out=r[14],
-        data=_loads(r[15]),
-        steps=SagaInstance.steps_from_json(_loads(r[16])),
-    )
-
-
-def _history_params(entries: Iterable[HistoryEntry]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            e.saga_id,
-            e.version,
-            e.at,
-            e.event,
-            e.state.value,
-            e.status,
-            e.step,
-            _dumps(e.detail),
-            e.message_id,
-        )
-        for e in entries
-    ]
-
-
-def _history_from_row(r: Sequence[Any]) -> HistoryEntry:
-    return HistoryEntry(
-        saga_id=r[0],
-        version=r[1],
-        at=r[2],
-        event=r[3],
-        state=SagaState(r[4]),
-        status=r[5],
-        step=r[6],
-        detail=_loads(r[7]),
-        message_id=r[8],
-    )
 
 
 # -- transaction ---------------------------------------------------------------------
@@ -1226,3 +1134,11 @@ class PostgresStore:
             DeadLetter(id=r[0], endpoint=r[1], message_id=r[2], body=r[3], reason=r[4], at=r[5])
             for r in rows
         ]
+
+
+def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
+    return saga_insert_params(i, bool)
+
+
+def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
+    return saga_update_params(i, expected_version, bool)

@@ -15,7 +15,6 @@ Every statement lives in ``stores/sql/sqlite_queries.sql``, the schema in
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import sqlite3
@@ -32,6 +31,12 @@ from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
 from sagakit.stores.base import DeadLetter, IdempotencyRecord, OutboxRow, QueuedMessage
+from sagakit.stores.rows import dumps as _dumps
+from sagakit.stores.rows import history_from_row as _history_from_row
+from sagakit.stores.rows import history_params as _history_params
+from sagakit.stores.rows import loads as _loads
+from sagakit.stores.rows import saga_from_row as _saga_from_row
+from sagakit.stores.rows import saga_insert_params, saga_update_params
 
 __all__ = ["ENGINE_NAMESPACE", "SYNCHRONOUS_MODES", "SQLiteStore", "SQLiteTx", "split_statements"]
 
@@ -42,9 +47,6 @@ SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 """Accepted ``synchronous`` settings. OFF is refused: a power cut could lose commits."""
 
 _MIGRATION_FILE = re.compile(r"sqlite_(\d{4})_\w+\.sql")
-# A prebuilt encoder: json.dumps with non-default arguments builds a new one per call.
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
-_loads = json.JSONDecoder().decode
 
 
 @cache
@@ -119,101 +121,6 @@ def _rollback(conn: sqlite3.Connection, store: str) -> None:
 
 
 # -- row codecs ----------------------------------------------------------------------
-
-
-def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
-    return (
-        i.saga_id,
-        i.definition,
-        i.definition_version,
-        i.business_key,
-        i.state.value,
-        i.status,
-        i.version,
-        i.cursor,
-        i.correlation_id,
-        i.created_at,
-        i.updated_at,
-        i.deadline_at,
-        i.reason,
-        int(i.cancel_requested),
-        int(i.timed_out),
-        _dumps(i.data),
-        _dumps(i.steps_to_json()),
-    )
-
-
-def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
-    return (
-        i.definition_version,
-        i.state.value,
-        i.status,
-        i.version,
-        i.cursor,
-        i.correlation_id,
-        i.updated_at,
-        i.deadline_at,
-        i.reason,
-        int(i.cancel_requested),
-        int(i.timed_out),
-        _dumps(i.data),
-        _dumps(i.steps_to_json()),
-        i.saga_id,
-        expected_version,
-    )
-
-
-def _saga_from_row(r: Sequence[Any]) -> SagaInstance:
-    return SagaInstance(
-        saga_id=r[0],
-        definition=r[1],
-        definition_version=r[2],
-        business_key=r[3],
-        state=SagaState(r[4]),
-        status=r[5],
-        version=r[6],
-        cursor=r[7],
-        correlation_id=r[8],
-        created_at=r[9],
-        updated_at=r[10],
-        deadline_at=r[11],
-        reason=r[12],
-        cancel_requested=bool(r[13]),
-        timed_out=bool(r[14]),
-        data=_loads(r[15]),
-        steps=SagaInstance.steps_from_json(_loads(r[16])),
-    )
-
-
-def _history_params(entries: Iterable[HistoryEntry]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            e.saga_id,
-            e.version,
-            e.at,
-            e.event,
-            e.state.value,
-            e.status,
-            e.step,
-            _dumps(e.detail),
-            e.message_id,
-        )
-        for e in entries
-    ]
-
-
-def _history_from_row(r: Sequence[Any]) -> HistoryEntry:
-    return HistoryEntry(
-        saga_id=r[0],
-        version=r[1],
-        at=r[2],
-        event=r[3],
-        state=SagaState(r[4]),
-        status=r[5],
-        step=r[6],
-        detail=_loads(r[7]),
-        message_id=r[8],
-    )
 
 
 # -- transaction ---------------------------------------------------------------------
@@ -854,3 +761,11 @@ class SQLiteStore:
             DeadLetter(id=r[0], endpoint=r[1], message_id=r[2], body=r[3], reason=r[4], at=r[5])
             for r in rows
         ]
+
+
+def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
+    return saga_insert_params(i, int)
+
+
+def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
+    return saga_update_params(i, expected_version, int)
