@@ -1,5 +1,9 @@
-"""`sagakit demo`: place N orders through the orchestrated checkout, under faults, and
-check the invariants from the four services' own ledgers.
+"""`sagakit demo`: place N orders through the checkout, under faults, and check the
+invariants from the four services' own ledgers.
+
+``mode`` picks how the checkout runs (see :mod:`.modes`): orchestrated, choreographed
+(outcomes from the tracker's saga views) or hybrid; the checks and the report are the
+same for all three, plus messages written and handled and saga latency.
 
 The order mix and the fault schedule come from ``--seed``. With ``--data-dir`` the
 databases are kept: running the same command again after a ``kill -9`` finishes the
@@ -23,11 +27,10 @@ from typing import Any, TextIO
 from sagakit import Engine, SagaState
 from sagakit.testing.faults import Faults
 
-from .deploy import build_all
+from .event_audit import check_event_delivery
 from .invariants import InvariantReport, check_invariants
 from .inventory import expire_reservations, seed_stock
-from .sagas import CHECKOUT, checkout_definition
-from .services import Checkout, migrate, open_checkout
+from .modes import build_system, measure
 
 SCENARIOS = (
     # (name, weight)
@@ -127,6 +130,7 @@ class DemoResult:
     data_dir: str
     placed_now: int
     scenarios: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` report."""
@@ -142,6 +146,7 @@ class DemoResult:
             "faults_injected": self.faults_injected,
             "placed_this_run": self.placed_now,
             "scenarios": self.scenarios,
+            "metrics": self.metrics,
             "data_dir": self.data_dir,
         }
 
@@ -162,13 +167,14 @@ async def run_demo(
     timeout: float = 600.0,
     store_url: str | None = None,
     broker_url: str | None = None,
+    mode: str = "orchestration",
 ) -> DemoResult:
     """Run the demo; returns the result (the caller prints it).
 
     Embedded by default (SQLite files in ``data_dir``, no broker). With ``store_url``
     and ``broker_url`` it runs on PostgreSQL (a schema per service) and NATS or
     RabbitMQ instead, all roles in this one process; the card provider's file stays
-    in ``data_dir``.
+    in ``data_dir``. ``mode``: ``orchestration``, ``choreography`` or ``hybrid``.
     """
     if orders < 1:
         raise ValueError("--orders must be at least 1")
@@ -182,7 +188,7 @@ async def run_demo(
     lock = _lock(base)
     try:
         return await _run(
-            orders, faults, seed, base, progress, synchronous, timeout, store_url, broker_url
+            orders, faults, seed, base, progress, synchronous, timeout, store_url, broker_url, mode
         )
     finally:
         lock.close()
@@ -214,26 +220,16 @@ async def _run(
     timeout: float,
     store_url: str | None,
     broker_url: str | None,
+    mode: str,
 ) -> DemoResult:
     specs, stock = make_orders(n, seed)
     fault_plan = Faults.named(fault_name, seed)
     started = time.monotonic()
     placed_now = 0
-    if store_url is not None and broker_url is not None:
-        engine, dep = build_all(store_url, broker_url, base / "provider.db", faults=fault_plan)
-        stores = dep.invariant_stores()
-        mode = "orchestration"
-    else:
-        checkout: Checkout = open_checkout(base, synchronous=synchronous)
-        engine = Engine(
-            checkout.orchestrator_store,
-            [checkout_definition()],
-            participants=checkout.participants,
-            faults=fault_plan,
-        )
-        engine.before_start(lambda: migrate(checkout))
-        stores = checkout.invariant_stores()
-        mode = "orchestration"
+    system = build_system(
+        mode, base, fault_plan, synchronous=synchronous, store_url=store_url, broker_url=broker_url
+    )
+    engine, stores = system.engine, system.invariant_stores
     inventory_store = stores["inventory_store"]
     # Reservations whose saga died are returned to stock (a sweeper, as in production).
     engine.every(
@@ -251,11 +247,8 @@ async def _run(
             in_flight = sum(counts.values()) - done
             if placed < n and in_flight < WINDOW:
                 chunk = specs[placed : placed + WAVE]
-                results = await engine.orchestrator.start_many(
-                    [(CHECKOUT, s.order_id, s.data) for s in chunk]
-                )
+                placed_now += await system.place(chunk)
                 placed += len(chunk)
-                placed_now += sum(1 for _, created in results if created)
                 continue
             _bar(progress, done, n, time.monotonic() - started)
             if (placed >= n and done >= n) or time.monotonic() > deadline:
@@ -267,13 +260,17 @@ async def _run(
         if progress is not None:
             progress.write("\n")
         report = await check_invariants(**stores, initial_stock=stock)
+        await check_event_delivery(report, system.endpoints, engine.event_routes)
+        if system.audit is not None:
+            await system.audit(report)
         counts = await engine.store.count_sagas()
+        metrics = await measure(system, n)
     outcomes = {s.value: counts.get(s, 0) for s in SagaState if s.terminal}
     running = sum(v for k, v in counts.items() if not k.terminal)
     if running:
         outcomes["RUNNING"] = running
     return DemoResult(
-        mode=mode,
+        mode=system.mode,
         orders=n,
         outcomes=outcomes,
         report=report,
@@ -283,6 +280,7 @@ async def _run(
         data_dir=str(base),
         placed_now=placed_now,
         scenarios=dict(Counter(s.scenario for s in specs)),
+        metrics=metrics,
     )
 
 
@@ -318,7 +316,7 @@ def _bar(out: TextIO | None, done: int, total: int, elapsed: float) -> None:
 def render(result: DemoResult) -> str:
     """The human-readable summary table."""
     lines = [
-        f"sagakit demo: {result.orders} orders, orchestration, seed {result.seed}",
+        f"sagakit demo: {result.orders} orders, {result.mode}, seed {result.seed}",
         "",
         "  outcome               sagas",
         "  --------------------  -----",
@@ -343,6 +341,15 @@ def render(result: DemoResult) -> str:
     if len(result.report.violations) > 20:
         lines.append(f"  ! ... and {len(result.report.violations) - 20} more")
     rate = result.orders / result.elapsed_s if result.elapsed_s else 0.0
+    m = result.metrics
+    if m:
+        lat = m["latency_ms"]
+        lines += [
+            "",
+            f"  messages per order: {m['written_per_order']} written, "
+            f"{m['handled_per_order']} handled; saga latency p50 {lat['p50']} ms, "
+            f"p95 {lat['p95']} ms",
+        ]
     lines += ["", f"  {result.elapsed_s:.2f} s, {rate:.1f} sagas/s; data in {result.data_dir}"]
     return "\n".join(lines)
 

@@ -123,6 +123,109 @@ async def expire_reservations(store: Any, now: float) -> int:
     return expired
 
 
+async def reservation(tx: Tx, order_id: str) -> tuple[str, int, str] | None:
+    """The order's reservation as ``(sku, qty, status)``, or ``None``."""
+    row = await tx.fetchone(
+        "SELECT sku, qty, status FROM reservations WHERE order_id = ?", (order_id,)
+    )
+    return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
+
+
+async def reserve(
+    tx: Tx, order_id: str, sku: str, qty: int, *, now: float, ttl: float = RESERVATION_TTL
+) -> dict[str, Any]:
+    """Reserve ``qty`` of ``sku`` for the order (once); :class:`StepFailed` if impossible."""
+    existing = await reservation(tx, order_id)
+    if existing is not None:
+        if existing[2] in ("RELEASED", "EXPIRED"):
+            raise StepFailed(
+                f"the reservation of order {order_id} was already {existing[2].lower()}"
+            )
+        return {"sku": existing[0], "reserved": existing[1]}
+    # One conditional statement: the check and the decrement cannot be separated by
+    # another transaction, so the last unit goes to exactly one order. (Two
+    # transactions reserving for the same order concurrently both get here; the
+    # second one's INSERT below then fails on the primary key and rolls back.)
+    changed = await tx.execute(
+        "UPDATE stock SET available = available - ?, reserved = reserved + ? "
+        "WHERE sku = ? AND available >= ?",
+        (qty, qty, sku, qty),
+    )
+    if changed == 0:
+        if await tx.fetchone("SELECT 1 FROM stock WHERE sku = ?", (sku,)) is None:
+            raise StepFailed(f"unknown sku {sku}")
+        raise StepFailed(OUT_OF_STOCK)
+    await tx.execute(
+        "INSERT INTO reservations "
+        "(order_id, sku, qty, status, created_at, updated_at, expires_at) "
+        "VALUES (?, ?, ?, 'RESERVED', ?, ?, ?)",
+        (order_id, sku, qty, now, now, now + ttl),
+    )
+    return {"sku": sku, "reserved": qty}
+
+
+async def _settle(tx: Tx, order_id: str, status: str, now: float) -> bool:
+    """RESERVED -> ``status``; False if the reservation is no longer RESERVED.
+
+    False means another transaction (the sweeper, or a handler in another process)
+    settled it since it was read; the caller reads it again and answers from that.
+    """
+    changed = await tx.execute(
+        "UPDATE reservations SET status = ?, updated_at = ? "
+        "WHERE order_id = ? AND status = 'RESERVED'",
+        (status, now, order_id),
+    )
+    return changed > 0
+
+
+async def release(tx: Tx, order_id: str, *, now: float) -> dict[str, Any]:
+    """Give a RESERVED reservation's units back; nothing held is a no-op success."""
+    while True:
+        existing = await reservation(tx, order_id)
+        if existing is None or existing[2] in ("RELEASED", "EXPIRED"):
+            # Nothing held: never reserved, released before, or expired (its units
+            # are back in stock already).
+            return {"released": 0}
+        sku, qty, status = existing
+        if status == "COMMITTED":
+            raise StepFailed(f"the goods of order {order_id} have left the warehouse")
+        if await _settle(tx, order_id, "RELEASED", now):
+            break
+        # Settled by another transaction since the read: decide on what it is now.
+    await tx.execute(
+        "UPDATE stock SET available = available + ?, reserved = reserved - ? WHERE sku = ?",
+        (qty, qty, sku),
+    )
+    return {"released": qty}
+
+
+async def commit(tx: Tx, order_id: str, *, now: float) -> dict[str, Any]:
+    """The goods leave: RESERVED units become shipped; fails for good once expired."""
+    while True:
+        existing = await reservation(tx, order_id)
+        if existing is None:
+            raise StepFailed(f"order {order_id} has no reservation to commit")
+        sku, qty, status = existing
+        if status == "COMMITTED":
+            return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
+        if status == "RELEASED":
+            raise StepFailed(f"the reservation of order {order_id} was released")
+        if status == "EXPIRED":
+            # Its units went back to stock and may be sold to another order by now:
+            # a definite failure (past the pivot, a person decides what to do).
+            raise StepFailed(f"the reservation of order {order_id} expired")
+        # A RESERVED reservation past its expires_at that the sweeper has not
+        # reached still holds its units: committing it takes nobody's stock.
+        if await _settle(tx, order_id, "COMMITTED", now):
+            break
+        # Settled by another transaction since the read: decide on what it is now.
+    await tx.execute(
+        "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? WHERE sku = ?",
+        (qty, qty, sku),
+    )
+    return {"sku": sku, "shipped": qty}
+
+
 def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> Participant:
     """The inventory participant on ``store`` (its tables: :data:`MIGRATIONS`).
 
@@ -133,108 +236,22 @@ def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> 
         raise ValueError(f"reservation_ttl must be > 0 seconds, got {reservation_ttl!r}")
     p = Participant(NAME, store)
 
-    async def reservation(tx: Tx, order_id: str) -> tuple[str, int, str] | None:
-        row = await tx.fetchone(
-            "SELECT sku, qty, status FROM reservations WHERE order_id = ?", (order_id,)
-        )
-        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
-
     @p.handles("ReserveInventory")
-    async def reserve(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+    async def reserve_handler(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
         sku = _text(cmd, "sku")
         qty = cmd.payload.get("qty")
         if not isinstance(qty, int) or isinstance(qty, bool) or qty <= 0:
             raise StepFailed(f"ReserveInventory: 'qty' must be a positive integer, got {qty!r}")
-        existing = await reservation(tx, order_id)
-        if existing is not None:
-            if existing[2] in ("RELEASED", "EXPIRED"):
-                raise StepFailed(
-                    f"the reservation of order {order_id} was already {existing[2].lower()}"
-                )
-            return {"sku": existing[0], "reserved": existing[1]}
-        # One conditional statement: the check and the decrement cannot be separated by
-        # another transaction, so the last unit goes to exactly one order. (Two
-        # transactions reserving for the same order concurrently both get here; the
-        # second one's INSERT below then fails on the primary key and rolls back.)
-        changed = await tx.execute(
-            "UPDATE stock SET available = available - ?, reserved = reserved + ? "
-            "WHERE sku = ? AND available >= ?",
-            (qty, qty, sku, qty),
-        )
-        if changed == 0:
-            if await tx.fetchone("SELECT 1 FROM stock WHERE sku = ?", (sku,)) is None:
-                raise StepFailed(f"unknown sku {sku}")
-            raise StepFailed(OUT_OF_STOCK)
-        now = p.clock()
-        await tx.execute(
-            "INSERT INTO reservations "
-            "(order_id, sku, qty, status, created_at, updated_at, expires_at) "
-            "VALUES (?, ?, ?, 'RESERVED', ?, ?, ?)",
-            (order_id, sku, qty, now, now, now + reservation_ttl),
-        )
-        return {"sku": sku, "reserved": qty}
-
-    async def settle(tx: Tx, order_id: str, status: str) -> bool:
-        """RESERVED -> ``status``; False if the reservation is no longer RESERVED.
-
-        False means another transaction (the sweeper, or a handler in another process)
-        settled it since it was read; the caller reads it again and answers from that.
-        """
-        changed = await tx.execute(
-            "UPDATE reservations SET status = ?, updated_at = ? "
-            "WHERE order_id = ? AND status = 'RESERVED'",
-            (status, p.clock(), order_id),
-        )
-        return changed > 0
+        return await reserve(tx, order_id, sku, qty, now=p.clock(), ttl=reservation_ttl)
 
     @p.handles("ReleaseInventory")
-    async def release(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
-        while True:
-            existing = await reservation(tx, order_id)
-            if existing is None or existing[2] in ("RELEASED", "EXPIRED"):
-                # Nothing held: never reserved, released before, or expired (its units
-                # are back in stock already).
-                return {"released": 0}
-            sku, qty, status = existing
-            if status == "COMMITTED":
-                raise StepFailed(f"the goods of order {order_id} have left the warehouse")
-            if await settle(tx, order_id, "RELEASED"):
-                break
-            # Settled by another transaction since the read: decide on what it is now.
-        await tx.execute(
-            "UPDATE stock SET available = available + ?, reserved = reserved - ? WHERE sku = ?",
-            (qty, qty, sku),
-        )
-        return {"released": qty}
+    async def release_handler(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        return await release(tx, _text(cmd, "order_id"), now=p.clock())
 
     @p.handles("CommitReservation")
-    async def commit(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
-        while True:
-            existing = await reservation(tx, order_id)
-            if existing is None:
-                raise StepFailed(f"order {order_id} has no reservation to commit")
-            sku, qty, status = existing
-            if status == "COMMITTED":
-                return {"sku": sku, "shipped": qty}  # a repeat (e.g. under another key)
-            if status == "RELEASED":
-                raise StepFailed(f"the reservation of order {order_id} was released")
-            if status == "EXPIRED":
-                # Its units went back to stock and may be sold to another order by now:
-                # a definite failure (past the pivot, a person decides what to do).
-                raise StepFailed(f"the reservation of order {order_id} expired")
-            # A RESERVED reservation past its expires_at that the sweeper has not
-            # reached still holds its units: committing it takes nobody's stock.
-            if await settle(tx, order_id, "COMMITTED"):
-                break
-            # Settled by another transaction since the read: decide on what it is now.
-        await tx.execute(
-            "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? WHERE sku = ?",
-            (qty, qty, sku),
-        )
-        return {"sku": sku, "shipped": qty}
+    async def commit_handler(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        return await commit(tx, _text(cmd, "order_id"), now=p.clock())
 
     return p
 

@@ -54,38 +54,74 @@ seconds (PostgreSQL's ``REAL`` is 4 bytes: far too coarse for a timestamp), expl
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
 
+async def order_status(tx: Tx, order_id: str) -> str | None:
+    """The order's status, or ``None`` when there is no such order."""
+    row = await tx.fetchone("SELECT status FROM orders WHERE order_id = ?", (order_id,))
+    return None if row is None else str(row[0])
+
+
+async def create_order(
+    tx: Tx, *, order_id: str, customer: str, sku: str, qty: object, amount: object, now: float
+) -> tuple[dict[str, Any], bool]:
+    """Create a CREATED order (idempotent by order id); ``(result, created)``.
+
+    Raises :class:`StepFailed` for a customer that is not a token or bad numbers.
+    """
+    if not _TOKEN.match(customer):
+        raise StepFailed("CreateOrder: 'customer' must be a token, never personal data")
+    for name, value, least in (("qty", qty, 1), ("amount", amount, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise StepFailed(f"CreateOrder: {name!r} must be an integer >= {least}, got {value!r}")
+    created = await tx.execute(
+        "INSERT INTO orders (order_id, customer_token, sku, qty, amount, status, created_at, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, 'CREATED', ?, ?) ON CONFLICT (order_id) DO NOTHING",
+        (order_id, customer, sku, qty, amount, now, now),
+    )
+    if not created:
+        # Idempotent by order id: a second CreateOrder (another key, a replay) is
+        # answered with the order that exists.
+        return {"order_id": order_id, "status": await order_status(tx, order_id)}, False
+    await tx.execute(
+        "INSERT INTO order_status_history (order_id, seq, status, at) VALUES (?, 1, 'CREATED', ?)",
+        (order_id, now),
+    )
+    return {"order_id": order_id, "status": "CREATED"}, True
+
+
+async def settle_order(tx: Tx, order_id: str, status: str, now: float) -> str | None:
+    """Move a CREATED order to ``status``; return the order's status afterwards.
+
+    ``None``: no such order. One conditional UPDATE decides, so two transactions
+    settling the same order concurrently (PostgreSQL, READ COMMITTED) cannot both
+    move it: the second waits for the first's row lock, finds it no longer CREATED,
+    and answers from what the first wrote.
+    """
+    if await move_order(tx, order_id, status, now):
+        return status
+    return await order_status(tx, order_id)
+
+
+async def move_order(tx: Tx, order_id: str, status: str, now: float) -> bool:
+    """Move a CREATED order to ``status``; True if this transaction moved it."""
+    changed = await tx.execute(
+        "UPDATE orders SET status = ?, updated_at = ? WHERE order_id = ? AND status = 'CREATED'",
+        (status, now, order_id),
+    )
+    if not changed:
+        return False
+    # The order's row is locked by the UPDATE above: seq cannot be taken twice.
+    await tx.execute(
+        "INSERT INTO order_status_history (order_id, seq, status, at) "
+        "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM order_status_history "
+        "WHERE order_id = ?",
+        (order_id, status, now, order_id),
+    )
+    return True
+
+
 def build_order(store: Any) -> Participant:
     """The order participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
     p = Participant(NAME, store)
-
-    async def status_of(tx: Tx, order_id: str) -> str | None:
-        row = await tx.fetchone("SELECT status FROM orders WHERE order_id = ?", (order_id,))
-        return None if row is None else str(row[0])
-
-    async def settle(tx: Tx, order_id: str, status: str) -> str | None:
-        """Move a CREATED order to ``status``; return the order's status afterwards.
-
-        ``None``: no such order. One conditional UPDATE decides, so two transactions
-        settling the same order concurrently (PostgreSQL, READ COMMITTED) cannot both
-        move it: the second waits for the first's row lock, finds it no longer CREATED,
-        and answers from what the first wrote.
-        """
-        now = p.clock()
-        changed = await tx.execute(
-            "UPDATE orders SET status = ?, updated_at = ? "
-            "WHERE order_id = ? AND status = 'CREATED'",
-            (status, now, order_id),
-        )
-        if not changed:
-            return await status_of(tx, order_id)
-        # The order's row is locked by the UPDATE above: seq cannot be taken twice.
-        await tx.execute(
-            "INSERT INTO order_status_history (order_id, seq, status, at) "
-            "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM order_status_history "
-            "WHERE order_id = ?",
-            (order_id, status, now, order_id),
-        )
-        return status
 
     @p.handles("CreateOrder")
     async def create(tx: Tx, cmd: Envelope) -> dict[str, Any]:
@@ -93,34 +129,21 @@ def build_order(store: Any) -> Participant:
         customer = _text(cmd, "customer")
         if not _TOKEN.match(customer):
             raise StepFailed("CreateOrder: 'customer' must be a token, never personal data")
-        sku = _text(cmd, "sku")
-        qty, amount = cmd.payload.get("qty"), cmd.payload.get("amount")
-        for name, value, least in (("qty", qty, 1), ("amount", amount, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise StepFailed(
-                    f"CreateOrder: {name!r} must be an integer >= {least}, got {value!r}"
-                )
-        now = p.clock()
-        created = await tx.execute(
-            "INSERT INTO orders (order_id, customer_token, sku, qty, amount, status, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, 'CREATED', ?, ?) ON CONFLICT (order_id) DO NOTHING",
-            (order_id, customer, sku, qty, amount, now, now),
+        result, _ = await create_order(
+            tx,
+            order_id=order_id,
+            customer=customer,
+            sku=_text(cmd, "sku"),
+            qty=cmd.payload.get("qty"),
+            amount=cmd.payload.get("amount"),
+            now=p.clock(),
         )
-        if not created:
-            # Idempotent by order id: a second CreateOrder (another key, a replay) is
-            # answered with the order that exists.
-            return {"order_id": order_id, "status": await status_of(tx, order_id)}
-        await tx.execute(
-            "INSERT INTO order_status_history (order_id, seq, status, at) "
-            "VALUES (?, 1, 'CREATED', ?)",
-            (order_id, now),
-        )
-        return {"order_id": order_id, "status": "CREATED"}
+        return result
 
     @p.handles("CompleteOrder")
     async def complete(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        status = await settle(tx, order_id, "COMPLETED")
+        status = await settle_order(tx, order_id, "COMPLETED", p.clock())
         if status is None:
             raise StepFailed(f"no order {order_id}")
         if status == "CANCELLED":
@@ -130,7 +153,7 @@ def build_order(store: Any) -> Participant:
     @p.handles("CancelOrder")
     async def cancel(tx: Tx, cmd: Envelope) -> dict[str, Any]:
         order_id = _text(cmd, "order_id")
-        status = await settle(tx, order_id, "CANCELLED")
+        status = await settle_order(tx, order_id, "CANCELLED", p.clock())
         if status is None:
             return {"order_id": order_id, "cancelled": False}
         if status == "COMPLETED":

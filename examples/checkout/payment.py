@@ -18,7 +18,7 @@ run on SQLiteStore and PostgresStore.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,59 +87,64 @@ async def ledger(tx: Tx, order_id: str) -> dict[str, LedgerRow]:
     return {r[1]: LedgerRow(r[0], r[1], int(r[2]), r[3], float(r[4])) for r in rows}
 
 
-def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
-    """The payment participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
-    p = Participant(NAME, store)
+class PaymentOps:
+    """The payment service's business operations on its ledger and the provider.
 
-    async def record(tx: Tx, order_id: str, op: str, amount: int, ref: str) -> None:
-        # Callers looked the row up first in this same transaction, so this never
-        # conflicts; if it did (a concurrent transaction on PostgreSQL recorded the same
-        # operation first), the primary key fails the transaction loudly and the command
-        # is delivered again, to find the row.
+    Shared by the orchestrated handlers (commands) and the choreographed ones (events).
+    Each reads the ledger first, so a repeat returns the recorded answer; provider calls
+    carry ``key``, so a retry after a timeout gets the effect that already happened.
+    Failures raise :class:`StepFailed` (``retryable`` when the provider did not answer).
+    """
+
+    def __init__(self, provider: FakeCardProvider, clock: Callable[[], float]) -> None:
+        self.provider = provider
+        self.clock = clock
+
+    async def record(self, tx: Tx, order_id: str, op: str, amount: int, ref: str) -> None:
+        """Write one ledger row (callers looked the operation up first in ``tx``)."""
+        # If this ever conflicted (a concurrent transaction on PostgreSQL recorded the
+        # same operation first), the primary key fails the transaction loudly and the
+        # message is delivered again, to find the row.
         await tx.execute(
             "INSERT INTO payment_ledger (order_id, op, amount, provider_ref, at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (order_id, op, amount, ref, p.clock()),
+            (order_id, op, amount, ref, self.clock()),
         )
 
-    async def authorization(tx: Tx, cmd: Envelope, rows: dict[str, LedgerRow]) -> LedgerRow | None:
+    async def authorization(
+        self, tx: Tx, rows: dict[str, LedgerRow], compensates: str | None
+    ) -> LedgerRow | None:
         """The order's authorization: from the ledger, or learned from the provider.
 
         A provider timeout can leave an authorization the ledger never recorded; the
-        provider remembers it under the action's key, so a compensation asks for it
-        instead of concluding there is nothing to undo.
+        provider remembers it under the action's key (``compensates``), so a
+        compensation asks for it instead of concluding there is nothing to undo.
         """
         if "authorize" in rows:
             return rows["authorize"]
-        if cmd.compensates is None:
+        if compensates is None:
             return None
-        receipt = await provider.lookup(cmd.compensates)
+        receipt = await self.provider.lookup(compensates)
         if receipt is None or receipt.op != "authorize":
             return None
-        await record(tx, receipt.order_id, "authorize", receipt.amount, receipt.authorization)
+        await self.record(tx, receipt.order_id, "authorize", receipt.amount, receipt.authorization)
         row = LedgerRow(
-            receipt.order_id, "authorize", receipt.amount, receipt.authorization, p.clock()
+            receipt.order_id, "authorize", receipt.amount, receipt.authorization, self.clock()
         )
         rows["authorize"] = row
         return row
 
-    @p.handles("AuthorizePayment")
-    async def authorize(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
-        amount = _amount(cmd)
-        currency = _text(cmd, "currency")
-        card = _token(cmd, "card")
+    async def authorize(
+        self, tx: Tx, order_id: str, *, amount: int, currency: str, card: str, key: str
+    ) -> dict[str, Any]:
+        """Hold ``amount`` on the card (once per order)."""
         rows = await ledger(tx, order_id)
         if "authorize" in rows:
             row = rows["authorize"]
             return {"authorization": row.provider_ref, "amount": row.amount}
         try:
-            receipt = await provider.authorize(
-                _key(cmd, order_id, "authorize"),
-                order_id=order_id,
-                card=card,
-                amount=amount,
-                currency=currency,
+            receipt = await self.provider.authorize(
+                key, order_id=order_id, card=card, amount=amount, currency=currency
             )
         except CardDeclined as exc:
             raise StepFailed("card declined") from exc
@@ -147,12 +152,11 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
             raise StepFailed(f"authorization refused: {exc}") from exc
         except (ProviderTimeout, ProviderUnavailable) as exc:
             raise _transient(exc) from exc
-        await record(tx, order_id, "authorize", receipt.amount, receipt.authorization)
+        await self.record(tx, order_id, "authorize", receipt.amount, receipt.authorization)
         return {"authorization": receipt.authorization, "amount": receipt.amount}
 
-    @p.handles("CapturePayment")
-    async def capture(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
+    async def capture(self, tx: Tx, order_id: str, *, key: str) -> dict[str, Any]:
+        """Take the authorized money (the point of no return)."""
         rows = await ledger(tx, order_id)
         if "capture" in rows:
             return {"captured": rows["capture"].amount}
@@ -161,54 +165,51 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
             raise StepFailed(f"order {order_id} has no authorization to capture")
         if "void" in rows or "refund" in rows:
             raise StepFailed(f"the authorization of order {order_id} was released; cannot capture")
-        receipt = await _call(
-            provider.capture(_key(cmd, order_id, "capture"), authorization=auth.provider_ref)
-        )
-        await record(tx, order_id, "capture", receipt.amount, receipt.authorization)
+        receipt = await _call(self.provider.capture(key, authorization=auth.provider_ref))
+        await self.record(tx, order_id, "capture", receipt.amount, receipt.authorization)
         return {"captured": receipt.amount}
 
-    @p.handles("VoidAuthorization")
-    async def void(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
+    async def void(
+        self, tx: Tx, order_id: str, *, key: str, compensates: str | None
+    ) -> dict[str, Any]:
+        """Release an uncaptured authorization; fails for good once captured."""
         rows = await ledger(tx, order_id)
         if "void" in rows:
             return {"voided": rows["void"].amount}
-        auth = await authorization(tx, cmd, rows)
+        auth = await self.authorization(tx, rows, compensates)
         if auth is None or "refund" in rows:
             return {"voided": 0}
         if "capture" in rows:
             # A definitive failure: the saga's ladder moves on to RefundPayment.
             raise StepFailed("authorization already captured; cannot void")
-        receipt = await _call(
-            provider.void(_key(cmd, order_id, "void"), authorization=auth.provider_ref)
-        )
-        await record(tx, order_id, "void", receipt.amount, receipt.authorization)
+        receipt = await _call(self.provider.void(key, authorization=auth.provider_ref))
+        await self.record(tx, order_id, "void", receipt.amount, receipt.authorization)
         return {"voided": receipt.amount}
 
-    @p.handles("RefundPayment")
-    async def refund(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
+    async def refund(
+        self, tx: Tx, order_id: str, *, key: str, compensates: str | None
+    ) -> dict[str, Any]:
+        """Give captured money back (or release an uncaptured hold)."""
         rows = await ledger(tx, order_id)
         if "refund" in rows:
             return {"refunded": rows["refund"].amount}
-        auth = await authorization(tx, cmd, rows)
+        auth = await self.authorization(tx, rows, compensates)
         if auth is None or "void" in rows:
             return {"refunded": 0}
         # Even with nothing captured this goes to the provider: refunding an uncaptured
         # authorization releases the hold (the route when a void was refused).
-        receipt = await _call(
-            provider.refund(_key(cmd, order_id, "refund"), authorization=auth.provider_ref)
-        )
-        await record(tx, order_id, "refund", receipt.amount, receipt.authorization)
+        receipt = await _call(self.provider.refund(key, authorization=auth.provider_ref))
+        await self.record(tx, order_id, "refund", receipt.amount, receipt.authorization)
         return {"refunded": receipt.amount}
 
-    @p.handles("IssueCreditNote")
-    async def credit_note(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
+    async def credit_note(
+        self, tx: Tx, order_id: str, *, compensates: str | None
+    ) -> dict[str, Any]:
+        """Credit what was taken and not given back (the last rung before a person)."""
         rows = await ledger(tx, order_id)
         if "credit" in rows:
             return {"credited": rows["credit"].amount, "credit_note": rows["credit"].provider_ref}
-        auth = await authorization(tx, cmd, rows)
+        auth = await self.authorization(tx, rows, compensates)
         if auth is None:
             return {"credited": 0}
         if not rows.keys() & {"capture", "void", "refund"}:
@@ -224,8 +225,53 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
         if owed <= 0:
             return {"credited": 0}
         ref = f"credit-note-{order_id}"
-        await record(tx, order_id, "credit", owed, ref)
+        await self.record(tx, order_id, "credit", owed, ref)
         return {"credited": owed, "credit_note": ref}
+
+
+def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
+    """The payment participant on ``store`` (its tables: :data:`MIGRATIONS`)."""
+    p = Participant(NAME, store)
+    ops = PaymentOps(provider, lambda: p.clock())
+    record = ops.record
+
+    @p.handles("AuthorizePayment")
+    async def authorize(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        amount = _amount(cmd)
+        currency = _text(cmd, "currency")
+        card = _token(cmd, "card")
+        return await ops.authorize(
+            tx,
+            order_id,
+            amount=amount,
+            currency=currency,
+            card=card,
+            key=_key(cmd, order_id, "authorize"),
+        )
+
+    @p.handles("CapturePayment")
+    async def capture(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        return await ops.capture(tx, order_id, key=_key(cmd, order_id, "capture"))
+
+    @p.handles("VoidAuthorization")
+    async def void(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        return await ops.void(
+            tx, order_id, key=_key(cmd, order_id, "void"), compensates=cmd.compensates
+        )
+
+    @p.handles("RefundPayment")
+    async def refund(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        order_id = _text(cmd, "order_id")
+        return await ops.refund(
+            tx, order_id, key=_key(cmd, order_id, "refund"), compensates=cmd.compensates
+        )
+
+    @p.handles("IssueCreditNote")
+    async def credit_note(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+        return await ops.credit_note(tx, _text(cmd, "order_id"), compensates=cmd.compensates)
 
     @p.handles("GetPaymentStatus")
     async def status(tx: Tx, cmd: Envelope) -> dict[str, Any]:

@@ -83,39 +83,67 @@ def build_shipping(store: Any, *, carrier_down_fraction: float = 0.0) -> Partici
             raise StepFailed("CreateShipment: 'ship_to' must be an address token, never an address")
         if not isinstance(qty, int) or isinstance(qty, bool) or qty <= 0:
             raise StepFailed(f"CreateShipment: 'qty' must be a positive integer, got {qty!r}")
-        row = await tx.fetchone(
-            "SELECT status, carrier FROM shipments WHERE order_id = ?", (order_id,)
+        return await create_shipment(
+            tx,
+            order_id,
+            address=address,
+            sku=sku,
+            qty=qty,
+            attempt=max(cmd.attempt, 1),
+            carrier_down_fraction=carrier_down_fraction,
+            now=p.clock(),
         )
-        if row is not None:
-            if row[0] == "CANCELLED":
-                raise StepFailed(f"the shipment of order {order_id} was cancelled")
-            return {"carrier": row[1]}
-        if address.startswith("addr-bad"):
-            raise StepFailed("bad address")
-        attempt = max(cmd.attempt, 1)
-        flaky = address.startswith("addr-flaky") and attempt <= FLAKY_ATTEMPTS
-        if flaky or carrier_down(order_id, attempt, carrier_down_fraction):
-            raise StepFailed(f"carrier down (attempt {attempt})", retryable=True)
-        carrier = CARRIERS[hashlib.blake2b(order_id.encode(), digest_size=1).digest()[0] % 2]
-        now = p.clock()
-        await tx.execute(
-            "INSERT INTO shipments (order_id, status, carrier, address_token, sku, qty, "
-            "created_at, updated_at) VALUES (?, 'CREATED', ?, ?, ?, ?, ?, ?)",
-            (order_id, carrier, address, sku, qty, now, now),
-        )
-        return {"carrier": carrier}
 
     @p.handles("CancelShipment")
     async def cancel(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
-        changed = await tx.execute(
-            "UPDATE shipments SET status = 'CANCELLED', updated_at = ? "
-            "WHERE order_id = ? AND status = 'CREATED'",
-            (p.clock(), order_id),
-        )
-        return {"cancelled": changed == 1}
+        return {"cancelled": await cancel_shipment(tx, _text(cmd, "order_id"), now=p.clock())}
 
     return p
+
+
+async def create_shipment(
+    tx: Tx,
+    order_id: str,
+    *,
+    address: str,
+    sku: str,
+    qty: int,
+    attempt: int,
+    carrier_down_fraction: float,
+    now: float,
+) -> dict[str, Any]:
+    """Book the order's shipment (once); try ``attempt`` of the carrier.
+
+    :class:`StepFailed`: a bad address (definite), the carrier down (retryable), or a
+    shipment that was cancelled before.
+    """
+    row = await tx.fetchone("SELECT status, carrier FROM shipments WHERE order_id = ?", (order_id,))
+    if row is not None:
+        if row[0] == "CANCELLED":
+            raise StepFailed(f"the shipment of order {order_id} was cancelled")
+        return {"carrier": row[1]}
+    if address.startswith("addr-bad"):
+        raise StepFailed("bad address")
+    flaky = address.startswith("addr-flaky") and attempt <= FLAKY_ATTEMPTS
+    if flaky or carrier_down(order_id, attempt, carrier_down_fraction):
+        raise StepFailed(f"carrier down (attempt {attempt})", retryable=True)
+    carrier = CARRIERS[hashlib.blake2b(order_id.encode(), digest_size=1).digest()[0] % 2]
+    await tx.execute(
+        "INSERT INTO shipments (order_id, status, carrier, address_token, sku, qty, "
+        "created_at, updated_at) VALUES (?, 'CREATED', ?, ?, ?, ?, ?, ?)",
+        (order_id, carrier, address, sku, qty, now, now),
+    )
+    return {"carrier": carrier}
+
+
+async def cancel_shipment(tx: Tx, order_id: str, *, now: float) -> bool:
+    """Cancel a CREATED shipment; True if one was cancelled now."""
+    changed = await tx.execute(
+        "UPDATE shipments SET status = 'CANCELLED', updated_at = ? "
+        "WHERE order_id = ? AND status = 'CREATED'",
+        (now, order_id),
+    )
+    return changed == 1
 
 
 def _text(cmd: Envelope, name: str) -> str:

@@ -16,7 +16,14 @@ business code:
 
 Handlers return an :class:`~sagakit.core.envelope.Outcome` or a result dict, or raise
 :class:`~sagakit.errors.StepFailed`; any other exception rolls the transaction back
-and the message is delivered again (then parked, after too many tries).
+and the message is delivered again (then parked, after too many tries). A command
+handler whose answer depends on later messages (a choreography inside the service)
+returns :data:`DEFER` and answers later with :meth:`Participant.answer`.
+
+With ``schemas`` (e.g. a :class:`sagakit.schemas.SchemaRegistry`), every message is
+validated (and upcast to its current version) before its handler sees it, and every
+emitted event before it is written; an invalid payload is a
+:class:`~sagakit.errors.MessageError`, so the message is parked with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 from sagakit.core.envelope import (
     MANUAL_RETRY,
@@ -43,19 +50,58 @@ from sagakit.stores.base import IdempotencyRecord, Store, Tx
 
 log = logging.getLogger(__name__)
 
-HandlerResult: TypeAlias = "Outcome | Mapping[str, Any] | None"
+
+class _Deferred:
+    """The type of :data:`DEFER`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFER"
+
+
+DEFER: Final = _Deferred()
+"""Returned by a command handler: "no answer yet". Nothing is recorded under the
+command's idempotency key and no reply is sent; a repeat of the command runs the
+handler again (it should find its own pending record and defer again). The answer
+goes out later, in another handler's transaction, with :meth:`Participant.answer`."""
+
+HandlerResult: TypeAlias = "Outcome | Mapping[str, Any] | _Deferred | None"
 Handler: TypeAlias = Callable[[Tx, Envelope], "Awaitable[HandlerResult] | HandlerResult"]
 
 REFUSED_AFTER_COMPENSATION = "refused: this action was already compensated"
 
 
+class MessageSchemas(Protocol):
+    """Payload validation a participant applies (see :mod:`sagakit.schemas`)."""
+
+    def incoming(self, envelope: Envelope) -> Envelope:
+        """The message as its handler should see it (upcast); ``MessageError`` if invalid."""
+        ...
+
+    def outgoing(
+        self, message_type: str, version: int | None, payload: Mapping[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """The version and validated payload to emit; ``MessageError`` if invalid."""
+        ...
+
+
 class Participant(BatchConsumer):
     """A service endpoint with command handlers, run with inbox, outbox and idempotency."""
 
-    def __init__(self, name: str, store: Store, *, wakeups: Wakeups | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        *,
+        wakeups: Wakeups | None = None,
+        schemas: MessageSchemas | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(name, store, **kwargs)
         self.name = name
         self.wakeups = wakeups or Wakeups()
+        self.schemas = schemas
         self._handlers: dict[str, Handler] = {}
         self.subscriptions: set[str] = set()
         """Event types this participant reacts to (the relay fans events out by them)."""
@@ -92,7 +138,7 @@ class Participant(BatchConsumer):
         cause: Envelope | None = None,
         correlation_id: str | None = None,
         business_key: str | None = None,
-        version: int = 1,
+        version: int | None = None,
         now: float,
     ) -> Envelope:
         """Write the event ``event_type`` (a fact, past tense) to the outbox in ``tx``.
@@ -101,7 +147,11 @@ class Participant(BatchConsumer):
         correlation id, business key and saga id, causation = the cause, and a message
         id derived from the cause's, so handling the cause twice emits one event id.
         Without it, ``correlation_id`` starts a new flow (e.g. a placed order).
+        ``version`` defaults to the schema's current version (1 without ``schemas``).
         """
+        if self.schemas is not None:
+            version, payload = self.schemas.outgoing(event_type, version, payload)
+        version = version or 1
         if cause is not None:
             message_id = f"{cause.message_id}/{event_type}"
             correlation = cause.correlation_id
@@ -155,14 +205,49 @@ class Participant(BatchConsumer):
             raise UnknownMessageType(
                 f"{self.name} has no handler for {envelope.type!r}; it handles {self.message_types}"
             )
+        if self.schemas is not None:
+            envelope = self.schemas.incoming(envelope)
         if envelope.kind in (MessageKind.QUERY, MessageKind.EVENT) or not envelope.idempotency_key:
             outcome = await self._call(handler, tx, envelope)
         else:
             outcome = await self._handle_keyed(handler, tx, envelope, now)
-        if envelope.reply_to is not None:
+        if envelope.reply_to is not None and isinstance(outcome, Outcome):
             await tx.outbox_add([reply_to(envelope, outcome, source=self.name, now=now)], now)
 
-    async def _handle_keyed(self, handler: Handler, tx: Tx, env: Envelope, now: float) -> Outcome:
+    async def answer(
+        self, tx: Tx, command: Envelope, result: Outcome | Mapping[str, Any], now: float
+    ) -> bool:
+        """Answer a command whose handler returned :data:`DEFER`, inside ``tx``.
+
+        Records the outcome under the command's idempotency key (so a repeat gets it)
+        and writes the reply. Returns False, writing nothing, when the key already has
+        an answer or a tombstone (a compensation came first): a command is answered once.
+        """
+        outcome = result if isinstance(result, Outcome) else success(dict(result))
+        key = command.idempotency_key
+        if key is not None:
+            generation = _generation(command)
+            recorded = await self._latest(tx, key, generation)
+            record_key = key
+            if recorded is not None:
+                this_generation = f"{key}#m{generation}"
+                if (
+                    recorded.tombstone
+                    or recorded.outcome.get("ok")
+                    or not generation
+                    or recorded.key == this_generation
+                ):
+                    return False
+                record_key = this_generation
+            if outcome.ok or not outcome.retryable:
+                await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
+        if command.reply_to is not None:
+            await tx.outbox_add([reply_to(command, outcome, source=self.name, now=now)], now)
+        return True
+
+    async def _handle_keyed(
+        self, handler: Handler, tx: Tx, env: Envelope, now: float
+    ) -> Outcome | _Deferred:
         key = env.idempotency_key
         assert key is not None
         generation = _generation(env)
@@ -196,11 +281,13 @@ class Participant(BatchConsumer):
                 outcome = success({"compensated": False, "why": "the action had no effect"})
                 await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
                 return outcome
-        outcome = await self._call(handler, tx, env)
+        result = await self._call(handler, tx, env)
+        if isinstance(result, _Deferred):
+            return result  # answered later, by answer()
         # A retryable failure is not an answer: the next attempt must run the handler again.
-        if outcome.ok or not outcome.retryable:
-            await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
-        return outcome
+        if result.ok or not result.retryable:
+            await tx.idempotency_put(self.name, record_key, result.to_payload(), now)
+        return result
 
     async def _latest(self, tx: Tx, key: str, generation: int) -> IdempotencyRecord | None:
         """The newest record for ``key``: a person's latest retry first, then the original."""
@@ -210,14 +297,14 @@ class Participant(BatchConsumer):
                 return record
         return await tx.idempotency_get(self.name, key)
 
-    async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome:
+    async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome | _Deferred:
         try:
             result = handler(tx, env)
             if inspect.isawaitable(result):
                 result = await result
         except StepFailed as exc:
             return failure(exc.reason, retryable=exc.retryable)
-        if isinstance(result, Outcome):
+        if isinstance(result, Outcome | _Deferred):
             return result
         if result is None:
             return success()

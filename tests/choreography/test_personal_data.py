@@ -1,0 +1,162 @@
+"""Personal data stays in the service that owns it: messages, history and logs see tokens.
+
+Canary personal data (a name, an e-mail, a postal address, a card number) is planted
+in orders placed through each of the three modes; afterwards every table of every
+database (outboxes, inboxes, mailboxes, idempotency records, sagas, history, dead
+letters, business tables) and every log line is searched. Only the owners' tables
+(``customers`` in the order service, ``card_vault`` in payment) may hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from choreo_support import quiet, wait_terminal
+from sagakit_checkout.modes import build_system
+from sagakit_checkout.personal import OWNED_TABLES, Customer, register_customer, vault_card
+
+from sagakit.cli import _configure_logging
+from sagakit.redaction import RedactPersonalData, redact
+from sagakit.testing.faults import Faults
+
+CANARIES = (
+    "Zebulon Canaryfield",
+    "zebulon.canary@example.org",
+    "42 Canary Lane",
+    "4111111111111111",
+    "4111 1111 1111 1111",
+)
+CARD = "4111 1111 1111 1111"
+DEFINITIONS = {
+    "orchestration": "checkout",
+    "choreography": "checkout-choreography",
+    "hybrid": "checkout-hybrid",
+}
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def scan(data_dir: Path) -> list[str]:
+    """Every place outside the owners' tables where a canary appears."""
+    hits: list[str] = []
+    for db in sorted(data_dir.glob("*.db")):
+        conn = sqlite3.connect(db)
+        try:
+            owned = OWNED_TABLES.get(db.stem, ())
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            for table in tables:
+                for row in conn.execute(f'SELECT * FROM "{table}"'):
+                    text = " ".join(str(v) for v in row)
+                    for canary in CANARIES:
+                        if canary in text and table not in owned:
+                            hits.append(f"{db.name}:{table}: {canary}")
+        finally:
+            conn.close()
+    return hits
+
+
+@pytest.mark.parametrize("mode", ["orchestration", "choreography", "hybrid"])
+async def test_canary_personal_data_never_leaves_its_owner(mode: str, tmp_path: Path) -> None:
+    lines = Lines()
+    lines.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s %(exc_text)s"))
+    loggers = [logging.getLogger("sagakit"), logging.getLogger("sagakit_checkout")]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(lines)  # no redaction filter: nothing may be there to redact
+        lg.setLevel(logging.DEBUG)
+    try:
+        system = build_system(mode, tmp_path, Faults.named("default", 3), synchronous="NORMAL")
+        engine = system.engine
+        async with engine:
+            stores = system.invariant_stores
+            from sagakit_checkout.demo import OrderSpec
+            from sagakit_checkout.inventory import seed_stock
+
+            await seed_stock(stores["inventory_store"], {"sku-01": 5, "sku-none": 0})
+            person = Customer(
+                "Zebulon Canaryfield", "zebulon.canary@example.org", "42 Canary Lane, Birdtown"
+            )
+            customer, address = await register_customer(stores["order_store"], person, time.time())
+            ok_card = await vault_card(stores["payment_store"], CARD, time.time())
+            bad_card = await vault_card(stores["payment_store"], CARD, time.time(), flags="decline")
+            base = {
+                "customer": customer,
+                "qty": 1,
+                "amount": 2500,
+                "currency": "EUR",
+                "ship_to": address,
+            }
+            specs = [
+                OrderSpec("pii-ok", "success", {**base, "sku": "sku-01", "card": ok_card}),
+                OrderSpec("pii-declined", "card", {**base, "sku": "sku-01", "card": bad_card}),
+                OrderSpec("pii-sold-out", "stock", {**base, "sku": "sku-none", "card": ok_card}),
+            ]
+            assert await system.place(specs) == 3
+            done = await wait_terminal(
+                engine.store, [s.order_id for s in specs], DEFINITIONS[mode], timeout=60
+            )
+            await quiet(engine.stores)
+        assert {k: v.state.value for k, v in done.items()}["pii-ok"] == "SUCCEEDED"
+    finally:
+        for lg, level in saved:
+            lg.removeHandler(lines)
+            lg.setLevel(level)
+    assert lines.lines, "the run logged nothing at DEBUG: the log search would prove nothing"
+    assert scan(tmp_path) == []
+    assert [ln for ln in lines.lines if any(c in ln for c in CANARIES)] == []
+    # The owners do hold it (else the search above would be vacuous).
+    owner = sqlite3.connect(tmp_path / "order.db")
+    try:
+        assert owner.execute("SELECT name FROM customers").fetchall() == [("Zebulon Canaryfield",)]
+    finally:
+        owner.close()
+
+
+def test_the_log_filter_masks_emails_and_card_numbers() -> None:
+    record = logging.LogRecord(
+        "sagakit",
+        logging.WARNING,
+        __file__,
+        1,
+        "refund for %s with card %s failed (order %s, at %s)",
+        ("jane.doe@example.com", "4111-1111-1111-1111", "order-0-000123", 1764259200123),
+        None,
+    )
+    assert RedactPersonalData().filter(record)
+    text = record.getMessage()
+    assert "jane.doe" not in text and "4111-1111" not in text
+    assert "[email]" in text and "[card ****1111]" in text
+    # Ids and timestamps that are not card numbers (no Luhn check) stay readable.
+    assert "order-0-000123" in text and "1764259200123" in text
+    assert redact("no personal data here") == "no personal data here"
+
+
+def test_the_cli_installs_the_filter(tmp_path: Path) -> None:
+    root = logging.getLogger("sagakit")
+    before = list(root.handlers)
+    try:
+        _configure_logging(tmp_path, "INFO")
+        added = [h for h in root.handlers if h not in before]
+        assert added and any(isinstance(f, RedactPersonalData) for f in added[0].filters)
+        root.warning("customer %s paid with %s", "a.b@example.com", "4111111111111111")
+        added[0].flush()
+        logged = (tmp_path / "sagakit.log").read_text()
+        assert "a.b@example.com" not in logged and "4111111111111111" not in logged
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
+        root.propagate = True
