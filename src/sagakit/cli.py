@@ -228,12 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     from sagakit.api.cli import register as register_api
+    from sagakit.cli_flows import register as register_flows
     from sagakit.cli_processes import register as register_processes
+    from sagakit.cli_schemas import register as register_schemas
     from sagakit.graph import register_graph_command
 
     register_processes(sub)
     register_graph_command(sub)
     register_api(sub)
+    register_schemas(sub)
+    register_flows(sub)
 
     sim = sub.add_parser(
         "simulate",

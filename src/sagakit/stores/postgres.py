@@ -509,6 +509,13 @@ class PostgresTx:
         if limit <= 0:
             return []
         rows = await self._all("take due timers", self._q["timers_take_due"], (now, limit))
+        if len(rows) < limit:
+            # Timers whose saga row is gone lock no saga: take them on their own.
+            rows += await self._all(
+                "take due orphan timers",
+                self._q["timers_take_due_orphans"],
+                (now, limit - len(rows)),
+            )
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         return [Timer(saga_id=r[0], name=r[1], due_at=r[2], fence=r[3]) for r in rows]
 
@@ -642,6 +649,7 @@ class PostgresStore:
         min_size: int = 1,
         max_size: int = 10,
         lease_clock: Literal["database", "caller"] = "database",
+        idle_tx_timeout: float = 15.0,
         notify: bool = True,
     ) -> None:
         if _MISSING_DRIVER is not None:
@@ -674,6 +682,7 @@ class PostgresStore:
         self.schema = schema
         self.min_size = min_size
         self.max_size = max_size
+        self.idle_tx_timeout = idle_tx_timeout
         self.lease_clock = lease_clock
         self.notify = notify
         self.outbox_channel = f"sagakit_outbox_{name}"
@@ -715,6 +724,8 @@ class PostgresStore:
             max_size=self.max_size,
             kwargs=self._connect_args("pool"),
             configure=self._configure,
+            # A server restart kills every idle connection: check before lending one.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
             name=f"sagakit-{self.name}",
             open=False,
         )
@@ -729,13 +740,20 @@ class PostgresStore:
         self._pool = pool
 
     def _connect_args(self, role: str) -> dict[str, Any]:
-        args: dict[str, Any] = {"autocommit": True}
+        # No server-side prepared statements: after an aborted pipeline psycopg's cache
+        # can name a statement the server already dropped ("_pg3_N does not exist").
+        args: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
         # Names the connections in pg_stat_activity, unless the DSN names them already.
         if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.dsn):
             args["application_name"] = f"sagakit {self.name} {role}"[:_MAX_IDENTIFIER]
         return args
 
     async def _configure(self, conn: _Conn) -> None:
+        # A process frozen (SIGSTOP, a GC pause, a dead client) inside a transaction
+        # must not hold saga and inbox locks forever: the server ends its session.
+        await conn.execute(
+            f"SET idle_in_transaction_session_timeout = {int(self.idle_tx_timeout * 1000)}"
+        )
         if self.schema is not None:
             await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 

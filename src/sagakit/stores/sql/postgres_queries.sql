@@ -111,11 +111,25 @@ DELETE FROM timers WHERE saga_id = %s AND name = ANY(%s::text[])
 
 -- name: timers_take_due
 -- SKIP LOCKED: timers another worker's open transaction took are passed over, so two
--- workers never take the same timer and neither waits for the other. RETURNING yields
--- rows in no promised order; the caller sorts them.
+-- workers never take the same timer and neither waits for the other. The saga rows are
+-- locked in the same statement: a reply transaction locks its saga and then its timers,
+-- so taking timers first and sagas later would lock in the opposite order and deadlock;
+-- a timer whose saga is busy is simply left for the next round. RETURNING yields rows
+-- in no promised order; the caller sorts them.
 DELETE FROM timers
-WHERE (saga_id, name) IN (SELECT saga_id, name FROM timers WHERE due_at <= %s
-                          ORDER BY due_at, saga_id, name LIMIT %s
+WHERE (saga_id, name) IN (SELECT t.saga_id, t.name FROM timers t
+                          JOIN sagas s ON s.saga_id = t.saga_id
+                          WHERE t.due_at <= %s
+                          ORDER BY t.due_at, t.saga_id, t.name LIMIT %s
+                          FOR UPDATE OF t, s SKIP LOCKED)
+RETURNING saga_id, name, due_at, fence
+
+-- name: timers_take_due_orphans
+DELETE FROM timers
+WHERE (saga_id, name) IN (SELECT t.saga_id, t.name FROM timers t
+                          WHERE t.due_at <= %s
+                            AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.saga_id = t.saga_id)
+                          ORDER BY t.due_at, t.saga_id, t.name LIMIT %s
                           FOR UPDATE SKIP LOCKED)
 RETURNING saga_id, name, due_at, fence
 
