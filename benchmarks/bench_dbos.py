@@ -1,0 +1,139 @@
+"""The peer: the same 4-step workflow on DBOS Transact (``pip install dbos==3.4.0``).
+
+DBOS has no compensation primitive; the failing variant is written the way its users
+write sagas: try/except around the steps, compensation steps in reverse order.
+
+Run in a child process per measurement: DBOS is a process-wide singleton with
+background threads. Its system database is fresh per measurement (a new PostgreSQL
+database, or a new SQLite file) and removed afterwards.
+
+Backends: ``postgres`` (synchronous_commit as the server has it), ``sqlite`` (DBOS's
+default: rollback journal, synchronous=FULL) and ``sqlite-wal`` (the file switched to
+WAL before DBOS opens it; synchronous stays at SQLite's default, FULL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import tempfile
+import time
+from typing import Any
+
+from _common import (
+    cpu_seconds,
+    percentile,
+    pg_drop_database,
+    pg_dsn,
+    runqueue_wait_s,
+    scratch_name,
+)
+
+
+def _count_commits() -> dict[str, int]:
+    """Count SQLAlchemy commits (DBOS's write transactions) in this process."""
+    import sqlalchemy as sa
+
+    counts = {"commits": 0}
+
+    def on_commit(conn: Any) -> None:
+        counts["commits"] += 1
+
+    sa.event.listen(sa.engine.Engine, "commit", on_commit)
+    return counts
+
+
+async def measure(params: dict[str, Any]) -> dict[str, Any]:
+    backend: str = params["backend"]
+    fail = params.get("variant") == "fail"
+    seq_n: int = params["seq_n"]
+    conc_n: int = params["conc_n"]
+    commits = _count_commits()
+    from dbos import DBOS
+
+    out: dict[str, Any] = {"backend": backend, "variant": params.get("variant", "ok")}
+    workdir = tempfile.mkdtemp(prefix="dbos-bench-")
+    dbname: str | None = None
+    if backend == "postgres":
+        dbname = scratch_name("dbos_bench")
+        url = pg_dsn(dbname)
+        out["settings"] = "PostgreSQL, synchronous_commit as configured on the server"
+    else:
+        path = os.path.join(workdir, "dbos.sqlite")
+        url = f"sqlite:///{path}"
+        conn = sqlite3.connect(path)
+        if backend == "sqlite-wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        out["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        out["synchronous"] = conn.execute("PRAGMA synchronous").fetchone()[0]
+        conn.close()
+    DBOS(config={"name": "sagakit-bench", "system_database_url": url, "log_level": "ERROR"})
+
+    @DBOS.step()
+    async def step(n: int, fail_at: int) -> dict[str, int]:
+        if n == fail_at:
+            raise RuntimeError(f"step {n} fails on purpose")
+        return {"n": n}
+
+    @DBOS.step()
+    async def undo(n: int) -> None:
+        return None
+
+    @DBOS.workflow()
+    async def bench4(key: str, fail_at: int) -> str:
+        done: list[int] = []
+        try:
+            for n in (1, 2, 3, 4):
+                await step(n, fail_at)
+                done.append(n)
+        except RuntimeError:
+            for n in reversed(done):
+                await undo(n)
+            return "COMPENSATED"
+        return "SUCCEEDED"
+
+    fail_at = 3 if fail else 0
+    expected = "COMPENSATED" if fail else "SUCCEEDED"
+    try:
+        DBOS.launch()
+        tag = os.getpid()
+        for i in range(10):
+            await bench4(f"warm-{tag}-{i}", fail_at)
+        lat: list[float] = []
+        c0, cpu0 = commits["commits"], cpu_seconds()
+        for i in range(seq_n):
+            t0 = time.perf_counter()
+            got = await bench4(f"seq-{tag}-{i}", fail_at)
+            lat.append(time.perf_counter() - t0)
+            if got != expected:
+                raise RuntimeError(f"workflow returned {got}, expected {expected}")
+        out["seq_p50_ms"] = percentile(lat, 0.5) * 1000
+        out["seq_p99_ms"] = percentile(lat, 0.99) * 1000
+        out["seq_cpu_ms_per_saga"] = (cpu_seconds() - cpu0) / seq_n * 1000
+        out["seq_commits_per_saga"] = (commits["commits"] - c0) / seq_n
+        c0, cpu0, rq0 = commits["commits"], cpu_seconds(), runqueue_wait_s()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(bench4(f"conc-{tag}-{i}", fail_at) for i in range(conc_n)))
+        wall = time.perf_counter() - t0
+        if any(r != expected for r in results):
+            raise RuntimeError("a workflow did not end as expected")
+        out["conc_runqueue_wait_share"] = (runqueue_wait_s() - rq0) / wall
+        out["conc_n"] = conc_n
+        out["conc_sagas_per_s"] = conc_n / wall
+        out["conc_wall_s"] = wall
+        out["conc_cpu_ms_per_saga"] = (cpu_seconds() - cpu0) / conc_n * 1000
+        out["conc_cpu_util"] = (cpu_seconds() - cpu0) / wall
+        out["conc_commits_per_saga"] = (commits["commits"] - c0) / conc_n
+    finally:
+        DBOS.destroy(destroy_registry=True)
+        if dbname is not None:
+            pg_drop_database(dbname)
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+    return out
+
+
+def main(params: dict[str, Any]) -> dict[str, Any]:
+    return asyncio.run(measure(params))

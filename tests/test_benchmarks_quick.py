@@ -1,0 +1,59 @@
+"""The benchmark suite's quick mode runs end to end and reports well-formed results.
+
+It asserts nothing about speed (CI machines are shared and noisy): only that the one
+command works, every result line is JSON with the expected keys, and the report is
+written. Benchmarks whose server or peer is missing report ``skipped`` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"bench", "name", "metric", "unit", "median", "min", "max", "runs", "values", "status"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_benchmarks_emit_json_results(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    run_py = str(ROOT / "benchmarks" / "run.py")
+    proc = subprocess.run(
+        [sys.executable, run_py, "--quick", "--runs", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=840,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines, "no result lines"
+    results: dict[str, dict[str, object]] = {}
+    for line in lines:
+        result = json.loads(line)
+        assert result.keys() >= KEYS, (KEYS - result.keys(), line)
+        assert result["status"] in ("ok", "skipped", "failed"), line
+        assert isinstance(result["values"], list), line
+        if result["status"] == "ok":
+            assert result["min"] <= result["median"] <= result["max"], line
+        results[result["name"]] = result
+    # The engine on SQLite needs nothing but the standard library: it always runs.
+    for name in (
+        "raw/sqlite_wal_full",
+        "engine/sqlite/ok/throughput",
+        "engine/sqlite/ok/seq_p50",
+        "engine/sqlite/fail/throughput",
+        "timers/sqlite/worker_rss_idle",
+        "listing/sqlite/list_manual_p99",
+        "recovery/sqlite/participant_duplicates",
+    ):
+        assert results[name]["status"] == "ok", results.get(name)
+    # Not a speed claim but the proof the recovery benchmark exists for.
+    assert results["recovery/sqlite/participant_duplicates"]["median"] == 0
+    report = out.read_text(encoding="utf-8")
+    assert "## Targets" in report and "## Machine, versions, settings" in report
