@@ -327,7 +327,7 @@ def pg_exec(sql: str, params: Sequence[Any] = (), *, database: str = PG_DB) -> l
     import psycopg
 
     with psycopg.connect(pg_dsn(database), autocommit=True) as conn:
-        cur = conn.execute(sql, params)  # type: ignore[arg-type]
+        cur = conn.execute(sql, params)
         return cur.fetchall() if cur.description is not None else []
 
 

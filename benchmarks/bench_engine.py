@@ -166,7 +166,8 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                 await engine.start_many(requests)
 
                 async def finished() -> bool:
-                    return await open_count() == 0
+                    left: int = await open_count()
+                    return left == 0
 
                 await poll_until(finished, 0.01)
                 wall = time.perf_counter() - t0

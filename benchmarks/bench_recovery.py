@@ -74,8 +74,9 @@ def definition(effects_path: str) -> SagaDefinition:
 def participant(store: SQLiteStore) -> Participant:
     svc = Participant("svc", store)
 
-    @svc.handles("Do")
     async def do(tx: Tx, cmd: Envelope) -> dict[str, int]:
+        # The effect, in the participant's transaction with its inbox and idempotency
+        # records: a redelivered command must find the key and never add to the counter.
         await tx.execute(
             "INSERT INTO svc_effects (key, n) VALUES (?, 1) "
             "ON CONFLICT (key) DO UPDATE SET n = n + 1",
@@ -83,10 +84,11 @@ def participant(store: SQLiteStore) -> Participant:
         )
         return {"done": 1}
 
-    @svc.handles("Undo")
     async def undo(tx: Tx, cmd: Envelope) -> None:
         return None
 
+    svc.add_handler("Do", do)
+    svc.add_handler("Undo", undo)
     return svc
 
 

@@ -100,7 +100,9 @@ async def timers_create(params: dict[str, Any]) -> dict[str, Any]:
     async with engine:
         rss_open = rss_mb()
         for start in range(0, n, batch):
-            reqs = [(WAIT, f"w-{i}", {}) for i in range(start, min(n, start + batch))]
+            reqs: list[tuple[str, str, dict[str, Any]]] = [
+                (WAIT, f"w-{i}", {}) for i in range(start, min(n, start + batch))
+            ]
             await engine.start_many(reqs)
         await _drained(store)
         created = time.perf_counter() - t0
@@ -197,7 +199,8 @@ async def _template(store: Store) -> str:
     async with engine:
         s = await engine.start(DEFINITION, "template", {"order": "o-1", "amount": 4200})
         await engine.wait(s.saga_id, timeout=60)
-    return s.saga_id
+    saga_id: str = s.saga_id
+    return saga_id
 
 
 async def fill(params: dict[str, Any], store: Store) -> float:
@@ -222,12 +225,12 @@ async def fill(params: dict[str, Any], store: Store) -> float:
     else:
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(pg_dsn(), autocommit=True) as conn:
-            await conn.execute(f'SET search_path TO "{params["schema"]}"')
+        async with await psycopg.AsyncConnection.connect(pg_dsn(), autocommit=True) as aconn:
+            await aconn.execute(f'SET search_path TO "{params["schema"]}"')
             series = f"generate_series(0, {rows - 1}) AS g(i)"
             sql = _clone_select(series, "%s").replace("%", "%%").replace("%%s", "%s")
-            await conn.execute(sql, (saga_id,))
-            await conn.execute("VACUUM ANALYZE sagas")
+            await aconn.execute(sql, (saga_id,))
+            await aconn.execute("VACUUM ANALYZE sagas")
     return time.perf_counter() - t0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import re
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -534,7 +536,7 @@ def derive(
                     key=key,
                     better="lower",
                 )
-        worst = []
+        worst: list[float | None] = []
         for o in by_key.get(key, []):
             if o.value is None:
                 worst.append(None)
@@ -923,11 +925,11 @@ def write_report(
             continue
         add(f"## {title}")
         add("")
-        rows = []
+        rows8: list[tuple[str, ...]] = []
         for r in rs:
             s = summary(r.values)
             note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
-            rows.append(
+            rows8.append(
                 (
                     f"`{r.name}`",
                     r.metric,
@@ -939,7 +941,7 @@ def write_report(
                     note.replace("|", "/")[:300],
                 )
             )
-        L += _table(rows, ("result", "metric", "unit", "median", "min", "max", "runs", "note"))
+        L += _table(rows8, ("result", "metric", "unit", "median", "min", "max", "runs", "note"))
         add("")
         if bench == "checkout":
             _checkout_notes(L, raw.get("checkout/postgres+nats", []), skipped)
@@ -954,7 +956,9 @@ def write_report(
             "The engine's concurrent phase (`start_many` of "
             f"{sizes_d['engine_conc']:,} sagas, 4 local steps) under cProfile. Own time "
             "grouped by area, then the top functions by own time and sagakit's by "
-            "cumulative time. The profiler slows everything down; the shares are the point."
+            "cumulative time. The profiler measures wall-clock time and slows everything "
+            "down, so the shares are the point; for a coroutine, each resumption after an "
+            "`await` counts as a call."
         )
         add("")
         for p in profiles:
@@ -990,7 +994,7 @@ def write_report(
             )
             add("")
 
-    add(findings(by_name, profiles, sizes))
+    add(_reflow(findings(by_name, profiles, sizes)))
     path.write_text("\n".join(L) + "\n", encoding="utf-8")
 
 
@@ -1031,6 +1035,33 @@ def _recovery_notes(L: list[str], outcomes: list[Any]) -> None:
             f"duplicates) for {v['expected_effects_each']} expected each"
         )
     L.append("")
+
+
+def _reflow(text: str, width: int = 92) -> str:
+    """Re-wrap paragraphs and numbered items after the numbers were filled in."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        starts_item = bool(re.match(r"\d+\. ", line))
+        if not line.strip() or line.startswith("#"):
+            blocks.append([line])
+            blocks.append([])
+        elif starts_item or not blocks or not blocks[-1]:
+            blocks.append([line])
+        else:
+            blocks[-1].append(line.strip())
+    out: list[str] = []
+    for block in blocks:
+        if not block:
+            continue
+        first = block[0]
+        if not first.strip() or first.startswith("#"):
+            out.append(first)
+            continue
+        item = re.match(r"(\d+\. )", first)
+        indent = " " * len(item.group(1)) if item else ""
+        joined = " ".join([first.strip(), *block[1:]])
+        out.append(textwrap.fill(joined, width, subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(out)
 
 
 def _m(by_name: dict[str, Result], name: str) -> str:
@@ -1110,8 +1141,10 @@ on PostgreSQL ({m("engine/postgres/ok/seq_p50")} ms against DBOS's
    wall time, psycopg {_area_share(profiles, "postgres", "psycopg (driver")} and waiting
    in epoll {_area_share(profiles, "postgres", "idle")}. **Next step:** per batch, one
    `INSERT INTO inbox ... SELECT unnest(%s) ON CONFLICT DO NOTHING RETURNING message_id`,
-   one `SELECT ... WHERE saga_id = ANY(%s) ORDER BY saga_id FOR UPDATE` (a fixed lock order
-   also prevents the timer/reply deadlocks seen in the checkout), then the version-checked
+   one `SELECT ... WHERE saga_id = ANY(%s) ORDER BY saga_id FOR UPDATE` (a fixed lock
+   order also prevents deadlocks between a timer transaction and a reply batch, one of
+   which was hit while this benchmark was written: `deadlock detected ... while locking
+   tuple in relation "sagas"`), then the version-checked
    updates queued without a sync and verified from their RETURNING rows at commit: ~3
    round trips per batch instead of ~3 per message. The same change speeds up timers,
    which fire at {m("timers/postgres/fire_rate")}/s on PostgreSQL against
@@ -1133,9 +1166,10 @@ on PostgreSQL ({m("engine/postgres/ok/seq_p50")} ms against DBOS's
    the stored body text as is instead of parsing and re-serialising it.
 5. **psycopg escapes text arrays with a regex.** `queue_push` sends the message bodies
    as a `text[]`; psycopg's text-format array dumper escapes every quote of every JSON
-   body with `re.sub` ({_area_share(profiles, "postgres", "re (regex")} of the PostgreSQL
-   profile). **Next step:** send the array in binary (`%(bodies)b`), or `executemany` the
-   rows inside the pipeline.
+   body with `re.sub` (most of the {_area_share(profiles, "postgres", "re (regex")} in `re`
+   in the PostgreSQL profile; the rest is the `traceparent` check of item 3).
+   **Next step:** send the array in binary (`%(bodies)b`), or `executemany` the rows
+   inside the pipeline.
 6. **The distributed checkout {burst_verdict}.** Sequentially an order takes
    {m("checkout/seq_p50")} ms; with at most {sizes.checkout_window} orders in flight the
    system completes {m("checkout/throughput")} checkouts/s (p50 {m("checkout/steady_p50")}

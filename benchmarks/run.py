@@ -18,6 +18,7 @@ reported as skipped with the reason. The peer needs ``pip install 'sagakit[bench
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -187,6 +188,16 @@ def dbos_available() -> str | None:
     return None
 
 
+def job(module: str, params: dict[str, Any], timeout: float) -> Callable[[int], Outcome]:
+    """A case that runs ``module`` in a child process with ``params``."""
+    return lambda _run: spawn(module, params, timeout)
+
+
+def later(fn: Callable[[], Outcome]) -> Callable[[int], Outcome]:
+    """A case that calls ``fn`` (which spawns what it needs)."""
+    return lambda _run: fn()
+
+
 def build_cases(sizes: Sizes, only: set[str], skipped: dict[str, str]) -> list[Case]:
     t = sizes.timeout
     pg_missing = pg_available()
@@ -220,9 +231,7 @@ def build_cases(sizes: Sizes, only: set[str], skipped: dict[str, str]) -> list[C
             add(
                 f"engine/{b}/{variant}",
                 "engine",
-                lambda r, b=b, v=variant: spawn(
-                    "bench_engine", {**engine_params, "backend": b, "variant": v}, t
-                ),
+                job("bench_engine", {**engine_params, "backend": b, "variant": variant}, t),
             )
         if dbos_missing is None:
             for b in dbos_backends:
@@ -231,17 +240,15 @@ def build_cases(sizes: Sizes, only: set[str], skipped: dict[str, str]) -> list[C
                 add(
                     f"dbos/{b}/{variant}",
                     "dbos",
-                    lambda r, b=b, v=variant: spawn(
-                        "bench_dbos", {**dbos_params, "backend": b, "variant": v}, t
-                    ),
+                    job("bench_dbos", {**dbos_params, "backend": b, "variant": variant}, t),
                 )
     for b in backends:
-        add(f"timers/{b}", "timers", lambda r, b=b: run_timers(b, sizes))
+        add(f"timers/{b}", "timers", later(functools.partial(run_timers, b, sizes)))
     for b in backends:
         add(
             f"listing/{b}",
             "listing",
-            lambda r, b=b: run_listing(b, sizes),
+            later(functools.partial(run_listing, b, sizes)),
         )
     add("recovery/sqlite", "recovery", lambda r: run_recovery(sizes))
     why = pg_missing or nats_available()
