@@ -92,3 +92,13 @@ def test_json_logs_carry_the_saga_fields() -> None:
         "WARNING",
     )
     assert line["at"].endswith("Z")
+
+
+def test_no_configured_provider_costs_nothing() -> None:
+    # The API alone (no SDK provider set) records nothing, so no span is even built.
+    assert observability._tracer() is None
+    observability.use_tracer_provider(TracerProvider())
+    try:
+        assert observability._tracer() is not None
+    finally:
+        observability.use_tracer_provider(None)
