@@ -366,6 +366,46 @@ async def nats_consumers(s: Site) -> str:
         await nc.close()
 
 
+async def nats_ghost_pending(s: Site) -> dict[str, int]:
+    """Ack-pending entries of each consumer whose message the stream no longer stores.
+
+    A work-queue stream removes a message when its ack arrives. After ``kill -9`` of
+    nats-server the consumer's state file can be older than the stream's (both are
+    written lazily), so the consumer may still count as "awaiting ack" a message that
+    was acknowledged and removed: nats-server 2.9 never redelivers such an entry (there
+    is nothing to deliver) and never clears it. Such an entry holds nothing; a message
+    the stream still stores is checked by :func:`nats_stream_leftovers` instead.
+    Returns ``{"consumer:<name>": count}``, only for consumers with no stored message
+    in their ack-pending range.
+    """
+    import nats
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(s.broker_url, connect_timeout=3, allow_reconnect=False)
+    out: dict[str, int] = {}
+    try:
+        js = nc.jetstream()
+        for c in await js.consumers_info("sagakit"):
+            if not c.num_ack_pending or c.num_pending:
+                continue
+            floor = c.ack_floor.stream_seq if c.ack_floor else 0
+            top = c.delivered.stream_seq if c.delivered else 0
+            wanted = c.config.filter_subject
+            stored = 0
+            for seq in range((floor or 0) + 1, (top or 0) + 1):
+                try:
+                    raw = await js.get_msg("sagakit", seq)
+                except NotFoundError:
+                    continue
+                if wanted is None or raw.subject == wanted:
+                    stored += 1
+            if not stored:
+                out[f"consumer:{c.name}"] = c.num_ack_pending
+    finally:
+        await nc.close()
+    return out
+
+
 async def nats_stream_leftovers(s: Site) -> list[str]:
     """Message ids still stored in the work-queue stream after everything was acked."""
     import nats
@@ -467,6 +507,10 @@ async def nothing_lost_with_broker(s: Site) -> tuple[bool, list[str], dict[str, 
             else:
                 problems.append(f"{what}: published, neither handled nor dead-lettered")
     waiting = busy_queues(await broker_depth(s))
+    if s.broker == "nats" and waiting:
+        ghosts = await nats_ghost_pending(s)
+        n["ack-pending entries for messages already removed"] = sum(ghosts.values())
+        waiting = {k: v - ghosts.get(k, 0) for k, v in waiting.items() if v - ghosts.get(k, 0) > 0}
     if waiting:
         problems.append(f"the broker still holds messages to deliver: {waiting}")
     if s.broker == "nats":
@@ -752,6 +796,9 @@ async def drain(s: Site, quiet_for: float = 2.0, limit: float = 60.0) -> None:
             for store in s.dep.stores.values():
                 busy += await store.outbox_pending()
             depth = busy_queues(await broker_depth(s))
+            if depth and not busy and s.broker == "nats":
+                ghosts = await nats_ghost_pending(s)  # never go away: do not wait on them
+                depth = {k: v - ghosts.get(k, 0) for k, v in depth.items()}
             busy += sum(depth.values())
         except Exception as exc:
             say(f"drain: {exc}")
