@@ -79,11 +79,22 @@ def _migrations(engine: Engine, name: str, store: SQLStore) -> None:
     engine.before_start(migrate)
 
 
-def build_worker(store_url: str, broker_url: str, **engine_kw: Any) -> Engine:
-    """Orchestrator and timers on the orchestrator's store."""
+def build_worker(
+    store_url: str, broker_url: str, *, command_timeout: float | None = None, **engine_kw: Any
+) -> Engine:
+    """Orchestrator and timers on the orchestrator's store.
+
+    ``command_timeout``: seconds the first attempt of a command waits for its answer
+    (later attempts wait longer; see :data:`~sagakit_checkout.sagas.RETRY`).
+    """
+    definition = (
+        checkout_definition()
+        if command_timeout is None
+        else checkout_definition(timeout=command_timeout)
+    )
     return Engine(
         service_store(store_url, "orchestrator"),
-        [checkout_definition()],
+        [definition],
         transport=transport_from_url(broker_url, endpoints=ENDPOINTS),
         roles={"orchestrator", "timers", "housekeeping"},
         **engine_kw,

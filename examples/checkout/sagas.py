@@ -16,6 +16,7 @@ action's idempotency key, and continues, compensates or escalates on the answer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from sagakit import CommandAction, RetryPolicy, SagaDefinition, SagaView, Step, StepKind, command
@@ -23,10 +24,22 @@ from sagakit import CommandAction, RetryPolicy, SagaDefinition, SagaView, Step, 
 CHECKOUT = "checkout"
 
 # Embedded replies arrive in milliseconds; a command unanswered for 2 s is retried with
-# the same idempotency key, and after 6 tries its outcome is treated as unknown.
+# the same idempotency key. Each later attempt waits twice as long (at most 30 s): a
+# burst of orders puts commands in line behind each other, and a fixed 2 s would take
+# the line for lost messages (6 attempts in ~12 s, then "outcome unknown" for every
+# order in the burst). With growing waits the 6 attempts span ~90 s before the outcome
+# is treated as unknown. Deployments tune the first wait (``sagakit worker
+# --command-timeout``).
 COMMAND_TIMEOUT = 2.0
-RETRY = RetryPolicy(max_attempts=6, initial_backoff=0.1, max_backoff=2.0)
-FORWARD = RetryPolicy(max_attempts=12, initial_backoff=0.1, max_backoff=2.0)
+MAX_COMMAND_TIMEOUT = 30.0
+RETRY = RetryPolicy(
+    max_attempts=6,
+    initial_backoff=0.1,
+    max_backoff=2.0,
+    timeout_multiplier=2.0,
+    max_timeout=MAX_COMMAND_TIMEOUT,
+)
+FORWARD = dataclasses.replace(RETRY, max_attempts=12)
 DEADLINE = 120.0
 """The checkout's SLA in seconds (inventory reservations live longer than this)."""
 

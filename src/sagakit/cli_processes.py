@@ -40,10 +40,28 @@ def _urls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "WARNING"))
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add the process commands to the ``sagakit`` parser."""
     worker = sub.add_parser("worker", help="run the orchestrator and its timers")
     _urls(worker)
+    worker.add_argument(
+        "--command-timeout",
+        type=_seconds,
+        default=os.environ.get("SAGAKIT_COMMAND_TIMEOUT"),
+        help="seconds the first attempt of a command waits for its answer; later attempts "
+        "wait longer (default 2; env SAGAKIT_COMMAND_TIMEOUT)",
+    )
     worker.set_defaults(func=_run, role="worker")
 
     relay = sub.add_parser("relay", help="publish the outboxes of the services' stores")
@@ -84,7 +102,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from sagakit_checkout import deploy
 
     if args.role == "worker":
-        engine = deploy.build_worker(args.store, args.broker)
+        # argparse runs ``_seconds`` on a string default too (the environment's value).
+        engine = deploy.build_worker(args.store, args.broker, command_timeout=args.command_timeout)
     elif args.role == "relay":
         services = [s.strip() for s in args.services.split(",") if s.strip()]
         engine = deploy.build_relay(args.store, args.broker, services)

@@ -75,9 +75,7 @@ def transport_from_url(url: str, *, endpoints: Sequence[str]) -> Transport:
     if scheme in ("amqp", "amqps"):
         from sagakit.transports.rabbitmq import RabbitMqTransport
 
-        return RabbitMqTransport(
-            base, prefix=params.get("prefix", "sagakit"), endpoints=endpoints
-        )
+        return RabbitMqTransport(base, prefix=params.get("prefix", "sagakit"), endpoints=endpoints)
     raise ConfigurationError(
         f"broker URL {url!r} is not supported: use nats://host:4222 or "
         "amqp://user:password@host:5672/"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sagakit_checkout import inventory, order, payment, shipping
+from sagakit_checkout import deploy, inventory, order, payment, shipping
 from sagakit_checkout.demo import make_orders
 from sagakit_checkout.invariants import (
     InvariantReport,
@@ -1093,6 +1093,41 @@ def test_checkout_payment_steps_have_a_status_query() -> None:
     short = checkout_definition(deadline=5, timeout=0.5)
     assert short.deadline == 5 and {s.timeout for s in short.steps} == {0.5}
     assert {r.timeout for s in short.steps for r in s.ladder} == {0.5}
+
+
+def test_checkout_waits_longer_for_each_attempt_so_a_backlog_is_not_a_loss() -> None:
+    """A burst's queue is not mistaken for lost commands: ~90 s before "unknown"."""
+    d = checkout_definition()
+    step = d.steps[d.step_index("authorize_payment")]
+    waits = [step.retry.timeout(step.timeout, a) for a in range(1, step.retry.max_attempts + 1)]
+    assert waits == [2, 4, 8, 16, 30, 30]
+    rung = step.ladder[0]
+    assert rung.retry.timeout(rung.timeout, 3) == 8
+
+
+def test_worker_command_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from sagakit import cli_processes
+
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser(prog="sagakit")
+        cli_processes.register(parser.add_subparsers(dest="command", required=True))
+        return parser.parse_args(["worker", *argv])
+
+    monkeypatch.delenv("SAGAKIT_COMMAND_TIMEOUT", raising=False)
+    assert parse().command_timeout is None
+    assert parse("--command-timeout", "5").command_timeout == 5.0
+    monkeypatch.setenv("SAGAKIT_COMMAND_TIMEOUT", "7.5")
+    assert parse().command_timeout == 7.5
+    for bad in ("0", "-1", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            parse("--command-timeout", bad)
+    engine = deploy.build_worker(
+        "postgresql://127.0.0.1/none", "nats://127.0.0.1:1", command_timeout=5.0
+    )
+    (definition,) = engine.orchestrator.latest.values()
+    assert {s.timeout for s in definition.steps} == {5.0}
 
 
 # -- reservation TTL -------------------------------------------------------------------

@@ -284,6 +284,30 @@ def test_step_repr_names_step() -> None:
 # --- ladders ----------------------------------------------------------------------------
 
 
+def test_retry_policy_timeouts_grow_to_the_cap() -> None:
+    fixed = RetryPolicy()
+    assert [fixed.timeout(2, a) for a in (1, 2, 5)] == [2, 2, 2]
+    growing = RetryPolicy(timeout_multiplier=2, max_timeout=30)
+    assert [growing.timeout(2, a) for a in range(1, 7)] == [2, 4, 8, 16, 30, 30]
+    assert RetryPolicy(timeout_multiplier=2).timeout(1, 11) == 1024  # no cap
+    assert growing.timeout(40, 3) == 40  # a cap below the first timeout never shortens it
+    assert RetryPolicy(timeout_multiplier=10, max_timeout=60).timeout(1, 10_000) == 60
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"timeout_multiplier": 0.5}, "timeout_multiplier"),
+        ({"timeout_multiplier": float("nan")}, "timeout_multiplier"),
+        ({"max_timeout": 0}, "max_timeout"),
+        ({"max_timeout": float("inf")}, "max_timeout"),
+    ],
+)
+def test_retry_policy_refuses_bad_timeout_growth(kw: dict[str, float], match: str) -> None:
+    with pytest.raises(DefinitionError, match=match):
+        RetryPolicy(**kw)  # type: ignore[arg-type]
+
+
 def test_single_action_compensation_is_one_rung_with_step_policy() -> None:
     policy = RetryPolicy(max_attempts=5)
     s = Step("pay", act(), undo("Void"), retry=policy, timeout=7)

@@ -595,6 +595,66 @@ def test_action_timeout_resends_same_key() -> None:
     assert run.timers[STEP_TIMER].fence == "timeout:1:action:0:2"
 
 
+def test_growing_timeouts_wait_longer_for_each_attempt_of_action_query_and_rung() -> None:
+    patient = RetryPolicy(
+        max_attempts=4, initial_backoff=1, jitter=0, timeout_multiplier=3, max_timeout=50
+    )
+    d = SagaDefinition(
+        "s",
+        [
+            Step("a", command("sa", "DoA"), command("sa", "UndoA"), retry=patient, timeout=5),
+            Step("b", command("sb", "DoB")),
+        ],
+    )
+    run = Run(d)
+    waits = []
+    for _ in range(4):  # attempts 1..4 of step a: 5, 15, 45, then the 50 s cap
+        t = run.timers[STEP_TIMER]
+        waits.append(t.due_at - run.now)
+        run.fire()
+        if STEP_TIMER in run.timers and run.timers[STEP_TIMER].fence.startswith("retry"):
+            run.fire()
+    assert waits == [5, 15, 45, 50]
+
+
+def test_growing_timeouts_for_status_queries_and_compensation_rungs() -> None:
+    patient = RetryPolicy(max_attempts=3, initial_backoff=1, jitter=0, timeout_multiplier=2)
+    d = SagaDefinition(
+        "s",
+        [
+            Step("a", command("sa", "DoA"), command("sa", "UndoA"), retry=patient, timeout=4),
+            Step(
+                "b",
+                command("sb", "DoB"),
+                retry=patient,
+                timeout=1,
+                status_query=command("sb", "WhatBecameOfB"),
+            ),
+        ],
+    )
+    run = Run(d)
+    run.ok()  # a done; b runs
+    for _ in range(3):  # b's three attempts time out: 1, 2, 4 s
+        run.fire()
+        if run.timers[STEP_TIMER].fence.startswith("retry"):
+            run.fire()
+    query = run.timers[STEP_TIMER]
+    assert query.fence.startswith("timeout:1:query:")
+    assert query.due_at - run.now == 1  # first status query: the step's own timeout
+    run.fire()
+    if run.timers[STEP_TIMER].fence.startswith("retry"):
+        run.fire()
+    assert run.timers[STEP_TIMER].due_at - run.now == 2  # second query waits twice as long
+    run.ok(state="not_found")  # b never happened: undo a
+    comp = run.timers[STEP_TIMER]
+    assert comp.fence.startswith("timeout:0:comp:")
+    assert comp.due_at - run.now == 4
+    run.fire()
+    if run.timers[STEP_TIMER].fence.startswith("retry"):
+        run.fire()
+    assert run.timers[STEP_TIMER].due_at - run.now == 8
+
+
 def test_timeout_exhausted_before_pivot_compensates_the_unknown_step() -> None:
     run = Run(checkout())
     run.ok()

@@ -38,6 +38,14 @@ class RetryPolicy:
     ``max_attempts`` counts the first try. Backoff grows by ``multiplier`` from
     ``initial_backoff`` up to ``max_backoff``; ``jitter`` spreads it by that fraction,
     deterministically per (saga, step, attempt) so that replays compute the same delay.
+
+    ``timeout_multiplier`` makes the wait for an answer grow from one attempt to the
+    next (the step's ``timeout`` for the first, times the multiplier for each later one,
+    at most ``max_timeout``). A fixed timeout mistakes a queue backlog for a lost
+    message: under a burst every attempt times out while the command still waits in
+    line, the retries lengthen the line, and the saga runs out of attempts in seconds.
+    Growing timeouts keep the first answer fast on a healthy system and make the whole
+    budget span minutes on a loaded one.
     """
 
     max_attempts: int = 3
@@ -45,6 +53,8 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_backoff: float = 30.0
     jitter: float = 0.2
+    timeout_multiplier: float = 1.0
+    max_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -58,6 +68,31 @@ class RetryPolicy:
             raise DefinitionError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:  # NaN fails this comparison too
             raise DefinitionError(f"RetryPolicy.jitter must be within [0, 1], got {self.jitter}")
+        if not 1 <= self.timeout_multiplier < float("inf"):
+            raise DefinitionError(
+                f"RetryPolicy.timeout_multiplier must be >= 1, got {self.timeout_multiplier}"
+            )
+        if self.max_timeout is not None and not 0 < self.max_timeout < float("inf"):
+            raise DefinitionError(
+                f"RetryPolicy.max_timeout must be a positive number of seconds, "
+                f"got {self.max_timeout}"
+            )
+
+    def timeout(self, base: float, attempt: int) -> float:
+        """Seconds to wait for an answer to attempt ``attempt`` (>= 1) of an action.
+
+        ``base`` is the timeout of the first attempt (the step's or the rung's); a
+        ``max_timeout`` below ``base`` never shortens it.
+        """
+        if self.timeout_multiplier == 1.0:
+            return base
+        cap = float("inf") if self.max_timeout is None else max(base, self.max_timeout)
+        value = base
+        for _ in range(max(attempt - 1, 0)):  # stepwise: no float overflow
+            if value >= cap:
+                break
+            value *= self.timeout_multiplier
+        return min(value, cap)
 
     def backoff(self, attempt: int, seed: str) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` >= 1)."""

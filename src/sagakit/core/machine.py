@@ -249,7 +249,13 @@ class _Transition:
             compensates=None,
             phase="action",
         )
-        self.set_step_timer("timeout", index, "action", st.attempt, self.now + step.timeout)
+        self.set_step_timer(
+            "timeout",
+            index,
+            "action",
+            st.attempt,
+            self.now + step.retry.timeout(step.timeout, st.attempt),
+        )
         self.log("step.started", step.name, attempt=st.attempt, action=step.action.label)
 
     def advance(self, index: int) -> None:
@@ -282,7 +288,13 @@ class _Transition:
             compensates=None,
             phase="query",
         )
-        self.set_step_timer("timeout", index, "query", st.queries, self.now + step.timeout)
+        self.set_step_timer(
+            "timeout",
+            index,
+            "query",
+            st.queries,
+            self.now + step.retry.timeout(step.timeout, st.queries),
+        )
         self.log("status.queried", step.name, query=st.queries, action=step.status_query.label)
 
     def outcome_unknown(self, index: int, reason: str) -> None:
@@ -361,7 +373,13 @@ class _Transition:
             compensates=action_key(self.inst.saga_id, step.name),
             phase="comp",
         )
-        self.set_step_timer("timeout", index, "comp", st.rung_attempt, self.now + rung.timeout)
+        self.set_step_timer(
+            "timeout",
+            index,
+            "comp",
+            st.rung_attempt,
+            self.now + rung.retry.timeout(rung.timeout, st.rung_attempt),
+        )
         self.log(
             "compensation.sent", step.name, rung=st.rung, attempt=st.rung_attempt, action=rung.label
         )

@@ -105,6 +105,8 @@ def untoken(name: str) -> str:
         lambda m: bytes.fromhex(m.group().replace("-", "")).decode("utf-8", "replace"),
         name,
     )
+
+
 _ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 _MOVER = "dead-letter-mover"
 _IDLE_PULL = 5.0  # seconds a lingering pull waits for the first message
