@@ -16,11 +16,15 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sagakit.errors import SagakitError
+from sagakit.errors import ConfigurationError, SagakitError, StoreError, TransportError
 from sagakit.observability import JsonFormatter
+
+if TYPE_CHECKING:
+    from sagakit.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,14 @@ def _urls(parser: argparse.ArgumentParser) -> None:
         help="nats://host:4222 or amqp://user:pass@host:5672/ (env SAGAKIT_BROKER_URL)",
     )
     parser.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--wait-for-servers",
+        type=_wait_seconds,
+        default=os.environ.get("SAGAKIT_WAIT_FOR_SERVERS", "60"),
+        metavar="SECONDS",
+        help="at start, keep trying to reach the database and the broker this long before "
+        "giving up (0: try once; default 60; env SAGAKIT_WAIT_FOR_SERVERS)",
+    )
 
 
 def _seconds(text: str) -> float:
@@ -49,6 +61,11 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _wait_seconds(text: str) -> float:
+    """Zero or a positive, finite number of seconds (argparse type)."""
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def register(sub: Any) -> None:
@@ -98,30 +115,99 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _builder(args: argparse.Namespace) -> Callable[[], Engine]:
     from sagakit_checkout import deploy
 
     if args.role == "worker":
         # argparse runs ``_seconds`` on a string default too (the environment's value).
-        engine = deploy.build_worker(args.store, args.broker, command_timeout=args.command_timeout)
-    elif args.role == "relay":
+        return lambda: deploy.build_worker(
+            args.store, args.broker, command_timeout=args.command_timeout
+        )
+    if args.role == "relay":
         services = [s.strip() for s in args.services.split(",") if s.strip()]
-        engine = deploy.build_relay(args.store, args.broker, services)
-    else:
-        provider = Path(args.provider) if args.provider else None
-        engine = deploy.build_service(args.name, args.store, args.broker, provider)
+        return lambda: deploy.build_relay(args.store, args.broker, services)
+    provider = Path(args.provider) if args.provider else None
+    return lambda: deploy.build_service(args.name, args.store, args.broker, provider)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True for "the server is not there (yet)": worth trying again; False for the rest.
+
+    A broker that refuses connections, a PostgreSQL that refuses them or is starting up
+    or shutting down (psycopg's ``OperationalError``) are transient; a bad URL, a
+    missing option, a SQLite file that cannot be opened, a failed migration are not.
+    """
+    if isinstance(exc, ConfigurationError):
+        return False
+    if isinstance(exc, TransportError | OSError):
+        return True
+    cause = exc.__cause__
+    try:
+        import psycopg
+    except ImportError:  # no PostgreSQL support installed: not a PostgreSQL error
+        return False
+    return isinstance(cause, psycopg.OperationalError)
+
+
+async def open_when_ready(
+    build: Callable[[], Engine], *, role: str, wait: float, stop: asyncio.Event
+) -> Engine | None:
+    """Build and open an engine, retrying while the database or broker is unreachable.
+
+    Processes of a deployment often start before their servers (a reboot, a compose
+    file, a failover): failing at once would leave the restart to a supervisor that
+    may not exist. A configuration error (a bad URL, a missing option) fails at once,
+    as does an unreachable server after ``wait`` seconds; ``None`` when ``stop`` is set
+    meanwhile. Each try uses a fresh engine: a half-opened one is closed, not reused.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.25
+    while True:
+        engine = build()
+        try:
+            await engine.open()
+            return engine
+        except (StoreError, TransportError, OSError) as exc:
+            if not unreachable(exc):
+                raise
+            with contextlib.suppress(Exception):
+                await engine.close()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            log.warning("sagakit %s cannot start yet (%s); trying again in %.1fs", role, exc, pause)
+            print(f"sagakit {role}: waiting for servers: {exc}", file=sys.stderr, flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                return None
+            delay = min(delay * 2, 5.0)
+
+
+async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with engine:
-        log.warning("sagakit %s running (pid %d)", args.role, os.getpid())
-        print(f"sagakit {args.role} ready", file=sys.stderr, flush=True)
-        await stop.wait()
-        log.warning("sagakit %s stopping", args.role)
-    with contextlib.suppress(NotImplementedError):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    try:
+        engine = await open_when_ready(
+            _builder(args), role=args.role, wait=args.wait_for_servers, stop=stop
+        )
+        if engine is None:  # stopped while waiting for the servers
+            return 0
+        try:
+            log.warning("sagakit %s running (pid %d)", args.role, os.getpid())
+            print(f"sagakit {args.role} ready", file=sys.stderr, flush=True)
+            await stop.wait()
+            log.warning("sagakit %s stopping", args.role)
+        finally:
+            await engine.close()
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     return 0
 
 
