@@ -759,7 +759,7 @@ def test_retry_of_a_stuck_forward_step_has_a_fresh_budget() -> None:
     run = Run()
     query_fails(run, "capture")
     dec = run.manual(ManualAction.RETRY, reason="provider is back")
-    assert run.events(dec) == ["manual.resolved", "step.started"]
+    assert run.events(dec) == ["manual.resolved", "step.started", "deadline.set"]
     assert run.inst.state is SagaState.RUNNING
     assert run.inst.reason is None
     assert run.inst.status == "COMPLETING"
@@ -771,7 +771,10 @@ def test_retry_of_a_stuck_forward_step_has_a_fresh_budget() -> None:
     )
     st = run.step("capture")
     assert (st.status, st.retry_base, st.queries) == (StepStatus.RUNNING, 3, 0)
-    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 10, "timeout:3:action:0:4")]
+    assert dec.set_timers == [
+        Timer("s1", STEP_TIMER, run.now + 10, "timeout:3:action:0:4"),
+        Timer("s1", DEADLINE_TIMER, run.now + 3600, "deadline"),  # the SLA counts again
+    ]
     run.fire()
     run.fire()
     assert run.last.kind is MessageKind.COMMAND and run.last.attempt == 6
@@ -781,6 +784,31 @@ def test_retry_of_a_stuck_forward_step_has_a_fresh_budget() -> None:
     run.ok()
     run.ok()
     assert run.inst.state is SagaState.SUCCEEDED
+
+
+def test_a_saga_sent_forward_by_a_person_gets_its_deadline_back() -> None:
+    """The deadline passed after the pivot (manual queue); a person retries; it can pass again."""
+    run = Run()
+    run.advance_to("commit")
+    run.fire(DEADLINE_TIMER)
+    assert run.inst.state is SagaState.FAILED_NEEDS_MANUAL and run.inst.timed_out
+    assert DEADLINE_TIMER not in run.timers
+    run.manual(ManualAction.RETRY, reason="inventory is back")
+    assert not run.inst.timed_out
+    assert run.inst.deadline_at == run.now + 3600
+    assert run.timers[DEADLINE_TIMER].due_at == run.now + 3600
+    dec = run.fire(DEADLINE_TIMER)  # nobody answered within the SLA again: a person again
+    assert "deadline.passed" in run.events(dec)
+    assert run.inst.state is SagaState.FAILED_NEEDS_MANUAL
+    assert "deadline passed" in (run.inst.reason or "")
+
+
+def test_a_compensation_resumed_by_a_person_gets_no_deadline() -> None:
+    run = Run()
+    rungs_fail(run)
+    dec = run.manual(ManualAction.RETRY)
+    assert run.inst.state is SagaState.COMPENSATING
+    assert all(t.name != DEADLINE_TIMER for t in dec.set_timers)
 
 
 def test_retry_of_a_definitely_failed_step_after_the_pivot() -> None:
@@ -873,7 +901,7 @@ def test_mark_done_records_the_person_and_continues_forward() -> None:
     run = Run()
     stuck_after_pivot(run)
     dec = run.manual(ManualAction.MARK_DONE, reason="shipped from the store", actor="carol")
-    assert run.events(dec) == ["manual.resolved", "step.started"]
+    assert run.events(dec) == ["manual.resolved", "step.started", "deadline.set"]
     commit = run.step("commit")
     assert commit.status is StepStatus.SUCCEEDED
     assert commit.result == {"resolved_by": "carol", "reason": "shipped from the store"}
@@ -894,6 +922,7 @@ def test_mark_done_of_the_last_step_finishes() -> None:
     assert run.inst.state is SagaState.SUCCEEDED
     assert dec.outgoing == []
     assert run.events(dec) == ["manual.resolved", "saga.finished"]
+    assert DEADLINE_TIMER not in run.timers  # finished: no SLA to watch
 
 
 def test_mark_done_of_a_stuck_pivot_passes_it() -> None:

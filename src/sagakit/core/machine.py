@@ -751,6 +751,15 @@ class Machine:
             t.inst.state = SagaState.COMPENSATING
             t.inst.status = d.cancelling_status
             t.dispatch_compensation(index)
+        if t.inst.state is SagaState.RUNNING and d.deadline is not None:
+            # Going to the manual queue cancelled the deadline. A saga a person sends
+            # forward again gets its SLA back, counted from the decision: otherwise it
+            # could wait on a slow participant with nobody told. (A compensation keeps
+            # running past any deadline, so a saga sent back to compensating gets none.)
+            t.inst.timed_out = False
+            t.inst.deadline_at = now + d.deadline
+            t.timers.append(Timer(inst.saga_id, DEADLINE_TIMER, t.inst.deadline_at, "deadline"))
+            t.log("deadline.set", None, deadline_at=t.inst.deadline_at)
         return t.decision()
 
     # -- helpers ----------------------------------------------------------------------
