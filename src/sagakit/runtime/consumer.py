@@ -10,13 +10,15 @@ that keeps failing for other reasons is parked after ``max_deliveries`` tries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
 from sagakit.errors import DefinitionError, MessageError, SagaNotFound
+from sagakit.metrics import INBOX_DUPLICATES, deferred
 from sagakit.observability import handler_span
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
@@ -67,6 +69,20 @@ class BatchConsumer:
             max_attempts=max_deliveries, initial_backoff=0.05, max_backoff=5.0
         )
         self.faults = faults or FaultHook()
+        self.duplicates = INBOX_DUPLICATES.labels(endpoint)
+        """Count of deliveries the inbox recognised as already handled."""
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A store transaction whose metrics are recorded only if it commits.
+
+        A rolled-back batch is retried message by message; counting its sagas, steps
+        and duplicates at commit keeps them from being counted twice.
+        """
+        with deferred() as pending:
+            async with self.store.transaction() as tx:
+                yield tx
+            pending.commit()
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle one message inside ``tx``."""
@@ -113,7 +129,7 @@ class BatchConsumer:
 
     async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             for _, env in items:
                 with handler_span(self.endpoint, env):
                     await self.process(tx, env, now)
