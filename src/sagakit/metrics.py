@@ -27,8 +27,10 @@ import bisect
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
-from typing import TypeVar
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Generic, TypeVar
 
 from sagakit.core.instance import HistoryEntry, SagaInstance
 
@@ -47,10 +49,12 @@ __all__ = [
     "escape",
     "format_value",
     "label_text",
+    "on_commit",
     "record_history",
 ]
 
 _M = TypeVar("_M", bound="_Metric")
+_T = TypeVar("_T")
 _Recording = tuple[Callable[[float], None], float]
 _pending: ContextVar[list[_Recording] | None] = ContextVar("sagakit_metrics_pending", default=None)
 
@@ -91,6 +95,50 @@ def deferred() -> Iterator[Deferred]:
         yield held
     finally:
         _pending.reset(token)
+
+
+def on_commit(inner: AbstractAsyncContextManager[_T]) -> AbstractAsyncContextManager[_T]:
+    """Wrap a transaction so that what is recorded inside it counts once it commits.
+
+    ``async with on_commit(store.transaction()) as tx:`` is :func:`deferred` around
+    the block, committed when the transaction exits without an error.
+    """
+    return _OnCommit(inner)
+
+
+class _OnCommit(AbstractAsyncContextManager[_T], Generic[_T]):
+    # A class rather than @asynccontextmanager: it wraps every transaction of the
+    # runtime, and a generator-based one costs several microseconds more each.
+
+    __slots__ = ("_held", "_inner", "_token")
+
+    def __init__(self, inner: AbstractAsyncContextManager[_T]) -> None:
+        self._inner = inner
+        self._held = Deferred()
+        self._token: Token[list[_Recording] | None] | None = None
+
+    async def __aenter__(self) -> _T:
+        self._token = _pending.set(self._held.items)
+        try:
+            return await self._inner.__aenter__()
+        except BaseException:
+            _pending.reset(self._token)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._token is not None, "entered before exit"
+        try:
+            suppressed = await self._inner.__aexit__(exc_type, exc, tb)
+        finally:
+            _pending.reset(self._token)
+        if exc_type is None:  # committed (an error would have been raised by the commit)
+            self._held.commit()
+        return suppressed
 
 
 def escape(value: str) -> str:

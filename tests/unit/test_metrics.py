@@ -14,8 +14,10 @@ from sagakit.metrics import (
     Registry,
     deferred,
     format_value,
+    on_commit,
     record_history,
 )
+from sagakit.stores.memory import MemoryStore
 
 
 def test_counter_exposition_with_labels_and_escaping() -> None:
@@ -94,6 +96,27 @@ def test_deferred_recordings_count_only_when_committed() -> None:
     assert c.value() == 1
     c.labels().inc()  # outside any transaction: at once
     assert c.value() == 2
+
+
+async def test_on_commit_counts_a_transaction_once_it_committed() -> None:
+    reg = Registry()
+    c = reg.counter("c_total", "C.")
+    store = MemoryStore()
+    await store.open()
+    async with on_commit(store.transaction()) as tx:
+        assert await tx.inbox_add("x", "m1", now=1.0)
+        c.labels().inc()
+        assert c.value() == 0
+    assert c.value() == 1
+    with pytest.raises(RuntimeError):
+        async with on_commit(store.transaction()) as tx:
+            await tx.inbox_add("x", "m2", now=1.0)
+            c.labels().inc()
+            raise RuntimeError("rolled back")
+    assert c.value() == 1 and await store.inbox_ids("x") == {"m1"}
+    c.labels().inc()  # after the block, recording is immediate again
+    assert c.value() == 2
+    await store.close()
 
 
 async def test_deferral_is_per_task() -> None:

@@ -10,15 +10,15 @@ that keeps failing for other reasons is parked after ``max_deliveries`` tries.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
 from sagakit.errors import DefinitionError, MessageError, SagaNotFound
-from sagakit.metrics import INBOX_DUPLICATES, deferred
+from sagakit.metrics import INBOX_DUPLICATES, on_commit
 from sagakit.observability import handler_span
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
@@ -72,17 +72,13 @@ class BatchConsumer:
         self.duplicates = INBOX_DUPLICATES.labels(endpoint)
         """Count of deliveries the inbox recognised as already handled."""
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
         """A store transaction whose metrics are recorded only if it commits.
 
         A rolled-back batch is retried message by message; counting its sagas, steps
         and duplicates at commit keeps them from being counted twice.
         """
-        with deferred() as pending:
-            async with self.store.transaction() as tx:
-                yield tx
-            pending.commit()
+        return on_commit(self.store.transaction())
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle one message inside ``tx``."""
