@@ -8,6 +8,7 @@ migrations) sit at the end, under their adapter's name.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sqlite3
 import uuid
@@ -857,6 +858,12 @@ async def test_outbox_of_saga_and_oldest_pending(open_store: OpenStore) -> None:
         assert await store.outbox_of_saga("s1") == [(envelope("m1"), 9.0), (envelope("m4"), None)]
         assert await store.outbox_of_saga("s2") == [(other, None)]
         assert await store.outbox_of_saga("nope") == []
+        # Python writes NaN as a bare word: not strict JSON, and still stored and found.
+        odd = replace(envelope("m5"), saga_id="s3", payload={"ratio": float("nan")})
+        async with store.transaction() as tx:
+            await tx.outbox_add([odd], now=7.5)
+        [(found, _)] = await store.outbox_of_saga("s3")
+        assert found.message_id == "m5" and math.isnan(found.payload["ratio"])
         rest = await store.outbox_claim(10, now=8.0, lease=5.0)
         await store.outbox_mark_published([r.id for r in rest], now=9.0)
         assert await store.outbox_oldest_pending() is None
@@ -923,6 +930,30 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         assert (
             await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations") == before
         )
+    await store.close()
+
+
+async def test_sqlite_listing_migration_fills_the_saga_id_of_older_outbox_rows(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "svc.db")
+    await store.open()
+    odd = replace(envelope("m2"), saga_id="s2", payload={"ratio": float("nan")})
+    async with store.transaction() as tx:
+        await tx.outbox_add([envelope("m1"), odd], now=1.0)
+        # Back to the schema before step 3, with these rows written then.
+        for statement in (
+            "DROP INDEX outbox_saga_idx",
+            "DROP INDEX sagas_definition_created_idx",
+            "ALTER TABLE outbox DROP COLUMN saga_id",
+            "DELETE FROM schema_migrations WHERE namespace = 'sagakit' AND step = 3",
+        ):
+            await tx.execute(statement)
+    await store.close()
+    await store.open()  # step 3 again
+    assert [e.message_id for e, _ in await store.outbox_of_saga("s1")] == ["m1"]
+    assert await store.outbox_of_saga("s2") == []  # SQLite cannot parse NaN: left out
+    assert await store.outbox_pending() == 2
     await store.close()
 
 

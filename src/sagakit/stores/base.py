@@ -300,7 +300,10 @@ class Store(Protocol):
         ...
 
     async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
-        """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
+        """The outbox rows whose envelope carries ``saga_id``, in write order.
+
+        Indexed: SQL stores keep the envelope's saga id in a column of its own.
+        """
         ...
 
     async def outbox_oldest_pending(self) -> float | None:

@@ -413,7 +413,7 @@ class PostgresTx:
         """Queue messages to be published after commit (and notify the relays on commit)."""
         if not envelopes:
             return
-        rows = [(e.message_id, e.destination, e.to_json(), now) for e in envelopes]
+        rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e in envelopes]
         await self._send_many(
             f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows
         )

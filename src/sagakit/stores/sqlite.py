@@ -236,7 +236,7 @@ class SQLiteTx:
 
     async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
         """Queue messages to be published after commit."""
-        rows = [(e.message_id, e.destination, e.to_json(), now) for e in envelopes]
+        rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e in envelopes]
         self._many(f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows)
 
     async def dead_letter(

@@ -156,7 +156,8 @@ ON CONFLICT DO NOTHING
 RETURNING 1
 
 -- name: outbox_add
-INSERT INTO outbox (message_id, destination, body, created_at) VALUES (%s, %s, %s, %s)
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
+VALUES (%s, %s, %s, %s, %s)
 
 -- name: outbox_claim_db_clock
 -- One statement is one transaction: the subquery's row locks are held until the UPDATE
@@ -260,8 +261,7 @@ LIMIT %s OFFSET %s
 SELECT count(*) FROM sagas WHERE {where}
 
 -- name: outbox_of_saga
--- The expression of the index outbox_saga_idx, spelled the same so that it is used.
-SELECT body, published_at FROM outbox WHERE ((body::jsonb) ->> 'saga_id') = %s ORDER BY id
+SELECT body, published_at FROM outbox WHERE saga_id = %s ORDER BY id
 
 -- name: outbox_oldest_pending
 -- Ids come from a sequence and commit out of order, so the oldest row by time is not

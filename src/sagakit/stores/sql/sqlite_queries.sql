@@ -101,7 +101,7 @@ SELECT outcome, tombstone, at FROM idempotency WHERE consumer = ? AND key = ?
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (?, ?, ?, ?, ?)
 
 -- name: outbox_add
-INSERT INTO outbox (message_id, destination, body, created_at) VALUES (?, ?, ?, ?)
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at) VALUES (?, ?, ?, ?, ?)
 
 -- name: outbox_claim
 -- RETURNING yields rows in no promised order; the caller sorts them by id.
@@ -180,8 +180,7 @@ LIMIT ? OFFSET ?
 SELECT count(*) FROM sagas WHERE {where}
 
 -- name: outbox_of_saga
--- The expression of the index outbox_saga_idx, spelled the same so that it is used.
-SELECT body, published_at FROM outbox WHERE json_extract(body, '$.saga_id') = ? ORDER BY id
+SELECT body, published_at FROM outbox WHERE saga_id = ? ORDER BY id
 
 -- name: outbox_oldest_pending
 -- The first row of the relay's partial index; ids grow with time.
