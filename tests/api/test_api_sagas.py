@@ -33,6 +33,10 @@ async def test_list_filters_pages_and_counts(tmp_path: Path) -> None:
         assert (await get("/sagas?definition=other", headers=auth("viewer"))).json()["total"] == 0
         page = (await get("/sagas?step=complete_order", headers=auth("viewer"))).json()
         assert {i["saga_id"] for i in page["items"]} == {o["saga_id"] for o in ok}
+        q = "/sagas?step=complete_order&state=SUCCEEDED&definition=checkout&limit=1&offset=2"
+        page = (await get(q, headers=auth("viewer"))).json()
+        assert page["total"] == 3 and [i["saga_id"] for i in page["items"]] == [ok[0]["saga_id"]]
+        assert (await get("/sagas?step=nowhere", headers=auth("viewer"))).json()["total"] == 0
         assert (await get("/sagas?min_age=3600", headers=auth("viewer"))).json()["total"] == 0
         assert (await get("/sagas?max_age=3600", headers=auth("viewer"))).json()["total"] == 4
         page = (await get("/sagas?max_age=3600&limit=1&offset=3", headers=auth("viewer"))).json()

@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -214,13 +215,31 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
     finally:
         for s in stores:
             await s.close()
     async with opened(stores[0]) as store, store.transaction() as tx:
         again = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         assert again == before
+
+
+@pytest.mark.postgres
+async def test_listing_migration_fills_the_saga_id_of_older_outbox_rows(
+    make_store: MakeStore,
+) -> None:
+    odd = replace(envelope("m2"), saga_id="s2", payload={"r": float("nan")})
+    async with opened(make_store()) as store, store.transaction() as tx:
+        await tx.outbox_add([envelope("m1"), odd, envelope("m3")], now=1.0)
+        # Back to the schema before step 2, with these rows written then.
+        await tx.execute("DROP INDEX sagas_definition_created_idx")
+        await tx.execute("ALTER TABLE outbox DROP COLUMN saga_id")
+        await tx.execute("DELETE FROM schema_migrations WHERE namespace = 'sagakit' AND step = 2")
+    # Step 2 again: the NaN body fails the set-based update, so it goes row by row.
+    async with opened(make_store()) as store:
+        assert [e.message_id for e, _ in await store.outbox_of_saga("s1")] == ["m1", "m3"]
+        assert await store.outbox_of_saga("s2") == []  # not JSON to PostgreSQL: left out
+        assert await store.outbox_pending() == 3
 
 
 BUSINESS_STEPS = [
@@ -260,7 +279,7 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1)]
+        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
 

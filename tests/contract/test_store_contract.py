@@ -8,11 +8,13 @@ migrations) sit at the end, under their adapter's name.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from sagakit.core.instance import (
     Timer,
 )
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
-from sagakit.stores.base import Store
+from sagakit.stores.base import SagaQuery, Store
 from sagakit.stores.memory import MemoryStore
 from sagakit.stores.postgres import PostgresStore
 from sagakit.stores.sqlite import SQLiteStore, split_statements
@@ -763,6 +765,122 @@ async def test_closed_store_refuses_work(open_store: OpenStore) -> None:
         await store.queue_push("e", ["x"], now=1.0)
 
 
+# -- operators' reads ----------------------------------------------------------------
+
+
+def placed(
+    saga_id: str,
+    created_at: float,
+    *,
+    definition: str = "checkout",
+    version: int = 2,
+    cursor: int = 1,
+    state: SagaState = SagaState.RUNNING,
+) -> SagaInstance:
+    inst = saga(saga_id, definition=definition, state=state, created_at=created_at)
+    inst.definition_version, inst.cursor = version, cursor
+    return inst
+
+
+async def test_find_sagas_filters_counts_and_pages_in_the_store(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await insert(
+            store,
+            placed("a", 10.0, version=1, cursor=0),
+            placed("b", 20.0, version=2, cursor=1, state=SagaState.SUCCEEDED),
+            placed("c", 30.0, version=2, cursor=2),
+            placed("d", 30.0, definition="returns", version=1, cursor=1),  # tie: "c" first
+            placed("e", 40.0, version=2, cursor=1, state=SagaState.FAILED_NEEDS_MANUAL),
+            placed("f", 5.0, definition="returns", version=2, cursor=0),
+        )
+
+        async def found(limit: int = 100, offset: int = 0, **criteria: object) -> tuple[int, str]:
+            page = await store.find_sagas(SagaQuery(**criteria), limit=limit, offset=offset)  # type: ignore[arg-type]
+            return page.total, "".join(i.saga_id for i in page.items)
+
+        assert await found() == (6, "edcbaf")
+        assert await found(limit=2, offset=1) == (6, "dc")
+        assert await found(offset=9) == (6, "")
+        assert await found(limit=0) == (6, "")
+        assert await found(states=(SagaState.RUNNING,)) == (4, "dcaf")
+        assert await found(states=()) == (0, "")
+        assert await found(definition="checkout") == (4, "ecba")
+        assert await found(definition="checkout", version=2) == (3, "ecb")
+        assert await found(version=1) == (2, "da")
+        # A step is a position in one definition version: (definition, version, cursor).
+        assert await found(positions=(("checkout", 2, 1),)) == (2, "eb")
+        assert await found(positions=(("checkout", 2, 1), ("returns", 2, 0))) == (3, "ebf")
+        assert await found(positions=()) == (0, "")
+        assert await found(created_from=20.0, created_until=30.0) == (3, "dcb")
+        assert await found(created_until=9.99) == (1, "f")
+        assert await found(saga_ids=("a", "e", "zz")) == (2, "ea")
+        assert await found(saga_ids=()) == (0, "")
+        combined = {
+            "states": (SagaState.RUNNING, SagaState.SUCCEEDED),
+            "definition": "checkout",
+            "version": 2,
+            "positions": (("checkout", 2, 1), ("checkout", 2, 2)),
+            "created_from": 15.0,
+        }
+        assert await found(**combined) == (2, "cb")
+        assert await found(limit=1, offset=1, **combined) == (2, "b")
+        page = await store.find_sagas(SagaQuery(saga_ids=("c",)))
+        assert page.items == [await store.get_saga("c")]
+
+
+async def test_get_saga_by_key_reads_without_a_transaction(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await insert(store, saga("s1", key="o-1"), saga("s2", definition="refund", key="o-1"))
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s3", key="o-3"))
+            # A plain read: it does not wait for the open transaction (no deadlock).
+            found = await store.get_saga_by_key("checkout", "o-1")
+        assert found == await store.get_saga("s1")
+        assert (await store.get_saga_by_key("refund", "o-1")) == await store.get_saga("s2")
+        assert await store.get_saga_by_key("checkout", "o-3") == await store.get_saga("s3")
+        assert await store.get_saga_by_key("checkout", "o-2") is None
+
+
+async def test_outbox_of_saga_and_oldest_pending(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        assert await store.outbox_oldest_pending() is None
+        other = replace(envelope("m2"), saga_id="s2")
+        # A payload that mentions the id is not the envelope's saga id.
+        decoy = replace(envelope("m3"), saga_id=None, payload={"saga_id": "s1"})
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope("m1")], now=5.0)
+            await tx.outbox_add([other, decoy], now=6.0)
+            await tx.outbox_add([envelope("m4")], now=7.0)
+        assert await store.outbox_oldest_pending() == 5.0
+        [first] = await store.outbox_claim(1, now=8.0, lease=5.0)
+        await store.outbox_mark_published([first.id], now=9.0)
+        assert await store.outbox_oldest_pending() == 6.0
+        assert await store.outbox_of_saga("s1") == [(envelope("m1"), 9.0), (envelope("m4"), None)]
+        assert await store.outbox_of_saga("s2") == [(other, None)]
+        assert await store.outbox_of_saga("nope") == []
+        # Python writes NaN as a bare word: not strict JSON, and still stored and found.
+        odd = replace(envelope("m5"), saga_id="s3", payload={"ratio": float("nan")})
+        async with store.transaction() as tx:
+            await tx.outbox_add([odd], now=7.5)
+        [(found, _)] = await store.outbox_of_saga("s3")
+        assert found.message_id == "m5" and math.isnan(found.payload["ratio"])
+        rest = await store.outbox_claim(10, now=8.0, lease=5.0)
+        await store.outbox_mark_published([r.id for r in rest], now=9.0)
+        assert await store.outbox_oldest_pending() is None
+
+
+async def test_dead_letter_count(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        assert await store.dead_letter_count() == 0
+        async with store.transaction() as tx:
+            await tx.dead_letter("payments", "m1", "{}", "unknown type", now=1.0)
+            await tx.dead_letter("shipping", None, "garbage", "not JSON", now=2.0)
+            await tx.dead_letter("payments", "m3", "{}", "unknown type", now=3.0)
+        assert await store.dead_letter_count() == 3
+        assert await store.dead_letter_count("payments") == 2
+        assert await store.dead_letter_count("nowhere") == 0
+
+
 # -- SQLite only ---------------------------------------------------------------------
 
 
@@ -805,13 +923,37 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
         assert (
             await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations") == before
         )
+    await store.close()
+
+
+async def test_sqlite_listing_migration_fills_the_saga_id_of_older_outbox_rows(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "svc.db")
+    await store.open()
+    odd = replace(envelope("m2"), saga_id="s2", payload={"ratio": float("nan")})
+    async with store.transaction() as tx:
+        await tx.outbox_add([envelope("m1"), odd], now=1.0)
+        # Back to the schema before step 3, with these rows written then.
+        for statement in (
+            "DROP INDEX outbox_saga_idx",
+            "DROP INDEX sagas_definition_created_idx",
+            "ALTER TABLE outbox DROP COLUMN saga_id",
+            "DELETE FROM schema_migrations WHERE namespace = 'sagakit' AND step = 3",
+        ):
+            await tx.execute(statement)
+    await store.close()
+    await store.open()  # step 3 again
+    assert [e.message_id for e, _ in await store.outbox_of_saga("s1")] == ["m1"]
+    assert await store.outbox_of_saga("s2") == []  # SQLite cannot parse NaN: left out
+    assert await store.outbox_pending() == 2
     await store.close()
 
 
@@ -848,7 +990,7 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
+        assert steps == [("payments", 1), ("payments", 2), *[("sagakit", n) for n in (1, 2, 3)]]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")
     finally:

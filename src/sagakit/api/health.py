@@ -1,7 +1,10 @@
 """Liveness, readiness and Prometheus metrics.
 
-``/metrics`` is the Prometheus text exposition format (0.0.4), written by hand: a few
-gauges read with the stores' cheap counting methods, cached for a second so that many
+``/metrics`` is the Prometheus text exposition format (0.0.4), written by hand: gauges
+read with the stores' cheap counting methods (sagas by state, manual cases, outbox
+pending and lag, dead letters, mailbox depth), followed by the counters and histograms
+the runtime records in :data:`sagakit.metrics.REGISTRY` (sagas started and finished,
+step durations, inbox duplicates). A rendering is cached for a second so that many
 scrapers cost no more than one.
 """
 
@@ -18,6 +21,7 @@ from sagakit.api.auth import Role
 from sagakit.api.http import ApiContext, Endpoint, Reply, json_reply
 from sagakit.api.views import MANUAL_STATES
 from sagakit.core.instance import SagaState
+from sagakit.metrics import REGISTRY, Registry, format_value, label_text
 from sagakit.runtime.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -25,19 +29,21 @@ READY_TIMEOUT = 2.0
 """Seconds a store has to answer the readiness probe."""
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class Metrics:
-    """Renders the gauges; one rendering serves every scrape within ``ttl`` seconds."""
+    """Renders the gauges and ``registry``; one rendering serves every scrape within ``ttl`` s."""
 
     def __init__(
-        self, engine: Engine, *, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        engine: Engine,
+        *,
+        ttl: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        registry: Registry = REGISTRY,
     ) -> None:
         self.engine = engine
         self.ttl = ttl
         self.clock = clock
+        self.registry = registry
         self._cached: tuple[float, str] | None = None
         self._lock = asyncio.Lock()
 
@@ -57,7 +63,7 @@ class Metrics:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} gauge")
             for labels, value in samples:
-                lines.append(f"{name}{labels} {value:g}")
+                lines.append(f"{name}{labels} {format_value(float(value))}")
 
         gauge(
             "sagakit_sagas",
@@ -69,17 +75,24 @@ class Metrics:
             "Sagas waiting for a person (FAILED_NEEDS_MANUAL and TIMED_OUT).",
             [("", sum(counts.get(s, 0) for s in MANUAL_STATES))],
         )
-        pending, dead, depth = [], [], []
+        pending, lag, dead, depth = [], [], [], []
+        now = engine.clock()
         for store in engine.stores:
-            label = f'{{store="{_label(store.name)}"}}'
+            label = f"{{{label_text(('store',), (store.name,))}}}"
             pending.append((label, await store.outbox_pending()))
-            # dead_letters returns the rows; a count query belongs in the store.
-            dead.append((label, len(await store.dead_letters())))
+            oldest = await store.outbox_oldest_pending()
+            lag.append((label, 0.0 if oldest is None else max(now - oldest, 0.0)))
+            dead.append((label, await store.dead_letter_count()))
             depth.append((label, await store.queue_depth()))
         gauge("sagakit_outbox_pending", "Outbox rows not yet published, per store.", pending)
+        gauge(
+            "sagakit_outbox_lag_seconds",
+            "Age of the oldest unpublished outbox row, per store (0 when none waits).",
+            lag,
+        )
         gauge("sagakit_dead_letters", "Messages parked as dead letters, per store.", dead)
         gauge("sagakit_mailbox_depth", "Messages waiting in a store's mailboxes.", depth)
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.registry.exposition()
 
 
 def endpoints(ctx: ApiContext) -> list[Endpoint]:
@@ -147,8 +160,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "health",
             {
                 200: Reply(
-                    "Gauges: sagas by state, manual cases, outbox pending, dead letters "
-                    "and mailbox depth per store.",
+                    "Gauges: sagas by state, manual cases, outbox pending and lag, dead "
+                    "letters and mailbox depth per store. Counters: sagas started and "
+                    "finished, inbox duplicates. Histogram: step durations.",
                     None,
                     "text/plain",
                 )

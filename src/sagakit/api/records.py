@@ -9,9 +9,10 @@ the namespace ``sagakit.api`` (portable SQL: SQLite and PostgreSQL, qmark ``?``)
   retries after a crash gets the very same order.
 * ``api_audit``: who did what to which saga, when, why, and how it ended.
 
-Filtering sagas by version, current step or age, and finding a saga by business key
-without a write transaction, are done here over the store's public methods; they
-belong in the store (indexed SQL) once it grows those queries.
+Saga filters (state, definition, version, current step, age, ids) are translated
+into one :class:`~sagakit.stores.base.SagaQuery` that the store answers with indexed
+SQL, total included; a step name becomes the ``(definition, version, cursor)``
+positions it has in the definitions this engine knows.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from sagakit.api.auth import Principal
 from sagakit.api.validation import SagaFilter
+from sagakit.api.views import step_positions
 from sagakit.core.instance import SagaInstance
 from sagakit.errors import ConfigurationError
 from sagakit.runtime.engine import Engine
-from sagakit.stores.base import SQLStore, Store
+from sagakit.stores.base import SagaQuery, SQLStore
 
 NAMESPACE = "sagakit.api"
 """The ``schema_migrations`` namespace of the API's tables."""
@@ -59,9 +60,6 @@ MIGRATIONS: list[str] = [
 ]
 """Schema steps (append, never edit). A text primary key instead of an auto-increment
 id keeps the SQL the same on both databases."""
-
-PAGE = 500
-"""Rows read per ``list_sagas`` call while filtering."""
 
 
 class CheckoutStores(Protocol):
@@ -131,9 +129,8 @@ class Records:
         return str(row[0]), str(row[1]), created == 1
 
     async def order_saga(self, order_id: str) -> SagaInstance | None:
-        """The checkout saga of ``order_id`` (its business key), or None."""
-        async with self.store.transaction() as tx:
-            return await tx.saga_get_by_key(self.order_definition, order_id)
+        """The checkout saga of ``order_id`` (its business key), or None (a plain read)."""
+        return await self.store.get_saga_by_key(self.order_definition, order_id)
 
     # -- audit ---------------------------------------------------------------------------
     async def audit(
@@ -187,64 +184,32 @@ class Records:
         return [{**dict(zip(keys, r[:8], strict=True)), "detail": json.loads(r[8])} for r in rows]
 
     # -- filtered saga reads -------------------------------------------------------------
+    def query(self, flt: SagaFilter, now: float) -> SagaQuery:
+        """The store query of ``flt``; ages are measured back from ``now``."""
+        return SagaQuery(
+            states=flt.states or None,
+            definition=flt.definition,
+            version=flt.version,
+            positions=None if flt.step is None else step_positions(self.engine, flt.step),
+            created_from=None if flt.max_age is None else now - flt.max_age,
+            created_until=None if flt.min_age is None else now - flt.min_age,
+            saga_ids=flt.saga_ids or None,
+        )
+
     async def select(
-        self,
-        flt: SagaFilter,
-        *,
-        limit: int,
-        offset: int,
-        step_of: Callable[[SagaInstance], str | None],
-        now: float | None = None,
+        self, flt: SagaFilter, *, limit: int, offset: int, now: float | None = None
     ) -> tuple[int, list[SagaInstance]]:
         """``(total matching, the page [offset, offset + limit))``, newest first."""
-        now = time.time() if now is None else now
-        store: Store = self.store
-        states = list(flt.states) or None
         if flt == SagaFilter(states=flt.states):
-            # Only states: the store counts and pages by itself.
-            counts = await store.count_sagas()
+            # Only states (the console's and the default listing): count_sagas gives the
+            # total without a COUNT over the whole table per page.
+            states = list(flt.states) or None
+            counts = await self.store.count_sagas()
             total = sum(n for s, n in counts.items() if states is None or s in states)
-            page = await store.list_sagas(states=states, limit=limit, offset=offset)
-            return total, page
-
-        def matches(inst: SagaInstance) -> bool:
-            age = now - inst.created_at
-            return (
-                (not flt.states or inst.state in flt.states)
-                and (flt.definition is None or inst.definition == flt.definition)
-                and (flt.version is None or inst.definition_version == flt.version)
-                and (flt.step is None or step_of(inst) == flt.step)
-                and (flt.min_age is None or age >= flt.min_age)
-                and (flt.max_age is None or age <= flt.max_age)
-            )
-
-        total, items = 0, []
-        if flt.saga_ids:
-            found = [await store.get_saga(i) for i in flt.saga_ids]
-            candidates = sorted(
-                (i for i in found if i is not None), key=lambda i: i.created_at, reverse=True
-            )
-            for inst in candidates:
-                if matches(inst):
-                    if offset <= total < offset + limit:
-                        items.append(inst)
-                    total += 1
-            return total, items
-        read = 0
-        while True:
-            batch = await store.list_sagas(
-                states=states, definition=flt.definition, limit=PAGE, offset=read
-            )
-            read += len(batch)
-            for inst in batch:
-                if flt.max_age is not None and now - inst.created_at > flt.max_age:
-                    return total, items  # newest first: everything after is older still
-                if matches(inst):
-                    if offset <= total < offset + limit:
-                        items.append(inst)
-                    total += 1
-            if len(batch) < PAGE:
-                return total, items
+            return total, await self.store.list_sagas(states=states, limit=limit, offset=offset)
+        query = self.query(flt, time.time() if now is None else now)
+        page = await self.store.find_sagas(query, limit=limit, offset=offset)
+        return page.total, page.items
 
 
 async def payments(

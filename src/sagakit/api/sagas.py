@@ -37,7 +37,7 @@ from sagakit.api.validation import (
     parse_paging,
     parse_query_filter,
 )
-from sagakit.api.views import MANUAL_STATES, manual_case, saga_detail, saga_summary, step_name
+from sagakit.api.views import MANUAL_STATES, manual_case, saga_detail, saga_summary
 from sagakit.core.instance import SagaInstance, SagaState
 from sagakit.errors import DefinitionError, ManualActionRefused, SagaNotFound
 
@@ -167,16 +167,13 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
     """The operator routes."""
     engine = ctx.engine
 
-    def step_of(inst: SagaInstance) -> str | None:
-        return step_name(engine, inst)
-
     async def list_sagas(request: Request) -> Response:
         query = query_lists(request)
         flt, problems = parse_query_filter(query)
         limit, offset, more = parse_paging(query)
         if problems or more:
             raise invalid(problems + more, "the query")
-        total, page = await ctx.records.select(flt, limit=limit, offset=offset, step_of=step_of)
+        total, page = await ctx.records.select(flt, limit=limit, offset=offset)
         counts = await engine.store.count_sagas()
         now = time.time()
         return json_reply(
@@ -196,8 +193,7 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         if inst is None:
             raise not_found(f"no saga {saga_id!r}")
         history = await engine.store.history(saga_id)
-        # outbox_all reads every row of the store: a per-saga outbox read belongs in the store.
-        outbox = await engine.store.outbox_all()
+        outbox = await engine.store.outbox_of_saga(saga_id)
         return json_reply(saga_detail(engine, inst, history, outbox, time.time()))
 
     async def act(request: Request) -> Response:
@@ -220,9 +216,7 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
     async def batch(request: Request) -> Response:
         who = principal(request)
         req = parse_batch(await read_json(request, ctx.max_body))
-        total, page = await ctx.records.select(
-            req.filter, limit=req.limit, offset=0, step_of=step_of
-        )
+        total, page = await ctx.records.select(req.filter, limit=req.limit, offset=0)
         ids = [i.saga_id for i in page]
         out: dict[str, Any] = {
             "dry_run": req.dry_run,

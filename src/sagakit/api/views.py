@@ -34,6 +34,17 @@ def step_name(engine: Engine, inst: SagaInstance) -> str | None:
     return d.steps[inst.cursor].name
 
 
+def step_positions(engine: Engine, step: str) -> tuple[tuple[str, int, int], ...]:
+    """Where a step named ``step`` sits: ``(definition, version, cursor)`` in every
+    definition version this engine knows (what :func:`step_name` inverts)."""
+    return tuple(
+        (name, version, index)
+        for (name, version), machine in sorted(engine.orchestrator.machines.items())
+        for index, spec in enumerate(machine.definition.steps)
+        if spec.name == step
+    )
+
+
 def _next_retry(inst: SagaInstance) -> float | None:
     due = [s.next_retry_at for s in inst.steps if s.next_retry_at is not None]
     return min(due) if due else None

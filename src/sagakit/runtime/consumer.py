@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
 from sagakit.errors import DefinitionError, MessageError, SagaNotFound
+from sagakit.metrics import INBOX_DUPLICATES, on_commit
 from sagakit.observability import handler_span
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
@@ -67,6 +69,16 @@ class BatchConsumer:
             max_attempts=max_deliveries, initial_backoff=0.05, max_backoff=5.0
         )
         self.faults = faults or FaultHook()
+        self.duplicates = INBOX_DUPLICATES.labels(endpoint)
+        """Count of deliveries the inbox recognised as already handled."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A store transaction whose metrics are recorded only if it commits.
+
+        A rolled-back batch is retried message by message; counting its sagas, steps
+        and duplicates at commit keeps them from being counted twice.
+        """
+        return on_commit(self.store.transaction())
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle one message inside ``tx``."""
@@ -113,7 +125,7 @@ class BatchConsumer:
 
     async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             for _, env in items:
                 with handler_span(self.endpoint, env):
                     await self.process(tx, env, now)

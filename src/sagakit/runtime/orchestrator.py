@@ -33,6 +33,7 @@ from sagakit.errors import (
     SagaNotFound,
     StepFailed,
 )
+from sagakit.metrics import record_history
 from sagakit.observability import record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.wakeup import Wakeups
@@ -128,7 +129,7 @@ class Orchestrator(BatchConsumer):
                 raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             fresh: dict[tuple[str, str], SagaInstance] = {}
             for machine, (name, key, data) in zip(machines, requests, strict=True):
                 existing = fresh.get((name, key)) or await tx.saga_get_by_key(name, key)
@@ -149,7 +150,7 @@ class Orchestrator(BatchConsumer):
         if not reason or not reason.strip():
             raise ValueError("a cancel needs a reason")
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
@@ -169,7 +170,7 @@ class Orchestrator(BatchConsumer):
     ) -> SagaInstance:
         """Apply a person's decision to a saga in the manual queue (audited in history)."""
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
@@ -200,6 +201,7 @@ class Orchestrator(BatchConsumer):
                 f"{self.endpoint} takes replies; got a {envelope.kind.value} {envelope.type!r}"
             )
         if not await tx.inbox_add(self.endpoint, envelope.message_id, now):
+            self.duplicates.inc()
             return
         await self.apply_reply(tx, envelope, now)
 
@@ -217,7 +219,7 @@ class Orchestrator(BatchConsumer):
     async def fire_due_timers(self, limit: int = 512) -> int:
         """Apply every timer due now (up to ``limit``) in one transaction; return how many."""
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             timers = await tx.timers_take_due(now, limit)
             for timer in timers:
                 await self._apply_timer(tx, timer, now)
@@ -257,6 +259,7 @@ class Orchestrator(BatchConsumer):
             machine = self.machines.get((inst.definition, inst.definition_version))
             if machine is not None:
                 record_transition(inst, machine.step_names, d.history)
+                record_history(inst, machine.step_names, d.history)
         for h in d.history:
             log.debug(
                 "%s %s",
@@ -325,6 +328,7 @@ class LocalStepRunner(BatchConsumer):
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         if not await tx.inbox_add(self.endpoint, envelope.message_id, now):
+            self.duplicates.inc()
             return
         outcome = self._results.get(envelope.message_id)
         if outcome is None:

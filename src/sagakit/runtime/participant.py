@@ -199,6 +199,7 @@ class Participant(BatchConsumer):
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         if not await tx.inbox_add(self.name, envelope.message_id, now):
+            self.duplicates.inc()
             return  # a duplicate delivery: handled before, reply already in the outbox
         handler = self._handlers.get(envelope.type)
         if handler is None:

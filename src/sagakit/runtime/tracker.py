@@ -28,6 +28,7 @@ from typing import Any
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
 from sagakit.errors import ConfigurationError
+from sagakit.metrics import record_history
 from sagakit.runtime.participant import Participant
 from sagakit.stores.base import Store, Tx
 
@@ -42,6 +43,8 @@ _RANK = {
     StepStatus.COMPENSATION_FAILED: 3,
 }
 _PAGE = 500
+# A view is escalated with "manual.escalated" alone (no "saga.finished" row follows).
+_FINISHING = frozenset({"saga.finished", "manual.escalated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +286,7 @@ class Tracker(Participant):
         elif seen.changed and inst is not None:
             await tx.saga_update(seen.instance, inst.version)
         await tx.history_add(seen.history)
+        record_history(seen.instance, (), seen.history, finishing=_FINISHING)
         for h in seen.history:
             log.debug(
                 "%s %s",
@@ -315,7 +319,7 @@ class Tracker(Participant):
         if not stale:
             return 0
         escalated = 0
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             for saga_id in stale:
                 inst = await tx.saga_get(saga_id)
                 if inst is None or inst.terminal or inst.updated_at > cutoff:
@@ -339,20 +343,18 @@ class Tracker(Participant):
             now,
         )
         await tx.saga_update(new, inst.version)
-        await tx.history_add(
-            [
-                HistoryEntry(
-                    new.saga_id,
-                    new.version,
-                    now,
-                    "manual.escalated",
-                    new.state,
-                    new.status,
-                    None,
-                    {"reason": new.reason},
-                )
-            ]
+        entry = HistoryEntry(
+            new.saga_id,
+            new.version,
+            now,
+            "manual.escalated",
+            new.state,
+            new.status,
+            None,
+            {"reason": new.reason},
         )
+        await tx.history_add([entry])
+        record_history(new, (), [entry], finishing=_FINISHING)
         log.warning(
             "saga %s is stuck: %s",
             new.saga_id,

@@ -7,7 +7,8 @@ dead-letter table. Everything a handler does happens inside one :class:`Tx`, whi
 commits atomically or not at all.
 
 Adapters: :class:`~sagakit.stores.memory.MemoryStore`,
-:class:`~sagakit.stores.sqlite.SQLiteStore` (PostgreSQL follows). All of them pass
+:class:`~sagakit.stores.sqlite.SQLiteStore`,
+:class:`~sagakit.stores.postgres.PostgresStore`. All of them pass
 ``tests/contract/test_store_contract.py``.
 """
 
@@ -28,6 +29,66 @@ class OutboxRow:
 
     id: int
     envelope: Envelope
+
+
+class SagaColumns(Protocol):
+    """The fields a :class:`SagaQuery` looks at (a :class:`SagaInstance` has them)."""
+
+    @property
+    def saga_id(self) -> str: ...
+    @property
+    def definition(self) -> str: ...
+    @property
+    def definition_version(self) -> int: ...
+    @property
+    def state(self) -> SagaState: ...
+    @property
+    def cursor(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SagaQuery:
+    """Which sagas :meth:`Store.find_sagas` returns; each field set narrows the selection.
+
+    ``None`` leaves a criterion out; an empty tuple matches nothing (as
+    ``list_sagas(states=[])`` does). ``positions`` are ``(definition, version, cursor)``
+    triples: a step's name only means something in a definition, so callers that filter
+    by step name translate it with the definitions they know (see ``sagakit.api``).
+    Times are inclusive bounds on ``created_at``.
+    """
+
+    states: tuple[SagaState, ...] | None = None
+    definition: str | None = None
+    version: int | None = None
+    positions: tuple[tuple[str, int, int], ...] | None = None
+    created_from: float | None = None
+    created_until: float | None = None
+    saga_ids: tuple[str, ...] | None = None
+
+    def matches(self, inst: SagaColumns) -> bool:
+        """Whether ``inst`` is selected (the in-memory reference of the SQL filters)."""
+        return (
+            (self.states is None or inst.state in self.states)
+            and (self.definition is None or inst.definition == self.definition)
+            and (self.version is None or inst.definition_version == self.version)
+            and (
+                self.positions is None
+                or (inst.definition, inst.definition_version, inst.cursor) in self.positions
+            )
+            and (self.created_from is None or inst.created_at >= self.created_from)
+            and (self.created_until is None or inst.created_at <= self.created_until)
+            and (self.saga_ids is None or inst.saga_id in self.saga_ids)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SagaPage:
+    """One page of :meth:`Store.find_sagas`, with how many sagas the query matches in all."""
+
+    total: int
+    items: list[SagaInstance]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +253,18 @@ class Store(Protocol):
         """Instances, newest first, optionally filtered."""
         ...
 
+    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
+        """The sagas ``query`` selects, newest first, and how many it selects in all.
+
+        Filtered and counted by the database (indexed on state, definition and version,
+        creation time); the page and the total come from one consistent snapshot.
+        """
+        ...
+
+    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` started for ``business_key`` (read-only, no lock)."""
+        ...
+
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
         ...
@@ -224,6 +297,20 @@ class Store(Protocol):
 
     async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
         """Every outbox row with its published time (for audits and invariant checks)."""
+        ...
+
+    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
+        """The outbox rows whose envelope carries ``saga_id``, in write order.
+
+        Indexed: SQL stores keep the envelope's saga id in a column of its own.
+        """
+        ...
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """``created_at`` of the oldest unpublished row, or ``None`` when all are published.
+
+        Cheap (the relay's own index), for the outbox lag metric.
+        """
         ...
 
     # -- inbox ------------------------------------------------------------------------
@@ -274,6 +361,10 @@ class Store(Protocol):
 
     async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
         """Parked messages, oldest first."""
+        ...
+
+    async def dead_letter_count(self, endpoint: str | None = None) -> int:
+        """How many messages are parked (of one endpoint, or all), without reading them."""
         ...
 
 

@@ -34,7 +34,14 @@ from typing import Any, NamedTuple, NoReturn
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
 from sagakit.errors import ConcurrencyError, StoreError
-from sagakit.stores.base import DeadLetter, IdempotencyRecord, OutboxRow, QueuedMessage
+from sagakit.stores.base import (
+    DeadLetter,
+    IdempotencyRecord,
+    OutboxRow,
+    QueuedMessage,
+    SagaPage,
+    SagaQuery,
+)
 
 __all__ = ["MemoryStore", "MemoryTx"]
 
@@ -476,17 +483,23 @@ class MemoryStore:
         offset: int = 0,
     ) -> list[SagaInstance]:
         """Instances, newest first (ties in insertion order), optionally filtered."""
+        query = SagaQuery(states=None if states is None else tuple(states), definition=definition)
+        return (await self.find_sagas(query, limit=limit, offset=offset)).items
+
+    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
+        """The sagas ``query`` selects, newest first, and how many it selects in all."""
         self._check_open()
-        wanted = None if states is None else frozenset(states)
-        rows = [
-            r
-            for r in self._sagas.values()
-            if (wanted is None or r.state in wanted)
-            and (definition is None or r.definition == definition)
-        ]
+        # Filtered on the packed rows: only the page is unpacked (JSON parsed).
+        rows = [r for r in self._sagas.values() if query.matches(r)]
         rows.sort(key=lambda r: (r.created_at, r.seq), reverse=True)
         start = max(offset, 0)
-        return [r.unpack() for r in rows[start : start + max(limit, 0)]]
+        return SagaPage(len(rows), [r.unpack() for r in rows[start : start + max(limit, 0)]])
+
+    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` started for ``business_key`` (no lock)."""
+        self._check_open()
+        saga_id = self._saga_keys.get((definition, business_key))
+        return None if saga_id is None else self._sagas[saga_id].unpack()
 
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
@@ -552,6 +565,25 @@ class MemoryStore:
         """Every outbox row with its published time (for audits and invariant checks)."""
         self._check_open()
         return [(Envelope.from_json(e.body), e.published_at) for e in self._outbox.values()]
+
+    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
+        """The outbox rows whose envelope carries ``saga_id``, in write order.
+
+        A scan (this store is for tests): only bodies that mention the id are parsed.
+        """
+        self._check_open()
+        out = []
+        for e in self._outbox.values():
+            if saga_id in e.body:
+                env = Envelope.from_json(e.body)
+                if env.saga_id == saga_id:
+                    out.append((env, e.published_at))
+        return out
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
+        self._check_open()
+        return min((e.created_at for e in self._unpublished.values()), default=None)
 
     # -- inbox ------------------------------------------------------------------------
     async def inbox_ids(self, consumer: str) -> set[str]:
@@ -678,3 +710,10 @@ class MemoryStore:
         if endpoint is None:
             return list(self._dead_letters)
         return [d for d in self._dead_letters if d.endpoint == endpoint]
+
+    async def dead_letter_count(self, endpoint: str | None = None) -> int:
+        """How many messages are parked (of one endpoint, or all)."""
+        self._check_open()
+        if endpoint is None:
+            return len(self._dead_letters)
+        return sum(1 for d in self._dead_letters if d.endpoint == endpoint)

@@ -72,13 +72,20 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
-from sagakit.stores.base import DeadLetter, IdempotencyRecord, OutboxRow, QueuedMessage
+from sagakit.stores.base import (
+    DeadLetter,
+    IdempotencyRecord,
+    OutboxRow,
+    QueuedMessage,
+    SagaPage,
+    SagaQuery,
+)
 from sagakit.stores.rows import dumps as _dumps
 from sagakit.stores.rows import history_from_row as _history_from_row
 from sagakit.stores.rows import history_params as _history_params
 from sagakit.stores.rows import loads as _loads
+from sagakit.stores.rows import saga_find_statements, saga_insert_params, saga_update_params
 from sagakit.stores.rows import saga_from_row as _saga_from_row
-from sagakit.stores.rows import saga_insert_params, saga_update_params
 
 # The driver is optional: `import sagakit` never imports this module, and a missing
 # extra is reported when a PostgresStore is built.
@@ -406,7 +413,7 @@ class PostgresTx:
         """Queue messages to be published after commit (and notify the relays on commit)."""
         if not envelopes:
             return
-        rows = [(e.message_id, e.destination, e.to_json(), now) for e in envelopes]
+        rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e in envelopes]
         await self._send_many(
             f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows
         )
@@ -977,6 +984,32 @@ class PostgresStore:
         rows = await self._read("list sagas", self._q["saga_list"], params)
         return [_saga_from_row(r) for r in rows]
 
+    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
+        """The sagas ``query`` selects, newest first, and how many it selects in all."""
+        page_sql, count_sql, params = saga_find_statements(self._q, query, "%s")
+        pool = self._pool or self._not_open()
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                # One snapshot for the total and the page.
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cursor = await conn.execute(count_sql, params)
+                counted = await cursor.fetchone()
+                cursor = await conn.execute(page_sql, (*params, max(limit, 0), max(offset, 0)))
+                rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise translate_error(self.name, "find sagas", exc) from exc
+        total = int(counted[0]) if counted is not None else 0
+        return SagaPage(total, [_saga_from_row(r) for r in rows])
+
+    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` started for ``business_key`` (no lock)."""
+        rows = await self._read(
+            f"read the {definition} saga of {business_key!r}",
+            self._q["saga_get_by_key"],
+            (definition, business_key),
+        )
+        return _saga_from_row(rows[0]) if rows else None
+
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
         rows = await self._read("count sagas", self._q["saga_count"])
@@ -1035,6 +1068,21 @@ class PostgresStore:
         """Every outbox row with its published time (for audits and invariant checks)."""
         rows = await self._read("read the outbox", self._q["outbox_all"])
         return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
+        """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
+        rows = await self._read(
+            f"read the outbox of saga {saga_id}", self._q["outbox_of_saga"], (saga_id,)
+        )
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
+        rows = await self._read(
+            "read the oldest pending outbox row", self._q["outbox_oldest_pending"]
+        )
+        oldest: float | None = rows[0][0]
+        return oldest
 
     # -- inbox ------------------------------------------------------------------------
     async def inbox_ids(self, consumer: str) -> set[str]:
@@ -1152,6 +1200,17 @@ class PostgresStore:
             DeadLetter(id=r[0], endpoint=r[1], message_id=r[2], body=r[3], reason=r[4], at=r[5])
             for r in rows
         ]
+
+    async def dead_letter_count(self, endpoint: str | None = None) -> int:
+        """How many messages are parked (of one endpoint, or all), without reading them."""
+        if endpoint is None:
+            rows = await self._read("count dead letters", self._q["dead_letter_count"])
+        else:
+            rows = await self._read(
+                f"count dead letters of {endpoint!r}", self._q["dead_letter_count_of"], (endpoint,)
+            )
+        count: int = rows[0][0]
+        return count
 
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:

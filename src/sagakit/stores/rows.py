@@ -1,16 +1,18 @@
 """Row conversion shared by the SQL stores: instances, history and JSON columns.
 
 Both SQL adapters keep sagas and history in the same columns, in the same order; only
-how a boolean is bound differs (SQLite stores integers), hence ``flag``.
+how a boolean is bound differs (SQLite stores integers), hence ``flag``, and how a
+parameter is marked (``?`` or ``%s``), hence ``mark``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
+from sagakit.stores.base import SagaQuery
 
 # A prebuilt encoder: json.dumps with non-default arguments builds a new one per call.
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -119,3 +121,54 @@ def history_from_row(r: Sequence[Any]) -> HistoryEntry:
         detail=loads(r[7]),
         message_id=r[8],
     )
+
+
+def saga_query_where(q: SagaQuery, mark: str) -> tuple[str, list[Any]]:
+    """The ``WHERE`` condition of ``q`` over ``sagas`` and its parameters.
+
+    Only the criteria that are set appear, so that the planner sees plain equalities
+    and ranges it can match with an index (a catch-all ``? IS NULL OR ...`` cannot
+    be). The text depends only on which criteria are set and how many values they
+    hold, which keeps the number of distinct prepared statements small.
+    """
+    conds: list[str] = []
+    params: list[Any] = []
+
+    def one_of(column: str, values: Sequence[Any]) -> None:
+        conds.append(f"{column} IN ({', '.join([mark] * len(values))})" if values else "1 = 0")
+        params.extend(values)
+
+    if q.states is not None:
+        one_of("state", [s.value for s in q.states])
+    if q.saga_ids is not None:
+        one_of("saga_id", q.saga_ids)
+    for column, value in (("definition", q.definition), ("definition_version", q.version)):
+        if value is not None:
+            conds.append(f"{column} = {mark}")
+            params.append(value)
+    if q.positions is not None:
+        # No index on cursor: it changes at every step, and indexing it would cost every
+        # transition (on PostgreSQL, its HOT update). The definition index narrows first.
+        at = f"(definition = {mark} AND definition_version = {mark} AND cursor = {mark})"
+        conds.append("(" + " OR ".join([at] * len(q.positions)) + ")" if q.positions else "1 = 0")
+        params.extend(v for position in q.positions for v in position)
+    if q.created_from is not None:
+        conds.append(f"created_at >= {mark}")
+        params.append(q.created_from)
+    if q.created_until is not None:
+        conds.append(f"created_at <= {mark}")
+        params.append(q.created_until)
+    return " AND ".join(conds) or "1 = 1", params
+
+
+def saga_find_statements(
+    queries: Mapping[str, str], q: SagaQuery, mark: str
+) -> tuple[str, str, list[Any]]:
+    """``(page SQL, count SQL, parameters)`` of ``q``: the adapter's ``saga_find`` and
+    ``saga_find_count`` statements with the condition in place of ``{where}``.
+
+    The page statement takes ``limit`` and ``offset`` after the parameters.
+    """
+    where, params = saga_query_where(q, mark)
+    page = queries["saga_find"].replace("{where}", where)
+    return page, queries["saga_find_count"].replace("{where}", where), params

@@ -156,7 +156,8 @@ ON CONFLICT DO NOTHING
 RETURNING 1
 
 -- name: outbox_add
-INSERT INTO outbox (message_id, destination, body, created_at) VALUES (%s, %s, %s, %s)
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
+VALUES (%s, %s, %s, %s, %s)
 
 -- name: outbox_claim_db_clock
 -- One statement is one transaction: the subquery's row locks are held until the UPDATE
@@ -243,3 +244,32 @@ SELECT count(*) FROM queue WHERE endpoint = %s
 
 -- name: queue_next_visible
 SELECT min(available_at) FROM queue WHERE endpoint = %s
+
+-- Operators' reads (API, console, metrics); indexes in postgres_0002_listing.sql.
+
+-- name: saga_find
+-- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas
+WHERE {where}
+ORDER BY created_at DESC, seq DESC
+LIMIT %s OFFSET %s
+
+-- name: saga_find_count
+SELECT count(*) FROM sagas WHERE {where}
+
+-- name: outbox_of_saga
+SELECT body, published_at FROM outbox WHERE saga_id = %s ORDER BY id
+
+-- name: outbox_oldest_pending
+-- Ids come from a sequence and commit out of order, so the oldest row by time is not
+-- necessarily the lowest id: min(created_at) over the (small) unpublished tail.
+SELECT min(created_at) FROM outbox WHERE published_at IS NULL
+
+-- name: dead_letter_count
+SELECT count(*) FROM dead_letters
+
+-- name: dead_letter_count_of
+SELECT count(*) FROM dead_letters WHERE endpoint = %s

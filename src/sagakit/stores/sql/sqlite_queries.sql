@@ -101,7 +101,7 @@ SELECT outcome, tombstone, at FROM idempotency WHERE consumer = ? AND key = ?
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (?, ?, ?, ?, ?)
 
 -- name: outbox_add
-INSERT INTO outbox (message_id, destination, body, created_at) VALUES (?, ?, ?, ?)
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at) VALUES (?, ?, ?, ?, ?)
 
 -- name: outbox_claim
 -- RETURNING yields rows in no promised order; the caller sorts them by id.
@@ -163,3 +163,31 @@ SELECT count(*) FROM queue WHERE endpoint = ?
 
 -- name: queue_next_visible
 SELECT min(available_at) FROM queue WHERE endpoint = ?
+
+-- Operators' reads (API, console, metrics); indexes in sqlite_0003_listing.sql.
+
+-- name: saga_find
+-- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas
+WHERE {where}
+ORDER BY created_at DESC, rowid DESC
+LIMIT ? OFFSET ?
+
+-- name: saga_find_count
+SELECT count(*) FROM sagas WHERE {where}
+
+-- name: outbox_of_saga
+SELECT body, published_at FROM outbox WHERE saga_id = ? ORDER BY id
+
+-- name: outbox_oldest_pending
+-- The first row of the relay's partial index; ids grow with time.
+SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1
+
+-- name: dead_letter_count
+SELECT count(*) FROM dead_letters
+
+-- name: dead_letter_count_of
+SELECT count(*) FROM dead_letters WHERE endpoint = ?
