@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagakit import SagaInstance, SagaState
+from sagakit.core.instance import MANUAL_STATES
 
 from . import inventory, order, payment, shipping
 from .provider import Authorization, Effect, FakeCardProvider
@@ -36,7 +37,6 @@ CANCELLING, CANCELLED, NEEDS_ATTENTION = "CANCELLING", "CANCELLED", "NEEDS_ATTEN
 PARTIALLY_COMPLETED = "PARTIALLY_COMPLETED"
 MANUAL_RESOLVED = "manual.resolved"
 """The history event of a person's decision on a saga in the manual queue."""
-MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
 ORCHESTRATOR = "orchestrator"
 """The orchestrator's endpoint (its local steps run at ``orchestrator.local``)."""
 _PAGE = 500
@@ -67,7 +67,7 @@ class InvariantReport:
 
 
 def in_manual_queue(saga: SagaInstance) -> bool:
-    """True when a person owns the saga: FAILED_NEEDS_MANUAL or TIMED_OUT, with a reason."""
+    """True when a person owns the saga: FAILED_NEEDS_MANUAL, with a reason."""
     return saga.state in MANUAL_STATES and bool(saga.reason and saga.reason.strip())
 
 

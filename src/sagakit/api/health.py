@@ -19,8 +19,7 @@ from starlette.responses import Response
 
 from sagakit.api.auth import Role
 from sagakit.api.http import ApiContext, Endpoint, Reply, json_reply
-from sagakit.api.views import MANUAL_STATES
-from sagakit.core.instance import SagaState
+from sagakit.core.instance import MANUAL_STATES, SagaState
 from sagakit.metrics import REGISTRY, Registry, format_value, label_text
 from sagakit.runtime.engine import Engine
 
@@ -72,7 +71,7 @@ class Metrics:
         )
         gauge(
             "sagakit_manual_cases",
-            "Sagas waiting for a person (FAILED_NEEDS_MANUAL and TIMED_OUT).",
+            "Sagas waiting for a person (FAILED_NEEDS_MANUAL).",
             [("", sum(counts.get(s, 0) for s in MANUAL_STATES))],
         )
         pending, lag, dead, depth = [], [], [], []

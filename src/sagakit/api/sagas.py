@@ -37,8 +37,8 @@ from sagakit.api.validation import (
     parse_paging,
     parse_query_filter,
 )
-from sagakit.api.views import MANUAL_STATES, manual_case, saga_detail, saga_summary
-from sagakit.core.instance import SagaInstance, SagaState
+from sagakit.api.views import manual_case, saga_detail, saga_summary
+from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
 from sagakit.errors import DefinitionError, ManualActionRefused, SagaNotFound
 
 audit_log = logging.getLogger("sagakit.api.audit")
@@ -357,7 +357,7 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             Role.VIEWER,
             manual_cases,
             "listManualCases",
-            "The manual queue: FAILED_NEEDS_MANUAL and TIMED_OUT sagas",
+            "The manual queue: FAILED_NEEDS_MANUAL sagas",
             "sagas",
             {200: Reply("Sagas waiting for a person, newest first.", "ManualCasePage")},
             params=PAGING,

@@ -13,10 +13,9 @@ from typing import Any
 
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.envelope import Envelope
-from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
+from sagakit.core.instance import HistoryEntry, SagaInstance
 from sagakit.runtime.engine import Engine
 
-MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
 """The manual queue: what ``GET /manual-cases`` lists."""
 
 

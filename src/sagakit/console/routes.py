@@ -26,13 +26,12 @@ from sagakit.console.http import (
 )
 from sagakit.console.svg import flow_svg, timeline_svg
 from sagakit.core.definition import SagaDefinition
-from sagakit.core.instance import SagaInstance, SagaState
+from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.graph import to_dot, to_mermaid, to_svg
 from sagakit.runtime.engine import Engine
 
-MANUAL_STATES = (SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT)
 ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
 """What a decision form may ask: the engine's manual actions, and cancel."""
 

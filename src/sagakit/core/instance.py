@@ -31,6 +31,16 @@ class SagaState(StrEnum):
 
 TERMINAL_STATES = frozenset(s for s in SagaState if s.terminal)
 
+MANUAL_STATES: tuple[SagaState, ...] = (SagaState.FAILED_NEEDS_MANUAL,)
+"""The states of the manual queue: a person must decide.
+
+``TIMED_OUT`` is not one of them: a saga ends so only once every step it had done is
+compensated (one whose compensation fails goes to ``FAILED_NEEDS_MANUAL`` instead),
+so there is nothing left to decide, and no manual action applies to it. Listing it
+here made a queue that could never be emptied; timed-out sagas are counted by the
+metrics and found with the state filter.
+"""
+
 
 class StepStatus(StrEnum):
     """Where one step is."""

@@ -238,7 +238,7 @@ class Engine:
         )
 
     async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
-        """The manual queue: FAILED_NEEDS_MANUAL and TIMED_OUT sagas, newest first."""
+        """The manual queue: FAILED_NEEDS_MANUAL sagas, newest first."""
         return await self.orchestrator.manual_cases(limit=limit, offset=offset)
 
     async def get(self, saga_id: str) -> SagaInstance:

@@ -25,7 +25,7 @@ from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
 from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
-from sagakit.core.instance import SagaInstance, SagaState, Timer
+from sagakit.core.instance import MANUAL_STATES, SagaInstance, Timer
 from sagakit.core.machine import Decision, Machine, ManualAction, parse_key
 from sagakit.errors import (
     DefinitionError,
@@ -189,10 +189,8 @@ class Orchestrator(BatchConsumer):
         return decision.instance
 
     async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
-        """Sagas waiting for a person (FAILED_NEEDS_MANUAL) and those that timed out."""
-        return await self.store.list_sagas(
-            states=[SagaState.FAILED_NEEDS_MANUAL, SagaState.TIMED_OUT], limit=limit, offset=offset
-        )
+        """Sagas waiting for a person (:data:`~sagakit.core.instance.MANUAL_STATES`)."""
+        return await self.store.list_sagas(states=list(MANUAL_STATES), limit=limit, offset=offset)
 
     # -- replies ----------------------------------------------------------------------
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
