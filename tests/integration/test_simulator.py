@@ -3,8 +3,9 @@ scheduler.
 
 * a seed determines its run: same schedule, same outcome, and a schedule replays it;
 * a few hundred seeds per mode keep every invariant while every fault kind is injected;
-* planted bugs (in the participant runtime, in the choreography's tracker, in a handler
-  of the hybrid's shipping choreography) are caught, reported, replayed and shrunk;
+* planted bugs (in the participant runtime, in the choreography's tracker, in the
+  carrier's handler in the hybrid's shipping choreography) are caught, reported,
+  replayed and shrunk;
 * ``sagakit simulate --json`` prints the documented object.
 """
 
@@ -25,7 +26,7 @@ from sagakit_checkout import hybrid
 
 from sagakit.core.envelope import Envelope, Outcome
 from sagakit.runtime import tracker
-from sagakit.runtime.participant import Handler, HandlerResult, MessageSchemas, Participant
+from sagakit.runtime.participant import Handler, HandlerResult, Participant
 from sagakit.stores.base import Tx
 from sagakit.stores.sqlite import SQLiteTx
 from sagakit.testing.sim import (
@@ -90,27 +91,28 @@ def _tracker_moves_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _booking_after_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Planted bug 4 (hybrid): shipping's ``CarrierBooked`` handler skips its state check,
-    so a booking that arrives after the checkout cancelled the shipment creates one."""
-    front = hybrid.shipping_front
+    """Planted bug 4 (hybrid): the carrier's ``LabelPrinted`` handler skips its state
+    check, so a label that reaches it after the shipment was cancelled books a carrier
+    for a shipment that no longer exists."""
+    carrier_service = hybrid.carrier_service
 
-    def careless_front(store: Any, *, schemas: MessageSchemas | None) -> Participant:
-        p = front(store, schemas=schemas)
-        booked = p._handlers["CarrierBooked"]
+    def careless_carrier(store: Any, **kwargs: Any) -> Participant:
+        p = carrier_service(store, **kwargs)
+        book = p._handlers["LabelPrinted"]
 
         async def careless(tx: Tx, ev: Envelope) -> HandlerResult:
-            # What the handler reads as the request's state is no longer checked.
+            # The cancellation the carrier recorded first is no longer looked at.
             await tx.execute(
-                "UPDATE shipping_requests SET status = 'REQUESTED' WHERE order_id = ?",
+                "DELETE FROM carrier_bookings WHERE order_id = ? AND status = 'CANCELLED'",
                 (ev.payload["order_id"],),
             )
-            result = booked(tx, ev)
+            result = book(tx, ev)
             return await result if inspect.isawaitable(result) else result
 
-        p._handlers["CarrierBooked"] = careless
+        p._handlers["LabelPrinted"] = careless
         return p
 
-    monkeypatch.setattr(hybrid, "shipping_front", careless_front)
+    monkeypatch.setattr(hybrid, "carrier_service", careless_carrier)
 
 
 PLANTED = {
@@ -200,12 +202,12 @@ async def _caught_reported_replayed_and_shrunk(
     worlds: CheckoutWorlds,
 ) -> None:
     failing: RunResult | None = None
-    for seed in range(100):
+    for seed in range(300):
         result = await simulate(worlds, seed)
         if not result.ok:
             failing = result
             break
-    assert failing is not None, f"planted bug {bug} went unnoticed in 100 seeds"
+    assert failing is not None, f"planted bug {bug} went unnoticed in 300 seeds"
     assert failing.failed_invariants & breaks, failing.verdict.violations
 
     # Reported: the multi-seed runner lists the seed.
