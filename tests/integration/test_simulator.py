@@ -295,11 +295,12 @@ def test_the_engine_does_not_import_the_examples() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-def test_two_thousand_seeds(mode: str) -> None:
+def test_two_thousand_seeds() -> None:
+    # The orchestrated checkout only: the other modes' 300 seeds above are sized to
+    # stay well under a minute each on a busy two-core machine.
     started = time.monotonic()
-    summary = run_seeds(range(2000), orders=3, faults=8, jobs=JOBS, mode=mode)
+    summary = run_seeds(range(2000), orders=3, faults=8, jobs=JOBS)
     elapsed = time.monotonic() - started
     assert summary.ok, [(r.seed, r.verdict.violations) for r in summary.failing[:5]]
     assert summary.sagas == 6000
-    print(f"{mode}: 2000 seeds in {elapsed:.1f} s ({2000 / elapsed:.1f} seeds/s, {JOBS} jobs)")
+    print(f"2000 seeds in {elapsed:.1f} s ({2000 / elapsed:.1f} seeds/s, {JOBS} jobs)")
