@@ -3,8 +3,8 @@ scheduler.
 
 * a seed determines its run: same schedule, same outcome, and a schedule replays it;
 * a few hundred seeds per mode keep every invariant while every fault kind is injected;
-* planted bugs (in the participant runtime, in the choreography's tracker, in the
-  carrier's handler in the hybrid's shipping choreography) are caught, reported,
+* planted bugs (in the participant runtime, in the choreography's tracker and inbox, in
+  the carrier's handler in the hybrid's shipping choreography) are caught, reported,
   replayed and shrunk;
 * ``sagakit simulate --json`` prints the documented object.
 """
@@ -90,8 +90,21 @@ def _tracker_moves_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracker, "_ahead", lambda flow, status, current: True)
 
 
+def _inbox_forgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bug 4 (choreography): the inbox records a fact but never says it had it,
+    so a fact redelivered after its handler committed (a crash before the ack) is
+    handled again."""
+    inbox_add = SQLiteTx.inbox_add
+
+    async def forgetful(self: SQLiteTx, consumer: str, message_id: str, now: float) -> bool:
+        await inbox_add(self, consumer, message_id, now)
+        return True
+
+    monkeypatch.setattr(SQLiteTx, "inbox_add", forgetful)
+
+
 def _booking_after_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Planted bug 4 (hybrid): the carrier's ``LabelPrinted`` handler skips its state
+    """Planted bug 5 (hybrid): the carrier's ``LabelPrinted`` handler skips its state
     check, so a label that reaches it after the shipment was cancelled books a carrier
     for a shipment that no longer exists."""
     carrier_service = hybrid.carrier_service
@@ -124,6 +137,9 @@ PLANTED = {
         {"dead_letters", "effect_once", "money", "stock"},
     ),
     "tracker_moves_back": (_tracker_moves_back, "choreography", {"honest_status"}),
+    # The choreography's handlers log every fact they handle under its message id: the
+    # second handling fails on that key, and the fact is parked after its redeliveries.
+    "inbox_forgets": (_inbox_forgets, "choreography", {"dead_letters"}),
     "booking_after_cancel": (_booking_after_cancel, "hybrid", {"stock"}),
 }
 
