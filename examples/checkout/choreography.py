@@ -16,10 +16,18 @@ saga view an orchestrated checkout has (state, status, steps, history, manual qu
 
 :data:`FLOW` is the declaration table of who publishes what on which fact; ``sagakit
 flows`` draws and lints it, and the tests check it against what the handlers emitted.
+
+A fact that every one of its subscribers lost would leave an order that no one knows
+is stuck: the tracker builds a view from the first fact it hears, so an order whose
+``OrderCreated`` reached neither the payment service nor the tracker would stay CREATED,
+with no view to time out. The order service therefore announces an order again (the
+same fact, same message id: whoever has it already drops the copy in its inbox) until
+the payment service's answer arrives, a few times at most (:func:`announce_again`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +50,22 @@ CHOREOGRAPHY = "checkout-choreography"
 """The definition name of the tracker's saga views."""
 TRACKER = "tracker"
 SERVICES = ("order", "payment", "inventory", "shipping")
+ANNOUNCE_AFTER = 30.0
+"""Seconds without the payment service's answer after which an order is announced again."""
+ANNOUNCE_TIMES = 5
+"""How many times, the first included, an order is announced at most."""
+ANNOUNCE_NAMESPACE = "checkout.choreography.order"
+ANNOUNCE_MIGRATIONS = [
+    """
+    CREATE TABLE order_announcements (
+        order_id     TEXT NOT NULL PRIMARY KEY,
+        payload      TEXT NOT NULL,
+        announced_at DOUBLE PRECISION NOT NULL,
+        times        INTEGER NOT NULL
+    );
+    """,
+]
+"""The order service's record of each ``OrderCreated`` it announced (payload: tokens only)."""
 
 FLOW = FlowSpec(
     name="checkout-choreography",
@@ -145,10 +169,12 @@ class Choreography:
     def engine(self, *, sla_check_every: float = 5.0, **kwargs: Any) -> Engine:
         """An embedded engine: no saga definitions, the tracker's store as the saga store
         (so ``manual_cases`` shows stuck choreographies), the tables migrated before
-        start and the tracker's SLA checked every ``sla_check_every`` seconds."""
+        start, the tracker's SLA checked and unanswered orders announced again
+        (:func:`announce_again`) every ``sla_check_every`` seconds."""
         engine = Engine(self.stores[TRACKER], [], participants=self.participants, **kwargs)
         engine.before_start(lambda: migrate(self))
         engine.every(sla_check_every, "tracker-sla", self.tracker.check_stuck)
+        engine.every(sla_check_every, "order-announce", lambda: announce_again(self))
         return engine
 
 
@@ -210,17 +236,22 @@ async def migrate(ch: Choreography) -> None:
         store = ch.stores[name]
         await store.apply_migrations(module.NAMESPACE, module.MIGRATIONS)
         await store.apply_migrations(reactions.NAMESPACE, reactions.MIGRATIONS)
+    await ch.stores["order"].apply_migrations(ANNOUNCE_NAMESPACE, ANNOUNCE_MIGRATIONS)
     await migrate_personal(ch.stores["order"], ch.stores["payment"])
 
 
 async def place_orders(
-    ch: Choreography, orders: Sequence[tuple[str, Mapping[str, Any]]], *, channel: str = "web"
+    ch: Choreography,
+    orders: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    channel: str = "web",
+    now: float | None = None,
 ) -> int:
     """Place orders ``(order_id, data)`` in one order-service transaction; each new order
     emits ``OrderCreated``, which starts its flow. Idempotent by order id; returns how
-    many were new."""
+    many were new. ``now`` (default: the wall clock) is when they were placed."""
     p, created = ch.order, 0
-    now = time.time()
+    now = time.time() if now is None else now
     async with p.store.transaction() as tx:
         for order_id, data in orders:
             _, new = await order.create_order(
@@ -240,12 +271,78 @@ async def place_orders(
                 "ship_to": data["ship_to"],
                 "channel": channel,
             }
-            await p.emit(
-                tx, "OrderCreated", payload, correlation_id=order_id, business_key=order_id, now=now
+            await _announce(p, tx, order_id, payload, now)
+            await tx.execute(
+                "INSERT INTO order_announcements (order_id, payload, announced_at, times) "
+                "VALUES (?, ?, ?, 1)",
+                (order_id, json.dumps(payload, sort_keys=True), now),
             )
             created += 1
     p.after_commit()
     return created
+
+
+async def _announce(
+    p: Participant, tx: Any, order_id: str, payload: Mapping[str, Any], now: float
+) -> None:
+    # No cause: the message id is the order's own, the same at every announcement.
+    await p.emit(
+        tx, "OrderCreated", payload, correlation_id=order_id, business_key=order_id, now=now
+    )
+
+
+_UNANSWERED = """
+    FROM order_announcements a JOIN orders o ON o.order_id = a.order_id
+    WHERE o.status = 'CREATED' AND a.times < ?
+      AND NOT EXISTS (SELECT 1 FROM choreography_log l
+                      WHERE l.order_id = a.order_id AND l.event = 'PaymentAuthorized')
+"""
+"""Orders still waiting for the payment service's answer that may be announced again
+(a PaymentFailed answer cancels the order; PaymentAuthorized is noted in the log)."""
+
+
+async def announce_again(
+    ch: Choreography,
+    now: float | None = None,
+    *,
+    after: float = ANNOUNCE_AFTER,
+    times: int = ANNOUNCE_TIMES,
+) -> int:
+    """Publish ``OrderCreated`` again for every order that got no answer from the payment
+    service ``after`` seconds after its last announcement, ``times`` times at most.
+
+    The fact goes out under its first message id, so a subscriber that handled it drops
+    the copy in its inbox; one that never heard of the order (its copy was lost) starts
+    the flow now. Run it periodically (``Choreography.engine`` does); returns how many
+    orders were announced again.
+    """
+    p, now = ch.order, time.time() if now is None else now
+    async with p.store.transaction() as tx:
+        rows = await tx.fetchall(
+            f"SELECT a.order_id, a.payload {_UNANSWERED} AND a.announced_at <= ? "
+            "ORDER BY a.order_id",
+            (times, now - after),
+        )
+        for order_id, payload in rows:
+            await _announce(p, tx, order_id, json.loads(payload), now)
+            await tx.execute(
+                "UPDATE order_announcements SET times = times + 1, announced_at = ? "
+                "WHERE order_id = ?",
+                (now, order_id),
+            )
+    if rows:
+        p.after_commit()
+    return len(rows)
+
+
+async def next_announcement(
+    ch: Choreography, *, after: float = ANNOUNCE_AFTER, times: int = ANNOUNCE_TIMES
+) -> float | None:
+    """When :func:`announce_again` will next have an order to announce (None: no order
+    waits for an answer)."""
+    async with ch.order.store.transaction() as tx:
+        row = await tx.fetchone(f"SELECT MIN(a.announced_at) {_UNANSWERED}", (times,))
+    return None if row is None or row[0] is None else float(row[0]) + after
 
 
 def checkout_flow() -> tuple[FlowSpec, list[Participant]]:

@@ -205,3 +205,8 @@ class CarrierBookedV1(_Order):
 
 for _name in ("LabelFailed", "CarrierBookingFailed", "ShipmentCancelled"):
     REGISTRY.event(_name)(type(f"{_name}V1", (_Failure,), {"__module__": __name__}))
+
+
+@REGISTRY.event("CarrierBookingCancelled")
+class CarrierBookingCancelledV1(_Order):
+    """The carrier holds no booking for the order (cancelled, or never to be made)."""

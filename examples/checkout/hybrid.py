@@ -19,9 +19,15 @@ answer gets the recorded answer from the runtime.
 ``CancelShipment`` may arrive mid-flow (the step timed out and is compensated): the
 request becomes CANCELLED and ``ShipmentCancelled`` tells labels and carrier. A carrier
 that hears it before the label leaves a tombstone and never books; one that already
-booked cancels the booking; a ``CarrierBooked`` that reaches a cancelled request is
-recorded and ignored, and the runtime's tombstone keeps the command from being
-answered after its undo.
+booked cancels the booking; either way it says so with ``CarrierBookingCancelled``. A
+``CarrierBooked`` that reaches a cancelled request is recorded and ignored, and the
+runtime's tombstone keeps the command from being answered after its undo.
+
+The compensation is answered only once the carrier confirmed (the handler of
+``CancelShipment`` defers, like the request's): a ``ShipmentCancelled`` the carrier never
+heard would otherwise leave a booking alive under a cancelled shipment, with nobody
+waiting for anything. Unconfirmed, the orchestrator's compensation times out and tries
+again, and each try tells labels and carrier again.
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagakit import Engine, Envelope, Participant, SagaDefinition, Step, StepFailed, command
+from sagakit import (
+    Engine,
+    Envelope,
+    Participant,
+    Rung,
+    SagaDefinition,
+    Step,
+    StepFailed,
+    command,
+)
 from sagakit.core.envelope import failure, success
 from sagakit.flows import FlowSpec
 from sagakit.runtime.participant import DEFER, HandlerResult, MessageSchemas
@@ -72,6 +87,12 @@ MIGRATIONS = [
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # The CancelShipment waiting for the carrier's confirmation (NULL: none waits), and
+    # what the request was when it was cancelled (the answer says it).
+    """
+    ALTER TABLE shipping_requests ADD COLUMN cancel_command TEXT;
+    ALTER TABLE shipping_requests ADD COLUMN cancelled_from TEXT;
+    """,
 ]
 
 
@@ -82,10 +103,12 @@ def hybrid_definition(**kwargs: Any) -> SagaDefinition:
     for s in base.steps:
         if s.name == "create_shipment":
             payload = getattr(s.action, "payload", None)
+            # The cancel waits for the carrier's confirmation: two hops inside too.
+            ladder = [Rung(r.action, r.retry, max(r.timeout, SHIPPING_TIMEOUT)) for r in s.ladder]
             s = Step(
                 s.name,
                 command("shipping", "RequestShipment", payload),
-                list(s.ladder),
+                ladder,
                 kind=s.kind,
                 retry=s.retry,
                 timeout=max(s.timeout, SHIPPING_TIMEOUT),
@@ -136,19 +159,49 @@ def shipping_front(store: Any, *, schemas: MessageSchemas | None) -> Participant
             return {"carrier": carrier}
         raise StepFailed(reason or f"the shipment of order {oid} was {status.lower()}")
 
+    async def waiting_cancel(tx: Tx, oid: str) -> tuple[str, str] | None:
+        """The CancelShipment that waits for the carrier, and what the request was."""
+        row = await tx.fetchone(
+            "SELECT cancel_command, cancelled_from FROM shipping_requests "
+            "WHERE order_id = ? AND status = 'CANCELLED' AND cancel_command IS NOT NULL",
+            (oid,),
+        )
+        return None if row is None else (str(row[0]), str(row[1]))
+
     @p.handles("CancelShipment")
-    async def cancel(tx: Tx, cmd: Envelope) -> dict[str, Any]:
+    async def cancel(tx: Tx, cmd: Envelope) -> HandlerResult:
         oid = cmd.payload["order_id"]
         row = await request(tx, oid)
         if row is None:  # the cancel overtook the request; the runtime refuses it later
             return {"cancelled": False}
-        if row[0] not in ("REQUESTED", "BOOKED"):
+        waiting = await waiting_cancel(tx, oid)
+        if row[0] not in ("REQUESTED", "BOOKED") and waiting is None:
             return {"cancelled": False}
-        await move(tx, oid, "CANCELLED", reason="cancelled by the checkout")
-        await shipping.cancel_shipment(tx, oid, now=p.clock())
+        if waiting is None:
+            await move(tx, oid, "CANCELLED", reason="cancelled by the checkout")
+            await shipping.cancel_shipment(tx, oid, now=p.clock())
+        # First try, or a retry while the carrier has not confirmed (its copy may be
+        # lost): tell labels and carrier (again), answer the newest try when it confirms.
+        await tx.execute(
+            "UPDATE shipping_requests SET cancel_command = ?, cancelled_from = ? "
+            "WHERE order_id = ?",
+            (cmd.to_json(), row[0] if waiting is None else waiting[1], oid),
+        )
         reason = {"order_id": oid, "reason": "cancelled by the checkout"}
         await p.emit(tx, "ShipmentCancelled", reason, cause=cmd, now=p.clock())
-        return {"cancelled": True, "was": row[0]}
+        return DEFER
+
+    @p.on_event("CarrierBookingCancelled")
+    async def carrier_cancelled(tx: Tx, ev: Envelope) -> None:
+        oid = ev.payload["order_id"]
+        waiting = await waiting_cancel(tx, oid)
+        if waiting is None:
+            return  # confirmed before (a confirmation of an earlier try)
+        await tx.execute(
+            "UPDATE shipping_requests SET cancel_command = NULL WHERE order_id = ?", (oid,)
+        )
+        answer = success({"cancelled": True, "was": waiting[1]})
+        await p.answer(tx, Envelope.from_json(waiting[0]), answer, p.clock())
 
     @p.on_event("CarrierBooked")
     async def booked(tx: Tx, ev: Envelope) -> None:

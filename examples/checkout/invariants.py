@@ -419,6 +419,14 @@ async def _honest_status(
                 "honest_status",
                 f"order {s.business_key}: saga {s.saga_id} showed {bad[1]} after {bad[0]}",
             )
+        if s.status == CANCELLED and data.orders.get(s.business_key, ("",))[0] == "COMPLETED":
+            # A saga view (a tracker's, in a choreography) that tells the user the order
+            # was cancelled while the order service completed it: money taken, "cancelled".
+            report.fail(
+                "honest_status",
+                f"order {s.business_key}: saga {s.saga_id} showed CANCELLED but the order "
+                "service completed the order",
+            )
         if "COMPLETED" in seen:
             oid = s.business_key
             missing = [

@@ -5,7 +5,8 @@ They react to the shipping service's facts (see :mod:`.hybrid`)::
     ShipmentRequested -> labels: LabelPrinted | LabelFailed (a bad address)
     LabelPrinted -> carrier: CarrierBooked | CarrierBookingFailed (no route)
     ShipmentCancelled -> labels: the label is voided; carrier: the booking is cancelled,
-                         or, if the cancel came first, a tombstone so it never books
+                         or, if the cancel came first, a tombstone so it never books;
+                         either way CarrierBookingCancelled (shipping answers the cancel)
 
 Each keeps its own table in its own store. :func:`check_bookings` adds the domain's
 ledger to the demo's invariants: a carrier booking must not outlive its shipment.
@@ -58,7 +59,8 @@ SHIPPING_FLOW = FlowSpec(
         Publishes("shipping", "LabelFailed"),
         Publishes("shipping", "CarrierBookingFailed"),
         Publishes("labels", "ShipmentCancelled"),
-        Publishes("carrier", "ShipmentCancelled"),
+        Publishes("carrier", "ShipmentCancelled", ("CarrierBookingCancelled",)),
+        Publishes("shipping", "CarrierBookingCancelled"),
     ),
 )
 """Who publishes what inside the shipping domain (``sagakit flows --flow ...:shipping_flow``)."""
@@ -129,13 +131,16 @@ def carrier_service(
 
     @p.on_event("ShipmentCancelled")
     async def cancel(tx: Tx, ev: Envelope) -> None:
+        oid = ev.payload["order_id"]
         await tx.execute(
             "INSERT INTO carrier_bookings (order_id, status, carrier, updated_at) "
             "VALUES (?, 'CANCELLED', '', ?) ON CONFLICT (order_id) DO UPDATE SET "
             "status = 'CANCELLED', updated_at = excluded.updated_at "
             "WHERE carrier_bookings.status = 'BOOKED'",
-            (ev.payload["order_id"], p.clock()),
+            (oid, p.clock()),
         )
+        # Shipping answers the checkout's cancel only on this: no booking survives it.
+        await p.emit(tx, "CarrierBookingCancelled", {"order_id": oid}, cause=ev, now=p.clock())
 
     return p
 

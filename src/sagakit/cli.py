@@ -76,7 +76,9 @@ def _simulate(args: argparse.Namespace) -> int:
         )
         return 2
     if args.replay is not None:
-        summary, result = replay_seed(args.replay, orders=args.orders, faults=args.faults)
+        summary, result = replay_seed(
+            args.replay, orders=args.orders, faults=args.faults, mode=args.mode
+        )
         if args.json:
             out = summary.to_json()
             out["replay"] = {
@@ -100,6 +102,7 @@ def _simulate(args: argparse.Namespace) -> int:
         orders=args.orders,
         faults=args.faults,
         jobs=jobs,
+        mode=args.mode,
     )
     if args.json:
         print(json.dumps(summary.to_json()))
@@ -242,12 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="run the checkout under the deterministic simulator, seed by seed",
-        description="Run the reference checkout (real state machine, real participant "
-        "handlers) under a seeded scheduler with a virtual clock that loses, duplicates, "
-        "delays and reorders messages, crashes consumers before and after commit, loses "
-        "relay acknowledgements and fires timeouts while replies are on their way; check "
-        "DESIGN's invariants after every seed. A failing seed is printed and shrunk to a "
-        "minimal schedule. Exit status 1 if any seed fails.",
+        description="Run the reference checkout (real state machine or real event "
+        "handlers and tracker, real participant runtime) under a seeded scheduler with a "
+        "virtual clock that loses, duplicates, delays and reorders messages (each copy of "
+        "an event on its own), crashes consumers before and after commit, loses relay "
+        "acknowledgements and fires timeouts (or the tracker's SLA check) while messages "
+        "are on their way; check DESIGN's invariants after every seed. A failing seed is "
+        "printed and shrunk to a minimal schedule. Exit status 1 if any seed fails.",
+    )
+    sim.add_argument(
+        "--mode",
+        choices=("orchestration", "choreography", "hybrid"),
+        default="orchestration",
+        help="how the checkout runs: orchestrated (default), choreographed (the services "
+        "react to each other's facts; the tracker keeps the saga views) or hybrid "
+        "(orchestrated, with a choreography inside shipping)",
     )
     sim.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
     sim.add_argument("--start", type=int, default=0, help="the first seed (default 0)")

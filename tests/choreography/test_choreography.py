@@ -9,11 +9,15 @@ from typing import Any
 
 from choreo_support import Backend, deliver, event, order_data, quiet, rows, wait_terminal
 from sagakit_checkout.choreography import (
+    ANNOUNCE_AFTER,
+    ANNOUNCE_TIMES,
     CHOREOGRAPHY,
     FLOW,
     Choreography,
+    announce_again,
     build_choreography,
     migrate,
+    next_announcement,
     open_choreography,
     place_orders,
 )
@@ -220,3 +224,31 @@ async def test_payment_and_inventory_ignore_late_and_repeated_facts(tmp_path: Pa
         "sc": "ignored",
         "pc": "applied",
     }
+
+
+async def test_an_order_nobody_heard_of_is_announced_again_until_payment_answers(
+    tmp_path: Path,
+) -> None:
+    """Found by ``sagakit simulate --mode choreography``: when every copy of OrderCreated
+    is lost, no service and no tracker view knows the order exists, so nothing can time
+    it out. The order service announces it again (same fact, same message id) until the
+    payment service answers, ``ANNOUNCE_TIMES`` times at most."""
+    async with opened(tmp_path) as ch:
+        placed = 1000.0
+        await place_orders(ch, [("o-1", order_data()), ("o-2", order_data())], now=placed)
+        first = [e for e, _ in await ch.stores["order"].outbox_all()]
+        assert await next_announcement(ch) == placed + ANNOUNCE_AFTER
+        assert await announce_again(ch, placed + ANNOUNCE_AFTER - 1) == 0
+        # o-2's payment answer arrived; o-1's never will.
+        auth = {**_authorized(), "order_id": "o-2"}
+        await deliver(participant(ch, "order"), event("PaymentAuthorized", auth, message_id="a"))
+        now, again = placed, []
+        for _ in range(ANNOUNCE_TIMES + 2):
+            now += ANNOUNCE_AFTER
+            again.append(await announce_again(ch, now))
+        assert await next_announcement(ch) is None
+        out = [e for e, _ in await ch.stores["order"].outbox_all()]
+    assert again == [1] * (ANNOUNCE_TIMES - 1) + [0, 0, 0]
+    repeats = out[len(first) :]
+    assert {e.message_id for e in repeats} == {e.message_id for e in first if "o-1" in e.message_id}
+    assert all(e.type == "OrderCreated" and e.payload == first[0].payload for e in repeats)

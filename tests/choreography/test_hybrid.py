@@ -188,6 +188,50 @@ async def outbox(h: Hybrid) -> list[Envelope]:
     return [e for e, _ in await h.checkout.shipping_store.outbox_all()]
 
 
+async def carrier_facts(h: Hybrid) -> list[Envelope]:
+    return [e for e, _ in await h.carrier_store.outbox_all()]
+
+
+async def test_a_cancel_the_carrier_never_heard_is_told_again_and_answered_once(
+    tmp_path: Path,
+) -> None:
+    """Found by ``sagakit simulate --mode hybrid``: a ShipmentCancelled lost on its way to
+    the carrier left the booking alive under a cancelled shipment, and the checkout,
+    answered at once, never asked again. Now the answer waits for the carrier."""
+    async with opened(tmp_path) as h:
+        front, carrier = h.participants[3], h.participants[5]
+        await deliver(front, command("RequestShipment", 1))
+        label = event(
+            "LabelPrinted",
+            {"order_id": "o-1", "label": "lbl-o-1", "ship_to": "addr-ok-1"},
+            message_id="l-1",
+            correlation_id="s-1",
+        )
+        await deliver(carrier, label)  # booked; CarrierBooked still on its way
+        comp = {"compensates": "s-1:create_shipment:action", "rung": 0}
+        await deliver(front, command("CancelShipment", 1, **comp))  # its fact is lost
+        await deliver(front, command("CancelShipment", 2, **comp))  # the timeout's retry
+        told = [e for e in await outbox(h) if e.type == "ShipmentCancelled"]
+        assert len(told) == 2 and not [e for e in await outbox(h) if e.kind is MessageKind.REPLY]
+        await deliver(carrier, told[1])
+        confirmed = (await carrier_facts(h))[-1]
+        assert confirmed.type == "CarrierBookingCancelled"
+        await deliver(front, confirmed)
+        await deliver(front, booked())  # the booking's fact, late: ignored
+        await deliver(carrier, told[0])  # the lost copy turns up after all
+        await deliver(front, (await carrier_facts(h))[-1])  # its confirmation: no answer
+        await deliver(front, command("CancelShipment", 3, **comp))  # the runtime answers
+        sent = await outbox(h)
+        bookings = await rows(h.carrier_store, "SELECT status FROM carrier_bookings")
+        shipments = await rows(h.checkout.shipping_store, "SELECT status FROM shipments")
+    replies = [e for e in sent if e.kind is MessageKind.REPLY]
+    assert [(r.attempt, Outcome.from_payload(r.payload).result) for r in replies] == [
+        (2, {"cancelled": True, "was": "REQUESTED"}),  # the newest try, on the confirmation
+        (3, {"cancelled": True, "was": "REQUESTED"}),  # replayed from the record
+    ]
+    assert bookings == [("CANCELLED",)] and shipments == []
+
+
 def booked() -> Envelope:
     payload = {"order_id": "o-1", "carrier": "carrier-a", "label": "lbl-o-1"}
     return event("CarrierBooked", payload, message_id="b-1", correlation_id="s-1")
@@ -226,10 +270,12 @@ async def test_a_cancel_mid_choreography_undoes_it_and_refuses_the_late_answer(
         await deliver(front, cancel)
         cancelled = [e for e in await outbox(h) if e.type == "ShipmentCancelled"]
         assert len(cancelled) == 1
-        # The carrier hears the cancel before the label: it never books.
+        # The carrier hears the cancel before the label: it never books, and says so.
         await deliver(carrier, cancelled[0])
         await deliver(carrier, label)
         await deliver(labels, cancelled[0])
+        assert not [e for e in await outbox(h) if e.kind is MessageKind.REPLY], "not yet"
+        await deliver(front, (await carrier_facts(h))[-1])
         # A booking fact that reaches the cancelled request is ignored; a late retry of
         # the command is refused by the runtime's tombstone.
         await deliver(front, booked())
@@ -260,4 +306,5 @@ async def test_a_booking_made_before_the_cancel_is_cancelled(tmp_path: Path) -> 
         await deliver(carrier, label, deliveries=2)  # redelivered: the inbox drops it
         bookings = await rows(h.carrier_store, "SELECT status FROM carrier_bookings")
         emitted = [e.type for e, _ in await h.carrier_store.outbox_all()]
-    assert bookings == [("CANCELLED",)] and emitted == ["CarrierBooked"]
+    assert bookings == [("CANCELLED",)]
+    assert emitted == ["CarrierBooked", "CarrierBookingCancelled"]

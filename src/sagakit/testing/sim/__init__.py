@@ -1,17 +1,22 @@
 """The deterministic simulator: the real runtime under a seeded scheduler and a virtual clock.
 
-The real transition functions, consumers, participant handlers and relays run; only the
-network, the clock and the order of events are simulated. A :class:`SimNetwork` (a
-:class:`~sagakit.transports.base.Transport`) only *records* what a relay publishes; a
-:class:`Scheduler` driven by ``random.Random(seed)`` then decides, one action per
-step, what happens next:
+The real transition functions (or a choreography's event handlers and tracker),
+consumers, participant handlers and relays run; only the network, the clock and the
+order of events are simulated. A :class:`SimNetwork` (a
+:class:`~sagakit.transports.base.Transport`) only *records* what a relay publishes,
+one copy per subscriber for an event (the relay fans events out; each copy, named
+``<message id>@<endpoint>`` in a schedule, is delivered, duplicated, delayed or lost on
+its own); a :class:`Scheduler` driven by ``random.Random(seed)`` then decides, one
+action per step, what happens next:
 
 * ``deliver``: hand an in-flight message (a random one, so messages are reordered; now
   and then a small batch for one endpoint) to its consumer, called directly, never from
   an asyncio task, so the seed alone decides the run;
 * ``relay``: run one store's :meth:`Relay.relay_once`;
-* ``tick``: move the virtual clock to the next timer (or end of a delay) and fire the
-  due timers with :meth:`Orchestrator.fire_due_timers`;
+* ``tick``: move the virtual clock to the next timer (or end of a delay) and fire what
+  is due: the world's :class:`Timers`, i.e. :meth:`Orchestrator.fire_due_timers`, or a
+  choreography's periodic jobs (:class:`JobTimers`: the tracker's SLA check, ...),
+  each run exactly when it could change something;
 
 and, while its fault budget lasts, injects faults: ``drop`` (a command or event is
 lost), ``lost_reply``, ``duplicate`` (delivered, and a copy stays in flight),
@@ -21,8 +26,9 @@ transaction, or the one firing timers, rolls back; the message stays in flight, 
 timers stay due), ``crash_after_commit`` (the
 commit happened, the acknowledgement did not: redelivered), ``ack_lost`` (a publish
 arrived but the relay did not hear back, so it publishes again), ``publish_lost`` and
-``timeout`` (timers fire although replies wait in flight: a timeout that hid a
-success). Then it switches to a fair, fault-free mode (oldest message first, timers
+``timeout`` (timers fire although messages wait in flight: a timeout that hid a
+success, or a saga the tracker's SLA check declares stuck while its facts are on
+their way). Then it switches to a fair, fault-free mode (oldest message first, timers
 only when nothing else can happen) and drives the system to quiescence, so that
 liveness can be judged, and asks the world to check its invariants.
 
@@ -49,18 +55,23 @@ from sagakit.testing.sim.scheduler import (
     simulate,
 )
 from sagakit.testing.sim.shrink import Shrunk, shrink
+from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
 
 __all__ = [
     "EPOCH",
     "FAULT_KINDS",
     "Action",
     "InFlight",
+    "Job",
+    "JobTimers",
+    "OrchestratorTimers",
     "RunResult",
     "Scheduler",
     "Shrunk",
     "SimConfig",
     "SimFaultHook",
     "SimNetwork",
+    "Timers",
     "Verdict",
     "VirtualClock",
     "World",
@@ -70,4 +81,5 @@ __all__ = [
     "replay",
     "shrink",
     "simulate",
+    "tracker_sla",
 ]

@@ -1,15 +1,18 @@
-"""The reference checkout as a simulator world.
+"""The reference checkout as a simulator world, in any of its three modes.
 
 Worlds take turns on one set of open SQLite stores (in ``/dev/shm`` when it exists,
 ``synchronous=NORMAL``: a simulation needs no durability), first copied from a
-template migrated once per process and emptied between runs. Each world has the four
-participants and the fake card provider from ``sagakit_checkout`` on its virtual
-clock, the orchestrator with the checkout definition and seeded saga ids, and a few
+template migrated once per process and mode and emptied between runs. Each world has
+the participants of its mode (:mod:`sagakit.testing.sim.systems`) and the fake card
+provider from ``sagakit_checkout`` on its virtual clock; an orchestrated or hybrid
+world the orchestrator with its definition and seeded saga ids, a choreographed one the
+tracker (its views are the sagas, its SLA check the one timer); and a few
 orders: scenarios drawn from ``sagakit_checkout.demo.make_orders`` plus two orders
 racing for the last unit of a SKU. After the run DESIGN's invariants are checked from
 the services' ledgers with ``sagakit_checkout.invariants.check_invariants``, except
 "nothing lost", which is computed by :func:`sagakit.testing.sim.nothing_lost` so that
-the network's deliberate drops count as accounted for.
+the network's deliberate drops count as accounted for, and every copy of an event
+its relay fanned out is accounted for on its own.
 
 ``sagakit_checkout`` is imported lazily, when a world is built: the engine does not
 depend on its examples.
@@ -32,28 +35,21 @@ from pathlib import Path
 from typing import Any
 
 from sagakit.core.envelope import Envelope, MessageKind, Outcome
+from sagakit.core.instance import SagaState
+from sagakit.errors import SagaNotFound
 from sagakit.runtime.orchestrator import Orchestrator
-from sagakit.runtime.participant import Handler, HandlerResult, Participant
+from sagakit.runtime.participant import DEFER, Handler, HandlerResult, Participant
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store, Tx
 from sagakit.testing.sim.checks import no_dead_letters, nothing_lost
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
 from sagakit.testing.sim.scheduler import Verdict
+from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
+from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
+from sagakit.transports.base import BatchHandler
 
-_RUNS_TABLE = """
-CREATE TABLE sim_handler_runs (
-    id          INTEGER PRIMARY KEY,
-    key         TEXT NOT NULL,
-    compensates TEXT,
-    type        TEXT NOT NULL
-);
-"""
-"""Where the simulator records, in each handler's own transaction, every keyed command
-that a participant's handler carried out (see :func:`_record_runs`)."""
-
-_FILES = ("orchestrator", "order", "payment", "inventory", "shipping", "provider")
 _RANDOM_IDS = re.compile(r"auth-[0-9a-f]{16}")
-_template: Path | None = None
+_templates: dict[str, Path] = {}
 
 
 def _scratch_base() -> Path:
@@ -63,39 +59,34 @@ def _scratch_base() -> Path:
     return Path(tempfile.gettempdir())
 
 
-def use_template(path: Path) -> None:
-    """Use ``path`` (made by :func:`template_dir` in a parent process) as the template."""
-    global _template
-    _template = path
+def use_template(path: Path, mode: str = "orchestration") -> None:
+    """Use ``path`` (made by :func:`template_dir` in a parent process) as ``mode``'s template."""
+    _templates[mode] = path
 
 
-def _have_template() -> Path | None:
-    return _template if _template is not None and _template.is_dir() else None
+def _have_template(mode: str) -> Path | None:
+    path = _templates.get(mode)
+    return path if path is not None and path.is_dir() else None
 
 
-async def template_dir() -> Path:
-    """A directory of migrated, stocked, closed SQLite files (built once per process)."""
-    global _template
-    if (ready := _have_template()) is not None:
+async def template_dir(mode: str = "orchestration") -> Path:
+    """A directory of migrated, stocked, closed SQLite files of ``mode`` (built once per
+    process and mode)."""
+    if (ready := _have_template(mode)) is not None:
         return ready
     from sagakit_checkout.demo import REGULAR_SKUS, REGULAR_STOCK
-    from sagakit_checkout.services import migrate, open_checkout
 
-    base = Path(tempfile.mkdtemp(prefix="sagakit-sim-template-", dir=_scratch_base()))
+    base = Path(tempfile.mkdtemp(prefix=f"sagakit-sim-{mode}-", dir=_scratch_base()))
     atexit.register(shutil.rmtree, base, True)
-    checkout = open_checkout(base, synchronous="NORMAL")
-    stores = [checkout.orchestrator_store, *checkout.service_stores.values()]
-    for s in stores:
+    system = open_system(mode, base)
+    for s in system.stores.values():
         await s.open()
     stock = dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK) | {"sku-sold-out": 0}
-    await migrate(checkout, initial_stock=stock)
-    for service in checkout.service_stores.values():
-        await service.apply_migrations("sagakit.sim", [_RUNS_TABLE])
-    await checkout.provider.effects()  # creates the provider's tables
-    checkout.provider.close()
-    for s in stores:
+    await migrate_system(system, stock)
+    system.provider.close()
+    for s in system.stores.values():
         await s.close()
-    _template = base
+    _templates[mode] = base
     return base
 
 
@@ -131,18 +122,18 @@ def sim_orders(seed: int, orders: int) -> tuple[list[Any], dict[str, int]]:
 
 
 class _Slot:
-    """An open checkout (stores, provider, participants) that worlds take turns on."""
+    """An open checkout of one mode (stores, provider, participants) that worlds take
+    turns on."""
 
-    def __init__(self, checkout: Any, loop: asyncio.AbstractEventLoop, template: Path) -> None:
-        self.checkout = checkout
+    def __init__(self, system: System, loop: asyncio.AbstractEventLoop, template: Path) -> None:
+        self.system = system
         self.loop = loop
         self.template = template
         self.clean = True
 
     @property
     def stores(self) -> list[Store]:
-        c = self.checkout
-        return [c.orchestrator_store, *c.service_stores.values()]
+        return list(self.system.stores.values())
 
     async def reset(self) -> None:
         """Empty every table but the migrations, row ids included (the next world seeds
@@ -155,17 +146,17 @@ class _Slot:
                 )
                 for (name,) in names:
                     await tx.execute(f'DELETE FROM "{name}"')
-        provider = self.checkout.provider
+        provider = self.system.provider
         provider.close()  # reopens (on the template's copy) at first use
         _copy_db(self.template / "provider.db", Path(provider.path))
         self.clean = True
 
     async def close(self) -> None:
-        self.checkout.provider.close()
+        self.system.provider.close()
         for s in self.stores:
             with contextlib.suppress(Exception):
                 await s.close()
-        shutil.rmtree(self.checkout.data_dir, ignore_errors=True)
+        shutil.rmtree(self.system.data_dir, ignore_errors=True)
 
 
 def _record_runs(participant: Participant) -> None:
@@ -187,7 +178,9 @@ def _recording(handler: Handler) -> Handler:
         result = handler(tx, env)
         if inspect.isawaitable(result):
             result = await result
-        failed = isinstance(result, Outcome) and not result.ok
+        # A failure is no effect; a deferred command has had none yet (it is answered
+        # later, and a retry while it waits defers again).
+        failed = (isinstance(result, Outcome) and not result.ok) or result is DEFER
         if env.kind is not MessageKind.QUERY and env.idempotency_key and not failed:
             await tx.execute(
                 "INSERT INTO sim_handler_runs (key, compensates, type) VALUES (?, ?, ?)",
@@ -233,42 +226,48 @@ def _copy_db(src: Path, dst: Path) -> None:
 
 
 class CheckoutWorld:
-    """One simulated checkout: five stores, the provider, four participants, orchestrator."""
+    """One simulated checkout: the stores, the provider and the participants of a mode.
+
+    Subclasses add what drives the sagas (:class:`OrchestratedWorld`: the orchestrator;
+    :class:`ChoreographedWorld`: the orders placed and the tracker's SLA check).
+    """
+
+    timers: Timers
 
     def __init__(self, seed: int, orders: int, slot: _Slot, pool: CheckoutWorlds) -> None:
-        from sagakit_checkout.sagas import checkout_definition
-
         self.seed = seed
         self.slot = slot
         self.pool = pool
+        self.system = slot.system
         self.clock = VirtualClock()
         self.hook = SimFaultHook()
         self.network = SimNetwork(self.clock)
         self.specs, self.stock = sim_orders(seed, orders)
-        self.checkout = slot.checkout
-        self.checkout.provider.clock = self.clock
-        counter = itertools.count(1)
-        self.orchestrator = Orchestrator(
-            self.checkout.orchestrator_store,
-            [checkout_definition()],
-            clock=self.clock,
-            faults=self.hook,
-            id_factory=lambda: f"s{seed}-{next(counter)}",
-        )
-        o = self.orchestrator
-        self.routes: dict[str, Store] = {o.endpoint: o.store, o.local_endpoint: o.store}
-        self.network.subscribe(o.endpoint, o)
-        self.network.subscribe(o.local_endpoint, o.local)
-        for p in self.checkout.participants:
-            p.clock = self.clock
-            p.faults = self.hook
-            self.routes[p.name] = p.store
-            self.network.subscribe(p.name, p)
+        self.system.provider.clock = self.clock
+        self.routes: dict[str, Store] = {}
+        # As the embedded engine derives them: each event type to its subscribers.
+        self.event_routes: dict[str, list[str]] = {}
+        for p in self.system.participants:
+            for event_type in sorted(p.subscriptions):
+                self.event_routes.setdefault(event_type, []).append(p.name)
         self.stores: list[Store] = slot.stores
         self.relays: dict[str, Relay] = {
-            s.name: Relay(s, self.network, clock=self.clock, lease=0.0) for s in self.stores
+            s.name: Relay(
+                s, self.network, clock=self.clock, lease=0.0, event_routes=self.event_routes
+            )
+            for s in self.stores
         }
         self.checked = False
+
+    def _subscribe(self, endpoint: str, store: Store, consumer: BatchHandler) -> None:
+        self.routes[endpoint] = store
+        self.network.subscribe(endpoint, consumer)
+
+    def _subscribe_participants(self) -> None:
+        for p in self.system.participants:
+            p.clock = self.clock
+            p.faults = self.hook
+            self._subscribe(p.name, p.store, p)
 
     async def open(self) -> None:
         """Seed this run's stock (the stores are open and empty)."""
@@ -278,20 +277,24 @@ class CheckoutWorld:
         self.slot.clean = False
         stock = dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK) | {"sku-sold-out": 0} | self.stock
         self.stock = stock
-        await seed_stock(self.checkout.inventory_store, stock)
+        await seed_stock(self.system.stores["inventory"], stock)
 
     async def begin(self) -> int:
-        """Place every order (one saga each), one after the other."""
-        from sagakit_checkout.sagas import CHECKOUT
-
-        for spec in self.specs:
-            await self.orchestrator.start(CHECKOUT, spec.order_id, spec.data)
-        return len(self.specs)
+        """Start the sagas of this run; return how many."""
+        raise NotImplementedError
 
     async def all_terminal(self) -> bool:
         """True when every saga is terminal."""
-        counts = await self.orchestrator.store.count_sagas()
+        counts = await self.system.saga_store.count_sagas()
         return all(state.terminal for state in counts)
+
+    async def running(self) -> list[str]:
+        """The ids of the sagas a customer may cancel now, sorted."""
+        raise NotImplementedError
+
+    async def cancel(self, saga_id: str, reason: str) -> str:
+        """Cancel a saga; return the store it wrote to."""
+        raise NotImplementedError
 
     async def check(self) -> Verdict:
         """DESIGN's invariants from the ledgers; "nothing lost" knows the simulated drops."""
@@ -301,25 +304,29 @@ class CheckoutWorld:
         # check_invariants' own version rather than check every message twice.
         stores = {
             k: _NoOutbox(v) if k.endswith("_store") else v
-            for k, v in self.checkout.invariant_stores().items()
+            for k, v in self.system.invariant_stores.items()
         }
         report = await check_invariants(**stores, initial_stock=self.stock)
-        lost = await nothing_lost(self.routes, self.network)
+        if self.system.audit is not None:
+            await self.system.audit(report)
+        await self._more_checks(report)
+        lost = await nothing_lost(self.routes, self.network, self.event_routes)
         violations = [v for v in report.violations if not v.startswith("nothing_lost:")]
         invariants = dict(report.invariants)
         invariants["nothing_lost"] = not lost
         # The ledgers show effects the business code let through; the handler runs show
         # what the runtime let through (the checkout's handlers would hide a runtime
         # that forgot its idempotency records: they look at their ledgers first).
-        for p in self.checkout.participants:
-            runs = await _handler_runs(p)
+        services = {id(s) for s in self.system.service_stores}
+        for p in self.system.participants:
+            runs = await _handler_runs(p) if id(p.store) in services else []
             if runs:
                 invariants["effect_once"] = False
                 violations += runs
         parked = await no_dead_letters(self.routes)
         invariants["dead_letters"] = not parked
         violations += parked
-        counts = await self.orchestrator.store.count_sagas()
+        counts = await self.system.saga_store.count_sagas()
         self.checked = True
         return Verdict(
             invariants,
@@ -328,26 +335,22 @@ class CheckoutWorld:
             notes=[_normal(n) for n in report.notes],
         )
 
+    async def _more_checks(self, report: Any) -> None:
+        """The checks only this mode needs (none by default)."""
+
     async def fingerprint(self) -> str:
         """A digest of sagas, histories and every service's ledger (random ids masked)."""
         h = hashlib.sha256()
-        store = self.orchestrator.store
+        store = self.system.saga_store
         for s in sorted(await store.list_sagas(limit=10_000), key=lambda s: s.saga_id):
             h.update(_normal(repr((s.saga_id, s.state, s.status, s.version, s.reason))).encode())
             for e in await store.history(s.saga_id):
                 h.update(repr((e.version, e.at, e.event, e.step, e.status)).encode())
-        for st, table in (
-            (self.checkout.payment_store, "payment_ledger"),
-            (self.checkout.inventory_store, "reservations"),
-            (self.checkout.inventory_store, "stock"),
-            (self.checkout.shipping_store, "shipments"),
-            (self.checkout.order_store, "orders"),
-            (self.checkout.order_store, "order_status_history"),
-        ):
+        for st, table in self.system.ledgers:
             async with st.transaction() as tx:
                 rows = await tx.fetchall(f"SELECT * FROM {table}")
             h.update(_normal(repr(sorted(map(repr, rows)))).encode())
-        for e in await self.checkout.provider.effects():
+        for e in await self.system.provider.effects():
             h.update(repr((e.key, e.order_id, e.op, e.amount, e.at)).encode())
         h.update(repr((sorted(self.network.dropped), self.network.delivered)).encode())
         return h.hexdigest()[:16]
@@ -355,6 +358,109 @@ class CheckoutWorld:
     async def close(self) -> None:
         """Hand the stores to the next world; close them if this run broke off."""
         await self.pool.release(self.slot, reusable=self.checked)
+
+
+class OrchestratedWorld(CheckoutWorld):
+    """The orchestrated checkout, or the hybrid: the orchestrator starts and drives the
+    sagas, its timers are what ticks fire, and a customer may cancel."""
+
+    def __init__(self, seed: int, orders: int, slot: _Slot, pool: CheckoutWorlds) -> None:
+        super().__init__(seed, orders, slot, pool)
+        definition = self.system.definition
+        assert definition is not None, "an orchestrated mode has a saga definition"
+        counter = itertools.count(1)
+        self.orchestrator = Orchestrator(
+            self.system.saga_store,
+            [definition],
+            clock=self.clock,
+            faults=self.hook,
+            id_factory=lambda: f"s{seed}-{next(counter)}",
+        )
+        o = self.orchestrator
+        self._subscribe(o.endpoint, o.store, o)
+        self._subscribe(o.local_endpoint, o.store, o.local)
+        self._subscribe_participants()
+        self.timers = OrchestratorTimers(o)
+
+    async def begin(self) -> int:
+        """Place every order (one saga each), one after the other."""
+        for spec in self.specs:
+            await self.orchestrator.start(self.system.business_key, spec.order_id, spec.data)
+        return len(self.specs)
+
+    async def running(self) -> list[str]:
+        """The running sagas, by id."""
+        running = await self.orchestrator.store.list_sagas(states=[SagaState.RUNNING], limit=1000)
+        return sorted(s.saga_id for s in running)
+
+    async def cancel(self, saga_id: str, reason: str) -> str:
+        """Cancel through the orchestrator (it writes to the saga store)."""
+        await self.orchestrator.cancel(saga_id, reason)
+        return self.orchestrator.store.name
+
+
+class ChoreographedWorld(CheckoutWorld):
+    """The choreographed checkout: orders placed with the order service, the services
+    reacting to each other's facts, the tracker's views as the sagas; the tracker's SLA
+    check and the order service's announcing again of unanswered orders are the timers.
+    There is no cancelling: no one owns a choreographed saga."""
+
+    def __init__(self, seed: int, orders: int, slot: _Slot, pool: CheckoutWorlds) -> None:
+        from sagakit_checkout.choreography import announce_again, next_announcement
+
+        super().__init__(seed, orders, slot, pool)
+        tracker = self.system.tracker
+        assert tracker is not None, "a choreography has a tracker"
+        self.tracker = tracker
+        self._subscribe_participants()
+        app = self.system.app
+        announce = Job(
+            "order-announce",
+            self.system.stores["order"].name,
+            lambda: next_announcement(app),
+            lambda: announce_again(app, self.clock()),
+        )
+        self.timers = JobTimers("jobs", [tracker_sla(tracker), announce], self.hook, self.clock)
+
+    async def begin(self) -> int:
+        """Place every order in one order-service transaction (each emits OrderCreated)."""
+        from sagakit_checkout.choreography import place_orders
+
+        orders = [(spec.order_id, spec.data) for spec in self.specs]
+        await place_orders(self.system.app, orders, now=self.clock())
+        return len(self.specs)
+
+    async def all_terminal(self) -> bool:
+        """True when the tracker has a view of every order and each one is terminal."""
+        counts = await self.system.saga_store.count_sagas()
+        return sum(counts.values()) == len(self.specs) and all(s.terminal for s in counts)
+
+    async def running(self) -> list[str]:
+        """None: a choreographed saga has no owner to cancel it."""
+        return []
+
+    async def cancel(self, saga_id: str, reason: str) -> str:
+        """Never: see :meth:`running`."""
+        raise SagaNotFound(f"a choreographed saga cannot be cancelled ({saga_id})")
+
+    async def _more_checks(self, report: Any) -> None:
+        """Every order has a view (the tracker heard of it), and no service applied one
+        fact of an order twice (under two message ids: the inbox would not see it)."""
+        views = {s.business_key for s in await self.system.saga_store.list_sagas(limit=10_000)}
+        for spec in self.specs:
+            if spec.order_id not in views:
+                report.fail("terminal", f"order {spec.order_id}: the tracker has no view of it")
+        for name, store in self.system.stores.items():
+            if store is self.system.saga_store:
+                continue
+            async with store.transaction() as tx:
+                twice = await tx.fetchall(
+                    "SELECT order_id, event, COUNT(*) FROM choreography_log "
+                    "WHERE verdict = 'applied' GROUP BY order_id, event HAVING COUNT(*) > 1 "
+                    "ORDER BY order_id, event"
+                )
+            for oid, event, n in twice:
+                report.fail("effect_once", f"order {oid}: {name} applied {event} {n} times")
 
 
 class _NoOutbox:
@@ -377,17 +483,20 @@ def _normal(text: str) -> str:
 
 
 class CheckoutWorlds:
-    """The :data:`~sagakit.testing.sim.WorldFactory` of the checkout.
+    """The :data:`~sagakit.testing.sim.WorldFactory` of the checkout in one ``mode``.
 
     Worlds take turns on one set of open stores: when a run ends, its tables are emptied
-    (row ids restart, as in a fresh copy) instead of copying and opening five databases
+    (row ids restart, as in a fresh copy) instead of copying and opening the databases
     again. The first set is copied from a template that was migrated once per process.
     Call :meth:`aclose` when done (a set that outlives its event loop is reopened).
     """
 
-    def __init__(self, orders: int = 3) -> None:
+    def __init__(self, orders: int = 3, mode: str = "orchestration") -> None:
         sim_orders(0, orders)  # validates ``orders``
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.orders = orders
+        self.mode = mode
         self._idle: list[_Slot] = []
 
     async def __call__(self, seed: int) -> CheckoutWorld:
@@ -402,7 +511,8 @@ class CheckoutWorlds:
                 await slot.reset()
         if slot is None:
             slot = await self._new_slot(loop)
-        world = CheckoutWorld(seed, self.orders, slot, self)
+        kind = ChoreographedWorld if self.mode == "choreography" else OrchestratedWorld
+        world = kind(seed, self.orders, slot, self)
         try:
             await world.open()
         except BaseException:
@@ -411,23 +521,23 @@ class CheckoutWorlds:
         return world
 
     async def _new_slot(self, loop: asyncio.AbstractEventLoop) -> _Slot:
-        from sagakit_checkout.services import open_checkout
-
-        template = await template_dir()
+        template = await template_dir(self.mode)
         run_dir = Path(tempfile.mkdtemp(prefix="sagakit-sim-", dir=template.parent))
         atexit.register(shutil.rmtree, run_dir, True)  # in case aclose is never called
-        for name in _FILES:
-            shutil.copyfile(template / f"{name}.db", run_dir / f"{name}.db")
-        checkout = open_checkout(run_dir, synchronous="NORMAL")
-        slot = _Slot(checkout, loop, template)
+        for db in sorted(template.glob("*.db")):
+            shutil.copyfile(db, run_dir / db.name)
+        system = open_system(self.mode, run_dir)
+        slot = _Slot(system, loop, template)
         try:
             for s in slot.stores:
                 await s.open()
         except BaseException:
             await slot.close()
             raise
-        for p in checkout.participants:
-            _record_runs(p)
+        services = {id(s) for s in system.service_stores}
+        for p in system.participants:
+            if id(p.store) in services:
+                _record_runs(p)
         return slot
 
     async def release(self, slot: _Slot, *, reusable: bool) -> None:
@@ -443,6 +553,6 @@ class CheckoutWorlds:
             await self._idle.pop().close()
 
 
-def checkout_world(orders: int = 3) -> CheckoutWorlds:
-    """A world factory for the checkout with ``orders`` orders per seed."""
-    return CheckoutWorlds(orders)
+def checkout_world(orders: int = 3, mode: str = "orchestration") -> CheckoutWorlds:
+    """A world factory for the checkout in ``mode`` with ``orders`` orders per seed."""
+    return CheckoutWorlds(orders, mode)

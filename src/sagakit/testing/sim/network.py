@@ -63,6 +63,17 @@ class InFlight:
     deliveries: int = 0
     not_before: float = 0.0
 
+    @property
+    def address(self) -> str:
+        """How a schedule names this copy: its message id, plus the endpoint for an event.
+
+        A relay fans an event out as one copy per subscriber, all under the event's
+        message id; each copy is delivered, duplicated, delayed or dropped on its own.
+        """
+        if self.kind is MessageKind.EVENT:
+            return f"{self.message_id}@{self.endpoint}"
+        return self.message_id
+
 
 class SimNetwork:
     """An in-memory :class:`~sagakit.transports.base.Transport` the scheduler drives.
@@ -130,16 +141,17 @@ class SimNetwork:
             return list(self.in_flight.values())
         return [m for m in self.in_flight.values() if self.ready(m)]
 
-    def find(self, message_ids: Sequence[str]) -> list[InFlight] | None:
-        """The oldest deliverable copies of ``message_ids`` (one each), or None if any is gone."""
+    def find(self, addresses: Sequence[str]) -> list[InFlight] | None:
+        """The oldest deliverable copies at ``addresses`` (one each; see
+        :attr:`InFlight.address`), or None if any is gone."""
         out: list[InFlight] = []
         taken: set[int] = set()
-        for mid in message_ids:
+        for address in addresses:
             item = next(
                 (
                     m
                     for m in self.in_flight.values()
-                    if m.message_id == mid and m.seq not in taken and self.ready(m)
+                    if m.address == address and m.seq not in taken and self.ready(m)
                 ),
                 None,
             )
@@ -177,6 +189,6 @@ class SimNetwork:
                 del self.in_flight[m.seq]
 
     def drop(self, item: InFlight) -> None:
-        """Lose ``item`` (remembered: a drop the system must recover from)."""
+        """Lose ``item`` (remembered by address: a drop the system must recover from)."""
         del self.in_flight[item.seq]
-        self.dropped.add(item.message_id)
+        self.dropped.add(item.address)

@@ -1,4 +1,5 @@
-"""Many seeds of the checkout, on one or more processes: what ``sagakit simulate`` runs."""
+"""Many seeds of the checkout (in one of its modes), on one or more processes: what
+``sagakit simulate`` runs."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class SimSummary:
     shrunk: Shrunk | None = None
     elapsed_s: float = 0.0
     first_seed: int = 0
+    mode: str = "orchestration"
 
     @property
     def ok(self) -> bool:
@@ -60,12 +62,17 @@ class SimSummary:
 
 
 async def run_seeds_async(
-    seeds: Sequence[int], *, orders: int = 3, faults: int = 8, shrink_first: bool = True
+    seeds: Sequence[int],
+    *,
+    orders: int = 3,
+    faults: int = 8,
+    shrink_first: bool = True,
+    mode: str = "orchestration",
 ) -> SimSummary:
     """Simulate every seed in this process, one after the other; shrink the first failure."""
-    factory = checkout_world(orders)
+    factory = checkout_world(orders, mode)
     config = SimConfig(budget=faults)
-    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults)
+    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode)
     started = time.monotonic()
     try:
         for seed in seeds:
@@ -83,10 +90,12 @@ async def run_seeds_async(
     return summary
 
 
-def _chunk(args: tuple[str, list[int], int, int]) -> SimSummary:
-    template, seeds, orders, faults = args
-    _checkout.use_template(Path(template))
-    return asyncio.run(run_seeds_async(seeds, orders=orders, faults=faults, shrink_first=False))
+def _chunk(args: tuple[str, list[int], int, int, str]) -> SimSummary:
+    template, seeds, orders, faults, mode = args
+    _checkout.use_template(Path(template), mode)
+    return asyncio.run(
+        run_seeds_async(seeds, orders=orders, faults=faults, shrink_first=False, mode=mode)
+    )
 
 
 def run_seeds(
@@ -96,8 +105,10 @@ def run_seeds(
     faults: int = 8,
     jobs: int = 1,
     shrink_first: bool = True,
+    mode: str = "orchestration",
 ) -> SimSummary:
-    """Simulate ``seeds`` on ``jobs`` processes; shrink the first failing seed.
+    """Simulate ``seeds`` of the checkout in ``mode`` on ``jobs`` processes; shrink the
+    first failing seed.
 
     Every seed runs alone and sequentially inside its process, so the result of a seed
     does not depend on ``jobs``. Call from synchronous code (it runs its own event loops).
@@ -108,15 +119,19 @@ def run_seeds(
         jobs = 1  # the workers rely on inheriting the parent's modules and template
     if jobs == 1:
         summary = asyncio.run(
-            run_seeds_async(seeds, orders=orders, faults=faults, shrink_first=shrink_first)
+            run_seeds_async(
+                seeds, orders=orders, faults=faults, shrink_first=shrink_first, mode=mode
+            )
         )
         summary.first_seed = seeds[0] if seeds else 0
         return summary
     started = time.monotonic()
-    template = str(asyncio.run(_checkout.template_dir()))
+    template = str(asyncio.run(_checkout.template_dir(mode)))
     size = max(10, min(100, len(seeds) // (jobs * 4) or 1))
-    chunks = [(template, seeds[i : i + size], orders, faults) for i in range(0, len(seeds), size)]
-    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults)
+    chunks = [
+        (template, seeds[i : i + size], orders, faults, mode) for i in range(0, len(seeds), size)
+    ]
+    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode)
     summary.first_seed = seeds[0]
     # fork: the workers inherit the imported modules and the template; each runs its own
     # event loop over whole seeds, so a seed's run is the same as in a single process.
@@ -125,13 +140,13 @@ def run_seeds(
         for part in pool.map(_chunk, chunks):
             summary.add(part)
     if summary.failing and shrink_first:
-        summary.shrunk = asyncio.run(_shrink(summary.failing[0], orders, faults))
+        summary.shrunk = asyncio.run(_shrink(summary.failing[0], orders, faults, mode))
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-async def _shrink(failing: RunResult, orders: int, faults: int) -> Shrunk:
-    factory = checkout_world(orders)
+async def _shrink(failing: RunResult, orders: int, faults: int, mode: str) -> Shrunk:
+    factory = checkout_world(orders, mode)
     try:
         return await shrink(factory, failing, config=SimConfig(budget=faults))
     finally:
@@ -143,8 +158,9 @@ def render(summary: SimSummary) -> str:
     last = summary.first_seed + summary.seeds - 1
     rate = summary.seeds / summary.elapsed_s if summary.elapsed_s else 0.0
     lines = [
-        f"sagakit simulate: {summary.seeds} seeds ({summary.first_seed}..{last}), "
-        f"{summary.orders} orders each, fault budget {summary.budget}",
+        f"sagakit simulate: {summary.mode}, {summary.seeds} seeds "
+        f"({summary.first_seed}..{last}), {summary.orders} orders each, "
+        f"fault budget {summary.budget}",
         "",
         f"  sagas       {summary.sagas}  ("
         + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items()))
@@ -167,16 +183,18 @@ def render(summary: SimSummary) -> str:
         ]
         lines += [f"    {a.to_json()}" for a in sh.schedule if a.fault] or ["    (no fault)"]
         lines.append(
-            f"  replay: sagakit simulate --replay {sh.seed} --orders {summary.orders} "
-            f"--faults {summary.budget}"
+            f"  replay: sagakit simulate --mode {summary.mode} --replay {sh.seed} "
+            f"--orders {summary.orders} --faults {summary.budget}"
         )
     lines += ["", f"  {summary.elapsed_s:.1f} s, {rate:.1f} seeds/s"]
     return "\n".join(lines)
 
 
-def replay_seed(seed: int, *, orders: int = 3, faults: int = 8) -> tuple[SimSummary, RunResult]:
+def replay_seed(
+    seed: int, *, orders: int = 3, faults: int = 8, mode: str = "orchestration"
+) -> tuple[SimSummary, RunResult]:
     """Run one seed again (exactly as in a multi-seed run); shrink it if it fails."""
-    factory = checkout_world(orders)
+    factory = checkout_world(orders, mode)
     config = SimConfig(budget=faults, fingerprint=True)
 
     async def go() -> tuple[SimSummary, RunResult]:
@@ -188,7 +206,7 @@ def replay_seed(seed: int, *, orders: int = 3, faults: int = 8) -> tuple[SimSumm
     async def attempt() -> tuple[SimSummary, RunResult]:
         started = time.monotonic()
         result = await simulate(factory, seed, config=config)
-        summary = SimSummary(seeds=1, orders=orders, budget=faults, first_seed=seed)
+        summary = SimSummary(seeds=1, orders=orders, budget=faults, first_seed=seed, mode=mode)
         summary.sagas = result.sagas
         summary.faults.update(result.faults)
         summary.outcomes.update(result.verdict.outcomes)

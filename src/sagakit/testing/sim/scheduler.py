@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sagakit.core.envelope import MessageKind
-from sagakit.core.instance import SagaState
 from sagakit.errors import SagaNotFound
-from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store
 from sagakit.testing.faults import InjectedCrash
@@ -23,6 +21,7 @@ from sagakit.testing.sim.network import (
     SimNetwork,
     VirtualClock,
 )
+from sagakit.testing.sim.timers import Timers
 
 FAULT_KINDS = (
     "drop",
@@ -41,7 +40,8 @@ FAULT_KINDS = (
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """One scheduler decision. ``target``: message ids, a store or an endpoint;
+    """One scheduler decision. ``target``: message addresses (see
+    :attr:`InFlight.address`), a store, an endpoint or a saga id;
     ``value``: a delay in virtual seconds, or (for ticks, informational) the time."""
 
     kind: str
@@ -104,8 +104,8 @@ class World(Protocol):
         ...
 
     @property
-    def orchestrator(self) -> Orchestrator:
-        """The orchestrator (its timers are fired by ticks)."""
+    def timers(self) -> Timers:
+        """What ticks fire: the orchestrator's timers, or a choreography's periodic jobs."""
         ...
 
     @property
@@ -124,6 +124,14 @@ class World(Protocol):
 
     async def all_terminal(self) -> bool:
         """True when every saga is in a terminal state."""
+        ...
+
+    async def running(self) -> list[str]:
+        """The ids of the sagas a customer may cancel now, sorted (none: no cancelling)."""
+        ...
+
+    async def cancel(self, saga_id: str, reason: str) -> str:
+        """Cancel a saga; return the store it wrote to. :class:`SagaNotFound` if none."""
         ...
 
     async def check(self) -> Verdict:
@@ -210,13 +218,13 @@ class Scheduler:
         self.steps = 0
         self.dirty: set[str] = set()
         self.store_of = {ep: s.name for ep, s in world.routes.items()}
-        self.timer_point = f"{world.orchestrator.endpoint}.timers"
+        self.timer_point = world.timers.point
 
     # -- running ----------------------------------------------------------------------------
     async def run(self, replay: Sequence[Action] | None = None) -> RunResult:
         """Run the world to quiescence and check it."""
         sagas = await self.w.begin()
-        self.dirty.add(self.w.orchestrator.store.name)
+        self.dirty |= {name for name, r in self.w.relays.items() if await r.store.outbox_pending()}
         applied: list[Action] = []
         if replay is None:
             await self._random_phase()
@@ -258,11 +266,9 @@ class Scheduler:
                     return
                 continue
             if cancels < cfg.max_cancels and rng.random() < cfg.cancel_rate:
-                running = await self.w.orchestrator.store.list_sagas(
-                    states=[SagaState.RUNNING], limit=1000
-                )
+                running = await self.w.running()
                 if running:
-                    victim = rng.choice(sorted(s.saga_id for s in running))
+                    victim = rng.choice(running)
                     await self.apply(Action("cancel", (victim,)))
                     cancels += 1
                     continue
@@ -278,7 +284,7 @@ class Scheduler:
                     same = [m for m in ready if m.endpoint == first.endpoint and m is not first]
                     rng.shuffle(same)
                     items += same[: rng.randrange(cfg.max_batch)]
-                await self.apply(Action("deliver", tuple(m.message_id for m in items)))
+                await self.apply(Action("deliver", tuple(m.address for m in items)))
             else:
                 await self.apply(Action("relay", (rng.choice(pending),)))
 
@@ -306,7 +312,7 @@ class Scheduler:
         if kind == "crash_before_commit" and rng.random() < 0.25:
             return Action(kind, (self.timer_point,))  # crash while firing timers
         victims = replies if kind == "lost_reply" else others if kind == "drop" else ready
-        target = (rng.choice(victims).message_id,)
+        target = (rng.choice(victims).address,)
         if kind == "delay":
             return Action(kind, target, round(rng.uniform(*cfg.delay), 3))
         return Action(kind, target)
@@ -318,7 +324,7 @@ class Scheduler:
             self.steps += 1
             ready = net.deliverable()
             if ready:
-                await self.apply(Action("deliver", (ready[0].message_id,)))
+                await self.apply(Action("deliver", (ready[0].address,)))
                 continue
             if not self.dirty:
                 self.dirty = {
@@ -336,7 +342,7 @@ class Scheduler:
         return False
 
     async def _next_timer(self) -> float | None:
-        return await self.w.orchestrator.store.next_timer_due()
+        return await self.w.timers.next_due()
 
     # -- one action -------------------------------------------------------------------------
     async def apply(self, action: Action) -> Action | None:
@@ -403,12 +409,13 @@ class Scheduler:
             if not action.target:
                 return None
             try:
-                await w.orchestrator.cancel(action.target[0], "simulated: the customer cancelled")
+                wrote = await w.cancel(action.target[0], "simulated: the customer cancelled")
             except SagaNotFound:
                 return None
             except Exception as exc:
                 self.errors.append(f"engine_error: cancel raised {exc!r}")
-            self.dirty.add(w.orchestrator.store.name)
+                wrote = w.timers.stores[0]
+            self.dirty.add(wrote)
             self.counts["cancel"] += 1
         elif kind not in ("tick", "timeout"):
             raise ValueError(f"unknown schedule action {kind!r}")
@@ -427,7 +434,7 @@ class Scheduler:
                 if timers_crash:
                     w.hook.armed = self.timer_point
                 try:
-                    fired = await w.orchestrator.fire_due_timers()
+                    fired = await w.timers.fire()
                 except InjectedCrash:
                     pass  # rolled back: the timers are still due
                 except Exception as exc:
@@ -435,7 +442,7 @@ class Scheduler:
                 finally:
                     w.hook.armed = None
             if fired:
-                self.dirty.add(w.orchestrator.store.name)
+                self.dirty.update(w.timers.stores)
             target: tuple[str, ...] = ()
             if w.hook.crashes > crashes:
                 kind, target = "crash_before_commit", (self.timer_point,)
