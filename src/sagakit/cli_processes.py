@@ -43,6 +43,19 @@ def _urls(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "WARNING"))
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=os.environ.get("SAGAKIT_METRICS_PORT"),
+        metavar="PORT",
+        help="serve this process's Prometheus metrics on http://HOST:PORT/metrics "
+        "(env SAGAKIT_METRICS_PORT; off by default)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("SAGAKIT_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (default 127.0.0.1; env SAGAKIT_METRICS_HOST)",
+    )
+    parser.add_argument(
         "--wait-for-servers",
         type=_wait_seconds,
         default=os.environ.get("SAGAKIT_WAIT_FOR_SERVERS", "60"),
@@ -186,11 +199,60 @@ async def open_when_ready(
             delay = min(delay * 2, 5.0)
 
 
+_MAX_REQUEST = 8192
+
+
+async def _answer_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One HTTP/1.0-style exchange: ``GET /metrics`` gets the registry, anything else 404."""
+    from sagakit.metrics import REGISTRY
+
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        method, target, *_ = head[:_MAX_REQUEST].decode("latin-1").split(" ", 2)
+        if method == "GET" and target.split("?", 1)[0] == "/metrics":
+            status, body = "200 OK", REGISTRY.exposition().encode()
+            kind = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            status, body, kind = "404 Not Found", b"only GET /metrics here\n", "text/plain"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+    except (
+        TimeoutError,
+        ValueError,
+        ConnectionError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+    ):
+        pass  # a client that does not speak HTTP (or hangs up) gets nothing; the process goes on
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def serve_metrics(host: str, port: int) -> asyncio.Server:
+    """Serve :data:`sagakit.metrics.REGISTRY` at ``http://host:port/metrics``.
+
+    Each worker, relay and service process counts its own sagas, steps and inbox
+    duplicates; Prometheus scrapes every process (one target each) and adds them up.
+    A minimal server on purpose: it answers one request per connection and nothing else.
+    """
+    return await asyncio.start_server(_answer_metrics, host, port, limit=_MAX_REQUEST)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics: asyncio.Server | None = None
+    if args.metrics_port is not None:
+        metrics = await serve_metrics(args.metrics_host, args.metrics_port)
+        log.warning("sagakit %s metrics on %s:%d", args.role, args.metrics_host, args.metrics_port)
     try:
         engine = await open_when_ready(
             _builder(args), role=args.role, wait=args.wait_for_servers, stop=stop
@@ -205,6 +267,8 @@ async def _serve(args: argparse.Namespace) -> int:
         finally:
             await engine.close()
     finally:
+        if metrics is not None:
+            metrics.close()
         with contextlib.suppress(NotImplementedError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

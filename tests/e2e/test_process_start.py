@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,12 @@ def read_until(proc: subprocess.Popen[str], text: str, timeout: float) -> list[s
     raise AssertionError(f"no {text!r} within {timeout}s; stderr so far: {lines}")
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return str(resp.read().decode())
+
+
 def fails_at_once(proc: subprocess.Popen[str], reason: str) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
@@ -70,13 +78,20 @@ def test_a_worker_started_before_its_broker_waits_then_runs(tmp_path: Path) -> N
     if not NatsServer.available():
         pytest.skip("needs the nats-server binary")
     server = NatsServer(tmp_path)
+    port = free_port()
+    metrics = ("--metrics-port", str(port))
     try:
-        with worker(sqlite_dir(tmp_path), "--broker", server.url) as proc:
+        with worker(sqlite_dir(tmp_path), "--broker", server.url, *metrics) as proc:
             waiting = read_until(proc, "waiting for servers", 30)
             assert any("cannot connect to NATS" in line for line in waiting), waiting
             assert proc.poll() is None  # still there, not exited
+            assert "sagakit_sagas_started_total" in scrape(port)  # observable while waiting
             server.start()
             read_until(proc, "sagakit worker ready", 60)
+            text = scrape(port)
+            assert "# TYPE sagakit_step_duration_seconds histogram" in text
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
     finally:
