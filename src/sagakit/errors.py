@@ -61,11 +61,21 @@ class ConfigurationError(SagakitError):
 
 
 class UnroutableMessage(TransportError):
-    """The transport has no route for the message's destination."""
+    """The transport has no route for the destination of some of the messages.
 
-    def __init__(self, message: str, message_ids: list[str]) -> None:
+    ``copies`` names each unroutable copy as ``(message_id, destination)``: the copies
+    of one fanned-out event share their message id, and only the copies whose
+    destination has no route failed (the others were published).
+    """
+
+    def __init__(self, message: str, copies: list[tuple[str, str | None]]) -> None:
         super().__init__(message)
-        self.message_ids = message_ids
+        self.copies = copies
+
+    @property
+    def message_ids(self) -> list[str]:
+        """The message ids of the unroutable copies (a fanned-out id may repeat)."""
+        return [message_id for message_id, _ in self.copies]
 
 
 class ManualActionRefused(SagakitError):

@@ -357,6 +357,27 @@ async def test_unroutable_outbox_messages_are_parked_by_the_producers_relay(
         assert await relay.relay_once() == 0
 
 
+async def test_only_the_unroutable_copy_of_a_fanned_out_event_is_parked(tmp_path: Path) -> None:
+    """Copies of one event share a message id: the delivered ones are not dead letters."""
+    producer = SQLiteStore(tmp_path / "bank.db", name=BANK, synchronous="NORMAL")
+    consumer = SQLiteStore(tmp_path / "audit.db", name="audit", synchronous="NORMAL")
+    async with opened(producer, consumer):
+        event = envelope("Debited", destination=None, kind=MessageKind.EVENT)
+        async with producer.transaction() as tx:
+            await tx.outbox_add([event], time.time())
+        relay = Relay(
+            producer,
+            EmbeddedTransport({"audit": consumer}),
+            event_routes={"Debited": ["audit", "mail"]},  # nobody routes "mail"
+        )
+        assert await relay.relay_once() == 1
+        [queued] = await consumer.queue_fetch("audit", 10, time.time(), 5.0)
+        assert Envelope.from_json(queued.body).message_id == event.message_id
+        [letter] = await producer.dead_letters()
+        assert (letter.endpoint, letter.message_id) == ("mail", event.message_id)
+        assert letter.reason.startswith("unroutable:")
+
+
 async def test_a_saga_step_to_an_unroutable_endpoint_is_parked_and_the_saga_compensates(
     tmp_path: Path,
 ) -> None:

@@ -72,8 +72,11 @@ class Relay:
         try:
             await self.transport.publish(envelopes)
         except UnroutableMessage as exc:
-            bad = set(exc.message_ids)
-            parked += [(e, f"unroutable: {exc}") for e in envelopes if e.message_id in bad]
+            # By copy, not by id: the other copies of a fanned-out event were published.
+            bad = set(exc.copies)
+            parked += [
+                (e, f"unroutable: {exc}") for e in envelopes if (e.message_id, e.destination) in bad
+            ]
         except TransportError as exc:
             # Not acknowledged: leave the rows claimed; they are retried when the lease ends.
             log.warning("publish of %d messages failed: %s", len(rows), exc)

@@ -59,11 +59,11 @@ class EmbeddedTransport:
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Commit each envelope into its destination's mailbox (one commit per store)."""
         by_dest: dict[str, list[str]] = defaultdict(list)
-        unroutable: list[str] = []
+        unroutable: list[tuple[str, str | None]] = []
         unknown: set[str] = set()
         for env in envelopes:
             if env.destination is None or env.destination not in self.routes:
-                unroutable.append(env.message_id)
+                unroutable.append((env.message_id, env.destination))
                 unknown.add(repr(env.destination))
             else:
                 by_dest[env.destination].append(env.to_json())

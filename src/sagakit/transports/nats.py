@@ -525,11 +525,11 @@ class NatsTransport:
         js = self._js
         assert js is not None
         routable: list[Envelope] = []
-        unroutable: list[str] = []
+        unroutable: list[tuple[str, str | None]] = []
         unknown: set[str] = set()
         for env in envelopes:
             if env.destination is None or env.destination not in self.endpoints:
-                unroutable.append(env.message_id)
+                unroutable.append((env.message_id, env.destination))
                 unknown.add(repr(env.destination))
             else:
                 routable.append(env)

@@ -331,9 +331,9 @@ class RabbitMqTransport:
         if exchange is None:  # closed concurrently
             raise TransportError("the RabbitMQ transport is closed")
         routable = [e for e in envelopes if e.destination in self.endpoints]
-        unroutable = {
-            e.message_id: e.destination for e in envelopes if e.destination not in self.endpoints
-        }
+        unroutable = [
+            (e.message_id, e.destination) for e in envelopes if e.destination not in self.endpoints
+        ]
         results = await asyncio.gather(
             *(self._publish_one(exchange, env) for env in routable), return_exceptions=True
         )
@@ -342,7 +342,7 @@ class RabbitMqTransport:
         failures: list[BaseException] = []
         for env, result in zip(routable, results, strict=True):
             if isinstance(result, PublishError):
-                unroutable[env.message_id] = env.destination
+                unroutable.append((env.message_id, env.destination))
             elif isinstance(result, Exception):
                 failures.append(result)
             elif isinstance(result, BaseException):
@@ -353,11 +353,11 @@ class RabbitMqTransport:
                 f"{len(routable)} message(s): {failures[0]!r}"
             ) from failures[0]
         if unroutable:
-            destinations = sorted({repr(d) for d in unroutable.values()})
+            destinations = sorted({repr(d) for _, d in unroutable})
             raise UnroutableMessage(
                 f"no route to {', '.join(destinations)} for {len(unroutable)} message(s); "
                 f"known endpoints: {sorted(self.endpoints)}",
-                list(unroutable),
+                unroutable,
             )
 
     async def _publish_one(self, exchange: AbstractExchange, env: Envelope) -> None:

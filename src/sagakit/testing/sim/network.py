@@ -101,7 +101,9 @@ class SimNetwork:
         fault, self.publish_fault = self.publish_fault, None
         if fault == "publish_lost":
             raise TransportError("simulated: publish lost")
-        bad = [e.message_id for e in envelopes if e.destination not in self.handlers]
+        bad = [
+            (e.message_id, e.destination) for e in envelopes if e.destination not in self.handlers
+        ]
         for env in envelopes:
             if env.destination in self.handlers:
                 self.add(env.destination, env.message_id, env.kind, env.to_json())
