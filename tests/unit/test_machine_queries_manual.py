@@ -11,23 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import machine_run
 import pytest
 
 from sagakit.core.definition import RetryPolicy, SagaDefinition, Step, StepContext, command, local
-from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
-from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepStatus, Timer
+from sagakit.core.envelope import Envelope, MessageKind, failure
+from sagakit.core.instance import SagaInstance, SagaState, StepStatus, Timer
 from sagakit.core.machine import (
     DEADLINE_TIMER,
     LOCAL_COMMAND,
     STEP_TIMER,
     Decision,
-    Machine,
     ManualAction,
     query_key,
 )
 from sagakit.errors import ManualActionRefused, MessageError
 
-NOW = 1000.0
 FAST = RetryPolicy(max_attempts=3, initial_backoff=1, multiplier=2, jitter=0)
 
 
@@ -95,87 +94,16 @@ INDEX = {"create": 0, "pay": 1, "reserve": 2, "capture": 3, "commit": 4, "comple
 # --- harness ----------------------------------------------------------------------------
 
 
-class Run:
-    """Drives one saga through a Machine, applying decisions like a runtime would."""
+class Run(machine_run.Run):
+    """The shared driver on this module's checkout definition; failures say "no"."""
 
     def __init__(self, d: SagaDefinition | None = None) -> None:
-        self.d = d or definition()
-        self.machine = Machine(self.d)
-        self.now = NOW
-        self.sent: list[Envelope] = []
-        self.timers: dict[str, Timer] = {}
-        self.decisions: list[Decision] = []
-        first = self.machine.start("s1", "order-1", {"amount": 100}, self.now)
-        self.inst: SagaInstance = first.instance
-        self._apply(first)
+        super().__init__(d or definition())
 
-    def _apply(self, dec: Decision) -> Decision:
-        self.decisions.append(dec)
-        if dec.changed:
-            self.inst = dec.instance
-            for name in dec.cancel_timers:
-                self.timers.pop(name, None)
-            for t in dec.set_timers:
-                self.timers[t.name] = t
-            self.sent.extend(dec.outgoing)
-        return dec
-
-    @property
-    def last(self) -> Envelope:
-        return self.sent[-1]
-
-    def step(self, name: str) -> Any:
-        return self.inst.steps[self.d.step_index(name)]
-
-    def deliver(self, rep: Envelope) -> Decision:
-        self.now += 1
-        return self._apply(self.machine.on_reply(self.inst, rep, self.now))
-
-    def reply(self, outcome: Outcome, cmd: Envelope | None = None) -> Decision:
-        cmd = cmd or self.last
-        return self.deliver(reply_to(cmd, outcome, source=cmd.destination or "svc", now=self.now))
-
-    def ok(self, cmd: Envelope | None = None, **result: Any) -> Decision:
-        return self.reply(success(result), cmd)
-
-    def fail(self, reason: str = "no", *, retryable: bool = False) -> Decision:
-        return self.reply(failure(reason, retryable=retryable))
-
-    def answer(self, state: str, cmd: Envelope | None = None, **extra: Any) -> Decision:
-        """A status query's answer (a successful reply carrying the protocol)."""
-        return self.reply(success({"state": state, **extra}), cmd)
-
-    def fire(self, name: str = STEP_TIMER) -> Decision:
-        t = self.timers[name]
-        self.now = max(self.now, t.due_at)
-        return self._apply(self.machine.on_timer(self.inst, t, self.now))
-
-    def manual(
-        self,
-        action: ManualAction | str,
-        *,
-        reason: str = "checked with the bank",
-        actor: str = "ops:alice",
-        rung: int | None = None,
+    def fail(
+        self, reason: str = "no", *, retryable: bool = False, cmd: Envelope | None = None
     ) -> Decision:
-        self.now += 1
-        return self._apply(
-            self.machine.on_manual(
-                self.inst, action, reason=reason, actor=actor, now=self.now, rung=rung
-            )
-        )
-
-    def advance_to(self, step: str) -> None:
-        while self.last.step != step or self.last.kind is not MessageKind.COMMAND:
-            self.ok()
-        assert self.step(step).status is StepStatus.RUNNING
-
-    def events(self, dec: Decision | None = None) -> list[str]:
-        decs = [dec] if dec is not None else self.decisions
-        return [h.event for d in decs for h in d.history]
-
-    def history(self, event: str) -> list[HistoryEntry]:
-        return [h for d in self.decisions for h in d.history if h.event == event]
+        return super().fail(reason, retryable=retryable, cmd=cmd)
 
 
 def progress(inst: SagaInstance) -> list[tuple[Any, ...]]:
@@ -615,8 +543,7 @@ def test_answer_after_a_cancel_is_stale() -> None:
     run = Run()
     time_out(run, "pay")
     q = run.last
-    run.now += 1
-    run._apply(run.machine.on_cancel(run.inst, "customer left", run.now))
+    run.cancel("customer left")
     assert run.inst.state is SagaState.COMPENSATING
     assert run.last.type == "VoidAuthorization"  # QUERYING may have had an effect
     before = run.inst
@@ -652,8 +579,7 @@ def test_query_timer_after_the_answer_is_stale() -> None:
     old = run.timers[STEP_TIMER]
     run.answer("pending")
     before = run.inst
-    run.now = old.due_at
-    dec = run._apply(run.machine.on_timer(run.inst, old, run.now))
+    dec = run.fire(old)
     assert_unchanged(dec, before, "timer.stale")
     assert dec.history[0].detail["why"] == "status query moved on"
 
