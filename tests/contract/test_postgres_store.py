@@ -215,7 +215,7 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3)]
     finally:
         for s in stores:
             await s.close()
@@ -279,7 +279,13 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
+        assert steps == [
+            ("payments", 1),
+            ("payments", 2),
+            ("sagakit", 1),
+            ("sagakit", 2),
+            ("sagakit", 3),
+        ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
 
