@@ -63,6 +63,7 @@ class Engine:
         idle_poll: float = 0.5,
         batch_size: int = 256,
         inbox_retention: float = 7 * 86400.0,
+        outbox_retention: float = 7 * 86400.0,
         housekeeping_every: float = 600.0,
     ) -> None:
         unknown = set(roles) - ALL_ROLES
@@ -126,6 +127,9 @@ class Engine:
         # Inbox rows only need to outlive the longest possible redelivery of a message
         # (a mailbox lease, a broker's replay window); a week is far beyond both.
         self.inbox_retention = inbox_retention
+        # Published outbox rows are only kept for audits (a saga's messages in the API);
+        # without a purge the outbox would grow forever. Unpublished rows are never purged.
+        self.outbox_retention = outbox_retention
         self.housekeeping_every = housekeeping_every
         self._tasks: list[asyncio.Task[None]] = []
         self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
@@ -294,11 +298,16 @@ class Engine:
             await self.wakeups.wait(channel, max(timeout, 0.001))
 
     async def housekeeping(self) -> int:
-        """Purge inbox rows older than the retention; return how many were removed."""
-        cutoff = self.clock() - self.inbox_retention
+        """Purge inbox rows and published outbox rows older than their retentions.
+
+        Returns how many rows were removed in all. The outbox is purged in batches, so
+        a backlog after a long pause never holds long locks.
+        """
+        now = self.clock()
         removed = 0
         for s in self.stores:
-            removed += await s.inbox_purge(cutoff)
+            removed += await s.inbox_purge(now - self.inbox_retention)
+            removed += await s.outbox_purge(now - self.outbox_retention)
         return removed
 
     async def _listen_loop(self, store: Any) -> None:
@@ -340,7 +349,7 @@ class Engine:
             try:
                 removed = await self.housekeeping()
                 if removed:
-                    log.info("purged %d inbox rows older than the retention", removed)
+                    log.info("purged %d inbox and outbox rows older than the retention", removed)
             except asyncio.CancelledError:
                 raise
             except Exception:
