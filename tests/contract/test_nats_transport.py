@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sagakit.core.envelope import Envelope, MessageKind
+from sagakit.core.envelope import REPLAYED_FROM, Envelope, MessageKind
 from sagakit.errors import TransportError
 from sagakit.transports.base import ACK, Delivery, Settle, retry
 from sagakit.transports.nats import NatsTransport
@@ -134,6 +134,24 @@ async def test_the_broker_drops_a_message_id_published_again_within_the_window()
         await t.publish([msg.with_changes(payload={"n": 2})])  # ... whatever the body
         await asyncio.sleep(0.5)
         assert [e.message_id for e, _, _ in alpha.got] == [msg.message_id]
+
+
+async def test_a_replayed_dead_letter_is_a_new_copy_and_its_re_publish_is_still_dropped() -> None:
+    async with topology(ack_wait=2.0) as make:
+        alpha = Recorder()
+        t = await consuming(make(), alpha=alpha)
+        msg = envelope(1)
+        await t.publish([msg])
+        await alpha.wait_for(1)
+        first = msg.with_changes(headers={REPLAYED_FROM: "alpha:7"})
+        await t.publish([first])  # an operator replayed the parked message
+        await t.publish([first])  # the relay re-published that outbox row
+        await alpha.wait_for(2)
+        second = msg.with_changes(headers={REPLAYED_FROM: "alpha:9"})  # parked, replayed again
+        await t.publish([second])
+        await alpha.wait_for(3)
+        await asyncio.sleep(0.3)
+        assert [e for e, _, _ in alpha.got] == [msg, first, second]
 
 
 async def test_in_progress_acks_keep_a_slow_handler_s_message_from_redelivery() -> None:

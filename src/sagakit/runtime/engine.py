@@ -23,6 +23,7 @@ from sagakit.core.instance import SagaInstance
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime.consumer import FaultHook
+from sagakit.runtime.dead_letters import DeadLetterDesk
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
@@ -121,6 +122,17 @@ class Engine:
             )
             for s in self.stores
         ]
+        consumers: dict[str, Store] = {p.name: p.store for p in self.participants}
+        consumers[self.orchestrator.endpoint] = store
+        consumers[self.orchestrator.local_endpoint] = store
+        self.dead_letters = DeadLetterDesk(
+            self.stores,
+            saga_store=store,
+            consumers=consumers,
+            clock=clock,
+            transport=self.transport,
+        )
+        """List, inspect, replay and discard the dead letters of this engine's stores."""
         self._wrap = self.faults.wrap_consumer
         self.idle_poll = idle_poll
         self.batch_size = batch_size

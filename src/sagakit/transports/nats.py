@@ -15,7 +15,8 @@ Topology (declared by :meth:`NatsTransport.open`, idempotently, by every process
 
 Publishing
     Every envelope is published to ``<stream>.<destination>`` with the header
-    ``Nats-Msg-Id: <message_id>`` and its ``traceparent``; :meth:`publish` returns only
+    ``Nats-Msg-Id: <message_id>@<destination>`` (see :func:`copy_id`; a replayed dead
+    letter gets a new one) and its ``traceparent``; :meth:`publish` returns only
     when the stream acknowledged every one (a PubAck; a duplicate's PubAck counts), so
     the relay keeps its outbox rows until then. Within ``duplicate_window`` (two
     minutes by default) the broker drops a re-published message id; beyond it only the
@@ -72,7 +73,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagakit.core.envelope import Envelope
+from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
 from sagakit.transports.base import BatchHandler, Delivery, Settle
 
@@ -115,6 +116,19 @@ _FAILED_BATCH_DELAY = 1.0  # redelivery delay after a handler raised
 _MAX_BACKOFF = 5.0
 HEADER_REASON = "Sagakit-Dead-Letter-Reason"
 HEADER_MESSAGE_ID = "Sagakit-Message-Id"
+
+
+def copy_id(env: Envelope) -> str:
+    """The ``Nats-Msg-Id`` of one published copy of ``env``.
+
+    One id per copy: an event fanned out to several endpoints shares its message id,
+    and JetStream dedups per stream. A replayed dead letter (``REPLAYED_FROM``) is a new
+    copy, or JetStream would drop it within the duplicate window; a relay's ordinary
+    re-publish of the same outbox row keeps the same id and is still deduplicated.
+    """
+    base = f"{env.message_id}@{env.destination}"
+    replay = env.headers.get(REPLAYED_FROM)
+    return base if replay is None else f"{base}#replay:{replay}"
 
 
 def _require_nats() -> None:
@@ -552,10 +566,8 @@ class NatsTransport:
                 # first call's lazy reply-subscription setup race-free.
                 async with self._issue_lock:
                     for env in envelopes:
-                        # One id per copy: an event fanned out to several endpoints
-                        # shares its message id, and JetStream dedups per stream.
                         headers = {
-                            "Nats-Msg-Id": f"{env.message_id}@{env.destination}",
+                            "Nats-Msg-Id": copy_id(env),
                             HEADER_MESSAGE_ID: env.message_id,
                         }
                         if env.traceparent:
