@@ -8,7 +8,9 @@ nothing are refused with the reason and leave the dead letter open.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,14 @@ from sagakit import (
 from sagakit.core.envelope import REPLAYED_FROM
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused
 from sagakit.runtime.dead_letters import DeadLetterDesk
+from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Tx
 from sagakit.stores.memory import MemoryStore
 from sagakit.stores.sqlite import SQLiteStore
+from sagakit.transports.embedded import EmbeddedTransport
 
 BANK = "bank"
+PG_DSN = os.environ.get("SAGAKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 EFFECTS = ["CREATE TABLE effects (message_id TEXT NOT NULL, op TEXT NOT NULL);"]
 
 
@@ -185,3 +190,52 @@ async def test_listing_pages_across_stores() -> None:
     settled = await desk.find(settled=True)
     assert [(i.store, i.letter.message_id) for i in settled.items] == [(BANK, "m2")]
     assert (await desk.find(store="shipping", endpoint="nowhere")).total == 0
+
+
+@pytest.mark.postgres
+async def test_a_replay_on_postgresql_is_one_transaction_with_its_settlement() -> None:
+    import psycopg
+
+    from sagakit.stores.postgres import PostgresStore
+
+    schema = f"sagakit_test_{uuid.uuid4().hex[:12]}"
+    store = PostgresStore(PG_DSN, schema=schema, name=BANK)
+    await store.open()
+    try:
+        sagas = MemoryStore()
+        await sagas.open()
+        desk = DeadLetterDesk([store], saga_store=sagas, consumers={BANK: store}, clock=time.time)
+        body = message("m-pg").to_json()
+        async with store.transaction() as tx:
+            await tx.dead_letter(BANK, "m-pg", body, "handler bug", 1.0)
+        [letter] = await store.dead_letters()
+        done = await desk.replay(BANK, letter.id, actor="ada", reason="fixed")
+        assert (done.letter.settlement, done.letter.settled_by) == ("replayed", "ada")
+        [(copy, published)] = await store.outbox_all()
+        assert published is None and copy.message_id == "m-pg"
+        assert copy.headers == {REPLAYED_FROM: f"{BANK}:{letter.id}"}
+        with pytest.raises(DeadLetterRefused, match="already replayed by ada"):
+            await desk.replay(BANK, letter.id, actor="bob", reason="again")
+        assert await store.outbox_pending() == 1
+    finally:
+        await store.close()
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def test_an_unroutable_message_replayed_too_early_is_parked_again() -> None:
+    store = MemoryStore("orchestrator")
+    await store.open()
+    relay = Relay(store, EmbeddedTransport({BANK: store}))
+    async with store.transaction() as tx:
+        await tx.outbox_add([message("m-lost").with_changes(destination="nowhere")], 1.0)
+    await relay.relay_once()
+    [letter] = await store.dead_letters()
+    assert letter.endpoint == "nowhere" and "unroutable" in letter.reason
+    desk = DeadLetterDesk([store], saga_store=store, consumers={}, clock=time.time)
+    await desk.replay("orchestrator", letter.id, actor="ada", reason="route deployed")
+    await relay.relay_once()  # it was not: the relay parks the replay again
+    old, new = await store.dead_letters()
+    assert (old.id, old.settlement, new.open) == (letter.id, "replayed", True)
+    assert new.message_id == "m-lost" and "unroutable" in new.reason
+    assert await store.dead_letter_count() == 1
