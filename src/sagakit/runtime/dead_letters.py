@@ -68,6 +68,7 @@ class DeadLetterDesk:
     ``stores`` are the engine's stores (looked up by name; the first of a name wins).
     ``consumers`` maps an endpoint to the store that keeps its inbox, for the "already
     handled" check; ``saga_store`` holds the saga instances, for the "terminal" check.
+    ``transport``, if it can list them (``dead_letters(limit)``), gives the broker's own.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class DeadLetterDesk:
         consumers: Mapping[str, Store],
         clock: Callable[[], float],
         transport: object = None,
+        on_replay: Callable[[Store], None] | None = None,
     ) -> None:
         self.stores: dict[str, Store] = {}
         for s in stores:
@@ -86,6 +88,8 @@ class DeadLetterDesk:
         self.consumers = dict(consumers)
         self.clock = clock
         self.transport = transport
+        self.on_replay = on_replay
+        """Called after a replay committed (the engine wakes that store's relay)."""
 
     def _store(self, name: str) -> Store:
         try:
@@ -157,6 +161,8 @@ class DeadLetterDesk:
             _check_open(store, locked)
             await tx.outbox_add([envelope], self.clock())
             await tx.dead_letter_settle(id, REPLAYED, actor, reason, self.clock())
+        if self.on_replay is not None:
+            self.on_replay(s)
         log.info(
             "replayed dead letter %s:%s (%s) by %s: %s",
             store,

@@ -131,6 +131,7 @@ class Engine:
             consumers=consumers,
             clock=clock,
             transport=self.transport,
+            on_replay=lambda s: self.wakeups.notify(f"outbox:{s.name}"),
         )
         """List, inspect, replay and discard the dead letters of this engine's stores."""
         self._wrap = self.faults.wrap_consumer
