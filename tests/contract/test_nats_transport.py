@@ -22,6 +22,8 @@ import pytest
 
 from sagakit.core.envelope import REPLAYED_FROM, Envelope, MessageKind
 from sagakit.errors import TransportError
+from sagakit.runtime.dead_letters import DeadLetterDesk
+from sagakit.stores.memory import MemoryStore
 from sagakit.transports.base import ACK, Delivery, Settle, retry
 from sagakit.transports.nats import NatsTransport
 
@@ -204,6 +206,16 @@ async def test_max_deliver_exhaustion_copies_the_message_into_the_dead_letter_st
         # Moved, not copied: the work stream no longer holds it.
         assert t._js is not None
         assert (await t._js.stream_info(t.stream)).state.messages == 0
+        # Operators see it beside the stores' dead letters.
+        desk = DeadLetterDesk(
+            [], saga_store=MemoryStore(), consumers={}, clock=time.time, transport=t
+        )
+        [listed] = await desk.broker_dead_letters()
+        assert (listed.transport, listed.endpoint, listed.message_id) == (
+            "NatsTransport",
+            "alpha",
+            msg.message_id,
+        )
 
 
 async def test_publish_raises_transport_error_when_the_server_is_unreachable() -> None:
