@@ -19,6 +19,10 @@ letter stays open (discard it instead):
 
 Discarding settles the dead letter without sending anything. Both keep the row with
 who, when and why (see :class:`~sagakit.stores.base.DeadLetter`).
+
+What the broker parked on its own side (NATS ``<stream>_dlq``, RabbitMQ's dead queue)
+is moved into the stores by :meth:`DeadLetterDesk.adopt_broker_dead_letters` (the
+engine's housekeeping), and from there handled like the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused, MessageError
 from sagakit.stores.base import DISCARDED, REPLAYED, DeadLetter, Store
+from sagakit.transports.base import ParkedByBroker
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,41 @@ class DeadLetterDesk:
             BrokerDeadLetter(kind, d.endpoint, d.message_id, d.reason, d.body)
             for d in await read(limit)
         ]
+
+    async def adopt_broker_dead_letters(self, limit: int = 100) -> int:
+        """Move up to ``limit`` of the broker's own dead letters into the stores' tables,
+        where they can be replayed and discarded like any other; return how many.
+
+        Each goes to the store of its consumer if this engine holds it, else to the
+        store named like its endpoint, else to the first store. The broker removes them
+        only after they were committed (see ``drain_dead_letters``). The engine's
+        housekeeping calls this.
+        """
+        drain = getattr(self.transport, "drain_dead_letters", None)
+        if drain is None or not self.stores:
+            return 0
+
+        async def park(items: Sequence[ParkedByBroker]) -> None:
+            now = self.clock()
+            groups: dict[str, list[ParkedByBroker]] = {}
+            for item in items:
+                groups.setdefault(self._home(item.endpoint).name, []).append(item)
+            for name, group in groups.items():
+                async with self.stores[name].transaction() as tx:
+                    for item in group:
+                        reason = f"parked by the broker: {item.reason}"
+                        await tx.dead_letter(item.endpoint, item.message_id, item.body, reason, now)
+
+        moved: int = await drain(park, limit)
+        if moved:
+            log.warning("moved %d dead letters from the broker into the stores", moved)
+        return moved
+
+    def _home(self, endpoint: str) -> Store:
+        found = self.consumers.get(endpoint) or self.stores.get(endpoint)
+        if found is not None and found.name in self.stores:
+            return self.stores[found.name]
+        return next(iter(self.stores.values()))
 
     async def replay(self, store: str, id: int, *, actor: str, reason: str) -> StoredDeadLetter:
         """Put the parked message back on its way; return the settled dead letter.

@@ -311,9 +311,10 @@ class Engine:
             await self.wakeups.wait(channel, max(timeout, 0.001))
 
     async def housekeeping(self) -> int:
-        """Purge inbox rows and published outbox rows older than their retentions.
+        """Purge inbox rows and published outbox rows older than their retentions, and
+        move the broker's own dead letters into the stores' dead-letter tables.
 
-        Returns how many rows were removed in all. The outbox is purged in batches, so
+        Returns how many rows were purged in all. The outbox is purged in batches, so
         a backlog after a long pause never holds long locks.
         """
         now = self.clock()
@@ -321,6 +322,8 @@ class Engine:
         for s in self.stores:
             removed += await s.inbox_purge(now - self.inbox_retention)
             removed += await s.outbox_purge(now - self.outbox_retention)
+        # The broker's own dead letters, into the stores: one place to replay them from.
+        await self.dead_letters.adopt_broker_dead_letters()
         return removed
 
     async def _listen_loop(self, store: Any) -> None:

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import BatchHandler, Delivery, Settle
+from sagakit.transports.base import BatchHandler, Delivery, ParkedByBroker, ParkSink, Settle
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -882,8 +882,8 @@ class NatsTransport:
         )
         await advisory.ack_sync(timeout=self.request_timeout)
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Read up to ``limit`` messages from ``<stream>_dlq`` (oldest first)."""
+    async def _read_dead_letters(self, limit: int) -> list[tuple[int, DeadLetter]]:
+        """Up to ``limit`` messages of ``<stream>_dlq``, oldest first, with their sequence."""
         from nats.js.errors import NotFoundError
 
         if self._js is None:
@@ -891,7 +891,7 @@ class NatsTransport:
         js = self._js
         assert js is not None
         info = await js.stream_info(self.dlq_stream)
-        out: list[DeadLetter] = []
+        out: list[tuple[int, DeadLetter]] = []
         seq = info.state.first_seq
         while seq and seq <= info.state.last_seq and len(out) < limit:
             try:
@@ -900,14 +900,33 @@ class NatsTransport:
                 seq += 1
                 continue
             headers = dict(raw.headers or {})
-            out.append(
-                DeadLetter(
-                    endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
-                    body=(raw.data or b"").decode("utf-8", errors="replace"),
-                    reason=headers.get(HEADER_REASON, ""),
-                    message_id=headers.get(HEADER_MESSAGE_ID),
-                    headers=headers,
-                )
+            letter = DeadLetter(
+                endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
+                body=(raw.data or b"").decode("utf-8", errors="replace"),
+                reason=headers.get(HEADER_REASON, ""),
+                message_id=headers.get(HEADER_MESSAGE_ID),
+                headers=headers,
             )
+            out.append((seq, letter))
             seq += 1
         return out
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Read up to ``limit`` messages from ``<stream>_dlq`` (oldest first)."""
+        return [letter for _, letter in await self._read_dead_letters(limit)]
+
+    async def drain_dead_letters(self, park: ParkSink, limit: int = 100) -> int:
+        """Hand up to ``limit`` messages of ``<stream>_dlq`` to ``park``, then delete
+        them from it; return how many (see :class:`~sagakit.transports.base.DrainsDeadLetters`)."""
+        from nats.js.errors import NotFoundError
+
+        found = await self._read_dead_letters(limit)
+        if not found:
+            return 0
+        await park([ParkedByBroker(d.endpoint, d.message_id, d.body, d.reason) for _, d in found])
+        js = self._js
+        assert js is not None
+        for seq, _ in found:
+            with contextlib.suppress(NotFoundError):  # another process drained it first
+                await js.delete_msg(self.dlq_stream, seq)
+        return len(found)
