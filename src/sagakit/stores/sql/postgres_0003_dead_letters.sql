@@ -19,4 +19,6 @@ CREATE INDEX dead_letters_open_idx ON dead_letters (endpoint, id) WHERE settled_
 -- outbox_purge finds old published rows through created_at (a row is published after
 -- it is created). Rows arrive in increasing created_at: a BRIN index is tiny and nearly
 -- free on the insert path, where a B-tree on published_at would cost every relay mark.
+-- Building it is one sequential scan of the outbox, during which inserts wait: on an
+-- outbox that already grew very large, apply this step in a quiet moment.
 CREATE INDEX outbox_created_brin ON outbox USING brin (created_at);
