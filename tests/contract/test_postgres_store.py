@@ -749,3 +749,18 @@ async def test_notify_can_be_turned_off(make_store: MakeStore) -> None:
                 await asyncio.wait_for(anext(notes), 0.3)
         finally:
             await notes.aclose()
+
+
+async def test_outbox_purge_skips_rows_another_transaction_holds(make_store: MakeStore) -> None:
+    async with opened(make_store(max_size=4)) as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope(f"m{i}") for i in range(5)], now=1.0)
+        rows = await store.outbox_claim(10, now=1.0, lease=60.0)
+        await store.outbox_mark_published([r.id for r in rows], now=2.0)
+        async with store.transaction() as tx:
+            await tx.fetchone("SELECT id FROM outbox WHERE message_id = ? FOR UPDATE", ("m0",))
+            # Another task purges meanwhile: it neither waits for the lock nor fails.
+            purge = asyncio.create_task(store.outbox_purge(10.0, batch=2))
+            assert await asyncio.wait_for(purge, timeout=5.0) == 4
+        assert [e.message_id for e, _ in await store.outbox_all()] == ["m0"]
+        assert await store.outbox_purge(10.0) == 1
