@@ -82,7 +82,7 @@ def _migrations(engine: Engine, name: str, store: SQLStore) -> None:
 def build_worker(
     store_url: str, broker_url: str, *, command_timeout: float | None = None, **engine_kw: Any
 ) -> Engine:
-    """Orchestrator and timers on the orchestrator's store.
+    """Orchestrator and timers on the orchestrator's store (housekeeping runs in the relay).
 
     ``command_timeout``: seconds the first attempt of a command waits for its answer
     (later attempts wait longer; see :data:`~sagakit_checkout.sagas.RETRY`).
@@ -96,7 +96,7 @@ def build_worker(
         service_store(store_url, "orchestrator"),
         [definition],
         transport=transport_from_url(broker_url, endpoints=ENDPOINTS),
-        roles={"orchestrator", "timers", "housekeeping"},
+        roles={"orchestrator", "timers"},
         **engine_kw,
     )
 
@@ -104,14 +104,16 @@ def build_worker(
 def build_relay(
     store_url: str, broker_url: str, services: Sequence[str] = STORES, **engine_kw: Any
 ) -> Engine:
-    """Relays for the outboxes of ``services`` (all five stores by default)."""
+    """Relays for the outboxes of ``services`` (all five stores by default), and the
+    housekeeping of those stores: inbox and outbox retention, and the broker's own dead
+    letters moved into them. The relay is the one process that holds every store."""
     stores = [service_store(store_url, s) for s in services]
     return Engine(
         stores[0],
         [],
         extra_stores=stores[1:],
         transport=transport_from_url(broker_url, endpoints=ENDPOINTS),
-        roles={"relays"},
+        roles={"relays", "housekeeping"},
         **engine_kw,
     )
 

@@ -80,3 +80,11 @@ class UnroutableMessage(TransportError):
 
 class ManualActionRefused(SagakitError):
     """That manual action does not apply to the saga in its current state."""
+
+
+class DeadLetterNotFound(SagakitError):
+    """No dead letter has that id in that store."""
+
+
+class DeadLetterRefused(SagakitError):
+    """That action does not apply to the dead letter (settled already, or pointless)."""

@@ -38,6 +38,10 @@ POLICY = {
     ("POST", "/sagas/{saga_id}/actions"): "operator",
     ("GET", "/manual-cases"): "viewer",
     ("GET", "/audit"): "admin",
+    ("GET", "/dead-letters"): "viewer",
+    ("GET", "/dead-letters/{store}/{id}"): "viewer",
+    ("POST", "/dead-letters/{store}/{id}/replay"): "operator",
+    ("POST", "/dead-letters/{store}/{id}/discard"): "operator",
     ("GET", "/healthz"): "viewer",
     ("GET", "/readyz"): "viewer",
     ("GET", "/metrics"): "viewer",
@@ -46,6 +50,8 @@ POLICY = {
 ALLOWED_STATUS = {
     ("POST", "/orders"): 202,
     ("POST", "/sagas/{saga_id}/actions"): 409,  # a SUCCEEDED saga takes no manual action
+    ("POST", "/dead-letters/{store}/{id}/replay"): 409,  # the matrix's is settled already
+    ("POST", "/dead-letters/{store}/{id}/discard"): 409,
 }
 BAD_HEADERS = [
     None,
@@ -67,6 +73,8 @@ def _request(method: str, path: str, ids: dict[str, str], n: int) -> dict[str, A
     if path == "/orders":
         kw["json"] = order_body()
         kw["headers"]["Idempotency-Key"] = f"matrix-{n}"
+    elif path.endswith(("/replay", "/discard")):
+        kw["json"] = {"reason": "matrix"}
     elif path.endswith("/actions"):
         kw["json"] = {"action": "retry", "reason": "matrix"}
     elif path.endswith("/batch"):
@@ -82,7 +90,12 @@ def _request(method: str, path: str, ids: dict[str, str], n: int) -> dict[str, A
 async def test_every_route_needs_a_token_and_the_right_role(tmp_path: Path) -> None:
     async with running_api(tmp_path) as env:
         ok = await env.settled("seed")
+        async with env.engine.store.transaction() as tx:
+            await tx.dead_letter("orchestrator", "m-matrix", "{}", "test", 1.0)
+        [letter] = await env.engine.store.dead_letters()
+        await env.engine.dead_letters.discard("orchestrator", letter.id, actor="t", reason="t")
         ids = {"order_id": ok["order_id"], "saga_id": ok["saga_id"], "sku": "sku-1"}
+        ids |= {"store": "orchestrator", "id": str(letter.id)}
         doc = (await env.client.get("/openapi.json", headers=auth("viewer"))).json()
         documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
         assert documented == set(POLICY), "the matrix must cover every documented route"

@@ -8,6 +8,7 @@ operation and generation mode, no shrinking, no example database.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,19 @@ def _known_ids(app: CheckoutApp) -> dict[str, str]:
             if order["terminal"]:
                 break
             time.sleep(0.05)
-    return {"order_id": placed["order_id"], "saga_id": placed["saga_id"], "sku": "sku-1"}
+    # A dead letter that exists, written beside the running engine (SQLite allows it).
+    with sqlite3.connect(app.data_dir / "payment.db") as conn:
+        row = conn.execute(
+            "INSERT INTO dead_letters (endpoint, message_id, body, reason, at) "
+            "VALUES ('payment', 'm-known', '{}', 'schemathesis', 1.0) RETURNING id"
+        ).fetchone()
+    return {
+        "order_id": placed["order_id"],
+        "saga_id": placed["saga_id"],
+        "sku": "sku-1",
+        "store": "payment",
+        "id": str(row[0]),
+    }
 
 
 def _fuzz(
@@ -106,7 +119,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         schema.validate()
         operations = [result.ok() for result in schema.get_all_operations()]
         # Every route but /openapi.json itself, which schemathesis leaves out.
-        assert len(operations) == 15, " | ".join(o.label for o in operations)
+        assert len(operations) == 19, " | ".join(o.label for o in operations)
         calls: dict[str, int] = {}
         modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
         for operation in operations:
@@ -124,5 +137,6 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         assert any(k.startswith("GET /sagas 200") for k in calls), calls
         assert any(k.startswith("GET /sagas/{saga_id} 200") for k in calls), calls
         assert any(k.startswith("GET /orders/{order_id}/events 200") for k in calls), calls
+        assert any(k.startswith("GET /dead-letters/{store}/{id} 200") for k in calls), calls
     finally:
         asgi.shutdown_lifespans()

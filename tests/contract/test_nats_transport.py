@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 
-from sagakit.core.envelope import Envelope, MessageKind
+from sagakit.core.envelope import REPLAYED_FROM, Envelope, MessageKind
 from sagakit.errors import TransportError
-from sagakit.transports.base import ACK, Delivery, Settle, retry
+from sagakit.runtime.dead_letters import DeadLetterDesk
+from sagakit.stores.memory import MemoryStore
+from sagakit.transports.base import ACK, Delivery, ParkedByBroker, Settle, retry
 from sagakit.transports.nats import NatsTransport
 
 pytest.importorskip("nats")
@@ -136,6 +138,24 @@ async def test_the_broker_drops_a_message_id_published_again_within_the_window()
         assert [e.message_id for e, _, _ in alpha.got] == [msg.message_id]
 
 
+async def test_a_replayed_dead_letter_is_a_new_copy_and_its_re_publish_is_still_dropped() -> None:
+    async with topology(ack_wait=2.0) as make:
+        alpha = Recorder()
+        t = await consuming(make(), alpha=alpha)
+        msg = envelope(1)
+        await t.publish([msg])
+        await alpha.wait_for(1)
+        first = msg.with_changes(headers={REPLAYED_FROM: "alpha:7"})
+        await t.publish([first])  # an operator replayed the parked message
+        await t.publish([first])  # the relay re-published that outbox row
+        await alpha.wait_for(2)
+        second = msg.with_changes(headers={REPLAYED_FROM: "alpha:9"})  # parked, replayed again
+        await t.publish([second])
+        await alpha.wait_for(3)
+        await asyncio.sleep(0.3)
+        assert [e for e, _, _ in alpha.got] == [msg, first, second]
+
+
 async def test_in_progress_acks_keep_a_slow_handler_s_message_from_redelivery() -> None:
     # ack_wait 1 s, the handler takes 2.5 s; two processes consume the endpoint, so a
     # redelivery would reach the other one while the first still works on it.
@@ -186,6 +206,50 @@ async def test_max_deliver_exhaustion_copies_the_message_into_the_dead_letter_st
         # Moved, not copied: the work stream no longer holds it.
         assert t._js is not None
         assert (await t._js.stream_info(t.stream)).state.messages == 0
+        # Operators see it beside the stores' dead letters.
+        desk = DeadLetterDesk(
+            [], saga_store=MemoryStore(), consumers={}, clock=time.time, transport=t
+        )
+        [listed] = await desk.broker_dead_letters()
+        assert (listed.transport, listed.endpoint, listed.message_id) == (
+            "NatsTransport",
+            "alpha",
+            msg.message_id,
+        )
+
+
+async def test_dead_letters_are_drained_into_a_store_then_replayed_as_a_new_copy() -> None:
+    async with topology(ack_wait=1.0, max_deliver=1) as make:
+        fixed = [False]
+        alpha = Recorder(lambda env, d: ACK if fixed[0] else retry(0.05, "consumer bug"))
+        t = await consuming(make(), alpha=alpha)
+        msg = envelope(1)
+        await t.publish([msg])
+        for _ in range(100):
+            if await t.dead_letters():
+                break
+            await asyncio.sleep(0.1)
+
+        async def broken(items: Sequence[ParkedByBroker]) -> None:
+            raise RuntimeError("the store is down")
+
+        with pytest.raises(RuntimeError, match="the store is down"):
+            await t.drain_dead_letters(broken)
+        assert len(await t.dead_letters()) == 1  # kept at the broker
+        store = MemoryStore("alpha")
+        await store.open()
+        desk = DeadLetterDesk([store], saga_store=store, consumers={}, clock=time.time, transport=t)
+        assert await desk.adopt_broker_dead_letters() == 1
+        assert await t.dead_letters() == []
+        [parked] = await store.dead_letters()
+        assert parked.endpoint == "alpha" and parked.message_id == msg.message_id
+        assert parked.reason.startswith("parked by the broker: JetStream gave up")
+        fixed[0] = True
+        await desk.replay("alpha", parked.id, actor="ada", reason="consumer fixed")
+        [row] = await store.outbox_claim(10, time.time(), 5.0)
+        await t.publish([row.envelope])  # what the relay does; not dropped as a duplicate
+        await alpha.wait_for(2)
+        assert [e.message_id for e, _, _ in alpha.got] == [msg.message_id] * 2
 
 
 async def test_publish_raises_transport_error_when_the_server_is_unreachable() -> None:

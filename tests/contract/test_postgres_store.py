@@ -215,7 +215,7 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3)]
     finally:
         for s in stores:
             await s.close()
@@ -279,7 +279,13 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
+        assert steps == [
+            ("payments", 1),
+            ("payments", 2),
+            ("sagakit", 1),
+            ("sagakit", 2),
+            ("sagakit", 3),
+        ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
 
@@ -743,3 +749,18 @@ async def test_notify_can_be_turned_off(make_store: MakeStore) -> None:
                 await asyncio.wait_for(anext(notes), 0.3)
         finally:
             await notes.aclose()
+
+
+async def test_outbox_purge_skips_rows_another_transaction_holds(make_store: MakeStore) -> None:
+    async with opened(make_store(max_size=4)) as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope(f"m{i}") for i in range(5)], now=1.0)
+        rows = await store.outbox_claim(10, now=1.0, lease=60.0)
+        await store.outbox_mark_published([r.id for r in rows], now=2.0)
+        async with store.transaction() as tx:
+            await tx.fetchone("SELECT id FROM outbox WHERE message_id = ? FOR UPDATE", ("m0",))
+            # Another task purges meanwhile: it neither waits for the lock nor fails.
+            purge = asyncio.create_task(store.outbox_purge(10.0, batch=2))
+            assert await asyncio.wait_for(purge, timeout=5.0) == 4
+        assert [e.message_id for e, _ in await store.outbox_all()] == ["m0"]
+        assert await store.outbox_purge(10.0) == 1

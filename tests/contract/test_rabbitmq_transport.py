@@ -20,7 +20,9 @@ import pytest
 
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.errors import TransportError, UnroutableMessage
-from sagakit.transports.base import ACK, Delivery, Settle, retry
+from sagakit.runtime.dead_letters import DeadLetterDesk
+from sagakit.stores.memory import MemoryStore
+from sagakit.transports.base import ACK, Delivery, ParkedByBroker, Settle, retry
 from sagakit.transports.rabbitmq import RabbitMqTransport
 
 aio_pika = pytest.importorskip("aio_pika")
@@ -167,6 +169,41 @@ async def test_the_delivery_limit_dead_letters_with_the_reason() -> None:
         death = dead.headers["x-death"][0]
         assert death["reason"] == "delivery_limit"
         assert death["queue"] == t.queue_name("alpha")
+
+
+async def test_dead_letters_are_drained_into_a_store_and_only_then_acknowledged() -> None:
+    async with world() as w:
+        t = w.transport(delivery_limit=1, failure_pause=0.02)
+        t.subscribe("alpha", Recorder(fail=True))
+        await t.open()
+        msgs = [envelope(1), envelope(2)]
+        await t.publish(msgs)
+        await t.start()
+        await w.wait_depth(t.dead_letter_queue, 2)
+        await t.close()
+
+        async def broken(items: Sequence[ParkedByBroker]) -> None:
+            raise RuntimeError("the store is down")
+
+        with pytest.raises(RuntimeError, match="the store is down"):
+            await t.drain_dead_letters(broken)
+        await w.wait_depth(t.dead_letter_queue, 2)  # put back, nothing lost
+        store = MemoryStore("alpha")
+        await store.open()
+        desk = DeadLetterDesk([store], saga_store=store, consumers={}, clock=time.time, transport=t)
+        assert await desk.adopt_broker_dead_letters(limit=1) == 1
+        assert await desk.adopt_broker_dead_letters() == 1
+        assert await desk.adopt_broker_dead_letters() == 0
+        assert await w.depth(t.dead_letter_queue) == 0
+        parked = await store.dead_letters(settled=False)
+        assert sorted(d.message_id or "" for d in parked) == sorted(m.message_id for m in msgs)
+        assert {d.endpoint for d in parked} == {"alpha"}
+        assert "delivery_limit" in parked[0].reason and t.queue_name("alpha") in parked[0].reason
+        assert sorted(d.body for d in parked) == sorted(m.to_json() for m in msgs)
+        # From there a replay goes out through the store's outbox like any other.
+        await desk.replay("alpha", parked[0].id, actor="ada", reason="consumer fixed")
+        [(copy, _)] = await store.outbox_all()
+        assert copy.message_id == parked[0].message_id
 
 
 @pytest.mark.parametrize("max_hold", [60.0, 0.1], ids=["held", "retry-queue"])

@@ -492,6 +492,32 @@ async def test_inbox_purge(open_store: OpenStore) -> None:
             assert await tx.inbox_add("payments", "old", now=11.0) is True
 
 
+async def test_inbox_has(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.inbox_add("payments", "m1", now=1.0)
+        assert await store.inbox_has("payments", "m1")
+        assert not await store.inbox_has("shipping", "m1")
+        assert not await store.inbox_has("payments", "m2")
+
+
+async def test_outbox_purge_deletes_only_rows_published_before_the_cutoff(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope(f"m{n}") for n in range(7)], now=1.0)
+        rows = await store.outbox_claim(10, now=2.0, lease=5.0)
+        await store.outbox_mark_published([r.id for r in rows[:5]], now=3.0)  # old
+        await store.outbox_mark_published([rows[5].id], now=20.0)  # recent
+        # rows[6] is never published: however old, it must stay for the relay.
+        assert await store.outbox_purge(10.0, batch=2) == 5  # three batches: 2, 2, 1
+        assert await store.outbox_purge(10.0, batch=2) == 0
+        left = await store.outbox_all()
+        assert [(e.message_id, at) for e, at in left] == [("m5", 20.0), ("m6", None)]
+        assert await store.outbox_pending() == 1
+
+
 # -- idempotency ---------------------------------------------------------------------
 
 
@@ -565,6 +591,92 @@ async def test_a_message_is_parked_once_per_endpoint(open_store: OpenStore) -> N
             ("payments", "m1"),
             ("shipping", "m1"),
         ]
+
+
+async def test_settling_a_dead_letter_keeps_it_with_who_when_and_why(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.dead_letter("payments", "m1", "{}", "unknown type", now=1.0)
+            await tx.dead_letter("payments", "m2", "{}", "unknown type", now=2.0)
+        first, second = await store.dead_letters()
+        assert first.open and first.settlement is None
+        async with store.transaction() as tx:
+            locked = await tx.dead_letter_get(first.id)
+            assert locked == first
+            assert await tx.dead_letter_settle(first.id, "discarded", "ada", "test data", 5.0)
+            # Settled once: a second settlement (a concurrent operator) changes nothing.
+            assert not await tx.dead_letter_settle(first.id, "replayed", "bob", "again", 6.0)
+            assert not await tx.dead_letter_settle(10**9, "replayed", "bob", "missing", 6.0)
+            assert await tx.dead_letter_get(10**9) is None
+        settled = await store.get_dead_letter(first.id)
+        assert settled is not None and not settled.open
+        assert (settled.settlement, settled.settled_by, settled.settled_at) == (
+            "discarded",
+            "ada",
+            5.0,
+        )
+        assert settled.settle_reason == "test data" and settled.reason == "unknown type"
+        assert await store.get_dead_letter(10**9) is None
+        # A settled dead letter no longer counts as open, but stays listed.
+        assert await store.dead_letter_count() == 1
+        assert await store.dead_letter_count(settled=True) == 1
+        assert await store.dead_letter_count(settled=None) == 2
+        assert [d.id for d in await store.dead_letters(settled=False)] == [second.id]
+        assert [d.id for d in await store.dead_letters("payments", settled=True)] == [first.id]
+        assert [d.id for d in await store.dead_letters()] == [first.id, second.id]
+
+
+async def test_a_settlement_rolls_back_with_its_transaction(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.dead_letter("payments", "m1", "{}", "unknown type", now=1.0)
+        [letter] = await store.dead_letters()
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                assert await tx.dead_letter_settle(letter.id, "replayed", "ada", "fixed", 2.0)
+                await tx.outbox_add([envelope("m1")], now=2.0)
+                raise Boom
+        assert await store.get_dead_letter(letter.id) == letter
+        assert await store.outbox_pending() == 0
+
+
+async def test_a_settlement_must_be_replayed_or_discarded(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.dead_letter("payments", "m1", "{}", "unknown type", now=1.0)
+        [letter] = await store.dead_letters()
+        with pytest.raises(StoreError, match="replayed"):
+            async with store.transaction() as tx:
+                await tx.dead_letter_settle(letter.id, "forgotten", "ada", "?", 2.0)
+        assert (await store.get_dead_letter(letter.id)) == letter
+
+
+async def test_a_replayed_message_that_fails_again_is_parked_again(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.dead_letter("payments", "m1", "{}", "handler bug", now=1.0)
+        [letter] = await store.dead_letters()
+        async with store.transaction() as tx:
+            await tx.dead_letter_settle(letter.id, "replayed", "ada", "handler fixed", 2.0)
+        for _ in range(2):  # parked anew, and still once while open
+            async with store.transaction() as tx:
+                await tx.dead_letter("payments", "m1", "{}", "still broken", now=3.0)
+        old, new = await store.dead_letters()
+        assert (old.id, old.settlement) == (letter.id, "replayed")
+        assert new.open and new.reason == "still broken" and new.message_id == "m1"
+
+
+async def test_dead_letters_page(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            for n in range(5):
+                await tx.dead_letter("payments", f"m{n}", "{}", "unknown type", now=float(n))
+        page = await store.dead_letters(limit=2, offset=1)
+        assert [d.message_id for d in page] == ["m1", "m2"]
+        assert [d.message_id for d in await store.dead_letters(offset=4)] == ["m4"]
+        assert await store.dead_letters(limit=0) == []
 
 
 # -- mailbox queue -------------------------------------------------------------------
@@ -879,6 +991,7 @@ async def test_dead_letter_count(open_store: OpenStore) -> None:
         assert await store.dead_letter_count() == 3
         assert await store.dead_letter_count("payments") == 2
         assert await store.dead_letter_count("nowhere") == 0
+        assert await store.dead_letter_count(settled=True) == 0
 
 
 # -- SQLite only ---------------------------------------------------------------------
@@ -923,7 +1036,7 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,27 @@ async def test_housekeeping_purges_old_inbox_rows_only(tmp_path: Path) -> None:
         engine.inbox_retention = -1.0  # now every row is past the retention
         assert await engine.housekeeping() > 0
         assert not await engine.store.inbox_ids("orchestrator.local")
+
+
+async def test_housekeeping_purges_published_outbox_rows_past_the_retention(
+    tmp_path: Path,
+) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls)], outbox_retention=3600) as engine:
+        inst = await engine.start("trip", "trip-o")
+        await engine.wait(inst.saga_id, timeout=10)
+        for _ in range(200):  # the relay may still be publishing the last transition's rows
+            if not await engine.store.outbox_pending():
+                break
+            await asyncio.sleep(0.01)
+        sent = await engine.store.outbox_all()
+        assert sent and all(at is not None for _, at in sent)
+        assert await engine.housekeeping() == 0  # everything is recent
+        assert await engine.store.outbox_all() == sent
+        engine.outbox_retention = -1.0  # now every published row is past the retention
+        assert await engine.housekeeping() >= len(sent)
+        assert await engine.store.outbox_all() == []
+        assert (await engine.get(inst.saga_id)).state is SagaState.SUCCEEDED
 
 
 async def test_periodic_jobs_run_while_the_engine_runs(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sagakit.api import health, orders, sagas
+from sagakit.api import dead_letters, health, orders, sagas
 from sagakit.api.auth import Role, TokenStore
 from sagakit.api.console_mount import console_mount
 from sagakit.api.http import (
@@ -83,7 +83,12 @@ def create_app(
         sse_poll=sse_poll,
         sse_max_seconds=sse_max_seconds,
     )
-    endpoints = [*orders.endpoints(ctx), *sagas.endpoints(ctx), *health.endpoints(ctx)]
+    endpoints = [
+        *orders.endpoints(ctx),
+        *sagas.endpoints(ctx),
+        *dead_letters.endpoints(ctx),
+        *health.endpoints(ctx),
+    ]
     document: dict[str, object] = {}
 
     async def openapi(request: Request) -> Response:

@@ -219,7 +219,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``sagas`` and ``manual-cases`` to the ``sagakit`` command line."""
+    """Add ``serve``, ``sagas``, ``manual-cases`` and ``dead-letters`` to the command line."""
     serve = subparsers.add_parser(
         "serve",
         help="run the embedded checkout and the HTTP API",
@@ -286,3 +286,6 @@ def register(subparsers: Any) -> None:
     manual.add_argument("--offset", type=int, default=0)
     _client_options(manual)
     manual.set_defaults(func=_runner(_manual))
+    from sagakit.api.cli_dead_letters import register as register_dead_letters
+
+    register_dead_letters(subparsers)

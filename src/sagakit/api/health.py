@@ -89,7 +89,11 @@ class Metrics:
             "Age of the oldest unpublished outbox row, per store (0 when none waits).",
             lag,
         )
-        gauge("sagakit_dead_letters", "Messages parked as dead letters, per store.", dead)
+        gauge(
+            "sagakit_dead_letters",
+            "Dead letters nobody replayed or discarded yet, per store.",
+            dead,
+        )
         gauge("sagakit_mailbox_depth", "Messages waiting in a store's mailboxes.", depth)
         return "\n".join(lines) + "\n" + self.registry.exposition()
 

@@ -278,6 +278,50 @@ SCHEMAS: dict[str, Any] = {
         ["audit_id", "at", "actor", "role", "action", "outcome"],
     ),
     "AuditPage": _page("AuditRow"),
+    "DeadLetter": _obj(
+        {
+            **_fields("store:str id:int endpoint:str message_id:str? type:str? saga_id:str?"),
+            **_fields("reason:str at:num"),
+            "status": {"type": "string", "enum": ["open", "replayed", "discarded"]},
+            **_fields("settled_by:str? settled_at:num? settle_reason:str?"),
+        },
+        ["store", "id", "endpoint", "reason", "at", "status"],
+    ),
+    "DeadLetterDetail": {
+        "allOf": [
+            _ref("DeadLetter"),
+            _obj(_fields("body:str envelope:obj? parse_error:str?"), ["body"]),
+        ]
+    },
+    "BrokerDeadLetter": _obj(
+        _fields("transport:str endpoint:str message_id:str? reason:str body:str"),
+        ["transport", "endpoint", "reason", "body"],
+    ),
+    "DeadLetterPage": {
+        **_page("DeadLetter"),
+        "properties": {
+            **_page("DeadLetter")["properties"],
+            **_fields("total:int status:str broker_error:str?"),
+            "stores": {"type": "array", "items": STR},
+            "broker": {"type": "array", "items": _ref("BrokerDeadLetter")},
+        },
+    },
+    "DeadLetterActionRequest": _obj(
+        {
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_REASON,
+                "pattern": "\\S",
+                "description": "Why (mandatory; kept with the dead letter and audited).",
+            }
+        },
+        ["reason"],
+        closed=True,
+    ),
+    "DeadLetterActionResult": _obj(
+        {"action": STR, "dead_letter": _ref("DeadLetterDetail")}, ["action", "dead_letter"]
+    ),
     "PaymentRow": _obj(_fields("order_id:str op:str amount:int provider_ref:str at:num")),
     "PaymentPage": _page("PaymentRow"),
     "Stock": _obj(

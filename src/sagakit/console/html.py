@@ -65,7 +65,11 @@ def layout(
     """A whole page. ``live`` is the URL of its event stream (the script refreshes the
     ``#content`` element when the stream reports a ``tag`` other than the page's)."""
     live_attr = f' data-live="{e(live)}" data-tag="{e(tag)}"' if live else ""
-    links = [("sagas", f"{base}/", "Sagas"), ("manual", f"{base}/manual", "Manual queue")]
+    links = [
+        ("sagas", f"{base}/", "Sagas"),
+        ("manual", f"{base}/manual", "Manual queue"),
+        ("dead-letters", f"{base}/dead-letters", "Dead letters"),
+    ]
     menu = "".join(
         f'<a href="{e(href)}"{" class=current" if key == nav else ""}>{label}</a>'
         for key, href, label in links

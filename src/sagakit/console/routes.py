@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from sagakit.console import dead_letters as dl
 from sagakit.console import html as h
 from sagakit.console import pages
 from sagakit.console.http import (
@@ -28,8 +29,14 @@ from sagakit.console.svg import flow_svg, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
 from sagakit.core.machine import ManualAction
-from sagakit.errors import ManualActionRefused, SagaNotFound
+from sagakit.errors import (
+    DeadLetterNotFound,
+    DeadLetterRefused,
+    ManualActionRefused,
+    SagaNotFound,
+)
 from sagakit.graph import to_dot, to_mermaid, to_svg
+from sagakit.runtime.dead_letters import BrokerDeadLetter
 from sagakit.runtime.engine import Engine
 
 ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
@@ -210,13 +217,16 @@ class _Console:
         return static_file(request.path_params["name"])
 
     # -- decisions --------------------------------------------------------------------
-    async def act(self, request: Request) -> Response:
+    async def decision_form(
+        self, request: Request, what: str
+    ) -> tuple[str, dict[str, str]] | Response:
+        """``(who, form)`` of a decision post, or the error page that refuses it."""
         if not self.can_act(request):
-            why = "You may look at sagas but not act on them."
+            why = f"You may look at {what} but not act on them."
             return self.error(request, 403, "Not allowed", why)
         who = self.who(request)
         if not who:
-            return self.error(request, 403, "Who are you?", "Sign in before deciding on a saga.")
+            return self.error(request, 403, "Who are you?", "Sign in before deciding.")
         form = await read_form(request)
         if form is None:
             why = "Send the form as application/x-www-form-urlencoded, at most 64 KiB."
@@ -224,6 +234,22 @@ class _Console:
         if not self.csrf.check(request, form.get("csrf", ""), who):
             why = "This form did not come from this console, or it expired. Reload the page."
             return self.error(request, 403, "Form refused", why)
+        return who, form
+
+    def back(self, request: Request, form: dict[str, str], fallback: str, done: str) -> Response:
+        """Redirect to the form's ``next`` page (only inside the console), else ``fallback``."""
+        base = self.base(request)
+        target = form.get("next", "").split("?")[0]
+        # Only back into the console: never an open redirect.
+        if not target.startswith(base + "/") or "//" in target or "\\" in target:
+            target = base + fallback
+        return RedirectResponse(h.url("", target, {"done": done}), status_code=303)
+
+    async def act(self, request: Request) -> Response:
+        checked = await self.decision_form(request, "sagas")
+        if isinstance(checked, Response):
+            return checked
+        who, form = checked
         action, reason = form.get("action", ""), form.get("reason", "").strip()
         if action not in ACTIONS:
             return self.error(request, 400, "Unknown action", f"Choose one of {sorted(ACTIONS)}.")
@@ -255,12 +281,61 @@ class _Console:
             return self.error(request, 404, "No such saga", "There is no saga with this id.")
         except ManualActionRefused as exc:
             return self.error(request, 409, "Decision refused", str(exc))
-        base = self.base(request)
-        target = form.get("next", "").split("?")[0]
-        # Only back into the console: never an open redirect.
-        if not target.startswith(base + "/") or "//" in target or "\\" in target:
-            target = f"{base}/sagas/{h.seg(saga_id)}"
-        return RedirectResponse(h.url("", target, {"done": action}), status_code=303)
+        return self.back(request, form, f"/sagas/{h.seg(saga_id)}", action)
+
+    async def dead_letters(self, request: Request) -> Response:
+        p = request.query_params
+        status = p.get("status", "open")
+        status = status if status in dl.STATUSES else "open"
+        offset = int(p["offset"]) if p.get("offset", "").isdigit() else 0
+        desk = self.engine.dead_letters
+        settled = {"open": False, "settled": True, "all": None}[status]
+        found = await desk.find(settled=settled, limit=dl.PAGE_SIZE, offset=offset)
+        broker: list[BrokerDeadLetter] = []
+        broker_error = None
+        if offset == 0 and status != "settled":
+            try:
+                broker = await desk.broker_dead_letters()
+            except Exception as exc:  # a broker that is down must not hide the stores' list
+                broker_error = f"Could not read the broker's dead letters: {exc!r}"
+        done = p.get("done", "")
+        token, nonce = self.csrf.issue(request, self.who(request))
+        body = dl.dead_letters_page(
+            self.base(request),
+            page=found,
+            status=status,
+            offset=offset,
+            broker=broker,
+            broker_error=broker_error,
+            csrf=token,
+            can_act=self.can_act(request),
+            flash=f"Dead letter {dl.SETTLEMENTS[done]}." if done in dl.SETTLEMENTS else "",
+        )
+        return self.page(request, body, nonce=nonce)
+
+    async def settle_dead_letter(self, request: Request) -> Response:
+        checked = await self.decision_form(request, "dead letters")
+        if isinstance(checked, Response):
+            return checked
+        who, form = checked
+        settlement, reason = form.get("settlement", ""), form.get("reason", "").strip()
+        if settlement not in dl.SETTLEMENTS:
+            return self.error(request, 400, "Unknown action", "Choose replay or discard.")
+        if not reason:
+            why = "Every replay or discard needs a reason; it is kept with the dead letter."
+            return self.error(request, 400, "Reason missing", why)
+        store, raw_id = request.path_params["store"], request.path_params["id"]
+        if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
+            return self.error(request, 404, "No such dead letter", "Dead letter ids are numbers.")
+        desk = self.engine.dead_letters
+        run = desk.replay if settlement == "replay" else desk.discard
+        try:
+            await run(store, int(raw_id), actor=who, reason=reason[:1000])
+        except DeadLetterNotFound as exc:
+            return self.error(request, 404, "No such dead letter", str(exc))
+        except DeadLetterRefused as exc:
+            return self.error(request, 409, f"{settlement.capitalize()} refused", str(exc))
+        return self.back(request, form, "/dead-letters", settlement)
 
     # -- live events ------------------------------------------------------------------
     async def saga_events(self, request: Request) -> Response:
@@ -329,5 +404,12 @@ def console_routes(
         Route("/sagas/{saga_id}/act", c.act, methods=["POST"], name="console_act"),
         Route("/sagas/{saga_id}/events", c.saga_events, name="console_saga_events"),
         Route("/sagas/{saga_id}/pictures/{name}", c.picture, name="console_picture"),
+        Route("/dead-letters", c.dead_letters, name="console_dead_letters"),
+        Route(
+            "/dead-letters/{store}/{id}/settle",
+            c.settle_dead_letter,
+            methods=["POST"],
+            name="console_settle_dead_letter",
+        ),
         Route("/static/{name}", c.static, name="console_static"),
     ]

@@ -215,6 +215,14 @@ A participant that recorded a *definite failure* for the key runs the handler ag
 (recording the new outcome under ``key#m<n>``); a recorded success is still replayed."""
 
 
+REPLAYED_FROM = "sagakit-replayed-from"
+"""Header on a message a person replayed from a dead letter: ``<store>:<dead letter id>``.
+
+The message id stays the same, so the consumer's inbox still recognises a message it
+handled; the header makes each replay a distinct copy for brokers that deduplicate on
+their own (NATS JetStream's ``Nats-Msg-Id``), which would otherwise drop it."""
+
+
 # --- replies -------------------------------------------------------------------------
 # A reply's payload is {"ok": true, "result": {...}} or
 # {"ok": false, "reason": "...", "retryable": bool}.

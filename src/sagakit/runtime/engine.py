@@ -23,6 +23,7 @@ from sagakit.core.instance import SagaInstance
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime.consumer import FaultHook
+from sagakit.runtime.dead_letters import DeadLetterDesk
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
@@ -63,6 +64,7 @@ class Engine:
         idle_poll: float = 0.5,
         batch_size: int = 256,
         inbox_retention: float = 7 * 86400.0,
+        outbox_retention: float = 7 * 86400.0,
         housekeeping_every: float = 600.0,
     ) -> None:
         unknown = set(roles) - ALL_ROLES
@@ -120,12 +122,27 @@ class Engine:
             )
             for s in self.stores
         ]
+        consumers: dict[str, Store] = {p.name: p.store for p in self.participants}
+        consumers[self.orchestrator.endpoint] = store
+        consumers[self.orchestrator.local_endpoint] = store
+        self.dead_letters = DeadLetterDesk(
+            self.stores,
+            saga_store=store,
+            consumers=consumers,
+            clock=clock,
+            transport=self.transport,
+            on_replay=lambda s: self.wakeups.notify(f"outbox:{s.name}"),
+        )
+        """List, inspect, replay and discard the dead letters of this engine's stores."""
         self._wrap = self.faults.wrap_consumer
         self.idle_poll = idle_poll
         self.batch_size = batch_size
         # Inbox rows only need to outlive the longest possible redelivery of a message
         # (a mailbox lease, a broker's replay window); a week is far beyond both.
         self.inbox_retention = inbox_retention
+        # Published outbox rows are only kept for audits (a saga's messages in the API);
+        # without a purge the outbox would grow forever. Unpublished rows are never purged.
+        self.outbox_retention = outbox_retention
         self.housekeeping_every = housekeeping_every
         self._tasks: list[asyncio.Task[None]] = []
         self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
@@ -294,11 +311,19 @@ class Engine:
             await self.wakeups.wait(channel, max(timeout, 0.001))
 
     async def housekeeping(self) -> int:
-        """Purge inbox rows older than the retention; return how many were removed."""
-        cutoff = self.clock() - self.inbox_retention
+        """Purge inbox rows and published outbox rows older than their retentions, and
+        move the broker's own dead letters into the stores' dead-letter tables.
+
+        Returns how many rows were purged in all. The outbox is purged in batches, so
+        a backlog after a long pause never holds long locks.
+        """
+        now = self.clock()
         removed = 0
         for s in self.stores:
-            removed += await s.inbox_purge(cutoff)
+            removed += await s.inbox_purge(now - self.inbox_retention)
+            removed += await s.outbox_purge(now - self.outbox_retention)
+        # The broker's own dead letters, into the stores: one place to replay them from.
+        await self.dead_letters.adopt_broker_dead_letters()
         return removed
 
     async def _listen_loop(self, store: Any) -> None:
@@ -340,7 +365,7 @@ class Engine:
             try:
                 removed = await self.housekeeping()
                 if removed:
-                    log.info("purged %d inbox rows older than the retention", removed)
+                    log.info("purged %d inbox and outbox rows older than the retention", removed)
             except asyncio.CancelledError:
                 raise
             except Exception:

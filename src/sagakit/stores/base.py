@@ -106,9 +106,21 @@ class QueuedMessage:
     enqueued_at: float
 
 
+REPLAYED = "replayed"
+"""Settlement of a dead letter put back on its way (its message re-queued in the outbox)."""
+DISCARDED = "discarded"
+"""Settlement of a dead letter a person decided to drop."""
+SETTLEMENTS = (REPLAYED, DISCARDED)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message that could not be handled, parked with its reason."""
+    """A message that could not be handled, parked with its reason.
+
+    It stays *open* until a person settles it (``replayed`` or ``discarded``); the row
+    is kept with who settled it, when and why, so the dead-letter table is also the
+    audit trail of what became of every parked message.
+    """
 
     id: int
     endpoint: str
@@ -116,6 +128,15 @@ class DeadLetter:
     body: str
     reason: str
     at: float
+    settlement: str | None = None
+    settled_by: str | None = None
+    settled_at: float | None = None
+    settle_reason: str | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether nobody settled it yet (it still counts as parked)."""
+        return self.settled_at is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +197,25 @@ class Tx(Protocol):
     async def dead_letter(
         self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
     ) -> None:
-        """Park a message that cannot be handled, with the reason (once per endpoint and id)."""
+        """Park a message that cannot be handled, with the reason.
+
+        At most one *open* dead letter per endpoint and message id: parking it again
+        while one is open does nothing. Once that one is settled (a replay that failed
+        again), the message is parked anew.
+        """
+        ...
+
+    async def dead_letter_get(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, locked until the transaction ends (PostgreSQL)."""
+        ...
+
+    async def dead_letter_settle(
+        self, id: int, settlement: str, actor: str, reason: str, now: float
+    ) -> bool:
+        """Settle an open dead letter (``replayed`` or ``discarded``) by ``actor``, why.
+
+        False (and nothing written) if it does not exist or was settled already.
+        """
         ...
 
     # -- sagas (orchestrator stores) --------------------------------------------------
@@ -306,6 +345,14 @@ class Store(Protocol):
         """
         ...
 
+    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
+        """Delete rows published before ``published_before``; return how many.
+
+        Unpublished rows are never deleted. SQL stores delete in batches of ``batch``
+        rows, each its own short transaction, so a large purge holds no long locks.
+        """
+        ...
+
     async def outbox_oldest_pending(self) -> float | None:
         """``created_at`` of the oldest unpublished row, or ``None`` when all are published.
 
@@ -316,6 +363,10 @@ class Store(Protocol):
     # -- inbox ------------------------------------------------------------------------
     async def inbox_ids(self, consumer: str) -> set[str]:
         """Message ids ``consumer`` has handled (for audits and invariant checks)."""
+        ...
+
+    async def inbox_has(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` recorded ``message_id`` as handled (one indexed lookup)."""
         ...
 
     async def inbox_purge(self, older_than: float) -> int:
@@ -359,12 +410,27 @@ class Store(Protocol):
         """When the next hidden or delayed message of ``endpoint`` becomes visible."""
         ...
 
-    async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
-        """Parked messages, oldest first."""
+    async def dead_letters(
+        self,
+        endpoint: str | None = None,
+        *,
+        settled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first: all of them, or only open (``settled=False``)
+        or settled ones (``settled=True``), of one endpoint or all, optionally a page."""
         ...
 
-    async def dead_letter_count(self, endpoint: str | None = None) -> int:
-        """How many messages are parked (of one endpoint, or all), without reading them."""
+    async def dead_letter_count(
+        self, endpoint: str | None = None, *, settled: bool | None = False
+    ) -> int:
+        """How many dead letters there are, without reading them: by default the open
+        ones (still parked), of one endpoint or all."""
+        ...
+
+    async def get_dead_letter(self, id: int) -> DeadLetter | None:
+        """A dead letter by id (no lock), settled or not."""
         ...
 
 

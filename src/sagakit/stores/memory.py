@@ -42,6 +42,7 @@ from sagakit.stores.base import (
     SagaPage,
     SagaQuery,
 )
+from sagakit.stores.rows import check_settlement
 
 __all__ = ["MemoryStore", "MemoryTx"]
 
@@ -225,7 +226,8 @@ class MemoryTx:
         """Park a message that cannot be handled, with the reason."""
         store = self._store or _finished()
         if message_id is not None and any(
-            d.endpoint == endpoint and d.message_id == message_id for d in store._dead_letters
+            d.endpoint == endpoint and d.message_id == message_id and d.open
+            for d in store._dead_letters
         ):
             return  # parked already (a redelivery after a crash): once is enough
         store._last_id += 1
@@ -233,6 +235,26 @@ class MemoryTx:
             DeadLetter(store._last_id, endpoint, message_id, body, reason, now)
         )
         self._undo.append(store._dead_letters.pop)
+
+    async def dead_letter_get(self, id: int) -> DeadLetter | None:
+        """A dead letter by id (the transaction lock already excludes other writers)."""
+        store = self._store or _finished()
+        return store._dead_letter(id)[1]
+
+    async def dead_letter_settle(
+        self, id: int, settlement: str, actor: str, reason: str, now: float
+    ) -> bool:
+        """Settle an open dead letter; False if it does not exist or was settled already."""
+        store = self._store or _finished()
+        check_settlement(settlement)
+        index, letter = store._dead_letter(id)
+        if letter is None or not letter.open:
+            return False
+        store._dead_letters[index] = replace(
+            letter, settlement=settlement, settled_by=actor, settled_at=now, settle_reason=reason
+        )
+        self._undo.append(partial(store._dead_letters.__setitem__, index, letter))
+        return True
 
     # -- sagas ------------------------------------------------------------------------
     async def saga_get(self, saga_id: str) -> SagaInstance | None:
@@ -448,6 +470,12 @@ class MemoryStore:
         del self._sagas[saga_id]
         del self._saga_keys[key]
 
+    def _dead_letter(self, id: int) -> tuple[int, DeadLetter | None]:
+        for index, letter in enumerate(self._dead_letters):
+            if letter.id == id:
+                return index, letter
+        return -1, None
+
     def _outbox_remove(self, row_id: int) -> None:
         del self._outbox[row_id]
         self._unpublished.pop(row_id, None)
@@ -580,6 +608,21 @@ class MemoryStore:
                     out.append((env, e.published_at))
         return out
 
+    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
+        """Delete rows published before ``published_before``; return how many."""
+        await self._acquire()
+        try:
+            old = [
+                row_id
+                for row_id, e in self._outbox.items()
+                if e.published_at is not None and e.published_at < published_before
+            ]
+            for row_id in old:
+                del self._outbox[row_id]
+            return len(old)
+        finally:
+            self._release()
+
     async def outbox_oldest_pending(self) -> float | None:
         """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
         self._check_open()
@@ -590,6 +633,11 @@ class MemoryStore:
         """Message ids ``consumer`` has handled (for audits and invariant checks)."""
         self._check_open()
         return set(self._inbox.get(consumer, ()))
+
+    async def inbox_has(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` recorded ``message_id`` as handled."""
+        self._check_open()
+        return message_id in self._inbox.get(consumer, {})
 
     async def inbox_purge(self, older_than: float) -> int:
         """Delete inbox rows recorded before ``older_than``; return how many."""
@@ -704,16 +752,35 @@ class MemoryStore:
         mailbox = self._queues.get(endpoint)
         return min((e.available_at for e in mailbox.values()), default=None) if mailbox else None
 
-    async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
-        """Parked messages, oldest first."""
-        self._check_open()
-        if endpoint is None:
-            return list(self._dead_letters)
-        return [d for d in self._dead_letters if d.endpoint == endpoint]
+    def _dead_letters_of(self, endpoint: str | None, settled: bool | None) -> list[DeadLetter]:
+        return [
+            d
+            for d in self._dead_letters
+            if (endpoint is None or d.endpoint == endpoint)
+            and (settled is None or d.open is not settled)
+        ]
 
-    async def dead_letter_count(self, endpoint: str | None = None) -> int:
-        """How many messages are parked (of one endpoint, or all)."""
+    async def dead_letters(
+        self,
+        endpoint: str | None = None,
+        *,
+        settled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
         self._check_open()
-        if endpoint is None:
-            return len(self._dead_letters)
-        return sum(1 for d in self._dead_letters if d.endpoint == endpoint)
+        found = self._dead_letters_of(endpoint, settled)[offset:]
+        return found if limit is None else found[:limit]
+
+    async def dead_letter_count(
+        self, endpoint: str | None = None, *, settled: bool | None = False
+    ) -> int:
+        """How many dead letters there are (by default the open ones)."""
+        self._check_open()
+        return len(self._dead_letters_of(endpoint, settled))
+
+    async def get_dead_letter(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, settled or not."""
+        self._check_open()
+        return self._dead_letter(id)[1]

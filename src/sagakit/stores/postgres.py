@@ -80,11 +80,18 @@ from sagakit.stores.base import (
     SagaPage,
     SagaQuery,
 )
+from sagakit.stores.rows import (
+    check_settlement,
+    dead_letter_from_row,
+    dead_letter_where,
+    saga_find_statements,
+    saga_insert_params,
+    saga_update_params,
+)
 from sagakit.stores.rows import dumps as _dumps
 from sagakit.stores.rows import history_from_row as _history_from_row
 from sagakit.stores.rows import history_params as _history_params
 from sagakit.stores.rows import loads as _loads
-from sagakit.stores.rows import saga_find_statements, saga_insert_params, saga_update_params
 from sagakit.stores.rows import saga_from_row as _saga_from_row
 
 # The driver is optional: `import sagakit` never imports this module, and a missing
@@ -428,6 +435,25 @@ class PostgresTx:
             self._q["dead_letter_add"],
             (endpoint, message_id, body, reason, now),
         )
+
+    async def dead_letter_get(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, its row locked until the transaction ends (FOR UPDATE)."""
+        row = await self._one(
+            f"read dead letter {id}", self._q["dead_letter_get_for_update"], (id,)
+        )
+        return None if row is None else dead_letter_from_row(row)
+
+    async def dead_letter_settle(
+        self, id: int, settlement: str, actor: str, reason: str, now: float
+    ) -> bool:
+        """Settle an open dead letter; False if it does not exist or was settled already."""
+        check_settlement(settlement)
+        cursor = await self._ask(
+            f"settle dead letter {id} as {settlement}",
+            self._q["dead_letter_settle"],
+            (settlement, actor, now, reason, id),
+        )
+        return cursor.rowcount == 1
 
     # -- sagas ------------------------------------------------------------------------
     async def saga_get(self, saga_id: str) -> SagaInstance | None:
@@ -1076,6 +1102,20 @@ class PostgresStore:
         )
         return [(Envelope.from_json(body), published) for body, published in rows]
 
+    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
+        """Delete rows published before ``published_before``, ``batch`` rows per
+        transaction (short row locks, never waiting on a relay's); return how many."""
+        purged = 0
+        while True:
+            n, _ = await self._write(
+                "purge published outbox rows",
+                self._q["outbox_purge"],
+                (published_before, published_before, batch),
+            )
+            purged += n
+            if n < batch:
+                return purged
+
     async def outbox_oldest_pending(self) -> float | None:
         """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
         rows = await self._read(
@@ -1091,6 +1131,15 @@ class PostgresStore:
             f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
         )
         return {r[0] for r in rows}
+
+    async def inbox_has(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` recorded ``message_id`` as handled."""
+        rows = await self._read(
+            f"look up {message_id} in the inbox of {consumer!r}",
+            self._q["inbox_has"],
+            (consumer, message_id),
+        )
+        return bool(rows)
 
     async def inbox_purge(self, older_than: float) -> int:
         """Delete inbox rows recorded before ``older_than``; return how many."""
@@ -1188,29 +1237,38 @@ class PostgresStore:
         at: float | None = rows[0][0]
         return at
 
-    async def dead_letters(self, endpoint: str | None = None) -> list[DeadLetter]:
-        """Parked messages, oldest first."""
-        if endpoint is None:
-            rows = await self._read("read dead letters", self._q["dead_letters"])
-        else:
-            rows = await self._read(
-                f"read dead letters of {endpoint!r}", self._q["dead_letters_of"], (endpoint,)
-            )
-        return [
-            DeadLetter(id=r[0], endpoint=r[1], message_id=r[2], body=r[3], reason=r[4], at=r[5])
-            for r in rows
-        ]
+    async def dead_letters(
+        self,
+        endpoint: str | None = None,
+        *,
+        settled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
+        where, params = dead_letter_where(endpoint, settled, "%s")
+        rows = await self._read(
+            "read dead letters",
+            self._q["dead_letters_page"].replace("{where}", where),
+            (*params, None if limit is None else max(limit, 0), max(offset, 0)),
+        )
+        return [dead_letter_from_row(r) for r in rows]
 
-    async def dead_letter_count(self, endpoint: str | None = None) -> int:
-        """How many messages are parked (of one endpoint, or all), without reading them."""
-        if endpoint is None:
-            rows = await self._read("count dead letters", self._q["dead_letter_count"])
-        else:
-            rows = await self._read(
-                f"count dead letters of {endpoint!r}", self._q["dead_letter_count_of"], (endpoint,)
-            )
+    async def dead_letter_count(
+        self, endpoint: str | None = None, *, settled: bool | None = False
+    ) -> int:
+        """How many dead letters there are (by default the open ones), without reading them."""
+        where, params = dead_letter_where(endpoint, settled, "%s")
+        rows = await self._read(
+            "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
+        )
         count: int = rows[0][0]
         return count
+
+    async def get_dead_letter(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, settled or not."""
+        rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
+        return dead_letter_from_row(rows[0]) if rows else None
 
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:

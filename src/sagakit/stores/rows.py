@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
-from sagakit.stores.base import SagaQuery
+from sagakit.errors import StoreError
+from sagakit.stores.base import SETTLEMENTS, DeadLetter, SagaQuery
 
 # A prebuilt encoder: json.dumps with non-default arguments builds a new one per call.
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -172,3 +173,40 @@ def saga_find_statements(
     where, params = saga_query_where(q, mark)
     page = queries["saga_find"].replace("{where}", where)
     return page, queries["saga_find_count"].replace("{where}", where), params
+
+
+def dead_letter_where(
+    endpoint: str | None, settled: bool | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The ``WHERE`` condition over ``dead_letters`` of one endpoint (or all) and open
+    (``settled=False``), settled (``True``) or all (``None``) ones, and its parameters."""
+    conds: list[str] = []
+    params: list[Any] = []
+    if endpoint is not None:
+        conds.append(f"endpoint = {mark}")
+        params.append(endpoint)
+    if settled is not None:
+        conds.append("settled_at IS NOT NULL" if settled else "settled_at IS NULL")
+    return " AND ".join(conds) or "1 = 1", params
+
+
+def dead_letter_from_row(r: Sequence[Any]) -> DeadLetter:
+    """A :class:`DeadLetter` from a ``dead_letters`` row (the columns of the queries)."""
+    return DeadLetter(
+        id=r[0],
+        endpoint=r[1],
+        message_id=r[2],
+        body=r[3],
+        reason=r[4],
+        at=r[5],
+        settlement=r[6],
+        settled_by=r[7],
+        settled_at=r[8],
+        settle_reason=r[9],
+    )
+
+
+def check_settlement(settlement: str) -> None:
+    """Refuse a settlement that is neither ``replayed`` nor ``discarded``."""
+    if settlement not in SETTLEMENTS:
+        raise StoreError(f"a dead letter is settled as one of {SETTLEMENTS}, not {settlement!r}")

@@ -46,6 +46,21 @@ def retry(delay: float, error: str) -> Settle:
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Settle]]]
 
 
+@dataclass(frozen=True, slots=True)
+class ParkedByBroker:
+    """A message the broker itself gave up on, taken from its dead-letter place."""
+
+    endpoint: str
+    message_id: str | None
+    body: str
+    reason: str
+
+
+ParkSink = Callable[[Sequence[ParkedByBroker]], Awaitable[None]]
+"""Where :meth:`drain_dead_letters` hands broker dead letters; it must have stored them
+durably when it returns (it raises otherwise, and they stay at the broker)."""
+
+
 class Transport(Protocol):
     """Moves envelopes from a relay to the consumers of their destination."""
 
@@ -71,4 +86,17 @@ class Transport(Protocol):
 
     async def close(self) -> None:
         """Stop consuming; in-flight batches finish first."""
+        ...
+
+
+class DrainsDeadLetters(Protocol):
+    """A transport whose broker has a dead-letter place of its own (NATS, RabbitMQ)."""
+
+    async def drain_dead_letters(self, park: ParkSink, limit: int = 100) -> int:
+        """Hand up to ``limit`` of the broker's dead letters to ``park``; once it
+        returned, remove them from the broker. Returns how many were moved.
+
+        A crash between the two hands the same messages over again next time, so
+        ``park`` must tolerate them (the stores park a message once while open).
+        """
         ...

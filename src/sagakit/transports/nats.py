@@ -15,7 +15,8 @@ Topology (declared by :meth:`NatsTransport.open`, idempotently, by every process
 
 Publishing
     Every envelope is published to ``<stream>.<destination>`` with the header
-    ``Nats-Msg-Id: <message_id>`` and its ``traceparent``; :meth:`publish` returns only
+    ``Nats-Msg-Id: <message_id>@<destination>`` (see :func:`copy_id`; a replayed dead
+    letter gets a new one) and its ``traceparent``; :meth:`publish` returns only
     when the stream acknowledged every one (a PubAck; a duplicate's PubAck counts), so
     the relay keeps its outbox rows until then. Within ``duplicate_window`` (two
     minutes by default) the broker drops a re-published message id; beyond it only the
@@ -72,9 +73,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagakit.core.envelope import Envelope
+from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import BatchHandler, Delivery, Settle
+from sagakit.transports.base import BatchHandler, Delivery, ParkedByBroker, ParkSink, Settle
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -115,6 +116,19 @@ _FAILED_BATCH_DELAY = 1.0  # redelivery delay after a handler raised
 _MAX_BACKOFF = 5.0
 HEADER_REASON = "Sagakit-Dead-Letter-Reason"
 HEADER_MESSAGE_ID = "Sagakit-Message-Id"
+
+
+def copy_id(env: Envelope) -> str:
+    """The ``Nats-Msg-Id`` of one published copy of ``env``.
+
+    One id per copy: an event fanned out to several endpoints shares its message id,
+    and JetStream dedups per stream. A replayed dead letter (``REPLAYED_FROM``) is a new
+    copy, or JetStream would drop it within the duplicate window; a relay's ordinary
+    re-publish of the same outbox row keeps the same id and is still deduplicated.
+    """
+    base = f"{env.message_id}@{env.destination}"
+    replay = env.headers.get(REPLAYED_FROM)
+    return base if replay is None else f"{base}#replay:{replay}"
 
 
 def _require_nats() -> None:
@@ -552,10 +566,8 @@ class NatsTransport:
                 # first call's lazy reply-subscription setup race-free.
                 async with self._issue_lock:
                     for env in envelopes:
-                        # One id per copy: an event fanned out to several endpoints
-                        # shares its message id, and JetStream dedups per stream.
                         headers = {
-                            "Nats-Msg-Id": f"{env.message_id}@{env.destination}",
+                            "Nats-Msg-Id": copy_id(env),
                             HEADER_MESSAGE_ID: env.message_id,
                         }
                         if env.traceparent:
@@ -870,8 +882,8 @@ class NatsTransport:
         )
         await advisory.ack_sync(timeout=self.request_timeout)
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Read up to ``limit`` messages from ``<stream>_dlq`` (oldest first)."""
+    async def _read_dead_letters(self, limit: int) -> list[tuple[int, DeadLetter]]:
+        """Up to ``limit`` messages of ``<stream>_dlq``, oldest first, with their sequence."""
         from nats.js.errors import NotFoundError
 
         if self._js is None:
@@ -879,7 +891,7 @@ class NatsTransport:
         js = self._js
         assert js is not None
         info = await js.stream_info(self.dlq_stream)
-        out: list[DeadLetter] = []
+        out: list[tuple[int, DeadLetter]] = []
         seq = info.state.first_seq
         while seq and seq <= info.state.last_seq and len(out) < limit:
             try:
@@ -888,14 +900,33 @@ class NatsTransport:
                 seq += 1
                 continue
             headers = dict(raw.headers or {})
-            out.append(
-                DeadLetter(
-                    endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
-                    body=(raw.data or b"").decode("utf-8", errors="replace"),
-                    reason=headers.get(HEADER_REASON, ""),
-                    message_id=headers.get(HEADER_MESSAGE_ID),
-                    headers=headers,
-                )
+            letter = DeadLetter(
+                endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
+                body=(raw.data or b"").decode("utf-8", errors="replace"),
+                reason=headers.get(HEADER_REASON, ""),
+                message_id=headers.get(HEADER_MESSAGE_ID),
+                headers=headers,
             )
+            out.append((seq, letter))
             seq += 1
         return out
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Read up to ``limit`` messages from ``<stream>_dlq`` (oldest first)."""
+        return [letter for _, letter in await self._read_dead_letters(limit)]
+
+    async def drain_dead_letters(self, park: ParkSink, limit: int = 100) -> int:
+        """Hand up to ``limit`` messages of ``<stream>_dlq`` to ``park``, then delete
+        them from it; return how many (see :class:`~sagakit.transports.base.DrainsDeadLetters`)."""
+        from nats.js.errors import NotFoundError
+
+        found = await self._read_dead_letters(limit)
+        if not found:
+            return 0
+        await park([ParkedByBroker(d.endpoint, d.message_id, d.body, d.reason) for _, d in found])
+        js = self._js
+        assert js is not None
+        for seq, _ in found:
+            with contextlib.suppress(NotFoundError):  # another process drained it first
+                await js.delete_msg(self.dlq_stream, seq)
+        return len(found)

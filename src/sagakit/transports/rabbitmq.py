@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from sagakit.core.envelope import Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import BatchHandler, Delivery, Settle
+from sagakit.transports.base import BatchHandler, Delivery, ParkedByBroker, ParkSink, Settle
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -314,6 +314,52 @@ class RabbitMqTransport:
             raise TransportError(
                 f"cannot delete the topology {self.prefix!r} at {_redact(self.url)}: {exc!r}"
             ) from exc
+
+    # -- the broker's dead letters ---------------------------------------------------
+
+    async def drain_dead_letters(self, park: ParkSink, limit: int = 100) -> int:
+        """Take up to ``limit`` messages from ``<prefix>.dead``, hand them to ``park``,
+        and acknowledge them only once it returned; return how many.
+
+        They are taken unacknowledged on a channel of their own: if ``park`` fails, or
+        this process dies, closing the channel puts them back in the queue.
+        """
+        await self.open()
+        connection = self._connection
+        assert connection is not None
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(
+                self.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            taken: list[AbstractIncomingMessage] = []
+            while len(taken) < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(message)
+            if not taken:
+                return 0
+            await park([self._parked(m) for m in taken])
+            for m in taken:
+                await m.ack()
+            return len(taken)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    def _parked(self, message: AbstractIncomingMessage) -> ParkedByBroker:
+        headers = dict(message.headers or {})
+        queue = str(headers.get("x-first-death-queue") or "")
+        why = str(headers.get("x-first-death-reason") or "unknown")
+        endpoint = queue.removeprefix(f"{self.prefix}.") if queue else ""
+        return ParkedByBroker(
+            endpoint=endpoint,
+            message_id=message.message_id,
+            body=message.body.decode("utf-8", errors="replace"),
+            reason=f"RabbitMQ dead-lettered it from {queue or 'a queue'!r}: {why} "
+            f"(delivery_limit={self.delivery_limit})",
+        )
 
     # -- publishing ------------------------------------------------------------------
 

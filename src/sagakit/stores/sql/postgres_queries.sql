@@ -144,6 +144,9 @@ RETURNING 1
 -- name: inbox_ids
 SELECT message_id FROM inbox WHERE consumer = %s
 
+-- name: inbox_has
+SELECT 1 FROM inbox WHERE consumer = %s AND message_id = %s
+
 -- name: inbox_purge
 DELETE FROM inbox WHERE at < %s
 
@@ -187,6 +190,14 @@ RETURNING id, body
 UPDATE outbox SET published_at = %s
 WHERE id = ANY(%s::bigint[]) AND published_at IS NULL
 
+-- name: outbox_purge
+-- One batch, its own short transaction. created_at < cutoff is implied by
+-- published_at < cutoff and lets the BRIN index skip recent pages; SKIP LOCKED never
+-- waits for a relay that holds a row.
+DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
+                                WHERE created_at < %s AND published_at < %s
+                                LIMIT %s FOR UPDATE SKIP LOCKED)
+
 -- name: outbox_pending
 SELECT count(*) FROM outbox WHERE published_at IS NULL
 
@@ -197,12 +208,22 @@ SELECT body, published_at FROM outbox ORDER BY id
 INSERT INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 
--- name: dead_letters
-SELECT id, endpoint, message_id, body, reason, at FROM dead_letters ORDER BY id
+-- name: dead_letters_page
+-- The condition comes from stores/rows.py: dead_letter_where.
+SELECT id, endpoint, message_id, body, reason, at, settlement, settled_by, settled_at, settle_reason
+FROM dead_letters WHERE {where} ORDER BY id LIMIT %s OFFSET %s
 
--- name: dead_letters_of
-SELECT id, endpoint, message_id, body, reason, at FROM dead_letters
-WHERE endpoint = %s ORDER BY id
+-- name: dead_letter_get
+SELECT id, endpoint, message_id, body, reason, at, settlement, settled_by, settled_at, settle_reason
+FROM dead_letters WHERE id = %s
+
+-- name: dead_letter_get_for_update
+SELECT id, endpoint, message_id, body, reason, at, settlement, settled_by, settled_at, settle_reason
+FROM dead_letters WHERE id = %s FOR UPDATE
+
+-- name: dead_letter_settle
+UPDATE dead_letters SET settlement = %s, settled_by = %s, settled_at = %s, settle_reason = %s
+WHERE id = %s AND settled_at IS NULL
 
 -- name: queue_push
 -- One statement for the whole batch; ids follow the order of the bodies. The notice
@@ -269,7 +290,5 @@ SELECT body, published_at FROM outbox WHERE saga_id = %s ORDER BY id
 SELECT min(created_at) FROM outbox WHERE published_at IS NULL
 
 -- name: dead_letter_count
-SELECT count(*) FROM dead_letters
+SELECT count(*) FROM dead_letters WHERE {where}
 
--- name: dead_letter_count_of
-SELECT count(*) FROM dead_letters WHERE endpoint = %s

@@ -91,6 +91,9 @@ INSERT OR IGNORE INTO inbox (consumer, message_id, at) VALUES (?, ?, ?)
 -- name: inbox_ids
 SELECT message_id FROM inbox WHERE consumer = ?
 
+-- name: inbox_has
+SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?
+
 -- name: inbox_purge
 DELETE FROM inbox WHERE at < ?
 
@@ -116,6 +119,11 @@ RETURNING id, body
 UPDATE outbox SET published_at = ?
 WHERE id IN (SELECT value FROM json_each(?)) AND published_at IS NULL
 
+-- name: outbox_purge
+-- One batch, oldest first by rowid: old published rows sit at the front of the table.
+DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
+                                WHERE published_at < ? ORDER BY id LIMIT ?)
+
 -- name: outbox_pending
 SELECT count(*) FROM outbox WHERE published_at IS NULL
 
@@ -125,12 +133,18 @@ SELECT body, published_at FROM outbox ORDER BY id
 -- name: dead_letter_add
 INSERT OR IGNORE INTO dead_letters (endpoint, message_id, body, reason, at) VALUES (?, ?, ?, ?, ?)
 
--- name: dead_letters
-SELECT id, endpoint, message_id, body, reason, at FROM dead_letters ORDER BY id
+-- name: dead_letters_page
+-- The condition comes from stores/rows.py: dead_letter_where.
+SELECT id, endpoint, message_id, body, reason, at, settlement, settled_by, settled_at, settle_reason
+FROM dead_letters WHERE {where} ORDER BY id LIMIT ? OFFSET ?
 
--- name: dead_letters_of
-SELECT id, endpoint, message_id, body, reason, at FROM dead_letters
-WHERE endpoint = ? ORDER BY id
+-- name: dead_letter_get
+SELECT id, endpoint, message_id, body, reason, at, settlement, settled_by, settled_at, settle_reason
+FROM dead_letters WHERE id = ?
+
+-- name: dead_letter_settle
+UPDATE dead_letters SET settlement = ?, settled_by = ?, settled_at = ?, settle_reason = ?
+WHERE id = ? AND settled_at IS NULL
 
 -- name: queue_push
 INSERT INTO queue (endpoint, body, enqueued_at, available_at) VALUES (?, ?, ?, ?)
@@ -187,7 +201,5 @@ SELECT body, published_at FROM outbox WHERE saga_id = ? ORDER BY id
 SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1
 
 -- name: dead_letter_count
-SELECT count(*) FROM dead_letters
+SELECT count(*) FROM dead_letters WHERE {where}
 
--- name: dead_letter_count_of
-SELECT count(*) FROM dead_letters WHERE endpoint = ?
