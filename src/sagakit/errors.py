@@ -70,3 +70,8 @@ class UnroutableMessage(TransportError):
 
 class ManualActionRefused(SagakitError):
     """That manual action does not apply to the saga in its current state."""
+
+
+class NoDriver(ManualActionRefused):
+    """The saga is a choreography's view: nothing drives it, so only a record of what a
+    person did by hand applies (mark_done, mark_compensated, accept_partial)."""

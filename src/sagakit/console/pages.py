@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sagakit.console import choreo
 from sagakit.console import html as h
 from sagakit.console.html import e, seg, url
 from sagakit.console.svg import flow_svg, fmt_duration, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.graph import to_svg
+from sagakit.runtime.tracker import TrackedFlow
 
 DefinitionOf = Callable[[SagaInstance], "SagaDefinition | None"]
 
@@ -182,8 +184,13 @@ def detail_page(
     can_act: bool,
     now: float,
     flash: str = "",
+    flow: TrackedFlow | None = None,
 ) -> str:
-    """One saga: summary, decisions, timeline, diagram, message flow, steps, history."""
+    """One saga: summary, decisions, timeline, diagram, message flow, steps, history.
+
+    A choreography's view (``flow``, no definition) shows its steps and the records a
+    person may make instead (:mod:`sagakit.console.choreo`).
+    """
     facts = [
         ("state", h.state_badge(inst.state)),
         ("status", e(inst.status)),
@@ -199,7 +206,9 @@ def detail_page(
         facts.append(("reason", f'<span class="error-text">{e(inst.reason)}</span>'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     parts = [f"<h1>{e(inst.business_key)}</h1><dl class=facts>{dl}</dl>"]
-    if definition is None:
+    if definition is None and flow is not None:
+        parts += choreo.view_sections(base, flow, inst, csrf=csrf, can_act=can_act)
+    elif definition is None:
         parts.append(
             f'<p class="error-text">This console does not know the definition '
             f"{e(inst.definition)}@{inst.definition_version}; pictures are not available.</p>"
@@ -245,17 +254,22 @@ def manual_page(
     can_act: bool,
     tag: str,
     flash: str = "",
+    flow_of: Callable[[SagaInstance], TrackedFlow | None] = lambda inst: None,
 ) -> str:
     """The manual queue: each case with its reason and, for those a person can decide,
-    the decision form."""
+    the decision form (a choreography's view: the records of what a person did)."""
     cards = []
     for inst in cases:
-        d = definition_of(inst)
+        d, flow = definition_of(inst), flow_of(inst)
         form = ""
         if d is not None and can_act:
             form = h.action_form(base, d, inst, csrf=csrf, next_url=f"{base}/manual")
         step = h.current_step(d, inst)
         status = inst.steps[inst.cursor].status if 0 <= inst.cursor < len(inst.steps) else None
+        if d is None and flow is not None:
+            step, status = choreo.view_step(flow, inst)
+            if can_act:
+                form = choreo.view_form(base, flow, inst, csrf=csrf, next_url=f"{base}/manual")
         cards.append(
             f'<article class="case" data-saga="{e(inst.saga_id)}" '
             f'data-key="{e(inst.business_key)}"><header>'
