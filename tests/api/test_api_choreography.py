@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,9 @@ from sagakit_checkout.choreography import (
 )
 from sagakit_checkout.inventory import seed_stock
 
-from sagakit import Engine, Envelope, MessageKind, SagaNotFound
+from sagakit import Engine, SagaNotFound
 from sagakit.api import create_app
+from sagakit.testing.views import escalate, heard
 
 ORDER = {
     "customer": "cust-000123",
@@ -65,25 +64,8 @@ class ChoreoEnv:
     async def stuck(self, order_id: str, facts: list[str]) -> None:
         """A view that heard ``facts`` (the services never did) and then nothing: the
         tracker's SLA check puts it in the manual queue."""
-        tracker = self.ch.tracker
-        async with tracker.store.transaction() as tx:
-            inst = None
-            for i, type_ in enumerate(facts):
-                ev = Envelope(
-                    message_id=uuid.uuid4().hex,
-                    type=type_,
-                    version=1,
-                    kind=MessageKind.EVENT,
-                    source="test",
-                    correlation_id=order_id,
-                    causation_id=None,
-                    saga_id=order_id,
-                    business_key=order_id,
-                    occurred_at=time.time() + i * 0.001,
-                    payload={"order_id": order_id, "reason": "out of stock"},
-                )
-                inst = (await tracker.observe(tx, inst, ev)).instance
-        assert await tracker.check_stuck(now=time.time() + 3600) == 1
+        await heard(self.ch.tracker, order_id, facts, {"order_id": order_id, "reason": "no"})
+        assert await escalate(self.ch.tracker) == 1
 
 
 @contextlib.asynccontextmanager
@@ -250,6 +232,7 @@ async def test_the_console_shows_a_view_and_records_a_decision(tmp_path: Path) -
         assert 'data-action="mark_compensated"' in manual.text
         listing = await c.get(f"/console/?definition={CHOREOGRAPHY}")
         assert "o-fine" in listing.text and "o-console" in listing.text
+        assert "<td>complete_order</td>" in listing.text  # the last fact's step
 
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert csrf is not None

@@ -19,6 +19,7 @@ from sagakit.graph import to_svg
 from sagakit.runtime.tracker import TrackedFlow
 
 DefinitionOf = Callable[[SagaInstance], "SagaDefinition | None"]
+FlowOf = Callable[[SagaInstance], "TrackedFlow | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,13 @@ class ListQuery:
         return out
 
 
+def _step(definition: SagaDefinition | None, flow: TrackedFlow | None, inst: SagaInstance) -> str:
+    """The saga's current step: at its cursor, or for a view the last fact's step."""
+    if definition is None and flow is not None:
+        return choreo.view_step(flow, inst)[0]
+    return h.current_step(definition, inst)
+
+
 def _cut(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
@@ -57,6 +65,7 @@ def list_page(
     definition_of: DefinitionOf,
     tag: str,
     more: bool,
+    flow_of: FlowOf = lambda inst: None,
 ) -> str:
     """The saga list: counts per state, filters, one row per saga, paging."""
     total = sum(counts.values())
@@ -97,7 +106,7 @@ def list_page(
             e(f"{s.definition}@{s.definition_version}"),
             h.state_badge(s.state),
             e(s.status),
-            e(h.current_step(definition_of(s), s)),
+            e(_step(definition_of(s), flow_of(s), s)),
             e(h.fmt_time(s.updated_at)),
             f'<span class="reason" title="{e(s.reason or "")}">{e(_cut(s.reason or ""))}</span>',
         ]
@@ -254,7 +263,7 @@ def manual_page(
     can_act: bool,
     tag: str,
     flash: str = "",
-    flow_of: Callable[[SagaInstance], TrackedFlow | None] = lambda inst: None,
+    flow_of: FlowOf = lambda inst: None,
 ) -> str:
     """The manual queue: each case with its reason and, for those a person can decide,
     the decision form (a choreography's view: the records of what a person did)."""

@@ -139,6 +139,7 @@ class _Console:
             definition_of=self.definition_of,
             tag=await self.list_tag(states, query.definition),
             more=more,
+            flow_of=self.flow_of,
         )
         return self.page(request, body)
 
