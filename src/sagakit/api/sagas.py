@@ -5,6 +5,10 @@ others (retry, mark_done, compensate, mark_compensated, use_rung, accept_partial
 :meth:`Engine.resolve`, which records the actor and reason in the saga's history in
 the same transaction as the decision. The API also writes a structured log line and
 a row of its ``api_audit`` table for every action, refused or not.
+
+A choreography's view (``driven: false``) has no driver: the engine applies only the
+records of what a person did by hand (:mod:`sagakit.runtime.tracker_manual`) and
+refuses the rest with 409 ``no_driver``.
 """
 
 from __future__ import annotations
