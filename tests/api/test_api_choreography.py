@@ -38,6 +38,7 @@ ORDER = {
     "card": "card-ok-1",
     "ship_to": "addr-ok-1",
 }
+LATER = ("PENDING_SHIPMENT", "COMPLETING", "COMPLETED")
 UNDOING = ["OrderCreated", "PaymentAuthorized", "InventoryFailed"]
 """Facts of a flow that began undoing itself (the inventory refused) and then stopped."""
 
@@ -263,8 +264,25 @@ async def test_serve_runs_the_choreography_and_the_hybrid(tmp_path: Path) -> Non
                 await asyncio.sleep(0.05)
                 page = (await client.get("/sagas")).json()
             assert {i["definition"] for i in page["items"]} == {CHOREOGRAPHY}
-            # Orders of the choreography are placed by the order service, not the API.
-            assert (await client.get("/orders/o-1")).status_code == 404
+            # POST /orders places the order with the order service; its view follows.
+            key = {"Idempotency-Key": "ch-1"}
+            placed = await client.post("/orders", json={**ORDER, "sku": "sku-00"}, headers=key)
+            assert placed.status_code == 202, placed.text
+            order_id = placed.json()["order_id"]
+            assert placed.json()["saga_id"] == order_id
+            # What the view shows by then (the flow may be well on its way).
+            assert placed.json()["status"] in ("PENDING_PAYMENT", "PENDING_INVENTORY", *LATER)
+            again = await client.post("/orders", json={**ORDER, "sku": "sku-00"}, headers=key)
+            assert again.status_code == 200 and again.json()["order_id"] == order_id
+            for _ in range(200):
+                view = (await client.get(f"/orders/{order_id}")).json()
+                if view["terminal"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert view["status"] == "COMPLETED", view
+            assert view["history"][0]["status"] == "PENDING_PAYMENT"
+            ledger = (await client.get(f"/payments?order_id={order_id}")).json()
+            assert {r["order_id"] for r in ledger["items"]} == {order_id}
     assert (tmp_path / "data" / "choreography" / "tracker.db").exists()
     async with served(tmp_path / "data", mode="hybrid") as (url, _):
         h = {**auth("operator"), "Authorization": h["Authorization"], "Idempotency-Key": "hy-1"}

@@ -213,6 +213,7 @@ async def serve(
                 tokens=tokens,
                 max_body=max_body,
                 order_definition=served.order_definition,
+                start_order=served.start_order,
             )
             config = uvicorn.Config(
                 app,

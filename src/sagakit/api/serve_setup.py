@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from sagakit.api.http import OrderStarter
 from sagakit.api.records import CheckoutStores
 from sagakit.errors import ConfigurationError
 from sagakit.runtime.engine import Engine
@@ -44,6 +46,17 @@ class Served:
     """Place demo orders once the engine is open (idempotent by order id)."""
     where: str
     """Where the data lives, for the banner."""
+    start_order: OrderStarter | None = None
+    """How ``POST /orders`` starts an order (None: the ``order_definition`` saga)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ledgers:
+    """The services' stores the ledger routes read (see ``CheckoutStores``)."""
+
+    payment_store: Any
+    inventory_store: Any
+    shipping_store: Any
 
 
 def embedded(base: Path, mode: str, synchronous: str) -> Served:
@@ -140,10 +153,20 @@ def _choreography(base: Path, synchronous: str) -> Served:
         for i in range(0, len(specs), 100):
             await place_orders(ch, [(s.order_id, s.data) for s in specs[i : i + 100]])
 
-    # No order routes: an order of the choreography is placed by the order service
-    # (its OrderCreated starts the flow), not by starting a saga; the views, the
-    # manual queue and the console work as in the other modes.
-    return Served(engine, None, CHOREOGRAPHY, seed, place, str(base))
+    async def start_order(order_id: str, data: dict[str, Any]) -> tuple[str, str]:
+        # An order of the choreography is placed with the order service; its OrderCreated
+        # starts the flow, and the tracker's view (id: the order id) follows in a moment.
+        await place_orders(ch, [(order_id, data)])
+        tracker, flow = ch.tracker, ch.tracker.flow
+        for _ in range(100):  # so that GET /orders/{id} right after the answer finds it
+            inst = await tracker.store.get_saga(order_id)
+            if inst is not None:
+                return order_id, inst.status
+            await asyncio.sleep(0.02)
+        return order_id, flow.started_status
+
+    ledgers = Ledgers(ch.stores["payment"], inventory, ch.stores["shipping"])
+    return Served(engine, ledgers, CHOREOGRAPHY, seed, place, str(base), start_order)
 
 
 def _hybrid(base: Path, synchronous: str) -> Served:
