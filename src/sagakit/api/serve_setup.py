@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sagakit_checkout.demo import OrderSpec
 
 MODES = ("orchestration", "choreography", "hybrid")
-"""The checkout's shapes ``sagakit serve --mode`` runs (embedded only, but orchestration)."""
+"""The checkout's shapes ``sagakit serve --mode`` runs (on a deployment: orchestration only)."""
 
 
 @dataclass(slots=True)
