@@ -8,7 +8,9 @@ others only through the broker. Any number of each process may run:
 * ``sagakit relay``: publishes the outboxes of the stores it is given;
 * ``sagakit service NAME``: one participant (order, payment, inventory, shipping).
 
-:func:`build_all` puts every role in one engine (``sagakit demo --store --broker``).
+:func:`build_all` puts every role in one engine (``sagakit demo --store --broker``,
+``sagakit serve --store --broker``); :func:`build_api` runs none of them, for
+``sagakit serve --api-only`` next to the processes above.
 """
 
 from __future__ import annotations
@@ -146,6 +148,21 @@ class Deployment:
     stores: dict[str, SQLStore]
     provider: FakeCardProvider
 
+    @property
+    def payment_store(self) -> SQLStore:
+        """The payment service's store (the API's ledger routes read it)."""
+        return self.stores["payment"]
+
+    @property
+    def inventory_store(self) -> SQLStore:
+        """The inventory service's store."""
+        return self.stores["inventory"]
+
+    @property
+    def shipping_store(self) -> SQLStore:
+        """The shipping service's store."""
+        return self.stores["shipping"]
+
     def invariant_stores(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~sagakit_checkout.invariants.check_invariants`."""
         return {
@@ -181,6 +198,39 @@ def build_all(
         [checkout_definition()],
         participants=parts,
         transport=transport_from_url(broker_url, endpoints=ENDPOINTS),
+        **engine_kw,
+    )
+    for s in SERVICES:
+        _migrations(engine, s, dep.stores[s])
+    return engine, dep
+
+
+def build_api(
+    store_url: str, provider_path: Path, *, command_timeout: float | None = None, **engine_kw: Any
+) -> tuple[Engine, Deployment]:
+    """An engine that runs no loop at all, for the HTTP API next to the processes.
+
+    It knows the checkout's definition, so that starting a saga commits the instance
+    and its first command in the orchestrator store's outbox, in one transaction: the
+    relay processes publish the command, the workers drive the rest. It also holds
+    the services' stores, for the ledger routes; their tables are migrated at start
+    (idempotent, under each store's migration lock) so the API works before the
+    services first ran. ``command_timeout`` should match the workers' (the first
+    command's timer is set here).
+    """
+    definition = (
+        checkout_definition()
+        if command_timeout is None
+        else checkout_definition(timeout=command_timeout)
+    )
+    dep = deployment(store_url, provider_path)
+    engine = Engine(
+        dep.stores["orchestrator"],
+        [definition],
+        extra_stores=[dep.stores[s] for s in SERVICES],
+        # No consumer, relay, timer or sweeper: the deployment's processes run them.
+        # Without a transport the engine has only the embedded one, which stays idle.
+        roles=frozenset(),
         **engine_kw,
     )
     for s in SERVICES:

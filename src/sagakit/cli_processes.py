@@ -29,18 +29,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _urls(parser: argparse.ArgumentParser) -> None:
+def url_options(
+    parser: argparse.ArgumentParser, store_help: str = "", broker_help: str = ""
+) -> None:
+    """``--store`` and ``--broker``, by default ``SAGAKIT_STORE_URL`` and ``SAGAKIT_BROKER_URL``."""
     parser.add_argument(
         "--store",
         default=os.environ.get("SAGAKIT_STORE_URL"),
-        help="postgresql://user@host/db (a schema per service) or sqlite:///dir "
-        "(env SAGAKIT_STORE_URL)",
+        help="postgresql://user@host/db (a schema per service) or sqlite:///dir"
+        f"{store_help} (env SAGAKIT_STORE_URL)",
     )
     parser.add_argument(
         "--broker",
         default=os.environ.get("SAGAKIT_BROKER_URL"),
-        help="nats://host:4222 or amqp://user:pass@host:5672/ (env SAGAKIT_BROKER_URL)",
+        help=f"nats://host:4222 or amqp://user:pass@host:5672/{broker_help} "
+        "(env SAGAKIT_BROKER_URL)",
     )
+
+
+def _urls(parser: argparse.ArgumentParser) -> None:
+    url_options(parser)
     parser.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "WARNING"))
     parser.add_argument(
         "--metrics-port",

@@ -88,3 +88,8 @@ class DeadLetterNotFound(SagakitError):
 
 class DeadLetterRefused(SagakitError):
     """That action does not apply to the dead letter (settled already, or pointless)."""
+
+
+class NoDriver(ManualActionRefused):
+    """The saga is a choreography's view: nothing drives it, so only a record of what a
+    person did by hand applies (mark_done, mark_compensated, accept_partial)."""

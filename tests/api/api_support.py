@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from sagakit_checkout.services import Checkout, checkout_engine, migrate, open_c
 
 from sagakit import Engine, RetryPolicy, SagaState
 from sagakit.api import TokenStore, create_app
+from sagakit.api.serve import serve
 from sagakit.runtime.engine import ALL_ROLES
 
 PLAIN = {"viewer": "tok-viewer", "operator": "tok-operator", "admin": "tok-admin"}
@@ -41,6 +44,35 @@ def order_body(**changes: Any) -> dict[str, Any]:
     }
     body.update(changes)
     return body
+
+
+@contextlib.asynccontextmanager
+async def served(data_dir: Path, **options: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """``sagakit serve`` on a free port in this process; yields (url, its JSON banner)."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    out = io.StringIO()
+    task = asyncio.create_task(
+        serve(
+            "127.0.0.1",
+            0,
+            data_dir,
+            out=out,
+            json_output=True,
+            stop=stop,
+            on_ready=ready.set_result,
+            log_level="warning",
+            **options,
+        )
+    )
+    try:
+        url = await asyncio.wait_for(ready, 60)
+        info: dict[str, Any] = json.loads(out.getvalue().splitlines()[0])
+        assert info["url"] == url
+        yield url, info
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 @dataclass

@@ -12,12 +12,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from api_support import served
 
 from sagakit.api.cli import register
 from sagakit.api.serve import serve
@@ -34,37 +34,9 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@contextlib.asynccontextmanager
-async def served(data_dir: Path, **options: Any) -> AsyncIterator[tuple[str, str]]:
-    """``serve`` on a free port; yields (url, generated admin token)."""
-    stop = asyncio.Event()
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    out = io.StringIO()
-    task = asyncio.create_task(
-        serve(
-            "127.0.0.1",
-            0,
-            data_dir,
-            out=out,
-            json_output=True,
-            stop=stop,
-            on_ready=ready.set_result,
-            log_level="warning",
-            **options,
-        )
-    )
-    try:
-        url = await asyncio.wait_for(ready, 30)
-        info = json.loads(out.getvalue().splitlines()[0])
-        assert info["url"] == url
-        yield url, info["token"]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-
 async def test_serve_and_the_cli_against_it(tmp_path: Path) -> None:
-    async with served(tmp_path / "data", orders=4) as (url, token):
+    async with served(tmp_path / "data", orders=4) as (url, info):
+        token = info["token"]
         assert token and token.startswith("sk_")
         stored = (tmp_path / "data" / "tokens.json").read_text()
         assert token not in stored and json.loads(stored)["tokens"][0]["role"] == "admin"
@@ -136,8 +108,8 @@ async def test_serve_and_the_cli_against_it(tmp_path: Path) -> None:
         code, _, err = await asyncio.to_thread(cli, "sagas", "list", "--url", url, "--token", "bad")
         assert code == 1 and "401" in err
     # The same data dir again: the token is kept (as a hash) and not shown again.
-    async with served(tmp_path / "data") as (_, token_again):
-        assert token_again is None
+    async with served(tmp_path / "data") as (_, again):
+        assert again["token"] is None
 
 
 def test_cli_without_token_or_server(monkeypatch: pytest.MonkeyPatch) -> None:

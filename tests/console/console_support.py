@@ -75,32 +75,38 @@ async def running_console(data_dir: Path, *, can_act: bool = True) -> AsyncItera
         placed = {k: await engine.start(CHECKOUT, k, order_data(k)) for k in ORDERS}
         sagas = {k: await engine.wait(s.saga_id, 60) for k, s in placed.items()}
 
-        def may_act(_: Request) -> bool:
-            return can_act
+        async with console_url(engine, can_act=can_act) as url:
+            yield Console(url, engine, sagas)
 
-        routes = console_routes(
-            engine, actor=lambda _: "tester", can_act=may_act, poll_interval=0.1
-        )
-        app = Starlette(routes=[Mount("/console", routes=routes)])
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, log_config=None, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            for _ in range(500):
-                if server.started:
-                    break
-                await asyncio.sleep(0.01)
-            assert server.started, "uvicorn did not start"
-            yield Console(f"http://127.0.0.1:{port}/console", engine, sagas)
-        finally:
-            server.should_exit = True
-            await task
-            sock.close()
+
+@asynccontextmanager
+async def console_url(engine: Engine, *, can_act: bool = True) -> AsyncIterator[str]:
+    """The console of ``engine`` served by uvicorn on a free port; yields its URL."""
+
+    def may_act(_: Request) -> bool:
+        return can_act
+
+    routes = console_routes(engine, actor=lambda _: "tester", can_act=may_act, poll_interval=0.1)
+    app = Starlette(routes=[Mount("/console", routes=routes)])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}/console"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 @asynccontextmanager

@@ -25,6 +25,7 @@ from sagakit.api.console_mount import console_mount
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
+    OrderStarter,
     Reply,
     TokenAuth,
     json_reply,
@@ -53,6 +54,7 @@ def create_app(
     sse_poll: float = 0.25,
     sse_max_seconds: float = 600.0,
     console_secret: bytes | None = None,
+    start_order: OrderStarter | None = None,
 ) -> Starlette:
     """The HTTP API of ``engine`` (which the caller opens and closes).
 
@@ -62,7 +64,8 @@ def create_app(
     ``max_body`` caps request bodies (413 beyond). ``sse_*`` tune the event streams:
     heartbeat interval, longest wait between reads, and how long one stream lasts.
     The API's own tables are created in the orchestrator store on first use (and at
-    startup when the server runs the ASGI lifespan).
+    startup when the server runs the ASGI lifespan). ``start_order`` replaces how
+    ``POST /orders`` starts an order (default: the ``order_definition`` saga).
     """
     if not isinstance(tokens, TokenStore):
         raise ConfigurationError(
@@ -82,6 +85,7 @@ def create_app(
         sse_heartbeat=sse_heartbeat,
         sse_poll=sse_poll,
         sse_max_seconds=sse_max_seconds,
+        start_order=start_order,
     )
     endpoints = [
         *orders.endpoints(ctx),

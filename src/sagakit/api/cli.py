@@ -1,6 +1,9 @@
 """The API's commands for the ``sagakit`` CLI: ``serve``, ``sagas ...``, ``manual-cases``.
 
-``serve`` runs the embedded checkout and the HTTP API (needs the ``api`` extra).
+``serve`` runs the checkout and the HTTP API (needs the ``api`` extra): embedded on
+SQLite in one of three modes (``--mode``), or on the deployment's PostgreSQL stores
+(``--store``/``--broker``, env ``SAGAKIT_STORE_URL``/``SAGAKIT_BROKER_URL``), with
+every role in this process or ``--api-only`` next to ``sagakit worker|relay|service``.
 
 ``sagas list|show|retry|compensate|resolve|cancel`` and ``manual-cases`` talk to a
 *running* API (``--url``, default ``$SAGAKIT_URL`` or http://127.0.0.1:8000) with a
@@ -182,7 +185,7 @@ def _runner(fn: Any) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from sagakit.api.serve import serve
-    from sagakit.errors import ConfigurationError
+    from sagakit.errors import SagakitError
 
     try:
         asyncio.run(
@@ -195,9 +198,14 @@ def _serve(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 log_level=args.log_level,
                 json_output=args.json,
+                mode=args.mode,
+                store_url=args.store or None,
+                broker_url=args.broker or None,
+                api_only=args.api_only,
+                command_timeout=args.command_timeout,
             )
         )
-    except ConfigurationError as exc:
+    except (SagakitError, ValueError) as exc:
         print(f"sagakit serve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -220,11 +228,15 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``serve``, ``sagas``, ``manual-cases`` and ``dead-letters`` to the command line."""
+    from sagakit.cli_processes import url_options  # the same options as the processes
+
     serve = subparsers.add_parser(
         "serve",
-        help="run the embedded checkout and the HTTP API",
-        description="Run the reference checkout (embedded, SQLite) and the HTTP API in one "
-        "process. Without configured tokens an admin token is generated and printed once.",
+        help="run the checkout and the HTTP API",
+        description="Run the reference checkout and the HTTP API in one process: embedded "
+        "(SQLite files in --data-dir, --mode), or on the deployment's stores (--store, "
+        "--broker), every role here or --api-only next to sagakit worker/relay/service. "
+        "Without configured tokens an admin token is generated and printed once.",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -238,6 +250,30 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--orders", type=int, default=0, help="place N demo orders at start")
     serve.add_argument("--seed", type=int, default=0, help="seed of the demo orders")
     serve.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--mode",
+        choices=("orchestration", "choreography", "hybrid"),
+        default=os.environ.get("SAGAKIT_MODE", "orchestration"),
+        help="the embedded checkout's shape (default orchestration; env SAGAKIT_MODE)",
+    )
+    url_options(
+        serve,
+        ": serve the deployment's stores instead of the embedded checkout",
+        ": with --store, run every role here",
+    )
+    serve.add_argument(
+        "--api-only",
+        action="store_true",
+        help="with --store: only the API and console; sagakit worker, relay and service "
+        "processes carry the sagas (no broker needed)",
+    )
+    serve.add_argument(
+        "--command-timeout",
+        type=float,
+        default=os.environ.get("SAGAKIT_COMMAND_TIMEOUT"),
+        help="with --api-only: the workers' --command-timeout, for the first command's "
+        "timer (env SAGAKIT_COMMAND_TIMEOUT)",
+    )
     serve.add_argument(
         "--json",
         action="store_true",

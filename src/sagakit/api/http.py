@@ -31,6 +31,11 @@ PRINCIPAL = "sagakit.principal"
 """The ASGI scope key under which the authenticated :class:`Principal` travels."""
 
 
+OrderStarter = Callable[[str, dict[str, Any]], Awaitable[tuple[str, str]]]
+"""``(order_id, order data) -> (saga id, status shown)``: starts an order, idempotently
+by order id (a choreography places it with its order service instead of a saga)."""
+
+
 @dataclass(slots=True)
 class ApiContext:
     """The shared state of one app (built by :func:`sagakit.api.app.create_app`)."""
@@ -47,6 +52,8 @@ class ApiContext:
     """Longest wait between two reads of a saga's history while streaming."""
     sse_max_seconds: float = 600.0
     """An event stream ends after this long; the client reconnects with Last-Event-ID."""
+    start_order: OrderStarter | None = None
+    """How ``POST /orders`` starts an order (None: start the ``order_definition`` saga)."""
 
 
 @dataclass(frozen=True, slots=True)

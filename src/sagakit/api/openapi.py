@@ -100,7 +100,7 @@ SAGA_SUMMARY = {
     **_fields("saga_id:str definition:str definition_version:int business_key:str"),
     "state": _ref("SagaState"),
     **_fields("status:str current_step:str? version:int created_at:num updated_at:num"),
-    **_fields("age_s:num reason:str?"),
+    **_fields("age_s:num reason:str? driven:bool"),
 }
 STEP = {
     **_fields("index:int name:str"),

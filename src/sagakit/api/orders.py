@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -25,6 +26,7 @@ from sagakit.api.auth import Role
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
+    OrderStarter,
     Reply,
     json_reply,
     one,
@@ -72,6 +74,17 @@ PAGING = (
 )
 
 
+def start_saga(ctx: ApiContext) -> OrderStarter:
+    """The default order starter: the ``order_definition`` saga, keyed by the order id."""
+
+    async def start(order_id: str, data: dict[str, Any]) -> tuple[str, str]:
+        inst = await ctx.engine.start(ctx.order_definition, order_id, data)
+        history = await ctx.engine.store.history(inst.saga_id)
+        return inst.saga_id, status_path(history)[-1]["status"] if history else inst.status
+
+    return start
+
+
 def endpoints(ctx: ApiContext) -> list[Endpoint]:
     """The order and ledger routes (only when the app runs the reference checkout)."""
     if ctx.checkout is None:
@@ -101,10 +114,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             )
         # Idempotent by order id: a retry after a crash between the key's commit and the
         # start starts it now, any other retry finds the saga that exists.
-        inst = await engine.start(ctx.order_definition, order_id, order.saga_data())
-        history = await engine.store.history(inst.saga_id)
-        status = status_path(history)[-1]["status"] if history else inst.status
-        body = {"order_id": order_id, "saga_id": inst.saga_id, "status": status}
+        start = ctx.start_order or start_saga(ctx)
+        saga_id, status = await start(order_id, order.saga_data())
+        body = {"order_id": order_id, "saga_id": saga_id, "status": status}
         headers = {"Location": f"/orders/{order_id}"}
         if not created:
             return json_reply(body, 200, headers)
@@ -112,12 +124,12 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "order %s placed by %s",
             order_id,
             who.name,
-            extra={"saga_id": inst.saga_id, "actor": who.name, "action": "place_order"},
+            extra={"saga_id": saga_id, "actor": who.name, "action": "place_order"},
         )
         await ctx.records.audit(
             who,
             "place_order",
-            saga_id=inst.saga_id,
+            saga_id=saga_id,
             reason=None,
             outcome="accepted",
             detail={"order_id": order_id},

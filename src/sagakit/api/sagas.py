@@ -5,6 +5,10 @@ others (retry, mark_done, compensate, mark_compensated, use_rung, accept_partial
 :meth:`Engine.resolve`, which records the actor and reason in the saga's history in
 the same transaction as the decision. The API also writes a structured log line and
 a row of its ``api_audit`` table for every action, refused or not.
+
+A choreography's view (``driven: false``) has no driver: the engine applies only the
+records of what a person did by hand (:mod:`sagakit.runtime.tracker_manual`) and
+refuses the rest with 409 ``no_driver``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from sagakit.api.validation import (
 )
 from sagakit.api.views import manual_case, saga_detail, saga_summary
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
-from sagakit.errors import DefinitionError, ManualActionRefused, SagaNotFound
+from sagakit.errors import DefinitionError, ManualActionRefused, NoDriver, SagaNotFound
 
 audit_log = logging.getLogger("sagakit.api.audit")
 
@@ -108,9 +112,13 @@ async def _decide(
                 saga_id, req.action, reason=req.reason, actor=who.name, rung=req.rung
             )
         before = await engine.get(saga_id)
-        inst = before if before.terminal else await engine.cancel(saga_id, req.reason)
+        # A finished view is asked too: its refusal says that nothing drives it.
+        ask = not before.terminal or before.definition in engine.trackers
+        inst = await engine.cancel(saga_id, req.reason) if ask else before
     except SagaNotFound:
         raise ActionOutcome(404, "not_found", f"no saga {saga_id!r}") from None
+    except NoDriver as exc:
+        raise ActionOutcome(409, "no_driver", str(exc)) from None
     except (ManualActionRefused, DefinitionError) as exc:
         raise ActionOutcome(409, "refused", str(exc)) from None
     # engine.cancel records a refused cancel in history and returns the saga unchanged.
@@ -348,8 +356,10 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             body="ActionRequest",
             errors=(404, 409),
             description="`cancel` compensates a saga before its point of no return; the "
-            "other actions apply to sagas in FAILED_NEEDS_MANUAL. 409 says why an action "
-            "does not apply.",
+            "other actions apply to sagas in FAILED_NEEDS_MANUAL. A choreography's view "
+            "(`driven: false`) has no driver: it takes only `mark_done`, `mark_compensated` "
+            "and `accept_partial`, records of what a person did by hand; the others answer "
+            "409 with the code `no_driver`. 409 says why an action does not apply.",
         ),
         Endpoint(
             "GET",

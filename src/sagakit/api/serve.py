@@ -8,6 +8,12 @@ an admin token is generated, only its SHA-256 is stored, and the token is printe
 once with the URL: keep it, it cannot be shown again (delete ``tokens.json`` to get a
 new one). SIGTERM and SIGINT stop the server gracefully: requests in flight finish,
 then the engine closes its stores (committed work is kept; a restart resumes it).
+
+``mode`` picks the checkout's shape (orchestration, choreography, hybrid); with
+``store_url`` (and ``broker_url``) the orchestrated checkout runs on the deployment's
+PostgreSQL stores instead, every role in this process or ``api_only`` next to
+``sagakit worker|relay|service`` processes (see :mod:`sagakit.api.serve_setup`). The
+data directory then only holds the tokens, the lock and the fake card provider.
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TextIO
 
 import uvicorn
 
+from sagakit.api import serve_setup
 from sagakit.api.app import DEFAULT_MAX_BODY, create_app
 from sagakit.api.auth import (
     TOKENS_FILE_ENV,
@@ -157,21 +163,31 @@ async def serve(
     json_output: bool = False,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    mode: str = "orchestration",
+    store_url: str | None = None,
+    broker_url: str | None = None,
+    api_only: bool = False,
+    command_timeout: float | None = None,
 ) -> None:
-    """Run the embedded checkout and the API until SIGTERM/SIGINT (or ``stop`` is set).
+    """Run the checkout and the API until SIGTERM/SIGINT (or ``stop`` is set).
 
     ``orders`` places that many demo orders (the demo's seeded mix) at start, once: a
     restart with the same ``seed`` does not place them again. The URL (and a generated
     token) are printed to ``out`` (stdout), as one JSON object with ``json_output``;
-    ``on_ready`` gets the URL once serving.
+    ``on_ready`` gets the URL once serving. ``store_url``, ``broker_url``, ``api_only``
+    and ``command_timeout`` (the workers' ``--command-timeout``) select a deployment
+    instead of the embedded checkout in ``mode``.
     """
     from sagakit_checkout.demo import REGULAR_SKUS, REGULAR_STOCK, make_orders
-    from sagakit_checkout.inventory import expire_reservations
-    from sagakit_checkout.sagas import CHECKOUT
-    from sagakit_checkout.services import checkout_engine, migrate, open_checkout
 
     if orders < 0:
         raise ConfigurationError("orders must be >= 0")
+    if store_url is None and (broker_url is not None or api_only):
+        raise ConfigurationError("--broker and --api-only need --store (the deployment's stores)")
+    if store_url is not None and mode != "orchestration":
+        raise ConfigurationError(
+            f"--store runs the orchestrated checkout only; --mode {mode} is embedded only"
+        )
     out = out or sys.stdout
     base = Path(data_dir)
     lock = _lock(base)
@@ -179,22 +195,26 @@ async def serve(
     try:
         configured = tokens_file if tokens_file is not None else os.environ.get(TOKENS_FILE_ENV)
         tokens, generated = load_tokens(base, configured or None)
-        checkout = open_checkout(base, synchronous=synchronous)
-        engine = checkout_engine(checkout)
-        engine.every(
-            5.0,
-            "expire-reservations",
-            lambda: expire_reservations(checkout.inventory_store, time.time()),
-        )
+        if store_url is None:
+            served = serve_setup.embedded(base, mode, synchronous)
+        else:
+            served = serve_setup.deployed(
+                base, store_url, broker_url, api_only=api_only, command_timeout=command_timeout
+            )
         specs, stock = make_orders(orders, seed) if orders else ([], {})
         stock.update(dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK), **{"sku-sold-out": 0})
-        async with engine:
-            await migrate(checkout, initial_stock=stock)
-            for i in range(0, len(specs), 100):
-                await engine.start_many(
-                    [(CHECKOUT, s.order_id, s.data) for s in specs[i : i + 100]]
-                )
-            app = create_app(engine, checkout=checkout, tokens=tokens, max_body=max_body)
+        async with served.engine as engine:
+            await served.seed(stock)
+            if specs:
+                await served.place(specs)
+            app = create_app(
+                engine,
+                checkout=served.checkout,
+                tokens=tokens,
+                max_body=max_body,
+                order_definition=served.order_definition,
+                start_order=served.start_order,
+            )
             config = uvicorn.Config(
                 app,
                 host=host,
@@ -204,7 +224,8 @@ async def serve(
                 lifespan="on",
             )
             server = _Server(config)
-            await _run(server, host, base, generated, out, json_output, stop, on_ready)
+            shown = (base, served.where)
+            await _run(server, host, shown, generated, out, json_output, stop, on_ready)
     finally:
         undo_logging()
         lock.close()
@@ -213,7 +234,7 @@ async def serve(
 async def _run(
     server: _Server,
     host: str,
-    base: Path,
+    shown_data: tuple[Path, str],
     generated: str | None,
     out: TextIO,
     json_output: bool,
@@ -221,6 +242,7 @@ async def _run(
     on_ready: Callable[[str], None] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
+    base, where = shown_data
 
     def request_exit() -> None:
         if server.should_exit:
@@ -243,11 +265,11 @@ async def _run(
             shown = f"[{host}]" if ":" in host else host
             url = f"http://{shown}:{bound}"
             if json_output:
-                info = {"url": url, "data_dir": str(base), "token": generated}
+                info = {"url": url, "data_dir": str(base), "data": where, "token": generated}
                 print(json.dumps(info), file=out)
             else:
                 print(
-                    f"sagakit API on {url} (data in {base}; OpenAPI at {url}/openapi.json; "
+                    f"sagakit API on {url} (data in {where}; OpenAPI at {url}/openapi.json; "
                     f"console at {url}/console/)",
                     file=out,
                 )

@@ -15,6 +15,7 @@ from sagakit.core.definition import SagaDefinition
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance
 from sagakit.runtime.engine import Engine
+from sagakit.runtime.tracker import TrackedFlow
 
 """The manual queue: what ``GET /manual-cases`` lists."""
 
@@ -25,10 +26,26 @@ def definition_of(engine: Engine, inst: SagaInstance) -> SagaDefinition | None:
     return None if machine is None else machine.definition
 
 
+def flow_of(engine: Engine, inst: SagaInstance) -> TrackedFlow | None:
+    """The choreography whose view ``inst`` is (None: an orchestrated saga)."""
+    if definition_of(engine, inst) is not None:
+        return None
+    tracker = engine.trackers.get(inst.definition)
+    return None if tracker is None else tracker.flow
+
+
 def step_name(engine: Engine, inst: SagaInstance) -> str | None:
-    """The name of the step at the saga's cursor (its current or last step)."""
+    """The name of the step at the saga's cursor (its current or last step).
+
+    A choreography's view has no cursor: its step is the one of the last fact heard.
+    """
     d = definition_of(engine, inst)
-    if d is None or not 0 <= inst.cursor < len(d.steps):
+    if d is None:
+        flow = flow_of(engine, inst)
+        last = inst.data.get("last") if flow is not None else None
+        fact = flow.facts.get(last) if flow is not None and isinstance(last, str) else None
+        return None if fact is None else fact.step
+    if not 0 <= inst.cursor < len(d.steps):
         return None
     return d.steps[inst.cursor].name
 
@@ -73,6 +90,8 @@ def saga_summary(engine: Engine, inst: SagaInstance, now: float) -> dict[str, An
         "updated_at": inst.updated_at,
         "age_s": round(max(now - inst.created_at, 0.0), 3),
         "reason": inst.reason,
+        # False for a choreography's view: no retry, compensate or cancel applies to it.
+        "driven": flow_of(engine, inst) is None,
     }
 
 
@@ -93,13 +112,15 @@ def saga_detail(
 ) -> dict[str, Any]:
     """Everything about one saga: steps, history, and the messages it sent and received."""
     d = definition_of(engine, inst)
+    flow = flow_of(engine, inst)
     steps = []
     for i, st in enumerate(inst.steps):
         spec = d.steps[i] if d is not None and i < len(d.steps) else None
+        name = flow.steps[i] if flow is not None and i < len(flow.steps) else f"step-{i}"
         steps.append(
             {
                 "index": i,
-                "name": spec.name if spec else f"step-{i}",
+                "name": spec.name if spec else name,
                 "kind": spec.kind.value if spec else None,
                 **st.to_dict(),
             }

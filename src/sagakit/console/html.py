@@ -163,13 +163,7 @@ def action_form(
     acts = available_actions(definition, inst)
     if not acts:
         return ""
-    buttons = []
-    for action, label in acts:
-        danger = " danger" if action in ("cancel", "accept_partial") else ""
-        buttons.append(
-            f'<button type="submit" name="action" value="{e(action)}" '
-            f'class="act{danger}" data-action="{e(action)}">{e(label)}</button>'
-        )
+    buttons = [action_button(action, label) for action, label in acts]
     if inst.state is SagaState.FAILED_NEEDS_MANUAL and _undoing(inst):
         ladder = definition.steps[inst.cursor].ladder
         options = "".join(
@@ -182,6 +176,22 @@ def action_form(
             '<button type="submit" name="action" value="use_rung" class="act" '
             'data-action="use_rung">Use rung</button></span>'
         )
+    return decision_form(base, inst, buttons, csrf=csrf, next_url=next_url)
+
+
+def action_button(action: str, label: str) -> str:
+    """One decision button (cancel and accept_partial look dangerous)."""
+    danger = " danger" if action in ("cancel", "accept_partial") else ""
+    return (
+        f'<button type="submit" name="action" value="{e(action)}" '
+        f'class="act{danger}" data-action="{e(action)}">{e(label)}</button>'
+    )
+
+
+def decision_form(
+    base: str, inst: SagaInstance, buttons: Iterable[str], *, csrf: str, next_url: str
+) -> str:
+    """The form posting a decision on ``inst``: a required reason and ``buttons``."""
     rid = f"reason-{e(inst.saga_id)}"
     return (
         f'<form class="decide" method="post" action="{e(f"{base}/sagas/{seg(inst.saga_id)}/act")}">'

@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sagakit.console import choreo
 from sagakit.console import html as h
 from sagakit.console.html import e, seg, url
 from sagakit.console.svg import flow_svg, fmt_duration, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.graph import to_svg
+from sagakit.runtime.tracker import TrackedFlow
 
 DefinitionOf = Callable[[SagaInstance], "SagaDefinition | None"]
+FlowOf = Callable[[SagaInstance], "TrackedFlow | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,13 @@ class ListQuery:
         return out
 
 
+def _step(definition: SagaDefinition | None, flow: TrackedFlow | None, inst: SagaInstance) -> str:
+    """The saga's current step: at its cursor, or for a view the last fact's step."""
+    if definition is None and flow is not None:
+        return choreo.view_step(flow, inst)[0]
+    return h.current_step(definition, inst)
+
+
 def _cut(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
@@ -55,6 +65,7 @@ def list_page(
     definition_of: DefinitionOf,
     tag: str,
     more: bool,
+    flow_of: FlowOf = lambda inst: None,
 ) -> str:
     """The saga list: counts per state, filters, one row per saga, paging."""
     total = sum(counts.values())
@@ -95,7 +106,7 @@ def list_page(
             e(f"{s.definition}@{s.definition_version}"),
             h.state_badge(s.state),
             e(s.status),
-            e(h.current_step(definition_of(s), s)),
+            e(_step(definition_of(s), flow_of(s), s)),
             e(h.fmt_time(s.updated_at)),
             f'<span class="reason" title="{e(s.reason or "")}">{e(_cut(s.reason or ""))}</span>',
         ]
@@ -182,8 +193,13 @@ def detail_page(
     can_act: bool,
     now: float,
     flash: str = "",
+    flow: TrackedFlow | None = None,
 ) -> str:
-    """One saga: summary, decisions, timeline, diagram, message flow, steps, history."""
+    """One saga: summary, decisions, timeline, diagram, message flow, steps, history.
+
+    A choreography's view (``flow``, no definition) shows its steps and the records a
+    person may make instead (:mod:`sagakit.console.choreo`).
+    """
     facts = [
         ("state", h.state_badge(inst.state)),
         ("status", e(inst.status)),
@@ -199,7 +215,9 @@ def detail_page(
         facts.append(("reason", f'<span class="error-text">{e(inst.reason)}</span>'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     parts = [f"<h1>{e(inst.business_key)}</h1><dl class=facts>{dl}</dl>"]
-    if definition is None:
+    if definition is None and flow is not None:
+        parts += choreo.view_sections(base, flow, inst, csrf=csrf, can_act=can_act)
+    elif definition is None:
         parts.append(
             f'<p class="error-text">This console does not know the definition '
             f"{e(inst.definition)}@{inst.definition_version}; pictures are not available.</p>"
@@ -245,17 +263,22 @@ def manual_page(
     can_act: bool,
     tag: str,
     flash: str = "",
+    flow_of: FlowOf = lambda inst: None,
 ) -> str:
     """The manual queue: each case with its reason and, for those a person can decide,
-    the decision form."""
+    the decision form (a choreography's view: the records of what a person did)."""
     cards = []
     for inst in cases:
-        d = definition_of(inst)
+        d, flow = definition_of(inst), flow_of(inst)
         form = ""
         if d is not None and can_act:
             form = h.action_form(base, d, inst, csrf=csrf, next_url=f"{base}/manual")
         step = h.current_step(d, inst)
         status = inst.steps[inst.cursor].status if 0 <= inst.cursor < len(inst.steps) else None
+        if d is None and flow is not None:
+            step, status = choreo.view_step(flow, inst)
+            if can_act:
+                form = choreo.view_form(base, flow, inst, csrf=csrf, next_url=f"{base}/manual")
         cards.append(
             f'<article class="case" data-saga="{e(inst.saga_id)}" '
             f'data-key="{e(inst.business_key)}"><header>'

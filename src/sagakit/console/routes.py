@@ -38,6 +38,7 @@ from sagakit.errors import (
 from sagakit.graph import to_dot, to_mermaid, to_svg
 from sagakit.runtime.dead_letters import BrokerDeadLetter
 from sagakit.runtime.engine import Engine
+from sagakit.runtime.tracker import TrackedFlow
 
 ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
 """What a decision form may ask: the engine's manual actions, and cancel."""
@@ -73,6 +74,13 @@ class _Console:
     def definition_of(self, inst: SagaInstance) -> SagaDefinition | None:
         m = self.engine.orchestrator.machines.get((inst.definition, inst.definition_version))
         return None if m is None else m.definition
+
+    def flow_of(self, inst: SagaInstance) -> TrackedFlow | None:
+        """The choreography whose view ``inst`` is (None: an orchestrated saga)."""
+        tracker = self.engine.trackers.get(inst.definition)
+        if tracker is None or self.definition_of(inst) is not None:
+            return None
+        return tracker.flow
 
     def who(self, request: Request) -> str:
         return (self.actor(request) or "").strip()
@@ -132,10 +140,13 @@ class _Console:
             query=query,
             sagas=found,
             counts=await self.engine.store.count_sagas(),
-            definitions=sorted({name for name, _ in self.engine.orchestrator.machines}),
+            definitions=sorted(
+                {name for name, _ in self.engine.orchestrator.machines} | set(self.engine.trackers)
+            ),
             definition_of=self.definition_of,
             tag=await self.list_tag(states, query.definition),
             more=more,
+            flow_of=self.flow_of,
         )
         return self.page(request, body)
 
@@ -180,6 +191,7 @@ class _Console:
             can_act=self.can_act(request),
             now=self.engine.clock(),
             flash=self.flash(request),
+            flow=self.flow_of(inst),
         )
         return self.page(request, body, nonce=nonce)
 
@@ -193,6 +205,7 @@ class _Console:
             can_act=self.can_act(request),
             tag=await self.list_tag(list(MANUAL_STATES), None),
             flash=self.flash(request),
+            flow_of=self.flow_of,
         )
         return self.page(request, body, nonce=nonce)
 

@@ -62,6 +62,30 @@ class ManualAction(StrEnum):
     """Accept the saga as it stands: it ends PARTIAL_ACCEPTED."""
 
 
+def manual_action(action: ManualAction | str) -> ManualAction:
+    """``action`` as a :class:`ManualAction`; :class:`ManualActionRefused` if unknown."""
+    try:
+        return ManualAction(action)
+    except ValueError:
+        raise ManualActionRefused(
+            f"unknown manual action {action!r}; choose from {[a.value for a in ManualAction]}"
+        ) from None
+
+
+def check_manual(inst: SagaInstance, *, reason: str, actor: str) -> None:
+    """Refuse a manual action without a reason or an actor, or on a saga not waiting
+    for a person (FAILED_NEEDS_MANUAL)."""
+    if not reason or not reason.strip():
+        raise ManualActionRefused("a manual action needs a reason (it is audited)")
+    if not actor or not actor.strip():
+        raise ManualActionRefused("a manual action needs the actor who decided it")
+    if inst.state is not SagaState.FAILED_NEEDS_MANUAL:
+        raise ManualActionRefused(
+            f"saga {inst.saga_id} is {inst.state.value}; only FAILED_NEEDS_MANUAL sagas "
+            "take manual actions"
+        )
+
+
 @dataclass(slots=True)
 class Decision:
     """What a transition decided. ``changed`` is False for stale or refused inputs."""
@@ -657,21 +681,8 @@ class Machine:
         Raises :class:`~sagakit.errors.ManualActionRefused` when the action does not fit
         the saga's state (the message says why and what would).
         """
-        try:
-            action = ManualAction(action)
-        except ValueError:
-            raise ManualActionRefused(
-                f"unknown manual action {action!r}; choose from {[a.value for a in ManualAction]}"
-            ) from None
-        if not reason or not reason.strip():
-            raise ManualActionRefused("a manual action needs a reason (it is audited)")
-        if not actor or not actor.strip():
-            raise ManualActionRefused("a manual action needs the actor who decided it")
-        if inst.state is not SagaState.FAILED_NEEDS_MANUAL:
-            raise ManualActionRefused(
-                f"saga {inst.saga_id} is {inst.state.value}; only FAILED_NEEDS_MANUAL sagas "
-                "take manual actions"
-            )
+        action = manual_action(action)
+        check_manual(inst, reason=reason, actor=actor)
         d = self.definition
         index = inst.cursor
         step = d.steps[index]

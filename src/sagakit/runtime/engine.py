@@ -27,6 +27,8 @@ from sagakit.runtime.dead_letters import DeadLetterDesk
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
+from sagakit.runtime.tracker import Tracker
+from sagakit.runtime.tracker_manual import no_driver, resolve_tracked
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store
 from sagakit.transports.base import Transport
@@ -81,6 +83,13 @@ class Engine:
             store, definitions, wakeups=self.wakeups, clock=clock, faults=self.faults
         )
         self.participants = list(participants)
+        # Choreographies' saga views in this engine's store: nobody drives them, so the
+        # manual actions on them are records of what a person did (tracker_manual).
+        self.trackers: dict[str, Tracker] = {
+            p.flow.definition: p
+            for p in self.participants
+            if isinstance(p, Tracker) and p.store is store
+        }
         for p in self.participants:
             p.wakeups = self.wakeups
             p.faults = self.faults
@@ -237,7 +246,13 @@ class Engine:
         return [inst for inst, _ in await self.orchestrator.start_many(requests)]
 
     async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
-        """Ask a saga to cancel (compensates before its pivot, refused after)."""
+        """Ask a saga to cancel (compensates before its pivot, refused after).
+
+        A choreography's view cannot be cancelled (:class:`~sagakit.errors.NoDriver`).
+        """
+        tracker = await self._tracker_of(saga_id)
+        if tracker is not None:
+            raise no_driver(tracker.flow, saga_id, "cancel")
         return await self.orchestrator.cancel(saga_id, reason)
 
     async def resolve(
@@ -249,10 +264,26 @@ class Engine:
         actor: str,
         rung: int | None = None,
     ) -> SagaInstance:
-        """Apply a person's decision to a saga in the manual queue (audited)."""
+        """Apply a person's decision to a saga in the manual queue (audited).
+
+        On a choreography's view only the records of what a person did by hand apply
+        (see :mod:`sagakit.runtime.tracker_manual`).
+        """
+        tracker = await self._tracker_of(saga_id)
+        if tracker is not None:
+            return await resolve_tracked(tracker, saga_id, action, reason=reason, actor=actor)
         return await self.orchestrator.resolve(
             saga_id, action, reason=reason, actor=actor, rung=rung
         )
+
+    async def _tracker_of(self, saga_id: str) -> Tracker | None:
+        """The tracker whose view ``saga_id`` is (None: an orchestrated saga, or none)."""
+        if not self.trackers:
+            return None
+        inst = await self.store.get_saga(saga_id)
+        if inst is None or (inst.definition, inst.definition_version) in self.orchestrator.machines:
+            return None
+        return self.trackers.get(inst.definition)
 
     async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
         """The manual queue: FAILED_NEEDS_MANUAL sagas, newest first."""

@@ -78,6 +78,8 @@ class TrackedFlow:
     cancelling_status: str = "CANCELLING"
     cancelled_status: str = "CANCELLED"
     attention_status: str = "NEEDS_ATTENTION"
+    partial_status: str = "PARTIALLY_COMPLETED"
+    """Shown once a person accepted the saga as it stands (``accept_partial``)."""
 
     def __post_init__(self) -> None:
         if not self.sla > 0:
