@@ -645,6 +645,45 @@ async def test_queue_reset_leases_after_restart(open_store: OpenStore) -> None:
         assert await store.next_queue_visible("shipping") == 302.0
 
 
+async def test_queue_add_and_remove_inside_a_transaction(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            ids = await tx.queue_add("o.local", ['{"a":"\\"q\\""}', "b"], now=1.0)
+            leased = await tx.queue_add("o.local", ["mine"], now=1.0, leased_until=31.0)
+            assert await tx.queue_add("o.local", [], now=1.0) == []
+        assert len(ids) == 2 and ids[0] < ids[1] < leased[0]
+        visible = await store.queue_fetch("o.local", 10, now=2.0, lease=5.0)
+        assert [(m.id, m.body, m.deliveries) for m in visible] == [
+            (ids[0], '{"a":"\\"q\\""}', 1),
+            (ids[1], "b", 1),
+        ]
+        # The writer's own lease: hidden until it ends, and it counts as a delivery.
+        assert await store.next_queue_visible("o.local") == 7.0
+        async with store.transaction() as tx:
+            await tx.queue_remove([ids[0], ids[1]])
+            await tx.queue_remove([])
+        assert await store.next_queue_visible("o.local") == 31.0
+        assert await store.queue_fetch("o.local", 10, now=30.9, lease=5.0) == []
+        assert await store.queue_depth("o.local") == 1
+        # A restart hands the writer's leased message to the consumer.
+        assert await store.queue_reset_leases("o.local") == 1
+        [back] = await store.queue_fetch("o.local", 10, now=3.0, lease=5.0)
+        assert (back.id, back.body, back.deliveries) == (leased[0], "mine", 2)
+
+
+async def test_queue_add_and_remove_roll_back(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await store.queue_push("o.local", ["kept"], now=1.0)
+        [kept] = await store.queue_fetch("o.local", 10, now=1.0, lease=0.0)
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.queue_add("o.local", ["lost"], now=1.0)
+                await tx.queue_remove([kept.id])
+                raise Boom
+        again = await store.queue_fetch("o.local", 10, now=2.0, lease=5.0)
+        assert [(m.id, m.body) for m in again] == [(kept.id, "kept")]
+
+
 # -- transactions --------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
@@ -75,6 +76,10 @@ class BatchConsumer:
     def after_commit(self) -> None:
         """Called after each successful commit (wake the relay and waiters)."""
 
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """The transaction a batch runs in (the store's; the orchestrator wraps it)."""
+        return self.store.transaction()
+
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
         parsed: list[tuple[Delivery, Envelope]] = []
         poison: list[tuple[Delivery, str | None, str]] = []
@@ -113,7 +118,7 @@ class BatchConsumer:
 
     async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             for _, env in items:
                 with handler_span(self.endpoint, env):
                     await self.process(tx, env, now)

@@ -95,6 +95,8 @@ class Engine:
             transport = EmbeddedTransport(
                 routes, wakeups=self.wakeups, clock=clock, idle_poll=idle_poll
             )
+        # Kept unwrapped: whether local steps may skip the relay depends on what it is.
+        self._delivery = transport
         self.transport = self.faults.wrap_transport(transport)
         self.stores: list[Store] = [store]
         for extra in [*(p.store for p in self.participants), *extra_stores]:
@@ -176,6 +178,17 @@ class Engine:
                 self.transport.subscribe(p.name, self._wrap(p.name, p), batch_size=size)
         await self.transport.start()
         self._running = True
+        # The embedded transport would move local commands from this store's outbox into
+        # this store's own mailbox: write them there directly (see the orchestrator).
+        delivery = self._delivery
+        o.direct_local = (
+            isinstance(delivery, EmbeddedTransport)
+            and delivery.routes.get(o.local_endpoint) is self.store
+        )
+        if o.direct_local and "orchestrator" in self.roles:
+            assert isinstance(delivery, EmbeddedTransport)
+            o.local.start_inline(lease=delivery.lease, batch_size=size)
+            self._spawn(o.local.run_inline(), "local-steps")
         if "relays" in self.roles:
             for relay in self.relays:
                 self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
@@ -192,6 +205,7 @@ class Engine:
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
         self._running = False
+        self.orchestrator.local.inline = False  # commands decided from now on: mailbox
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -12,15 +12,28 @@ Local steps (Python callables) are commands to ``<endpoint>.local``: the worker 
 the callable outside any transaction (at least once, with the step's idempotency key)
 and then checkpoints its result by applying it as a reply, in the same transaction
 that records the command as handled.
+
+When the transport delivers ``<endpoint>.local`` into this very store (the embedded
+transport; see :attr:`Orchestrator.direct_local`), a local command skips the outbox
+and the relay: the transition's own transaction writes it into the store's mailbox.
+While the engine runs the inline runner (:meth:`LocalStepRunner.run_inline`) that
+mailbox row is written already leased to this process: right after the commit the
+callable runs from memory, and the next transaction applies its result, records the
+command in the inbox and deletes the row, so one commit per local step. The row is the
+crash-recovery record: after a crash (or if the inline run fails) the mailbox
+consumer hands it out again, and the inbox makes the transition apply once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
@@ -33,13 +46,18 @@ from sagakit.errors import (
     SagaNotFound,
     StepFailed,
 )
-from sagakit.observability import record_transition
+from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import Delivery, Settle
 
 log = logging.getLogger(__name__)
+
+# Local commands decided inside the current Orchestrator.transaction(), written into the
+# mailbox in one statement just before it commits. A context variable because several
+# tasks may hold transactions at once (PostgreSQL runs them concurrently).
+_STAGED: ContextVar[list[Envelope] | None] = ContextVar("sagakit_staged_local", default=None)
 
 
 class Orchestrator(BatchConsumer):
@@ -63,6 +81,12 @@ class Orchestrator(BatchConsumer):
         self.id_factory = id_factory or (lambda: uuid.uuid4().hex)
         self.wakeups = wakeups or Wakeups()
         self.local_endpoint = f"{endpoint}.local"
+        self.direct_local = False
+        """Write local commands straight into this store's mailbox (not the outbox).
+
+        Only correct when the transport delivers ``local_endpoint`` into ``store``'s
+        mailbox anyway (the embedded transport); the :class:`Engine` sets it then.
+        """
         self.machines: dict[tuple[str, int], Machine] = {}
         self.latest: dict[str, SagaDefinition] = {}
         for d in definitions:
@@ -128,7 +152,7 @@ class Orchestrator(BatchConsumer):
                 raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             fresh: dict[tuple[str, str], SagaInstance] = {}
             for machine, (name, key, data) in zip(machines, requests, strict=True):
                 existing = fresh.get((name, key)) or await tx.saga_get_by_key(name, key)
@@ -149,7 +173,7 @@ class Orchestrator(BatchConsumer):
         if not reason or not reason.strip():
             raise ValueError("a cancel needs a reason")
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
@@ -169,7 +193,7 @@ class Orchestrator(BatchConsumer):
     ) -> SagaInstance:
         """Apply a person's decision to a saga in the manual queue (audited in history)."""
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
@@ -217,7 +241,7 @@ class Orchestrator(BatchConsumer):
     async def fire_due_timers(self, limit: int = 512) -> int:
         """Apply every timer due now (up to ``limit``) in one transaction; return how many."""
         now = self.clock()
-        async with self.store.transaction() as tx:
+        async with self.transaction() as tx:
             timers = await tx.timers_take_due(now, limit)
             for timer in timers:
                 await self._apply_timer(tx, timer, now)
@@ -252,7 +276,18 @@ class Orchestrator(BatchConsumer):
         if d.set_timers:
             await tx.timers_set(d.set_timers)
         if d.outgoing:
-            await tx.outbox_add(d.outgoing, now)
+            outgoing = d.outgoing
+            if self.direct_local:
+                staged = _STAGED.get()
+                local = [e for e in outgoing if e.destination == self.local_endpoint]
+                if local:
+                    outgoing = [e for e in outgoing if e.destination != self.local_endpoint]
+                    if staged is not None:
+                        staged.extend(local)
+                    else:  # outside Orchestrator.transaction(): no one to hand them to
+                        await tx.queue_add(self.local_endpoint, [e.to_json() for e in local], now)
+            if outgoing:
+                await tx.outbox_add(outgoing, now)
         if d.history:
             machine = self.machines.get((inst.definition, inst.definition_version))
             if machine is not None:
@@ -269,6 +304,41 @@ class Orchestrator(BatchConsumer):
                     "state": h.state.value,
                 },
             )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A store transaction that also writes the local commands decided in it.
+
+        With :attr:`direct_local` they go into the mailbox just before the commit: leased
+        to the inline runner when it runs (it gets them after the commit), else visible
+        to the mailbox consumer, which is woken.
+        """
+        staged: list[Envelope] = []
+        token = _STAGED.set(staged)
+        handed: list[tuple[int, Envelope]] = []
+        try:
+            async with self.store.transaction() as tx:
+                yield tx
+                if staged:
+                    handed = await self._write_local(tx, staged)
+        finally:
+            _STAGED.reset(token)
+        if handed:
+            self.local.hand_over(handed)
+        elif staged:
+            self.wakeups.notify(f"queue:{self.local_endpoint}")
+
+    async def _write_local(self, tx: Tx, staged: list[Envelope]) -> list[tuple[int, Envelope]]:
+        now = self.clock()
+        bodies = [e.to_json() for e in staged]
+        runner = self.local
+        if not runner.inline:
+            await tx.queue_add(self.local_endpoint, bodies, now)
+            return []
+        ids = await tx.queue_add(
+            self.local_endpoint, bodies, now, leased_until=now + runner.inline_lease
+        )
+        return list(zip(ids, staged, strict=True))
 
     def after_commit(self) -> None:
         self.wakeups.notify(f"outbox:{self.store.name}")
@@ -308,6 +378,13 @@ class LocalStepRunner(BatchConsumer):
         )
         self.orchestrator = orchestrator
         self._results: dict[str, Outcome] = {}
+        self.inline = False
+        """True while :meth:`run_inline` runs: local commands are then leased to it."""
+        self.inline_lease = 30.0
+        """How long the inline runner keeps a command from the mailbox consumer."""
+        self.inline_batch = 256
+        self._pending: list[tuple[int, Envelope]] = []
+        self._ready = asyncio.Event()
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
         # Run the callables first, outside any transaction; BatchConsumer then commits.
@@ -334,6 +411,84 @@ class LocalStepRunner(BatchConsumer):
 
     def after_commit(self) -> None:
         self.orchestrator.after_commit()
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Tx]:
+        """The orchestrator's transaction (the next local commands go in with it)."""
+        return self.orchestrator.transaction()
+
+    # -- inline: local commands this process wrote, run without a mailbox round trip ----
+    def start_inline(self, *, lease: float, batch_size: int) -> None:
+        """Lease new local commands to :meth:`run_inline` from now on (call, then run it)."""
+        self.inline_lease = lease
+        self.inline_batch = max(batch_size, 1)
+        self.inline = True
+
+    def hand_over(self, items: Sequence[tuple[int, Envelope]]) -> None:
+        """Committed local commands (mailbox id, envelope) for the inline runner."""
+        self._pending.extend(items)
+        self._ready.set()
+
+    async def run_inline(self) -> None:
+        """Run handed-over local commands and apply their results, batch by batch.
+
+        Stops leasing new commands when cancelled; commands still pending then stay
+        leased in the mailbox, and the transport hands them out again on its next start.
+        """
+        self.inline = True
+        try:
+            while True:
+                if not self._pending:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                batch = self._pending[: self.inline_batch]
+                del self._pending[: self.inline_batch]
+                try:
+                    await self._inline_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The store failed even to hand the commands back: their leases end
+                    # and the mailbox consumer takes them then.
+                    log.exception("inline local steps failed; the mailbox consumer takes over")
+        finally:
+            self.inline = False
+            self._pending.clear()
+
+    async def _inline_batch(self, batch: Sequence[tuple[int, Envelope]]) -> None:
+        done: list[tuple[int, Envelope, Outcome]] = []
+        give_back: list[tuple[int, str]] = []
+        for queue_id, env in batch:
+            try:
+                done.append((queue_id, env, await self._run_callable(env)))
+            except MessageError as exc:
+                give_back.append((queue_id, f"{type(exc).__name__}: {exc}"))
+        if done:
+            try:
+                await self._apply_inline(done)
+            except Exception as exc:
+                # Anything unusual (a poison message, a conflict, a crash point) is for
+                # the mailbox consumer, which retries one by one and parks what must be.
+                log.debug("inline batch of %d failed (%r); handing it back", len(done), exc)
+                give_back += [(queue_id, f"{type(exc).__name__}: {exc}") for queue_id, *_ in done]
+        if give_back:
+            now = self.clock()
+            for queue_id, error in give_back:
+                await self.store.queue_retry(queue_id, now, error)
+            self.orchestrator.wakeups.notify(f"queue:{self.endpoint}")
+
+    async def _apply_inline(self, done: Sequence[tuple[int, Envelope, Outcome]]) -> None:
+        now = self.clock()
+        async with self.transaction() as tx:
+            for _, env, outcome in done:
+                with handler_span(self.endpoint, env):
+                    # Already recorded: the mailbox consumer handled it (a lease ran out).
+                    if await tx.inbox_add(self.endpoint, env.message_id, now):
+                        reply = reply_to(env, outcome, source=self.endpoint, now=now)
+                        await self.orchestrator.apply_reply(tx, reply, now)
+            await tx.queue_remove([queue_id for queue_id, _, _ in done])
+            self.faults.point("before_commit", self.endpoint)
+        self.after_commit()
 
     async def _run_callable(self, env: Envelope) -> Outcome:
         payload = env.payload

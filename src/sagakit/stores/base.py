@@ -158,6 +158,27 @@ class Tx(Protocol):
         """
         ...
 
+    # -- mailbox queue, inside the transaction (the orchestrator's local steps) --------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` the messages count as handed out once already (to the
+        writer, which handles them itself right after commit) and stay hidden until
+        then; like any lease, :meth:`Store.queue_reset_leases` makes them visible.
+        """
+        ...
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        ...
+
 
 class Store(Protocol):
     """One service's database."""

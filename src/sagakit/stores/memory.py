@@ -323,6 +323,42 @@ class MemoryTx:
             self._undo.append(partial(store._timer_restore, key, timer))
         return taken
 
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        """
+        store = self._store or _finished()
+        mailbox = store._queues.setdefault(endpoint, {})
+        ids: list[int] = []
+        for body in bodies:
+            store._last_id += 1
+            if leased_until is None:
+                entry = _QueueEntry(store._last_id, endpoint, body, now, now)
+            else:
+                entry = _QueueEntry(store._last_id, endpoint, body, now, leased_until, 1)
+            mailbox[entry.id] = entry
+            store._queued[entry.id] = entry
+            self._undo.append(partial(store._queue_remove, entry.id))
+            ids.append(entry.id)
+        return ids
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        store = self._store or _finished()
+        for queue_id in ids:
+            entry = store._queue_remove(queue_id)
+            if entry is not None:
+                self._undo.append(partial(store._queue_restore, entry))
+
 
 def _no_sql() -> NoReturn:
     raise StoreError(
@@ -440,6 +476,19 @@ class MemoryStore:
     def _saga_remove(self, saga_id: str, key: tuple[str, str]) -> None:
         del self._sagas[saga_id]
         del self._saga_keys[key]
+
+    def _queue_remove(self, queue_id: int) -> _QueueEntry | None:
+        entry = self._queued.pop(queue_id, None)
+        if entry is not None:
+            del self._queues[entry.endpoint][queue_id]
+        return entry
+
+    def _queue_restore(self, entry: _QueueEntry) -> None:
+        # Back in id order: the mailbox hands messages out oldest first.
+        mailbox = self._queues.setdefault(entry.endpoint, {})
+        mailbox[entry.id] = entry
+        self._queues[entry.endpoint] = dict(sorted(mailbox.items()))
+        self._queued[entry.id] = entry
 
     def _outbox_remove(self, row_id: int) -> None:
         del self._outbox[row_id]

@@ -284,7 +284,7 @@ class PostgresTx:
         self._name = store.name
         self._q = store._q
         self._queued: list[str] = []  # writes sent since the last answer, for error messages
-        self._notify: set[str] = set()
+        self._notify: set[tuple[str, str]] = set()  # (channel, payload), sent at commit
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         if self._queued:
@@ -410,7 +410,7 @@ class PostgresTx:
         await self._send_many(
             f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows
         )
-        self._notify.add(self._store.outbox_channel)
+        self._notify.add((self._store.outbox_channel, ""))
 
     async def dead_letter(
         self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
@@ -489,7 +489,7 @@ class PostgresTx:
             return
         rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers]
         await self._send_many(f"set {len(rows)} timer(s)", self._q["timer_set"], rows)
-        self._notify.add(self._store.timers_channel)
+        self._notify.add((self._store.timers_channel, ""))
 
     async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
         """Delete the named timers of one saga (missing ones are ignored)."""
@@ -519,13 +519,51 @@ class PostgresTx:
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         return [Timer(saga_id=r[0], name=r[1], due_at=r[2], fence=r[3]) for r in rows]
 
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        Visible ones notify ``queue_channel`` with the endpoint on commit.
+        """
+        if not bodies:
+            return []
+        at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
+        params = {
+            "endpoint": endpoint,
+            "now": now,
+            "at": at,
+            "deliveries": deliveries,
+            "bodies": list(bodies),
+        }
+        rows = await self._all(
+            f"add {len(bodies)} message(s) to {endpoint!r}", self._q["queue_add"], params
+        )
+        if leased_until is None:
+            self._notify.add((self._store.queue_channel, endpoint))
+        return sorted(r[0] for r in rows)
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        if ids:
+            await self._send(
+                f"remove {len(ids)} message(s) from the mailbox", self._q["queue_ack"], (list(ids),)
+            )
+
     # -- end of the block ---------------------------------------------------------------
     async def _send_commit(self) -> None:
         """Queue the notifications and COMMIT; leaving pipeline mode sends them."""
         cursor = self._cur or _finished()
         if self._store.notify:
-            for channel in sorted(self._notify):
-                await cursor.execute(self._q["notify"], (channel, ""))
+            for channel, payload in sorted(self._notify):
+                await cursor.execute(self._q["notify"], (channel, payload))
         await cursor.execute("COMMIT")
 
 

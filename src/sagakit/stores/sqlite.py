@@ -321,6 +321,36 @@ class SQLiteTx:
         # float(): RETURNING may report a whole REAL as an int.
         return [Timer(saga_id=r[0], name=r[1], due_at=float(r[2]), fence=r[3]) for r in rows]
 
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        """
+        at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
+        sql, what = self._q["queue_add"], f"add {len(bodies)} message(s) to {endpoint!r}"
+        # One execute per row: executemany does not report the ids (lastrowid).
+        return [
+            self._run(what, sql, (endpoint, body, now, at, deliveries)).lastrowid or 0
+            for body in bodies
+        ]
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        if ids:
+            self._run(
+                f"remove {len(ids)} message(s) from the mailbox",
+                self._q["queue_ack"],
+                (_dumps(list(ids)),),
+            )
+
 
 class _Transaction(AbstractAsyncContextManager[SQLiteTx]):
     """``async with``: BEGIN IMMEDIATE under the writer lock; COMMIT, or ROLLBACK on error."""

@@ -223,6 +223,16 @@ WHERE id IN (SELECT id FROM queue WHERE endpoint = %s AND available_at <= %s
              FOR UPDATE SKIP LOCKED)
 RETURNING id, endpoint, body, deliveries, enqueued_at
 
+-- name: queue_add
+-- Inside a transaction (Tx.queue_add). The bodies travel as a binary text[] (%(bodies)b):
+-- the text array format would escape every quote of every JSON body. Ids are drawn in
+-- the order of the rows inserted, so sorted they follow the bodies.
+INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries)
+SELECT %(endpoint)s, body, %(now)s, %(at)s, %(deliveries)s
+FROM unnest(%(bodies)b::text[]) WITH ORDINALITY AS b(body, n)
+ORDER BY n
+RETURNING id
+
 -- name: queue_ack
 DELETE FROM queue WHERE id = ANY(%s::bigint[])
 

@@ -135,6 +135,10 @@ WHERE endpoint = ? ORDER BY id
 -- name: queue_push
 INSERT INTO queue (endpoint, body, enqueued_at, available_at) VALUES (?, ?, ?, ?)
 
+-- name: queue_add
+-- Inside a transaction (Tx.queue_add); deliveries is 1 for a message its writer leases.
+INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries) VALUES (?, ?, ?, ?, ?)
+
 -- name: queue_fetch
 -- RETURNING yields rows in no promised order; the caller sorts them by id.
 UPDATE queue SET deliveries = deliveries + 1, available_at = ?
