@@ -214,7 +214,7 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
     finally:
         for s in stores:
             await s.close()
@@ -260,7 +260,7 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1)]
+        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
 
@@ -724,3 +724,39 @@ async def test_notify_can_be_turned_off(make_store: MakeStore) -> None:
                 await asyncio.wait_for(anext(notes), 0.3)
         finally:
             await notes.aclose()
+
+
+@pytest.mark.postgres
+async def test_saga_counts_stay_exact_through_bulk_sql_folds_and_concurrent_writers(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s1"))
+            # Any writer of the table is counted (triggers), bulk statements included.
+            await tx.execute(
+                "INSERT INTO sagas (saga_id, definition, definition_version, business_key, "
+                "state, status, version, cursor, correlation_id, created_at, updated_at, "
+                "data, steps) SELECT 'bulk-' || i, 'checkout', 1, 'k-' || i, 'SUCCEEDED', "
+                "'COMPLETED', 0, 0, 'c', 1.0, 1.0, '{}', '[]' FROM generate_series(1, 700) i"
+            )
+        assert await store.count_sagas() == {SagaState.RUNNING: 1, SagaState.SUCCEEDED: 700}
+
+        async def finish(i: int) -> None:
+            async with store.transaction() as tx:
+                await tx.saga_insert(saga(f"c{i}"))
+            async with store.transaction() as tx:
+                loaded = await tx.saga_get(f"c{i}")
+                assert loaded is not None
+                loaded.state, loaded.version = SagaState.COMPENSATED, 1
+                await tx.saga_update(loaded, expected_version=0)
+
+        await asyncio.gather(*(finish(i) for i in range(300)))
+        store.COUNT_DELTAS_FOLD_AT = 10
+        expected = {SagaState.RUNNING: 1, SagaState.SUCCEEDED: 700, SagaState.COMPENSATED: 300}
+        assert await store.count_sagas() == expected  # sums, then folds
+        assert await store.count_sagas() == expected  # reads the folded rows
+        async with store.transaction() as tx:
+            assert await tx.fetchone("SELECT count(*) FROM saga_counts") == (3,)
+            await tx.execute("DELETE FROM sagas WHERE saga_id LIKE 'bulk-%'")
+        assert await store.count_sagas() == {SagaState.RUNNING: 1, SagaState.COMPENSATED: 300}

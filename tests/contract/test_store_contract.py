@@ -326,6 +326,35 @@ async def test_count_sagas_by_state(open_store: OpenStore) -> None:
         assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.TIMED_OUT: 1}
 
 
+async def test_count_sagas_follows_every_state_change_and_rollback(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await insert(store, saga("a"), saga("b"), saga("c"))
+        a = await store.get_saga("a")
+        assert a is not None
+        a.state, a.version = SagaState.SUCCEEDED, 1
+        async with store.transaction() as tx:
+            await tx.saga_update(a, expected_version=0)
+        same = await store.get_saga("b")
+        assert same is not None
+        same.status, same.version = "STILL_RUNNING", 1  # a transition that keeps the state
+        async with store.transaction() as tx:
+            await tx.saga_update(same, expected_version=0)
+        assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.SUCCEEDED: 1}
+        c = await store.get_saga("c")
+        assert c is not None
+        c.state, c.version = SagaState.COMPENSATING, 1
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.saga_update(c, expected_version=0)
+                await tx.saga_insert(saga("d"))
+                raise Boom
+        assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.SUCCEEDED: 1}
+        a.state, a.version = SagaState.RUNNING, 2  # back: SUCCEEDED drops out
+        async with store.transaction() as tx:
+            await tx.saga_update(a, expected_version=1)
+        assert await store.count_sagas() == {SagaState.RUNNING: 3}
+
+
 async def test_history_keeps_write_order(open_store: OpenStore) -> None:
     async with open_store() as store:
         first = [entry("s1", 0, "started"), entry("s2", 0, "started")]
@@ -844,7 +873,11 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", 1), ("sagakit", 2)]
+    assert [(ns, step) for ns, step, _ in before] == [
+        ("sagakit", 1),
+        ("sagakit", 2),
+        ("sagakit", 3),
+    ]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
@@ -887,7 +920,13 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), ("sagakit", 1), ("sagakit", 2)]
+        assert steps == [
+            ("payments", 1),
+            ("payments", 2),
+            ("sagakit", 1),
+            ("sagakit", 2),
+            ("sagakit", 3),
+        ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")
     finally:

@@ -313,6 +313,11 @@ class Engine:
         removed = 0
         for s in self.stores:
             removed += await s.inbox_purge(cutoff)
+        # PostgreSQL appends saga count deltas; folding them keeps count_sagas() cheap
+        # even when nothing reads the counts for a long while.
+        fold = getattr(self.store, "fold_saga_counts", None)
+        if fold is not None:
+            await fold()
         return removed
 
     async def _listen_loop(self, store: Any) -> None:

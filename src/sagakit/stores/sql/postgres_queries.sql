@@ -92,7 +92,16 @@ ORDER BY created_at DESC, seq DESC
 LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: saga_count
-SELECT state, count(*) FROM sagas GROUP BY state
+-- The deltas of saga_counts (migration 0002), summed; "rows" says when to fold them.
+SELECT state, sum(n)::bigint, count(*) AS rows FROM saga_counts GROUP BY state
+
+-- name: saga_counts_fold
+-- One row per state instead of the deltas. Concurrent writers' uncommitted deltas are
+-- not seen, so not deleted; a concurrent fold waits, then skips the rows this one
+-- deleted: the sum never changes.
+WITH gone AS (DELETE FROM saga_counts RETURNING state, n)
+INSERT INTO saga_counts (state, n)
+SELECT state, sum(n) FROM gone GROUP BY state HAVING sum(n) <> 0
 
 -- name: history_add
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
