@@ -73,6 +73,16 @@ class BatchConsumer:
         """Handle one message inside ``tx``."""
         raise NotImplementedError  # protocol
 
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Handle a batch inside ``tx``: :meth:`process` for each, in order.
+
+        Subclasses that can share round trips across the batch (one inbox insert, one
+        load of every saga) override this.
+        """
+        for env in envelopes:
+            with handler_span(self.endpoint, env):
+                await self.process(tx, env, now)
+
     def after_commit(self) -> None:
         """Called after each successful commit (wake the relay and waiters)."""
 
@@ -119,9 +129,7 @@ class BatchConsumer:
     async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         now = self.clock()
         async with self.transaction() as tx:
-            for _, env in items:
-                with handler_span(self.endpoint, env):
-                    await self.process(tx, env, now)
+            await self.process_batch(tx, [env for _, env in items], now)
             self.faults.point("before_commit", self.endpoint)
         self.after_commit()
 

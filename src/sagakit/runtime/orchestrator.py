@@ -227,6 +227,16 @@ class Orchestrator(BatchConsumer):
             return
         await self.apply_reply(tx, envelope, now)
 
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Record the batch in the inbox in one go, then apply the new replies in order."""
+        for env in envelopes:
+            if env.kind is not MessageKind.REPLY:
+                raise MessageError(
+                    f"{self.endpoint} takes replies; got a {env.kind.value} {env.type!r}"
+                )
+        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
+        await self.apply_replies(tx, _first_of_each(envelopes, fresh), now, self.endpoint)
+
     async def apply_reply(self, tx: Tx, reply: Envelope, now: float) -> None:
         """Apply one reply inside ``tx`` (the caller recorded it in the inbox)."""
         if reply.saga_id is None:
@@ -237,27 +247,55 @@ class Orchestrator(BatchConsumer):
         decision = self.machine_for(inst).on_reply(inst, reply, now)
         await self._write(tx, decision, inst.version, now)
 
+    async def apply_replies(
+        self, tx: Tx, replies: Sequence[Envelope], now: float, endpoint: str
+    ) -> None:
+        """Apply replies in order inside ``tx``, loading all their sagas in one go.
+
+        The caller recorded them in the inbox; ``endpoint`` names the handler in traces.
+        A saga with several replies in the batch sees each one's transition in turn.
+        """
+        for reply in replies:
+            if reply.saga_id is None:
+                raise MessageError(f"reply {reply.message_id} has no saga_id")
+        loaded = await tx.saga_get_many(sorted({r.saga_id for r in replies if r.saga_id}))
+        for reply in replies:
+            with handler_span(endpoint, reply):
+                inst = loaded.get(reply.saga_id or "")
+                if inst is None:
+                    raise SagaNotFound(
+                        f"reply {reply.message_id} is for unknown saga {reply.saga_id!r}"
+                    )
+                decision = self.machine_for(inst).on_reply(inst, reply, now)
+                await self._write(tx, decision, inst.version, now)
+                loaded[inst.saga_id] = decision.instance
+
     # -- timers -----------------------------------------------------------------------
     async def fire_due_timers(self, limit: int = 512) -> int:
         """Apply every timer due now (up to ``limit``) in one transaction; return how many."""
         now = self.clock()
         async with self.transaction() as tx:
             timers = await tx.timers_take_due(now, limit)
+            # One load (PostgreSQL: lock in saga_id order, like reply batches) for all.
+            loaded = await tx.saga_get_many(sorted({t.saga_id for t in timers}))
             for timer in timers:
-                await self._apply_timer(tx, timer, now)
+                await self._apply_timer(tx, timer, now, loaded)
             if timers:
                 self.faults.point("before_commit", f"{self.endpoint}.timers")
         if timers:
             self.after_commit()
         return len(timers)
 
-    async def _apply_timer(self, tx: Tx, timer: Timer, now: float) -> None:
-        inst = await tx.saga_get(timer.saga_id)
+    async def _apply_timer(
+        self, tx: Tx, timer: Timer, now: float, loaded: dict[str, SagaInstance]
+    ) -> None:
+        inst = loaded.get(timer.saga_id)
         if inst is None:
             log.warning("timer %s of unknown saga %s dropped", timer.name, timer.saga_id)
             return
         decision = self.machine_for(inst).on_timer(inst, timer, now)
         await self._write(tx, decision, inst.version, now)
+        loaded[inst.saga_id] = decision.instance
 
     # -- writing a decision -------------------------------------------------------------
     async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
@@ -409,6 +447,17 @@ class LocalStepRunner(BatchConsumer):
         reply = reply_to(envelope, outcome, source=self.endpoint, now=now)
         await self.orchestrator.apply_reply(tx, reply, now)
 
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Record the batch in the inbox in one go, then apply the new results in order."""
+        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
+        replies: list[Envelope] = []
+        for env in _first_of_each(envelopes, fresh):
+            outcome = self._results.get(env.message_id)
+            if outcome is None:
+                outcome = await self._run_callable(env)
+            replies.append(reply_to(env, outcome, source=self.endpoint, now=now))
+        await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
+
     def after_commit(self) -> None:
         self.orchestrator.after_commit()
 
@@ -480,12 +529,14 @@ class LocalStepRunner(BatchConsumer):
     async def _apply_inline(self, done: Sequence[tuple[int, Envelope, Outcome]]) -> None:
         now = self.clock()
         async with self.transaction() as tx:
-            for _, env, outcome in done:
-                with handler_span(self.endpoint, env):
-                    # Already recorded: the mailbox consumer handled it (a lease ran out).
-                    if await tx.inbox_add(self.endpoint, env.message_id, now):
-                        reply = reply_to(env, outcome, source=self.endpoint, now=now)
-                        await self.orchestrator.apply_reply(tx, reply, now)
+            # Already recorded: the mailbox consumer handled it (a lease ran out).
+            fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for _, e, _ in done], now)
+            replies = [
+                reply_to(env, outcome, source=self.endpoint, now=now)
+                for _, env, outcome in done
+                if env.message_id in fresh
+            ]
+            await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
             await tx.queue_remove([queue_id for queue_id, _, _ in done])
             self.faults.point("before_commit", self.endpoint)
         self.after_commit()
@@ -543,3 +594,14 @@ class LocalStepRunner(BatchConsumer):
         return failure(
             f"local step {env.step!r} returned {type(result).__name__}; return a dict or None"
         )
+
+
+def _first_of_each(envelopes: Sequence[Envelope], fresh: set[str]) -> list[Envelope]:
+    """The envelopes whose id is in ``fresh``, each id once (a batch may hold a copy)."""
+    seen: set[str] = set()
+    out: list[Envelope] = []
+    for env in envelopes:
+        if env.message_id in fresh and env.message_id not in seen:
+            seen.add(env.message_id)
+            out.append(env)
+    return out

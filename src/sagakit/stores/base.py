@@ -92,6 +92,15 @@ class Tx(Protocol):
         """Record that ``consumer`` handled ``message_id``; False if it already had."""
         ...
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before.
+
+        An id given twice counts once. PostgreSQL does it in one statement.
+        """
+        ...
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         ...
@@ -121,6 +130,14 @@ class Tx(Protocol):
     # -- sagas (orchestrator stores) --------------------------------------------------
     async def saga_get(self, saga_id: str) -> SagaInstance | None:
         """Load an instance for update (PostgreSQL locks the row)."""
+        ...
+
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances for update (missing ones are left out).
+
+        PostgreSQL locks the rows in ``saga_id`` order, in one statement: two batches
+        that share sagas then wait for each other instead of deadlocking.
+        """
         ...
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:

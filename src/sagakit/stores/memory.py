@@ -172,6 +172,12 @@ class MemoryTx:
         self._undo.append(partial(seen.pop, message_id))
         return True
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before."""
+        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         store = self._store or _finished()
@@ -233,6 +239,15 @@ class MemoryTx:
         store = self._store or _finished()
         row = store._sagas.get(saga_id)
         return None if row is None else row.unpack()
+
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances (missing ones are left out)."""
+        found: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids:
+            inst = await self.saga_get(saga_id)
+            if inst is not None:
+                found[saga_id] = inst
+        return found
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""

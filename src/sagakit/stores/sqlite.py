@@ -194,6 +194,13 @@ class SQLiteTx:
         )
         return cursor.rowcount == 1
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before."""
+        # In-process statements cost microseconds: a loop is as good as one statement.
+        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         row = self._one(
@@ -247,6 +254,15 @@ class SQLiteTx:
         """Load an instance; the transaction already holds SQLite's only write lock."""
         row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
         return None if row is None else _saga_from_row(row)
+
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances (missing ones are left out)."""
+        found: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids:
+            row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
+            if row is not None:
+                found[saga_id] = _saga_from_row(row)
+        return found
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""

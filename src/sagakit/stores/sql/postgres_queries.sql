@@ -51,6 +51,16 @@ SELECT saga_id, definition, definition_version, business_key, state, status, ver
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE saga_id = %s
 
+-- name: saga_get_many
+-- Locked in saga_id order: batches (and the timer transaction) sharing sagas wait for
+-- each other in one order instead of deadlocking.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = ANY(%(ids)b::text[])
+ORDER BY saga_id
+FOR UPDATE
+
 -- name: saga_get_by_key
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
@@ -149,6 +159,13 @@ SELECT min(due_at) FROM timers
 INSERT INTO inbox (consumer, message_id, at) VALUES (%s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
+
+-- name: inbox_add_many
+-- A batch's ids in one statement (binary text[]: no escaping); RETURNING names the new.
+INSERT INTO inbox (consumer, message_id, at)
+SELECT %(consumer)s, m, %(now)s FROM unnest(%(ids)b::text[]) AS m
+ON CONFLICT DO NOTHING
+RETURNING message_id
 
 -- name: inbox_ids
 SELECT message_id FROM inbox WHERE consumer = %s
