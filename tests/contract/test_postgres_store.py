@@ -760,3 +760,36 @@ async def test_saga_counts_stay_exact_through_bulk_sql_folds_and_concurrent_writ
             assert await tx.fetchone("SELECT count(*) FROM saga_counts") == (3,)
             await tx.execute("DELETE FROM sagas WHERE saga_id LIKE 'bulk-%'")
         assert await store.count_sagas() == {SagaState.RUNNING: 1, SagaState.COMPENSATED: 300}
+
+
+@pytest.mark.postgres
+async def test_a_stale_update_sent_without_waiting_fails_before_anything_commits(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s1"))
+            await tx.saga_insert(saga("s2"))
+        loaded = await store.get_saga("s1")
+        assert loaded is not None
+        # Raised at commit: the queued writes after it are rolled back with it.
+        with pytest.raises(ConcurrencyError, match="expected version 5, but it is at version 0"):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(loaded, "STALE"), expected_version=5)
+                await tx.timers_set([Timer("s1", "t", 9.0, "f")])
+        assert await store.next_timer_due() is None
+        # Raised by the next statement that waits for an answer.
+        with pytest.raises(ConcurrencyError, match="ghost"):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(saga("ghost"), "X"), expected_version=0)
+                await tx.saga_get("s2")
+        # Several in flight: the good ones apply together.
+        other = await store.get_saga("s2")
+        assert other is not None
+        async with store.transaction() as tx:
+            await tx.saga_update(moved(loaded, "A"), expected_version=0)
+            await tx.saga_update(moved(other, "B"), expected_version=0)
+        assert [(await store.get_saga(i)) for i in ("s1", "s2")] == [
+            moved(loaded, "A"),
+            moved(other, "B"),
+        ]

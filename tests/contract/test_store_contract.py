@@ -203,6 +203,15 @@ async def test_saga_get_by_key(open_store: OpenStore) -> None:
             assert other is not None and other.saga_id == "s2"
             assert await tx.saga_get_by_key("checkout", "o-2") is None
             assert await tx.saga_get_by_key("nope", "o-1") is None
+            many = await tx.saga_get_by_keys("checkout", ["o-2", "o-1", "o-3"])
+            assert {k: i.saga_id for k, i in many.items()} == {"o-1": "s1"}
+            assert await tx.saga_get_by_keys("checkout", []) == {}
+            both = await tx.saga_get_many(["s2", "ghost", "s1"])
+            assert sorted(both) == ["s1", "s2"] and both["s2"].definition == "refund"
+            assert await tx.saga_get_many([]) == {}
+            assert await tx.inbox_add_many("o", ["m1", "m2", "m1"], now=1.0) == {"m1", "m2"}
+            assert await tx.inbox_add_many("o", ["m2", "m3"], now=1.0) == {"m3"}
+            assert await tx.inbox_add_many("o", [], now=1.0) == set()
 
 
 async def test_saga_insert_refuses_duplicate_id_and_business_key(open_store: OpenStore) -> None:

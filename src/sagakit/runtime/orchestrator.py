@@ -153,9 +153,16 @@ class Orchestrator(BatchConsumer):
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
         async with self.transaction() as tx:
+            # Started before: one lookup per definition for the whole batch.
             fresh: dict[tuple[str, str], SagaInstance] = {}
+            keys: dict[str, list[str]] = {}
+            for name, key, _ in requests:
+                keys.setdefault(name, []).append(key)
+            for name, names_keys in keys.items():
+                found = await tx.saga_get_by_keys(name, sorted(set(names_keys)))
+                fresh.update(((name, k), inst) for k, inst in found.items())
             for machine, (name, key, data) in zip(machines, requests, strict=True):
-                existing = fresh.get((name, key)) or await tx.saga_get_by_key(name, key)
+                existing = fresh.get((name, key))
                 if existing is not None:
                     results.append((existing, False))
                     continue

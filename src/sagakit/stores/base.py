@@ -144,6 +144,12 @@ class Tx(Protocol):
         """The instance of ``definition`` (any version) started for ``business_key``."""
         ...
 
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        ...
+
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
         ...
@@ -152,7 +158,9 @@ class Tx(Protocol):
         """Write ``instance`` if the stored version is still ``expected_version``.
 
         Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
-        applied a transition first, and this one must be recomputed.
+        applied a transition first, and this one must be recomputed. An adapter may
+        raise it later in the block (PostgreSQL: at the next statement that waits for
+        an answer), but always before anything commits.
         """
         ...
 

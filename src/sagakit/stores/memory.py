@@ -255,6 +255,17 @@ class MemoryTx:
         saga_id = store._saga_keys.get((definition, business_key))
         return None if saga_id is None else store._sagas[saga_id].unpack()
 
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        found: dict[str, SagaInstance] = {}
+        for key in business_keys:
+            inst = await self.saga_get_by_key(definition, key)
+            if inst is not None:
+                found[key] = inst
+        return found
+
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
         store = self._store or _finished()

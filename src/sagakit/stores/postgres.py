@@ -271,7 +271,7 @@ class PostgresTx:
     do not abort it.
     """
 
-    __slots__ = ("_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
+    __slots__ = ("_checks", "_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
 
     def __init__(
         self, cursor: _Cursor, pipeline: psycopg.AsyncPipeline | None, store: PostgresStore
@@ -285,6 +285,9 @@ class PostgresTx:
         self._q = store._q
         self._queued: list[str] = []  # writes sent since the last answer, for error messages
         self._notify: set[tuple[str, str]] = set()  # (channel, payload), sent at commit
+        # Version-checked updates sent without waiting: (cursor, saga_id, expected), each
+        # verified from its RETURNING row at the next answer, and always before COMMIT.
+        self._checks: list[tuple[_Cursor, tuple[str, int]]] = []  # (saga_id, expected)
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         if self._queued:
@@ -324,7 +327,20 @@ class PostgresTx:
         except psycopg.Error as exc:
             raise self._fail(what, exc) from exc
         self._queued = []
+        if self._checks:
+            await self._verify_updates()
         return cursor
+
+    async def _verify_updates(self) -> None:
+        """Raise ConcurrencyError for the first queued update that changed no row."""
+        checks, self._checks = self._checks, []
+        for cursor, (saga_id, expected) in checks:
+            try:
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                raise self._fail(f"update saga {saga_id}", exc) from exc
+            if row is None:
+                await self._refuse_update(saga_id, expected)
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
         cursor = await self._ask(what, query, params)
@@ -462,6 +478,19 @@ class PostgresTx:
         )
         return None if row is None else _saga_from_row(row)
 
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        if not business_keys:
+            return {}
+        rows = await self._all(
+            f"load the {definition} sagas of {len(business_keys)} key(s)",
+            self._q["saga_get_by_keys"],
+            {"definition": definition, "keys": list(business_keys)},
+        )
+        return {r[3]: _saga_from_row(r) for r in rows}
+
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists.
 
@@ -483,19 +512,42 @@ class PostgresTx:
 
         Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
         applied a transition first, and this one must be recomputed. A concurrent
-        writer of the same row makes this wait for its commit, then re-check.
+        writer of the same row makes this wait for its commit, then re-check. In
+        pipeline mode the update is sent without waiting, and the error is raised by
+        the next statement that waits for an answer or when the block ends, before
+        COMMIT is sent (the transaction then rolls back).
         """
         what = f"update saga {instance.saga_id}"
         params = _saga_update_params(instance, expected_version)
+        if self._pipeline is not None:
+            # Sent without waiting (a round trip per transition adds up in a batch): its
+            # RETURNING row is checked at the next statement that waits, or before
+            # COMMIT, so a lost race still raises before anything commits.
+            cursor = await self._send_checked(what, "saga_update", params)
+            self._checks.append((cursor, (instance.saga_id, expected_version)))
+            return
         if await self._one(what, self._q["saga_update"], params) is not None:
             return
+        await self._refuse_update(instance.saga_id, expected_version)
+
+    async def _refuse_update(self, saga_id: str, expected_version: int) -> NoReturn:
         # Only the losing path pays for the second query that explains the loss.
-        row = await self._one(what, self._q["saga_exists"], (instance.saga_id,))
+        row = await self._one(f"update saga {saga_id}", self._q["saga_exists"], (saga_id,))
         found = "it does not exist" if row is None else f"it is at version {row[0]}"
         raise ConcurrencyError(
-            f"saga {instance.saga_id} was not updated: expected version {expected_version}, "
+            f"saga {saga_id} was not updated: expected version {expected_version}, "
             f"but {found}; reload it and recompute the transition"
         )
+
+    async def _send_checked(self, what: str, query: str, params: _Params) -> _Cursor:
+        """Queue a write on its own cursor, whose RETURNING row says whether it applied."""
+        cursor = (self._cur or _finished()).connection.cursor()
+        try:
+            await cursor.execute(self._q[query], params)
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued.append(what)
+        return cursor
 
     async def history_add(self, entries: Sequence[HistoryEntry]) -> None:
         """Append history rows (never updated, never deleted)."""
@@ -583,6 +635,13 @@ class PostgresTx:
     async def _send_commit(self) -> None:
         """Queue the notifications and COMMIT; leaving pipeline mode sends them."""
         cursor = self._cur or _finished()
+        if self._checks:
+            try:
+                await (self._pipeline or _finished()).sync()
+            except psycopg.Error as exc:
+                raise self._fail("send the queued writes", exc) from exc
+            self._queued = []
+            await self._verify_updates()  # a ConcurrencyError here: the block rolls back
         if self._store.notify:
             for channel, payload in sorted(self._notify):
                 await cursor.execute(self._q["notify"], (channel, payload))

@@ -273,6 +273,17 @@ class SQLiteTx:
         )
         return None if row is None else _saga_from_row(row)
 
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        found: dict[str, SagaInstance] = {}
+        for key in business_keys:
+            inst = await self.saga_get_by_key(definition, key)
+            if inst is not None:
+                found[key] = inst
+        return found
+
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
         try:

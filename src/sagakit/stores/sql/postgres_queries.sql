@@ -67,6 +67,12 @@ SELECT saga_id, definition, definition_version, business_key, state, status, ver
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE definition = %s AND business_key = %s
 
+-- name: saga_get_by_keys
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE definition = %(definition)s AND business_key = ANY(%(keys)b::text[])
+
 -- name: saga_insert
 -- DO NOTHING (no RETURNING row) instead of a unique violation, which would abort the
 -- whole transaction; the store raises ConcurrencyError. Covers both unique keys.
