@@ -236,12 +236,14 @@ SELECT id, endpoint, message_id, body, reason, at FROM dead_letters
 WHERE endpoint = %s ORDER BY id
 
 -- name: queue_push
--- One statement for the whole batch; ids follow the order of the bodies. The notice
--- (when asked for) is sent in the same implicit transaction, so on commit.
+-- One statement for the whole batch; ids follow the order of the bodies. The bodies
+-- travel as a binary text[]: the text array format escapes every quote of every JSON
+-- body with a regex. The notice (when asked for) is sent in the same implicit
+-- transaction, so on commit.
 WITH pushed AS (
     INSERT INTO queue (endpoint, body, enqueued_at, available_at)
     SELECT %(endpoint)s, body, %(now)s, %(at)s
-    FROM unnest(%(bodies)s::text[]) WITH ORDINALITY AS b(body, n)
+    FROM unnest(%(bodies)b::text[]) WITH ORDINALITY AS b(body, n)
     ORDER BY n
     RETURNING 1
 )
@@ -256,8 +258,8 @@ WHERE id IN (SELECT id FROM queue WHERE endpoint = %s AND available_at <= %s
 RETURNING id, endpoint, body, deliveries, enqueued_at
 
 -- name: queue_add
--- Inside a transaction (Tx.queue_add). The bodies travel as a binary text[] (%(bodies)b):
--- the text array format would escape every quote of every JSON body. Ids are drawn in
+-- Inside a transaction (Tx.queue_add). The bodies travel as a binary text[]: the text
+-- array format would escape every quote of every JSON body. Ids are drawn in
 -- the order of the rows inserted, so sorted they follow the bodies.
 INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries)
 SELECT %(endpoint)s, body, %(now)s, %(at)s, %(deliveries)s
