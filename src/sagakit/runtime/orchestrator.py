@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
@@ -54,10 +55,19 @@ from sagakit.transports.base import Delivery, Settle
 
 log = logging.getLogger(__name__)
 
-# Local commands decided inside the current Orchestrator.transaction(), written into the
-# mailbox in one statement just before it commits. A context variable because several
-# tasks may hold transactions at once (PostgreSQL runs them concurrently).
-_STAGED: ContextVar[list[Envelope] | None] = ContextVar("sagakit_staged_local", default=None)
+
+@dataclass(slots=True)
+class _TxNotes:
+    """What the current Orchestrator.transaction() wrote, for after its commit."""
+
+    staged: list[Envelope] = field(default_factory=list)  # local commands, not yet written
+    outbox: bool = False  # rows for the relay: wake it
+    timers: bool = False  # timers set: wake the timer loop
+
+
+# A context variable because several tasks may hold transactions at once (PostgreSQL
+# runs them concurrently).
+_NOTES: ContextVar[_TxNotes | None] = ContextVar("sagakit_tx_notes", default=None)
 
 
 class Orchestrator(BatchConsumer):
@@ -318,21 +328,23 @@ class Orchestrator(BatchConsumer):
             names = [n for n in d.cancel_timers if n not in setting]
             if names:
                 await tx.timers_cancel(inst.saga_id, names)
+        notes = _NOTES.get() or _TxNotes(outbox=True, timers=True)
         if d.set_timers:
             await tx.timers_set(d.set_timers)
+            notes.timers = True
         if d.outgoing:
             outgoing = d.outgoing
             if self.direct_local:
-                staged = _STAGED.get()
                 local = [e for e in outgoing if e.destination == self.local_endpoint]
                 if local:
                     outgoing = [e for e in outgoing if e.destination != self.local_endpoint]
-                    if staged is not None:
-                        staged.extend(local)
+                    if _NOTES.get() is not None:
+                        notes.staged.extend(local)
                     else:  # outside Orchestrator.transaction(): no one to hand them to
                         await tx.queue_add(self.local_endpoint, [e.to_json() for e in local], now)
             if outgoing:
                 await tx.outbox_add(outgoing, now)
+                notes.outbox = True
         if d.history:
             machine = self.machines.get((inst.definition, inst.definition_version))
             if machine is not None:
@@ -356,22 +368,28 @@ class Orchestrator(BatchConsumer):
 
         With :attr:`direct_local` they go into the mailbox just before the commit: leased
         to the inline runner when it runs (it gets them after the commit), else visible
-        to the mailbox consumer, which is woken.
+        to the mailbox consumer, which is woken. After the commit it wakes the relay
+        and the timer loop only if the transaction gave them work: a woken relay claims
+        (a write) even when there is nothing to claim.
         """
-        staged: list[Envelope] = []
-        token = _STAGED.set(staged)
+        notes = _TxNotes()
+        token = _NOTES.set(notes)
         handed: list[tuple[int, Envelope]] = []
         try:
             async with self.store.transaction() as tx:
                 yield tx
-                if staged:
-                    handed = await self._write_local(tx, staged)
+                if notes.staged:
+                    handed = await self._write_local(tx, notes.staged)
         finally:
-            _STAGED.reset(token)
+            _NOTES.reset(token)
         if handed:
             self.local.hand_over(handed)
-        elif staged:
+        elif notes.staged:
             self.wakeups.notify(f"queue:{self.local_endpoint}")
+        if notes.outbox:
+            self.wakeups.notify(f"outbox:{self.store.name}")
+        if notes.timers:
+            self.wakeups.notify(f"timers:{self.store.name}")
 
     async def _write_local(self, tx: Tx, staged: list[Envelope]) -> list[tuple[int, Envelope]]:
         now = self.clock()
@@ -386,8 +404,7 @@ class Orchestrator(BatchConsumer):
         return list(zip(ids, staged, strict=True))
 
     def after_commit(self) -> None:
-        self.wakeups.notify(f"outbox:{self.store.name}")
-        self.wakeups.notify(f"timers:{self.store.name}")
+        # The relay and the timer loop were woken by transaction() if there was work.
         self.wakeups.notify(f"sagas:{self.store.name}")
 
     def _machine_named(self, name: str, version: int | None) -> Machine:
