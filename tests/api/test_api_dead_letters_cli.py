@@ -23,8 +23,8 @@ def park(db: Path, message_id: str, body: str) -> int:
 
 
 async def test_the_cli_lists_shows_replays_and_discards(tmp_path: Path) -> None:
-    async with served(tmp_path / "data") as (url, token):
-        base = ["--url", url, "--token", token]
+    async with served(tmp_path / "data") as (url, info):
+        base = ["--url", url, "--token", info["token"]]
 
         def cli(*argv: str) -> tuple[int, str, str]:
             return run_cli(["dead-letters", *argv, *base])

@@ -215,7 +215,7 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4)]
     finally:
         for s in stores:
             await s.close()
@@ -285,6 +285,7 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             ("sagakit", 1),
             ("sagakit", 2),
             ("sagakit", 3),
+            ("sagakit", 4),
         ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
@@ -764,3 +765,72 @@ async def test_outbox_purge_skips_rows_another_transaction_holds(make_store: Mak
             assert await asyncio.wait_for(purge, timeout=5.0) == 4
         assert [e.message_id for e, _ in await store.outbox_all()] == ["m0"]
         assert await store.outbox_purge(10.0) == 1
+
+
+@pytest.mark.postgres
+async def test_saga_counts_stay_exact_through_bulk_sql_folds_and_concurrent_writers(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s1"))
+            # Any writer of the table is counted (triggers), bulk statements included.
+            await tx.execute(
+                "INSERT INTO sagas (saga_id, definition, definition_version, business_key, "
+                "state, status, version, cursor, correlation_id, created_at, updated_at, "
+                "data, steps) SELECT 'bulk-' || i, 'checkout', 1, 'k-' || i, 'SUCCEEDED', "
+                "'COMPLETED', 0, 0, 'c', 1.0, 1.0, '{}', '[]' FROM generate_series(1, 700) i"
+            )
+        assert await store.count_sagas() == {SagaState.RUNNING: 1, SagaState.SUCCEEDED: 700}
+
+        async def finish(i: int) -> None:
+            async with store.transaction() as tx:
+                await tx.saga_insert(saga(f"c{i}"))
+            async with store.transaction() as tx:
+                loaded = await tx.saga_get(f"c{i}")
+                assert loaded is not None
+                loaded.state, loaded.version = SagaState.COMPENSATED, 1
+                await tx.saga_update(loaded, expected_version=0)
+
+        await asyncio.gather(*(finish(i) for i in range(300)))
+        store.COUNT_DELTAS_FOLD_AT = 10
+        expected = {SagaState.RUNNING: 1, SagaState.SUCCEEDED: 700, SagaState.COMPENSATED: 300}
+        assert await store.count_sagas() == expected  # sums, then folds
+        assert await store.count_sagas() == expected  # reads the folded rows
+        async with store.transaction() as tx:
+            assert await tx.fetchone("SELECT count(*) FROM saga_counts") == (3,)
+            await tx.execute("DELETE FROM sagas WHERE saga_id LIKE 'bulk-%'")
+        assert await store.count_sagas() == {SagaState.RUNNING: 1, SagaState.COMPENSATED: 300}
+
+
+@pytest.mark.postgres
+async def test_a_stale_update_sent_without_waiting_fails_before_anything_commits(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s1"))
+            await tx.saga_insert(saga("s2"))
+        loaded = await store.get_saga("s1")
+        assert loaded is not None
+        # Raised at commit: the queued writes after it are rolled back with it.
+        with pytest.raises(ConcurrencyError, match="expected version 5, but it is at version 0"):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(loaded, "STALE"), expected_version=5)
+                await tx.timers_set([Timer("s1", "t", 9.0, "f")])
+        assert await store.next_timer_due() is None
+        # Raised by the next statement that waits for an answer.
+        with pytest.raises(ConcurrencyError, match="ghost"):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(saga("ghost"), "X"), expected_version=0)
+                await tx.saga_get("s2")
+        # Several in flight: the good ones apply together.
+        other = await store.get_saga("s2")
+        assert other is not None
+        async with store.transaction() as tx:
+            await tx.saga_update(moved(loaded, "A"), expected_version=0)
+            await tx.saga_update(moved(other, "B"), expected_version=0)
+        assert [(await store.get_saga(i)) for i in ("s1", "s2")] == [
+            moved(loaded, "A"),
+            moved(other, "B"),
+        ]

@@ -205,6 +205,15 @@ async def test_saga_get_by_key(open_store: OpenStore) -> None:
             assert other is not None and other.saga_id == "s2"
             assert await tx.saga_get_by_key("checkout", "o-2") is None
             assert await tx.saga_get_by_key("nope", "o-1") is None
+            many = await tx.saga_get_by_keys("checkout", ["o-2", "o-1", "o-3"])
+            assert {k: i.saga_id for k, i in many.items()} == {"o-1": "s1"}
+            assert await tx.saga_get_by_keys("checkout", []) == {}
+            both = await tx.saga_get_many(["s2", "ghost", "s1"])
+            assert sorted(both) == ["s1", "s2"] and both["s2"].definition == "refund"
+            assert await tx.saga_get_many([]) == {}
+            assert await tx.inbox_add_many("o", ["m1", "m2", "m1"], now=1.0) == {"m1", "m2"}
+            assert await tx.inbox_add_many("o", ["m2", "m3"], now=1.0) == {"m3"}
+            assert await tx.inbox_add_many("o", [], now=1.0) == set()
 
 
 async def test_saga_insert_refuses_duplicate_id_and_business_key(open_store: OpenStore) -> None:
@@ -326,6 +335,35 @@ async def test_count_sagas_by_state(open_store: OpenStore) -> None:
             saga("c", state=SagaState.TIMED_OUT),
         )
         assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.TIMED_OUT: 1}
+
+
+async def test_count_sagas_follows_every_state_change_and_rollback(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await insert(store, saga("a"), saga("b"), saga("c"))
+        a = await store.get_saga("a")
+        assert a is not None
+        a.state, a.version = SagaState.SUCCEEDED, 1
+        async with store.transaction() as tx:
+            await tx.saga_update(a, expected_version=0)
+        same = await store.get_saga("b")
+        assert same is not None
+        same.status, same.version = "STILL_RUNNING", 1  # a transition that keeps the state
+        async with store.transaction() as tx:
+            await tx.saga_update(same, expected_version=0)
+        assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.SUCCEEDED: 1}
+        c = await store.get_saga("c")
+        assert c is not None
+        c.state, c.version = SagaState.COMPENSATING, 1
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.saga_update(c, expected_version=0)
+                await tx.saga_insert(saga("d"))
+                raise Boom
+        assert await store.count_sagas() == {SagaState.RUNNING: 2, SagaState.SUCCEEDED: 1}
+        a.state, a.version = SagaState.RUNNING, 2  # back: SUCCEEDED drops out
+        async with store.transaction() as tx:
+            await tx.saga_update(a, expected_version=1)
+        assert await store.count_sagas() == {SagaState.RUNNING: 3}
 
 
 async def test_history_keeps_write_order(open_store: OpenStore) -> None:
@@ -759,6 +797,45 @@ async def test_queue_reset_leases_after_restart(open_store: OpenStore) -> None:
         assert await store.next_queue_visible("shipping") == 302.0
 
 
+async def test_queue_add_and_remove_inside_a_transaction(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            ids = await tx.queue_add("o.local", ['{"a":"\\"q\\""}', "b"], now=1.0)
+            leased = await tx.queue_add("o.local", ["mine"], now=1.0, leased_until=31.0)
+            assert await tx.queue_add("o.local", [], now=1.0) == []
+        assert len(ids) == 2 and ids[0] < ids[1] < leased[0]
+        visible = await store.queue_fetch("o.local", 10, now=2.0, lease=5.0)
+        assert [(m.id, m.body, m.deliveries) for m in visible] == [
+            (ids[0], '{"a":"\\"q\\""}', 1),
+            (ids[1], "b", 1),
+        ]
+        # The writer's own lease: hidden until it ends, and it counts as a delivery.
+        assert await store.next_queue_visible("o.local") == 7.0
+        async with store.transaction() as tx:
+            await tx.queue_remove([ids[0], ids[1]])
+            await tx.queue_remove([])
+        assert await store.next_queue_visible("o.local") == 31.0
+        assert await store.queue_fetch("o.local", 10, now=30.9, lease=5.0) == []
+        assert await store.queue_depth("o.local") == 1
+        # A restart hands the writer's leased message to the consumer.
+        assert await store.queue_reset_leases("o.local") == 1
+        [back] = await store.queue_fetch("o.local", 10, now=3.0, lease=5.0)
+        assert (back.id, back.body, back.deliveries) == (leased[0], "mine", 2)
+
+
+async def test_queue_add_and_remove_roll_back(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        await store.queue_push("o.local", ["kept"], now=1.0)
+        [kept] = await store.queue_fetch("o.local", 10, now=1.0, lease=0.0)
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.queue_add("o.local", ["lost"], now=1.0)
+                await tx.queue_remove([kept.id])
+                raise Boom
+        again = await store.queue_fetch("o.local", 10, now=2.0, lease=5.0)
+        assert [(m.id, m.body) for m in again] == [(kept.id, "kept")]
+
+
 # -- transactions --------------------------------------------------------------------
 
 
@@ -1036,7 +1113,7 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
@@ -1103,7 +1180,11 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
             steps = await tx.fetchall(
                 "SELECT namespace, step FROM schema_migrations ORDER BY namespace, step"
             )
-        assert steps == [("payments", 1), ("payments", 2), *[("sagakit", n) for n in (1, 2, 3)]]
+        assert steps == [
+            ("payments", 1),
+            ("payments", 2),
+            *[("sagakit", n) for n in (1, 2, 3, 4, 5)],
+        ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")
     finally:

@@ -15,6 +15,10 @@ from typing import Any
 
 from sagakit.errors import MessageError
 
+# Built once: json.dumps with options builds a new encoder on every call, and every
+# message is encoded at least once on the hot path.
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
 
 class MessageKind(StrEnum):
     """What a message is for."""
@@ -87,7 +91,7 @@ class Envelope:
 
     def to_json(self) -> str:
         """Compact JSON text."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+        return _encode(self.to_dict())
 
     @classmethod
     def from_dict(cls, raw: object) -> Envelope:

@@ -76,13 +76,24 @@ class BatchConsumer:
         """A store transaction whose metrics are recorded only if it commits.
 
         A rolled-back batch is retried message by message; counting its sagas, steps
-        and duplicates at commit keeps them from being counted twice.
+        and duplicates at commit keeps them from being counted twice. (The orchestrator
+        wraps it further.)
         """
         return on_commit(self.store.transaction())
 
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle one message inside ``tx``."""
         raise NotImplementedError  # protocol
+
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Handle a batch inside ``tx``: :meth:`process` for each, in order.
+
+        Subclasses that can share round trips across the batch (one inbox insert, one
+        load of every saga) override this.
+        """
+        for env in envelopes:
+            with handler_span(self.endpoint, env):
+                await self.process(tx, env, now)
 
     def after_commit(self) -> None:
         """Called after each successful commit (wake the relay and waiters)."""
@@ -126,9 +137,7 @@ class BatchConsumer:
     async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
         now = self.clock()
         async with self.transaction() as tx:
-            for _, env in items:
-                with handler_span(self.endpoint, env):
-                    await self.process(tx, env, now)
+            await self.process_batch(tx, [env for _, env in items], now)
             self.faults.point("before_commit", self.endpoint)
         self.after_commit()
 

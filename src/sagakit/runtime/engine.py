@@ -106,6 +106,8 @@ class Engine:
             transport = EmbeddedTransport(
                 routes, wakeups=self.wakeups, clock=clock, idle_poll=idle_poll
             )
+        # Kept unwrapped: whether local steps may skip the relay depends on what it is.
+        self._delivery = transport
         self.transport = self.faults.wrap_transport(transport)
         self.stores: list[Store] = [store]
         for extra in [*(p.store for p in self.participants), *extra_stores]:
@@ -202,6 +204,17 @@ class Engine:
                 self.transport.subscribe(p.name, self._wrap(p.name, p), batch_size=size)
         await self.transport.start()
         self._running = True
+        # The embedded transport would move local commands from this store's outbox into
+        # this store's own mailbox: write them there directly (see the orchestrator).
+        delivery = self._delivery
+        o.direct_local = (
+            isinstance(delivery, EmbeddedTransport)
+            and delivery.routes.get(o.local_endpoint) is self.store
+        )
+        if o.direct_local and "orchestrator" in self.roles:
+            assert isinstance(delivery, EmbeddedTransport)
+            o.local.start_inline(lease=delivery.lease, batch_size=size)
+            self._spawn(o.local.run_inline(), "local-steps")
         if "relays" in self.roles:
             for relay in self.relays:
                 self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
@@ -218,6 +231,7 @@ class Engine:
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
         self._running = False
+        self.orchestrator.local.inline = False  # commands decided from now on: mailbox
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -355,6 +369,11 @@ class Engine:
             removed += await s.outbox_purge(now - self.outbox_retention)
         # The broker's own dead letters, into the stores: one place to replay them from.
         await self.dead_letters.adopt_broker_dead_letters()
+        # PostgreSQL appends saga count deltas; folding them keeps count_sagas() cheap
+        # even when nothing reads the counts for a long while.
+        fold = getattr(self.store, "fold_saga_counts", None)
+        if fold is not None:
+            await fold()
         return removed
 
     async def _listen_loop(self, store: Any) -> None:

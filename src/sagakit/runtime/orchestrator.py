@@ -12,15 +12,29 @@ Local steps (Python callables) are commands to ``<endpoint>.local``: the worker 
 the callable outside any transaction (at least once, with the step's idempotency key)
 and then checkpoints its result by applying it as a reply, in the same transaction
 that records the command as handled.
+
+When the transport delivers ``<endpoint>.local`` into this very store (the embedded
+transport; see :attr:`Orchestrator.direct_local`), a local command skips the outbox
+and the relay: the transition's own transaction writes it into the store's mailbox.
+While the engine runs the inline runner (:meth:`LocalStepRunner.run_inline`) that
+mailbox row is written already leased to this process: right after the commit the
+callable runs from memory, and the next transaction applies its result, records the
+command in the inbox and deletes the row, so one commit per local step. The row is the
+crash-recovery record: after a crash (or if the inline run fails) the mailbox
+consumer hands it out again, and the inbox makes the transition apply once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from sagakit.core.definition import LocalAction, SagaDefinition, StepContext
@@ -33,14 +47,28 @@ from sagakit.errors import (
     SagaNotFound,
     StepFailed,
 )
-from sagakit.metrics import record_history
-from sagakit.observability import record_transition
+from sagakit.metrics import CounterCell, on_commit, record_history
+from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import Delivery, Settle
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _TxNotes:
+    """What the current Orchestrator.transaction() wrote, for after its commit."""
+
+    staged: list[Envelope] = field(default_factory=list)  # local commands, not yet written
+    outbox: bool = False  # rows for the relay: wake it
+    timers: bool = False  # timers set: wake the timer loop
+
+
+# A context variable because several tasks may hold transactions at once (PostgreSQL
+# runs them concurrently).
+_NOTES: ContextVar[_TxNotes | None] = ContextVar("sagakit_tx_notes", default=None)
 
 
 class Orchestrator(BatchConsumer):
@@ -64,6 +92,12 @@ class Orchestrator(BatchConsumer):
         self.id_factory = id_factory or (lambda: uuid.uuid4().hex)
         self.wakeups = wakeups or Wakeups()
         self.local_endpoint = f"{endpoint}.local"
+        self.direct_local = False
+        """Write local commands straight into this store's mailbox (not the outbox).
+
+        Only correct when the transport delivers ``local_endpoint`` into ``store``'s
+        mailbox anyway (the embedded transport); the :class:`Engine` sets it then.
+        """
         self.machines: dict[tuple[str, int], Machine] = {}
         self.latest: dict[str, SagaDefinition] = {}
         for d in definitions:
@@ -130,9 +164,16 @@ class Orchestrator(BatchConsumer):
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
         async with self.transaction() as tx:
+            # Started before: one lookup per definition for the whole batch.
             fresh: dict[tuple[str, str], SagaInstance] = {}
+            keys: dict[str, list[str]] = {}
+            for name, key, _ in requests:
+                keys.setdefault(name, []).append(key)
+            for name, names_keys in keys.items():
+                found = await tx.saga_get_by_keys(name, sorted(set(names_keys)))
+                fresh.update(((name, k), inst) for k, inst in found.items())
             for machine, (name, key, data) in zip(machines, requests, strict=True):
-                existing = fresh.get((name, key)) or await tx.saga_get_by_key(name, key)
+                existing = fresh.get((name, key))
                 if existing is not None:
                     results.append((existing, False))
                     continue
@@ -203,6 +244,26 @@ class Orchestrator(BatchConsumer):
             return
         await self.apply_reply(tx, envelope, now)
 
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Record the batch in the inbox in one go, then apply the new replies in order."""
+        for env in envelopes:
+            if env.kind is not MessageKind.REPLY:
+                raise MessageError(
+                    f"{self.endpoint} takes replies; got a {env.kind.value} {env.type!r}"
+                )
+        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
+        await self.apply_replies(tx, self._new_ones(envelopes, fresh), now, self.endpoint)
+
+    def _new_ones(
+        self, envelopes: Sequence[Envelope], fresh: set[str], duplicates: CounterCell | None = None
+    ) -> list[Envelope]:
+        """The envelopes the inbox had not seen (each id once); the others are counted
+        as inbox duplicates (of ``duplicates``, by default this endpoint's)."""
+        new = _first_of_each(envelopes, fresh)
+        if len(new) < len(envelopes):
+            (duplicates or self.duplicates).inc(len(envelopes) - len(new))
+        return new
+
     async def apply_reply(self, tx: Tx, reply: Envelope, now: float) -> None:
         """Apply one reply inside ``tx`` (the caller recorded it in the inbox)."""
         if reply.saga_id is None:
@@ -213,27 +274,55 @@ class Orchestrator(BatchConsumer):
         decision = self.machine_for(inst).on_reply(inst, reply, now)
         await self._write(tx, decision, inst.version, now)
 
+    async def apply_replies(
+        self, tx: Tx, replies: Sequence[Envelope], now: float, endpoint: str
+    ) -> None:
+        """Apply replies in order inside ``tx``, loading all their sagas in one go.
+
+        The caller recorded them in the inbox; ``endpoint`` names the handler in traces.
+        A saga with several replies in the batch sees each one's transition in turn.
+        """
+        for reply in replies:
+            if reply.saga_id is None:
+                raise MessageError(f"reply {reply.message_id} has no saga_id")
+        loaded = await tx.saga_get_many(sorted({r.saga_id for r in replies if r.saga_id}))
+        for reply in replies:
+            with handler_span(endpoint, reply):
+                inst = loaded.get(reply.saga_id or "")
+                if inst is None:
+                    raise SagaNotFound(
+                        f"reply {reply.message_id} is for unknown saga {reply.saga_id!r}"
+                    )
+                decision = self.machine_for(inst).on_reply(inst, reply, now)
+                await self._write(tx, decision, inst.version, now)
+                loaded[inst.saga_id] = decision.instance
+
     # -- timers -----------------------------------------------------------------------
     async def fire_due_timers(self, limit: int = 512) -> int:
         """Apply every timer due now (up to ``limit``) in one transaction; return how many."""
         now = self.clock()
         async with self.transaction() as tx:
             timers = await tx.timers_take_due(now, limit)
+            # One load (PostgreSQL: lock in saga_id order, like reply batches) for all.
+            loaded = await tx.saga_get_many(sorted({t.saga_id for t in timers}))
             for timer in timers:
-                await self._apply_timer(tx, timer, now)
+                await self._apply_timer(tx, timer, now, loaded)
             if timers:
                 self.faults.point("before_commit", f"{self.endpoint}.timers")
         if timers:
             self.after_commit()
         return len(timers)
 
-    async def _apply_timer(self, tx: Tx, timer: Timer, now: float) -> None:
-        inst = await tx.saga_get(timer.saga_id)
+    async def _apply_timer(
+        self, tx: Tx, timer: Timer, now: float, loaded: dict[str, SagaInstance]
+    ) -> None:
+        inst = loaded.get(timer.saga_id)
         if inst is None:
             log.warning("timer %s of unknown saga %s dropped", timer.name, timer.saga_id)
             return
         decision = self.machine_for(inst).on_timer(inst, timer, now)
         await self._write(tx, decision, inst.version, now)
+        loaded[inst.saga_id] = decision.instance
 
     # -- writing a decision -------------------------------------------------------------
     async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
@@ -249,10 +338,23 @@ class Orchestrator(BatchConsumer):
             names = [n for n in d.cancel_timers if n not in setting]
             if names:
                 await tx.timers_cancel(inst.saga_id, names)
+        notes = _NOTES.get() or _TxNotes(outbox=True, timers=True)
         if d.set_timers:
             await tx.timers_set(d.set_timers)
+            notes.timers = True
         if d.outgoing:
-            await tx.outbox_add(d.outgoing, now)
+            outgoing = d.outgoing
+            if self.direct_local:
+                local = [e for e in outgoing if e.destination == self.local_endpoint]
+                if local:
+                    outgoing = [e for e in outgoing if e.destination != self.local_endpoint]
+                    if _NOTES.get() is not None:
+                        notes.staged.extend(local)
+                    else:  # outside Orchestrator.transaction(): no one to hand them to
+                        await tx.queue_add(self.local_endpoint, [e.to_json() for e in local], now)
+            if outgoing:
+                await tx.outbox_add(outgoing, now)
+                notes.outbox = True
         if d.history:
             machine = self.machines.get((inst.definition, inst.definition_version))
             if machine is not None:
@@ -271,9 +373,49 @@ class Orchestrator(BatchConsumer):
                 },
             )
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A store transaction that also writes the local commands decided in it.
+
+        With :attr:`direct_local` they go into the mailbox just before the commit: leased
+        to the inline runner when it runs (it gets them after the commit), else visible
+        to the mailbox consumer, which is woken. After the commit it wakes the relay
+        and the timer loop only if the transaction gave them work: a woken relay claims
+        (a write) even when there is nothing to claim.
+        """
+        notes = _TxNotes()
+        token = _NOTES.set(notes)
+        handed: list[tuple[int, Envelope]] = []
+        try:
+            async with on_commit(self.store.transaction()) as tx:
+                yield tx
+                if notes.staged:
+                    handed = await self._write_local(tx, notes.staged)
+        finally:
+            _NOTES.reset(token)
+        if handed:
+            self.local.hand_over(handed)
+        elif notes.staged:
+            self.wakeups.notify(f"queue:{self.local_endpoint}")
+        if notes.outbox:
+            self.wakeups.notify(f"outbox:{self.store.name}")
+        if notes.timers:
+            self.wakeups.notify(f"timers:{self.store.name}")
+
+    async def _write_local(self, tx: Tx, staged: list[Envelope]) -> list[tuple[int, Envelope]]:
+        now = self.clock()
+        bodies = [e.to_json() for e in staged]
+        runner = self.local
+        if not runner.inline:
+            await tx.queue_add(self.local_endpoint, bodies, now)
+            return []
+        ids = await tx.queue_add(
+            self.local_endpoint, bodies, now, leased_until=now + runner.inline_lease
+        )
+        return list(zip(ids, staged, strict=True))
+
     def after_commit(self) -> None:
-        self.wakeups.notify(f"outbox:{self.store.name}")
-        self.wakeups.notify(f"timers:{self.store.name}")
+        # The relay and the timer loop were woken by transaction() if there was work.
         self.wakeups.notify(f"sagas:{self.store.name}")
 
     def _machine_named(self, name: str, version: int | None) -> Machine:
@@ -309,6 +451,13 @@ class LocalStepRunner(BatchConsumer):
         )
         self.orchestrator = orchestrator
         self._results: dict[str, Outcome] = {}
+        self.inline = False
+        """True while :meth:`run_inline` runs: local commands are then leased to it."""
+        self.inline_lease = 30.0
+        """How long the inline runner keeps a command from the mailbox consumer."""
+        self.inline_batch = 256
+        self._pending: list[tuple[int, Envelope]] = []
+        self._ready = asyncio.Event()
 
     async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
         # Run the callables first, outside any transaction; BatchConsumer then commits.
@@ -334,8 +483,101 @@ class LocalStepRunner(BatchConsumer):
         reply = reply_to(envelope, outcome, source=self.endpoint, now=now)
         await self.orchestrator.apply_reply(tx, reply, now)
 
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Record the batch in the inbox in one go, then apply the new results in order."""
+        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
+        replies: list[Envelope] = []
+        for env in self.orchestrator._new_ones(envelopes, fresh, self.duplicates):
+            outcome = self._results.get(env.message_id)
+            if outcome is None:
+                outcome = await self._run_callable(env)
+            replies.append(reply_to(env, outcome, source=self.endpoint, now=now))
+        await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
+
     def after_commit(self) -> None:
         self.orchestrator.after_commit()
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Tx]:
+        """The orchestrator's transaction (the next local commands go in with it)."""
+        return self.orchestrator.transaction()
+
+    # -- inline: local commands this process wrote, run without a mailbox round trip ----
+    def start_inline(self, *, lease: float, batch_size: int) -> None:
+        """Lease new local commands to :meth:`run_inline` from now on (call, then run it)."""
+        self.inline_lease = lease
+        self.inline_batch = max(batch_size, 1)
+        self.inline = True
+
+    def hand_over(self, items: Sequence[tuple[int, Envelope]]) -> None:
+        """Committed local commands (mailbox id, envelope) for the inline runner."""
+        self._pending.extend(items)
+        self._ready.set()
+
+    async def run_inline(self) -> None:
+        """Run handed-over local commands and apply their results, batch by batch.
+
+        Stops leasing new commands when cancelled; commands still pending then stay
+        leased in the mailbox, and the transport hands them out again on its next start.
+        """
+        self.inline = True
+        try:
+            while True:
+                if not self._pending:
+                    self._ready.clear()
+                    await self._ready.wait()
+                    continue
+                batch = self._pending[: self.inline_batch]
+                del self._pending[: self.inline_batch]
+                try:
+                    await self._inline_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The store failed even to hand the commands back: their leases end
+                    # and the mailbox consumer takes them then.
+                    log.exception("inline local steps failed; the mailbox consumer takes over")
+        finally:
+            self.inline = False
+            self._pending.clear()
+
+    async def _inline_batch(self, batch: Sequence[tuple[int, Envelope]]) -> None:
+        done: list[tuple[int, Envelope, Outcome]] = []
+        give_back: list[tuple[int, str]] = []
+        for queue_id, env in batch:
+            try:
+                done.append((queue_id, env, await self._run_callable(env)))
+            except MessageError as exc:
+                give_back.append((queue_id, f"{type(exc).__name__}: {exc}"))
+        if done:
+            try:
+                await self._apply_inline(done)
+            except Exception as exc:
+                # Anything unusual (a poison message, a conflict, a crash point) is for
+                # the mailbox consumer, which retries one by one and parks what must be.
+                log.debug("inline batch of %d failed (%r); handing it back", len(done), exc)
+                give_back += [(queue_id, f"{type(exc).__name__}: {exc}") for queue_id, *_ in done]
+        if give_back:
+            now = self.clock()
+            for queue_id, error in give_back:
+                await self.store.queue_retry(queue_id, now, error)
+            self.orchestrator.wakeups.notify(f"queue:{self.endpoint}")
+
+    async def _apply_inline(self, done: Sequence[tuple[int, Envelope, Outcome]]) -> None:
+        now = self.clock()
+        async with self.transaction() as tx:
+            # Already recorded: the mailbox consumer handled it (a lease ran out).
+            fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for _, e, _ in done], now)
+            outcomes = {env.message_id: outcome for _, env, outcome in done}
+            replies = [
+                reply_to(env, outcomes[env.message_id], source=self.endpoint, now=now)
+                for env in self.orchestrator._new_ones(
+                    [env for _, env, _ in done], fresh, self.duplicates
+                )
+            ]
+            await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
+            await tx.queue_remove([queue_id for queue_id, _, _ in done])
+            self.faults.point("before_commit", self.endpoint)
+        self.after_commit()
 
     async def _run_callable(self, env: Envelope) -> Outcome:
         payload = env.payload
@@ -390,3 +632,14 @@ class LocalStepRunner(BatchConsumer):
         return failure(
             f"local step {env.step!r} returned {type(result).__name__}; return a dict or None"
         )
+
+
+def _first_of_each(envelopes: Sequence[Envelope], fresh: set[str]) -> list[Envelope]:
+    """The envelopes whose id is in ``fresh``, each id once (a batch may hold a copy)."""
+    seen: set[str] = set()
+    out: list[Envelope] = []
+    for env in envelopes:
+        if env.message_id in fresh and env.message_id not in seen:
+            seen.add(env.message_id)
+            out.append(env)
+    return out

@@ -174,6 +174,15 @@ class Tx(Protocol):
         """Record that ``consumer`` handled ``message_id``; False if it already had."""
         ...
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before.
+
+        An id given twice counts once. PostgreSQL does it in one statement.
+        """
+        ...
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         ...
@@ -223,8 +232,22 @@ class Tx(Protocol):
         """Load an instance for update (PostgreSQL locks the row)."""
         ...
 
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances for update (missing ones are left out).
+
+        PostgreSQL locks the rows in ``saga_id`` order, in one statement: two batches
+        that share sagas then wait for each other instead of deadlocking.
+        """
+        ...
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
+        ...
+
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
         ...
 
     async def saga_insert(self, instance: SagaInstance) -> None:
@@ -235,7 +258,9 @@ class Tx(Protocol):
         """Write ``instance`` if the stored version is still ``expected_version``.
 
         Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
-        applied a transition first, and this one must be recomputed.
+        applied a transition first, and this one must be recomputed. An adapter may
+        raise it later in the block (PostgreSQL: at the next statement that waits for
+        an answer), but always before anything commits.
         """
         ...
 
@@ -256,6 +281,27 @@ class Tx(Protocol):
 
         Taken inside the transaction that applies them: if it rolls back, they stay.
         """
+        ...
+
+    # -- mailbox queue, inside the transaction (the orchestrator's local steps) --------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` the messages count as handed out once already (to the
+        writer, which handles them itself right after commit) and stay hidden until
+        then; like any lease, :meth:`Store.queue_reset_leases` makes them visible.
+        """
+        ...
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
         ...
 
 

@@ -180,6 +180,12 @@ class MemoryTx:
         self._undo.append(partial(seen.pop, message_id))
         return True
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before."""
+        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         store = self._store or _finished()
@@ -263,11 +269,31 @@ class MemoryTx:
         row = store._sagas.get(saga_id)
         return None if row is None else row.unpack()
 
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances (missing ones are left out)."""
+        found: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids:
+            inst = await self.saga_get(saga_id)
+            if inst is not None:
+                found[saga_id] = inst
+        return found
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         store = self._store or _finished()
         saga_id = store._saga_keys.get((definition, business_key))
         return None if saga_id is None else store._sagas[saga_id].unpack()
+
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        found: dict[str, SagaInstance] = {}
+        for key in business_keys:
+            inst = await self.saga_get_by_key(definition, key)
+            if inst is not None:
+                found[key] = inst
+        return found
 
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
@@ -351,6 +377,42 @@ class MemoryTx:
             taken.append(timer)
             self._undo.append(partial(store._timer_restore, key, timer))
         return taken
+
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        """
+        store = self._store or _finished()
+        mailbox = store._queues.setdefault(endpoint, {})
+        ids: list[int] = []
+        for body in bodies:
+            store._last_id += 1
+            if leased_until is None:
+                entry = _QueueEntry(store._last_id, endpoint, body, now, now)
+            else:
+                entry = _QueueEntry(store._last_id, endpoint, body, now, leased_until, 1)
+            mailbox[entry.id] = entry
+            store._queued[entry.id] = entry
+            self._undo.append(partial(store._queue_remove, entry.id))
+            ids.append(entry.id)
+        return ids
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        store = self._store or _finished()
+        for queue_id in ids:
+            entry = store._queue_remove(queue_id)
+            if entry is not None:
+                self._undo.append(partial(store._queue_restore, entry))
 
 
 def _no_sql() -> NoReturn:
@@ -475,6 +537,19 @@ class MemoryStore:
             if letter.id == id:
                 return index, letter
         return -1, None
+
+    def _queue_remove(self, queue_id: int) -> _QueueEntry | None:
+        entry = self._queued.pop(queue_id, None)
+        if entry is not None:
+            del self._queues[entry.endpoint][queue_id]
+        return entry
+
+    def _queue_restore(self, entry: _QueueEntry) -> None:
+        # Back in id order: the mailbox hands messages out oldest first.
+        mailbox = self._queues.setdefault(entry.endpoint, {})
+        mailbox[entry.id] = entry
+        self._queues[entry.endpoint] = dict(sorted(mailbox.items()))
+        self._queued[entry.id] = entry
 
     def _outbox_remove(self, row_id: int) -> None:
         del self._outbox[row_id]

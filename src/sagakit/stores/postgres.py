@@ -285,7 +285,7 @@ class PostgresTx:
     do not abort it.
     """
 
-    __slots__ = ("_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
+    __slots__ = ("_checks", "_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
 
     def __init__(
         self, cursor: _Cursor, pipeline: psycopg.AsyncPipeline | None, store: PostgresStore
@@ -298,7 +298,10 @@ class PostgresTx:
         self._name = store.name
         self._q = store._q
         self._queued: list[str] = []  # writes sent since the last answer, for error messages
-        self._notify: set[str] = set()
+        self._notify: set[tuple[str, str]] = set()  # (channel, payload), sent at commit
+        # Version-checked updates sent without waiting: (cursor, saga_id, expected), each
+        # verified from its RETURNING row at the next answer, and always before COMMIT.
+        self._checks: list[tuple[_Cursor, tuple[str, int]]] = []  # (saga_id, expected)
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         if self._queued:
@@ -338,7 +341,20 @@ class PostgresTx:
         except psycopg.Error as exc:
             raise self._fail(what, exc) from exc
         self._queued = []
+        if self._checks:
+            await self._verify_updates()
         return cursor
+
+    async def _verify_updates(self) -> None:
+        """Raise ConcurrencyError for the first queued update that changed no row."""
+        checks, self._checks = self._checks, []
+        for cursor, (saga_id, expected) in checks:
+            try:
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                raise self._fail(f"update saga {saga_id}", exc) from exc
+            if row is None:
+                await self._refuse_update(saga_id, expected)
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
         cursor = await self._ask(what, query, params)
@@ -386,6 +402,19 @@ class PostgresTx:
         )
         return row is not None
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids in one statement; return those not handled before."""
+        if not message_ids:
+            return set()
+        rows = await self._all(
+            f"record {len(message_ids)} message(s) in the inbox",
+            self._q["inbox_add_many"],
+            {"consumer": consumer, "ids": list(message_ids), "now": now},
+        )
+        return {r[0] for r in rows}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         row = await self._one(
@@ -424,7 +453,7 @@ class PostgresTx:
         await self._send_many(
             f"add {len(rows)} message(s) to the outbox", self._q["outbox_add"], rows
         )
-        self._notify.add(self._store.outbox_channel)
+        self._notify.add((self._store.outbox_channel, ""))
 
     async def dead_letter(
         self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
@@ -464,6 +493,15 @@ class PostgresTx:
         row = await self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
         return None if row is None else _saga_from_row(row)
 
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load and lock several instances in one statement, in ``saga_id`` order."""
+        if not saga_ids:
+            return {}
+        rows = await self._all(
+            f"load {len(saga_ids)} saga(s)", self._q["saga_get_many"], {"ids": list(saga_ids)}
+        )
+        return {r[0]: _saga_from_row(r) for r in rows}
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         row = await self._one(
@@ -472,6 +510,19 @@ class PostgresTx:
             (definition, business_key),
         )
         return None if row is None else _saga_from_row(row)
+
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        if not business_keys:
+            return {}
+        rows = await self._all(
+            f"load the {definition} sagas of {len(business_keys)} key(s)",
+            self._q["saga_get_by_keys"],
+            {"definition": definition, "keys": list(business_keys)},
+        )
+        return {r[3]: _saga_from_row(r) for r in rows}
 
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists.
@@ -494,19 +545,42 @@ class PostgresTx:
 
         Raises :class:`~sagakit.errors.ConcurrencyError` otherwise: another worker
         applied a transition first, and this one must be recomputed. A concurrent
-        writer of the same row makes this wait for its commit, then re-check.
+        writer of the same row makes this wait for its commit, then re-check. In
+        pipeline mode the update is sent without waiting, and the error is raised by
+        the next statement that waits for an answer or when the block ends, before
+        COMMIT is sent (the transaction then rolls back).
         """
         what = f"update saga {instance.saga_id}"
         params = _saga_update_params(instance, expected_version)
+        if self._pipeline is not None:
+            # Sent without waiting (a round trip per transition adds up in a batch): its
+            # RETURNING row is checked at the next statement that waits, or before
+            # COMMIT, so a lost race still raises before anything commits.
+            cursor = await self._send_checked(what, "saga_update", params)
+            self._checks.append((cursor, (instance.saga_id, expected_version)))
+            return
         if await self._one(what, self._q["saga_update"], params) is not None:
             return
+        await self._refuse_update(instance.saga_id, expected_version)
+
+    async def _refuse_update(self, saga_id: str, expected_version: int) -> NoReturn:
         # Only the losing path pays for the second query that explains the loss.
-        row = await self._one(what, self._q["saga_exists"], (instance.saga_id,))
+        row = await self._one(f"update saga {saga_id}", self._q["saga_exists"], (saga_id,))
         found = "it does not exist" if row is None else f"it is at version {row[0]}"
         raise ConcurrencyError(
-            f"saga {instance.saga_id} was not updated: expected version {expected_version}, "
+            f"saga {saga_id} was not updated: expected version {expected_version}, "
             f"but {found}; reload it and recompute the transition"
         )
+
+    async def _send_checked(self, what: str, query: str, params: _Params) -> _Cursor:
+        """Queue a write on its own cursor, whose RETURNING row says whether it applied."""
+        cursor = (self._cur or _finished()).connection.cursor()
+        try:
+            await cursor.execute(self._q[query], params)
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued.append(what)
+        return cursor
 
     async def history_add(self, entries: Sequence[HistoryEntry]) -> None:
         """Append history rows (never updated, never deleted)."""
@@ -522,7 +596,7 @@ class PostgresTx:
             return
         rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers]
         await self._send_many(f"set {len(rows)} timer(s)", self._q["timer_set"], rows)
-        self._notify.add(self._store.timers_channel)
+        self._notify.add((self._store.timers_channel, ""))
 
     async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
         """Delete the named timers of one saga (missing ones are ignored)."""
@@ -552,13 +626,58 @@ class PostgresTx:
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         return [Timer(saga_id=r[0], name=r[1], due_at=r[2], fence=r[3]) for r in rows]
 
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        Visible ones notify ``queue_channel`` with the endpoint on commit.
+        """
+        if not bodies:
+            return []
+        at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
+        params = {
+            "endpoint": endpoint,
+            "now": now,
+            "at": at,
+            "deliveries": deliveries,
+            "bodies": list(bodies),
+        }
+        rows = await self._all(
+            f"add {len(bodies)} message(s) to {endpoint!r}", self._q["queue_add"], params
+        )
+        if leased_until is None:
+            self._notify.add((self._store.queue_channel, endpoint))
+        return sorted(r[0] for r in rows)
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        if ids:
+            await self._send(
+                f"remove {len(ids)} message(s) from the mailbox", self._q["queue_ack"], (list(ids),)
+            )
+
     # -- end of the block ---------------------------------------------------------------
     async def _send_commit(self) -> None:
         """Queue the notifications and COMMIT; leaving pipeline mode sends them."""
         cursor = self._cur or _finished()
+        if self._checks:
+            try:
+                await (self._pipeline or _finished()).sync()
+            except psycopg.Error as exc:
+                raise self._fail("send the queued writes", exc) from exc
+            self._queued = []
+            await self._verify_updates()  # a ConcurrencyError here: the block rolls back
         if self._store.notify:
-            for channel in sorted(self._notify):
-                await cursor.execute(self._q["notify"], (channel, ""))
+            for channel, payload in sorted(self._notify):
+                await cursor.execute(self._q["notify"], (channel, payload))
         await cursor.execute("COMMIT")
 
 
@@ -1037,9 +1156,28 @@ class PostgresStore:
         return _saga_from_row(rows[0]) if rows else None
 
     async def count_sagas(self) -> dict[SagaState, int]:
-        """How many instances are in each state (states with none are left out)."""
+        """How many instances are in each state (states with none are left out).
+
+        Exact, without scanning ``sagas``: the sum of the per-state deltas that
+        triggers append in every transaction that changes a saga's state. When many
+        have piled up, they are folded into one row per state (see
+        :meth:`fold_saga_counts`).
+        """
         rows = await self._read("count sagas", self._q["saga_count"])
-        return {SagaState(s): n for s, n in rows}
+        if sum(r[2] for r in rows) > self.COUNT_DELTAS_FOLD_AT:
+            await self.fold_saga_counts()
+        return {SagaState(s): n for s, n, _ in rows if n > 0}
+
+    COUNT_DELTAS_FOLD_AT = 512
+    """How many count deltas :meth:`count_sagas` sums before it folds them."""
+
+    async def fold_saga_counts(self) -> None:
+        """Fold the appended per-state count deltas into one row per state.
+
+        Keeps :meth:`count_sagas` a read of a few rows; safe to run at any time, from
+        any number of processes (the engine's housekeeping runs it too).
+        """
+        await self._write("fold the saga counts", self._q["saga_counts_fold"], ())
 
     async def history(self, saga_id: str) -> list[HistoryEntry]:
         """A saga's history in the order it was written."""

@@ -208,6 +208,13 @@ class SQLiteTx:
         )
         return cursor.rowcount == 1
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids at once; return those ``consumer`` had not handled before."""
+        # In-process statements cost microseconds: a loop is as good as one statement.
+        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         row = self._one(
@@ -279,6 +286,15 @@ class SQLiteTx:
         row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
         return None if row is None else _saga_from_row(row)
 
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances (missing ones are left out)."""
+        found: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids:
+            row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
+            if row is not None:
+                found[saga_id] = _saga_from_row(row)
+        return found
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         row = self._one(
@@ -287,6 +303,17 @@ class SQLiteTx:
             (definition, business_key),
         )
         return None if row is None else _saga_from_row(row)
+
+    async def saga_get_by_keys(
+        self, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        found: dict[str, SagaInstance] = {}
+        for key in business_keys:
+            inst = await self.saga_get_by_key(definition, key)
+            if inst is not None:
+                found[key] = inst
+        return found
 
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
@@ -351,6 +378,36 @@ class SQLiteTx:
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         # float(): RETURNING may report a whole REAL as an int.
         return [Timer(saga_id=r[0], name=r[1], due_at=float(r[2]), fence=r[3]) for r in rows]
+
+    # -- mailbox queue, inside the transaction ---------------------------------------
+    async def queue_add(
+        self,
+        endpoint: str,
+        bodies: Sequence[str],
+        now: float,
+        *,
+        leased_until: float | None = None,
+    ) -> list[int]:
+        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
+
+        With ``leased_until`` they count as handed out once and stay hidden until then.
+        """
+        at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
+        sql, what = self._q["queue_add"], f"add {len(bodies)} message(s) to {endpoint!r}"
+        # One execute per row: executemany does not report the ids (lastrowid).
+        return [
+            self._run(what, sql, (endpoint, body, now, at, deliveries)).lastrowid or 0
+            for body in bodies
+        ]
+
+    async def queue_remove(self, ids: Sequence[int]) -> None:
+        """Remove mailbox messages in this transaction: acknowledged with their effect."""
+        if ids:
+            self._run(
+                f"remove {len(ids)} message(s) from the mailbox",
+                self._q["queue_ack"],
+                (_dumps(list(ids)),),
+            )
 
 
 class _Transaction(AbstractAsyncContextManager[SQLiteTx]):

@@ -51,11 +51,27 @@ SELECT saga_id, definition, definition_version, business_key, state, status, ver
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE saga_id = %s
 
+-- name: saga_get_many
+-- Locked in saga_id order: batches (and the timer transaction) sharing sagas wait for
+-- each other in one order instead of deadlocking.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = ANY(%(ids)b::text[])
+ORDER BY saga_id
+FOR UPDATE
+
 -- name: saga_get_by_key
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE definition = %s AND business_key = %s
+
+-- name: saga_get_by_keys
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE definition = %(definition)s AND business_key = ANY(%(keys)b::text[])
 
 -- name: saga_insert
 -- DO NOTHING (no RETURNING row) instead of a unique violation, which would abort the
@@ -92,7 +108,16 @@ ORDER BY created_at DESC, seq DESC
 LIMIT %(limit)s OFFSET %(offset)s
 
 -- name: saga_count
-SELECT state, count(*) FROM sagas GROUP BY state
+-- The deltas of saga_counts (migration 0002), summed; "rows" says when to fold them.
+SELECT state, sum(n)::bigint, count(*) AS rows FROM saga_counts GROUP BY state
+
+-- name: saga_counts_fold
+-- One row per state instead of the deltas. Concurrent writers' uncommitted deltas are
+-- not seen, so not deleted; a concurrent fold waits, then skips the rows this one
+-- deleted: the sum never changes.
+WITH gone AS (DELETE FROM saga_counts RETURNING state, n)
+INSERT INTO saga_counts (state, n)
+SELECT state, sum(n) FROM gone GROUP BY state HAVING sum(n) <> 0
 
 -- name: history_add
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
@@ -140,6 +165,13 @@ SELECT min(due_at) FROM timers
 INSERT INTO inbox (consumer, message_id, at) VALUES (%s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
+
+-- name: inbox_add_many
+-- A batch's ids in one statement (binary text[]: no escaping); RETURNING names the new.
+INSERT INTO inbox (consumer, message_id, at)
+SELECT %(consumer)s, m, %(now)s FROM unnest(%(ids)b::text[]) AS m
+ON CONFLICT DO NOTHING
+RETURNING message_id
 
 -- name: inbox_ids
 SELECT message_id FROM inbox WHERE consumer = %s
@@ -226,12 +258,14 @@ UPDATE dead_letters SET settlement = %s, settled_by = %s, settled_at = %s, settl
 WHERE id = %s AND settled_at IS NULL
 
 -- name: queue_push
--- One statement for the whole batch; ids follow the order of the bodies. The notice
--- (when asked for) is sent in the same implicit transaction, so on commit.
+-- One statement for the whole batch; ids follow the order of the bodies. The bodies
+-- travel as a binary text[]: the text array format escapes every quote of every JSON
+-- body with a regex. The notice (when asked for) is sent in the same implicit
+-- transaction, so on commit.
 WITH pushed AS (
     INSERT INTO queue (endpoint, body, enqueued_at, available_at)
     SELECT %(endpoint)s, body, %(now)s, %(at)s
-    FROM unnest(%(bodies)s::text[]) WITH ORDINALITY AS b(body, n)
+    FROM unnest(%(bodies)b::text[]) WITH ORDINALITY AS b(body, n)
     ORDER BY n
     RETURNING 1
 )
@@ -244,6 +278,16 @@ WHERE id IN (SELECT id FROM queue WHERE endpoint = %s AND available_at <= %s
              ORDER BY id LIMIT %s
              FOR UPDATE SKIP LOCKED)
 RETURNING id, endpoint, body, deliveries, enqueued_at
+
+-- name: queue_add
+-- Inside a transaction (Tx.queue_add). The bodies travel as a binary text[]: the text
+-- array format would escape every quote of every JSON body. Ids are drawn in
+-- the order of the rows inserted, so sorted they follow the bodies.
+INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries)
+SELECT %(endpoint)s, body, %(now)s, %(at)s, %(deliveries)s
+FROM unnest(%(bodies)b::text[]) WITH ORDINALITY AS b(body, n)
+ORDER BY n
+RETURNING id
 
 -- name: queue_ack
 DELETE FROM queue WHERE id = ANY(%s::bigint[])

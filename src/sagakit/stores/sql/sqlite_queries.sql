@@ -59,7 +59,8 @@ ORDER BY created_at DESC, rowid DESC
 LIMIT ?3 OFFSET ?4
 
 -- name: saga_count
-SELECT state, count(*) FROM sagas GROUP BY state
+-- Kept by triggers (migration 0003): no scan of sagas.
+SELECT state, n FROM saga_counts WHERE n > 0
 
 -- name: history_add
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
@@ -148,6 +149,10 @@ WHERE id = ? AND settled_at IS NULL
 
 -- name: queue_push
 INSERT INTO queue (endpoint, body, enqueued_at, available_at) VALUES (?, ?, ?, ?)
+
+-- name: queue_add
+-- Inside a transaction (Tx.queue_add); deliveries is 1 for a message its writer leases.
+INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries) VALUES (?, ?, ?, ?, ?)
 
 -- name: queue_fetch
 -- RETURNING yields rows in no promised order; the caller sorts them by id.
