@@ -89,15 +89,23 @@ def _wait_seconds(text: str) -> float:
     return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
+def command_timeout_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--command-timeout SECONDS`` (env ``SAGAKIT_COMMAND_TIMEOUT``), positive and finite."""
+    parser.add_argument(
+        "--command-timeout",
+        type=_seconds,  # argparse applies it to a string default too (the environment's)
+        default=os.environ.get("SAGAKIT_COMMAND_TIMEOUT"),
+        help=help_text,
+    )
+
+
 def register(sub: Any) -> None:
     """Add the process commands to the ``sagakit`` parser."""
     worker = sub.add_parser("worker", help="run the orchestrator and its timers")
     _urls(worker)
-    worker.add_argument(
-        "--command-timeout",
-        type=_seconds,
-        default=os.environ.get("SAGAKIT_COMMAND_TIMEOUT"),
-        help="seconds the first attempt of a command waits for its answer; later attempts "
+    command_timeout_option(
+        worker,
+        "seconds the first attempt of a command waits for its answer; later attempts "
         "wait longer (default 2; env SAGAKIT_COMMAND_TIMEOUT)",
     )
     worker.set_defaults(func=_run, role="worker")

@@ -228,7 +228,8 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``serve``, ``sagas``, ``manual-cases`` and ``dead-letters`` to the command line."""
-    from sagakit.cli_processes import url_options  # the same options as the processes
+    # The same options as the processes.
+    from sagakit.cli_processes import command_timeout_option, url_options
 
     serve = subparsers.add_parser(
         "serve",
@@ -267,11 +268,9 @@ def register(subparsers: Any) -> None:
         help="with --store: only the API and console; sagakit worker, relay and service "
         "processes carry the sagas (no broker needed)",
     )
-    serve.add_argument(
-        "--command-timeout",
-        type=float,
-        default=os.environ.get("SAGAKIT_COMMAND_TIMEOUT"),
-        help="with --api-only: the workers' --command-timeout, for the first command's "
+    command_timeout_option(
+        serve,
+        "with --api-only: the workers' --command-timeout, for the first command's "
         "timer (env SAGAKIT_COMMAND_TIMEOUT)",
     )
     serve.add_argument(
