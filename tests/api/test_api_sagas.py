@@ -9,6 +9,7 @@ import pytest
 from api_support import auth, running_api
 
 from sagakit import SagaState
+from sagakit.errors import ConcurrencyError
 
 
 async def test_list_filters_pages_and_counts(tmp_path: Path) -> None:
@@ -144,6 +145,26 @@ async def test_actions_that_do_not_apply_get_409_with_the_reason(tmp_path: Path)
             "/sagas/nope/actions", json={"action": "retry", "reason": "x"}, headers=auth("operator")
         )
         assert r.status_code == 404
+
+
+async def test_a_decision_racing_another_change_gets_409_not_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_api(tmp_path) as env:
+        ok = await env.settled("ok")
+
+        async def lost_the_race(*args: object, **kwargs: object) -> None:
+            raise ConcurrencyError("version 7 expected, found 8")
+
+        monkeypatch.setattr(env.engine, "resolve", lost_the_race)
+        r = await env.client.post(
+            f"/sagas/{ok['saga_id']}/actions",
+            json={"action": "mark_done", "reason": "fixed by hand"},
+            headers=auth("operator"),
+        )
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "conflict"
+        assert "reload it and decide again" in r.json()["message"]
 
 
 async def test_cancel_of_a_running_saga_compensates_it(tmp_path: Path) -> None:

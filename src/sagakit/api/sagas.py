@@ -43,7 +43,13 @@ from sagakit.api.validation import (
 )
 from sagakit.api.views import manual_case, saga_detail, saga_summary
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
-from sagakit.errors import DefinitionError, ManualActionRefused, NoDriver, SagaNotFound
+from sagakit.errors import (
+    ConcurrencyError,
+    DefinitionError,
+    ManualActionRefused,
+    NoDriver,
+    SagaNotFound,
+)
 
 audit_log = logging.getLogger("sagakit.api.audit")
 
@@ -119,6 +125,14 @@ async def _decide(
         raise ActionOutcome(404, "not_found", f"no saga {saga_id!r}") from None
     except NoDriver as exc:
         raise ActionOutcome(409, "no_driver", str(exc)) from None
+    except ConcurrencyError:
+        # Another decision or a reply moved the saga between our read and our write.
+        # Applying this decision to a state its author did not see would be a guess.
+        raise ActionOutcome(
+            409,
+            "conflict",
+            f"saga {saga_id} changed while this decision was applied; reload it and decide again",
+        ) from None
     except (ManualActionRefused, DefinitionError) as exc:
         raise ActionOutcome(409, "refused", str(exc)) from None
     # engine.cancel records a refused cancel in history and returns the saga unchanged.
