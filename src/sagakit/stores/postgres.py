@@ -36,7 +36,8 @@ corrected by the offset to the server's, measured at :meth:`~PostgresStore.open`
 
 **Notifications.** A commit that added outbox rows runs
 ``pg_notify('sagakit_outbox_<name>', '')`` in the same transaction (delivered on commit,
-never for a rollback); one that set timers, ``sagakit_timers_<name>``; ``queue_push``
+never for a rollback); one that set timers, ``sagakit_timers_<name>`` with the earliest
+due time it set as payload (``repr`` of the float); ``queue_push``
 notifies ``sagakit_queue_<name>`` with the endpoint as payload. Wake loops with
 :meth:`PostgresStore.listen` instead of polling::
 
@@ -61,6 +62,7 @@ import hashlib
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import cache, lru_cache
@@ -285,7 +287,17 @@ class PostgresTx:
     do not abort it.
     """
 
-    __slots__ = ("_checks", "_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
+    __slots__ = (
+        "_checks",
+        "_cur",
+        "_name",
+        "_notify",
+        "_pipeline",
+        "_q",
+        "_queued",
+        "_store",
+        "_timers_due",
+    )
 
     def __init__(
         self, cursor: _Cursor, pipeline: psycopg.AsyncPipeline | None, store: PostgresStore
@@ -299,6 +311,9 @@ class PostgresTx:
         self._q = store._q
         self._queued: list[str] = []  # writes sent since the last answer, for error messages
         self._notify: set[tuple[str, str]] = set()  # (channel, payload), sent at commit
+        # The earliest timer this transaction set: the timers NOTIFY carries it, so that
+        # a timer loop already waiting for something sooner need not look.
+        self._timers_due: float | None = None
         # Version-checked updates sent without waiting: (cursor, saga_id, expected), each
         # verified from its RETURNING row at the next answer, and always before COMMIT.
         self._checks: list[tuple[_Cursor, tuple[str, int]]] = []  # (saga_id, expected)
@@ -596,7 +611,8 @@ class PostgresTx:
             return
         rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers]
         await self._send_many(f"set {len(rows)} timer(s)", self._q["timer_set"], rows)
-        self._notify.add((self._store.timers_channel, ""))
+        due = min(t.due_at for t in timers)
+        self._timers_due = due if self._timers_due is None else min(due, self._timers_due)
 
     async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
         """Delete the named timers of one saga (missing ones are ignored)."""
@@ -676,6 +692,8 @@ class PostgresTx:
             self._queued = []
             await self._verify_updates()  # a ConcurrencyError here: the block rolls back
         if self._store.notify:
+            if self._timers_due is not None:
+                self._notify.add((self._store.timers_channel, repr(self._timers_due)))
             for channel, payload in sorted(self._notify):
                 await cursor.execute(self._q["notify"], (channel, payload))
         await cursor.execute("COMMIT")
@@ -773,6 +791,30 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
 
 
 # -- store ---------------------------------------------------------------------------
+
+
+# When each pooled connection was last given back (monotonic seconds). Weak keys: the
+# pool closes and drops connections on its own.
+_RETURNED_AT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+# A connection given back this recently is lent again without a round trip to check it:
+# the check would double the round trips of a busy engine (one per transaction and per
+# read). A restart within this window costs one failed transaction (a StoreError, which
+# every loop retries); the pool discards the broken connection when it comes back.
+_CHECK_IDLE_AFTER = 1.0
+
+
+async def _stamp_returned(conn: Any) -> None:
+    """The pool's ``reset`` hook: remember when the connection came back."""
+    _RETURNED_AT[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: Any) -> None:
+    """The pool's ``check`` hook: ping a connection only if it sat idle for a while."""
+    returned = _RETURNED_AT.get(conn)
+    if returned is not None and time.monotonic() - returned < _CHECK_IDLE_AFTER:
+        return
+    await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 class PostgresStore:
@@ -876,8 +918,10 @@ class PostgresStore:
             max_size=self.max_size,
             kwargs=self._connect_args("pool"),
             configure=self._configure,
-            # A server restart kills every idle connection: check before lending one.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # A server restart kills every idle connection: check before lending one
+            # that sat idle for a while (see _check_if_idle).
+            check=_check_if_idle,
+            reset=_stamp_returned,
             name=f"sagakit-{self.name}",
             open=False,
         )
