@@ -351,7 +351,9 @@ class Orchestrator(BatchConsumer):
     async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
         inst = d.instance
         if expected is None:
-            await tx.saga_insert(inst)
+            # The many-form: PostgreSQL pipelines it, so start_many pays no round trip
+            # per saga; a refusal still raises before the commit.
+            await tx.saga_insert_many([inst])
         elif d.changed:
             await tx.saga_update(inst, expected)
         if d.history:

@@ -290,6 +290,7 @@ class PostgresTx:
     __slots__ = (
         "_checks",
         "_cur",
+        "_inserted",
         "_name",
         "_notify",
         "_pipeline",
@@ -316,7 +317,9 @@ class PostgresTx:
         self._timers_due: float | None = None
         # Version-checked updates sent without waiting: (cursor, saga_id, expected), each
         # verified from its RETURNING row at the next answer, and always before COMMIT.
+        # An expected of -1 marks an insert (saga_insert_many).
         self._checks: list[tuple[_Cursor, tuple[str, int]]] = []  # (saga_id, expected)
+        self._inserted: dict[str, SagaInstance] = {}  # inserts being checked, by id
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         if self._queued:
@@ -363,12 +366,16 @@ class PostgresTx:
     async def _verify_updates(self) -> None:
         """Raise ConcurrencyError for the first queued update that changed no row."""
         checks, self._checks = self._checks, []
+        inserted, self._inserted = self._inserted, {}
         for cursor, (saga_id, expected) in checks:
+            verb = "insert" if expected < 0 else "update"
             try:
                 row = await cursor.fetchone()
             except psycopg.Error as exc:
-                raise self._fail(f"update saga {saga_id}", exc) from exc
+                raise self._fail(f"{verb} saga {saga_id}", exc) from exc
             if row is None:
+                if expected < 0:
+                    await self._refuse_insert(inserted[saga_id])
                 await self._refuse_update(saga_id, expected)
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
@@ -548,6 +555,29 @@ class PostgresTx:
         row = await self._one(what, self._q["saga_insert"], _saga_insert_params(instance))
         if row is not None:
             return
+        await self._refuse_insert(instance)
+
+    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
+        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists.
+
+        In pipeline mode the inserts are sent without waiting (one round trip for a
+        batch, not one per saga); a refusal is raised by the next statement that waits
+        for an answer or when the block ends, before COMMIT (the transaction then
+        rolls back).
+        """
+        if self._pipeline is None:
+            for instance in instances:
+                await self.saga_insert(instance)
+            return
+        for instance in instances:
+            cursor = await self._send_checked(
+                f"insert saga {instance.saga_id}", "saga_insert", _saga_insert_params(instance)
+            )
+            self._inserted[instance.saga_id] = instance
+            self._checks.append((cursor, (instance.saga_id, -1)))
+
+    async def _refuse_insert(self, instance: SagaInstance) -> NoReturn:
+        what = f"insert saga {instance.saga_id}"
         if await self._one(what, self._q["saga_exists"], (instance.saga_id,)) is not None:
             raise ConcurrencyError(f"saga {instance.saga_id} already exists")
         raise ConcurrencyError(
