@@ -703,8 +703,10 @@ async def test_commits_notify_listeners_and_rollbacks_do_not(make_store: MakeSto
                     raise Boom
             async with store.transaction() as tx:
                 await tx.timers_set([Timer("s1", "step", 5.0, "f")])
-            # Notifications arrive in commit order: none came from the rollback.
-            assert await next_note(notes) == (store.timers_channel, "")
+                await tx.timers_set([Timer("s2", "step", 2.5, "f"), Timer("s3", "step", 9.0, "f")])
+            # Notifications arrive in commit order: none came from the rollback. The
+            # timers one names the earliest due time the transaction set.
+            assert await next_note(notes) == (store.timers_channel, "2.5")
             async with store.transaction() as tx:
                 await tx.outbox_add([envelope("m1"), envelope("m2")], now=1.0)
                 await tx.inbox_add("c", "m0", now=1.0)

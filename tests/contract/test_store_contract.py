@@ -228,6 +228,29 @@ async def test_saga_insert_refuses_duplicate_id_and_business_key(open_store: Ope
         assert await store.count_sagas() == {SagaState.RUNNING: 2}
 
 
+async def test_saga_insert_many_inserts_all_or_refuses_before_commit(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert_many([saga("s1", key="o-1"), saga("s2", key="o-2")])
+            await tx.saga_insert_many([])
+        # One clash in a batch (here the business key of s1): nothing of the batch
+        # commits, and the error is raised by the block at the latest.
+        with pytest.raises(ConcurrencyError):
+            async with store.transaction() as tx:
+                await tx.saga_insert_many([saga("s3", key="o-3"), saga("s4", key="o-1")])
+        with pytest.raises(ConcurrencyError):
+            async with store.transaction() as tx:
+                await tx.saga_insert_many([saga("s1", key="o-new")])
+        assert await store.get_saga("s3") is None
+        assert await store.count_sagas() == {SagaState.RUNNING: 2}
+        # The store is usable afterwards.
+        async with store.transaction() as tx:
+            await tx.saga_insert_many([saga("s5", key="o-5")])
+        assert await store.count_sagas() == {SagaState.RUNNING: 3}
+
+
 async def test_saga_update_checks_the_version(open_store: OpenStore) -> None:
     async with open_store() as store:
         await insert(store, saga("s1"))

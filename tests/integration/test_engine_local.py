@@ -107,6 +107,22 @@ async def test_start_is_idempotent_by_business_key(tmp_path: Path) -> None:
         assert len(await engine.store.list_sagas()) == 1
 
 
+async def test_start_many_returns_one_saga_per_business_key(tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+    async with embedded(tmp_path / "trip.db", [trip(calls)]) as engine:
+        old = await engine.start("trip", "k0", {"n": 0})
+        got = await engine.orchestrator.start_many(
+            [("trip", "k1", {"n": 1}), ("trip", "k0", {"n": 9}), ("trip", "k1", {"n": 2})]
+        )
+        (k1, created1), (k0, created0), (k1_again, created_again) = got
+        assert (created1, created0, created_again) == (True, False, False)
+        assert k0.saga_id == old.saga_id and k1_again.saga_id == k1.saga_id
+        assert k1.data == {"n": 1}
+        for inst in (k0, k1):
+            assert (await engine.wait(inst.saga_id, timeout=10)).state is SagaState.SUCCEEDED
+        assert (await engine.store.count_sagas()) == {SagaState.SUCCEEDED: 2}
+
+
 async def test_sagas_resume_after_the_engine_stops_midway(tmp_path: Path) -> None:
     calls: list[tuple[str, str]] = []
     definition = trip(calls)

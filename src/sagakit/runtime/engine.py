@@ -147,6 +147,8 @@ class Engine:
         """List, inspect, replay and discard the dead letters of this engine's stores."""
         self._wrap = self.faults.wrap_consumer
         self.idle_poll = idle_poll
+        self.wait_poll = 0.05
+        """How often :meth:`wait` reads a saga that another process may finish (seconds)."""
         self.batch_size = batch_size
         # Inbox rows only need to outlive the longest possible redelivery of a message
         # (a mailbox lease, a broker's replay window); a week is far beyond both.
@@ -311,16 +313,26 @@ class Engine:
         return inst
 
     async def wait(self, saga_id: str, timeout: float = 30.0) -> SagaInstance:
-        """Wait until the saga is terminal; ``TimeoutError`` after ``timeout`` seconds."""
+        """Wait until the saga is terminal; ``TimeoutError`` after ``timeout`` seconds.
+
+        This process's orchestrator hands over the instance when it commits it terminal
+        (no read per transition); other processes' commits are seen by reading the
+        saga every ``wait_poll`` seconds.
+        """
         deadline = time.monotonic() + timeout
-        while True:
-            inst = await self.get(saga_id)
-            if inst.terminal:
-                return inst
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"saga {saga_id} still {inst.state.value} after {timeout}s")
-            await self.wakeups.wait(f"sagas:{self.store.name}", min(left, 0.05))
+        with self.orchestrator.watch(saga_id) as finished:
+            while True:
+                # Read after registering: a commit just before it is seen here.
+                inst = await self.get(saga_id)
+                if inst.terminal:
+                    return inst
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"saga {saga_id} still {inst.state.value} after {timeout}s")
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(
+                        asyncio.shield(finished), min(left, self.wait_poll)
+                    )
 
     # -- loops ------------------------------------------------------------------------
     async def _relay_loop(self, relay: Relay) -> None:
@@ -339,21 +351,34 @@ class Engine:
 
     async def _timer_loop(self) -> None:
         channel = f"timers:{self.store.name}"
+        look = True
+        due: float | None = None
         while self._running:
-            try:
-                # Read first (no write lock): most wake-ups find nothing due yet.
-                due = await self.store.next_timer_due()
-                if due is not None and due <= self.clock():
-                    await self.orchestrator.fire_due_timers(self.batch_size)
+            if look:
+                try:
+                    # Read first (no write lock): most wake-ups find nothing due yet.
+                    due = await self.store.next_timer_due()
+                    if due is not None and due <= self.clock():
+                        await self.orchestrator.fire_due_timers(self.batch_size)
+                        continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("timer loop failed; retrying")
+                    await asyncio.sleep(0.05)
                     continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("timer loop failed; retrying")
-                await asyncio.sleep(0.05)
-                continue
             timeout = self.idle_poll if due is None else min(self.idle_poll, due - self.clock())
-            await self.wakeups.wait(channel, max(timeout, 0.001))
+            woken = await self.wakeups.wait(channel, max(timeout, 0.001))
+            hinted = self.wakeups.take_due(channel)
+            # Woken only by commits that named their earliest new timer, none sooner than
+            # the one already waited for (most step timeouts): keep waiting, without a
+            # read. A cancelled timer only makes the loop look once for nothing; a timer
+            # set without any wake-up is found at the next idle poll, as before.
+            if woken and hinted is not None and (due is None or hinted >= due):
+                due = hinted if due is None else due
+                look = False
+            else:
+                look = True
 
     async def housekeeping(self) -> int:
         """Purge inbox rows and published outbox rows older than their retentions, and
@@ -393,10 +418,11 @@ class Engine:
                         self.wakeups.notify(f"queue:{payload}")
                     else:  # (re)connected: anything sent meanwhile was lost, look everywhere
                         self.wakeups.notify_all("queue:")
+                elif channel == store.timers_channel:
+                    self.wakeups.notify(local[channel], _due_of(payload))
+                    self.wakeups.notify(f"sagas:{store.name}")
                 elif channel in local:
                     self.wakeups.notify(local[channel])
-                    if channel == store.timers_channel:
-                        self.wakeups.notify(f"sagas:{store.name}")
 
     async def _periodic_loop(
         self, name: str, seconds: float, job: Callable[[], Awaitable[object]]
@@ -421,6 +447,14 @@ class Engine:
             except Exception:
                 log.exception("housekeeping failed; will try again")
             await asyncio.sleep(self.housekeeping_every)
+
+
+def _due_of(payload: str) -> float | None:
+    """The earliest due time a timers notification names (None: it names none)."""
+    try:
+        return float(payload) if payload else None
+    except ValueError:
+        return None
 
 
 def embedded(

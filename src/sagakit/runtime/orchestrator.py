@@ -32,7 +32,7 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +64,8 @@ class _TxNotes:
     staged: list[Envelope] = field(default_factory=list)  # local commands, not yet written
     outbox: bool = False  # rows for the relay: wake it
     timers: bool = False  # timers set: wake the timer loop
+    timers_due: float | None = None  # the earliest of them (the timer loop may not look)
+    finished: list[SagaInstance] = field(default_factory=list)  # watched, now terminal
 
 
 # A context variable because several tasks may hold transactions at once (PostgreSQL
@@ -103,6 +105,27 @@ class Orchestrator(BatchConsumer):
         for d in definitions:
             self.register(d)
         self.local = LocalStepRunner(self)
+        # saga id -> futures of Engine.wait() callers in this process, resolved with the
+        # instance when a transaction of this orchestrator commits it terminal.
+        self._watchers: dict[str, list[asyncio.Future[SagaInstance]]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, saga_id: str) -> Iterator[asyncio.Future[SagaInstance]]:
+        """A future resolved with the instance once this process commits it terminal.
+
+        Only this orchestrator's own commits resolve it: a waiter must still look at
+        the store now and then for other processes' (and must look once after
+        registering, for a commit just before).
+        """
+        fut: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
+        waiting = self._watchers.setdefault(saga_id, [])
+        waiting.append(fut)
+        try:
+            yield fut
+        finally:
+            waiting.remove(fut)
+            if not waiting:
+                self._watchers.pop(saga_id, None)
 
     # -- definitions ------------------------------------------------------------------
     def register(self, definition: SagaDefinition) -> None:
@@ -328,7 +351,9 @@ class Orchestrator(BatchConsumer):
     async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
         inst = d.instance
         if expected is None:
-            await tx.saga_insert(inst)
+            # The many-form: PostgreSQL pipelines it, so start_many pays no round trip
+            # per saga; a refusal still raises before the commit.
+            await tx.saga_insert_many([inst])
         elif d.changed:
             await tx.saga_update(inst, expected)
         if d.history:
@@ -341,7 +366,11 @@ class Orchestrator(BatchConsumer):
         notes = _NOTES.get() or _TxNotes(outbox=True, timers=True)
         if d.set_timers:
             await tx.timers_set(d.set_timers)
+            due = min(t.due_at for t in d.set_timers)
+            notes.timers_due = due if notes.timers_due is None else min(due, notes.timers_due)
             notes.timers = True
+        if self._watchers and inst.terminal and inst.saga_id in self._watchers:
+            notes.finished.append(inst)
         if d.outgoing:
             outgoing = d.outgoing
             if self.direct_local:
@@ -400,7 +429,11 @@ class Orchestrator(BatchConsumer):
         if notes.outbox:
             self.wakeups.notify(f"outbox:{self.store.name}")
         if notes.timers:
-            self.wakeups.notify(f"timers:{self.store.name}")
+            self.wakeups.notify(f"timers:{self.store.name}", notes.timers_due)
+        for inst in notes.finished:
+            for fut in self._watchers.get(inst.saga_id, ()):
+                if not fut.done():
+                    fut.set_result(inst)
 
     async def _write_local(self, tx: Tx, staged: list[Envelope]) -> list[tuple[int, Envelope]]:
         now = self.clock()

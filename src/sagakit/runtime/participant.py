@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias
 
 from sagakit.core.envelope import (
@@ -44,6 +44,7 @@ from sagakit.core.envelope import (
     traceparent_for,
 )
 from sagakit.errors import ConfigurationError, MessageError, StepFailed, UnknownMessageType
+from sagakit.observability import handler_span
 from sagakit.runtime.consumer import BatchConsumer
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import IdempotencyRecord, Store, Tx
@@ -201,6 +202,25 @@ class Participant(BatchConsumer):
         if not await tx.inbox_add(self.name, envelope.message_id, now):
             self.duplicates.inc()
             return  # a duplicate delivery: handled before, reply already in the outbox
+        await self._process_new(tx, envelope, now)
+
+    async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
+        """Handle a batch in ``tx``: one inbox insert for all, then each new message in order.
+
+        A message the inbox already holds, or a second copy within the batch, is a
+        duplicate delivery: counted and skipped, as in :meth:`process`.
+        """
+        fresh = await tx.inbox_add_many(self.name, [e.message_id for e in envelopes], now)
+        for env in envelopes:
+            with handler_span(self.endpoint, env):
+                if env.message_id not in fresh:
+                    self.duplicates.inc()
+                    continue
+                fresh.discard(env.message_id)  # a later copy in this batch is a duplicate
+                await self._process_new(tx, env, now)
+
+    async def _process_new(self, tx: Tx, envelope: Envelope, now: float) -> None:
+        """Handle a message the inbox has just recorded (in ``tx``)."""
         handler = self._handlers.get(envelope.type)
         if handler is None:
             raise UnknownMessageType(

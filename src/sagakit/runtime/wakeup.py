@@ -16,6 +16,9 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        # channel -> the earliest due time the wake-ups since the last take_due() named;
+        # None once any of them named none (the waiter must look for itself).
+        self._due: dict[str, float | None] = {}
 
     def _event(self, channel: str) -> asyncio.Event:
         event = self._events.get(channel)
@@ -23,14 +26,32 @@ class Wakeups:
             event = self._events[channel] = asyncio.Event()
         return event
 
-    def notify(self, channel: str) -> None:
-        """Wake whoever waits on ``channel`` (or the next one to wait)."""
+    def notify(self, channel: str, due: float | None = None) -> None:
+        """Wake whoever waits on ``channel`` (or the next one to wait).
+
+        ``due``: the new work is due no earlier than this (e.g. the earliest timer a
+        commit set), so a waiter already waiting for something due sooner may skip
+        looking; see :meth:`take_due`. Without it the waiter must look.
+        """
+        if channel in self._due:
+            known = self._due[channel]
+            self._due[channel] = None if due is None or known is None else min(known, due)
+        else:
+            self._due[channel] = due
         self._event(channel).set()
+
+    def take_due(self, channel: str) -> float | None:
+        """The earliest ``due`` named since the last call, and forget it.
+
+        None when a wake-up named none, or when there was no wake-up at all.
+        """
+        return self._due.pop(channel, None)
 
     def notify_all(self, prefix: str) -> None:
         """Wake every channel whose name starts with ``prefix`` (e.g. all mailboxes)."""
         for name, event in self._events.items():
             if name.startswith(prefix):
+                self._due[name] = None
                 event.set()
 
     async def wait(self, channel: str, timeout: float) -> bool:

@@ -254,6 +254,14 @@ class Tx(Protocol):
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
         ...
 
+    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
+        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists.
+
+        Unlike :meth:`saga_insert`, an adapter may raise the refusal later, at the latest
+        when the transaction block ends, before it commits (the block then rolls back).
+        """
+        ...
+
     async def saga_update(self, instance: SagaInstance, expected_version: int) -> None:
         """Write ``instance`` if the stored version is still ``expected_version``.
 

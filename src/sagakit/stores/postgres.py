@@ -36,7 +36,8 @@ corrected by the offset to the server's, measured at :meth:`~PostgresStore.open`
 
 **Notifications.** A commit that added outbox rows runs
 ``pg_notify('sagakit_outbox_<name>', '')`` in the same transaction (delivered on commit,
-never for a rollback); one that set timers, ``sagakit_timers_<name>``; ``queue_push``
+never for a rollback); one that set timers, ``sagakit_timers_<name>`` with the earliest
+due time it set as payload (``repr`` of the float); ``queue_push``
 notifies ``sagakit_queue_<name>`` with the endpoint as payload. Wake loops with
 :meth:`PostgresStore.listen` instead of polling::
 
@@ -61,6 +62,7 @@ import hashlib
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import cache, lru_cache
@@ -285,7 +287,18 @@ class PostgresTx:
     do not abort it.
     """
 
-    __slots__ = ("_checks", "_cur", "_name", "_notify", "_pipeline", "_q", "_queued", "_store")
+    __slots__ = (
+        "_checks",
+        "_cur",
+        "_inserted",
+        "_name",
+        "_notify",
+        "_pipeline",
+        "_q",
+        "_queued",
+        "_store",
+        "_timers_due",
+    )
 
     def __init__(
         self, cursor: _Cursor, pipeline: psycopg.AsyncPipeline | None, store: PostgresStore
@@ -299,9 +312,14 @@ class PostgresTx:
         self._q = store._q
         self._queued: list[str] = []  # writes sent since the last answer, for error messages
         self._notify: set[tuple[str, str]] = set()  # (channel, payload), sent at commit
+        # The earliest timer this transaction set: the timers NOTIFY carries it, so that
+        # a timer loop already waiting for something sooner need not look.
+        self._timers_due: float | None = None
         # Version-checked updates sent without waiting: (cursor, saga_id, expected), each
         # verified from its RETURNING row at the next answer, and always before COMMIT.
+        # An expected of -1 marks an insert (saga_insert_many).
         self._checks: list[tuple[_Cursor, tuple[str, int]]] = []  # (saga_id, expected)
+        self._inserted: dict[str, SagaInstance] = {}  # inserts being checked, by id
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
         if self._queued:
@@ -348,12 +366,16 @@ class PostgresTx:
     async def _verify_updates(self) -> None:
         """Raise ConcurrencyError for the first queued update that changed no row."""
         checks, self._checks = self._checks, []
+        inserted, self._inserted = self._inserted, {}
         for cursor, (saga_id, expected) in checks:
+            verb = "insert" if expected < 0 else "update"
             try:
                 row = await cursor.fetchone()
             except psycopg.Error as exc:
-                raise self._fail(f"update saga {saga_id}", exc) from exc
+                raise self._fail(f"{verb} saga {saga_id}", exc) from exc
             if row is None:
+                if expected < 0:
+                    await self._refuse_insert(inserted[saga_id])
                 await self._refuse_update(saga_id, expected)
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
@@ -533,6 +555,29 @@ class PostgresTx:
         row = await self._one(what, self._q["saga_insert"], _saga_insert_params(instance))
         if row is not None:
             return
+        await self._refuse_insert(instance)
+
+    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
+        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists.
+
+        In pipeline mode the inserts are sent without waiting (one round trip for a
+        batch, not one per saga); a refusal is raised by the next statement that waits
+        for an answer or when the block ends, before COMMIT (the transaction then
+        rolls back).
+        """
+        if self._pipeline is None:
+            for instance in instances:
+                await self.saga_insert(instance)
+            return
+        for instance in instances:
+            cursor = await self._send_checked(
+                f"insert saga {instance.saga_id}", "saga_insert", _saga_insert_params(instance)
+            )
+            self._inserted[instance.saga_id] = instance
+            self._checks.append((cursor, (instance.saga_id, -1)))
+
+    async def _refuse_insert(self, instance: SagaInstance) -> NoReturn:
+        what = f"insert saga {instance.saga_id}"
         if await self._one(what, self._q["saga_exists"], (instance.saga_id,)) is not None:
             raise ConcurrencyError(f"saga {instance.saga_id} already exists")
         raise ConcurrencyError(
@@ -596,7 +641,8 @@ class PostgresTx:
             return
         rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers]
         await self._send_many(f"set {len(rows)} timer(s)", self._q["timer_set"], rows)
-        self._notify.add((self._store.timers_channel, ""))
+        due = min(t.due_at for t in timers)
+        self._timers_due = due if self._timers_due is None else min(due, self._timers_due)
 
     async def timers_cancel(self, saga_id: str, names: Sequence[str]) -> None:
         """Delete the named timers of one saga (missing ones are ignored)."""
@@ -676,6 +722,8 @@ class PostgresTx:
             self._queued = []
             await self._verify_updates()  # a ConcurrencyError here: the block rolls back
         if self._store.notify:
+            if self._timers_due is not None:
+                self._notify.add((self._store.timers_channel, repr(self._timers_due)))
             for channel, payload in sorted(self._notify):
                 await cursor.execute(self._q["notify"], (channel, payload))
         await cursor.execute("COMMIT")
@@ -773,6 +821,30 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
 
 
 # -- store ---------------------------------------------------------------------------
+
+
+# When each pooled connection was last given back (monotonic seconds). Weak keys: the
+# pool closes and drops connections on its own.
+_RETURNED_AT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+# A connection given back this recently is lent again without a round trip to check it:
+# the check would double the round trips of a busy engine (one per transaction and per
+# read). A restart within this window costs one failed transaction (a StoreError, which
+# every loop retries); the pool discards the broken connection when it comes back.
+_CHECK_IDLE_AFTER = 1.0
+
+
+async def _stamp_returned(conn: Any) -> None:
+    """The pool's ``reset`` hook: remember when the connection came back."""
+    _RETURNED_AT[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: Any) -> None:
+    """The pool's ``check`` hook: ping a connection only if it sat idle for a while."""
+    returned = _RETURNED_AT.get(conn)
+    if returned is not None and time.monotonic() - returned < _CHECK_IDLE_AFTER:
+        return
+    await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 class PostgresStore:
@@ -876,8 +948,10 @@ class PostgresStore:
             max_size=self.max_size,
             kwargs=self._connect_args("pool"),
             configure=self._configure,
-            # A server restart kills every idle connection: check before lending one.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            # A server restart kills every idle connection: check before lending one
+            # that sat idle for a while (see _check_if_idle).
+            check=_check_if_idle,
+            reset=_stamp_returned,
             name=f"sagakit-{self.name}",
             open=False,
         )

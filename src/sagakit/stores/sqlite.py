@@ -315,6 +315,11 @@ class SQLiteTx:
                 found[key] = inst
         return found
 
+    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
+        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists."""
+        for instance in instances:
+            await self.saga_insert(instance)
+
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
         try:
