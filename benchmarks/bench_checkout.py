@@ -22,10 +22,10 @@ Orders are all of the happy kind (a good card, stock, a good address). Phases:
 End-to-end latency of an order in the steady and burst phases is its saga's
 ``updated_at - created_at`` (placed -> the final, COMPLETED transition committed), read
 from the orchestrator's table. Messages per checkout = new outbox rows of the five
-stores / orders. Commits per checkout: with separate processes,
-``pg_stat_database.xact_commit`` of the scratch database (every committed transaction of
-every process, read-only polls included; the driver's own are subtracted) / orders; the
-idle rate of the processes (``idle_commits_per_s``) is reported next to it. CPU per
+stores / orders. Commits per checkout = write transactions committed by the six
+processes (each started through ``_counted_process.py``, which wraps the stores' commit
+paths as the in-process count does) and by the driver (one per order placed) / orders;
+``idle_commits_per_s`` is what the processes commit doing nothing. CPU per
 checkout = user + system time of the six processes (``/proc/PID/stat``) / orders.
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,7 @@ ROLES: tuple[tuple[str, ...], ...] = (
     ("service", "shipping"),
 )
 _TICK = os.sysconf("SC_CLK_TCK")
+_LAUNCHER = Path(__file__).with_name("_counted_process.py")
 
 
 def _die_with_parent() -> None:
@@ -119,7 +121,7 @@ class Processes:
             name = role[-1]
             with open(self.logs / f"{name}.log", "wb") as out:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "sagakit.cli_processes", *role],
+                    [sys.executable, str(_LAUNCHER), str(self.counts(name)), *role],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -146,6 +148,17 @@ class Processes:
                 total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / _TICK
 
+    def counts(self, name: str) -> Path:
+        return self.logs / f"{name}.counts.json"
+
+    def commits(self) -> int:
+        """Write transactions the processes committed so far (their own counters)."""
+        total = 0
+        for name in self.procs:
+            with contextlib.suppress(OSError, ValueError):
+                total += int(json.loads(self.counts(name).read_text())["durable"])
+        return total
+
     def alive(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is None]
 
@@ -165,24 +178,16 @@ class Processes:
         return codes
 
 
-def _xact_commit(dbname: str) -> int:
-    rows = pg_exec("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (dbname,))
-    return int(rows[0][0]) if rows else 0
-
-
-def _costs_counter(dbname: str | None, procs: Processes | None) -> Callable[[], dict[str, float]]:
-    """CPU seconds and commits so far: the child processes' (via /proc and
-    ``pg_stat_database``) or, in one process, this process's."""
+def _costs_counter(procs: Processes | None) -> Callable[[], dict[str, float]]:
+    """CPU seconds and write commits so far: the child processes' plus this driver's
+    commits (placing an order is one), or, in one process, this process's."""
 
     def costs() -> dict[str, float]:
-        snap = COUNTER.snapshot()
-        if procs is None or dbname is None:
-            return {"cpu": cpu_seconds(), "commits": snap["durable"], "t": time.perf_counter()}
-        # The statistics of a backend reach pg_stat_database at most once a second.
-        time.sleep(1.2)
-        mine = snap["commits"] + snap["reads"]  # this driver's own transactions
-        commits = _xact_commit(dbname) - mine
-        return {"cpu": procs.cpu_seconds(), "commits": commits, "t": time.perf_counter()}
+        mine = COUNTER.snapshot()["durable"]
+        if procs is None:
+            return {"cpu": cpu_seconds(), "commits": mine}
+        time.sleep(0.3)  # the children write their counts every 0.1 s
+        return {"cpu": procs.cpu_seconds(), "commits": mine + procs.commits()}
 
     return costs
 
@@ -196,13 +201,10 @@ async def _phase(
     n: int,
     window: int,
     timeout: float,
-    idle_commits_per_s: float | None = None,
 ) -> dict[str, Any]:
     """Place ``n`` orders keeping at most ``window`` in flight; wait until all are terminal.
 
-    ``window >= n`` places them all at once (a burst). With ``idle_commits_per_s``,
-    ``commits_net_per_checkout`` leaves out the idle polls of the seconds spent
-    waiting for the statistics before and after the phase.
+    ``window >= n`` places them all at once (a burst).
     """
     from sagakit_checkout.sagas import CHECKOUT
 
@@ -253,10 +255,6 @@ async def _phase(
         "commits_per_checkout": (k1["commits"] - k0["commits"]) / n,
         "messages_per_checkout": (msgs1 - msgs0) / n,
     }
-    if idle_commits_per_s is not None:
-        outside = max(0.0, k1["t"] - k0["t"] - wall)
-        net = k1["commits"] - k0["commits"] - idle_commits_per_s * outside
-        out["commits_net_per_checkout"] = net / n
     if done != n:
         out["error"] = f"only {done} of {n} orders completed"
     return out
@@ -328,7 +326,7 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                 procs,
             ):
                 orch = stores["orchestrator"]
-                costs = _costs_counter(dbname if procs else None, procs)
+                costs = _costs_counter(procs)
                 tag = str(os.getpid())
                 # Warm-up: connections, prepared statements, consumers.
                 warm = [(CHECKOUT, f"warm-{tag}-{i}", order_data(i)) for i in range(10)]
@@ -375,7 +373,6 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                         params["burst"],
                         params["burst"],
                         timeout,
-                        out.get("idle_commits_per_s"),
                     )
                     out.update({f"burst_{k}": v for k, v in burst.items()})
     finally:
