@@ -1,9 +1,16 @@
 """The distributed checkout: PostgreSQL (a schema per service) + NATS JetStream.
 
-Uses ``sagakit_checkout.deploy.build_all(store_url, broker_url, provider_path)``: every
-role (orchestrator, relays, the four services) in one engine process, the services
-talking only through the broker. Every measurement gets a fresh PostgreSQL database
-and fresh JetStream streams, both removed afterwards.
+The checkout runs as the production processes, each its own OS process: ``sagakit
+worker`` (orchestrator and timers), ``sagakit relay`` (the five outboxes) and ``sagakit
+service order|payment|inventory|shipping`` (``python -m sagakit.cli_processes ...``,
+configured by ``SAGAKIT_STORE_URL`` / ``SAGAKIT_BROKER_URL``). This (driver) process
+places the orders with ``sagakit_checkout.deploy.build_api`` (the engine ``sagakit serve
+--api-only`` uses: it commits the saga and its first command, it runs no loop) and
+watches the orchestrator's table. Every measurement gets a fresh PostgreSQL database and
+fresh JetStream streams; the processes are stopped and both removed afterwards, also
+when the measurement fails. ``params["mode"] = "one-process"`` keeps the older variant
+(every role in this process, ``build_all``), bounded by one core; it is not run by
+default.
 
 Orders are all of the happy kind (a good card, stock, a good address). Phases:
 
@@ -15,17 +22,26 @@ Orders are all of the happy kind (a good card, stock, a good address). Phases:
 End-to-end latency of an order in the steady and burst phases is its saga's
 ``updated_at - created_at`` (placed -> the final, COMPLETED transition committed), read
 from the orchestrator's table. Messages per checkout = new outbox rows of the five
-stores / orders; commits per checkout = write transactions of the five stores (counted
-in this process) / orders.
+stores / orders. Commits per checkout = write transactions committed by the six
+processes (each started through ``_counted_process.py``, which wraps the stores' commit
+paths as the in-process count does) and by the driver (one per order placed) / orders;
+``idle_commits_per_s`` is what the processes commit doing nothing. CPU per
+checkout = user + system time of the six processes (``/proc/PID/stat``) / orders.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +50,30 @@ from _common import (
     NATS_URL,
     cpu_seconds,
     install_commit_counter,
+    log,
     percentile,
     pg_drop_database,
     pg_dsn,
     pg_exec,
     scratch_name,
 )
+
+ROLES: tuple[tuple[str, ...], ...] = (
+    ("worker",),
+    ("relay",),
+    ("service", "order"),
+    ("service", "payment"),
+    ("service", "inventory"),
+    ("service", "shipping"),
+)
+_TICK = os.sysconf("SC_CLK_TCK")
+_LAUNCHER = Path(__file__).with_name("_counted_process.py")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the bench process dies (even by SIGKILL on a timeout)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 async def _delete_streams(stream: str) -> None:
@@ -67,10 +101,102 @@ def order_data(i: int) -> dict[str, Any]:
     }
 
 
+class Processes:
+    """The worker, the relay and the four services, each ``python -m sagakit.cli_processes``."""
+
+    def __init__(self, store_url: str, broker_url: str, provider: Path, logs: Path) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
+        self.env.update(
+            PYTHONUNBUFFERED="1",
+            SAGAKIT_STORE_URL=store_url,
+            SAGAKIT_BROKER_URL=broker_url,
+            SAGAKIT_PROVIDER_DB=str(provider),
+        )
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, timeout: float = 90) -> None:
+        """Start every process, then wait until each printed ``sagakit <role> ready``."""
+        for role in ROLES:
+            name = role[-1]
+            with open(self.logs / f"{name}.log", "wb") as out:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, str(_LAUNCHER), str(self.counts(name)), *role],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+        deadline = time.monotonic() + timeout
+        for name, p in self.procs.items():
+            log_file = self.logs / f"{name}.log"
+            while b" ready" not in log_file.read_bytes():
+                if p.poll() is not None or time.monotonic() > deadline:
+                    why = "exited" if p.poll() is not None else f"not ready in {timeout}s"
+                    tail = log_file.read_bytes()[-2000:].decode(errors="replace")
+                    raise RuntimeError(f"sagakit {name} {why}:\n{tail}")
+                time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the processes so far (``/proc/PID/stat``)."""
+        total = 0
+        for p in self.procs.values():
+            with contextlib.suppress(OSError), open(f"/proc/{p.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / _TICK
+
+    def counts(self, name: str) -> Path:
+        return self.logs / f"{name}.counts.json"
+
+    def commits(self) -> int:
+        """Write transactions the processes committed so far (their own counters)."""
+        total = 0
+        for name in self.procs:
+            with contextlib.suppress(OSError, ValueError):
+                total += int(json.loads(self.counts(name).read_text())["durable"])
+        return total
+
+    def alive(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def stop(self, timeout: float = 20) -> dict[str, int | None]:
+        """SIGTERM them all, wait, SIGKILL whoever is left; their exit codes."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        codes: dict[str, int | None] = {}
+        for name, p in self.procs.items():
+            try:
+                codes[name] = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+                codes[name] = None
+        return codes
+
+
+def _costs_counter(procs: Processes | None) -> Callable[[], dict[str, float]]:
+    """CPU seconds and write commits so far: the child processes' plus this driver's
+    commits (placing an order is one), or, in one process, this process's."""
+
+    def costs() -> dict[str, float]:
+        mine = COUNTER.snapshot()["durable"]
+        if procs is None:
+            return {"cpu": cpu_seconds(), "commits": mine}
+        time.sleep(0.3)  # the children write their counts every 0.1 s
+        return {"cpu": procs.cpu_seconds(), "commits": mine + procs.commits()}
+
+    return costs
+
+
 async def _phase(
     engine: Any,
     orch: Any,
     stores: dict[str, Any],
+    costs: Callable[[], dict[str, float]],
     tag: str,
     n: int,
     window: int,
@@ -86,9 +212,8 @@ async def _phase(
 
     ids: set[str] = set()
     placed = 0
-    c0 = COUNTER.snapshot()
-    cpu0 = cpu_seconds()
     msgs0 = sum([len(await st.outbox_all()) for st in stores.values()])
+    k0 = costs()
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,8 +229,7 @@ async def _phase(
             break
         await asyncio.sleep(0.01)
     wall = time.perf_counter() - t0
-    cpu = cpu_seconds() - cpu0
-    c1 = COUNTER.snapshot()
+    k1 = costs()
     msgs1 = sum([len(await st.outbox_all()) for st in stores.values()])
     mine = [s for s in await orch.list_sagas(limit=100_000) if s.saga_id in ids]
     lat = [(s.updated_at - s.created_at) * 1000 for s in mine if s.terminal]
@@ -127,8 +251,8 @@ async def _phase(
             k: sum(1 for s in mine if s.state.value == k) for k in {s.state.value for s in mine}
         },
         "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]),
-        "cpu_ms_per_checkout": cpu / n * 1000,
-        "commits_per_checkout": (c1["durable"] - c0["durable"]) / n,
+        "cpu_ms_per_checkout": (k1["cpu"] - k0["cpu"]) / n * 1000,
+        "commits_per_checkout": (k1["commits"] - k0["commits"]) / n,
         "messages_per_checkout": (msgs1 - msgs0) / n,
     }
     if done != n:
@@ -136,33 +260,85 @@ async def _phase(
     return out
 
 
-async def measure(params: dict[str, Any]) -> dict[str, Any]:
-    from sagakit_checkout.deploy import build_all
+@contextlib.asynccontextmanager
+async def _deployment(
+    mode: str, dbname: str, broker_url: str, work: Path, out: dict[str, Any]
+) -> AsyncIterator[tuple[Any, dict[str, Any], Processes | None]]:
+    """The driver's engine and stores, and the processes (``None`` in one process)."""
+    from sagakit_checkout.deploy import build_all, build_api
     from sagakit_checkout.inventory import seed_stock
+
+    provider = work / "provider.db"
+    if mode == "one-process":
+        engine, dep = build_all(pg_dsn(dbname), broker_url, provider)
+        async with engine:
+            await seed_stock(
+                dep.stores["inventory"], {f"sku-{k:02d}": 10_000_000 for k in range(8)}
+            )
+            yield engine, dep.stores, None
+        return
+    if mode != "processes":
+        raise ValueError(f"mode must be 'processes' or 'one-process', not {mode!r}")
+    # The driver only places orders and reads; a short poll so that ``wait`` sees the
+    # workers' commits soon (the sequential latency is on this clock).
+    engine, dep = build_api(pg_dsn(dbname), provider)
+    engine.wait_poll = 0.005
+    procs = Processes(pg_dsn(dbname), broker_url, provider, work)
+    try:
+        async with engine:  # migrates the services' tables before stock is seeded
+            await seed_stock(
+                dep.stores["inventory"], {f"sku-{k:02d}": 10_000_000 for k in range(8)}
+            )
+            t0 = time.perf_counter()
+            procs.start()  # in the main thread: PR_SET_PDEATHSIG follows the forking thread
+            out["processes_start_s"] = time.perf_counter() - t0
+            yield engine, dep.stores, procs
+            dead = [n for n in procs.procs if n not in procs.alive()]
+            if dead:
+                out["error"] = f"processes ended during the run: {dead}"
+    finally:
+        codes = procs.stop()
+        out["exit_codes"] = codes
+        if any(c not in (0, None) for c in codes.values()) or None in codes.values():
+            for name in codes:
+                tail = (work / f"{name}.log").read_bytes()[-1500:].decode(errors="replace")
+                log(f"checkout: sagakit {name} exited {codes[name]}:\n{tail}")
+
+
+async def measure(params: dict[str, Any]) -> dict[str, Any]:
     from sagakit_checkout.sagas import CHECKOUT
 
     from sagakit import SagaState
 
     install_commit_counter()
+    mode = params.get("mode", "processes")
     dbname = scratch_name("sagakit_bench_checkout")
     stream = scratch_name("bench").replace("_", "")
-    pg_exec(f'CREATE DATABASE "{dbname}"')
     timeout = float(params.get("timeout", 600))
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"mode": mode}
+    pg_exec(f'CREATE DATABASE "{dbname}"')
     try:
         with tempfile.TemporaryDirectory(prefix="sagakit-checkout-") as d:
-            engine, dep = build_all(
-                pg_dsn(dbname), f"{NATS_URL}?stream={stream}", Path(d) / "provider.db"
-            )
-            async with engine:
-                inventory = dep.stores["inventory"]
-                await seed_stock(inventory, {f"sku-{k:02d}": 10_000_000 for k in range(8)})
-                orch = dep.stores["orchestrator"]
+            broker_url = f"{NATS_URL}?stream={stream}"
+            async with _deployment(mode, dbname, broker_url, Path(d), out) as (
+                engine,
+                stores,
+                procs,
+            ):
+                orch = stores["orchestrator"]
+                costs = _costs_counter(procs)
                 tag = str(os.getpid())
                 # Warm-up: connections, prepared statements, consumers.
                 warm = [(CHECKOUT, f"warm-{tag}-{i}", order_data(i)) for i in range(10)]
                 for inst in await engine.start_many(warm):
                     await engine.wait(inst.saga_id, timeout=120)
+                if procs is not None:
+                    # What the six processes commit and burn doing nothing (their polls).
+                    k0, t0 = costs(), time.perf_counter()
+                    await asyncio.sleep(2.0)
+                    k1, dt = costs(), time.perf_counter() - t0
+                    out["idle_commits_per_s"] = (k1["commits"] - k0["commits"]) / dt
+                    out["idle_cpu_pct"] = (k1["cpu"] - k0["cpu"]) / dt * 100
                 # Sequential: one order at a time, placed -> terminal, client's clock.
                 seq: list[float] = []
                 for i in range(params.get("seq_n", 20)):
@@ -178,7 +354,8 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                 win = await _phase(
                     engine,
                     orch,
-                    dep.stores,
+                    stores,
+                    costs,
                     f"win-{tag}",
                     params["orders"],
                     params["window"],
@@ -190,7 +367,8 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                     burst = await _phase(
                         engine,
                         orch,
-                        dep.stores,
+                        stores,
+                        costs,
                         f"burst-{tag}",
                         params["burst"],
                         params["burst"],

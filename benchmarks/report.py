@@ -685,7 +685,7 @@ def derive(
     add(
         "checkout",
         "checkout/commits",
-        "write commits per checkout (5 stores)",
+        "write commits per checkout (5 stores, the 6 processes + the driver)",
         "commits",
         vals(key, "win_commits_per_checkout"),
         key=key,
@@ -694,7 +694,7 @@ def derive(
     add(
         "checkout",
         "checkout/cpu",
-        "CPU per checkout (the one process, every role)",
+        "CPU per checkout (user + system of the 6 processes)",
         "ms",
         vals(key, "win_cpu_ms_per_checkout"),
         key=key,
@@ -917,7 +917,10 @@ def write_report(
         "timers": "Scale: sagas waiting on durable timers",
         "listing": "Scale: listing and counting sagas",
         "recovery": "Recovery after kill -9",
-        "checkout": "Distributed checkout (PostgreSQL + NATS JetStream, one process)",
+        "checkout": (
+            "Distributed checkout (PostgreSQL + NATS JetStream; worker, relay and 4 services "
+            "as separate processes)"
+        ),
     }
     for bench, title in titles.items():
         rs = [r for r in results if r.bench == bench]
