@@ -354,17 +354,22 @@ class _Records:
     batch is retried: the cache never hides another writer.)
     """
 
-    __slots__ = ("_consumer", "_known", "_tx")
+    __slots__ = ("_consumer", "_known", "_tx", "_written")
 
     def __init__(self, tx: Tx, consumer: str) -> None:
         self._tx = tx
         self._consumer = consumer
         self._known: dict[str, IdempotencyRecord | None] = {}
+        self._written: set[str] = set()
 
     async def prefetch(self, keys: Sequence[str]) -> None:
-        """Read every one of ``keys`` not known yet, in one statement."""
+        """Read every one of ``keys`` not known yet, in one statement.
+
+        A single key is left to :meth:`get`: a lookup by primary key is the cheaper
+        statement on SQLite, and a round trip either way on PostgreSQL.
+        """
         wanted = [k for k in dict.fromkeys(keys) if k not in self._known]
-        if wanted:
+        if len(wanted) > 1:
             found = await self._tx.idempotency_get_many(self._consumer, wanted)
             for key in wanted:
                 self._known[key] = found.get(key)
@@ -372,7 +377,12 @@ class _Records:
     async def get(self, key: str) -> IdempotencyRecord | None:
         if key not in self._known:
             self._known[key] = await self._tx.idempotency_get(self._consumer, key)
-        return self._known[key]
+        record = self._known[key]
+        if record is not None and key in self._written:
+            # As the store would give it back: a copy through JSON, not the writer's dict.
+            outcome = json.loads(json.dumps(record.outcome))
+            return IdempotencyRecord(key, outcome, record.tombstone, record.at)
+        return record
 
     async def latest(self, key: str, generation: int) -> IdempotencyRecord | None:
         """The newest record for ``key``: a person's latest retry first, then the original."""
@@ -387,13 +397,14 @@ class _Records:
     ) -> None:
         self._known.pop(key, None)  # if the write fails, the next read asks the store
         await self._tx.idempotency_put(self._consumer, key, outcome, now, tombstone=tombstone)
-        # As the store would give it back: a copy through JSON, not the caller's dict.
-        stored = json.loads(json.dumps(outcome))
-        self._known[key] = IdempotencyRecord(key=key, outcome=stored, tombstone=tombstone, at=now)
+        self._known[key] = IdempotencyRecord(key, outcome, tombstone, now)
+        self._written.add(key)
 
 
 def _generations(key: str, generation: int) -> list[str]:
     """The record names of ``key``, newest first: ``key#mN`` ... ``key#m1``, ``key``."""
+    if not generation:
+        return [key]
     return [f"{key}#m{n}" for n in range(generation, 0, -1)] + [key]
 
 
