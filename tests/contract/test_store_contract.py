@@ -617,6 +617,38 @@ async def test_idempotency_key_is_written_once(open_store: OpenStore) -> None:
             assert record is not None and record.outcome == {"ok": True} and not record.tombstone
 
 
+async def test_idempotency_get_many_reads_several_keys_at_once(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            assert await tx.idempotency_get_many("payments", []) == {}
+            assert await tx.idempotency_get_many("payments", ["a", "b"]) == {}
+            await tx.idempotency_put("payments", "a", {"ok": True, "id": [1]}, now=1.0)
+            await tx.idempotency_put("payments", "c's", {}, now=2.0, tombstone=True)
+            await tx.idempotency_put("refunds", "b", {"ok": True}, now=3.0)  # other consumer
+            # What this transaction wrote is read back before commit.
+            assert set(await tx.idempotency_get_many("payments", ["a", "c's"])) == {"a", "c's"}
+        async with store.transaction() as tx:
+            got = await tx.idempotency_get_many("payments", ["a", "b", "c's", "a", "missing"])
+        assert sorted(got) == ["a", "c's"]
+        assert (got["a"].key, got["a"].outcome, got["a"].tombstone, got["a"].at) == (
+            "a",
+            {"ok": True, "id": [1]},
+            False,
+            1.0,
+        )
+        assert (got["c's"].key, got["c's"].outcome, got["c's"].tombstone, got["c's"].at) == (
+            "c's",
+            {},
+            True,
+            2.0,
+        )
+        async with store.transaction() as tx:
+            for key in ("a", "c's"):
+                assert got[key] == await tx.idempotency_get("payments", key)
+            many = await tx.idempotency_get_many("payments", [f"k{n}" for n in range(2000)])
+        assert many == {}
+
+
 # -- dead letters --------------------------------------------------------------------
 
 

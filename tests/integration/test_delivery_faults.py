@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sagakit import (
     Engine,
     Envelope,
@@ -37,10 +39,11 @@ from sagakit import (
     StepKind,
     command,
 )
+from sagakit.core.envelope import success
 from sagakit.runtime.consumer import FaultHook
-from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
-from sagakit.stores.base import Tx
-from sagakit.stores.sqlite import SQLiteStore
+from sagakit.runtime.participant import DEFER, REFUSED_AFTER_COMPENSATION, HandlerResult
+from sagakit.stores.base import IdempotencyRecord, Tx
+from sagakit.stores.sqlite import SQLiteStore, SQLiteTx
 from sagakit.testing.faults import FaultProfile, Faults, InjectedCrash
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
 from sagakit.transports.embedded import EmbeddedTransport
@@ -637,3 +640,136 @@ async def test_compensation_after_its_action_undoes_it_once(tmp_path: Path) -> N
             {("ok-1", "credit", "do"): 1, ("ok-1", "credit", "undo"): 1}
         )
         assert (await reply_to_command(bank, undo)).result == {"undone": True}
+
+
+# -- commands of one step in one batch -------------------------------------------------
+# A batch reads its idempotency records at once; what a message records is seen by the
+# messages after it in the same batch, exactly as if each had its own transaction.
+
+
+async def in_one_batch(p: Participant, envs: Sequence[Envelope]) -> list[Settle]:
+    return await p([Delivery(next(_handles), e.to_json(), 1) for e in envs])
+
+
+async def test_an_action_and_its_compensation_in_one_batch_undo_it_once(tmp_path: Path) -> None:
+    async with bank_alone(tmp_path) as bank:
+        action = envelope("Do", saga="b-1")
+        undo = envelope("Undo", saga="b-1", rung=0)
+        undo_again = undo.with_changes(message_id="b-1:undo-again:0", attempt=2)
+        assert await in_one_batch(bank, [action, undo, undo_again]) == [ACK] * 3
+        assert await effects(bank) == Counter(
+            {("b-1", "debit", "do"): 1, ("b-1", "debit", "undo"): 1}
+        )
+        assert (await reply_to_command(bank, action)).result == {"ref": "debit-b-1"}
+        undone = await reply_to_command(bank, undo)
+        assert undone.result == {"undone": True}
+        assert await reply_to_command(bank, undo_again) == undone
+
+
+async def test_a_compensation_then_its_late_action_in_one_batch_refuse_the_action(
+    tmp_path: Path,
+) -> None:
+    async with bank_alone(tmp_path) as bank:
+        undo = envelope("Undo", saga="b-2", rung=0)
+        action = envelope("Do", saga="b-2")
+        again = action.with_changes(message_id="b-2:again:0", attempt=2)
+        assert await in_one_batch(bank, [undo, action, again]) == [ACK] * 3
+        assert (await reply_to_command(bank, undo)).result == {"undone": False}
+        for late in (action, again):
+            refused = await reply_to_command(bank, late)
+            assert not refused.ok and not refused.retryable
+            assert refused.reason == REFUSED_AFTER_COMPENSATION
+        assert await effects(bank) == Counter()
+        async with bank.store.transaction() as tx:
+            stone = await tx.idempotency_get(BANK, action.idempotency_key or "")
+        assert stone is not None and stone.tombstone
+
+
+async def test_the_same_command_twice_in_one_batch_has_one_effect_and_one_answer(
+    tmp_path: Path,
+) -> None:
+    async with bank_alone(tmp_path) as bank:
+        action = envelope("Do", saga="b-3")
+        again = action.with_changes(message_id="b-3:again:0", attempt=2)
+        settles = await in_one_batch(bank, [action, again, action])  # and a redelivered copy
+        assert settles == [ACK] * 3
+        assert await effects(bank) == Counter({("b-3", "debit", "do"): 1})
+        assert await replies_by_command(bank) == Counter(
+            {action.message_id: 1, again.message_id: 1}
+        )
+        first = await reply_to_command(bank, action)
+        assert first.ok and await reply_to_command(bank, again) == first
+
+
+async def test_a_failed_action_and_its_compensation_in_one_batch_undo_nothing(
+    tmp_path: Path,
+) -> None:
+    async with bank_alone(tmp_path) as bank:
+        action = envelope("Do", saga="b-4", payload={"amount": 5, "fail": "debit"})
+        undo = envelope("Undo", saga="b-4", rung=0)
+        assert await in_one_batch(bank, [action, undo]) == [ACK] * 2
+        assert (await reply_to_command(bank, action)).reason == "debit refused by the bank"
+        # The handler is not called: the definite failure had no effect to undo.
+        assert (await reply_to_command(bank, undo)).result == {
+            "compensated": False,
+            "why": "the action had no effect",
+        }
+        assert await effects(bank) == Counter()
+
+
+async def test_an_answer_given_in_a_batch_is_replayed_to_a_repeat_later_in_it(
+    tmp_path: Path,
+) -> None:
+    async with bank_alone(tmp_path) as bank:
+        desk = Participant("desk", bank.store)
+        asked: list[Envelope] = []
+
+        @desk.handles("Ask")
+        async def ask(tx: Tx, cmd: Envelope) -> HandlerResult:
+            asked.append(cmd)
+            return DEFER
+
+        @desk.on_event("Decided")
+        async def decided(tx: Tx, ev: Envelope) -> None:
+            assert await desk.answer(tx, asked[0], success({"yes": True}), 1.0)
+
+        question = envelope("Ask", saga="b-5").with_changes(destination="desk")
+        repeat = question.with_changes(message_id="b-5:again:0", attempt=2)
+        fact = Envelope(
+            message_id="b-5:decided",
+            type="Decided",
+            kind=MessageKind.EVENT,
+            source="boss",
+            correlation_id="b-5",
+            occurred_at=1.0,
+        )
+        assert await in_one_batch(desk, [question, fact, repeat]) == [ACK] * 3
+        assert asked == [question]  # the repeat got the answer, not the handler
+        assert (await reply_to_command(desk, repeat)).result == {"yes": True}
+        assert (await reply_to_command(desk, question)).result == {"yes": True}
+
+
+async def test_a_batch_reads_its_idempotency_records_in_one_statement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    get, get_many = SQLiteTx.idempotency_get, SQLiteTx.idempotency_get_many
+
+    async def one(self: SQLiteTx, consumer: str, key: str) -> IdempotencyRecord | None:
+        reads.append("one")
+        return await get(self, consumer, key)
+
+    async def many(
+        self: SQLiteTx, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        reads.append("many")
+        return await get_many(self, consumer, keys)
+
+    monkeypatch.setattr(SQLiteTx, "idempotency_get", one)
+    monkeypatch.setattr(SQLiteTx, "idempotency_get_many", many)
+    async with bank_alone(tmp_path) as bank:
+        envs = [envelope("Do", saga=f"b-6-{n}") for n in range(8)]
+        envs += [envelope("Undo", saga=f"b-6-{n}", rung=0) for n in range(0, 8, 2)]
+        assert await in_one_batch(bank, envs) == [ACK] * 12
+        assert reads == ["many"]
+        assert len(await effects(bank)) == 12

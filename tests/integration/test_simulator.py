@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ from sagakit_checkout import hybrid
 from sagakit.core.envelope import Envelope, Outcome
 from sagakit.runtime import tracker
 from sagakit.runtime.participant import Handler, HandlerResult, Participant
-from sagakit.stores.base import Tx
+from sagakit.stores.base import IdempotencyRecord, Tx
 from sagakit.stores.sqlite import SQLiteTx
 from sagakit.testing.sim import (
     FAULT_KINDS,
@@ -80,7 +80,13 @@ def _lookup_misses(monkeypatch: pytest.MonkeyPatch) -> None:
     async def idempotency_get(self: SQLiteTx, consumer: str, key: str) -> None:
         return None
 
+    async def idempotency_get_many(
+        self: SQLiteTx, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        return {}
+
     monkeypatch.setattr(SQLiteTx, "idempotency_get", idempotency_get)
+    monkeypatch.setattr(SQLiteTx, "idempotency_get_many", idempotency_get_many)
 
 
 def _tracker_moves_back(monkeypatch: pytest.MonkeyPatch) -> None:

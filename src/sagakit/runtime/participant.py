@@ -29,6 +29,7 @@ emitted event before it is written; an invalid payload is a
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias
@@ -104,6 +105,7 @@ class Participant(BatchConsumer):
         self.wakeups = wakeups or Wakeups()
         self.schemas = schemas
         self._handlers: dict[str, Handler] = {}
+        self._batches: dict[int, _Records] = {}  # id(tx) -> its records, while a batch runs
         self.subscriptions: set[str] = set()
         """Event types this participant reacts to (the relay fans events out by them)."""
 
@@ -208,16 +210,24 @@ class Participant(BatchConsumer):
         """Handle a batch in ``tx``: one inbox insert for all, then each new message in order.
 
         A message the inbox already holds, or a second copy within the batch, is a
-        duplicate delivery: counted and skipped, as in :meth:`process`.
+        duplicate delivery: counted and skipped, as in :meth:`process`. The idempotency
+        records of the batch's commands are read with one statement; what a message
+        records (an outcome, a tombstone) is seen by the messages after it in the batch.
         """
         fresh = await tx.inbox_add_many(self.name, [e.message_id for e in envelopes], now)
-        for env in envelopes:
-            with handler_span(self.endpoint, env):
-                if env.message_id not in fresh:
-                    self.duplicates.inc()
-                    continue
-                fresh.discard(env.message_id)  # a later copy in this batch is a duplicate
-                await self._process_new(tx, env, now)
+        records = self._batches[id(tx)] = _Records(tx, self.name)
+        try:
+            new = {e.message_id: e for e in envelopes if e.message_id in fresh}
+            await records.prefetch([k for e in new.values() for k in _keys_read(e)])
+            for env in envelopes:
+                with handler_span(self.endpoint, env):
+                    if env.message_id not in fresh:
+                        self.duplicates.inc()
+                        continue
+                    fresh.discard(env.message_id)  # a later copy in this batch is a duplicate
+                    await self._process_new(tx, env, now)
+        finally:
+            del self._batches[id(tx)]
 
     async def _process_new(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle a message the inbox has just recorded (in ``tx``)."""
@@ -247,8 +257,9 @@ class Participant(BatchConsumer):
         outcome = result if isinstance(result, Outcome) else success(dict(result))
         key = command.idempotency_key
         if key is not None:
+            records = self._records(tx)
             generation = _generation(command)
-            recorded = await self._latest(tx, key, generation)
+            recorded = await records.latest(key, generation)
             record_key = key
             if recorded is not None:
                 this_generation = f"{key}#m{generation}"
@@ -261,7 +272,7 @@ class Participant(BatchConsumer):
                     return False
                 record_key = this_generation
             if outcome.ok or not outcome.retryable:
-                await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
+                await records.put(record_key, outcome.to_payload(), now)
         if command.reply_to is not None:
             await tx.outbox_add([reply_to(command, outcome, source=self.name, now=now)], now)
         return True
@@ -271,8 +282,9 @@ class Participant(BatchConsumer):
     ) -> Outcome | _Deferred:
         key = env.idempotency_key
         assert key is not None
+        records = self._records(tx)
         generation = _generation(env)
-        recorded = await self._latest(tx, key, generation)
+        recorded = await records.latest(key, generation)
         record_key = key
         if recorded is not None:
             if recorded.tombstone:
@@ -284,14 +296,13 @@ class Participant(BatchConsumer):
             # run the handler once more and keep the new answer beside the old one.
             record_key = this_generation
         if env.compensates is not None:
-            action = await self._latest(tx, env.compensates, generation)
+            action = await records.latest(env.compensates, generation)
             if action is None:
                 # The compensation overtook its action, or the action never arrived, or it
                 # ended in a retryable failure that may still have had an effect (a card
                 # provider that timed out after authorising). Tombstone the action's key so
                 # a late action is refused, and let the handler undo whatever it finds.
-                await tx.idempotency_put(
-                    self.name,
+                await records.put(
                     env.compensates,
                     failure(REFUSED_AFTER_COMPENSATION).to_payload(),
                     now,
@@ -300,23 +311,19 @@ class Participant(BatchConsumer):
             elif not action.tombstone and not action.outcome.get("ok"):
                 # A definite failure had no effect: nothing to undo.
                 outcome = success({"compensated": False, "why": "the action had no effect"})
-                await tx.idempotency_put(self.name, record_key, outcome.to_payload(), now)
+                await records.put(record_key, outcome.to_payload(), now)
                 return outcome
         result = await self._call(handler, tx, env)
         if isinstance(result, _Deferred):
             return result  # answered later, by answer()
         # A retryable failure is not an answer: the next attempt must run the handler again.
         if result.ok or not result.retryable:
-            await tx.idempotency_put(self.name, record_key, result.to_payload(), now)
+            await records.put(record_key, result.to_payload(), now)
         return result
 
-    async def _latest(self, tx: Tx, key: str, generation: int) -> IdempotencyRecord | None:
-        """The newest record for ``key``: a person's latest retry first, then the original."""
-        for n in range(generation, 0, -1):
-            record = await tx.idempotency_get(self.name, f"{key}#m{n}")
-            if record is not None:
-                return record
-        return await tx.idempotency_get(self.name, key)
+    def _records(self, tx: Tx) -> _Records:
+        """The records of the batch running in ``tx``, or uncached ones outside a batch."""
+        return self._batches.get(id(tx)) or _Records(tx, self.name)
 
     async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome | _Deferred:
         try:
@@ -335,6 +342,84 @@ class Participant(BatchConsumer):
             f"{self.name} handler for {env.type} returned {type(result).__name__}; "
             "return an Outcome, a dict or None, or raise StepFailed"
         )
+
+
+class _Records:
+    """The idempotency records of one consumer as one transaction sees them.
+
+    A record is written once and never changes, so one read stays true for the whole
+    transaction. A key read as missing stays missing until the transaction writes it,
+    and the participant writes through :meth:`put`, which remembers what it wrote. (A
+    concurrent transaction writing the same key makes the later write fail, and the
+    batch is retried: the cache never hides another writer.)
+    """
+
+    __slots__ = ("_consumer", "_known", "_tx", "_written")
+
+    def __init__(self, tx: Tx, consumer: str) -> None:
+        self._tx = tx
+        self._consumer = consumer
+        self._known: dict[str, IdempotencyRecord | None] = {}
+        self._written: set[str] = set()
+
+    async def prefetch(self, keys: Sequence[str]) -> None:
+        """Read every one of ``keys`` not known yet, in one statement.
+
+        A single key is left to :meth:`get`: a lookup by primary key is the cheaper
+        statement on SQLite, and a round trip either way on PostgreSQL.
+        """
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._known]
+        if len(wanted) > 1:
+            found = await self._tx.idempotency_get_many(self._consumer, wanted)
+            for key in wanted:
+                self._known[key] = found.get(key)
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        if key not in self._known:
+            self._known[key] = await self._tx.idempotency_get(self._consumer, key)
+        record = self._known[key]
+        if record is not None and key in self._written:
+            # As the store would give it back: a copy through JSON, not the writer's dict.
+            outcome = json.loads(json.dumps(record.outcome))
+            return IdempotencyRecord(key, outcome, record.tombstone, record.at)
+        return record
+
+    async def latest(self, key: str, generation: int) -> IdempotencyRecord | None:
+        """The newest record for ``key``: a person's latest retry first, then the original."""
+        for name in _generations(key, generation):
+            record = await self.get(name)
+            if record is not None:
+                return record
+        return None
+
+    async def put(
+        self, key: str, outcome: dict[str, Any], now: float, *, tombstone: bool = False
+    ) -> None:
+        self._known.pop(key, None)  # if the write fails, the next read asks the store
+        await self._tx.idempotency_put(self._consumer, key, outcome, now, tombstone=tombstone)
+        self._known[key] = IdempotencyRecord(key, outcome, tombstone, now)
+        self._written.add(key)
+
+
+def _generations(key: str, generation: int) -> list[str]:
+    """The record names of ``key``, newest first: ``key#mN`` ... ``key#m1``, ``key``."""
+    if not generation:
+        return [key]
+    return [f"{key}#m{n}" for n in range(generation, 0, -1)] + [key]
+
+
+def _keys_read(env: Envelope) -> list[str]:
+    """The record names handling ``env`` may read (none for events and queries)."""
+    if env.kind in (MessageKind.QUERY, MessageKind.EVENT) or not env.idempotency_key:
+        return []
+    try:
+        generation = _generation(env)
+    except MessageError:
+        return []  # reported when the message's turn comes
+    keys = _generations(env.idempotency_key, generation)
+    if env.compensates is not None:
+        keys += _generations(env.compensates, generation)
+    return keys
 
 
 def _generation(env: Envelope) -> int:

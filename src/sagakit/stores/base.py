@@ -187,6 +187,15 @@ class Tx(Protocol):
         """The outcome ``consumer`` recorded for ``key``, if any."""
         ...
 
+    async def idempotency_get_many(
+        self, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        """The outcomes ``consumer`` recorded for any of ``keys``, by key (missing left out).
+
+        One statement on the SQL stores, so a batch of commands reads its records at once.
+        """
+        ...
+
     async def idempotency_put(
         self,
         consumer: str,

@@ -195,6 +195,17 @@ class MemoryTx:
         outcome, tombstone, at = found
         return IdempotencyRecord(key=key, outcome=_loads(outcome), tombstone=tombstone, at=at)
 
+    async def idempotency_get_many(
+        self, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        """The outcomes ``consumer`` recorded for any of ``keys``, by key (missing left out)."""
+        found: dict[str, IdempotencyRecord] = {}
+        for key in keys:
+            record = await self.idempotency_get(consumer, key)
+            if record is not None:
+                found[key] = record
+        return found
+
     async def idempotency_put(
         self,
         consumer: str,

@@ -224,6 +224,22 @@ class SQLiteTx:
             return None
         return IdempotencyRecord(key=key, outcome=_loads(row[0]), tombstone=bool(row[1]), at=row[2])
 
+    async def idempotency_get_many(
+        self, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        """The outcomes ``consumer`` recorded for any of ``keys``, in one statement."""
+        if not keys:
+            return {}
+        rows = self._all(
+            f"read {len(keys)} idempotency key(s)",
+            self._q["idempotency_get_many"],
+            (consumer, _dumps(list(keys))),
+        )
+        return {
+            r[0]: IdempotencyRecord(key=r[0], outcome=_loads(r[1]), tombstone=bool(r[2]), at=r[3])
+            for r in rows
+        }
+
     async def idempotency_put(
         self,
         consumer: str,

@@ -185,6 +185,10 @@ DELETE FROM inbox WHERE at < %s
 -- name: idempotency_get
 SELECT outcome, tombstone, at FROM idempotency WHERE consumer = %s AND key = %s
 
+-- name: idempotency_get_many
+SELECT key, outcome, tombstone, at FROM idempotency
+WHERE consumer = %(consumer)s AND key = ANY(%(keys)b::text[])
+
 -- name: idempotency_put
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING

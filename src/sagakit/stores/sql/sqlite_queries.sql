@@ -101,6 +101,10 @@ DELETE FROM inbox WHERE at < ?
 -- name: idempotency_get
 SELECT outcome, tombstone, at FROM idempotency WHERE consumer = ? AND key = ?
 
+-- name: idempotency_get_many
+SELECT key, outcome, tombstone, at FROM idempotency
+WHERE consumer = ? AND key IN (SELECT value FROM json_each(?))
+
 -- name: idempotency_put
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (?, ?, ?, ?, ?)
 
