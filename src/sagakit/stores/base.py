@@ -322,6 +322,57 @@ class Tx(Protocol):
         ...
 
 
+class ItemByItem:
+    """The batch methods of :class:`Tx` as loops over the single-item ones.
+
+    For adapters whose statements run in process (memory, SQLite), where a loop costs
+    no more than one bigger statement; PostgreSQL sends real batch statements instead
+    (one round trip each). An adapter overrides any of them it does better.
+    """
+
+    async def inbox_add_many(
+        self: Tx, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids; return those ``consumer`` had not handled before."""
+        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
+    async def idempotency_get_many(
+        self: Tx, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        """The outcomes ``consumer`` recorded for any of ``keys``, by key (missing left out)."""
+        found: dict[str, IdempotencyRecord] = {}
+        for key in keys:
+            record = await self.idempotency_get(consumer, key)
+            if record is not None:
+                found[key] = record
+        return found
+
+    async def saga_get_many(self: Tx, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances (missing ones are left out)."""
+        found: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids:
+            inst = await self.saga_get(saga_id)
+            if inst is not None:
+                found[saga_id] = inst
+        return found
+
+    async def saga_get_by_keys(
+        self: Tx, definition: str, business_keys: Sequence[str]
+    ) -> dict[str, SagaInstance]:
+        """The instances of ``definition`` started for any of ``business_keys``, by key."""
+        found: dict[str, SagaInstance] = {}
+        for key in business_keys:
+            inst = await self.saga_get_by_key(definition, key)
+            if inst is not None:
+                found[key] = inst
+        return found
+
+    async def saga_insert_many(self: Tx, instances: Sequence[SagaInstance]) -> None:
+        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists."""
+        for instance in instances:
+            await self.saga_insert(instance)
+
+
 class Store(Protocol):
     """One service's database."""
 

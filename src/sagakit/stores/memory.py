@@ -37,6 +37,7 @@ from sagakit.errors import ConcurrencyError, StoreError
 from sagakit.stores.base import (
     DeadLetter,
     IdempotencyRecord,
+    ItemByItem,
     OutboxRow,
     QueuedMessage,
     SagaPage,
@@ -143,7 +144,7 @@ def _finished() -> NoReturn:
     )
 
 
-class MemoryTx:
+class MemoryTx(ItemByItem):
     """One transaction of a :class:`MemoryStore` (see :class:`~sagakit.stores.base.Tx`)."""
 
     __slots__ = ("_store", "_undo")
@@ -180,12 +181,6 @@ class MemoryTx:
         self._undo.append(partial(seen.pop, message_id))
         return True
 
-    async def inbox_add_many(
-        self, consumer: str, message_ids: Sequence[str], now: float
-    ) -> set[str]:
-        """Record several ids at once; return those ``consumer`` had not handled before."""
-        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
-
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         store = self._store or _finished()
@@ -194,17 +189,6 @@ class MemoryTx:
             return None
         outcome, tombstone, at = found
         return IdempotencyRecord(key=key, outcome=_loads(outcome), tombstone=tombstone, at=at)
-
-    async def idempotency_get_many(
-        self, consumer: str, keys: Sequence[str]
-    ) -> dict[str, IdempotencyRecord]:
-        """The outcomes ``consumer`` recorded for any of ``keys``, by key (missing left out)."""
-        found: dict[str, IdempotencyRecord] = {}
-        for key in keys:
-            record = await self.idempotency_get(consumer, key)
-            if record is not None:
-                found[key] = record
-        return found
 
     async def idempotency_put(
         self,
@@ -280,36 +264,11 @@ class MemoryTx:
         row = store._sagas.get(saga_id)
         return None if row is None else row.unpack()
 
-    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
-        """Load several instances (missing ones are left out)."""
-        found: dict[str, SagaInstance] = {}
-        for saga_id in saga_ids:
-            inst = await self.saga_get(saga_id)
-            if inst is not None:
-                found[saga_id] = inst
-        return found
-
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         store = self._store or _finished()
         saga_id = store._saga_keys.get((definition, business_key))
         return None if saga_id is None else store._sagas[saga_id].unpack()
-
-    async def saga_get_by_keys(
-        self, definition: str, business_keys: Sequence[str]
-    ) -> dict[str, SagaInstance]:
-        """The instances of ``definition`` started for any of ``business_keys``, by key."""
-        found: dict[str, SagaInstance] = {}
-        for key in business_keys:
-            inst = await self.saga_get_by_key(definition, key)
-            if inst is not None:
-                found[key] = inst
-        return found
-
-    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
-        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists."""
-        for instance in instances:
-            await self.saga_insert(instance)
 
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""

@@ -33,6 +33,7 @@ from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
 from sagakit.stores.base import (
     DeadLetter,
     IdempotencyRecord,
+    ItemByItem,
     OutboxRow,
     QueuedMessage,
     SagaPage,
@@ -140,7 +141,7 @@ def _rollback(conn: sqlite3.Connection, store: str) -> None:
 # -- transaction ---------------------------------------------------------------------
 
 
-class SQLiteTx:
+class SQLiteTx(ItemByItem):
     """One transaction on the store's writer connection (see :class:`~sagakit.stores.base.Tx`).
 
     Obtained from :meth:`SQLiteStore.transaction`; every method raises
@@ -207,13 +208,6 @@ class SQLiteTx:
             (consumer, message_id, now),
         )
         return cursor.rowcount == 1
-
-    async def inbox_add_many(
-        self, consumer: str, message_ids: Sequence[str], now: float
-    ) -> set[str]:
-        """Record several ids at once; return those ``consumer`` had not handled before."""
-        # In-process statements cost microseconds: a loop is as good as one statement.
-        return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
 
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
@@ -302,15 +296,6 @@ class SQLiteTx:
         row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
         return None if row is None else _saga_from_row(row)
 
-    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
-        """Load several instances (missing ones are left out)."""
-        found: dict[str, SagaInstance] = {}
-        for saga_id in saga_ids:
-            row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
-            if row is not None:
-                found[saga_id] = _saga_from_row(row)
-        return found
-
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         row = self._one(
@@ -319,22 +304,6 @@ class SQLiteTx:
             (definition, business_key),
         )
         return None if row is None else _saga_from_row(row)
-
-    async def saga_get_by_keys(
-        self, definition: str, business_keys: Sequence[str]
-    ) -> dict[str, SagaInstance]:
-        """The instances of ``definition`` started for any of ``business_keys``, by key."""
-        found: dict[str, SagaInstance] = {}
-        for key in business_keys:
-            inst = await self.saga_get_by_key(definition, key)
-            if inst is not None:
-                found[key] = inst
-        return found
-
-    async def saga_insert_many(self, instances: Sequence[SagaInstance]) -> None:
-        """Insert new instances; ``ConcurrencyError`` if an id or (definition, key) exists."""
-        for instance in instances:
-            await self.saga_insert(instance)
 
     async def saga_insert(self, instance: SagaInstance) -> None:
         """Insert a new instance; ``ConcurrencyError`` if its id or (definition, key) exists."""
