@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
@@ -203,7 +204,7 @@ class _HistogramCell:
         _record(self.apply, value)
 
 
-class _Metric:
+class _Metric(ABC):
     kind = ""
 
     def __init__(self, name: str, help_text: str, label_names: Sequence[str]) -> None:
@@ -224,8 +225,9 @@ class _Metric:
         yield f"# TYPE {self.name} {self.kind}"
         yield from self._samples()
 
+    @abstractmethod
     def _samples(self) -> Iterator[str]:
-        raise NotImplementedError  # each kind writes its own samples
+        """The sample lines; each kind writes its own."""
 
 
 class Counter(_Metric):

@@ -31,6 +31,7 @@ import random
 import re
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,7 @@ def _copy_db(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-class CheckoutWorld:
+class CheckoutWorld(ABC):
     """One simulated checkout: the stores, the provider and the participants of a mode.
 
     Subclasses add what drives the sagas (:class:`OrchestratedWorld`: the orchestrator;
@@ -279,22 +280,22 @@ class CheckoutWorld:
         self.stock = stock
         await seed_stock(self.system.stores["inventory"], stock)
 
+    @abstractmethod
     async def begin(self) -> int:
         """Start the sagas of this run; return how many."""
-        raise NotImplementedError
 
     async def all_terminal(self) -> bool:
         """True when every saga is terminal."""
         counts = await self.system.saga_store.count_sagas()
         return all(state.terminal for state in counts)
 
+    @abstractmethod
     async def running(self) -> list[str]:
         """The ids of the sagas a customer may cancel now, sorted."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def cancel(self, saga_id: str, reason: str) -> str:
         """Cancel a saga; return the store it wrote to."""
-        raise NotImplementedError
 
     async def check(self) -> Verdict:
         """DESIGN's invariants from the ledgers; "nothing lost" knows the simulated drops."""
@@ -335,7 +336,7 @@ class CheckoutWorld:
             notes=[_normal(n) for n in report.notes],
         )
 
-    async def _more_checks(self, report: Any) -> None:
+    async def _more_checks(self, report: Any) -> None:  # noqa: B027 - optional hook
         """The checks only this mode needs (none by default)."""
 
     async def fingerprint(self) -> str:
