@@ -43,7 +43,6 @@ __all__ = [
     "STEP_BUCKETS",
     "STEP_SECONDS",
     "Counter",
-    "CounterCell",
     "Deferred",
     "Histogram",
     "Registry",
@@ -176,10 +175,6 @@ class _CounterCell:
     def inc(self, amount: float = 1.0) -> None:
         """Add ``amount`` (at commit, inside :func:`deferred`)."""
         _record(self.apply, amount)
-
-
-CounterCell = _CounterCell
-"""One label combination of a :class:`Counter` (what ``Counter.labels(...)`` returns)."""
 
 
 class _HistogramCell:

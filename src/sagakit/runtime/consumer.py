@@ -81,6 +81,22 @@ class BatchConsumer:
         """
         return on_commit(self.store.transaction())
 
+    def new_ones(self, envelopes: Sequence[Envelope], fresh: set[str]) -> list[Envelope]:
+        """The envelopes whose id is in ``fresh`` (new to the inbox), each id once.
+
+        ``fresh`` is what ``Tx.inbox_add_many`` returned for the batch; the others,
+        and later copies of an id within the batch, are counted as inbox duplicates.
+        """
+        seen: set[str] = set()
+        out: list[Envelope] = []
+        for env in envelopes:
+            if env.message_id in fresh and env.message_id not in seen:
+                seen.add(env.message_id)
+                out.append(env)
+        if len(out) < len(envelopes):
+            self.duplicates.inc(len(envelopes) - len(out))
+        return out
+
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         """Handle one message inside ``tx``."""
         raise NotImplementedError  # protocol

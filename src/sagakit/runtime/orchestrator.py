@@ -47,7 +47,7 @@ from sagakit.errors import (
     SagaNotFound,
     StepFailed,
 )
-from sagakit.metrics import CounterCell, on_commit, record_history
+from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.wakeup import Wakeups
@@ -275,17 +275,7 @@ class Orchestrator(BatchConsumer):
                     f"{self.endpoint} takes replies; got a {env.kind.value} {env.type!r}"
                 )
         fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
-        await self.apply_replies(tx, self._new_ones(envelopes, fresh), now, self.endpoint)
-
-    def _new_ones(
-        self, envelopes: Sequence[Envelope], fresh: set[str], duplicates: CounterCell | None = None
-    ) -> list[Envelope]:
-        """The envelopes the inbox had not seen (each id once); the others are counted
-        as inbox duplicates (of ``duplicates``, by default this endpoint's)."""
-        new = _first_of_each(envelopes, fresh)
-        if len(new) < len(envelopes):
-            (duplicates or self.duplicates).inc(len(envelopes) - len(new))
-        return new
+        await self.apply_replies(tx, self.new_ones(envelopes, fresh), now, self.endpoint)
 
     async def apply_reply(self, tx: Tx, reply: Envelope, now: float) -> None:
         """Apply one reply inside ``tx`` (the caller recorded it in the inbox)."""
@@ -520,7 +510,7 @@ class LocalStepRunner(BatchConsumer):
         """Record the batch in the inbox in one go, then apply the new results in order."""
         fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
         replies: list[Envelope] = []
-        for env in self.orchestrator._new_ones(envelopes, fresh, self.duplicates):
+        for env in self.new_ones(envelopes, fresh):
             outcome = self._results.get(env.message_id)
             if outcome is None:
                 outcome = await self._run_callable(env)
@@ -603,9 +593,7 @@ class LocalStepRunner(BatchConsumer):
             outcomes = {env.message_id: outcome for _, env, outcome in done}
             replies = [
                 reply_to(env, outcomes[env.message_id], source=self.endpoint, now=now)
-                for env in self.orchestrator._new_ones(
-                    [env for _, env, _ in done], fresh, self.duplicates
-                )
+                for env in self.new_ones([env for _, env, _ in done], fresh)
             ]
             await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
             await tx.queue_remove([queue_id for queue_id, _, _ in done])
@@ -665,14 +653,3 @@ class LocalStepRunner(BatchConsumer):
         return failure(
             f"local step {env.step!r} returned {type(result).__name__}; return a dict or None"
         )
-
-
-def _first_of_each(envelopes: Sequence[Envelope], fresh: set[str]) -> list[Envelope]:
-    """The envelopes whose id is in ``fresh``, each id once (a batch may hold a copy)."""
-    seen: set[str] = set()
-    out: list[Envelope] = []
-    for env in envelopes:
-        if env.message_id in fresh and env.message_id not in seen:
-            seen.add(env.message_id)
-            out.append(env)
-    return out
