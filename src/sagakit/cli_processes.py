@@ -73,12 +73,16 @@ def _urls(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (argparse type)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
@@ -86,7 +90,10 @@ def _seconds(text: str) -> float:
 
 def _wait_seconds(text: str) -> float:
     """Zero or a positive, finite number of seconds (argparse type)."""
-    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text!r}")
+    return value
 
 
 def command_timeout_option(parser: argparse.ArgumentParser, help_text: str) -> None:
