@@ -95,8 +95,20 @@ def open_checkout(
         name: store(name) for name in ("orchestrator", "order", "payment", "inventory", "shipping")
     }
     provider = FakeCardProvider(d / "provider.db", clock=provider_clock)
+    return checkout_on(d, stores, provider, carrier_down_fraction=carrier_down_fraction)
+
+
+def checkout_on(
+    data_dir: Path,
+    stores: Mapping[str, Any],
+    provider: FakeCardProvider,
+    *,
+    carrier_down_fraction: float = 0.0,
+) -> Checkout:
+    """The checkout's four participants on ``stores`` (by name: ``orchestrator``,
+    ``order``, ``payment``, ``inventory``, ``shipping``), with ``provider``."""
     return Checkout(
-        data_dir=d,
+        data_dir=data_dir,
         orchestrator_store=stores["orchestrator"],
         order_store=stores["order"],
         payment_store=stores["payment"],

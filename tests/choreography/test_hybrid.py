@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from choreo_support import Backend, deliver, event, order_data, quiet, rows, wait_terminal
-from sagakit_checkout import inventory, order, payment, shipping
 from sagakit_checkout.deploy import SERVICES
 from sagakit_checkout.event_audit import check_event_delivery
 from sagakit_checkout.hybrid import (
@@ -25,7 +24,7 @@ from sagakit_checkout.hybrid import (
 from sagakit_checkout.invariants import check_invariants
 from sagakit_checkout.inventory import seed_stock
 from sagakit_checkout.provider import FakeCardProvider
-from sagakit_checkout.services import Checkout
+from sagakit_checkout.services import checkout_on
 from sagakit_checkout.shipping_domain import check_bookings
 
 from sagakit import Envelope, MessageKind, Outcome, RetryPolicy, SagaState
@@ -48,19 +47,7 @@ def hybrid_on(backend: Backend, tmp: Path) -> Hybrid:
     """The hybrid checkout on the backend's stores (the card provider stays a file)."""
     stores = {n: backend.store(n) for n in ("orchestrator", *SERVICES, "labels", "carrier")}
     provider = FakeCardProvider(tmp / "provider.db")
-    checkout = Checkout(
-        data_dir=tmp,
-        orchestrator_store=stores["orchestrator"],
-        order_store=stores["order"],
-        payment_store=stores["payment"],
-        inventory_store=stores["inventory"],
-        shipping_store=stores["shipping"],
-        provider=provider,
-        order=order.build_order(stores["order"]),
-        payment=payment.build_payment(stores["payment"], provider),
-        inventory=inventory.build_inventory(stores["inventory"]),
-        shipping=shipping.build_shipping(stores["shipping"]),
-    )
+    checkout = checkout_on(tmp, stores, provider)
     return build_hybrid(checkout, stores["labels"], stores["carrier"])
 
 

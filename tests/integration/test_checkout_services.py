@@ -38,7 +38,7 @@ from sagakit_checkout.invariants import (
 )
 from sagakit_checkout.provider import CardRules, FakeCardProvider, ProviderTimeout
 from sagakit_checkout.sagas import CHECKOUT, DEADLINE, checkout_definition
-from sagakit_checkout.services import Checkout, checkout_engine, migrate, open_checkout
+from sagakit_checkout.services import Checkout, checkout_engine, checkout_on, migrate, open_checkout
 
 from sagakit import CommandAction, Envelope, MessageKind, Outcome, Participant, SagaState
 from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
@@ -95,21 +95,7 @@ class Site:
             )
         stores = {name: self.store(name) for name in STORES}
         provider = FakeCardProvider(self.path / "provider.db", clock=provider_clock)
-        return Checkout(
-            data_dir=self.path,
-            orchestrator_store=stores["orchestrator"],
-            order_store=stores["order"],
-            payment_store=stores["payment"],
-            inventory_store=stores["inventory"],
-            shipping_store=stores["shipping"],
-            provider=provider,
-            order=order.build_order(stores["order"]),
-            payment=payment.build_payment(stores["payment"], provider),
-            inventory=inventory.build_inventory(stores["inventory"]),
-            shipping=shipping.build_shipping(
-                stores["shipping"], carrier_down_fraction=carrier_down_fraction
-            ),
-        )
+        return checkout_on(self.path, stores, provider, carrier_down_fraction=carrier_down_fraction)
 
     def plant(self, name: str, *statements: str) -> None:
         """Run raw SQL on service ``name``'s database behind its store, in one transaction
