@@ -506,7 +506,7 @@ def test_action_timeout_resends_same_key() -> None:
     assert run.timers[STEP_TIMER].fence == "timeout:1:action:0:2"
 
 
-def test_growing_timeouts_wait_longer_for_each_attempt_of_action_query_and_rung() -> None:
+def test_growing_timeouts_wait_longer_for_each_attempt_of_an_action() -> None:
     patient = RetryPolicy(
         max_attempts=4, initial_backoff=1, jitter=0, timeout_multiplier=3, max_timeout=50
     )
