@@ -83,17 +83,48 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
 
+-- name: saga_insert_batch
+-- A transaction's new sagas in one statement (PostgresTx buffers its writes): every
+-- column a binary array, no escaping; ORDINALITY keeps their order, hence their seq.
+-- RETURNING names the inserted ones: a missing id was refused (either unique key).
+INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
+                   version, cursor, correlation_id, created_at, updated_at, deadline_at,
+                   reason, cancel_requested, timed_out, data, steps)
+SELECT saga_id, definition, definition_version, business_key, state, status,
+       version, cursor, correlation_id, created_at, updated_at, deadline_at,
+       reason, cancel_requested, timed_out, data, steps
+FROM unnest(%b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[],
+            %b::bigint[], %b::integer[], %b::text[], %b::float8[], %b::float8[],
+            %b::float8[], %b::text[], %b::boolean[], %b::boolean[], %b::text[], %b::text[])
+     WITH ORDINALITY AS n(saga_id, definition, definition_version, business_key, state,
+                          status, version, cursor, correlation_id, created_at, updated_at,
+                          deadline_at, reason, cancel_requested, timed_out, data, steps, i)
+ORDER BY i
+ON CONFLICT DO NOTHING
+RETURNING saga_id
+
 -- name: saga_exists
 SELECT version FROM sagas WHERE saga_id = %s
 
--- name: saga_update
--- saga_id, definition, business_key and created_at are fixed at insert.
-UPDATE sagas
-SET definition_version = %s, state = %s, status = %s, version = %s, cursor = %s,
-    correlation_id = %s, updated_at = %s, deadline_at = %s, reason = %s,
-    cancel_requested = %s, timed_out = %s, data = %s, steps = %s
-WHERE saga_id = %s AND version = %s
-RETURNING 1
+-- name: saga_update_batch
+-- A transaction's version-checked updates in one statement, columns as binary arrays
+-- (saga_id, definition, business_key and created_at are fixed at insert). RETURNING
+-- names the sagas updated: a missing one was at another version. The join probes
+-- the primary key once per element (a nested loop over the array).
+UPDATE sagas s
+SET definition_version = u.definition_version, state = u.state, status = u.status,
+    version = u.version, cursor = u.cursor, correlation_id = u.correlation_id,
+    updated_at = u.updated_at, deadline_at = u.deadline_at, reason = u.reason,
+    cancel_requested = u.cancel_requested, timed_out = u.timed_out, data = u.data,
+    steps = u.steps
+FROM unnest(%b::integer[], %b::text[], %b::text[], %b::bigint[], %b::integer[],
+            %b::text[], %b::float8[], %b::float8[], %b::text[], %b::boolean[],
+            %b::boolean[], %b::text[], %b::text[], %b::text[], %b::bigint[])
+     AS u(definition_version, state, status, version, cursor, correlation_id,
+          updated_at, deadline_at, reason, cancel_requested, timed_out, data, steps,
+          saga_id, expected)
+WHERE s.saga_id = u.saga_id AND s.version = u.expected
+RETURNING s.saga_id
 
 -- name: saga_list
 -- Optional filters as "IS NULL OR" so that one prepared statement serves every
@@ -119,20 +150,30 @@ WITH gone AS (DELETE FROM saga_counts RETURNING state, n)
 INSERT INTO saga_counts (state, n)
 SELECT state, sum(n) FROM gone GROUP BY state HAVING sum(n) <> 0
 
--- name: history_add
+-- name: history_add_batch
+-- Columns as binary arrays; ORDINALITY keeps the rows' order, hence their ids.
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT saga_id, version, at, event, state, status, step, detail, message_id
+FROM unnest(%b::text[], %b::bigint[], %b::float8[], %b::text[], %b::text[], %b::text[],
+            %b::text[], %b::text[], %b::text[])
+     WITH ORDINALITY AS h(saga_id, version, at, event, state, status, step, detail,
+                          message_id, i)
+ORDER BY i
 
 -- name: history
 SELECT saga_id, version, at, event, state, status, step, detail, message_id
 FROM saga_history WHERE saga_id = %s ORDER BY id
 
--- name: timer_set
-INSERT INTO timers (saga_id, name, due_at, fence) VALUES (%s, %s, %s, %s)
+-- name: timer_set_batch
+-- (saga_id, name) pairs are unique within a call: DO UPDATE may touch a row once.
+INSERT INTO timers (saga_id, name, due_at, fence)
+SELECT * FROM unnest(%b::text[], %b::text[], %b::float8[], %b::text[])
 ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
 
--- name: timers_cancel
-DELETE FROM timers WHERE saga_id = %s AND name = ANY(%s::text[])
+-- name: timers_cancel_batch
+DELETE FROM timers t
+USING unnest(%b::text[], %b::text[]) AS c(saga_id, name)
+WHERE t.saga_id = c.saga_id AND t.name = c.name
 
 -- name: timers_take_due
 -- SKIP LOCKED: timers another worker's open transaction took are passed over, so two
@@ -194,9 +235,14 @@ INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, 
 ON CONFLICT DO NOTHING
 RETURNING 1
 
--- name: outbox_add
+-- name: outbox_add_batch
+-- Columns as binary arrays; ORDINALITY keeps the messages' order, hence their ids (the
+-- relays publish in id order).
 INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
-VALUES (%s, %s, %s, %s, %s)
+SELECT message_id, destination, saga_id, body, created_at
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[])
+     WITH ORDINALITY AS o(message_id, destination, saga_id, body, created_at, i)
+ORDER BY i
 
 -- name: outbox_claim_db_clock
 -- One statement is one transaction: the subquery's row locks are held until the UPDATE
