@@ -46,17 +46,29 @@ _STEP_ENDS = {
 
 def use_tracer_provider(provider: Any) -> None:
     """Send sagakit's spans to ``provider`` instead of the global one (tests, embedding)."""
-    global _provider
+    global _provider, _none_until
     _provider = provider
+    _none_until = 0.0
+
+
+# While no provider is configured, _tracer() answers None without asking the API again
+# until this monotonic time: the API's answer reads os.environ on every call, ~2% of
+# the engine's CPU. A provider set later is picked up within _RECHECK seconds.
+_none_until = 0.0
+_RECHECK = 1.0
 
 
 def _tracer() -> Any:
+    global _none_until
     if _trace is None:
+        return None
+    if _provider is None and time.monotonic() < _none_until:
         return None
     provider = _provider or _trace.get_tracer_provider()
     # With the API installed but no provider configured, every span would be a no-op:
     # skip building contexts and attributes on the hot path (it cost ~10% per message).
     if isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
+        _none_until = time.monotonic() + _RECHECK
         return None
     return provider.get_tracer("sagakit")
 
