@@ -75,7 +75,10 @@ MAY_HAVE_EFFECT = frozenset(
 
 @dataclass(slots=True)
 class StepState:
-    """The progress of one step in one saga instance."""
+    """The progress of one step in one saga instance.
+
+    Stores keep it positionally (:meth:`to_row`): a new field goes last, with a default.
+    """
 
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
@@ -138,6 +141,39 @@ class StepState:
             "fence_floor": self.fence_floor,
             "manual_retries": self.manual_retries,
         }
+
+    def to_row(self) -> list[Any]:
+        """Compact JSON-ready form, the fields in declaration order (how stores keep it).
+
+        A third of the size of :meth:`to_dict` and half the time to encode and decode;
+        a saga's steps are written and read at every transition.
+        """
+        return [
+            self.status.value,
+            self.attempt,
+            self.rung,
+            self.rung_attempt,
+            self.result,
+            self.error,
+            self.next_retry_at,
+            self.started_at,
+            self.finished_at,
+            self.queries,
+            self.retry_base,
+            self.fence_floor,
+            self.manual_retries,
+        ]
+
+    @classmethod
+    def from_row(cls, raw: list[Any] | dict[str, Any]) -> StepState:
+        """Inverse of :meth:`to_row`; also reads :meth:`to_dict`'s form (older rows).
+
+        A shorter list (written before a field was added) leaves the missing fields at
+        their defaults: new fields are only ever appended.
+        """
+        if isinstance(raw, dict):
+            return cls.from_dict(raw)
+        return cls(StepStatus(raw[0]), *raw[1:])
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StepState:
@@ -216,14 +252,14 @@ class SagaInstance:
             if s.result is not None and s.status is not StepStatus.FAILED
         }
 
-    def steps_to_json(self) -> list[dict[str, Any]]:
-        """Per-step state, JSON-ready."""
-        return [s.to_dict() for s in self.steps]
+    def steps_to_json(self) -> list[list[Any]]:
+        """Per-step state, JSON-ready, compact (:meth:`StepState.to_row`): what stores keep."""
+        return [s.to_row() for s in self.steps]
 
     @staticmethod
-    def steps_from_json(raw: list[dict[str, Any]]) -> list[StepState]:
-        """Inverse of :meth:`steps_to_json`."""
-        return [StepState.from_dict(s) for s in raw]
+    def steps_from_json(raw: list[Any]) -> list[StepState]:
+        """Inverse of :meth:`steps_to_json` (reads the older per-step objects too)."""
+        return [StepState.from_row(s) for s in raw]
 
 
 @dataclass(frozen=True, slots=True)
