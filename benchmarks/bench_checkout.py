@@ -305,6 +305,42 @@ async def _deployment(
                 log(f"checkout: sagakit {name} exited {codes[name]}:\n{tail}")
 
 
+async def _hops(stores: dict[str, Any], since: float) -> dict[str, float]:
+    """Where a message's time goes, from the stores' own stamps (messages since ``since``).
+
+    ``hop_outbox_ms``: the writer's transaction start (the outbox row's ``created_at``)
+    -> the relay's publish acknowledged (``published_at``): the rest of the writer's
+    transaction, its commit, the wake-up and the relay's lock and publish.
+    ``hop_delivery_ms``: acknowledged -> the consumer's transaction started (its inbox
+    row's ``at``): the broker and the consumer's pull. Medians over every message.
+    """
+    outbox: dict[tuple[str, str], tuple[float, float | None]] = {}
+    inbox: dict[tuple[str, str], float] = {}
+    for store in stores.values():
+        async with store.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT message_id, destination, created_at, published_at FROM outbox "
+                "WHERE created_at >= ?",
+                (since,),
+            )
+            outbox.update(((r[0], r[1]), (r[2], r[3])) for r in rows)
+            rows = await tx.fetchall(
+                "SELECT message_id, consumer, at FROM inbox WHERE at >= ?", (since,)
+            )
+            inbox.update(((r[0], r[1]), r[2]) for r in rows)
+    wait = [(p - c) * 1000 for c, p in outbox.values() if p is not None]
+    delivery = [
+        (inbox[key] - p) * 1000 for key, (_, p) in outbox.items() if p is not None and key in inbox
+    ]
+    if not wait or not delivery:
+        return {}
+    return {
+        "hop_outbox_ms": percentile(wait, 0.5),
+        "hop_delivery_ms": percentile(delivery, 0.5),
+        "hop_messages": float(len(delivery)),
+    }
+
+
 async def measure(params: dict[str, Any]) -> dict[str, Any]:
     from sagakit_checkout.sagas import CHECKOUT
 
@@ -341,6 +377,7 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                     out["idle_cpu_pct"] = (k1["cpu"] - k0["cpu"]) / dt * 100
                 # Sequential: one order at a time, placed -> terminal, client's clock.
                 seq: list[float] = []
+                seq_started = time.time()
                 for i in range(params.get("seq_n", 20)):
                     t0 = time.perf_counter()
                     one = await engine.start(CHECKOUT, f"seq-{tag}-{i}", order_data(i))
@@ -350,6 +387,7 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                         out["seq_error"] = f"order {i} ended {done.state.value}: {done.reason}"
                 out["seq_p50_ms"] = percentile(seq, 0.5)
                 out["seq_p99_ms"] = percentile(seq, 0.99)
+                out.update(await _hops(stores, seq_started))
                 # Steady load: a bounded number of orders in flight.
                 win = await _phase(
                     engine,

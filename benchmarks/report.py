@@ -657,6 +657,26 @@ def derive(
     )
     add(
         "checkout",
+        "checkout/hop_outbox",
+        "a message in the outbox, one order at a time (p50)",
+        "ms",
+        vals(key, "hop_outbox_ms"),
+        key=key,
+        better="lower",
+        note="writer's transaction start -> publish acknowledged (commit, wake-up, relay)",
+    )
+    add(
+        "checkout",
+        "checkout/hop_delivery",
+        "a message from broker to consumer, one order at a time (p50)",
+        "ms",
+        vals(key, "hop_delivery_ms"),
+        key=key,
+        better="lower",
+        note="publish acknowledged -> the consumer's transaction starts",
+    )
+    add(
+        "checkout",
         "checkout/steady_p50",
         f"end-to-end p50 under steady load (<= {w} in flight)",
         "ms",

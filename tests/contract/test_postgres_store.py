@@ -836,3 +836,51 @@ async def test_a_stale_update_sent_without_waiting_fails_before_anything_commits
             moved(loaded, "A"),
             moved(other, "B"),
         ]
+
+
+async def other_relay(store: PostgresStore, mark_at: float | None = None) -> list[str]:
+    """What a second relay gets (and marks, with ``mark_at``) while the first holds rows."""
+    async with store.outbox_locked(10, now=1.0, lease=5.0) as batch:
+        if mark_at is not None:
+            await batch.mark_published([r.id for r in batch.rows], now=mark_at)
+        return [r.envelope.message_id for r in batch.rows]
+
+
+@pytest.mark.postgres
+async def test_a_locked_outbox_batch_is_held_marked_or_released(make_store: MakeStore) -> None:
+    async with opened(make_store(max_size=4)) as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope(f"m{i}") for i in range(4)], now=1.0)
+        # A row leased by outbox_claim is not handed out until its lease ends.
+        [leased] = await store.outbox_claim(1, now=1.0, lease=60.0)
+        with pytest.raises(RuntimeError):
+            async with store.outbox_locked(10, now=1.0, lease=5.0) as batch:
+                assert [r.envelope.message_id for r in batch.rows] == ["m1", "m2", "m3"]
+                # Another relay (task) meanwhile skips the locked rows instead of waiting.
+                assert await asyncio.create_task(other_relay(store)) == []
+                raise RuntimeError("the relay died mid-publish")
+        # Rolled back: the rows are free at once (no lease to wait for).
+        async with store.outbox_locked(2, now=1.0, lease=5.0) as batch:
+            assert [r.envelope.message_id for r in batch.rows] == ["m1", "m2"]
+            await batch.mark_published([r.id for r in batch.rows], now=2.0)
+            await batch.dead_letter("nowhere", "m2", "{}", "unroutable: test", now=2.0)
+        assert await store.outbox_pending() == 2  # m0 (leased) and m3
+        assert [d.message_id for d in await store.dead_letters()] == ["m2"]
+        published = {e.message_id: at for e, at in await store.outbox_all()}
+        assert published == {"m0": None, "m1": 2.0, "m2": 2.0, "m3": None}
+        assert leased.envelope.message_id == "m0"
+
+
+@pytest.mark.postgres
+async def test_a_relay_stopped_inside_its_batch_loses_it_to_another(make_store: MakeStore) -> None:
+    async with opened(make_store(max_size=4)) as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([envelope("m0")], now=1.0)
+        with pytest.raises(StoreError):
+            async with store.outbox_locked(10, now=1.0, lease=0.2) as batch:
+                assert len(batch.rows) == 1
+                await asyncio.sleep(1.0)  # "stopped" longer than its lease
+                # The server ended the session: another relay already has the row.
+                assert await asyncio.create_task(other_relay(store, mark_at=2.0)) == ["m0"]
+                await batch.mark_published([r.id for r in batch.rows], now=3.0)
+        assert [at for _, at in await store.outbox_all()] == [2.0]

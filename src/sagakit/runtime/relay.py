@@ -1,8 +1,11 @@
 """The outbox relay: publishes committed outbox rows and marks them only once acknowledged.
 
 A crash between publish and mark means the rows are published again after their claim
-lease runs out: duplicates are allowed, losses are not. Rows the transport cannot route
-are parked in the producer's dead-letter table with the reason, never dropped.
+lease runs out: duplicates are allowed, losses are not. A store that can lock the batch
+in the transaction that marks it (PostgreSQL's ``outbox_locked``) is relayed that way:
+one commit per batch, and a relay that dies mid-publish frees its rows at once. Rows the
+transport cannot route are parked in the producer's dead-letter table with the reason,
+never dropped.
 
 Events (facts, no destination) are fanned out here: one addressed copy per endpoint
 that subscribes to the event's type, all with the event's message id (each consumer's
@@ -15,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.errors import TransportError, UnroutableMessage
 from sagakit.runtime.consumer import FaultHook
-from sagakit.stores.base import Store
+from sagakit.stores.base import OutboxRow, Store
 from sagakit.transports.base import Transport
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,53 @@ class Relay:
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked published (or parked)."""
+        locked = getattr(self.store, "outbox_locked", None)
+        if locked is not None:
+            return await self._relay_locked(locked)
         now = self.clock()
         rows = await self.store.outbox_claim(self.batch_size, now, self.lease)
         if not rows:
             return 0
+        parked = await self._publish(rows)
+        if parked is None:
+            return 0  # left claimed: retried when the lease ends
+        if parked:
+            async with self.store.transaction() as tx:
+                for env, reason in parked:
+                    await tx.dead_letter(
+                        env.destination or "", env.message_id, env.to_json(), reason, now
+                    )
+        self.faults.point("after_publish", self.store.name)
+        await self.store.outbox_mark_published([r.id for r in rows], self.clock())
+        self.published += len(rows)
+        return len(rows)
+
+    async def _relay_locked(self, locked: Callable[..., Any]) -> int:
+        """The same with a store that locks the batch in the transaction that marks it
+        (PostgreSQL): one commit per batch instead of a claim and a mark."""
+        now = self.clock()
+        batch: _LockedBatch
+        try:
+            async with locked(self.batch_size, now, self.lease) as batch:
+                if not batch.rows:
+                    return 0
+                parked = await self._publish(batch.rows)
+                if parked is None:
+                    raise _NotAcknowledged
+                for env, reason in parked:
+                    await batch.dead_letter(
+                        env.destination or "", env.message_id, env.to_json(), reason, now
+                    )
+                self.faults.point("after_publish", self.store.name)
+                await batch.mark_published([r.id for r in batch.rows], self.clock())
+        except _NotAcknowledged:
+            return 0  # rolled back: the rows are free for the next attempt
+        self.published += len(batch.rows)
+        return len(batch.rows)
+
+    async def _publish(self, rows: Sequence[OutboxRow]) -> list[tuple[Envelope, str]] | None:
+        """Publish ``rows``; return the copies to park with their reasons, or ``None`` if
+        the transport did not acknowledge (nothing may be marked then)."""
         envelopes: list[Envelope] = []
         unheard: list[Envelope] = []
         for r in rows:
@@ -65,7 +112,6 @@ class Relay:
                 envelopes.extend(env.with_changes(destination=e) for e in subscribers)
             else:
                 envelopes.append(env)
-        done = [r.id for r in rows]
         parked: list[tuple[Envelope, str]] = [
             (e, f"no endpoint subscribes to event {e.type!r}") for e in unheard
         ]
@@ -78,16 +124,20 @@ class Relay:
                 (e, f"unroutable: {exc}") for e in envelopes if (e.message_id, e.destination) in bad
             ]
         except TransportError as exc:
-            # Not acknowledged: leave the rows claimed; they are retried when the lease ends.
             log.warning("publish of %d messages failed: %s", len(rows), exc)
-            return 0
-        if parked:
-            async with self.store.transaction() as tx:
-                for env, reason in parked:
-                    await tx.dead_letter(
-                        env.destination or "", env.message_id, env.to_json(), reason, now
-                    )
-        self.faults.point("after_publish", self.store.name)
-        await self.store.outbox_mark_published(done, self.clock())
-        self.published += len(done)
-        return len(done)
+            return None
+        return parked
+
+
+class _NotAcknowledged(Exception):
+    """Leaves a locked batch unmarked (its transaction rolls back)."""
+
+
+class _LockedBatch(Protocol):
+    rows: list[OutboxRow]
+
+    async def mark_published(self, ids: Sequence[int], now: float) -> None: ...
+
+    async def dead_letter(
+        self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
+    ) -> None: ...

@@ -66,7 +66,7 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from functools import cache, lru_cache
 from importlib import resources
@@ -116,6 +116,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENGINE_NAMESPACE",
+    "LockedOutbox",
     "PostgresStore",
     "PostgresTx",
     "qmark_to_psycopg",
@@ -831,6 +832,32 @@ class PostgresTx:
         await cursor.execute("COMMIT")
 
 
+class LockedOutbox:
+    """A relay's batch from :meth:`PostgresStore.outbox_locked`: its rows, locked."""
+
+    __slots__ = ("_tx", "rows")
+
+    def __init__(self, tx: PostgresTx, rows: list[OutboxRow]) -> None:
+        self._tx = tx
+        self.rows = rows
+        """The rows to publish, oldest first."""
+
+    async def mark_published(self, ids: Sequence[int], now: float) -> None:
+        """Mark rows published; committed when the block ends without an error."""
+        if ids:
+            await self._tx._send(
+                f"mark {len(ids)} outbox row(s) published",
+                self._tx._q["outbox_mark_published"],
+                (now, list(ids)),
+            )
+
+    async def dead_letter(
+        self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
+    ) -> None:
+        """Park a message that cannot be routed, in the same transaction."""
+        await self._tx.dead_letter(endpoint, message_id, body, reason, now)
+
+
 class _Transaction(AbstractAsyncContextManager[PostgresTx]):
     """``async with``: a pooled connection in pipeline mode, BEGIN; COMMIT or ROLLBACK."""
 
@@ -1388,6 +1415,39 @@ class PostgresStore:
         _, rows = await self._write("claim outbox rows", query, params)
         rows.sort()
         return [OutboxRow(id=r[0], envelope=Envelope.from_json(r[1])) for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def outbox_locked(
+        self, limit: int, now: float, lease: float
+    ) -> AsyncIterator[LockedOutbox]:
+        """The relay's batch, locked in a transaction that also marks it published.
+
+        Up to ``limit`` unpublished rows, oldest first, locked ``FOR UPDATE SKIP
+        LOCKED`` (rows another relay holds, or leased by :meth:`outbox_claim`, are
+        skipped). Publish them inside the block, then
+        :meth:`LockedOutbox.mark_published`: one commit per batch, where claim and
+        mark cost two, and a relay that dies mid-publish releases its rows at once
+        (its transaction rolls back) instead of after a lease. The server ends the
+        session of a relay idle in the block for ``lease`` seconds (a stopped
+        process), which releases the rows too; leave the block with an exception to
+        publish nothing.
+        """
+        async with self.transaction() as tx:
+            await tx._send(
+                "limit the relay's transaction",
+                self._q["idle_in_transaction_timeout"],
+                (f"{max(int(lease * 1000), 1)}ms",),
+            )
+            params: tuple[Any, ...]
+            if self.lease_clock == "database":
+                query, params = self._q["outbox_lock_db_clock"], (max(limit, 0),)
+            else:
+                query, params = self._q["outbox_lock_caller_clock"], (now, max(limit, 0))
+            rows = await tx._all("lock outbox rows", query, params)
+            rows.sort()
+            yield LockedOutbox(
+                tx, [OutboxRow(id=r[0], envelope=Envelope.from_json(r[1])) for r in rows]
+            )
 
     async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
         """Mark rows as published (acknowledged by the transport); ``now`` is recorded."""

@@ -267,6 +267,28 @@ WHERE id IN (SELECT id FROM outbox
              FOR UPDATE SKIP LOCKED)
 RETURNING id, body
 
+-- name: outbox_lock_db_clock
+-- The relay's batch inside its transaction (PostgresStore.outbox_locked): the rows stay
+-- locked while they are published and are marked in the same transaction, one commit
+-- per batch. Rows another relay locked are skipped; leases of outbox_claim are honoured.
+SELECT id, body FROM outbox
+WHERE published_at IS NULL
+  AND (claimed_until IS NULL
+       OR claimed_until <= extract(epoch FROM statement_timestamp())::float8)
+ORDER BY id LIMIT %s
+FOR UPDATE SKIP LOCKED
+
+-- name: outbox_lock_caller_clock
+SELECT id, body FROM outbox
+WHERE published_at IS NULL AND (claimed_until IS NULL OR claimed_until <= %s)
+ORDER BY id LIMIT %s
+FOR UPDATE SKIP LOCKED
+
+-- name: idle_in_transaction_timeout
+-- For this transaction only: a relay stopped while it holds rows (SIGSTOP, a frozen
+-- host) has its session ended by the server, so the rows go to another relay.
+SELECT set_config('idle_in_transaction_session_timeout', %s, true)
+
 -- name: outbox_mark_published
 -- The first publication time is kept when a row is published twice (lease expired).
 UPDATE outbox SET published_at = %s
