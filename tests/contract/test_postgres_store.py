@@ -884,3 +884,42 @@ async def test_a_relay_stopped_inside_its_batch_loses_it_to_another(make_store: 
                 assert await asyncio.create_task(other_relay(store, mark_at=2.0)) == ["m0"]
                 await batch.mark_published([r.id for r in batch.rows], now=3.0)
         assert [at for _, at in await store.outbox_all()] == [2.0]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("n", [3, 20], ids=["row-by-row", "arrays"])
+async def test_buffered_writes_apply_and_refuse_alike_in_both_forms(
+    make_store: MakeStore, n: int
+) -> None:
+    """Few rows go out one statement each, many as one statement with arrays."""
+    ids = [f"s{i:02d}" for i in range(n)]
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert_many([saga(i) for i in ids])
+            await tx.history_add([history(i, "started") for i in ids])
+            await tx.timers_set([Timer(i, "deadline", 50.0 + k, "f") for k, i in enumerate(ids)])
+            await tx.outbox_add([envelope(f"m-{i}") for i in ids], now=1.0)
+        async with store.transaction() as tx:
+            loaded = await tx.saga_get_many(ids)
+            for i in ids:
+                await tx.saga_update(moved(loaded[i], "PENDING_INVENTORY"), 0)
+            await tx.timers_cancel(ids[0], ["deadline"])
+        assert {(await store.get_saga(i) or saga()).version for i in ids} == {1}
+        assert [h.event for h in await store.history(ids[-1])] == ["started"]
+        assert await store.outbox_pending() == n
+        async with store.transaction() as tx:
+            due = await tx.timers_take_due(1000.0, 100)
+        assert [t.saga_id for t in due] == ids[1:]
+        # One stale update among many: the whole transaction is refused, naming it.
+        with pytest.raises(ConcurrencyError, match=f"saga {ids[-1]} was not updated"):
+            async with store.transaction() as tx:
+                loaded = await tx.saga_get_many(ids)
+                for i in ids[:-1]:
+                    await tx.saga_update(moved(loaded[i], "COMPLETING"), 1)
+                await tx.saga_update(moved(loaded[ids[-1]], "COMPLETING"), 0)
+        assert {(await store.get_saga(i) or saga()).status for i in ids} == {"PENDING_INVENTORY"}
+        # A saga that exists already among many new ones: refused, nothing inserted.
+        with pytest.raises(ConcurrencyError, match=f"saga {ids[0]} already exists"):
+            async with store.transaction() as tx:
+                await tx.saga_insert_many([saga(f"new{i}") for i in range(n)] + [saga(ids[0])])
+        assert await store.get_saga("new0") is None

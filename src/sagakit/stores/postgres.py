@@ -262,6 +262,13 @@ def _finished() -> NoReturn:
     )
 
 
+# Buffered writes of at least this many rows go out as one statement with arrays; fewer
+# go row by row (pipelined). Measured on a 2-core test machine: a statement with arrays
+# costs ~0.17 ms more client CPU than a one-row statement (psycopg dumps each array),
+# then ~11 us a row against ~40 us for a row of its own: break-even ~7 rows.
+_BATCH_ROWS = 8
+
+
 def _columns(rows: Sequence[Sequence[Any]], floats: Sequence[int] = ()) -> list[list[Any]]:
     """Rows as one list per column: the parameters of an ``unnest(%b::type[], ...)``.
 
@@ -412,55 +419,51 @@ class PostgresTx:
             new, self._new = list(self._new.values()), {}
             self._inserted.update((i.saga_id, i) for i in new)
             await self._send_checked(
-                "insert",
-                {i.saga_id: -1 for i in new},
-                "saga_insert_batch",
-                _columns([_saga_insert_params(i) for i in new], floats=(9, 10, 11)),
+                "insert", [(i.saga_id, -1, _saga_insert_params(i)) for i in new], (9, 10, 11)
             )
         if self._updates:
             updates, self._updates = self._updates, {}
             await self._send_checked(
                 "update",
-                {k: expected for k, (_, expected) in updates.items()},
-                "saga_update_batch",
-                _columns(
-                    [_saga_update_params(i, exp) for i, exp in updates.values()], floats=(6, 7)
-                ),
+                [(k, exp, _saga_update_params(i, exp)) for k, (i, exp) in updates.items()],
+                (6, 7),
             )
         if self._history:
             rows, self._history = _history_params(self._history), []
-            await self._send(
-                f"append {len(rows)} history row(s)",
-                self._q["history_add_batch"],
-                _columns(rows, floats=(2,)),
-            )
+            await self._send_rows(f"append {len(rows)} history row(s)", "history_add", rows, (2,))
         if self._timers:
             timers, self._timers = self._timers, {}
             gone = [key for key, t in timers.items() if t is None]
             if gone:
-                await self._send(
-                    f"cancel {len(gone)} timer(s)", self._q["timers_cancel_batch"], _columns(gone)
-                )
+                await self._send_rows(f"cancel {len(gone)} timer(s)", "timer_cancel", gone)
             rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers.values() if t]
             if rows:
-                await self._send(
-                    f"set {len(rows)} timer(s)",
-                    self._q["timer_set_batch"],
-                    _columns(rows, floats=(2,)),
-                )
+                await self._send_rows(f"set {len(rows)} timer(s)", "timer_set", rows, (2,))
         if self._outbox:
             out, self._outbox = self._outbox, []
             rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e, now in out]
-            await self._send(
-                f"add {len(rows)} message(s) to the outbox",
-                self._q["outbox_add_batch"],
-                _columns(rows, floats=(4,)),
+            await self._send_rows(
+                f"add {len(rows)} message(s) to the outbox", "outbox_add", rows, (4,)
             )
         if self._acks:
             ids, self._acks = self._acks, []
             await self._send(
                 f"remove {len(ids)} message(s) from the mailbox", self._q["queue_ack"], (ids,)
             )
+
+    async def _send_rows(
+        self, what: str, name: str, rows: list[tuple[Any, ...]], floats: Sequence[int] = ()
+    ) -> None:
+        """Queue ``rows`` for statement ``name``: row by row when few, else as arrays."""
+        cursor = self._cur or _finished()
+        try:
+            if len(rows) < _BATCH_ROWS:
+                await cursor.executemany(self._q[name], rows)
+            else:
+                await cursor.execute(self._q[f"{name}_batch"], _columns(rows, floats))
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued.append(what)
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
         cursor = await self._ask(what, query, params)
@@ -717,20 +720,30 @@ class PostgresTx:
         )
 
     async def _send_checked(
-        self, verb: str, expected: dict[str, int], query: str, params: _Params
+        self, verb: str, rows: list[tuple[str, int, tuple[Any, ...]]], floats: Sequence[int]
     ) -> None:
-        """Queue a saga write on its own cursor; its RETURNING rows name the sagas written.
-
-        Checked at the next answer (pipeline mode) or at once (without it).
-        """
-        what = f"{verb} {len(expected)} saga(s)"
-        cursor = (self._cur or _finished()).connection.cursor()
+        """Queue saga writes (saga id, expected version, parameters) on cursors of their
+        own, whose RETURNING rows name the sagas written: row by row when few, else
+        one statement with arrays. Checked at the next answer (pipeline mode) or at
+        once (without it)."""
+        what = f"{verb} {len(rows)} saga(s)"
+        conn = (self._cur or _finished()).connection
+        name = f"saga_{verb}"
         try:
-            await cursor.execute(self._q[query], params)
+            if len(rows) < _BATCH_ROWS:
+                for saga_id, expected, params in rows:
+                    cursor = conn.cursor()
+                    await cursor.execute(self._q[name], params)
+                    self._checks.append((cursor, verb, {saga_id: expected}))
+            else:
+                cursor = conn.cursor()
+                await cursor.execute(
+                    self._q[f"{name}_batch"], _columns([p for *_, p in rows], floats)
+                )
+                self._checks.append((cursor, verb, {k: exp for k, exp, _ in rows}))
         except psycopg.Error as exc:
             raise self._fail(what, exc) from exc
         self._queued.append(what)
-        self._checks.append((cursor, verb, expected))
         if self._pipeline is None:
             await self._verify_updates()
 

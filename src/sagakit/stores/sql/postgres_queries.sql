@@ -81,7 +81,17 @@ INSERT INTO sagas (saga_id, definition, definition_version, business_key, state,
                    reason, cancel_requested, timed_out, data, steps)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
-RETURNING 1
+RETURNING saga_id
+
+-- name: saga_update
+-- Row by row below PostgresTx's _BATCH_ROWS: arrays cost more than they save there.
+-- saga_id, definition, business_key and created_at are fixed at insert.
+UPDATE sagas
+SET definition_version = %s, state = %s, status = %s, version = %s, cursor = %s,
+    correlation_id = %s, updated_at = %s, deadline_at = %s, reason = %s,
+    cancel_requested = %s, timed_out = %s, data = %s, steps = %s
+WHERE saga_id = %s AND version = %s
+RETURNING saga_id
 
 -- name: saga_insert_batch
 -- A transaction's new sagas in one statement (PostgresTx buffers its writes): every
@@ -150,6 +160,10 @@ WITH gone AS (DELETE FROM saga_counts RETURNING state, n)
 INSERT INTO saga_counts (state, n)
 SELECT state, sum(n) FROM gone GROUP BY state HAVING sum(n) <> 0
 
+-- name: history_add
+INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+
 -- name: history_add_batch
 -- Columns as binary arrays; ORDINALITY keeps the rows' order, hence their ids.
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
@@ -164,13 +178,20 @@ ORDER BY i
 SELECT saga_id, version, at, event, state, status, step, detail, message_id
 FROM saga_history WHERE saga_id = %s ORDER BY id
 
+-- name: timer_set
+INSERT INTO timers (saga_id, name, due_at, fence) VALUES (%s, %s, %s, %s)
+ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
+
+-- name: timer_cancel
+DELETE FROM timers WHERE saga_id = %s AND name = %s
+
 -- name: timer_set_batch
 -- (saga_id, name) pairs are unique within a call: DO UPDATE may touch a row once.
 INSERT INTO timers (saga_id, name, due_at, fence)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::float8[], %b::text[])
 ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
 
--- name: timers_cancel_batch
+-- name: timer_cancel_batch
 DELETE FROM timers t
 USING unnest(%b::text[], %b::text[]) AS c(saga_id, name)
 WHERE t.saga_id = c.saga_id AND t.name = c.name
@@ -234,6 +255,10 @@ WHERE consumer = %(consumer)s AND key = ANY(%(keys)b::text[])
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
+
+-- name: outbox_add
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
+VALUES (%s, %s, %s, %s, %s)
 
 -- name: outbox_add_batch
 -- Columns as binary arrays; ORDINALITY keeps the messages' order, hence their ids (the
