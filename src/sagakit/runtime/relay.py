@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.errors import TransportError, UnroutableMessage
@@ -75,7 +76,9 @@ class Relay:
         self.published += len(rows)
         return len(rows)
 
-    async def _relay_locked(self, locked: Callable[..., Any]) -> int:
+    async def _relay_locked(
+        self, locked: Callable[[int, float, float], AbstractAsyncContextManager[_LockedBatch]]
+    ) -> int:
         """The same with a store that locks the batch in the transaction that marks it
         (PostgreSQL): one commit per batch instead of a claim and a mark."""
         now = self.clock()
