@@ -19,7 +19,7 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("opentelemetry", "tracing (opentelemetry + sagakit.observability)"),
     ("sagakit/observability", "tracing (opentelemetry + sagakit.observability)"),
     ("sagakit/stores/rows", "sagakit row codecs (stores/rows.py)"),
-    ("psycopg/types/array", "psycopg text-array dumping (regex escaping)"),
+    ("psycopg/types/array", "psycopg array dumping (Python, per element)"),
     ("re/_parser", "re (regex substitution templates)"),
     ("re/__init__", "re (regex substitution templates)"),
     ("/enum.py", "enum"),

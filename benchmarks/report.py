@@ -1119,106 +1119,72 @@ def findings(by_name: dict[str, Result], profiles: list[dict[str, Any]], sizes: 
         v = None if r is None else summary(r.values)["median"]
         return "—" if v is None else f"{v * 100:.1f}%"
 
-    burst = by_name.get("checkout/burst_completed")
-    done = None if burst is None else summary(burst.values)["median"]
-    if done is None:
-        burst_verdict = "was not measured under a burst in this run"
-    elif done < sizes.checkout_burst:
-        burst_verdict = "collapses under a burst"
-    else:
-        burst_verdict = "keeps up with a burst, slowly"
     return f"""## Findings and next steps
 
-Proposals with this run's evidence; the benchmark changes nothing in `src/`. In short:
-the database is not the limit (sagakit uses {pct("compare/limit/postgres_commit_rate_used")}
-of PostgreSQL's and {pct("compare/limit/sqlite_commit_rate_used")} of SQLite's raw commit
-rate while running flat out); Python work per message and, on PostgreSQL, synchronous
-round trips per message are. sagakit already beats DBOS on throughput
+Proposals with this run's evidence. In short: the database is not the limit (sagakit
+uses {pct("compare/limit/postgres_commit_rate_used")} of PostgreSQL's and
+{pct("compare/limit/sqlite_commit_rate_used")} of SQLite's raw commit rate while running
+flat out); Python work per transition is, and for the distributed checkout the time a
+message spends between two processes. sagakit beats DBOS on throughput
 ({m("compare/throughput/sagakit_pg_vs_dbos_pg")}x on PostgreSQL,
 {m("compare/throughput/sagakit_sqlite_vs_dbos_sqlite_wal")}x on SQLite WAL) and on CPU
-({m("compare/cpu/dbos_pg_vs_sagakit_pg")}x less per saga), but not on sequential latency
-on PostgreSQL ({m("engine/postgres/ok/seq_p50")} ms against DBOS's
-{m("dbos/postgres/ok/seq_p50")} ms).
+({m("compare/cpu/dbos_pg_vs_sagakit_pg")}x less per saga), short of the 30x target.
 
-1. **A local step costs ~6 commits and 3 loop hand-offs.** It is a command written to
-   the outbox, claimed by the relay (a write), pushed into the same store's mailbox (a
-   write), marked published (a write), fetched by the local consumer (a write), applied
-   (the transition) and acknowledged (a write), although producer and consumer are the
-   same process and database: {m("engine/sqlite/ok/commits_per_saga_seq")} commits per
-   4-step saga run alone ({m("engine/sqlite/fail/commits_per_saga_seq")} when it fails at
-   step 3 and compensates twice). At this run's raw commit rates that alone is a floor of
-   {m("compare/limit/postgres_seq_commit_floor_ms")} ms per saga on PostgreSQL (measured
-   p50: {m("engine/postgres/ok/seq_p50")} ms) and {m("compare/limit/sqlite_seq_commit_floor_ms")}
-   ms on SQLite (measured: {m("engine/sqlite/ok/seq_p50")} ms). **Next step:** when a
-   command's destination is the worker's own `<endpoint>.local` on the same store, write
-   it straight into that store's mailbox in the transition's own transaction instead of
-   the outbox: no relay claim, push or mark (3 of the 6 commits) and two fewer hand-offs,
-   with the same crash safety. Further: run the callable right after the commit and apply
-   its result in the worker's next transaction, the mailbox row staying only as the
-   crash-recovery record. The sequential p50 target (2.5 ms) needs this.
-2. **PostgreSQL: three synchronous round trips per message.** Inside a batch
-   transaction every reply does `inbox_add`, `saga_get ... FOR UPDATE` and `saga_update
-   ... RETURNING`, each a pipeline sync; `start_many` does `saga_get_by_key` + insert per
-   saga. In the profile `saga_get`, `saga_update` and `inbox_add` together take
-   {_cum(profiles, "postgres", "(saga_get)", "(saga_update)", "(inbox_add)")} of the
-   wall time, psycopg {_area_share(profiles, "postgres", "psycopg (driver")} and waiting
-   in epoll {_area_share(profiles, "postgres", "idle")}. **Next step:** per batch, one
-   `INSERT INTO inbox ... SELECT unnest(%s) ON CONFLICT DO NOTHING RETURNING message_id`,
-   one `SELECT ... WHERE saga_id = ANY(%s) ORDER BY saga_id FOR UPDATE` (a fixed lock
-   order also prevents deadlocks between a timer transaction and a reply batch, one of
-   which was hit while this benchmark was written: `deadlock detected ... while locking
-   tuple in relation "sagas"`), then the version-checked
-   updates queued without a sync and verified from their RETURNING rows at commit: ~3
-   round trips per batch instead of ~3 per message. The same change speeds up timers,
-   which fire at {m("timers/postgres/fire_rate")}/s on PostgreSQL against
-   {m("timers/sqlite/fire_rate")}/s on SQLite.
-3. **Tracing costs even when nobody traces.** With `opentelemetry-api` installed (the
-   `otel` extra) but no tracer provider configured, every message still builds span
-   attributes, parses its `traceparent` and opens a non-recording span, and every
-   transition calls `record_transition`: {_area_share(profiles, "sqlite", "tracing")} of
-   the SQLite profile, {_area_share(profiles, "postgres", "tracing")} of PostgreSQL's.
-   **Next step:** decide once (and on `use_tracer_provider`) whether the provider is a
-   no-op, and return before building anything.
-4. **Each message is parsed three times, and JSON is {_area_share(profiles, "sqlite", "json")}
-   of the SQLite profile.** The relay parses outbox rows (`outbox_claim`), the batch
-   consumer parses each delivery, and `LocalStepRunner` parses it again;
-   `Envelope.to_json` calls `json.dumps(..., sort_keys=True, separators=...)`, which
-   builds a new encoder per call (the stores already keep a prebuilt one); the saga's
-   `steps` and `data` are re-serialised on every update. **Next step:** parse once per
-   delivery and hand the `Envelope` along; a module-level encoder for envelopes; relay
-   the stored body text as is instead of parsing and re-serialising it.
-5. **psycopg escapes text arrays with a regex.** `queue_push` sends the message bodies
-   as a `text[]`; psycopg's text-format array dumper escapes every quote of every JSON
-   body with `re.sub` (most of the {_area_share(profiles, "postgres", "re (regex")} in `re`
-   in the PostgreSQL profile; the rest is the `traceparent` check of item 3).
-   **Next step:** send the array in binary (`%(bodies)b`), or `executemany` the rows
-   inside the pipeline.
-6. **The distributed checkout {burst_verdict}.** Sequentially an order takes
-   {m("checkout/seq_p50")} ms; with at most {sizes.checkout_window} orders in flight the
-   system completes {m("checkout/throughput")} checkouts/s (p50 {m("checkout/steady_p50")}
-   ms); but of {sizes.checkout_burst:,} orders placed at once
-   {m("checkout/burst_completed")} completed (full runs only):
-   commands wait in queues longer than the checkout's 2 s command timeout, retries and
-   status queries add more messages, and the sagas end in the manual queue (run notes
-   above). CPU per checkout is {m("checkout/cpu")} ms for {m("checkout/messages")}
-   messages. **Next steps:** admission control (a bound on sagas in flight per worker, so
-   `start_many` of 1,000 queues instead of starting 1,000 timers), a step timer that
-   starts when the command is handed to the participant rather than when it is written,
-   the command timeout as a deployment setting (2 s suits embedded SQLite, not a loaded
-   broker), and items 1-5, which all apply per message.
-7. **`count_sagas()` scans every row** (`GROUP BY state`): p99
-   {m("listing/sqlite/count_p99")} ms on SQLite and {m("listing/postgres/count_p99")} ms on
-   PostgreSQL at this run's row count, while every list query stays within
-   {m("listing/sqlite/worst_list_p99")} / {m("listing/postgres/worst_list_p99")} ms.
-   **Next step:** a per-state counter table maintained in the transition's transaction
-   (or exact counts for the few non-terminal states from the state index plus an
-   estimate for the terminal ones).
-8. **Scale and recovery** (see the targets table): waiting sagas cost little in the worker (its RSS
-   is {m("timers/sqlite/worker_rss_idle")} MB on SQLite and
+**Done since the first full run** (each measured side by side before and after when it
+landed; see git log): local steps run inline (5 commits per 4-step saga instead of ~25,
+no relay or mailbox hand-off); reply batches read and lock their sagas in one statement
+in saga_id order; a transaction's writes are buffered and sent as one statement per table
+(column arrays from 8 rows on); the relay on PostgreSQL locks its batch in the
+transaction that marks it (one commit per batch); steps are stored as compact rows;
+tracing costs nothing without a provider; saga counts come from per-state counters.
+
+1. **Engine CPU: {m("engine/postgres/ok/cpu_per_saga")} ms per saga on PostgreSQL**
+   (target 0.5; {m("engine/sqlite/ok/cpu_per_saga")} ms on SQLite). The profile spreads
+   it thin: JSON {_area_share(profiles, "postgres", "json")}, the state machine
+   {_area_share(profiles, "postgres", "sagakit state machine")}, instances (copy,
+   decode) {_area_share(profiles, "postgres", "sagakit instance")}, psycopg
+   {_area_share(profiles, "postgres", "psycopg (driver")} plus its Python array dumping
+   {_area_share(profiles, "postgres", "psycopg array")}. **Next steps:** re-encode a
+   saga's `data` only when a transition changed it (most do not); send the wide batch
+   statements as one JSON document instead of per-column arrays (one C-level encode;
+   the server extracts the columns); record the inbox entry and lock the saga in one
+   statement (one round trip less per batch). Throughput also scales with worker
+   processes against one database; on this 2-core machine they compete with PostgreSQL.
+2. **Sequential latency: {m("engine/postgres/ok/seq_p50")} ms p50 on PostgreSQL,
+   {m("engine/sqlite/ok/seq_p50")} ms on SQLite** (target 2.5). Commits alone set a
+   floor of {m("compare/limit/postgres_seq_commit_floor_ms")} ms on PostgreSQL and
+   {m("compare/limit/sqlite_seq_commit_floor_ms")} ms on SQLite at this machine's raw
+   commit rates ({m("engine/sqlite/ok/commits_per_saga_seq")} commits per saga: one per
+   step, each step's result durable before the next step runs); the rest is Python per
+   transaction and ~4 round trips each. Running several local steps in one transaction
+   would break that durability promise and is not proposed. **Next step:** two round
+   trips per transaction (inbox + load in one statement; the mailbox ids generated
+   client-side so the insert needs no answer).
+3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
+   and SQLite's own statement work about a third of it. **Next step:** an instance cache
+   (a saga this process wrote last is not read and decoded again; the version check
+   still guards against another writer).
+4. **Distributed checkout: {m("checkout/seq_p50")} ms for one order**, 14 messages
+   one after the other: each waits {m("checkout/hop_outbox")} ms in the outbox (the rest
+   of the writer's transaction and its commit, the NOTIFY, the relay's wake-up, lock and
+   publish) and travels {m("checkout/hop_delivery")} ms from the broker's
+   acknowledgement to its consumer. Under load, {m("checkout/throughput")} checkouts/s
+   with <= {sizes.checkout_window} in flight and {m("checkout/burst_throughput")}/s for
+   a burst; CPU is {m("checkout/cpu")} ms per checkout over the six processes, so two
+   cores shared with PostgreSQL and NATS cap it near 2,000 / that. **Next steps:** each
+   writing process publishes its own outbox rows right after its commit (the relay
+   process only catches up what a crashed writer left), which removes the NOTIFY and a
+   process hop from every message; participants record idempotency without waiting for
+   an answer (the duplicate check at commit).
+5. **Scale and recovery** (see the targets table): waiting sagas cost little in the
+   worker (RSS {m("timers/sqlite/worker_rss_idle")} MB on SQLite and
    {m("timers/postgres/worker_rss_idle")} MB on PostgreSQL with every saga waiting; they
-   live in the database), listing at a million rows, and recovery after `kill -9`
-   ({m("recovery/sqlite/recovery_s")} s, {m("recovery/sqlite/participant_duplicates")}
-   duplicate participant effects; local steps re-ran {m("recovery/sqlite/local_reruns")}
-   times, i.e. the one batch whose callables had run when the process died: at least
-   once, with the same idempotency key, as documented).
+   live in the database); counting is {m("listing/sqlite/count_p99")} /
+   {m("listing/postgres/count_p99")} ms p99 and every list query within
+   {m("listing/sqlite/worst_list_p99")} / {m("listing/postgres/worst_list_p99")} ms;
+   recovery after `kill -9` takes {m("recovery/sqlite/recovery_s")} s with
+   {m("recovery/sqlite/participant_duplicates")} duplicate participant effects (local
+   steps re-ran {m("recovery/sqlite/local_reruns")} times: the batch whose callables had
+   run when the process died; at least once, with the same idempotency key, as
+   documented).
 """
