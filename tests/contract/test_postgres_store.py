@@ -923,3 +923,18 @@ async def test_buffered_writes_apply_and_refuse_alike_in_both_forms(
             async with store.transaction() as tx:
                 await tx.saga_insert_many([saga(f"new{i}") for i in range(n)] + [saga(ids[0])])
         assert await store.get_saga("new0") is None
+
+
+@pytest.mark.postgres
+async def test_a_relay_into_its_own_store_claims_instead_of_locking(make_store: MakeStore) -> None:
+    """The embedded transport writes into stores: never inside the relay's transaction."""
+    from sagakit.runtime.relay import Relay
+    from sagakit.transports.embedded import EmbeddedTransport
+
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.outbox_add([replace(envelope("m0"), destination="payments")], now=1.0)
+        relay = Relay(store, EmbeddedTransport({"payments": store}))
+        assert await relay.relay_once() == 1
+        assert await store.outbox_pending() == 0
+        assert await store.queue_depth("payments") == 1

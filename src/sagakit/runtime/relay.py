@@ -2,8 +2,9 @@
 
 A crash between publish and mark means the rows are published again after their claim
 lease runs out: duplicates are allowed, losses are not. A store that can lock the batch
-in the transaction that marks it (PostgreSQL's ``outbox_locked``) is relayed that way:
-one commit per batch, and a relay that dies mid-publish frees its rows at once. Rows the
+in the transaction that marks it (PostgreSQL's ``outbox_locked``) is relayed that way
+when the transport publishes to a broker (``publishes_to_broker``): one commit per
+batch, and a relay that dies mid-publish frees its rows at once. Rows the
 transport cannot route are parked in the producer's dead-letter table with the reason,
 never dropped.
 
@@ -55,8 +56,10 @@ class Relay:
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked published (or parked)."""
+        # Only with a broker transport: the embedded one publishes into stores' mailboxes,
+        # maybe this very store, which must not happen inside this store's transaction.
         locked = getattr(self.store, "outbox_locked", None)
-        if locked is not None:
+        if locked is not None and getattr(self.transport, "publishes_to_broker", False):
             return await self._relay_locked(locked)
         now = self.clock()
         rows = await self.store.outbox_claim(self.batch_size, now, self.lease)

@@ -315,6 +315,9 @@ class _Subscription:
 class NatsTransport:
     """JetStream streams and durable pull consumers behind the Transport protocol."""
 
+    publishes_to_broker = True
+    """Publishing writes to no store: a relay may publish inside its store transaction."""
+
     def __init__(
         self,
         url: str,

@@ -130,6 +130,9 @@ class RabbitMqTransport:
     before it is requeued.
     """
 
+    publishes_to_broker = True
+    """Publishing writes to no store: a relay may publish inside its store transaction."""
+
     def __init__(
         self,
         url: str,
