@@ -897,7 +897,13 @@ async def test_buffered_writes_apply_and_refuse_alike_in_both_forms(
         async with store.transaction() as tx:
             await tx.saga_insert_many([saga(i) for i in ids])
             await tx.history_add([history(i, "started") for i in ids])
-            await tx.timers_set([Timer(i, "deadline", 50.0 + k, "f") for k, i in enumerate(ids)])
+            # Whole-number times among floats: one array of mixed ints and floats.
+            await tx.timers_set(
+                [
+                    Timer(i, "deadline", 50 + k if k % 2 else 50.5 + k, "f")
+                    for k, i in enumerate(ids)
+                ]
+            )
             await tx.outbox_add([envelope(f"m-{i}") for i in ids], now=1.0)
         async with store.transaction() as tx:
             loaded = await tx.saga_get_many(ids)
