@@ -7,7 +7,7 @@ fencing token carried by the messages that transition emitted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -125,22 +125,8 @@ class StepState:
         return self.attempt - self.retry_base
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "status": self.status.value,
-            "attempt": self.attempt,
-            "rung": self.rung,
-            "rung_attempt": self.rung_attempt,
-            "result": self.result,
-            "error": self.error,
-            "next_retry_at": self.next_retry_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "queries": self.queries,
-            "retry_base": self.retry_base,
-            "fence_floor": self.fence_floor,
-            "manual_retries": self.manual_retries,
-        }
+        """JSON-ready form, by field name (the API's; stores keep :meth:`to_row`)."""
+        return dict(zip(_STEP_FIELDS, self.to_row(), strict=True))
 
     def to_row(self) -> list[Any]:
         """Compact JSON-ready form, the fields in declaration order (how stores keep it).
@@ -193,6 +179,10 @@ class StepState:
             fence_floor=raw.get("fence_floor", 0),
             manual_retries=raw.get("manual_retries", 0),
         )
+
+
+_STEP_FIELDS = tuple(f.name for f in fields(StepState))
+"""StepState's fields in declaration order: the keys of to_dict, the order of to_row."""
 
 
 @dataclass(slots=True)

@@ -53,14 +53,19 @@ class Relay:
         self.faults = faults or FaultHook()
         self.event_routes = {k: tuple(v) for k, v in (event_routes or {}).items()}
         self.published = 0
+        # The batch is locked in the store transaction that marks it only with a broker
+        # transport: the embedded one publishes into stores' mailboxes, maybe this very
+        # store, which must not happen inside this store's transaction.
+        self._locked: _LockBatch | None = (
+            getattr(store, "outbox_locked", None)
+            if getattr(transport, "publishes_to_broker", False)
+            else None
+        )
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked published (or parked)."""
-        # Only with a broker transport: the embedded one publishes into stores' mailboxes,
-        # maybe this very store, which must not happen inside this store's transaction.
-        locked = getattr(self.store, "outbox_locked", None)
-        if locked is not None and getattr(self.transport, "publishes_to_broker", False):
-            return await self._relay_locked(locked)
+        if self._locked is not None:
+            return await self._relay_locked(self._locked)
         now = self.clock()
         rows = await self.store.outbox_claim(self.batch_size, now, self.lease)
         if not rows:
@@ -79,9 +84,7 @@ class Relay:
         self.published += len(rows)
         return len(rows)
 
-    async def _relay_locked(
-        self, locked: Callable[[int, float, float], AbstractAsyncContextManager[_LockedBatch]]
-    ) -> int:
+    async def _relay_locked(self, locked: _LockBatch) -> int:
         """The same with a store that locks the batch in the transaction that marks it
         (PostgreSQL): one commit per batch instead of a claim and a mark."""
         now = self.clock()
@@ -147,3 +150,7 @@ class _LockedBatch(Protocol):
     async def dead_letter(
         self, endpoint: str, message_id: str | None, body: str, reason: str, now: float
     ) -> None: ...
+
+
+_LockBatch = Callable[[int, float, float], AbstractAsyncContextManager[_LockedBatch]]
+"""``PostgresStore.outbox_locked``: (limit, now, lease) -> the locked batch."""
