@@ -214,6 +214,15 @@ async def test_saga_get_by_key(open_store: OpenStore) -> None:
             assert await tx.inbox_add_many("o", ["m1", "m2", "m1"], now=1.0) == {"m1", "m2"}
             assert await tx.inbox_add_many("o", ["m2", "m3"], now=1.0) == {"m3"}
             assert await tx.inbox_add_many("o", [], now=1.0) == set()
+            # The start of a reply batch: record and load in one go (one round trip on
+            # PostgreSQL), a write buffered before it included.
+            await tx.history_add([entry("s1", 2, "before")])
+            fresh, loaded = await tx.inbox_add_and_load("o", ["m3", "m4"], 1.0, ["s1", "gone"])
+            assert fresh == {"m4"} and sorted(loaded) == ["s1"]
+            assert loaded["s1"].business_key == "o-1"
+            assert await tx.inbox_add_and_load("o", [], 1.0, ["s2"]) == (set(), {"s2": both["s2"]})
+            assert await tx.inbox_add_and_load("o", ["m5"], 1.0, []) == ({"m5"}, {})
+        assert [h.event for h in await store.history("s1")] == ["before"]
 
 
 async def test_saga_insert_refuses_duplicate_id_and_business_key(open_store: OpenStore) -> None:
@@ -876,6 +885,29 @@ async def test_queue_add_and_remove_inside_a_transaction(open_store: OpenStore) 
         assert await store.queue_reset_leases("o.local") == 1
         [back] = await store.queue_fetch("o.local", 10, now=3.0, lease=5.0)
         assert (back.id, back.body, back.deliveries) == (leased[0], "mine", 2)
+
+
+async def test_queue_add_ids_stay_unique_and_ordered_across_transactions(
+    open_store: OpenStore,
+) -> None:
+    # PostgreSQL reserves ids in blocks: more rows than a block, rolled-back ones and
+    # rows pushed outside a transaction must still never share an id.
+    async with open_store() as store:
+        seen: list[int] = []
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.queue_add("o.local", ["lost"], now=1.0)
+                raise Boom
+        for n in (3, 300, 1):
+            async with store.transaction() as tx:
+                ids = await tx.queue_add("o.local", [f"m{i}" for i in range(n)], now=1.0)
+            assert ids == sorted(ids) and len(ids) == n
+            seen += ids
+            await store.queue_push("o.local", ["pushed"], now=1.0)
+        fetched = await store.queue_fetch("o.local", 1000, now=2.0, lease=5.0)
+        assert len(fetched) == 307 and len({m.id for m in fetched}) == 307
+        assert set(seen) <= {m.id for m in fetched}
+        assert "lost" not in {m.body for m in fetched}
 
 
 async def test_queue_add_and_remove_roll_back(open_store: OpenStore) -> None:

@@ -274,8 +274,10 @@ class Orchestrator(BatchConsumer):
                 raise MessageError(
                     f"{self.endpoint} takes replies; got a {env.kind.value} {env.type!r}"
                 )
-        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
-        await self.apply_replies(tx, self.new_ones(envelopes, fresh), now, self.endpoint)
+        fresh, loaded = await self.record_and_load(tx, self.endpoint, envelopes, now)
+        await self.apply_replies(
+            tx, self.new_ones(envelopes, fresh), now, self.endpoint, loaded=loaded
+        )
 
     async def apply_reply(self, tx: Tx, reply: Envelope, now: float) -> None:
         """Apply one reply inside ``tx`` (the caller recorded it in the inbox)."""
@@ -287,18 +289,40 @@ class Orchestrator(BatchConsumer):
         decision = self.machine_for(inst).on_reply(inst, reply, now)
         await self._write(tx, decision, inst.version, now)
 
+    @staticmethod
+    async def record_and_load(
+        tx: Tx, consumer: str, envelopes: Sequence[Envelope], now: float
+    ) -> tuple[set[str], dict[str, SagaInstance]]:
+        """Record a batch in ``consumer``'s inbox and load (lock) the sagas it is for.
+
+        One round trip on PostgreSQL. The sagas of messages handled before are loaded
+        too (the batch is rarely all duplicates); :meth:`apply_replies` ignores them.
+        """
+        saga_ids = sorted({e.saga_id for e in envelopes if e.saga_id})
+        return await tx.inbox_add_and_load(
+            consumer, [e.message_id for e in envelopes], now, saga_ids
+        )
+
     async def apply_replies(
-        self, tx: Tx, replies: Sequence[Envelope], now: float, endpoint: str
+        self,
+        tx: Tx,
+        replies: Sequence[Envelope],
+        now: float,
+        endpoint: str,
+        *,
+        loaded: dict[str, SagaInstance] | None = None,
     ) -> None:
         """Apply replies in order inside ``tx``, loading all their sagas in one go.
 
         The caller recorded them in the inbox; ``endpoint`` names the handler in traces.
+        ``loaded``: the sagas, if the caller loaded them (:meth:`record_and_load`).
         A saga with several replies in the batch sees each one's transition in turn.
         """
         for reply in replies:
             if reply.saga_id is None:
                 raise MessageError(f"reply {reply.message_id} has no saga_id")
-        loaded = await tx.saga_get_many(sorted({r.saga_id for r in replies if r.saga_id}))
+        if loaded is None:
+            loaded = await tx.saga_get_many(sorted({r.saga_id for r in replies if r.saga_id}))
         for reply in replies:
             with handler_span(endpoint, reply):
                 inst = loaded.get(reply.saga_id or "")
@@ -508,14 +532,14 @@ class LocalStepRunner(BatchConsumer):
 
     async def process_batch(self, tx: Tx, envelopes: Sequence[Envelope], now: float) -> None:
         """Record the batch in the inbox in one go, then apply the new results in order."""
-        fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for e in envelopes], now)
+        fresh, loaded = await self.orchestrator.record_and_load(tx, self.endpoint, envelopes, now)
         replies: list[Envelope] = []
         for env in self.new_ones(envelopes, fresh):
             outcome = self._results.get(env.message_id)
             if outcome is None:
                 outcome = await self._run_callable(env)
             replies.append(reply_to(env, outcome, source=self.endpoint, now=now))
-        await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
+        await self.orchestrator.apply_replies(tx, replies, now, self.endpoint, loaded=loaded)
 
     def after_commit(self) -> None:
         self.orchestrator.after_commit()
@@ -589,13 +613,16 @@ class LocalStepRunner(BatchConsumer):
         now = self.clock()
         async with self.transaction() as tx:
             # Already recorded: the mailbox consumer handled it (a lease ran out).
-            fresh = await tx.inbox_add_many(self.endpoint, [e.message_id for _, e, _ in done], now)
+            envelopes = [env for _, env, _ in done]
+            fresh, loaded = await self.orchestrator.record_and_load(
+                tx, self.endpoint, envelopes, now
+            )
             outcomes = {env.message_id: outcome for _, env, outcome in done}
             replies = [
                 reply_to(env, outcomes[env.message_id], source=self.endpoint, now=now)
-                for env in self.new_ones([env for _, env, _ in done], fresh)
+                for env in self.new_ones(envelopes, fresh)
             ]
-            await self.orchestrator.apply_replies(tx, replies, now, self.endpoint)
+            await self.orchestrator.apply_replies(tx, replies, now, self.endpoint, loaded=loaded)
             await tx.queue_remove([queue_id for queue_id, _, _ in done])
             self.faults.point("before_commit", self.endpoint)
         self.after_commit()

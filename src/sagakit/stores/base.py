@@ -249,6 +249,13 @@ class Tx(Protocol):
         """
         ...
 
+    async def inbox_add_and_load(
+        self, consumer: str, message_ids: Sequence[str], now: float, saga_ids: Sequence[str]
+    ) -> tuple[set[str], dict[str, SagaInstance]]:
+        """:meth:`inbox_add_many`, then :meth:`saga_get_many`: the start of every batch
+        of replies. PostgreSQL sends both statements in one round trip."""
+        ...
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         ...
@@ -355,6 +362,13 @@ class ItemByItem:
             if inst is not None:
                 found[saga_id] = inst
         return found
+
+    async def inbox_add_and_load(
+        self: Tx, consumer: str, message_ids: Sequence[str], now: float, saga_ids: Sequence[str]
+    ) -> tuple[set[str], dict[str, SagaInstance]]:
+        """:meth:`Tx.inbox_add_many`, then :meth:`Tx.saga_get_many`."""
+        fresh = await self.inbox_add_many(consumer, message_ids, now)
+        return fresh, await self.saga_get_many(saga_ids)
 
     async def saga_get_by_keys(
         self: Tx, definition: str, business_keys: Sequence[str]

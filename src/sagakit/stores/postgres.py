@@ -267,6 +267,7 @@ def _finished() -> NoReturn:
 # costs ~0.17 ms more client CPU than a one-row statement (psycopg dumps each array),
 # then ~11 us a row against ~40 us for a row of its own: break-even ~7 rows.
 _BATCH_ROWS = 8
+_QUEUE_ID_BLOCK = 256  # mailbox ids reserved per statement (see PostgresStore._queue_ids)
 
 
 def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -324,6 +325,7 @@ class PostgresTx:
         "_outbox",
         "_pipeline",
         "_q",
+        "_queue",
         "_queued",
         "_store",
         "_timers",
@@ -357,6 +359,7 @@ class PostgresTx:
         self._history: list[HistoryEntry] = []
         self._timers: dict[tuple[str, str], Timer | None] = {}  # None: cancel; last wins
         self._outbox: list[tuple[Envelope, float]] = []
+        self._queue: list[tuple[int, str, str, float, float, int]] = []  # mailbox rows
         self._acks: list[int] = []
         # Version-checked writes sent without waiting: (cursor, "insert"|"update", saga
         # id -> expected version), verified from their RETURNING rows at the next
@@ -444,6 +447,9 @@ class PostgresTx:
             out, self._outbox = self._outbox, []
             rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e, now in out]
             await self._send_rows(f"add {len(rows)} message(s) to the outbox", "outbox_add", rows)
+        if self._queue:
+            mail, self._queue = self._queue, []
+            await self._send_rows(f"add {len(mail)} message(s) to the mailbox", "queue_add", mail)
         if self._acks:
             ids, self._acks = self._acks, []
             await self._send(
@@ -622,6 +628,37 @@ class PostgresTx:
         )
         return {r[0]: _saga_from_row(r) for r in rows}
 
+    async def inbox_add_and_load(
+        self, consumer: str, message_ids: Sequence[str], now: float, saga_ids: Sequence[str]
+    ) -> tuple[set[str], dict[str, SagaInstance]]:
+        """:meth:`inbox_add_many` and :meth:`saga_get_many` in one round trip."""
+        if not message_ids or not saga_ids:
+            fresh = await self.inbox_add_many(consumer, message_ids, now)
+            return fresh, await self.saga_get_many(saga_ids)
+        await self._flush()
+        cursor = self._cur or _finished()
+        what = f"record {len(message_ids)} message(s) in the inbox"
+        try:
+            # The inbox answer rides on a cursor of its own: in pipeline mode each
+            # cursor keeps the result of its last statement once synced.
+            inbox = cursor.connection.cursor()
+            await inbox.execute(
+                self._q["inbox_add_many"],
+                {"consumer": consumer, "ids": list(message_ids), "now": now},
+            )
+            what = f"load {len(saga_ids)} saga(s)"
+            await cursor.execute(self._q["saga_get_many"], {"ids": list(saga_ids)})
+            if self._pipeline is not None:
+                await self._pipeline.sync()
+            fresh = {r[0] for r in await inbox.fetchall()}
+            rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
+        self._queued = []
+        if self._checks:
+            await self._verify_updates()
+        return fresh, {r[0]: _saga_from_row(r) for r in rows}
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         row = await self._one(
@@ -794,24 +831,21 @@ class PostgresTx:
         """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
 
         With ``leased_until`` they count as handed out once and stay hidden until then.
-        Visible ones notify ``queue_channel`` with the endpoint on commit.
+        Visible ones notify ``queue_channel`` with the endpoint on commit. Buffered like
+        the other writes: the ids come from a block the store reserved (see
+        :meth:`PostgresStore._queue_ids`), so this needs no round trip of its own.
         """
         if not bodies:
             return []
+        self._check_open()
         at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
-        params = {
-            "endpoint": endpoint,
-            "now": now,
-            "at": at,
-            "deliveries": deliveries,
-            "bodies": list(bodies),
-        }
-        rows = await self._all(
-            f"add {len(bodies)} message(s) to {endpoint!r}", self._q["queue_add"], params
+        ids = await self._store._queue_ids(self, len(bodies))
+        self._queue.extend(
+            (id, endpoint, body, now, at, deliveries) for id, body in zip(ids, bodies, strict=True)
         )
         if leased_until is None:
             self._notify.add((self._store.queue_channel, endpoint))
-        return sorted(r[0] for r in rows)
+        return ids
 
     async def queue_remove(self, ids: Sequence[int]) -> None:
         """Remove mailbox messages in this transaction: acknowledged with their effect."""
@@ -1052,6 +1086,7 @@ class PostgresStore:
         self._use_pipeline = psycopg.Pipeline.is_supported()
         self._tasks_in_tx: set[asyncio.Task[Any]] = set()
         self._clock_offset = 0.0
+        self._spare_queue_ids: list[int] = []
 
     def __repr__(self) -> str:
         return f"PostgresStore({_safe_dsn(self.dsn)!r}, name={self.name!r}, schema={self.schema!r})"
@@ -1118,8 +1153,28 @@ class PostgresStore:
         if self.schema is not None:
             await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 
+    async def _queue_ids(self, tx: PostgresTx, n: int) -> list[int]:
+        """``n`` fresh mailbox ids, ascending, from the block this store reserved.
+
+        A block of :data:`_QUEUE_ID_BLOCK` (or ``n``) is reserved with one statement
+        when the spare ones run out: nextval is not transactional, so the ids stay
+        reserved whatever becomes of ``tx``, and values a process never used are gaps.
+        """
+        spare = self._spare_queue_ids
+        if len(spare) < n:
+            rows = await tx._all(
+                "reserve mailbox ids", self._q["queue_ids"], (max(n, _QUEUE_ID_BLOCK),)
+            )
+            # Another transaction of this process may have refilled meanwhile.
+            spare.extend(r[0] for r in rows)
+            spare.sort()
+        ids = spare[:n]
+        del spare[:n]
+        return ids
+
     async def close(self) -> None:
         """Close the pool (connections still lent out close when they come back)."""
+        self._spare_queue_ids = []  # the next open may be a different database
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

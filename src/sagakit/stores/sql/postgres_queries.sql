@@ -381,15 +381,24 @@ WHERE id IN (SELECT id FROM queue WHERE endpoint = %s AND available_at <= %s
              FOR UPDATE SKIP LOCKED)
 RETURNING id, endpoint, body, deliveries, enqueued_at
 
+-- name: queue_ids
+-- Identity values for Tx.queue_add, reserved a block at a time (see PostgresStore): the
+-- mailbox rows of a transaction are then written with the rest of its buffered writes,
+-- with no round trip for their ids. Reserved values are never reused (a block a
+-- process did not use is a gap), so a late ack of an old id still deletes nothing else.
+SELECT nextval(pg_get_serial_sequence('queue', 'id')::regclass)
+FROM generate_series(1, %s)
+
 -- name: queue_add
--- Inside a transaction (Tx.queue_add). The bodies travel as a binary text[]: the text
--- array format would escape every quote of every JSON body. Ids are drawn in
--- the order of the rows inserted, so sorted they follow the bodies.
-INSERT INTO queue (endpoint, body, enqueued_at, available_at, deliveries)
-SELECT %(endpoint)s, body, %(now)s, %(at)s, %(deliveries)s
-FROM unnest(%(bodies)b::text[]) WITH ORDINALITY AS b(body, n)
-ORDER BY n
-RETURNING id
+INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
+OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, %s, %s, %s)
+
+-- name: queue_add_batch
+-- Columns as binary arrays (a text array would escape every quote of every JSON body).
+INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
+OVERRIDING SYSTEM VALUE
+SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::float8[], %b::float8[],
+                     %b::int[])
 
 -- name: queue_ack
 DELETE FROM queue WHERE id = ANY(%s::bigint[])
