@@ -503,6 +503,8 @@ class LocalStepRunner(BatchConsumer):
         self.inline_lease = 30.0
         """How long the inline runner keeps a command from the mailbox consumer."""
         self.inline_batch = 256
+        self.inline_concurrency = 4
+        """Batches the inline runner applies at once: one's commit overlaps the next's work."""
         self._pending: list[tuple[int, Envelope]] = []
         self._ready = asyncio.Event()
 
@@ -549,10 +551,11 @@ class LocalStepRunner(BatchConsumer):
         return self.orchestrator.transaction()
 
     # -- inline: local commands this process wrote, run without a mailbox round trip ----
-    def start_inline(self, *, lease: float, batch_size: int) -> None:
+    def start_inline(self, *, lease: float, batch_size: int, concurrency: int = 4) -> None:
         """Lease new local commands to :meth:`run_inline` from now on (call, then run it)."""
         self.inline_lease = lease
         self.inline_batch = max(batch_size, 1)
+        self.inline_concurrency = max(concurrency, 1)
         self.inline = True
 
     def hand_over(self, items: Sequence[tuple[int, Envelope]]) -> None:
@@ -563,29 +566,48 @@ class LocalStepRunner(BatchConsumer):
     async def run_inline(self) -> None:
         """Run handed-over local commands and apply their results, batch by batch.
 
+        Up to :attr:`inline_concurrency` batches at once, each in its own transaction:
+        while one waits for its commit (a disk flush), the next one's steps run. They
+        never deadlock (each locks its sagas in saga_id order) and a saga with commands
+        in both is applied by one, then the other (its row lock orders them).
+
         Stops leasing new commands when cancelled; commands still pending then stay
         leased in the mailbox, and the transport hands them out again on its next start.
         """
         self.inline = True
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._ready.set()
+
         try:
             while True:
-                if not self._pending:
+                if not self._pending or len(running) >= self.inline_concurrency:
                     self._ready.clear()
                     await self._ready.wait()
                     continue
                 batch = self._pending[: self.inline_batch]
                 del self._pending[: self.inline_batch]
-                try:
-                    await self._inline_batch(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # The store failed even to hand the commands back: their leases end
-                    # and the mailbox consumer takes them then.
-                    log.exception("inline local steps failed; the mailbox consumer takes over")
+                task = asyncio.create_task(self._guarded_batch(batch))
+                running.add(task)
+                task.add_done_callback(finished)
         finally:
             self.inline = False
             self._pending.clear()
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _guarded_batch(self, batch: Sequence[tuple[int, Envelope]]) -> None:
+        try:
+            await self._inline_batch(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store failed even to hand the commands back: their leases end and
+            # the mailbox consumer takes them then.
+            log.exception("inline local steps failed; the mailbox consumer takes over")
 
     async def _inline_batch(self, batch: Sequence[tuple[int, Envelope]]) -> None:
         done: list[tuple[int, Envelope, Outcome]] = []

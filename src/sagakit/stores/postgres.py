@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import time
@@ -262,26 +263,12 @@ def _finished() -> NoReturn:
     )
 
 
-# Buffered writes of at least this many rows go out as one statement with arrays; fewer
-# go row by row (pipelined). Measured on a 2-core test machine: a statement with arrays
-# costs ~0.17 ms more client CPU than a one-row statement (psycopg dumps each array),
-# then ~11 us a row against ~40 us for a row of its own: break-even ~7 rows.
-_BATCH_ROWS = 8
 _QUEUE_ID_BLOCK = 256  # mailbox ids reserved per statement (see PostgresStore._queue_ids)
 
 
-def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Rows as one list per column: the parameters of an ``unnest(%b::type[], ...)``.
-
-    psycopg refuses a list that mixes ints and floats (a time given as a whole number
-    next to others), so such a column is made all floats.
-    """
-    columns = [list(column) for column in zip(*rows, strict=True)]
-    for i, column in enumerate(columns):
-        kinds = {type(v) for v in column}
-        if float in kinds and int in kinds:
-            columns[i] = [v if v is None else float(v) for v in column]
-    return columns
+def _json_rows(rows: object) -> str:
+    """Rows (tuples of str, int, float, bool, None) as the JSON text of one write part."""
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
 
 
 def _lock_key(schema: str | None) -> int:
@@ -349,11 +336,11 @@ class PostgresTx:
         # a timer loop already waiting for something sooner need not look.
         self._timers_due: float | None = None
         # Write-behind: the engine's writes (sagas, history, timers, outbox, mailbox
-        # acknowledgements) wait here and go out just before the next statement that
-        # needs an answer (a read sees them) or before COMMIT: per table one statement
-        # with column arrays from _BATCH_ROWS rows on, else one pipelined row each. A
-        # batch transaction writes hundreds of rows; a statement per row cost psycopg
-        # ~40 us of CPU each, an array row ~11 us.
+        # rows and acknowledgements) wait here and go out just before the next statement
+        # that needs an answer (a read sees them) or before COMMIT, all of them as one
+        # statement (see _flush). Per statement and per parameter psycopg costs far more
+        # client CPU than the server spends on a JSON array (a step's transaction sent
+        # ten statements before, four now).
         self._new: dict[str, SagaInstance] = {}  # inserts, in order
         self._updates: dict[str, tuple[SagaInstance, int]] = {}  # id -> (latest, expected)
         self._history: list[HistoryEntry] = []
@@ -361,10 +348,10 @@ class PostgresTx:
         self._outbox: list[tuple[Envelope, float]] = []
         self._queue: list[tuple[int, str, str, float, float, int]] = []  # mailbox rows
         self._acks: list[int] = []
-        # Version-checked writes sent without waiting: (cursor, "insert"|"update", saga
-        # id -> expected version), verified from their RETURNING rows at the next
-        # answer, and always before COMMIT.
-        self._checks: list[tuple[_Cursor, str, dict[str, int]]] = []
+        # Version-checked writes sent without waiting: (cursor, [("insert"|"update",
+        # saga id -> expected version) per column of its one row]), verified at the
+        # next answer, and always before COMMIT.
+        self._checks: list[tuple[_Cursor, list[tuple[str, dict[str, int]]]]] = []
         self._inserted: dict[str, SagaInstance] = {}  # inserts being checked, by id
 
     def _fail(self, what: str, exc: Exception) -> StoreError:
@@ -404,69 +391,101 @@ class PostgresTx:
         return cursor
 
     async def _verify_updates(self) -> None:
-        """Raise ConcurrencyError for the first queued insert or update that did not apply."""
+        """Raise ConcurrencyError for the first buffered insert or update that did not apply."""
         checks, self._checks = self._checks, []
         inserted, self._inserted = self._inserted, {}
-        for cursor, verb, expected in checks:
+        for cursor, columns in checks:
             try:
-                applied = {r[0] for r in await cursor.fetchall()}
+                row = await cursor.fetchone()
             except psycopg.Error as exc:
-                raise self._fail(f"{verb} {len(expected)} saga(s)", exc) from exc
-            for saga_id, version in expected.items():
-                if saga_id not in applied:
-                    if verb == "insert":
-                        await self._refuse_insert(inserted[saga_id])
-                    await self._refuse_update(saga_id, version)
+                raise self._fail("write the buffered sagas", exc) from exc
+            for n, (verb, expected) in enumerate(columns):
+                applied = set(row[n] or ()) if row is not None else set()
+                for saga_id, version in expected.items():
+                    if saga_id not in applied:
+                        if verb == "insert":
+                            await self._refuse_insert(inserted[saga_id])
+                        await self._refuse_update(saga_id, version)
 
-    async def _flush(self) -> None:
-        """Send the buffered writes, one statement per table (see ``__init__``)."""
+    async def _flush(self, notify: Sequence[tuple[str, str]] = ()) -> None:
+        """Send the buffered writes (and ``notify``) as one statement (see postgres_queries.sql).
+
+        The sagas inserted and updated are checked from its answer: at the next
+        statement that waits for one (pipeline mode), else at once.
+        """
+        parts: list[str] = []
+        params: list[Any] = []
+        checked: list[str] = []
+        columns: list[tuple[str, dict[str, int]]] = []
+        what: list[str] = []
+        q = self._q
+
+        def part(name: str, rows: object, label: str) -> None:
+            parts.append(f"{name} AS ({q[name]})")
+            params.append(_json_rows(rows))
+            what.append(label)
+
         if self._new:
             new, self._new = list(self._new.values()), {}
             self._inserted.update((i.saga_id, i) for i in new)
-            await self._send_checked(
-                "insert", [(i.saga_id, -1, _saga_insert_params(i)) for i in new]
+            part(
+                "write_sagas_new",
+                [_saga_insert_params(i) for i in new],
+                f"insert {len(new)} saga(s)",
             )
+            checked.append("ARRAY(SELECT saga_id FROM write_sagas_new)")
+            columns.append(("insert", {i.saga_id: -1 for i in new}))
         if self._updates:
             updates, self._updates = self._updates, {}
-            await self._send_checked(
-                "update",
-                [(k, exp, _saga_update_params(i, exp)) for k, (i, exp) in updates.items()],
-            )
+            rows = [_saga_update_params(i, exp) for i, exp in updates.values()]
+            part("write_sagas_changed", rows, f"update {len(rows)} saga(s)")
+            checked.append("ARRAY(SELECT saga_id FROM write_sagas_changed)")
+            columns.append(("update", {k: exp for k, (_, exp) in updates.items()}))
         if self._history:
             rows, self._history = _history_params(self._history), []
-            await self._send_rows(f"append {len(rows)} history row(s)", "history_add", rows)
+            part("write_history", rows, f"append {len(rows)} history row(s)")
         if self._timers:
             timers, self._timers = self._timers, {}
             gone = [key for key, t in timers.items() if t is None]
             if gone:
-                await self._send_rows(f"cancel {len(gone)} timer(s)", "timer_cancel", gone)
+                part("write_timers_gone", gone, f"cancel {len(gone)} timer(s)")
             rows = [(t.saga_id, t.name, t.due_at, t.fence) for t in timers.values() if t]
             if rows:
-                await self._send_rows(f"set {len(rows)} timer(s)", "timer_set", rows)
+                part("write_timers_set", rows, f"set {len(rows)} timer(s)")
         if self._outbox:
             out, self._outbox = self._outbox, []
             rows = [(e.message_id, e.destination, e.saga_id, e.to_json(), now) for e, now in out]
-            await self._send_rows(f"add {len(rows)} message(s) to the outbox", "outbox_add", rows)
+            part("write_outbox", rows, f"add {len(rows)} message(s) to the outbox")
         if self._queue:
             mail, self._queue = self._queue, []
-            await self._send_rows(f"add {len(mail)} message(s) to the mailbox", "queue_add", mail)
+            part("write_mailbox", mail, f"add {len(mail)} message(s) to the mailbox")
         if self._acks:
-            ids, self._acks = self._acks, []
-            await self._send(
-                f"remove {len(ids)} message(s) from the mailbox", self._q["queue_ack"], (ids,)
-            )
-
-    async def _send_rows(self, what: str, name: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Queue ``rows`` for statement ``name``: row by row when few, else as arrays."""
-        cursor = self._cur or _finished()
+            acks, self._acks = self._acks, []
+            part("write_acks", acks, f"remove {len(acks)} message(s) from the mailbox")
+        if not parts and not notify:
+            return
+        select = checked + ["pg_notify(%s, %s)"] * len(notify)
+        for channel, payload in notify:
+            params += (channel, payload)
+        query = (
+            f"WITH {', '.join(parts)} SELECT {', '.join(select) or '1'}"
+            if parts
+            else (f"SELECT {', '.join(select)}")
+        )
+        conn = (self._cur or _finished()).connection
+        label = ", ".join(what) or "notify"
         try:
-            if len(rows) < _BATCH_ROWS:
-                await cursor.executemany(self._q[name], rows)
-            else:
-                await cursor.execute(self._q[f"{name}_batch"], _columns(rows))
+            # A cursor of its own: its answer is read at the next sync, whatever the
+            # transaction's main cursor runs meanwhile.
+            cursor = conn.cursor()
+            await cursor.execute(query, params)
         except psycopg.Error as exc:
-            raise self._fail(what, exc) from exc
-        self._queued.append(what)
+            raise self._fail(label, exc) from exc
+        self._queued.append(label)
+        if columns:
+            self._checks.append((cursor, columns))
+            if self._pipeline is None:
+                await self._verify_updates()
 
     async def _all(self, what: str, query: str, params: _Params) -> list[tuple[Any, ...]]:
         cursor = await self._ask(what, query, params)
@@ -753,30 +772,6 @@ class PostgresTx:
             f"but {found}; reload it and recompute the transition"
         )
 
-    async def _send_checked(self, verb: str, rows: list[tuple[str, int, tuple[Any, ...]]]) -> None:
-        """Queue saga writes (saga id, expected version, parameters) on cursors of their
-        own, whose RETURNING rows name the sagas written: row by row when few, else
-        one statement with arrays. Checked at the next answer (pipeline mode) or at
-        once (without it)."""
-        what = f"{verb} {len(rows)} saga(s)"
-        conn = (self._cur or _finished()).connection
-        name = f"saga_{verb}"
-        try:
-            if len(rows) < _BATCH_ROWS:
-                for saga_id, expected, params in rows:
-                    cursor = conn.cursor()
-                    await cursor.execute(self._q[name], params)
-                    self._checks.append((cursor, verb, {saga_id: expected}))
-            else:
-                cursor = conn.cursor()
-                await cursor.execute(self._q[f"{name}_batch"], _columns([p for *_, p in rows]))
-                self._checks.append((cursor, verb, {k: exp for k, exp, _ in rows}))
-        except psycopg.Error as exc:
-            raise self._fail(what, exc) from exc
-        self._queued.append(what)
-        if self._pipeline is None:
-            await self._verify_updates()
-
     async def history_add(self, entries: Sequence[HistoryEntry]) -> None:
         """Append history rows (never updated, never deleted)."""
         self._check_open()
@@ -854,8 +849,12 @@ class PostgresTx:
 
     # -- end of the block ---------------------------------------------------------------
     async def _send_commit(self) -> None:
-        """Queue the notifications and COMMIT; leaving pipeline mode sends them."""
-        await self._flush()
+        """Queue the last writes with the notifications, then COMMIT; leaving pipeline
+        mode sends them. Buffered sagas are checked first (one more round trip): a
+        refusal must come before COMMIT is sent."""
+        if self._store.notify and self._timers_due is not None:
+            self._notify.add((self._store.timers_channel, repr(self._timers_due)))
+        await self._flush(sorted(self._notify) if self._store.notify else ())
         cursor = self._cur or _finished()
         if self._checks:
             try:
@@ -864,11 +863,6 @@ class PostgresTx:
                 raise self._fail("send the queued writes", exc) from exc
             self._queued = []
             await self._verify_updates()  # a ConcurrencyError here: the block rolls back
-        if self._store.notify:
-            if self._timers_due is not None:
-                self._notify.add((self._store.timers_channel, repr(self._timers_due)))
-            for channel, payload in sorted(self._notify):
-                await cursor.execute(self._q["notify"], (channel, payload))
         await cursor.execute("COMMIT")
 
 

@@ -83,58 +83,8 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING saga_id
 
--- name: saga_update
--- Row by row below PostgresTx's _BATCH_ROWS: arrays cost more than they save there.
--- saga_id, definition, business_key and created_at are fixed at insert.
-UPDATE sagas
-SET definition_version = %s, state = %s, status = %s, version = %s, cursor = %s,
-    correlation_id = %s, updated_at = %s, deadline_at = %s, reason = %s,
-    cancel_requested = %s, timed_out = %s, data = %s, steps = %s
-WHERE saga_id = %s AND version = %s
-RETURNING saga_id
-
--- name: saga_insert_batch
--- A transaction's new sagas in one statement (PostgresTx buffers its writes): every
--- column a binary array, no escaping; ORDINALITY keeps their order, hence their seq.
--- RETURNING names the inserted ones: a missing id was refused (either unique key).
-INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
-                   version, cursor, correlation_id, created_at, updated_at, deadline_at,
-                   reason, cancel_requested, timed_out, data, steps)
-SELECT saga_id, definition, definition_version, business_key, state, status,
-       version, cursor, correlation_id, created_at, updated_at, deadline_at,
-       reason, cancel_requested, timed_out, data, steps
-FROM unnest(%b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[],
-            %b::bigint[], %b::integer[], %b::text[], %b::float8[], %b::float8[],
-            %b::float8[], %b::text[], %b::boolean[], %b::boolean[], %b::text[], %b::text[])
-     WITH ORDINALITY AS n(saga_id, definition, definition_version, business_key, state,
-                          status, version, cursor, correlation_id, created_at, updated_at,
-                          deadline_at, reason, cancel_requested, timed_out, data, steps, i)
-ORDER BY i
-ON CONFLICT DO NOTHING
-RETURNING saga_id
-
 -- name: saga_exists
 SELECT version FROM sagas WHERE saga_id = %s
-
--- name: saga_update_batch
--- A transaction's version-checked updates in one statement, columns as binary arrays
--- (saga_id, definition, business_key and created_at are fixed at insert). RETURNING
--- names the sagas updated: a missing one was at another version. The join probes
--- the primary key once per element (a nested loop over the array).
-UPDATE sagas s
-SET definition_version = u.definition_version, state = u.state, status = u.status,
-    version = u.version, cursor = u.cursor, correlation_id = u.correlation_id,
-    updated_at = u.updated_at, deadline_at = u.deadline_at, reason = u.reason,
-    cancel_requested = u.cancel_requested, timed_out = u.timed_out, data = u.data,
-    steps = u.steps
-FROM unnest(%b::integer[], %b::text[], %b::text[], %b::bigint[], %b::integer[],
-            %b::text[], %b::float8[], %b::float8[], %b::text[], %b::boolean[],
-            %b::boolean[], %b::text[], %b::text[], %b::text[], %b::bigint[])
-     AS u(definition_version, state, status, version, cursor, correlation_id,
-          updated_at, deadline_at, reason, cancel_requested, timed_out, data, steps,
-          saga_id, expected)
-WHERE s.saga_id = u.saga_id AND s.version = u.expected
-RETURNING s.saga_id
 
 -- name: saga_list
 -- Optional filters as "IS NULL OR" so that one prepared statement serves every
@@ -160,41 +110,9 @@ WITH gone AS (DELETE FROM saga_counts RETURNING state, n)
 INSERT INTO saga_counts (state, n)
 SELECT state, sum(n) FROM gone GROUP BY state HAVING sum(n) <> 0
 
--- name: history_add
-INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-
--- name: history_add_batch
--- Columns as binary arrays; ORDINALITY keeps the rows' order, hence their ids.
-INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
-SELECT saga_id, version, at, event, state, status, step, detail, message_id
-FROM unnest(%b::text[], %b::bigint[], %b::float8[], %b::text[], %b::text[], %b::text[],
-            %b::text[], %b::text[], %b::text[])
-     WITH ORDINALITY AS h(saga_id, version, at, event, state, status, step, detail,
-                          message_id, i)
-ORDER BY i
-
 -- name: history
 SELECT saga_id, version, at, event, state, status, step, detail, message_id
 FROM saga_history WHERE saga_id = %s ORDER BY id
-
--- name: timer_set
-INSERT INTO timers (saga_id, name, due_at, fence) VALUES (%s, %s, %s, %s)
-ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
-
--- name: timer_cancel
-DELETE FROM timers WHERE saga_id = %s AND name = %s
-
--- name: timer_set_batch
--- (saga_id, name) pairs are unique within a call: DO UPDATE may touch a row once.
-INSERT INTO timers (saga_id, name, due_at, fence)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::float8[], %b::text[])
-ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
-
--- name: timer_cancel_batch
-DELETE FROM timers t
-USING unnest(%b::text[], %b::text[]) AS c(saga_id, name)
-WHERE t.saga_id = c.saga_id AND t.name = c.name
 
 -- name: timers_take_due
 -- SKIP LOCKED: timers another worker's open transaction took are passed over, so two
@@ -260,19 +178,6 @@ WHERE consumer = %(consumer)s AND key = ANY(%(keys)b::text[])
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING 1
-
--- name: outbox_add
-INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
-VALUES (%s, %s, %s, %s, %s)
-
--- name: outbox_add_batch
--- Columns as binary arrays; ORDINALITY keeps the messages' order, hence their ids (the
--- relays publish in id order).
-INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
-SELECT message_id, destination, saga_id, body, created_at
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[])
-     WITH ORDINALITY AS o(message_id, destination, saga_id, body, created_at, i)
-ORDER BY i
 
 -- name: outbox_claim_db_clock
 -- One statement is one transaction: the subquery's row locks are held until the UPDATE
@@ -389,17 +294,6 @@ RETURNING id, endpoint, body, deliveries, enqueued_at
 SELECT nextval(pg_get_serial_sequence('queue', 'id')::regclass)
 FROM generate_series(1, %s)
 
--- name: queue_add
-INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
-OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, %s, %s, %s)
-
--- name: queue_add_batch
--- Columns as binary arrays (a text array would escape every quote of every JSON body).
-INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
-OVERRIDING SYSTEM VALUE
-SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::float8[], %b::float8[],
-                     %b::int[])
-
 -- name: queue_ack
 DELETE FROM queue WHERE id = ANY(%s::bigint[])
 
@@ -447,3 +341,70 @@ SELECT min(created_at) FROM outbox WHERE published_at IS NULL
 -- name: dead_letter_count
 SELECT count(*) FROM dead_letters WHERE {where}
 
+-- PostgresTx buffers a transaction's writes and sends them as ONE statement: the parts
+-- below that have rows, each a data-modifying CTE named after its part, with the rows
+-- as one JSON array of arrays (json.dumps in C: a statement and a parameter per table
+-- cost psycopg far more than the server spends parsing JSON), then a final SELECT
+-- that returns the checked ids (and sends the commit's notifications). The parts never
+-- touch the same row: the buffer merges a saga's insert and updates, and a timer's
+-- set and cancel, before sending. ORDER BY i keeps rows' order, hence their ids.
+
+-- name: write_sagas_new
+-- ON CONFLICT DO NOTHING: a refused insert (either unique key) is missing from
+-- RETURNING, and the store raises ConcurrencyError before COMMIT.
+INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
+                   version, cursor, correlation_id, created_at, updated_at, deadline_at,
+                   reason, cancel_requested, timed_out, data, steps)
+SELECT e->>0, e->>1, (e->>2)::integer, e->>3, e->>4, e->>5, (e->>6)::bigint,
+       (e->>7)::integer, e->>8, (e->>9)::float8, (e->>10)::float8, (e->>11)::float8,
+       e->>12, (e->>13)::boolean, (e->>14)::boolean, e->>15, e->>16
+FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+ORDER BY i
+ON CONFLICT DO NOTHING
+RETURNING saga_id
+
+-- name: write_sagas_changed
+-- Version-checked (saga_id, definition, business_key and created_at are fixed at
+-- insert): a saga missing from RETURNING was at another version.
+UPDATE sagas s
+SET definition_version = (e->>0)::integer, state = e->>1, status = e->>2,
+    version = (e->>3)::bigint, cursor = (e->>4)::integer, correlation_id = e->>5,
+    updated_at = (e->>6)::float8, deadline_at = (e->>7)::float8, reason = e->>8,
+    cancel_requested = (e->>9)::boolean, timed_out = (e->>10)::boolean, data = e->>11,
+    steps = e->>12
+FROM jsonb_array_elements(%s::jsonb) AS r(e)
+WHERE s.saga_id = e->>13 AND s.version = (e->>14)::bigint
+RETURNING s.saga_id
+
+-- name: write_history
+INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
+SELECT e->>0, (e->>1)::bigint, (e->>2)::float8, e->>3, e->>4, e->>5, e->>6, e->>7, e->>8
+FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+ORDER BY i
+
+-- name: write_timers_gone
+DELETE FROM timers t
+USING jsonb_array_elements(%s::jsonb) AS r(e)
+WHERE t.saga_id = e->>0 AND t.name = e->>1
+
+-- name: write_timers_set
+INSERT INTO timers (saga_id, name, due_at, fence)
+SELECT e->>0, e->>1, (e->>2)::float8, e->>3 FROM jsonb_array_elements(%s::jsonb) AS r(e)
+ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
+
+-- name: write_outbox
+-- Ids in the messages' order: the relays publish in id order.
+INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
+SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::float8
+FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+ORDER BY i
+
+-- name: write_mailbox
+-- Ids reserved beforehand (queue_ids): no answer needed.
+INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
+OVERRIDING SYSTEM VALUE
+SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::float8, (e->>4)::float8, (e->>5)::integer
+FROM jsonb_array_elements(%s::jsonb) AS r(e)
+
+-- name: write_acks
+DELETE FROM queue WHERE id IN (SELECT (jsonb_array_elements_text(%s::jsonb))::bigint)
