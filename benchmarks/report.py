@@ -34,8 +34,8 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         30.0,
         "x",
-        "see 'Next steps' 1-3: local steps bypassing relay+mailbox, fewer round trips "
-        "per transition, cheaper (de)serialisation.",
+        "see 'Next steps' 1-3: client CPU per transition, the server's own work, "
+        "round trips per transaction.",
     ),
     Target(
         "engine on PostgreSQL >= 3,000 sagas/s",
@@ -59,7 +59,7 @@ TARGETS: tuple[Target, ...] = (
         "<=",
         2.5,
         "ms",
-        "see 'Next steps' 1 and 4: every step is ~6 commits and 3 loop hand-offs.",
+        "see 'Next steps' 2: one commit per step, each durable before the next runs.",
     ),
     Target(
         "SQLite WAL+FULL >= 5,000 sagas/s",
@@ -75,7 +75,7 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         500.0,
         "checkouts/s",
-        "see 'Next steps' 5.",
+        "see 'Next steps' 4.",
     ),
     Target(
         "distributed checkout p50 <= 25 ms (under the steady load above)",
@@ -83,7 +83,7 @@ TARGETS: tuple[Target, ...] = (
         "<=",
         25.0,
         "ms",
-        "see 'Next steps' 5.",
+        "see 'Next steps' 4.",
     ),
     Target(
         "distributed checkout p50 <= 25 ms (one order at a time, idle system)",
@@ -91,7 +91,7 @@ TARGETS: tuple[Target, ...] = (
         "<=",
         25.0,
         "ms",
-        "see 'Next steps' 5.",
+        "see 'Next steps' 4.",
     ),
     Target(
         "100,000 waiting sagas in <= 300 MB (worker RSS, SQLite)",
@@ -135,7 +135,7 @@ TARGETS: tuple[Target, ...] = (
         "<=",
         50.0,
         "ms",
-        "see 'Next steps' 6.",
+        "see 'Next steps' 5.",
         scale_note="list_rows",
     ),
     Target(
@@ -144,7 +144,7 @@ TARGETS: tuple[Target, ...] = (
         "<=",
         50.0,
         "ms",
-        "see 'Next steps' 6.",
+        "see 'Next steps' 5.",
         scale_note="list_rows",
     ),
     Target(
@@ -1135,34 +1135,42 @@ message spends between two processes. sagakit beats DBOS on throughput
 
 **Done since the first full run** (each measured side by side before and after when it
 landed; see git log): local steps run inline (5 commits per 4-step saga instead of ~25,
-no relay or mailbox hand-off); reply batches read and lock their sagas in one statement
-in saga_id order; a transaction's writes are buffered and sent as one statement per table
-(column arrays from 8 rows on); the relay on PostgreSQL locks its batch in the
-transaction that marks it (one commit per batch); steps are stored as compact rows;
-tracing costs nothing without a provider; saga counts come from per-state counters.
+no relay or mailbox hand-off), up to 4 batches at once (one's commit overlaps the next's
+work: PostgreSQL ~920 -> ~1,360 sagas/s side by side); reply batches record their inbox
+entries and lock their sagas in one round trip; a transaction's writes are buffered and
+sent as one statement (one CTE per table, rows as a JSON array; mailbox ids reserved in
+blocks, so a local step's transaction is 5 statements in 3 round trips instead of 10 in
+4); the relay with NATS locks its batch in the transaction that marks it (one commit
+per batch); steps are stored as compact rows; tracing costs nothing without a provider;
+saga counts come from per-state counters.
 
 1. **Engine CPU: {m("engine/postgres/ok/cpu_per_saga")} ms per saga on PostgreSQL**
    (target 0.5; {m("engine/sqlite/ok/cpu_per_saga")} ms on SQLite). The profile spreads
    it thin: JSON {_area_share(profiles, "postgres", "json")}, the state machine
    {_area_share(profiles, "postgres", "sagakit state machine")}, instances (copy,
    decode) {_area_share(profiles, "postgres", "sagakit instance")}, psycopg
-   {_area_share(profiles, "postgres", "psycopg (driver")} plus its Python array dumping
-   {_area_share(profiles, "postgres", "psycopg array")}. **Next steps:** re-encode a
-   saga's `data` only when a transition changed it (most do not); send the wide batch
-   statements as one JSON document instead of per-column arrays (one C-level encode;
-   the server extracts the columns); record the inbox entry and lock the saga in one
-   statement (one round trip less per batch). Throughput also scales with worker
-   processes against one database; on this 2-core machine they compete with PostgreSQL.
+   {_area_share(profiles, "postgres", "psycopg (driver")}, and
+   {_area_share(profiles, "postgres", "idle")} of the wall time the process waits for
+   the server. The server is the other half: PostgreSQL's own CPU is not measured by
+   this suite, but read by hand from its processes (2026-11-28) it was about as much per
+   saga as the client's, so on 2 cores the two together cap throughput well below the
+   target whatever the client saves. **Next steps:** re-encode a saga's `data` only when
+   a transition changed it (most do not); server work per transition (a state change
+   updates an indexed column, so no HOT update; the per-state counter row; the timer
+   upsert each step). Throughput also scales with worker processes against one
+   database; on this 2-core machine they compete with PostgreSQL.
 2. **Sequential latency: {m("engine/postgres/ok/seq_p50")} ms p50 on PostgreSQL,
    {m("engine/sqlite/ok/seq_p50")} ms on SQLite** (target 2.5). Commits alone set a
    floor of {m("compare/limit/postgres_seq_commit_floor_ms")} ms on PostgreSQL and
    {m("compare/limit/sqlite_seq_commit_floor_ms")} ms on SQLite at this machine's raw
    commit rates ({m("engine/sqlite/ok/commits_per_saga_seq")} commits per saga: one per
-   step, each step's result durable before the next step runs); the rest is Python per
-   transaction and ~4 round trips each. Running several local steps in one transaction
-   would break that durability promise and is not proposed. **Next step:** two round
-   trips per transaction (inbox + load in one statement; the mailbox ids generated
-   client-side so the insert needs no answer).
+   step, each step's result durable before the next step runs); the rest is client CPU
+   ({m("engine/postgres/ok/seq_cpu_per_saga")} ms per saga: psycopg and asyncio per
+   statement and per wait, 5 statements and 3 round trips per transaction) and the
+   server's work. Running several local steps in one transaction would break that
+   durability promise and is not proposed. **Next step:** the version check inside the
+   write statement (a refusal aborts the transaction itself), so COMMIT travels with
+   the writes: 2 round trips per transaction.
 3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
    and SQLite's own statement work about a third of it. **Next step:** an instance cache
    (a saga this process wrote last is not read and decoded again; the version check

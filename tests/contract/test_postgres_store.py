@@ -215,7 +215,7 @@ async def test_engine_migrations_are_applied_once_even_by_concurrent_opens(
     try:
         async with stores[0].transaction() as tx:
             before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
-        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4)]
+        assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5)]
     finally:
         for s in stores:
             await s.close()
@@ -286,6 +286,7 @@ async def test_apply_migrations_for_a_namespace(make_store: MakeStore) -> None:
             ("sagakit", 2),
             ("sagakit", 3),
             ("sagakit", 4),
+            ("sagakit", 5),
         ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a int)")
@@ -944,3 +945,35 @@ async def test_a_relay_into_its_own_store_claims_instead_of_locking(make_store: 
         assert await relay.relay_once() == 1
         assert await store.outbox_pending() == 0
         assert await store.queue_depth("payments") == 1
+
+
+@pytest.mark.postgres
+async def test_the_last_writes_check_themselves_and_their_commit(make_store: MakeStore) -> None:
+    """The writes sent with COMMIT fail the transaction when a saga is not written:
+    nothing of it commits, and the refusal names the saga and why (sagakit_refuse)."""
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.saga_insert(saga("s1"))
+        taken = replace(saga("other"), business_key="order-s1")
+        with pytest.raises(
+            ConcurrencyError, match="a checkout saga already exists for business key 'order-s1'"
+        ):
+            async with store.transaction() as tx:
+                await tx.saga_insert_many([saga("s2"), taken])
+                await tx.history_add([history("s2", "started")])
+        with pytest.raises(
+            ConcurrencyError,
+            match="saga ghost was not updated: expected version 0, but it does not exist",
+        ):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(saga("ghost"), "X"), expected_version=0)
+                await tx.outbox_add([envelope("m-ghost")], now=1.0)
+                await tx.timers_set([Timer("s1", "t", 9.0, "f")])
+        assert await store.get_saga("s2") is None and await store.history("s2") == []
+        assert await store.outbox_pending() == 0 and await store.next_timer_due() is None
+        # The connection went back to the pool clean: the next transaction works.
+        async with store.transaction() as tx:
+            loaded = await tx.saga_get("s1")
+            assert loaded is not None
+            await tx.saga_update(moved(loaded, "PAID"), expected_version=0)
+        assert (await store.get_saga("s1") or saga()).status == "PAID"

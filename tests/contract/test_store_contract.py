@@ -222,6 +222,12 @@ async def test_saga_get_by_key(open_store: OpenStore) -> None:
             assert loaded["s1"].business_key == "o-1"
             assert await tx.inbox_add_and_load("o", [], 1.0, ["s2"]) == (set(), {"s2": both["s2"]})
             assert await tx.inbox_add_and_load("o", ["m5"], 1.0, []) == ({"m5"}, {})
+            await tx.idempotency_put("o", "k1", {"ok": True}, now=2.0)
+            fresh, records = await tx.inbox_add_and_read("o", ["m5", "m6"], 1.0, ["k1", "k2"])
+            assert fresh == {"m6"} and list(records) == ["k1"]
+            assert (records["k1"].outcome, records["k1"].at) == ({"ok": True}, 2.0)
+            assert await tx.inbox_add_and_read("o", [], 1.0, ["k1", "k1"]) == (set(), records)
+            assert await tx.inbox_add_and_read("o", ["m7"], 1.0, []) == ({"m7"}, {})
         assert [h.event for h in await store.history("s1")] == ["before"]
 
 

@@ -214,11 +214,15 @@ class Participant(BatchConsumer):
         records of the batch's commands are read with one statement; what a message
         records (an outcome, a tombstone) is seen by the messages after it in the batch.
         """
-        fresh = await tx.inbox_add_many(self.name, [e.message_id for e in envelopes], now)
+        # The records of every message's keys, duplicates' too (rare; the cost of
+        # not waiting for the inbox's answer before asking).
+        keys = list(dict.fromkeys(k for e in envelopes for k in _keys_read(e)))
+        fresh, found = await tx.inbox_add_and_read(
+            self.name, [e.message_id for e in envelopes], now, keys
+        )
         records = self._batches[id(tx)] = _Records(tx, self.name)
         try:
-            new = {e.message_id: e for e in envelopes if e.message_id in fresh}
-            await records.prefetch([k for e in new.values() for k in _keys_read(e)])
+            records.know(keys, found)
             for env in envelopes:
                 with handler_span(self.endpoint, env):
                     if env.message_id not in fresh:
@@ -362,17 +366,10 @@ class _Records:
         self._known: dict[str, IdempotencyRecord | None] = {}
         self._written: set[str] = set()
 
-    async def prefetch(self, keys: Sequence[str]) -> None:
-        """Read every one of ``keys`` not known yet, in one statement.
-
-        A single key is left to :meth:`get`: a lookup by primary key is the cheaper
-        statement on SQLite, and a round trip either way on PostgreSQL.
-        """
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._known]
-        if len(wanted) > 1:
-            found = await self._tx.idempotency_get_many(self._consumer, wanted)
-            for key in wanted:
-                self._known[key] = found.get(key)
+    def know(self, keys: Sequence[str], found: Mapping[str, IdempotencyRecord]) -> None:
+        """Take the records of ``keys`` read by the caller (missing ones: none)."""
+        for key in keys:
+            self._known.setdefault(key, found.get(key))
 
     async def get(self, key: str) -> IdempotencyRecord | None:
         if key not in self._known:

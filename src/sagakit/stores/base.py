@@ -256,6 +256,13 @@ class Tx(Protocol):
         of replies. PostgreSQL sends both statements in one round trip."""
         ...
 
+    async def inbox_add_and_read(
+        self, consumer: str, message_ids: Sequence[str], now: float, keys: Sequence[str]
+    ) -> tuple[set[str], dict[str, IdempotencyRecord]]:
+        """:meth:`inbox_add_many`, then :meth:`idempotency_get_many`: the start of every
+        batch of commands. PostgreSQL sends both statements in one round trip."""
+        ...
+
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
         ...
@@ -369,6 +376,13 @@ class ItemByItem:
         """:meth:`Tx.inbox_add_many`, then :meth:`Tx.saga_get_many`."""
         fresh = await self.inbox_add_many(consumer, message_ids, now)
         return fresh, await self.saga_get_many(saga_ids)
+
+    async def inbox_add_and_read(
+        self: Tx, consumer: str, message_ids: Sequence[str], now: float, keys: Sequence[str]
+    ) -> tuple[set[str], dict[str, IdempotencyRecord]]:
+        """:meth:`Tx.inbox_add_many`, then :meth:`Tx.idempotency_get_many`."""
+        fresh = await self.inbox_add_many(consumer, message_ids, now)
+        return fresh, await self.idempotency_get_many(consumer, keys)
 
     async def saga_get_by_keys(
         self: Tx, definition: str, business_keys: Sequence[str]

@@ -245,6 +245,9 @@ def translate_error(store: str, what: str, exc: Exception) -> StoreError:
     :class:`StoreError`.
     """
     state: str | None = getattr(exc, "sqlstate", None)
+    if state == _REFUSED:  # the message names the saga and why, as the check in Python did
+        diag = getattr(exc, "diag", None)
+        return ConcurrencyError(getattr(diag, "message_primary", None) or str(exc))
     detail = " ".join(str(exc).split()) or type(exc).__name__
     message = f"PostgreSQL store {store!r} could not {what}: {detail}"
     if state is not None:
@@ -262,6 +265,10 @@ def _finished() -> NoReturn:
         "store.transaction()` block"
     )
 
+
+# The rows of one write part (see postgres_queries.sql): the elements of its JSON array.
+_ROWS = "SELECT e, i FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)"
+_REFUSED = "SK001"  # sagakit_refuse: a buffered saga write did not apply (migration 0005)
 
 _QUEUE_ID_BLOCK = 256  # mailbox ids reserved per statement (see PostgresStore._queue_ids)
 
@@ -407,11 +414,13 @@ class PostgresTx:
                             await self._refuse_insert(inserted[saga_id])
                         await self._refuse_update(saga_id, version)
 
-    async def _flush(self, notify: Sequence[tuple[str, str]] = ()) -> None:
+    async def _flush(self, notify: Sequence[tuple[str, str]] = (), *, last: bool = False) -> None:
         """Send the buffered writes (and ``notify``) as one statement (see postgres_queries.sql).
 
         The sagas inserted and updated are checked from its answer: at the next
-        statement that waits for one (pipeline mode), else at once.
+        statement that waits for one (pipeline mode), else at once. The ``last`` flush,
+        with COMMIT right behind it, has the statement check them itself: a saga not
+        written fails it (sagakit_refuse), so the transaction, and its COMMIT, with it.
         """
         parts: list[str] = []
         params: list[Any] = []
@@ -421,9 +430,20 @@ class PostgresTx:
         q = self._q
 
         def part(name: str, rows: object, label: str) -> None:
-            parts.append(f"{name} AS ({q[name]})")
+            parts.append(f"{name}_rows AS ({_ROWS}), {name} AS ({q[name]})")
             params.append(_json_rows(rows))
             what.append(label)
+
+        def check(name: str, verb: str, id_column: int, expected: dict[str, int]) -> None:
+            if last:
+                checked.append(
+                    f"(SELECT sagakit_refuse('{verb}', m) FROM (SELECT jsonb_agg(e ORDER BY i)"
+                    f" AS m FROM {name}_rows WHERE e->>{id_column} NOT IN"
+                    f" (SELECT saga_id FROM {name})) AS x WHERE m IS NOT NULL)"
+                )
+            else:
+                checked.append(f"ARRAY(SELECT saga_id FROM {name})")
+                columns.append((verb, expected))
 
         if self._new:
             new, self._new = list(self._new.values()), {}
@@ -433,14 +453,12 @@ class PostgresTx:
                 [_saga_insert_params(i) for i in new],
                 f"insert {len(new)} saga(s)",
             )
-            checked.append("ARRAY(SELECT saga_id FROM write_sagas_new)")
-            columns.append(("insert", {i.saga_id: -1 for i in new}))
+            check("write_sagas_new", "insert", 0, {i.saga_id: -1 for i in new})
         if self._updates:
             updates, self._updates = self._updates, {}
             rows = [_saga_update_params(i, exp) for i, exp in updates.values()]
             part("write_sagas_changed", rows, f"update {len(rows)} saga(s)")
-            checked.append("ARRAY(SELECT saga_id FROM write_sagas_changed)")
-            columns.append(("update", {k: exp for k, (_, exp) in updates.items()}))
+            check("write_sagas_changed", "update", 13, {k: exp for k, (_, exp) in updates.items()})
         if self._history:
             rows, self._history = _history_params(self._history), []
             part("write_history", rows, f"append {len(rows)} history row(s)")
@@ -654,9 +672,49 @@ class PostgresTx:
         if not message_ids or not saga_ids:
             fresh = await self.inbox_add_many(consumer, message_ids, now)
             return fresh, await self.saga_get_many(saga_ids)
+        fresh, rows = await self._inbox_and(
+            consumer,
+            message_ids,
+            now,
+            f"load {len(saga_ids)} saga(s)",
+            self._q["saga_get_many"],
+            {"ids": list(saga_ids)},
+        )
+        return fresh, {r[0]: _saga_from_row(r) for r in rows}
+
+    async def inbox_add_and_read(
+        self, consumer: str, message_ids: Sequence[str], now: float, keys: Sequence[str]
+    ) -> tuple[set[str], dict[str, IdempotencyRecord]]:
+        """:meth:`inbox_add_many` and :meth:`idempotency_get_many` in one round trip."""
+        if not message_ids or not keys:
+            fresh = await self.inbox_add_many(consumer, message_ids, now)
+            return fresh, await self.idempotency_get_many(consumer, keys)
+        fresh, rows = await self._inbox_and(
+            consumer,
+            message_ids,
+            now,
+            f"read {len(keys)} idempotency key(s)",
+            self._q["idempotency_get_many"],
+            {"consumer": consumer, "keys": list(dict.fromkeys(keys))},
+        )
+        return fresh, {
+            r[0]: IdempotencyRecord(key=r[0], outcome=_loads(r[1]), tombstone=r[2], at=r[3])
+            for r in rows
+        }
+
+    async def _inbox_and(
+        self,
+        consumer: str,
+        message_ids: Sequence[str],
+        now: float,
+        what: str,
+        query: str,
+        params: _Params,
+    ) -> tuple[set[str], list[tuple[Any, ...]]]:
+        """Record ``message_ids`` in the inbox and run ``query``, with one sync."""
         await self._flush()
         cursor = self._cur or _finished()
-        what = f"record {len(message_ids)} message(s) in the inbox"
+        doing = f"record {len(message_ids)} message(s) in the inbox"
         try:
             # The inbox answer rides on a cursor of its own: in pipeline mode each
             # cursor keeps the result of its last statement once synced.
@@ -665,18 +723,18 @@ class PostgresTx:
                 self._q["inbox_add_many"],
                 {"consumer": consumer, "ids": list(message_ids), "now": now},
             )
-            what = f"load {len(saga_ids)} saga(s)"
-            await cursor.execute(self._q["saga_get_many"], {"ids": list(saga_ids)})
+            doing = what
+            await cursor.execute(query, params)
             if self._pipeline is not None:
                 await self._pipeline.sync()
             fresh = {r[0] for r in await inbox.fetchall()}
             rows = await cursor.fetchall()
         except psycopg.Error as exc:
-            raise self._fail(what, exc) from exc
+            raise self._fail(doing, exc) from exc
         self._queued = []
         if self._checks:
             await self._verify_updates()
-        return fresh, {r[0]: _saga_from_row(r) for r in rows}
+        return fresh, rows
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
@@ -854,9 +912,9 @@ class PostgresTx:
         refusal must come before COMMIT is sent."""
         if self._store.notify and self._timers_due is not None:
             self._notify.add((self._store.timers_channel, repr(self._timers_due)))
-        await self._flush(sorted(self._notify) if self._store.notify else ())
+        await self._flush(sorted(self._notify) if self._store.notify else (), last=True)
         cursor = self._cur or _finished()
-        if self._checks:
+        if self._checks:  # left by an earlier flush (never without pipeline mode)
             try:
                 await (self._pipeline or _finished()).sync()
             except psycopg.Error as exc:

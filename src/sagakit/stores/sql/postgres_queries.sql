@@ -342,23 +342,25 @@ SELECT min(created_at) FROM outbox WHERE published_at IS NULL
 SELECT count(*) FROM dead_letters WHERE {where}
 
 -- PostgresTx buffers a transaction's writes and sends them as ONE statement: the parts
--- below that have rows, each a data-modifying CTE named after its part, with the rows
--- as one JSON array of arrays (json.dumps in C: a statement and a parameter per table
--- cost psycopg far more than the server spends parsing JSON), then a final SELECT
--- that returns the checked ids (and sends the commit's notifications). The parts never
--- touch the same row: the buffer merges a saga's insert and updates, and a timer's
--- set and cancel, before sending. ORDER BY i keeps rows' order, hence their ids.
+-- below that have rows, each a data-modifying CTE named after its part that reads its
+-- rows from "<part>_rows", which PostgresTx defines as the elements of one JSON array
+-- of arrays (e, in order i): json.dumps in C, where a statement and a parameter per
+-- table cost psycopg far more than the server spends on JSON. A final SELECT returns
+-- the checked saga ids, or (with COMMIT right behind it) calls sagakit_refuse for rows
+-- that were not written (migration 0005), and sends the commit's notifications. The
+-- parts never touch the same row: the buffer merges a saga's insert and updates, and a
+-- timer's set and cancel, before sending. ORDER BY i keeps rows' order, hence their ids.
 
 -- name: write_sagas_new
 -- ON CONFLICT DO NOTHING: a refused insert (either unique key) is missing from
--- RETURNING, and the store raises ConcurrencyError before COMMIT.
+-- RETURNING.
 INSERT INTO sagas (saga_id, definition, definition_version, business_key, state, status,
                    version, cursor, correlation_id, created_at, updated_at, deadline_at,
                    reason, cancel_requested, timed_out, data, steps)
 SELECT e->>0, e->>1, (e->>2)::integer, e->>3, e->>4, e->>5, (e->>6)::bigint,
        (e->>7)::integer, e->>8, (e->>9)::float8, (e->>10)::float8, (e->>11)::float8,
        e->>12, (e->>13)::boolean, (e->>14)::boolean, e->>15, e->>16
-FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+FROM write_sagas_new_rows
 ORDER BY i
 ON CONFLICT DO NOTHING
 RETURNING saga_id
@@ -372,31 +374,31 @@ SET definition_version = (e->>0)::integer, state = e->>1, status = e->>2,
     updated_at = (e->>6)::float8, deadline_at = (e->>7)::float8, reason = e->>8,
     cancel_requested = (e->>9)::boolean, timed_out = (e->>10)::boolean, data = e->>11,
     steps = e->>12
-FROM jsonb_array_elements(%s::jsonb) AS r(e)
+FROM write_sagas_changed_rows
 WHERE s.saga_id = e->>13 AND s.version = (e->>14)::bigint
 RETURNING s.saga_id
 
 -- name: write_history
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
 SELECT e->>0, (e->>1)::bigint, (e->>2)::float8, e->>3, e->>4, e->>5, e->>6, e->>7, e->>8
-FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+FROM write_history_rows
 ORDER BY i
 
 -- name: write_timers_gone
 DELETE FROM timers t
-USING jsonb_array_elements(%s::jsonb) AS r(e)
+USING write_timers_gone_rows
 WHERE t.saga_id = e->>0 AND t.name = e->>1
 
 -- name: write_timers_set
 INSERT INTO timers (saga_id, name, due_at, fence)
-SELECT e->>0, e->>1, (e->>2)::float8, e->>3 FROM jsonb_array_elements(%s::jsonb) AS r(e)
+SELECT e->>0, e->>1, (e->>2)::float8, e->>3 FROM write_timers_set_rows
 ON CONFLICT (saga_id, name) DO UPDATE SET due_at = excluded.due_at, fence = excluded.fence
 
 -- name: write_outbox
 -- Ids in the messages' order: the relays publish in id order.
 INSERT INTO outbox (message_id, destination, saga_id, body, created_at)
 SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::float8
-FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)
+FROM write_outbox_rows
 ORDER BY i
 
 -- name: write_mailbox
@@ -404,7 +406,7 @@ ORDER BY i
 INSERT INTO queue (id, endpoint, body, enqueued_at, available_at, deliveries)
 OVERRIDING SYSTEM VALUE
 SELECT (e->>0)::bigint, e->>1, e->>2, (e->>3)::float8, (e->>4)::float8, (e->>5)::integer
-FROM jsonb_array_elements(%s::jsonb) AS r(e)
+FROM write_mailbox_rows
 
 -- name: write_acks
-DELETE FROM queue WHERE id IN (SELECT (jsonb_array_elements_text(%s::jsonb))::bigint)
+DELETE FROM queue WHERE id IN (SELECT e::bigint FROM write_acks_rows)
