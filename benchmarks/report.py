@@ -1138,9 +1138,11 @@ landed; see git log): local steps run inline (5 commits per 4-step saga instead 
 no relay or mailbox hand-off), up to 4 batches at once (one's commit overlaps the next's
 work: PostgreSQL ~920 -> ~1,360 sagas/s side by side); reply batches record their inbox
 entries and lock their sagas in one round trip; a transaction's writes are buffered and
-sent as one statement (one CTE per table, rows as a JSON array; mailbox ids reserved in
-blocks, so a local step's transaction is 5 statements in 3 round trips instead of 10 in
-4); the relay with NATS locks its batch in the transaction that marks it (one commit
+sent as one statement (one CTE per table, rows as a JSON array, mailbox ids reserved in
+blocks) that checks its own saga writes, so COMMIT travels with it: a local step's
+transaction is 5 statements in 2 round trips instead of 10 in 4 (sequential client CPU
+-25% side by side); participants read inbox and idempotency records in one round
+trip; the relay with NATS locks its batch in the transaction that marks it (one commit
 per batch); steps are stored as compact rows; tracing costs nothing without a provider;
 saga counts come from per-state counters.
 
@@ -1166,11 +1168,11 @@ saga counts come from per-state counters.
    commit rates ({m("engine/sqlite/ok/commits_per_saga_seq")} commits per saga: one per
    step, each step's result durable before the next step runs); the rest is client CPU
    ({m("engine/postgres/ok/seq_cpu_per_saga")} ms per saga: psycopg and asyncio per
-   statement and per wait, 5 statements and 3 round trips per transaction) and the
-   server's work. Running several local steps in one transaction would break that
-   durability promise and is not proposed. **Next step:** the version check inside the
-   write statement (a refusal aborts the transaction itself), so COMMIT travels with
-   the writes: 2 round trips per transaction.
+   statement and per wait, 5 statements and 2 round trips per transaction) and the
+   server's work (the write statement, the commit's flush to disk). Running several local steps in one transaction would break
+   that durability promise and is not proposed. **Next step:** fewer wake-ups per
+   commit in the engine's own loops (each transaction's NOTIFY comes back to the process
+   that sent it), then a leaner driver path for the two fixed statement shapes.
 3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
    and SQLite's own statement work about a third of it. **Next step:** an instance cache
    (a saga this process wrote last is not read and decoded again; the version check
