@@ -1142,9 +1142,10 @@ sent as one statement (one CTE per table, rows as a JSON array, mailbox ids rese
 blocks) that checks its own saga writes, so COMMIT travels with it: a local step's
 transaction is 5 statements in 2 round trips instead of 10 in 4 (sequential client CPU
 -25% side by side); participants read inbox and idempotency records in one round
-trip; the relay with NATS locks its batch in the transaction that marks it (one commit
-per batch); steps are stored as compact rows; tracing costs nothing without a provider;
-saga counts come from per-state counters.
+trip and write their record without waiting for an answer; the relay with NATS locks
+its batch in the transaction that marks it (one commit per batch); steps are stored as
+compact rows; tracing costs nothing without a provider; saga counts come from
+per-state counters.
 
 1. **Engine CPU: {m("engine/postgres/ok/cpu_per_saga")} ms per saga on PostgreSQL**
    (target 0.5; {m("engine/sqlite/ok/cpu_per_saga")} ms on SQLite). The profile spreads
@@ -1169,8 +1170,9 @@ saga counts come from per-state counters.
    step, each step's result durable before the next step runs); the rest is client CPU
    ({m("engine/postgres/ok/seq_cpu_per_saga")} ms per saga: psycopg and asyncio per
    statement and per wait, 5 statements and 2 round trips per transaction) and the
-   server's work (the write statement, the commit's flush to disk). Running several local steps in one transaction would break
-   that durability promise and is not proposed. **Next step:** fewer wake-ups per
+   server's work (the write statement, the commit's flush to disk). Running several
+   local steps in one transaction would break that durability promise and is not
+   proposed. **Next step:** fewer wake-ups per
    commit in the engine's own loops (each transaction's NOTIFY comes back to the process
    that sent it), then a leaner driver path for the two fixed statement shapes.
 3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
@@ -1185,11 +1187,12 @@ saga counts come from per-state counters.
    with <= {sizes.checkout_window} in flight and {m("checkout/burst_throughput")}/s for
    a burst; CPU is {m("checkout/cpu")} ms per checkout over the six processes, so two
    cores, even without PostgreSQL and NATS on them, cap it near {cap} checkouts/s.
-   **Next steps:** each
-   writing process publishes its own outbox rows right after its commit (the relay
-   process only catches up what a crashed writer left), which removes the NOTIFY and a
-   process hop from every message; participants record idempotency without waiting for
-   an answer (the duplicate check at commit).
+   Tried and dropped (side by side, 2026-11-28): the worker and the services publishing
+   their own outbox rows (the relay role in each) left the outbox wait unchanged and
+   tripled the commits per checkout, so the hop is not the NOTIFY but the work around
+   it: the rest of the writer's transaction and its flush to disk, the relay's lock and
+   the broker's acknowledgement, on two cores shared by seven processes. **Next step:**
+   a per-process profile of one hop, to see which of these to cut.
 5. **Scale and recovery** (see the targets table): waiting sagas cost little in the
    worker (RSS {m("timers/sqlite/worker_rss_idle")} MB on SQLite and
    {m("timers/postgres/worker_rss_idle")} MB on PostgreSQL with every saga waiting; they

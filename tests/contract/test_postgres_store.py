@@ -977,3 +977,37 @@ async def test_the_last_writes_check_themselves_and_their_commit(make_store: Mak
             assert loaded is not None
             await tx.saga_update(moved(loaded, "PAID"), expected_version=0)
         assert (await store.get_saga("s1") or saga()).status == "PAID"
+
+
+@pytest.mark.postgres
+async def test_a_buffered_idempotency_key_recorded_meanwhile_is_refused(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store()) as store:
+        async with store.transaction() as tx:
+            await tx.idempotency_put("payments", "k1", {"ok": True}, now=1.0)
+        # Refused by the statement sent with COMMIT: nothing of the transaction stays.
+        with pytest.raises(StoreError, match="idempotency key 'k1' of consumer 'payments'"):
+            async with store.transaction() as tx:
+                await tx.idempotency_put("payments", "k1", {"ok": False}, now=2.0)
+                await tx.outbox_add([envelope("m-1")], now=2.0)
+        assert await store.outbox_pending() == 0
+        # Refused by the next statement that waits for an answer.
+        with pytest.raises(StoreError, match="'k1' of consumer 'payments' is already recorded"):
+            async with store.transaction() as tx:
+                await tx.idempotency_put("payments", "k1", {"ok": False}, now=2.0)
+                await tx.inbox_add("payments", "m-2", now=2.0)
+        assert await store.inbox_ids("payments") == set()
+        # Two transactions recording one key at once: the second waits, then is refused.
+        both = asyncio.Barrier(2)
+
+        async def record(outcome: str) -> str:
+            try:
+                async with store.transaction() as tx:
+                    await tx.idempotency_put("payments", "k2", {"ok": outcome}, now=3.0)
+                    await both.wait()
+            except StoreError:
+                return "refused"
+            return "recorded"
+
+        assert sorted(await asyncio.gather(record("a"), record("b"))) == ["recorded", "refused"]

@@ -245,9 +245,10 @@ def translate_error(store: str, what: str, exc: Exception) -> StoreError:
     :class:`StoreError`.
     """
     state: str | None = getattr(exc, "sqlstate", None)
-    if state == _REFUSED:  # the message names the saga and why, as the check in Python did
+    if state in (_REFUSED, _RECORDED):  # sagakit_refuse: its message says what and why
         diag = getattr(exc, "diag", None)
-        return ConcurrencyError(getattr(diag, "message_primary", None) or str(exc))
+        said = getattr(diag, "message_primary", None) or str(exc)
+        return ConcurrencyError(said) if state == _REFUSED else StoreError(said)
     detail = " ".join(str(exc).split()) or type(exc).__name__
     message = f"PostgreSQL store {store!r} could not {what}: {detail}"
     if state is not None:
@@ -269,6 +270,27 @@ def _finished() -> NoReturn:
 # The rows of one write part (see postgres_queries.sql): the elements of its JSON array.
 _ROWS = "SELECT e, i FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS r(e, i)"
 _REFUSED = "SK001"  # sagakit_refuse: a buffered saga write did not apply (migration 0005)
+_RECORDED = "SK002"  # sagakit_refuse: a buffered idempotency key was recorded before
+
+# Per checked write part: how its rows and its RETURNING rows name a row (see _flush).
+_SEP = "\x1f"  # joins consumer and key: neither holds control characters in practice
+_CHECKED = {
+    "write_sagas_new": ("e->>0", "saga_id"),
+    "write_sagas_changed": ("e->>13", "saga_id"),
+    "write_idempotency": ("(e->>0) || chr(31) || (e->>1)", "consumer || chr(31) || key"),
+}
+
+
+def _idem_id(consumer: str, key: str) -> str:
+    return f"{consumer}{_SEP}{key}"
+
+
+def _already_recorded(consumer: str, key: str) -> StoreError:
+    return StoreError(
+        f"idempotency key {key!r} of consumer {consumer!r} is already recorded; "
+        "read it with idempotency_get before writing"
+    )
+
 
 _QUEUE_ID_BLOCK = 256  # mailbox ids reserved per statement (see PostgresStore._queue_ids)
 
@@ -312,6 +334,8 @@ class PostgresTx:
         "_checks",
         "_cur",
         "_history",
+        "_idem_sent",
+        "_idempotency",
         "_inserted",
         "_name",
         "_new",
@@ -351,6 +375,9 @@ class PostgresTx:
         self._new: dict[str, SagaInstance] = {}  # inserts, in order
         self._updates: dict[str, tuple[SagaInstance, int]] = {}  # id -> (latest, expected)
         self._history: list[HistoryEntry] = []
+        # (consumer, key) -> row; every key this transaction recorded (for refusals).
+        self._idempotency: dict[tuple[str, str], tuple[str, str, str, bool, float]] = {}
+        self._idem_sent: set[str] = set()
         self._timers: dict[tuple[str, str], Timer | None] = {}  # None: cancel; last wins
         self._outbox: list[tuple[Envelope, float]] = []
         self._queue: list[tuple[int, str, str, float, float, int]] = []  # mailbox rows
@@ -410,6 +437,9 @@ class PostgresTx:
                 applied = set(row[n] or ()) if row is not None else set()
                 for saga_id, version in expected.items():
                     if saga_id not in applied:
+                        if verb == "idempotency":
+                            consumer, _, key = saga_id.partition(_SEP)
+                            raise _already_recorded(consumer, key)
                         if verb == "insert":
                             await self._refuse_insert(inserted[saga_id])
                         await self._refuse_update(saga_id, version)
@@ -434,15 +464,17 @@ class PostgresTx:
             params.append(_json_rows(rows))
             what.append(label)
 
-        def check(name: str, verb: str, id_column: int, expected: dict[str, int]) -> None:
+        def check(name: str, verb: str, expected: dict[str, int]) -> None:
+            # Rows and RETURNING compared by the id expression of the part (_CHECKED).
+            row_id, written_id = _CHECKED[name]
             if last:
                 checked.append(
                     f"(SELECT sagakit_refuse('{verb}', m) FROM (SELECT jsonb_agg(e ORDER BY i)"
-                    f" AS m FROM {name}_rows WHERE e->>{id_column} NOT IN"
-                    f" (SELECT saga_id FROM {name})) AS x WHERE m IS NOT NULL)"
+                    f" AS m FROM {name}_rows WHERE {row_id} NOT IN"
+                    f" (SELECT {written_id} FROM {name})) AS x WHERE m IS NOT NULL)"
                 )
             else:
-                checked.append(f"ARRAY(SELECT saga_id FROM {name})")
+                checked.append(f"ARRAY(SELECT {written_id} FROM {name})")
                 columns.append((verb, expected))
 
         if self._new:
@@ -453,12 +485,17 @@ class PostgresTx:
                 [_saga_insert_params(i) for i in new],
                 f"insert {len(new)} saga(s)",
             )
-            check("write_sagas_new", "insert", 0, {i.saga_id: -1 for i in new})
+            check("write_sagas_new", "insert", {i.saga_id: -1 for i in new})
         if self._updates:
             updates, self._updates = self._updates, {}
             rows = [_saga_update_params(i, exp) for i, exp in updates.values()]
             part("write_sagas_changed", rows, f"update {len(rows)} saga(s)")
-            check("write_sagas_changed", "update", 13, {k: exp for k, (_, exp) in updates.items()})
+            check("write_sagas_changed", "update", {k: exp for k, (_, exp) in updates.items()})
+        if self._idempotency:
+            records, self._idempotency = self._idempotency, {}
+            rows = list(records.values())
+            part("write_idempotency", rows, f"record {len(rows)} idempotency key(s)")
+            check("write_idempotency", "idempotency", {_idem_id(c, k): 0 for c, k in records})
         if self._history:
             rows, self._history = _history_params(self._history), []
             part("write_history", rows, f"append {len(rows)} history row(s)")
@@ -598,17 +635,17 @@ class PostgresTx:
         *,
         tombstone: bool = False,
     ) -> None:
-        """Record the outcome for ``key``; a key is written once (a second put is an error)."""
-        row = await self._one(
-            f"record idempotency key {key!r}",
-            self._q["idempotency_put"],
-            (consumer, key, _dumps(outcome), tombstone, now),
-        )
-        if row is None:
-            raise StoreError(
-                f"idempotency key {key!r} of consumer {consumer!r} is already recorded; "
-                "read it with idempotency_get before writing"
-            )
+        """Record the outcome for ``key``; a key is written once (a second put is an error).
+
+        Buffered with the other writes (no round trip of its own): a key this
+        transaction wrote is refused at once; one recorded by another transaction is
+        refused by the statement that carries the write, before COMMIT takes effect.
+        """
+        self._check_open()
+        if (consumer, key) in self._idempotency or _idem_id(consumer, key) in self._idem_sent:
+            raise _already_recorded(consumer, key)
+        self._idempotency[(consumer, key)] = (consumer, key, _dumps(outcome), tombstone, now)
+        self._idem_sent.add(_idem_id(consumer, key))
 
     async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
         """Queue messages to be published after commit (and notify the relays on commit)."""

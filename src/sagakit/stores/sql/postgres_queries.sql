@@ -174,11 +174,6 @@ SELECT outcome, tombstone, at FROM idempotency WHERE consumer = %s AND key = %s
 SELECT key, outcome, tombstone, at FROM idempotency
 WHERE consumer = %(consumer)s AND key = ANY(%(keys)b::text[])
 
--- name: idempotency_put
-INSERT INTO idempotency (consumer, key, outcome, tombstone, at) VALUES (%s, %s, %s, %s, %s)
-ON CONFLICT DO NOTHING
-RETURNING 1
-
 -- name: outbox_claim_db_clock
 -- One statement is one transaction: the subquery's row locks are held until the UPDATE
 -- commits, and SKIP LOCKED passes over rows a concurrent claim is taking. Leases are
@@ -377,6 +372,13 @@ SET definition_version = (e->>0)::integer, state = e->>1, status = e->>2,
 FROM write_sagas_changed_rows
 WHERE s.saga_id = e->>13 AND s.version = (e->>14)::bigint
 RETURNING s.saga_id
+
+-- name: write_idempotency
+-- DO NOTHING: a key another transaction recorded first is missing from RETURNING.
+INSERT INTO idempotency (consumer, key, outcome, tombstone, at)
+SELECT e->>0, e->>1, e->>2, (e->>3)::boolean, (e->>4)::float8 FROM write_idempotency_rows
+ON CONFLICT DO NOTHING
+RETURNING consumer, key
 
 -- name: write_history
 INSERT INTO saga_history (saga_id, version, at, event, state, status, step, detail, message_id)
