@@ -1172,9 +1172,11 @@ per-state counters.
    statement and per wait, 5 statements and 2 round trips per transaction) and the
    server's work (the write statement, the commit's flush to disk). Running several
    local steps in one transaction would break that durability promise and is not
-   proposed. **Next step:** fewer wake-ups per
-   commit in the engine's own loops (each transaction's NOTIFY comes back to the process
-   that sent it), then a leaner driver path for the two fixed statement shapes.
+   proposed. Tried and dropped (side by side, 2026-11-28): ignoring the notifications
+   the process itself sent (no change). **Next step:** the server's share, which is now
+   half: a transition rewrites the saga row and, when its state changes, every index on
+   it (no HOT update), and upserts the step's timer; fewer indexes and timers written
+   per step.
 3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
    and SQLite's own statement work about a third of it. **Next step:** an instance cache
    (a saga this process wrote last is not read and decoded again; the version check
