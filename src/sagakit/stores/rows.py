@@ -22,6 +22,10 @@ loads = json.JSONDecoder().decode
 """Parse a JSON column."""
 
 
+# Enum lookups by value through a dict: calling the enum costs ~1 us per row read.
+_SAGA_STATE: dict[str, SagaState] = {s.value: s for s in SagaState}
+
+
 def saga_insert_params(i: SagaInstance, flag: Callable[[bool], Any] = int) -> tuple[Any, ...]:
     """Parameters of the saga insert statement."""
     return (
@@ -75,7 +79,7 @@ def saga_from_row(r: Sequence[Any]) -> SagaInstance:
         definition=r[1],
         definition_version=r[2],
         business_key=r[3],
-        state=SagaState(r[4]),
+        state=_SAGA_STATE.get(r[4]) or SagaState(r[4]),
         status=r[5],
         version=r[6],
         cursor=r[7],
@@ -116,7 +120,7 @@ def history_from_row(r: Sequence[Any]) -> HistoryEntry:
         version=r[1],
         at=r[2],
         event=r[3],
-        state=SagaState(r[4]),
+        state=_SAGA_STATE.get(r[4]) or SagaState(r[4]),
         status=r[5],
         step=r[6],
         detail=loads(r[7]),
