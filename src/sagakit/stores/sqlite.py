@@ -209,6 +209,19 @@ class SQLiteTx(ItemByItem):
         )
         return cursor.rowcount == 1
 
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        """Record several ids in one statement; return those not handled before."""
+        if not message_ids:
+            return set()
+        rows = self._all(
+            f"record {len(message_ids)} message(s) in the inbox",
+            self._q["inbox_add_many"],
+            (consumer, now, _dumps(list(message_ids))),
+        )
+        return {r[0] for r in rows}
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         row = self._one(
@@ -295,6 +308,15 @@ class SQLiteTx(ItemByItem):
         """Load an instance; the transaction already holds SQLite's only write lock."""
         row = self._one(f"load saga {saga_id}", self._q["saga_get"], (saga_id,))
         return None if row is None else _saga_from_row(row)
+
+    async def saga_get_many(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]:
+        """Load several instances in one statement (missing ones are left out)."""
+        if not saga_ids:
+            return {}
+        rows = self._all(
+            f"load {len(saga_ids)} saga(s)", self._q["saga_get_many"], (_dumps(list(saga_ids)),)
+        )
+        return {r[0]: _saga_from_row(r) for r in rows}
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""

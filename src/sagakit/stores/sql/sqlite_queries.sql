@@ -26,6 +26,14 @@ SELECT saga_id, definition, definition_version, business_key, state, status, ver
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE saga_id = ?
 
+-- name: saga_get_many
+-- A batch's sagas in one statement (the ids as one JSON array): a statement per saga
+-- cost more in Python than SQLite spent on it.
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id IN (SELECT value FROM json_each(?))
+
 -- name: saga_get_by_key
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
@@ -88,6 +96,14 @@ SELECT min(due_at) FROM timers
 
 -- name: inbox_add
 INSERT OR IGNORE INTO inbox (consumer, message_id, at) VALUES (?, ?, ?)
+
+-- name: inbox_add_many
+-- RETURNING names the new ones; an id given twice conflicts with its first copy.
+-- ("WHERE true": SQLite's parser needs it between a SELECT and ON CONFLICT.)
+INSERT INTO inbox (consumer, message_id, at)
+SELECT ?, value, ? FROM json_each(?) WHERE true
+ON CONFLICT DO NOTHING
+RETURNING message_id
 
 -- name: inbox_ids
 SELECT message_id FROM inbox WHERE consumer = ?
