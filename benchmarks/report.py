@@ -1186,9 +1186,11 @@ per-state counters.
    it (no HOT update), and upserts the step's timer; fewer indexes and timers written
    per step.
 3. **SQLite: {m("engine/sqlite/ok/throughput")} sagas/s** (target 5,000), one core busy
-   and SQLite's own statement work about a third of it. **Next step:** an instance cache
-   (a saga this process wrote last is not read and decoded again; the version check
-   still guards against another writer).
+   and SQLite's own statement work about a third of it. Batches now load their sagas and
+   record their inbox ids with one statement each. **Next steps:** a write-behind buffer
+   like PostgreSQL's (one executemany per table per transaction instead of statements per
+   transition); an instance cache (a saga this process wrote last is not read and decoded
+   again; the version check still guards against another writer).
 4. **Distributed checkout: {m("checkout/seq_p50")} ms for one order**, 14 messages
    one after the other: each waits {m("checkout/hop_outbox")} ms in the outbox (the rest
    of the writer's transaction and its commit, the NOTIFY, the relay's wake-up, lock and

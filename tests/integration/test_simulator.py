@@ -101,12 +101,20 @@ def _inbox_forgets(monkeypatch: pytest.MonkeyPatch) -> None:
     so a fact redelivered after its handler committed (a crash before the ack) is
     handled again."""
     inbox_add = SQLiteTx.inbox_add
+    inbox_add_many = SQLiteTx.inbox_add_many
 
     async def forgetful(self: SQLiteTx, consumer: str, message_id: str, now: float) -> bool:
         await inbox_add(self, consumer, message_id, now)
         return True
 
+    async def forgetful_many(
+        self: SQLiteTx, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        await inbox_add_many(self, consumer, message_ids, now)
+        return set(message_ids)
+
     monkeypatch.setattr(SQLiteTx, "inbox_add", forgetful)
+    monkeypatch.setattr(SQLiteTx, "inbox_add_many", forgetful_many)
 
 
 def _booking_after_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
