@@ -281,6 +281,11 @@ _CHECKED = {
 }
 
 
+def _record_from_row(r: Sequence[Any]) -> IdempotencyRecord:
+    """An idempotency record from (key, outcome, tombstone, at)."""
+    return IdempotencyRecord(key=r[0], outcome=_loads(r[1]), tombstone=r[2], at=r[3])
+
+
 def _idem_id(consumer: str, key: str) -> str:
     return f"{consumer}{_SEP}{key}"
 
@@ -377,9 +382,8 @@ class PostgresTx:
         self._new: dict[str, SagaInstance] = {}  # inserts, in order
         self._updates: dict[str, tuple[SagaInstance, int]] = {}  # id -> (latest, expected)
         self._history: list[HistoryEntry] = []
-        # (consumer, key) -> row; every key this transaction recorded (for refusals).
-        self._idempotency: dict[tuple[str, str], tuple[str, str, str, bool, float]] = {}
-        self._idem_sent: set[str] = set()
+        self._idempotency: list[tuple[str, str, str, bool, float]] = []
+        self._idem_sent: set[tuple[str, str]] = set()  # every (consumer, key) recorded
         self._timers: dict[tuple[str, str], Timer | None] = {}  # None: cancel; last wins
         self._outbox: list[tuple[Envelope, float]] = []
         self._queue: list[tuple[int, str, str, float, float, int]] = []  # mailbox rows
@@ -482,7 +486,8 @@ class PostgresTx:
 
         if self._new:
             new, self._new = list(self._new.values()), {}
-            self._inserted.update((i.saga_id, i) for i in new)
+            if not last:  # refusals explained in Python need the instances
+                self._inserted.update((i.saga_id, i) for i in new)
             part(
                 "write_sagas_new",
                 [_saga_insert_params(i) for i in new],
@@ -495,10 +500,9 @@ class PostgresTx:
             part("write_sagas_changed", rows, f"update {len(rows)} saga(s)")
             check("write_sagas_changed", "update", {k: exp for k, (_, exp) in updates.items()})
         if self._idempotency:
-            records, self._idempotency = self._idempotency, {}
-            rows = list(records.values())
+            rows, self._idempotency = self._idempotency, []
             part("write_idempotency", rows, f"record {len(rows)} idempotency key(s)")
-            check("write_idempotency", "idempotency", {_idem_id(c, k): 0 for c, k in records})
+            check("write_idempotency", "idempotency", {_idem_id(r[0], r[1]): 0 for r in rows})
         if self._history:
             rows, self._history = _history_params(self._history), []
             part("write_history", rows, f"append {len(rows)} history row(s)")
@@ -624,10 +628,7 @@ class PostgresTx:
             self._q["idempotency_get_many"],
             {"consumer": consumer, "keys": list(keys)},
         )
-        return {
-            r[0]: IdempotencyRecord(key=r[0], outcome=_loads(r[1]), tombstone=r[2], at=r[3])
-            for r in rows
-        }
+        return {r[0]: _record_from_row(r) for r in rows}
 
     async def idempotency_put(
         self,
@@ -645,10 +646,10 @@ class PostgresTx:
         refused by the statement that carries the write, before COMMIT takes effect.
         """
         self._check_open()
-        if _idem_id(consumer, key) in self._idem_sent:
+        if (consumer, key) in self._idem_sent:
             raise _already_recorded(consumer, key)
-        self._idempotency[(consumer, key)] = (consumer, key, _dumps(outcome), tombstone, now)
-        self._idem_sent.add(_idem_id(consumer, key))
+        self._idempotency.append((consumer, key, _dumps(outcome), tombstone, now))
+        self._idem_sent.add((consumer, key))
 
     async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
         """Queue messages to be published after commit (and notify the relays on commit)."""
@@ -737,10 +738,7 @@ class PostgresTx:
             self._q["idempotency_get_many"],
             {"consumer": consumer, "keys": list(dict.fromkeys(keys))},
         )
-        return fresh, {
-            r[0]: IdempotencyRecord(key=r[0], outcome=_loads(r[1]), tombstone=r[2], at=r[3])
-            for r in rows
-        }
+        return fresh, {r[0]: _record_from_row(r) for r in rows}
 
     async def _inbox_and(
         self,
@@ -752,29 +750,24 @@ class PostgresTx:
         params: _Params,
     ) -> tuple[set[str], list[tuple[Any, ...]]]:
         """Record ``message_ids`` in the inbox and run ``query``, with one sync."""
-        await self._flush()
-        cursor = self._cur or _finished()
-        doing = f"record {len(message_ids)} message(s) in the inbox"
+        await self._flush()  # first: the inbox statement then travels with the query
+        recording = f"record {len(message_ids)} message(s) in the inbox"
         try:
-            # The inbox answer rides on a cursor of its own: in pipeline mode each
-            # cursor keeps the result of its last statement once synced.
-            inbox = cursor.connection.cursor()
+            # A cursor of its own: in pipeline mode each cursor keeps the result of its
+            # last statement once synced, whatever the main cursor runs meanwhile.
+            inbox = (self._cur or _finished()).connection.cursor()
             await inbox.execute(
                 self._q["inbox_add_many"],
                 {"consumer": consumer, "ids": list(message_ids), "now": now},
             )
-            doing = what
-            await cursor.execute(query, params)
-            if self._pipeline is not None:
-                await self._pipeline.sync()
-            fresh = {r[0] for r in await inbox.fetchall()}
-            rows = await cursor.fetchall()
         except psycopg.Error as exc:
-            raise self._fail(doing, exc) from exc
-        self._queued = []
-        if self._checks:
-            await self._verify_updates()
-        return fresh, rows
+            raise self._fail(recording, exc) from exc
+        self._queued.append(recording)
+        cursor = await self._ask(what, query, params)
+        try:
+            return {r[0] for r in await inbox.fetchall()}, await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
 
     async def saga_get_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` (any version) started for ``business_key``."""
@@ -948,20 +941,13 @@ class PostgresTx:
     # -- end of the block ---------------------------------------------------------------
     async def _send_commit(self) -> None:
         """Queue the last writes with the notifications, then COMMIT; leaving pipeline
-        mode sends them. Buffered sagas are checked first (one more round trip): a
-        refusal must come before COMMIT is sent."""
+        mode sends them. The last write statement checks itself (see :meth:`_flush`), so
+        nothing waits for its answer; earlier flushes were checked by the answer that
+        followed them."""
         if self._store.notify and self._timers_due is not None:
             self._notify.add((self._store.timers_channel, repr(self._timers_due)))
         await self._flush(sorted(self._notify) if self._store.notify else (), last=True)
-        cursor = self._cur or _finished()
-        if self._checks:  # left by an earlier flush (never without pipeline mode)
-            try:
-                await (self._pipeline or _finished()).sync()
-            except psycopg.Error as exc:
-                raise self._fail("send the queued writes", exc) from exc
-            self._queued = []
-            await self._verify_updates()  # a ConcurrencyError here: the block rolls back
-        await cursor.execute("COMMIT")
+        await (self._cur or _finished()).execute("COMMIT")
 
 
 class LockedOutbox:
