@@ -20,16 +20,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from sagakit import Engine, SagaState
+from sagakit import App, Engine, SagaState
+from sagakit.app_demo import DemoRequest
 from sagakit.testing.faults import Faults
 
 from .event_audit import check_event_delivery
 from .invariants import InvariantReport, check_invariants
-from .inventory import expire_reservations, seed_stock
+from .inventory import seed_stock
 from .modes import build_system, measure
 
 SCENARIOS = (
@@ -155,6 +157,28 @@ class DemoResult:
         """True when every invariant holds."""
         return all(self.report.invariants.values()) and not self.report.violations
 
+    def render(self) -> str:
+        """The report for a terminal."""
+        return render(self)
+
+
+async def run_for_app(app: App, req: DemoRequest) -> DemoResult:
+    """``sagakit demo --app sagakit_checkout:app`` (the checkout app's ``demo`` hook)."""
+    return await run_demo(
+        orders=req.orders,
+        faults=req.faults,
+        seed=req.seed,
+        data_dir=req.data_dir,
+        progress=req.progress,
+        synchronous=req.synchronous,
+        timeout=req.timeout,
+        store_url=req.store_url,
+        broker_url=req.broker_url,
+        mode=req.options.get("mode") or "orchestration",
+        app=app,
+        options=req.options,
+    )
+
 
 async def run_demo(
     *,
@@ -168,6 +192,8 @@ async def run_demo(
     store_url: str | None = None,
     broker_url: str | None = None,
     mode: str = "orchestration",
+    app: App | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> DemoResult:
     """Run the demo; returns the result (the caller prints it).
 
@@ -175,6 +201,8 @@ async def run_demo(
     and ``broker_url`` it runs on PostgreSQL (a schema per service) and NATS or
     RabbitMQ instead, all roles in this one process; the card provider's file stays
     in ``data_dir``. ``mode``: ``orchestration``, ``choreography`` or ``hybrid``.
+    Orchestrated, the checkout runs as ``app`` (default: the checkout app) with its
+    ``options``, through the same deployment path as ``sagakit worker --app``.
     """
     if orders < 1:
         raise ValueError("--orders must be at least 1")
@@ -188,7 +216,18 @@ async def run_demo(
     lock = _lock(base)
     try:
         return await _run(
-            orders, faults, seed, base, progress, synchronous, timeout, store_url, broker_url, mode
+            orders,
+            faults,
+            seed,
+            base,
+            progress,
+            synchronous,
+            timeout,
+            store_url,
+            broker_url,
+            mode,
+            app,
+            options,
         )
     finally:
         lock.close()
@@ -221,20 +260,25 @@ async def _run(
     store_url: str | None,
     broker_url: str | None,
     mode: str,
+    app: App | None,
+    options: Mapping[str, Any] | None,
 ) -> DemoResult:
     specs, stock = make_orders(n, seed)
     fault_plan = Faults.named(fault_name, seed)
     started = time.monotonic()
     placed_now = 0
     system = build_system(
-        mode, base, fault_plan, synchronous=synchronous, store_url=store_url, broker_url=broker_url
+        mode,
+        base,
+        fault_plan,
+        synchronous=synchronous,
+        store_url=store_url,
+        broker_url=broker_url,
+        app=app,
+        options=options,
     )
     engine, stores = system.engine, system.invariant_stores
     inventory_store = stores["inventory_store"]
-    # Reservations whose saga died are returned to stock (a sweeper, as in production).
-    engine.every(
-        5.0, "expire-reservations", lambda: expire_reservations(inventory_store, time.time())
-    )
     async with engine:
         await seed_stock(inventory_store, stock)
         # Orders arrive as customers click: a new wave whenever fewer than WINDOW sagas

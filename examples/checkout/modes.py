@@ -15,19 +15,20 @@ of its sagas (first fact or start, to the terminal fact or transition).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sagakit import Engine, SagaInstance
+from sagakit import App, Deployment, Engine, SagaInstance
 from sagakit.testing.faults import Faults
 
 from .event_audit import message_counts
 from .invariants import InvariantReport
+from .inventory import expire_reservations
 from .personal import migrate_personal
-from .sagas import CHECKOUT, checkout_definition
-from .services import migrate, open_checkout
+from .sagas import CHECKOUT
 
 if TYPE_CHECKING:
     from .demo import OrderSpec
@@ -59,14 +60,21 @@ def build_system(
     synchronous: str = "FULL",
     store_url: str | None = None,
     broker_url: str | None = None,
+    app: App | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> DemoSystem:
-    """The checkout in ``mode`` on the files of ``base`` (or PostgreSQL and a broker)."""
+    """The checkout in ``mode`` on the files of ``base`` (or PostgreSQL and a broker).
+
+    Orchestrated, it is the checkout app (``app``, by default :data:`~.app.app`) on a
+    deployment like any app's: SQLite files in ``base``, or ``store_url`` and
+    ``broker_url``.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if store_url is not None and broker_url is not None:
         if mode != "orchestration":
             raise ValueError("--store/--broker run the orchestrated checkout only (--mode)")
-        return _deployed(base, faults, store_url, broker_url)
+        return _deployed(app, base, faults, store_url, broker_url, options)
     if mode != "orchestration":
         try:
             import pydantic  # noqa: F401 - the choreography validates every message
@@ -75,24 +83,16 @@ def build_system(
                 f"--mode {mode} needs pydantic: pip install 'sagakit[schemas]'"
             ) from None
         build = _choreography if mode == "choreography" else _hybrid
-        return build(base, faults, synchronous)
-    checkout = open_checkout(base, synchronous=synchronous)
-    engine = Engine(
-        checkout.orchestrator_store,
-        [checkout_definition()],
-        participants=checkout.participants,
-        faults=faults,
-    )
-    engine.before_start(lambda: migrate(checkout))
-    engine.before_start(lambda: migrate_personal(checkout.order_store, checkout.payment_store))
-    endpoints = {p.name: p.store for p in checkout.participants}
-    return DemoSystem(
-        mode,
-        engine,
-        checkout.invariant_stores(),
-        _with_orchestrator(engine, endpoints),
-        _starter(engine, CHECKOUT),
-    )
+        system = build(base, faults, synchronous)
+        inventory = system.invariant_stores["inventory_store"]
+        # Reservations whose saga died are returned to stock (a sweeper, as in production;
+        # the app's inventory service runs it as a job in the orchestrated mode).
+        system.engine.every(
+            5.0, "expire-reservations", lambda: expire_reservations(inventory, time.time())
+        )
+        return system
+    url = f"sqlite:///{base}?synchronous={synchronous}"
+    return _deployed(app, base, faults, url, None, options)
 
 
 def _starter(engine: Engine, definition: str) -> Callable[[Sequence[OrderSpec]], Awaitable[int]]:
@@ -110,15 +110,26 @@ def _with_orchestrator(engine: Engine, endpoints: dict[str, Any]) -> dict[str, A
     return {o.endpoint: engine.store, o.local_endpoint: engine.store, **endpoints}
 
 
-def _deployed(base: Path, faults: Faults, store_url: str, broker_url: str) -> DemoSystem:
-    from .deploy import build_all
+def _deployed(
+    app: App | None,
+    base: Path,
+    faults: Faults,
+    store_url: str,
+    broker_url: str | None,
+    options: Mapping[str, Any] | None,
+) -> DemoSystem:
+    from .app import app as checkout_app
+    from .app import provider_of
 
-    engine, dep = build_all(store_url, broker_url, base / "provider.db", faults=faults)
+    dep = Deployment(app or checkout_app, store_url, broker_url, options=options, data_dir=base)
+    engine = dep.everything(faults=faults)
+    stores: dict[str, Any] = {f"{name}_store": s for name, s in dep.stores().items()}
+    stores["provider"] = provider_of(dep.ctx)
     endpoints = {p.name: p.store for p in engine.participants}
     return DemoSystem(
         "orchestration",
         engine,
-        dep.invariant_stores(),
+        stores,
         _with_orchestrator(engine, endpoints),
         _starter(engine, CHECKOUT),
     )

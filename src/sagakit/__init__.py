@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sagakit.app import App, AppContext, AppOption, Service, load_app
 from sagakit.core.definition import (
     CommandAction,
     LocalAction,
@@ -18,6 +19,7 @@ from sagakit.core.definition import (
 from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, success
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
 from sagakit.core.machine import ManualAction
+from sagakit.deployment import Deployment
 from sagakit.errors import (
     ConcurrencyError,
     ConfigurationError,
@@ -35,10 +37,14 @@ from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.participant import Participant
 
 __all__ = [
+    "App",
+    "AppContext",
+    "AppOption",
     "CommandAction",
     "ConcurrencyError",
     "ConfigurationError",
     "DefinitionError",
+    "Deployment",
     "Engine",
     "Envelope",
     "HistoryEntry",
@@ -57,6 +63,7 @@ __all__ = [
     "SagaState",
     "SagaView",
     "SagakitError",
+    "Service",
     "Step",
     "StepContext",
     "StepFailed",
@@ -69,6 +76,7 @@ __all__ = [
     "command",
     "embedded",
     "failure",
+    "load_app",
     "local",
     "success",
 ]

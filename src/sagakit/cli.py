@@ -14,9 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from sagakit.errors import SagakitError
 from sagakit.redaction import RedactPersonalData
+
+if TYPE_CHECKING:
+    from sagakit.app import App
 
 
 def _configure_logging(data_dir: Path | None, level: str) -> None:
@@ -36,33 +40,39 @@ def _configure_logging(data_dir: Path | None, level: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sagakit_checkout.demo import render, run_demo, stderr_progress
+    from sagakit.app_demo import DemoRequest, run_app_demo
+    from sagakit.cli_app import loaded, options_of
 
     data_dir = Path(args.data_dir) if args.data_dir else None
     _configure_logging(data_dir, args.log_level)
     try:
-        result = asyncio.run(
-            run_demo(
-                orders=args.orders,
-                faults=args.faults,
-                seed=args.seed,
-                data_dir=data_dir,
-                progress=stderr_progress(),
-                synchronous=args.synchronous,
-                timeout=args.timeout,
-                store_url=args.store,
-                broker_url=args.broker,
-                mode=args.mode,
-            )
+        app = loaded(args, "demo")
+        request = DemoRequest(
+            orders=args.orders,
+            faults=args.faults,
+            seed=args.seed,
+            data_dir=data_dir,
+            synchronous=args.synchronous,
+            timeout=args.timeout,
+            store_url=args.store,
+            broker_url=args.broker,
+            options=options_of(args, "demo", app),
+            progress=_progress(),
         )
+        result = asyncio.run(run_app_demo(app, request))
     except (ValueError, RuntimeError, SagakitError) as exc:
         print(f"sagakit demo: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_json(), sort_keys=False))
     else:
-        print(render(result))
+        print(result.render())
     return 0 if result.ok else 1
+
+
+def _progress() -> TextIO | None:
+    """Progress on stderr, when it is a terminal."""
+    return sys.stderr if sys.stderr.isatty() else None
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -165,19 +175,35 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.complete else 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs).
+
+    The app a command runs is loaded first (``--app`` in ``argv``, else ``SAGAKIT_APP``,
+    else the command's default), so that its options are flags of the command.
+    """
+    from sagakit.cli_app import add_app_argument, add_app_options, default_app, prescan
+
+    scan = prescan(list(argv)) if argv is not None else None
+
+    def apps(command: str) -> App | None:
+        if scan is not None and scan.command == command:
+            return scan.app
+        return default_app(command)
+
     parser = argparse.ArgumentParser(prog="sagakit", description="Durable sagas for Python.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
         "demo",
-        help="run the embedded checkout demo and check its invariants",
-        description="Place orders through the orchestrated checkout (four services, each "
-        "with its own SQLite database), inject faults, and check the invariants from the "
-        "services' own ledgers. Exit status 1 if any invariant fails.",
+        help="run an app's demo and check its invariants (default: the checkout)",
+        description="Run an app under faults and check its invariants. The default app, "
+        "the reference checkout, places orders through four services (each with its own "
+        "SQLite database) and checks the invariants from the services' own ledgers; "
+        "another app (--app) starts the sagas of its load driver and checks its own "
+        "invariants. Exit status 1 if any invariant fails.",
     )
-    demo.add_argument("--orders", type=int, default=200, help="how many orders (default 200)")
+    add_app_argument(demo, "demo")
+    demo.add_argument("--orders", type=int, default=200, help="how many sagas (default 200)")
     demo.add_argument("--faults", choices=["none", "default", "chaos"], default="default")
     demo.add_argument("--seed", type=int, default=int(os.environ.get("SAGAKIT_SEED", "0")))
     demo.add_argument(
@@ -199,16 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--store",
         help="run on this database instead of SQLite files: postgresql://user@host/db "
-        "(a schema per service); needs --broker",
+        "(a schema per store); needs --broker",
     )
     demo.add_argument("--broker", help="nats://host:4222 or amqp://user:pass@host:5672/")
-    demo.add_argument(
-        "--mode",
-        choices=["orchestration", "choreography", "hybrid"],
-        default="orchestration",
-        help="orchestrated saga, choreographed services, or orchestrated with a "
-        "choreography inside shipping (default orchestration)",
-    )
+    add_app_options(demo, "demo", apps("demo"))
     demo.set_defaults(func=_demo)
 
     check = sub.add_parser(
@@ -236,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sagakit.cli_schemas import register as register_schemas
     from sagakit.graph import register_graph_command
 
-    register_processes(sub)
+    register_processes(sub, apps)
     register_graph_command(sub)
-    register_api(sub)
+    register_api(sub, apps)
     register_schemas(sub)
     register_flows(sub)
 
@@ -288,7 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sagakit`` command."""
-    args = build_parser().parse_args(argv)
+    from sagakit.cli_app import prescan
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    scan = prescan(argv)
+    if scan.error is not None and not {"-h", "--help"} & set(argv):
+        # Before parsing: the app's own flags would otherwise be "unrecognized".
+        print(f"sagakit {scan.command}: {scan.error}", file=sys.stderr)
+        return 2
+    args = build_parser(argv).parse_args(argv)
     code: int = args.func(args)
     return code
 

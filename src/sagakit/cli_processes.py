@@ -1,10 +1,11 @@
 """``sagakit worker``, ``sagakit relay`` and ``sagakit service NAME``: the production processes.
 
-Each runs one share of the reference checkout against PostgreSQL (or SQLite files)
-and a broker, until SIGTERM or SIGINT, then finishes the batch in hand and exits.
-Run any number of each: the database decides who applies a transition, the broker
-who gets a message. URLs come from the options or from ``SAGAKIT_STORE_URL`` /
-``SAGAKIT_BROKER_URL``.
+Each runs one share of an app (``--app module:attribute``, env ``SAGAKIT_APP``)
+against its stores (PostgreSQL, or SQLite files) and a broker, until SIGTERM or
+SIGINT, then finishes the batch in hand and exits. Run any number of each: the
+database decides who applies a transition, the broker who gets a message. URLs come
+from the options or from ``SAGAKIT_STORE_URL`` / ``SAGAKIT_BROKER_URL``; the app's own
+options (:class:`~sagakit.app.AppOption`) are flags of these commands too.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagakit.cli_app import add_app_argument, add_app_options, loaded, options_of
 from sagakit.errors import ConfigurationError, SagakitError, StoreError, TransportError
 from sagakit.observability import JsonFormatter
 
 if TYPE_CHECKING:
+    from sagakit.app import App
     from sagakit.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -106,34 +108,53 @@ def command_timeout_option(parser: argparse.ArgumentParser, help_text: str) -> N
     )
 
 
-def register(sub: Any) -> None:
-    """Add the process commands to the ``sagakit`` parser."""
-    worker = sub.add_parser("worker", help="run the orchestrator and its timers")
-    _urls(worker)
-    command_timeout_option(
-        worker,
-        "seconds the first attempt of a command waits for its answer; later attempts "
-        "wait longer (default 2; env SAGAKIT_COMMAND_TIMEOUT)",
+def register(sub: Any, apps: Callable[[str], App | None] | None = None) -> None:
+    """Add the process commands to the ``sagakit`` parser.
+
+    ``apps(command)`` is the app whose options the command gets as flags (see
+    :func:`sagakit.cli_app.prescan`); by default the app the command runs without
+    ``--app`` (``SAGAKIT_APP``), if any.
+    """
+    from sagakit.cli_app import default_app
+
+    apps = apps or default_app
+    worker = sub.add_parser(
+        "worker",
+        help="run an app's orchestrator and its timers",
+        description="Drive the app's sagas: consume replies, run local steps, fire timers.",
     )
+    add_app_argument(worker, "worker")
+    _urls(worker)
+    add_app_options(worker, "worker", apps("worker"))
     worker.set_defaults(func=_run, role="worker")
 
-    relay = sub.add_parser("relay", help="publish the outboxes of the services' stores")
+    relay = sub.add_parser(
+        "relay",
+        help="publish the outboxes of an app's stores",
+        description="Publish every store's outbox to the broker, and keep the stores' "
+        "retention and the broker's dead letters.",
+    )
+    add_app_argument(relay, "relay")
     _urls(relay)
     relay.add_argument(
         "--services",
-        default="orchestrator,order,payment,inventory,shipping",
-        help="comma-separated stores to relay (default: all five)",
+        default=None,
+        help="comma-separated stores to relay (default: all of the app's: orchestrator "
+        "and every service)",
     )
+    add_app_options(relay, "relay", apps("relay"))
     relay.set_defaults(func=_run, role="relay")
 
-    service = sub.add_parser("service", help="run one checkout service (a participant)")
-    service.add_argument("name", choices=["order", "payment", "inventory", "shipping"])
-    _urls(service)
-    service.add_argument(
-        "--provider",
-        default=os.environ.get("SAGAKIT_PROVIDER_DB"),
-        help="the fake card provider's SQLite file (payment only; env SAGAKIT_PROVIDER_DB)",
+    service = sub.add_parser(
+        "service",
+        help="run one service (a participant) of an app",
+        description="Handle the commands (and events) of one of the app's services, in "
+        "its own store; its migrations run first and its jobs run meanwhile.",
     )
+    service.add_argument("name", help="the service, one of the app's (e.g. payment)")
+    add_app_argument(service, "service")
+    _urls(service)
+    add_app_options(service, "service", apps("service"))
     service.set_defaults(func=_run, role="service")
 
 
@@ -141,29 +162,48 @@ def _run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    try:
+        builder = _builder(args)
+    except (SagakitError, ValueError) as exc:
+        print(f"sagakit {args.role}: {exc}", file=sys.stderr)
+        return 2
     if not args.store or not args.broker:
         print(f"sagakit {args.role}: --store and --broker are required", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(args))
+        return asyncio.run(_serve(args, builder))
     except (SagakitError, ValueError) as exc:
         print(f"sagakit {args.role}: {exc}", file=sys.stderr)
         return 2
 
 
 def _builder(args: argparse.Namespace) -> Callable[[], Engine]:
-    from sagakit_checkout import deploy
+    """What builds this process's engine: a fresh one per try (see open_when_ready)."""
+    from sagakit.deployment import Deployment
 
-    if args.role == "worker":
-        # argparse runs ``_seconds`` on a string default too (the environment's value).
-        return lambda: deploy.build_worker(
-            args.store, args.broker, command_timeout=args.command_timeout
-        )
-    if args.role == "relay":
-        services = [s.strip() for s in args.services.split(",") if s.strip()]
-        return lambda: deploy.build_relay(args.store, args.broker, services)
-    provider = Path(args.provider) if args.provider else None
-    return lambda: deploy.build_service(args.name, args.store, args.broker, provider)
+    app = loaded(args, args.role)
+    options = options_of(args, args.role, app)
+    if args.role == "service":
+        app.get_service(args.name)  # an unknown service is a usage error, said at once
+    names: list[str] | None = None
+    if args.role == "relay" and args.services:
+        names = [s.strip() for s in args.services.split(",") if s.strip()]
+        unknown = [n for n in names if n not in app.store_names]
+        if unknown:
+            raise ConfigurationError(
+                f"--services: app {app.name!r} has no store(s) {', '.join(unknown)}; "
+                f"its stores: {', '.join(app.store_names)}"
+            )
+
+    def build() -> Engine:
+        dep = Deployment(app, args.store, args.broker, options=options)
+        if args.role == "worker":
+            return dep.worker()
+        if args.role == "relay":
+            return dep.relay(names)
+        return dep.service(args.name)
+
+    return build
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -267,7 +307,7 @@ async def serve_metrics(host: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(_answer_metrics, host, port, limit=_MAX_REQUEST)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, build: Callable[[], Engine]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -278,13 +318,13 @@ async def _serve(args: argparse.Namespace) -> int:
         log.warning("sagakit %s metrics on %s:%d", args.role, args.metrics_host, args.metrics_port)
     try:
         engine = await open_when_ready(
-            _builder(args), role=args.role, wait=args.wait_for_servers, stop=stop
+            build, role=args.role, wait=args.wait_for_servers, stop=stop
         )
         if engine is None:  # stopped while waiting for the servers
             return 0
         try:
-            log.warning("sagakit %s running (pid %d)", args.role, os.getpid())
-            print(f"sagakit {args.role} ready", file=sys.stderr, flush=True)
+            log.warning("sagakit %s of app %s running (pid %d)", args.role, args.app, os.getpid())
+            print(f"sagakit {args.role} ready (app {args.app})", file=sys.stderr, flush=True)
             await stop.wait()
             log.warning("sagakit %s stopping", args.role)
         finally:
@@ -300,8 +340,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sagakit.cli_processes worker|relay|service ...`` (same as ``sagakit``)."""
+    from sagakit.cli_app import prescan
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    scan = prescan(argv)
+    if scan.error is not None:
+        print(f"sagakit {scan.command}: {scan.error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="sagakit")
-    register(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True), lambda command: scan.app)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -64,18 +64,26 @@ def store_from_url(url: str, *, name: str) -> Store:
     )
 
 
-def transport_from_url(url: str, *, endpoints: Sequence[str]) -> Transport:
-    """A broker transport for ``url`` serving ``endpoints``."""
+def transport_from_url(
+    url: str, *, endpoints: Sequence[str], default_name: str = "sagakit"
+) -> Transport:
+    """A broker transport for ``url`` serving ``endpoints``.
+
+    ``default_name`` names the NATS stream or prefixes the RabbitMQ queues when the URL
+    does not (``?stream=``, ``?prefix=``); an app's deployment passes the app's name.
+    """
     scheme, params = _query(url)
     base = url.split("?", 1)[0]
     if scheme == "nats":
         from sagakit.transports.nats import NatsTransport
 
-        return NatsTransport(base, stream=params.get("stream", "sagakit"), endpoints=endpoints)
+        return NatsTransport(base, stream=params.get("stream", default_name), endpoints=endpoints)
     if scheme in ("amqp", "amqps"):
         from sagakit.transports.rabbitmq import RabbitMqTransport
 
-        return RabbitMqTransport(base, prefix=params.get("prefix", "sagakit"), endpoints=endpoints)
+        return RabbitMqTransport(
+            base, prefix=params.get("prefix", default_name), endpoints=endpoints
+        )
     raise ConfigurationError(
         f"broker URL {url!r} is not supported: use nats://host:4222 or "
         "amqp://user:password@host:5672/"

@@ -69,7 +69,7 @@ def processes(store: str, broker: str, provider: Path) -> Iterator[list[subproce
     """One worker, one relay and the four services; SIGTERM (then SIGKILL) at the end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
     env["PYTHONUNBUFFERED"] = "1"
-    urls = ["--store", store, "--broker", broker]
+    urls = ["--app", "sagakit_checkout:app", "--store", store, "--broker", broker]
     commands = [
         ["worker", *urls, "--command-timeout", "5"],
         ["relay", *urls],

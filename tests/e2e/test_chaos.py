@@ -149,7 +149,10 @@ async def site(
         if name in MODULES:
             await store.apply_migrations(MODULES[name].NAMESPACE, MODULES[name].MIGRATIONS)
     await inventory.seed_stock(dep.stores["inventory"], stock)
-    common = ["--store", store_url, "--broker", broker_url]
+    # The checkout app names its stream / queue prefix "checkout"; this test inspects the
+    # broker under the name "sagakit", which the URL sets (the override users have too).
+    named = f"{broker_url}?{'stream' if broker == 'nats' else 'prefix'}=sagakit"
+    common = ["--app", "sagakit_checkout:app", "--store", store_url, "--broker", named]
     for i in range(1, workers + 1):
         cluster.add(f"worker-{i}", "worker", *common)
     for i in range(1, relays + 1):

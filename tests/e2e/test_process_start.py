@@ -22,7 +22,17 @@ def worker(
 ) -> Iterator[subprocess.Popen[str]]:
     """``sagakit worker --store STORE ARGS...``, killed on the way out if still running."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sagakit.cli_processes", "worker", "--store", store, *args],
+        [
+            sys.executable,
+            "-m",
+            "sagakit.cli_processes",
+            "worker",
+            "--app",
+            "sagakit_checkout:app",
+            "--store",
+            store,
+            *args,
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

@@ -1096,10 +1096,12 @@ def test_worker_command_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None
 
     from sagakit import cli_processes
 
+    from sagakit_checkout import app
+
     def parse(*argv: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser(prog="sagakit")
-        cli_processes.register(parser.add_subparsers(dest="command", required=True))
-        return parser.parse_args(["worker", *argv])
+        cli_processes.register(parser.add_subparsers(dest="command", required=True), lambda c: app)
+        return parser.parse_args(["worker", "--app", "sagakit_checkout:app", *argv])
 
     monkeypatch.delenv("SAGAKIT_COMMAND_TIMEOUT", raising=False)
     assert parse().command_timeout is None

@@ -27,7 +27,11 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sagakit.app import App
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATES = (
@@ -185,9 +189,11 @@ def _runner(fn: Any) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from sagakit.api.serve import serve
+    from sagakit.cli_app import loaded, options_of
     from sagakit.errors import SagakitError
 
     try:
+        app = loaded(args, "serve")
         asyncio.run(
             serve(
                 args.host,
@@ -198,11 +204,11 @@ def _serve(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 log_level=args.log_level,
                 json_output=args.json,
-                mode=args.mode,
                 store_url=args.store or None,
                 broker_url=args.broker or None,
                 api_only=args.api_only,
-                command_timeout=args.command_timeout,
+                app=app,
+                options=options_of(args, "serve", app),
             )
         )
     except (SagakitError, ValueError) as exc:
@@ -226,19 +232,28 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
-def register(subparsers: Any) -> None:
-    """Add ``serve``, ``sagas``, ``manual-cases`` and ``dead-letters`` to the command line."""
+def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -> None:
+    """Add ``serve``, ``sagas``, ``manual-cases`` and ``dead-letters`` to the command line.
+
+    ``apps(command)``: the app whose options ``serve`` gets as flags (default: the
+    app ``serve`` runs without ``--app``).
+    """
     # The same options as the processes.
-    from sagakit.cli_processes import command_timeout_option, url_options
+    from sagakit.cli_app import add_app_argument, add_app_options, default_app
+
+    apps = apps or default_app
+    from sagakit.cli_processes import url_options
 
     serve = subparsers.add_parser(
         "serve",
-        help="run the checkout and the HTTP API",
-        description="Run the reference checkout and the HTTP API in one process: embedded "
-        "(SQLite files in --data-dir, --mode), or on the deployment's stores (--store, "
-        "--broker), every role here or --api-only next to sagakit worker/relay/service. "
-        "Without configured tokens an admin token is generated and printed once.",
+        help="run an app and the HTTP API (default: the reference checkout)",
+        description="Run an app (--app; the reference checkout by default) and the HTTP "
+        "API in one process: embedded (SQLite files in --data-dir), or on the "
+        "deployment's stores (--store, --broker), every role here or --api-only next to "
+        "sagakit worker/relay/service. Without configured tokens an admin token is "
+        "generated and printed once.",
     )
+    add_app_argument(serve, "serve")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=os.environ.get("SAGAKIT_DATA_DIR", "sagakit-data"))
@@ -248,18 +263,17 @@ def register(subparsers: Any) -> None:
         help="JSON file of {name, role, sha256} entries (default "
         "$SAGAKIT_TOKENS_FILE, else <data-dir>/tokens.json)",
     )
-    serve.add_argument("--orders", type=int, default=0, help="place N demo orders at start")
-    serve.add_argument("--seed", type=int, default=0, help="seed of the demo orders")
-    serve.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "info"))
     serve.add_argument(
-        "--mode",
-        choices=("orchestration", "choreography", "hybrid"),
-        default=os.environ.get("SAGAKIT_MODE", "orchestration"),
-        help="the embedded checkout's shape (default orchestration; env SAGAKIT_MODE)",
+        "--orders",
+        type=int,
+        default=0,
+        help="start N sagas of the app's load driver at start (the checkout: demo orders)",
     )
+    serve.add_argument("--seed", type=int, default=0, help="seed of those sagas")
+    serve.add_argument("--log-level", default=os.environ.get("SAGAKIT_LOG_LEVEL", "info"))
     url_options(
         serve,
-        ": serve the deployment's stores instead of the embedded checkout",
+        ": serve the deployment's stores instead of SQLite files in --data-dir",
         ": with --store, run every role here",
     )
     serve.add_argument(
@@ -268,16 +282,12 @@ def register(subparsers: Any) -> None:
         help="with --store: only the API and console; sagakit worker, relay and service "
         "processes carry the sagas (no broker needed)",
     )
-    command_timeout_option(
-        serve,
-        "with --api-only: the workers' --command-timeout, for the first command's "
-        "timer (env SAGAKIT_COMMAND_TIMEOUT)",
-    )
     serve.add_argument(
         "--json",
         action="store_true",
         help="print the URL (and a generated token) as one JSON object",
     )
+    add_app_options(serve, "serve", apps("serve"))
     serve.set_defaults(func=_serve)
 
     sagas = subparsers.add_parser(

@@ -1,34 +1,33 @@
-"""``sagakit serve``: the embedded checkout and the HTTP API in one process.
+"""``sagakit serve``: an app (by default the reference checkout) and the HTTP API in one process.
 
-One data directory holds the five SQLite files of the checkout (see
-``sagakit_checkout.services.open_checkout``), the API's tables (in
-``orchestrator.db``) and ``tokens.json``. When no tokens are configured (no
-``tokens_file``, no ``SAGAKIT_TOKENS_FILE``, no tokens in ``<data_dir>/tokens.json``),
-an admin token is generated, only its SHA-256 is stored, and the token is printed
-once with the URL: keep it, it cannot be shown again (delete ``tokens.json`` to get a
-new one). SIGTERM and SIGINT stop the server gracefully: requests in flight finish,
-then the engine closes its stores (committed work is kept; a restart resumes it).
+One data directory holds the app's SQLite files (``orchestrator.db`` and one per
+service), the API's tables (in ``orchestrator.db``) and ``tokens.json``. When no
+tokens are configured (no ``tokens_file``, no ``SAGAKIT_TOKENS_FILE``, no tokens in
+``<data_dir>/tokens.json``), an admin token is generated, only its SHA-256 is
+stored, and the token is printed once with the URL: keep it, it cannot be shown again
+(delete ``tokens.json`` to get a new one). SIGTERM and SIGINT stop the server
+gracefully: requests in flight finish, then the engine closes its stores (committed
+work is kept; a restart resumes it).
 
-``mode`` picks the checkout's shape (orchestration, choreography, hybrid); with
-``store_url`` (and ``broker_url``) the orchestrated checkout runs on the deployment's
-PostgreSQL stores instead, every role in this process or ``api_only`` next to
-``sagakit worker|relay|service`` processes (see :mod:`sagakit.api.serve_setup`). The
-data directory then only holds the tokens, the lock and the fake card provider.
+With ``store_url`` (and ``broker_url``) the app runs on the deployment's PostgreSQL
+stores instead, every role in this process or ``api_only`` next to ``sagakit
+worker|relay|service`` processes (see :mod:`sagakit.api.serve_setup`). The data
+directory then only holds the tokens, the lock and the app's own files (the
+checkout's fake card provider).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import uvicorn
 
@@ -43,9 +42,13 @@ from sagakit.api.auth import (
     hash_token,
     write_tokens_file,
 )
+from sagakit.app import App, load_app
 from sagakit.errors import ConfigurationError
+from sagakit.runtime.lockfile import LockFile
 
 TOKENS_JSON = "tokens.json"
+DEFAULT_APP = "sagakit_checkout:app"
+"""What ``sagakit serve`` runs without ``--app``: the reference checkout."""
 _EXTRAS = (
     "saga_id",
     "step",
@@ -114,18 +117,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _lock(data_dir: Path) -> TextIO:
+def _lock(data_dir: Path) -> LockFile:
     """Create ``data_dir`` and hold its lock file (one process per data directory)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    f = open(data_dir / ".lock", "w")  # noqa: SIM115 - held while serving
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigurationError(
-            f"another sagakit process is using {data_dir}; stop it or pick another --data-dir"
-        ) from None
-    return f
+    lock = LockFile(
+        data_dir / ".lock",
+        what=f"the data directory {data_dir}",
+        hint="stop it or pick another --data-dir",
+    )
+    lock.acquire()
+    return lock
 
 
 def _configure_logging(level: str) -> Callable[[], None]:
@@ -163,31 +164,33 @@ async def serve(
     json_output: bool = False,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
-    mode: str = "orchestration",
+    mode: str | None = None,
     store_url: str | None = None,
     broker_url: str | None = None,
     api_only: bool = False,
     command_timeout: float | None = None,
+    app: App | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Run the checkout and the API until SIGTERM/SIGINT (or ``stop`` is set).
+    """Run ``app`` (default: the reference checkout) and the API until SIGTERM/SIGINT
+    (or ``stop`` is set).
 
-    ``orders`` places that many demo orders (the demo's seeded mix) at start, once: a
-    restart with the same ``seed`` does not place them again. The URL (and a generated
-    token) are printed to ``out`` (stdout), as one JSON object with ``json_output``;
-    ``on_ready`` gets the URL once serving. ``store_url``, ``broker_url``, ``api_only``
-    and ``command_timeout`` (the workers' ``--command-timeout``) select a deployment
-    instead of the embedded checkout in ``mode``.
+    ``orders`` starts that many sagas of the app's load driver at start (the checkout:
+    the demo's seeded mix of orders), once: a restart with the same ``seed`` does not
+    start them again. The URL (and a generated token) are printed to ``out`` (stdout),
+    as one JSON object with ``json_output``; ``on_ready`` gets the URL once serving.
+    ``store_url``, ``broker_url`` and ``api_only`` select a deployment instead of SQLite
+    files in ``data_dir``. ``options`` are the app's options; ``mode`` and
+    ``command_timeout`` are shorthands for the checkout's.
     """
-    from sagakit_checkout.demo import REGULAR_SKUS, REGULAR_STOCK, make_orders
-
     if orders < 0:
         raise ConfigurationError("orders must be >= 0")
-    if store_url is None and (broker_url is not None or api_only):
-        raise ConfigurationError("--broker and --api-only need --store (the deployment's stores)")
-    if store_url is not None and mode != "orchestration":
-        raise ConfigurationError(
-            f"--store runs the orchestrated checkout only; --mode {mode} is embedded only"
-        )
+    app = app or load_app(DEFAULT_APP)
+    given = dict(options or {})
+    for name, value in (("mode", mode), ("command_timeout", command_timeout)):
+        if value is not None:
+            given[name] = value
+    ctx = app.context(options=given)  # unknown options are refused here, before any I/O
     out = out or sys.stdout
     base = Path(data_dir)
     lock = _lock(base)
@@ -195,19 +198,15 @@ async def serve(
     try:
         configured = tokens_file if tokens_file is not None else os.environ.get(TOKENS_FILE_ENV)
         tokens, generated = load_tokens(base, configured or None)
-        if store_url is None:
-            served = serve_setup.embedded(base, mode, synchronous)
-        else:
-            served = serve_setup.deployed(
-                base, store_url, broker_url, api_only=api_only, command_timeout=command_timeout
-            )
-        specs, stock = make_orders(orders, seed) if orders else ([], {})
-        stock.update(dict.fromkeys(REGULAR_SKUS, REGULAR_STOCK), **{"sku-sold-out": 0})
+        served = serve_setup.for_app(
+            app,
+            serve_setup.ServeRequest(
+                base, store_url, broker_url, api_only, synchronous, ctx.options
+            ),
+        )
         async with served.engine as engine:
-            await served.seed(stock)
-            if specs:
-                await served.place(specs)
-            app = create_app(
+            await served.prepare(orders, seed)
+            asgi = create_app(
                 engine,
                 checkout=served.checkout,
                 tokens=tokens,
@@ -216,7 +215,7 @@ async def serve(
                 start_order=served.start_order,
             )
             config = uvicorn.Config(
-                app,
+                asgi,
                 host=host,
                 port=port,
                 log_level=log_level.lower(),
@@ -228,7 +227,7 @@ async def serve(
             await _run(server, host, shown, generated, out, json_output, stop, on_ready)
     finally:
         undo_logging()
-        lock.close()
+        lock.release()
 
 
 async def _run(

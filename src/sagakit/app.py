@@ -1,0 +1,459 @@
+"""Apps: the one object a team writes, and that every sagakit process loads.
+
+An :class:`App` holds a team's saga definitions (every version still in flight), its
+services (participant endpoints with their handlers, business-table migrations and
+periodic jobs), its options, and a name from which the default schema, stream and
+queue-prefix names derive, so two apps on one PostgreSQL or broker never collide::
+
+    app = App("travel", [trip_v1, trip_v2])
+    hotel = app.service("hotel", migrations=["CREATE TABLE bookings (...)"])
+
+    @hotel.handles("BookHotel")
+    async def book_hotel(tx, env): ...
+
+Every process command loads it by ``--app module:attribute`` (:func:`load_app`), the
+way uvicorn or Celery load theirs::
+
+    sagakit worker  --app travel.app:app --store postgresql://... --broker nats://...
+    sagakit service hotel --app travel.app:app --store ... --broker ...
+
+:class:`~sagakit.deployment.Deployment` turns an app and the URLs into the stores and
+engines of each process role.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from sagakit.core.definition import SagaDefinition
+from sagakit.errors import ConfigurationError, DefinitionError
+from sagakit.runtime.participant import Handler, MessageSchemas, Participant
+
+if TYPE_CHECKING:
+    from sagakit.deployment import Deployment
+    from sagakit.stores.base import SQLStore
+
+APP_COMMANDS = ("worker", "relay", "service", "serve", "demo", "versions")
+"""The ``sagakit`` commands that load an app (``--app``)."""
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
+_ENDPOINT = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
+_RESERVED = ("orchestrator",)
+
+Job: TypeAlias = Callable[["SQLStore"], Awaitable[object]]
+"""A periodic job of a service: called with the service's (open) store."""
+
+StartRequest: TypeAlias = tuple[str, str, Mapping[str, Any]]
+"""``(definition name, business key, data)``: one saga to start."""
+
+LoadDriver: TypeAlias = Callable[[int, int], Sequence[StartRequest]]
+"""``load(count, seed)``: the sagas ``sagakit demo --app`` starts (same seed, same list)."""
+
+Invariants: TypeAlias = Callable[["Deployment"], Awaitable[Sequence[str]]]
+"""Checks of an app's own ledgers after a run: one message per broken invariant."""
+
+Setup: TypeAlias = Callable[["Deployment"], Awaitable[object]]
+"""Prepares a demo run once the stores are open (seed reference data, idempotently)."""
+
+
+class ParticipantFactory(Protocol):
+    """Builds a service's participant on its store (for services that need more than
+    handlers registered with decorators, e.g. a client of an external system)."""
+
+    def __call__(self, store: SQLStore, ctx: AppContext) -> Participant:
+        """The participant named like the service, on ``store``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AppOption:
+    """A command-line option an app adds to its process commands.
+
+    ``sagakit worker --app x:app --NAME VALUE`` (or the environment variable ``env``)
+    puts ``type(VALUE)`` into ``AppContext.options[name]``; the flag is ``name`` with
+    dashes (``command_timeout`` -> ``--command-timeout``). ``commands`` limits it to
+    some of :data:`APP_COMMANDS`.
+    """
+
+    name: str
+    help: str
+    env: str | None = None
+    default: Any = None
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+    commands: frozenset[str] = frozenset(APP_COMMANDS)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ConfigurationError(f"app option {self.name!r} must be a Python identifier")
+        unknown = set(self.commands) - set(APP_COMMANDS)
+        if unknown:
+            raise ConfigurationError(
+                f"app option {self.name!r}: unknown commands {sorted(unknown)}; "
+                f"choose from {list(APP_COMMANDS)}"
+            )
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--command-timeout``."""
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class AppContext:
+    """What a process knows when it builds an app's parts: its URLs and options."""
+
+    app: App
+    store_url: str | None = None
+    broker_url: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    data_dir: Path | None = None
+    """A directory for the process's own files (``sagakit serve --data-dir``, the
+    directory of a ``sqlite:///DIR`` store URL), or None."""
+
+    def option(self, name: str) -> Any:
+        """The value of the app option ``name`` (its default when not given)."""
+        if name not in self.options:
+            declared = sorted(o.name for o in self.app.options)
+            raise ConfigurationError(
+                f"app {self.app.name!r} has no option {name!r}; it declares {declared}"
+            )
+        return self.options[name]
+
+
+class Service:
+    """A participant endpoint of an app: handlers, business-table migrations, jobs.
+
+    Register handlers with :meth:`handles` and :meth:`on_event` (the ``(tx, env)``
+    handlers of :class:`~sagakit.runtime.participant.Participant`); ``migrations`` are
+    SQL scripts applied once each, in order, to the service's store before it handles
+    anything (append new ones, never edit applied ones), recorded under ``namespace``
+    (default: the service's name), or a mapping namespace -> scripts for several
+    independent sets. ``build`` replaces the plain participant by one of your own
+    making (handlers registered here are added to it).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        migrations: Sequence[str] | Mapping[str, Sequence[str]] = (),
+        namespace: str | None = None,
+        build: ParticipantFactory | None = None,
+        subscribes: Sequence[str] = (),
+        schemas: MessageSchemas | None = None,
+    ) -> None:
+        if not _ENDPOINT.match(name) or name in _RESERVED:
+            raise ConfigurationError(
+                f"service name {name!r} must be lower case letters, digits, '_' or '-', "
+                "start with a letter, and not be 'orchestrator'"
+            )
+        self.name = name
+        if isinstance(migrations, str):
+            raise ConfigurationError(
+                f"service {name!r}: migrations must be a list of SQL scripts, not one string"
+            )
+        if isinstance(migrations, Mapping):
+            if namespace is not None:
+                raise ConfigurationError(
+                    f"service {name!r}: give namespace= or a mapping of namespaces, not both"
+                )
+            self.migrations = {ns: list(steps) for ns, steps in migrations.items()}
+        else:
+            self.migrations = {namespace or name: list(migrations)}
+        """Namespace (in ``schema_migrations``) -> the SQL scripts recorded under it."""
+        self.build = build
+        self.schemas = schemas
+        self._handlers: list[tuple[str, Handler, bool]] = []
+        self._subscribes = set(subscribes)
+        self.jobs: list[tuple[float, str, Job]] = []
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r})"
+
+    def handles(self, message_type: str) -> Callable[[Handler], Handler]:
+        """Decorator: the handler of a command, compensation or status query type."""
+
+        def register(fn: Handler) -> Handler:
+            self._add(message_type, fn, event=False)
+            return fn
+
+        return register
+
+    def on_event(self, event_type: str) -> Callable[[Handler], Handler]:
+        """Decorator: react to the event ``event_type`` (choreography)."""
+
+        def register(fn: Handler) -> Handler:
+            self._add(event_type, fn, event=True)
+            self._subscribes.add(event_type)
+            return fn
+
+        return register
+
+    def every(self, seconds: float, name: str) -> Callable[[Job], Job]:
+        """Decorator: run ``job(store)`` every ``seconds`` in the service's process."""
+        if not seconds > 0:
+            raise ConfigurationError(f"job {name!r} of {self.name}: interval must be > 0 seconds")
+
+        def register(fn: Job) -> Job:
+            self.jobs.append((seconds, name, fn))
+            return fn
+
+        return register
+
+    def _add(self, message_type: str, fn: Handler, *, event: bool) -> None:
+        if any(t == message_type for t, _, _ in self._handlers):
+            raise ConfigurationError(f"{self.name}: {message_type!r} already has a handler")
+        self._handlers.append((message_type, fn, event))
+
+    @property
+    def message_types(self) -> list[str]:
+        """The types registered with :meth:`handles` and :meth:`on_event`."""
+        return sorted(t for t, _, _ in self._handlers)
+
+    @property
+    def subscriptions(self) -> set[str]:
+        """The event types this service reacts to (the relays fan events out by them)."""
+        return set(self._subscribes)
+
+    def participant(self, store: SQLStore, ctx: AppContext) -> Participant:
+        """The service's participant on ``store`` (not opened)."""
+        if self.build is not None:
+            p = self.build(store, ctx)
+            if p.name != self.name:
+                raise ConfigurationError(
+                    f"service {self.name!r}: its build function returned participant {p.name!r}"
+                )
+        else:
+            p = Participant(self.name, store, schemas=self.schemas)
+        for message_type, fn, event in self._handlers:
+            if event:
+                p.on_event(message_type)(fn)
+            else:
+                p.add_handler(message_type, fn)
+        p.subscriptions |= self._subscribes
+        return p
+
+    async def migrate(self, store: SQLStore) -> None:
+        """Apply the service's migrations to ``store`` (open); applied ones are skipped."""
+        for namespace, steps in self.migrations.items():
+            if steps:
+                await store.apply_migrations(namespace, steps)
+
+
+DefinitionsFactory: TypeAlias = Callable[[AppContext], Sequence[SagaDefinition]]
+
+
+class App:
+    """A team's sagas and services, under one name. See the module docstring.
+
+    ``definitions``: every version still in flight (a list), or a function of the
+    :class:`AppContext` building them (e.g. timeouts from an app option).
+    ``canary``: definition name -> share (0..1) of new sagas started on its latest
+    version, the rest on the version before (chosen by a stable hash of the business
+    key). ``load``, ``setup`` and ``invariants`` drive ``sagakit demo --app``.
+    ``demo`` and ``serve`` replace those commands' generic behaviour for this app.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        definitions: Sequence[SagaDefinition] | DefinitionsFactory = (),
+        *,
+        services: Sequence[Service] = (),
+        options: Sequence[AppOption] = (),
+        canary: Mapping[str, float] | None = None,
+        load: LoadDriver | None = None,
+        setup: Setup | None = None,
+        invariants: Invariants | None = None,
+        description: str = "",
+        demo: Callable[..., Any] | None = None,
+        serve: Callable[..., Any] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigurationError(
+                f"app name {name!r} must be 1-40 lower case letters, digits or '_', starting "
+                "with a letter (it names schemas, streams and queues)"
+            )
+        self.name = name
+        self.description = description
+        self._factory: DefinitionsFactory | None = None
+        self._definitions: list[SagaDefinition] = []
+        if callable(definitions):
+            self._factory = definitions
+        else:
+            for d in definitions:
+                self.saga(d)
+        self._services: dict[str, Service] = {}
+        for s in services:
+            self.add_service(s)
+        self.options: list[AppOption] = []
+        for o in options:
+            self.add_option(o)
+        self.canary = dict(canary or {})
+        for share in self.canary.values():
+            if not 0 < share < 1:
+                raise ConfigurationError(f"canary shares must be between 0 and 1, got {share}")
+        self.load = load
+        self.setup = setup
+        self.invariants = invariants
+        self.demo = demo
+        self.serve = serve
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, services={list(self._services)})"
+
+    # -- declaring ----------------------------------------------------------------------
+    def saga(self, definition: SagaDefinition) -> SagaDefinition:
+        """Add a saga definition (each name@version once); returns it."""
+        if self._factory is not None:
+            raise ConfigurationError(
+                f"app {self.name!r} builds its definitions with a function; add them there"
+            )
+        if not isinstance(definition, SagaDefinition):
+            raise ConfigurationError(
+                f"app {self.name!r}: expected a SagaDefinition, got {type(definition).__name__}"
+            )
+        if any(d.key == definition.key for d in self._definitions):
+            raise DefinitionError(f"app {self.name!r} has saga {definition.key} twice")
+        self._definitions.append(definition)
+        return definition
+
+    def service(self, name: str, **kwargs: Any) -> Service:
+        """Declare the service ``name`` (see :class:`Service` for the arguments)."""
+        return self.add_service(Service(name, **kwargs))
+
+    def add_service(self, service: Service) -> Service:
+        """Add a :class:`Service` built elsewhere; returns it."""
+        if service.name in self._services:
+            raise ConfigurationError(f"app {self.name!r} has two services named {service.name!r}")
+        self._services[service.name] = service
+        return service
+
+    def add_option(self, option: AppOption) -> AppOption:
+        """Add an :class:`AppOption`; returns it."""
+        if any(o.name == option.name for o in self.options):
+            raise ConfigurationError(f"app {self.name!r} declares option {option.name!r} twice")
+        self.options.append(option)
+        return option
+
+    # -- reading ------------------------------------------------------------------------
+    def definitions(self, ctx: AppContext | None = None) -> list[SagaDefinition]:
+        """The app's saga definitions (built from ``ctx`` when the app has a factory)."""
+        if self._factory is None:
+            return list(self._definitions)
+        built = list(self._factory(ctx or self.context()))
+        for d in built:
+            if not isinstance(d, SagaDefinition):
+                raise ConfigurationError(
+                    f"app {self.name!r}: its definitions function returned "
+                    f"{type(d).__name__}, not SagaDefinition"
+                )
+        return built
+
+    @property
+    def services(self) -> Mapping[str, Service]:
+        """The services by name."""
+        return dict(self._services)
+
+    @property
+    def store_names(self) -> list[str]:
+        """Every store of a deployment: ``orchestrator`` and one per service."""
+        return ["orchestrator", *self._services]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every endpoint a broker must serve: the orchestrator's two and the services'."""
+        return ["orchestrator", "orchestrator.local", *self._services]
+
+    def event_routes(self) -> dict[str, list[str]]:
+        """Event type -> the services that react to it (what a relay fans out by)."""
+        routes: dict[str, list[str]] = {}
+        for s in self._services.values():
+            for event_type in sorted(s.subscriptions):
+                routes.setdefault(event_type, []).append(s.name)
+        return routes
+
+    def get_service(self, name: str) -> Service:
+        """The service ``name``; a clear error naming the app's services otherwise."""
+        try:
+            return self._services[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"app {self.name!r} has no service {name!r}; its services: "
+                f"{', '.join(self._services) or '(none)'}"
+            ) from None
+
+    def context(
+        self,
+        *,
+        store_url: str | None = None,
+        broker_url: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        data_dir: Path | None = None,
+    ) -> AppContext:
+        """An :class:`AppContext` with every option given a value: from ``options``,
+        else the option's environment variable, else its default."""
+        given = dict(options or {})
+        unknown = set(given) - {o.name for o in self.options}
+        if unknown:
+            raise ConfigurationError(
+                f"app {self.name!r} has no option(s) {sorted(unknown)}; it declares "
+                f"{sorted(o.name for o in self.options)}"
+            )
+        values: dict[str, Any] = {}
+        for o in self.options:
+            if given.get(o.name) is not None:
+                values[o.name] = given[o.name]
+            elif o.env and os.environ.get(o.env):
+                try:
+                    values[o.name] = o.type(os.environ[o.env])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigurationError(f"{o.env}={os.environ[o.env]!r}: {exc}") from None
+            else:
+                values[o.name] = o.default
+        return AppContext(self, store_url, broker_url, values, data_dir)
+
+
+def load_app(spec: str) -> App:
+    """The :class:`App` named by ``module:attribute`` (an App, or a function returning one).
+
+    Raises :class:`~sagakit.errors.ConfigurationError` with a one-line message when the
+    module cannot be imported, the attribute is missing, or it is not an app.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(
+            f"--app {spec!r}: expected module:attribute, e.g. myproject.sagas:app"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"--app {spec!r}: no module named {module_name!r} (is its directory on PYTHONPATH?)"
+            ) from None
+        raise ConfigurationError(f"--app {spec!r}: importing {module_name} failed: {exc}") from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"--app {spec!r}: importing {module_name} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    target: object = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not isinstance(target, App) and callable(target):
+        target = target()
+    if not isinstance(target, App):
+        raise ConfigurationError(f"--app {spec!r} is a {type(target).__name__}, not a sagakit.App")
+    return target
