@@ -26,6 +26,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,12 +40,14 @@ DEFINITION = "recover4"
 
 
 def _local_effect(effects_path: str) -> Any:
-    conn: sqlite3.Connection | None = None
+    # A connection per thread: blocking local steps run in the engine's thread pool, and
+    # a sqlite3 connection belongs to the thread that opened it.
+    local = threading.local()
 
     def run(ctx: StepContext) -> dict[str, int]:
-        nonlocal conn
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(effects_path, isolation_level=None)
+            conn = local.conn = sqlite3.connect(effects_path, isolation_level=None, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         # The effect commits on its own, before sagakit checkpoints the step's result:

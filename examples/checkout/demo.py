@@ -13,7 +13,6 @@ interrupted sagas, places only the orders not placed yet, and reports on all N.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import random
 import sys
@@ -25,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from sagakit import App, Engine, SagaState
-from sagakit.app_demo import DemoRequest
+from sagakit import App, SagaState
+from sagakit.app_demo import DemoRequest, drain
+from sagakit.runtime.lockfile import LockFile
 from sagakit.testing.faults import Faults
 
 from .event_audit import check_event_delivery
@@ -230,23 +230,22 @@ async def run_demo(
             options,
         )
     finally:
-        lock.close()
+        lock.release()
         if not keep:
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _lock(base: Path) -> TextIO:
-    f = open(base / ".lock", "w")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise RuntimeError(
-            f"another sagakit process is using {base}; wait for it or pick another --data-dir"
-        ) from None
-    return f
+def _lock(base: Path) -> LockFile:
+    """Hold ``base/.lock`` (one process per data directory; the error names the holder)."""
+    lock = LockFile(
+        base / ".lock",
+        what=f"the data directory {base}",
+        hint="wait for it or pick another --data-dir",
+    )
+    lock.acquire()
+    return lock
 
 
 async def _run(
@@ -299,7 +298,7 @@ async def _run(
                 break
             await asyncio.sleep(0.05)
         # Let the relays hand over the last replies and acks before checking.
-        await _drain(engine)
+        await drain(engine)
         elapsed = time.monotonic() - started
         if progress is not None:
             progress.write("\n")
@@ -326,23 +325,6 @@ async def _run(
         scenarios=dict(Counter(s.scenario for s in specs)),
         metrics=metrics,
     )
-
-
-async def _drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:
-    """Wait until no outbox row is pending and no mailbox holds a message."""
-    end = time.monotonic() + limit
-    calm_since: float | None = None
-    while time.monotonic() < end:
-        busy = 0
-        for s in engine.stores:
-            busy += await s.outbox_pending() + await s.queue_depth()
-        if busy:
-            calm_since = None
-        elif calm_since is None:
-            calm_since = time.monotonic()
-        elif time.monotonic() - calm_since >= quiet_for:
-            return
-        await asyncio.sleep(0.05)
 
 
 def _bar(out: TextIO | None, done: int, total: int, elapsed: float) -> None:

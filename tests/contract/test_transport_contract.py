@@ -256,3 +256,118 @@ async def test_publishing_to_an_unknown_endpoint_is_refused(transport_world: Any
             assert "nowhere" in str(info.value)
         finally:
             await t.close()
+
+
+# -- subscription concurrency: batches in flight at once ---------------------------------
+
+
+class Gated(Recorder):
+    """Holds every batch that carries message ``n == 0`` until ``release`` is set;
+    ``settled`` lists the payload numbers whose batch the handler returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.settled: list[int] = []
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
+        out = await super().__call__(deliveries)
+        numbers = [Envelope.from_json(d.body).payload["n"] for d in deliveries]
+        if 0 in numbers:
+            await self.release.wait()
+        self.settled += numbers
+        self.changed.set()
+        return out
+
+    async def wait_settled(self, count: int, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while len(self.settled) < count:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(self.settled)} settled, wanted {count}")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.2))
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    make: Callable[[], Transport], handler: Recorder, *, concurrency: int
+) -> AsyncIterator[Transport]:
+    t = make()
+    await t.open()
+    t.subscribe("alpha", handler, batch_size=1, concurrency=concurrency)
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+async def test_with_concurrency_a_slow_batch_holds_up_no_other(transport_world: Any) -> None:
+    async with transport_world() as make:
+        gated = Gated()
+        async with consuming(make, gated, concurrency=3) as t:
+            await t.publish([envelope(0)])
+            await gated.wait_for(1)  # the slow one is being handled
+            fast = [envelope(i) for i in range(1, 6)]
+            await t.publish(fast)
+            await gated.wait_settled(5)  # ... while these are handled and settled
+            assert 0 not in gated.settled
+            gated.release.set()
+            await gated.wait_settled(6)
+            await asyncio.sleep(0.5)  # the acknowledgements reach the broker / mailbox
+        assert sorted(gated.settled) == list(range(6))
+        assert all(d.deliveries == 1 for _, d in gated.got)
+        # Every one was acknowledged: a restarted consumer gets none of them again.
+        later = Recorder()
+        async with consuming(make, later, concurrency=3):
+            await asyncio.sleep(1.0)
+        assert later.got == []
+
+
+async def test_by_default_the_next_batch_waits_for_the_handler(transport_world: Any) -> None:
+    async with transport_world() as make:
+        gated = Gated()
+        async with consuming(make, gated, concurrency=1) as t:
+            await t.publish([envelope(0)])
+            await gated.wait_for(1)
+            await t.publish([envelope(1)])
+            await asyncio.sleep(0.5)
+            assert gated.settled == []
+            assert [e.payload["n"] for e, _ in gated.got] == [0]
+            gated.release.set()
+            await gated.wait_settled(2)
+        assert gated.settled == [0, 1]
+
+
+async def test_with_concurrency_a_failing_batch_comes_back_alone(transport_world: Any) -> None:
+    async with transport_world() as make:
+
+        class FailsOnce(Recorder):
+            failed = False
+
+            async def __call__(self, deliveries: Sequence[Delivery]) -> list[Settle]:
+                numbers = [Envelope.from_json(d.body).payload["n"] for d in deliveries]
+                if 1 in numbers and not self.failed:
+                    self.failed = True
+                    raise RuntimeError("consumer bug")
+                return await super().__call__(deliveries)
+
+        alpha = FailsOnce()
+        async with consuming(make, alpha, concurrency=2) as t:
+            await t.publish([envelope(1), envelope(2)])
+            await alpha.wait_for(2, timeout=15)
+            await asyncio.sleep(0.5)
+        by_n = {e.payload["n"]: d.deliveries for e, d in alpha.got}
+        assert sorted(e.payload["n"] for e, _ in alpha.got) == [1, 2]
+        assert by_n[1] >= 2 and by_n[2] == 1
+
+
+async def test_subscription_concurrency_must_be_positive(transport_world: Any) -> None:
+    from sagakit.errors import ConfigurationError
+
+    async with transport_world() as make:
+        t = make()
+        with pytest.raises(ConfigurationError, match="concurrency"):
+            t.subscribe("alpha", Recorder(), concurrency=0)

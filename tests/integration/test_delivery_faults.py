@@ -356,8 +356,10 @@ class CountingTransport:
         await self.inner.publish(envelopes)
         self.published.update(e.message_id for e in envelopes)
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        self.inner.subscribe(endpoint, handler, batch_size=batch_size)
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        self.inner.subscribe(endpoint, handler, batch_size=batch_size, concurrency=concurrency)
 
     async def start(self) -> None:
         await self.inner.start()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ from sagakit.core.machine import ManualAction
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime.consumer import FaultHook
 from sagakit.runtime.dead_letters import DeadLetterDesk
+from sagakit.runtime.lockfile import LockFile
 from sagakit.runtime.orchestrator import Orchestrator
+from sagakit.runtime.own_tx import start_with
 from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
 from sagakit.runtime.tracker import Tracker
@@ -47,6 +51,20 @@ class Engine:
     this process runs: ``orchestrator`` (consume replies, run local steps),
     ``timers``, ``participants`` (consume their commands), ``relays`` (publish the
     outboxes of every store this engine holds) and ``housekeeping``.
+
+    Local steps run side by side, so that a slow one never delays other sagas: up to
+    ``local_concurrency`` callables at once, ``async def`` ones on the event loop and
+    blocking ones in a pool of ``local_threads`` threads (default ``min(32, CPUs + 4)``)
+    that the engine owns; a transport hands the local-step endpoint up to
+    ``local_batches`` batches at once. ``lock_file``: a file this engine holds an
+    exclusive lock on while open (see :func:`embedded`).
+
+    ``canary``: definition name -> share (0..1, exclusive) of its new sagas started on
+    its latest version, the rest on the version before (by a stable hash of the business
+    key). Inputs of sagas whose definition version this engine lacks are set aside;
+    with ``orchestrator`` or ``timers`` among its roles it applies those set aside for
+    its own versions, at start, when notified, and every ``set_aside_poll`` seconds
+    (see :mod:`sagakit.runtime.set_aside`).
     """
 
     def __init__(
@@ -68,19 +86,49 @@ class Engine:
         inbox_retention: float = 7 * 86400.0,
         outbox_retention: float = 7 * 86400.0,
         housekeeping_every: float = 600.0,
+        local_concurrency: int = 256,
+        local_threads: int | None = None,
+        local_batches: int = 8,
+        lock_file: str | Path | LockFile | None = None,
+        canary: Mapping[str, float] | None = None,
+        set_aside_poll: float = 2.0,
     ) -> None:
         unknown = set(roles) - ALL_ROLES
         if unknown:
             raise ConfigurationError(
                 f"unknown roles {sorted(unknown)}; choose from {sorted(ALL_ROLES)}"
             )
+        if local_threads is None:
+            local_threads = min(32, (os.cpu_count() or 1) + 4)
+        for name, value in (
+            ("local_concurrency", local_concurrency),
+            ("local_threads", local_threads),
+            ("local_batches", local_batches),
+        ):
+            if value < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {value}")
+        self.local_concurrency = local_concurrency
+        self.local_threads = local_threads
+        self.local_batches = local_batches
+        self._local_pool: ThreadPoolExecutor | None = None
+        self.lock = (
+            lock_file
+            if lock_file is None or isinstance(lock_file, LockFile)
+            else LockFile(lock_file)
+        )
+        """Held while the engine is open (one process per embedded database)."""
         self.roles = frozenset(roles)
         self.wakeups = wakeups or Wakeups()
         self.clock = clock
         self.store = store
         self.faults = faults or FaultHook()
         self.orchestrator = Orchestrator(
-            store, definitions, wakeups=self.wakeups, clock=clock, faults=self.faults
+            store,
+            definitions,
+            wakeups=self.wakeups,
+            clock=clock,
+            faults=self.faults,
+            canary=canary,
         )
         self.participants = list(participants)
         # Choreographies' saga views in this engine's store: nobody drives them, so the
@@ -157,6 +205,11 @@ class Engine:
         # without a purge the outbox would grow forever. Unpublished rows are never purged.
         self.outbox_retention = outbox_retention
         self.housekeeping_every = housekeeping_every
+        if not set_aside_poll > 0:
+            raise ConfigurationError(f"set_aside_poll must be > 0 seconds, got {set_aside_poll}")
+        self.set_aside_poll = set_aside_poll
+        """How often the engine looks for inputs set aside for its definition versions
+        when no notification woke it (see :mod:`sagakit.runtime.set_aside`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
         self._setup: list[Callable[[], Awaitable[object]]] = []
@@ -190,6 +243,15 @@ class Engine:
 
     async def open(self) -> None:
         """Open the stores and start every loop."""
+        if self.lock is not None:
+            self.lock.acquire()  # first: a refused second process touches nothing
+        try:
+            await self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    async def _open(self) -> None:
         for s in self.stores:
             await s.open()
         for step in self._setup:
@@ -197,9 +259,21 @@ class Engine:
         await self.transport.open()
         o, size = self.orchestrator, self.batch_size
         if "orchestrator" in self.roles:
+            self._local_pool = ThreadPoolExecutor(
+                self.local_threads, thread_name_prefix="sagakit-local"
+            )
+            o.local.configure(
+                concurrency=self.local_concurrency,
+                pool=self._local_pool,
+                pool_size=self.local_threads,
+            )
             self.transport.subscribe(o.endpoint, self._wrap(o.endpoint, o), batch_size=size)
+            # Several batches at once: one waiting for a slow step holds up no other.
             self.transport.subscribe(
-                o.local_endpoint, self._wrap(o.local_endpoint, o.local), batch_size=size
+                o.local_endpoint,
+                self._wrap(o.local_endpoint, o.local),
+                batch_size=size,
+                concurrency=self.local_batches,
             )
         if "participants" in self.roles:
             for p in self.participants:
@@ -208,9 +282,14 @@ class Engine:
         self._running = True
         # The embedded transport would move local commands from this store's outbox into
         # this store's own mailbox: write them there directly (see the orchestrator).
+        # Only where this process runs the local steps: an engine without the orchestrator
+        # role (an API beside a broker deployment, whose transport here is embedded only
+        # for want of a broker) would strand them in a mailbox no worker reads; through
+        # the outbox, the deployment's relays deliver them.
         delivery = self._delivery
         o.direct_local = (
-            isinstance(delivery, EmbeddedTransport)
+            "orchestrator" in self.roles
+            and isinstance(delivery, EmbeddedTransport)
             and delivery.routes.get(o.local_endpoint) is self.store
         )
         if o.direct_local and "orchestrator" in self.roles:
@@ -222,6 +301,8 @@ class Engine:
                 self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
         if "timers" in self.roles:
             self._spawn(self._timer_loop(), "timers")
+        if self._resumes:
+            self._spawn(self._set_aside_loop(), "set-aside")
         if "housekeeping" in self.roles:
             self._spawn(self._housekeeping_loop(), "housekeeping")
         for name, seconds, job in self._periodic:
@@ -243,23 +324,55 @@ class Engine:
         await self.transport.close()
         for s in self.stores:
             await s.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Shut the local-step pool and let go of the lock file."""
+        self.orchestrator.local.configure()  # nothing runs in the pool from now on
+        pool, self._local_pool = self._local_pool, None
+        if pool is not None:
+            # Not waiting: a blocking step still running finishes in its thread, and
+            # its result is dropped (the command is still in the mailbox: it runs again).
+            pool.shutdown(wait=False, cancel_futures=True)
+        if self.lock is not None:
+            self.lock.release()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     # -- API --------------------------------------------------------------------------
     async def start(
-        self, definition: str, business_key: str, data: Mapping[str, Any] | None = None, **kw: Any
+        self,
+        definition: str,
+        business_key: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        tx: object | None = None,
+        **kw: Any,
     ) -> SagaInstance:
-        """Start a saga (idempotent by business key); returns the instance."""
+        """Start a saga (idempotent by business key); returns the instance.
+
+        With ``tx`` (your own transaction: a sqlite3 or psycopg connection, a SQLAlchemy
+        connection or session, or a sagakit Tx of this engine's store) the saga is
+        written in it and starts when you commit it; see :mod:`sagakit.runtime.own_tx`.
+        """
+        if tx is not None:
+            (inst,) = await self.start_many([(definition, business_key, data or {})], tx=tx, **kw)
+            return inst
         inst, _ = await self.orchestrator.start(definition, business_key, data, **kw)
         return inst
 
     async def start_many(
-        self, requests: Sequence[tuple[str, str, Mapping[str, Any]]]
+        self,
+        requests: Sequence[tuple[str, str, Mapping[str, Any]]],
+        *,
+        tx: object | None = None,
+        **kw: Any,
     ) -> list[SagaInstance]:
-        """Start several sagas in one transaction."""
-        return [inst for inst, _ in await self.orchestrator.start_many(requests)]
+        """Start several sagas in one transaction (``tx``: yours, as in :meth:`start`)."""
+        if tx is not None:
+            return await start_with(self.orchestrator, tx, requests, **kw)
+        return [inst for inst, _ in await self.orchestrator.start_many(requests, **kw)]
 
     async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
         """Ask a saga to cancel (compensates before its pivot, refused after).
@@ -411,7 +524,12 @@ class Engine:
             store.outbox_channel: f"outbox:{store.name}",
             store.timers_channel: f"timers:{store.name}",
         }
-        async with contextlib.aclosing(store.listen()) as notes:
+        channels = [store.outbox_channel, store.timers_channel, store.queue_channel]
+        aside: str = store.aside_channel
+        if store is self.store and self._resumes:  # inputs set aside for its versions
+            local[aside] = f"aside:{self.store.name}"
+            channels.append(aside)
+        async with contextlib.aclosing(store.listen(*channels)) as notes:
             async for channel, payload in notes:
                 if channel == store.queue_channel:
                     if payload:
@@ -423,6 +541,30 @@ class Engine:
                     self.wakeups.notify(f"sagas:{store.name}")
                 elif channel in local:
                     self.wakeups.notify(local[channel])
+
+    @property
+    def _resumes(self) -> bool:
+        """Whether this engine applies inputs set aside for the versions it has."""
+        return bool(self.roles & {"orchestrator", "timers"}) and bool(self.orchestrator.machines)
+
+    async def _set_aside_loop(self) -> None:
+        """Apply inputs set aside for this engine's definition versions: at once, when a
+        commit somewhere set one aside (notified), and every ``set_aside_poll`` seconds."""
+        channel = f"aside:{self.store.name}"
+        failing = False
+        while self._running:
+            try:
+                claimed = await self.orchestrator.aside.resume(self.batch_size)
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Once per outage, not once per poll.
+                if not failing:
+                    log.exception("resuming inputs set aside failed; retrying")
+                failing, claimed = True, 0
+            if claimed < self.batch_size:
+                await self.wakeups.wait(channel, self.set_aside_poll)
 
     async def _periodic_loop(
         self, name: str, seconds: float, job: Callable[[], Awaitable[object]]
@@ -465,8 +607,15 @@ def embedded(
     synchronous: str = "FULL",
     **kwargs: Any,
 ) -> Engine:
-    """An engine on one SQLite file (the embedded default): no server, survives ``kill -9``."""
+    """An engine on one SQLite file (the embedded default): no server, survives ``kill -9``.
+
+    While open it holds an exclusive lock on ``<path>.lock`` (holding this process's
+    pid): a second process opening the same file gets a
+    :class:`~sagakit.errors.ConfigurationError` naming the first one's pid.
+    """
     from sagakit.stores.sqlite import SQLiteStore
 
     store = SQLiteStore(path, name="orchestrator", synchronous=synchronous)
+    if str(path) != ":memory:":
+        kwargs.setdefault("lock_file", LockFile(f"{path}.lock", what=f"the database {path}"))
     return Engine(store, definitions, participants=participants, **kwargs)

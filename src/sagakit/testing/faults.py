@@ -154,8 +154,10 @@ class _FaultyTransport:
         if self.faults._hit(self.faults.profile.ack_lost, "ack_lost"):
             raise TransportError("injected: publish acknowledgement lost")
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        self.inner.subscribe(endpoint, handler, batch_size=batch_size)
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        self.inner.subscribe(endpoint, handler, batch_size=batch_size, concurrency=concurrency)
 
     async def start(self) -> None:
         await self.inner.start()

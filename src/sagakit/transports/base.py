@@ -10,9 +10,10 @@ deduplicate with their inbox. Parsing and dead-lettering belong to the consumer
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sagakit.core.envelope import Envelope
 
@@ -46,6 +47,50 @@ def retry(delay: float, error: str) -> Settle:
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Settle]]]
 
 
+class InFlight:
+    """The batches one subscription handles at once, at most ``limit`` (its concurrency).
+
+    A consumer loop awaits :meth:`slot` before it fetches, :meth:`spawn` s the handling
+    of what it fetched, and on its way out :meth:`finish` es (lets them settle) or
+    :meth:`cancel` s them. With ``limit`` 1 a loop handles its batch inline instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def slot(self) -> None:
+        """Wait until fewer than ``limit`` batches are in flight."""
+        while len(self._tasks) >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+
+    def spawn(self, handling: Coroutine[Any, Any, None]) -> None:
+        """Handle a batch in a task of its own (which must not raise)."""
+        task = asyncio.create_task(handling)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._freed.set()
+
+    async def finish(self) -> None:
+        """Wait for the batches in flight to be settled."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Cancel the batches in flight (their messages come back: leases, redelivery)."""
+        for task in self._tasks:
+            task.cancel()
+        await self.finish()
+
+
 @dataclass(frozen=True, slots=True)
 class ParkedByBroker:
     """A message the broker itself gave up on, taken from its dead-letter place."""
@@ -76,8 +121,16 @@ class Transport(Protocol):
         """
         ...
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        """Deliver ``endpoint``'s messages to ``handler`` once :meth:`start` ran."""
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        """Deliver ``endpoint``'s messages to ``handler`` once :meth:`start` ran.
+
+        ``concurrency``: batches handed to ``handler`` at once (1: the next batch is
+        fetched when the handler returned). More keep a slow batch from holding up
+        the endpoint; each delivery is still settled only after its batch's handler
+        returned, so nothing is acknowledged before its effect committed.
+        """
         ...
 
     async def start(self) -> None:

@@ -7,7 +7,9 @@ A consumer that dies leaves its leased messages to be handed out again. No broke
 no server: this is what ``sagakit demo`` runs on.
 
 One process consumes each endpoint (the embedded deployment is one process per data
-directory); on start it takes back the leases a killed predecessor left behind.
+directory); on start it takes back the leases a killed predecessor left behind. With a
+subscription's ``concurrency`` above 1 its consumer keeps fetching (leasing) new
+batches while earlier ones are still being handled, up to that many at once.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from sagakit.core.envelope import Envelope
-from sagakit.errors import UnroutableMessage
+from sagakit.errors import ConfigurationError, UnroutableMessage
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store
-from sagakit.transports.base import BatchHandler, Delivery
+from sagakit.transports.base import BatchHandler, Delivery, InFlight
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class EmbeddedTransport:
         self.clock = clock
         self.lease = lease
         self.idle_poll = idle_poll
-        self._subs: list[tuple[str, BatchHandler, int]] = []
+        self._subs: list[tuple[str, BatchHandler, int, int]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -78,20 +80,28 @@ class EmbeddedTransport:
                 unroutable,
             )
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        """Consume ``endpoint``'s mailbox with ``handler`` once started."""
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        """Consume ``endpoint``'s mailbox with ``handler`` once started, ``concurrency``
+        batches at once (see :meth:`~sagakit.transports.base.Transport.subscribe`)."""
         if endpoint not in self.routes:
             raise UnroutableMessage(f"cannot subscribe: no store routes endpoint {endpoint!r}", [])
-        self._subs.append((endpoint, handler, batch_size))
+        if batch_size < 1 or concurrency < 1:
+            raise ConfigurationError(
+                f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}"
+            )
+        self._subs.append((endpoint, handler, batch_size, concurrency))
 
     async def start(self) -> None:
         """Start one consuming task per subscription."""
         self._stopping = False
-        for endpoint, handler, batch in self._subs:
+        for endpoint, handler, batch, concurrency in self._subs:
             await self.routes[endpoint].queue_reset_leases(endpoint)
             self._tasks.append(
                 asyncio.create_task(
-                    self._consume(endpoint, handler, batch), name=f"consume:{endpoint}"
+                    self._consume(endpoint, handler, batch, concurrency),
+                    name=f"consume:{endpoint}",
                 )
             )
 
@@ -105,19 +115,47 @@ class EmbeddedTransport:
                 await task
         self._tasks.clear()
 
-    async def _consume(self, endpoint: str, handler: BatchHandler, batch: int) -> None:
-        while not self._stopping:
-            try:
-                await self._consume_once(endpoint, handler, batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The mailbox's store failed (locked, closed, disk): keep the consumer
-                # alive; leased messages come back when their lease ends.
-                log.exception("consumer of %s failed reading its mailbox; retrying", endpoint)
-                await asyncio.sleep(min(self.idle_poll, 1.0))
+    async def _consume(
+        self, endpoint: str, handler: BatchHandler, batch: int, concurrency: int = 1
+    ) -> None:
+        running = InFlight(concurrency)
 
-    async def _consume_once(self, endpoint: str, handler: BatchHandler, batch: int) -> None:
+        def spawn(handling: Awaitable[None]) -> None:
+            running.spawn(self._guarded(endpoint, handling))
+
+        try:
+            while not self._stopping:
+                await running.slot()
+                try:
+                    await self._consume_once(
+                        endpoint, handler, batch, spawn if concurrency > 1 else None
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The mailbox's store failed (locked, closed, disk): keep the consumer
+                    # alive; leased messages come back when their lease ends.
+                    log.exception("consumer of %s failed reading its mailbox; retrying", endpoint)
+                    await asyncio.sleep(min(self.idle_poll, 1.0))
+        finally:
+            await running.cancel()
+
+    async def _guarded(self, endpoint: str, handling: Awaitable[None]) -> None:
+        try:
+            await handling
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("consumer of %s failed settling a batch; its lease runs out", endpoint)
+
+    async def _consume_once(
+        self,
+        endpoint: str,
+        handler: BatchHandler,
+        batch: int,
+        spawn: Callable[[Awaitable[None]], None] | None = None,
+    ) -> None:
+        """Fetch one batch and handle it (``spawn``: in a task of its own)."""
         store = self.routes[endpoint]
         channel = f"queue:{endpoint}"
         now = self.clock()
@@ -128,6 +166,18 @@ class EmbeddedTransport:
             await self.wakeups.wait(channel, timeout)
             return
         deliveries = [Delivery(m.id, m.body, m.deliveries) for m in msgs]
+        handling = self._handle(endpoint, handler, deliveries)
+        if spawn is None:
+            await handling
+        else:
+            spawn(handling)
+
+    async def _handle(
+        self, endpoint: str, handler: BatchHandler, deliveries: Sequence[Delivery]
+    ) -> None:
+        """Hand a fetched batch to ``handler``; settle it as told once it returned."""
+        store = self.routes[endpoint]
+        channel = f"queue:{endpoint}"
         try:
             settles = await handler(deliveries)
         except asyncio.CancelledError:

@@ -24,7 +24,9 @@ Publishing
 
 Consuming
     One task per subscription pulls batches (a lingering pull for the first message,
-    then a no-wait pull for the rest of the batch) and hands them to the handler. While
+    then a no-wait pull for the rest of the batch) and hands them to the handler; with
+    a subscription's ``concurrency`` above 1 it keeps pulling while up to that many
+    batches are being handled, each settled when its own handler returned. While
     the handler runs, every message of the batch gets an in-progress ack each
     ``ack_wait / 3`` seconds: an ack sent after ``ack_wait`` could otherwise land after
     the broker already handed the message to another process. ``ACK`` settles are
@@ -75,7 +77,14 @@ from typing import TYPE_CHECKING, Any
 
 from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import BatchHandler, Delivery, ParkedByBroker, ParkSink, Settle
+from sagakit.transports.base import (
+    BatchHandler,
+    Delivery,
+    InFlight,
+    ParkedByBroker,
+    ParkSink,
+    Settle,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -309,6 +318,7 @@ class _Subscription:
     endpoint: str
     handler: BatchHandler
     batch_size: int
+    concurrency: int = 1
     puller: _Puller | None = None
 
 
@@ -608,15 +618,20 @@ class NatsTransport:
 
     # --- consuming ----------------------------------------------------------------------
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        """Pull ``endpoint``'s messages into ``handler`` once :meth:`start` ran."""
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        """Pull ``endpoint``'s messages into ``handler`` once :meth:`start` ran,
+        ``concurrency`` batches at once (see :class:`~sagakit.transports.base.Transport`)."""
         if endpoint not in self.endpoints:
             raise UnroutableMessage(
                 f"cannot subscribe: {endpoint!r} is not one of {sorted(self.endpoints)}", []
             )
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be >= 1")
-        self._subs.append(_Subscription(endpoint, handler, batch_size))
+        if batch_size < 1 or concurrency < 1:
+            raise ConfigurationError(
+                f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}"
+            )
+        self._subs.append(_Subscription(endpoint, handler, batch_size, concurrency))
 
     async def start(self) -> None:
         """Start one pull loop per subscription, and the dead-letter mover."""
@@ -633,7 +648,9 @@ class NatsTransport:
             self._pullers.append(sub.puller)
             self._tasks.append(
                 asyncio.create_task(
-                    self._consume(sub.puller, sub.batch_size, self._handler_for(sub)),
+                    self._consume(
+                        sub.puller, sub.batch_size, self._handler_for(sub), sub.concurrency
+                    ),
                     name=f"nats-consume:{sub.endpoint}",
                 )
             )
@@ -681,10 +698,13 @@ class NatsTransport:
         puller: _Puller,
         batch_size: int,
         process: Callable[[list[Msg]], Awaitable[None]],
+        concurrency: int = 1,
     ) -> None:
         backoff = 0.1
+        running = InFlight(concurrency)
         try:
             while not self._stopping:
+                await running.slot()
                 try:
                     await puller.subscribe()
                     msgs = await puller.next_batch(batch_size)
@@ -704,15 +724,24 @@ class NatsTransport:
                 backoff = 0.1
                 if not msgs:
                     continue
-                try:
-                    await process(msgs)
-                except Exception:  # a bug here must not end consumption
-                    log.exception("settling a batch from %s failed", puller.consumer)
-                    await self._settle_quietly(msgs, nak=_FAILED_BATCH_DELAY)
+                if concurrency == 1:
+                    await self._process_guarded(puller, msgs, process)
+                else:
+                    running.spawn(self._process_guarded(puller, msgs, process))
         finally:
+            await running.finish()  # in-flight batches settle first (close() waits for it)
             left = await puller.close()
             if left:
                 await self._settle_quietly(left, nak=0.0)
+
+    async def _process_guarded(
+        self, puller: _Puller, msgs: list[Msg], process: Callable[[list[Msg]], Awaitable[None]]
+    ) -> None:
+        try:
+            await process(msgs)
+        except Exception:  # a bug here must not end consumption
+            log.exception("settling a batch from %s failed", puller.consumer)
+            await self._settle_quietly(msgs, nak=_FAILED_BATCH_DELAY)
 
     def _handler_for(self, sub: _Subscription) -> Callable[[list[Msg]], Awaitable[None]]:
         async def process(msgs: list[Msg]) -> None:

@@ -25,7 +25,9 @@ publishes a confirmed copy into the retry queue and only then acks the original.
 retry delay therefore ends when the consumer stops (its unacked messages go back to the
 queue at once), like the embedded transport's leases, while long delays neither pin
 prefetch slots nor run into the broker's consumer timeout. A handler that raises gets
-its batch again after ``failure_pause``.
+its batch again after ``failure_pause``. With a subscription's ``concurrency`` above 1
+the consumer hands out up to that many batches at once (its prefetch grows to match),
+each settled when its own handler returned.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from sagakit.core.envelope import Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import BatchHandler, Delivery, ParkedByBroker, ParkSink, Settle
+from sagakit.transports.base import (
+    BatchHandler,
+    Delivery,
+    InFlight,
+    ParkedByBroker,
+    ParkSink,
+    Settle,
+)
 
 if TYPE_CHECKING:
     from aio_pika.abc import (
@@ -108,6 +117,7 @@ class _Subscription:
     endpoint: str
     handler: BatchHandler
     batch_size: int
+    concurrency: int = 1
     channel: AbstractChannel | None = None
     queue: AbstractQueue | None = None
     consumer_tag: str | None = None
@@ -431,16 +441,21 @@ class RabbitMqTransport:
 
     # -- consuming -------------------------------------------------------------------
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
-        """Consume ``endpoint``'s queue with ``handler`` once started."""
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        """Consume ``endpoint``'s queue with ``handler`` once started, ``concurrency``
+        batches at once (see :class:`~sagakit.transports.base.Transport`)."""
         if endpoint not in self.endpoints:
             raise UnroutableMessage(
                 f"cannot subscribe: {endpoint!r} is not one of {list(self.endpoints)}",
                 [],
             )
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1")
-        self._subs.append(_Subscription(endpoint, handler, batch_size))
+        if batch_size < 1 or concurrency < 1:
+            raise ConfigurationError(
+                f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}"
+            )
+        self._subs.append(_Subscription(endpoint, handler, batch_size, concurrency))
 
     async def start(self) -> None:
         """Start one consumer (own channel, manual acks, prefetch) per subscription."""
@@ -453,8 +468,11 @@ class RabbitMqTransport:
                 continue
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                # A batch can only fill up if the broker may hand out that many at once.
-                await channel.set_qos(prefetch_count=max(self.prefetch, sub.batch_size))
+                # A batch can only fill up if the broker may hand out that many at once,
+                # and a slow batch holds its messages unacked until it is settled.
+                await channel.set_qos(
+                    prefetch_count=max(self.prefetch, sub.batch_size * sub.concurrency)
+                )
                 queue = await channel.declare_queue(
                     self.queue_name(sub.endpoint),
                     durable=True,
@@ -478,12 +496,29 @@ class RabbitMqTransport:
             sub.task = asyncio.create_task(self._consume(sub), name=f"consume:{sub.endpoint}")
 
     async def _consume(self, sub: _Subscription) -> None:
-        while not self._stopping:
-            batch = await self._next_batch(sub)
-            if self._stopping:
-                break  # not handed out: unacked, so the broker gives them out again
-            if batch:
-                await self._handle(sub, batch)
+        running = InFlight(sub.concurrency)
+        try:
+            while not self._stopping:
+                await running.slot()
+                batch = await self._next_batch(sub)
+                if self._stopping:
+                    break  # not handed out: unacked, so the broker gives them out again
+                if not batch:
+                    continue
+                if sub.concurrency == 1:
+                    await self._handle(sub, batch)
+                else:
+                    running.spawn(self._guarded(sub, batch))
+        finally:
+            await running.finish()  # in-flight batches settle first (close() waits for it)
+
+    async def _guarded(self, sub: _Subscription, batch: list[AbstractIncomingMessage]) -> None:
+        try:
+            await self._handle(sub, batch)
+        except Exception:  # a bug here must not go unseen; unsettled messages come back
+            log.exception(
+                "settling a batch of %s failed", sub.endpoint, extra={"endpoint": sub.endpoint}
+            )
 
     async def _next_batch(self, sub: _Subscription) -> list[AbstractIncomingMessage]:
         buffer = sub.buffer

@@ -112,7 +112,11 @@ class SimNetwork:
         if fault == "ack_lost":
             raise TransportError("simulated: publish acknowledgement lost")
 
-    def subscribe(self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256) -> None:
+    def subscribe(
+        self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1
+    ) -> None:
+        """Register ``handler``; the scheduler picks every batch (and its size), one at a
+        time, so ``batch_size`` and ``concurrency`` do not apply."""
         self.handlers[endpoint] = handler
 
     async def start(self) -> None:
