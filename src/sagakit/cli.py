@@ -254,6 +254,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     from sagakit.cli_flows import register as register_flows
     from sagakit.cli_processes import register as register_processes
     from sagakit.cli_schemas import register as register_schemas
+    from sagakit.cli_versions import register as register_versions
     from sagakit.graph import register_graph_command
 
     register_processes(sub, apps)
@@ -261,6 +262,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     register_api(sub, apps)
     register_schemas(sub)
     register_flows(sub)
+    register_versions(sub, apps)
 
     sim = sub.add_parser(
         "simulate",

@@ -31,21 +31,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def store_option(parser: argparse.ArgumentParser, store_help: str = "") -> None:
+    """``--store``, by default ``SAGAKIT_STORE_URL``."""
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("SAGAKIT_STORE_URL"),
+        help="postgresql://user@host/db (a schema per store, ?prefix=NAME) or "
+        f"sqlite:///DIRECTORY (a file per store){store_help} (env SAGAKIT_STORE_URL)",
+    )
+
+
 def url_options(
     parser: argparse.ArgumentParser, store_help: str = "", broker_help: str = ""
 ) -> None:
     """``--store`` and ``--broker``, by default ``SAGAKIT_STORE_URL`` and ``SAGAKIT_BROKER_URL``."""
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("SAGAKIT_STORE_URL"),
-        help="postgresql://user@host/db (a schema per service) or sqlite:///dir"
-        f"{store_help} (env SAGAKIT_STORE_URL)",
-    )
+    store_option(parser, store_help)
     parser.add_argument(
         "--broker",
         default=os.environ.get("SAGAKIT_BROKER_URL"),
-        help=f"nats://host:4222 or amqp://user:pass@host:5672/{broker_help} "
-        "(env SAGAKIT_BROKER_URL)",
+        help=f"nats://host:4222 (?stream=NAME) or amqp://user:pass@host:5672/ (?prefix=NAME)"
+        f"{broker_help} (env SAGAKIT_BROKER_URL)",
     )
 
 

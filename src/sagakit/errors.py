@@ -18,6 +18,20 @@ class DefinitionError(SagakitError):
     """The saga definition is invalid."""
 
 
+class VersionMissing(DefinitionError):
+    """The saga runs a definition version this process does not have.
+
+    Not a defect of the saga or its messages: a process that has the version can act
+    on it. The runtime sets the saga's inputs aside for such a process (see
+    :mod:`sagakit.runtime.set_aside`); a manual action is refused with this error.
+    ``waiting_for`` is the ``name@version`` it needs.
+    """
+
+    def __init__(self, message: str | None = None, *, waiting_for: str = "") -> None:
+        super().__init__(message)
+        self.waiting_for = waiting_for
+
+
 class MessageError(SagakitError):
     """The message is malformed: it cannot be parsed as a sagakit envelope."""
 

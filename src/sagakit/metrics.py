@@ -37,6 +37,8 @@ from sagakit.core.instance import HistoryEntry, SagaInstance
 
 __all__ = [
     "INBOX_DUPLICATES",
+    "INPUTS_RESUMED",
+    "INPUTS_SET_ASIDE",
     "REGISTRY",
     "SAGAS_FINISHED",
     "SAGAS_STARTED",
@@ -364,6 +366,18 @@ INBOX_DUPLICATES = REGISTRY.counter(
     "sagakit_inbox_duplicates_total",
     "Deliveries skipped because their message id was already in the consumer's inbox.",
     ("consumer",),
+)
+
+INPUTS_SET_ASIDE = REGISTRY.counter(
+    "sagakit_inputs_set_aside_total",
+    "Saga inputs (kind: reply, local step, timer) set aside because this process does "
+    "not have the saga's definition version, by definition and version (name@N).",
+    ("waiting_for", "kind"),
+)
+INPUTS_RESUMED = REGISTRY.counter(
+    "sagakit_inputs_resumed_total",
+    "Saga inputs set aside for a missing definition version that this process applied.",
+    ("waiting_for", "kind"),
 )
 
 _STEP_OUTCOMES = {"step.succeeded": "succeeded", "step.failed": "failed", "step.skipped": "skipped"}

@@ -1164,6 +1164,104 @@ async def test_dead_letter_count(open_store: OpenStore) -> None:
         assert await store.dead_letter_count(settled=True) == 0
 
 
+# -- inputs set aside for a missing definition version, counts per version ---------------
+
+
+async def test_set_aside_is_claimed_oldest_first_and_taken_once(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        assert await store.set_aside_counts() == {}
+        async with store.transaction() as tx:
+            await tx.set_aside_add("s1", "trip", 1, "reply", '{"m":1}', now=1.0)
+            await tx.set_aside_add("s2", "trip", 2, "timer", '{"t":1}', now=2.0)
+            await tx.set_aside_add("s1", "trip", 1, "local", '{"m":2}', now=3.0)
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.set_aside_add("s3", "trip", 1, "reply", "{}", now=4.0)
+                raise Boom
+        assert await store.set_aside_counts() == {("trip", 1): 2, ("trip", 2): 1}
+        of_s1 = await store.set_aside_of_saga("s1")
+        assert [(r.kind, r.body, r.at, r.waiting_for) for r in of_s1] == [
+            ("reply", '{"m":1}', 1.0, "trip@1"),
+            ("local", '{"m":2}', 3.0, "trip@1"),
+        ]
+        assert of_s1[0].id < of_s1[1].id
+        assert await store.set_aside_of_saga("nobody") == []
+
+        claimed = await store.set_aside_claim([("trip", 1), ("other", 7)], 10, now=10.0, lease=5.0)
+        assert claimed == of_s1  # only the version asked for, oldest first
+        # Leased: not handed out again until the lease ends, then handed out again.
+        assert await store.set_aside_claim([("trip", 1)], 10, now=12.0, lease=5.0) == []
+        again = await store.set_aside_claim([("trip", 1)], 1, now=15.0, lease=5.0)
+        assert [r.id for r in again] == [of_s1[0].id]
+        assert await store.set_aside_claim([], 10, now=99.0, lease=5.0) == []
+
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                assert await tx.set_aside_take([r.id for r in of_s1]) == {r.id for r in of_s1}
+                raise Boom
+        assert await store.set_aside_of_saga("s1") == of_s1  # the rollback kept them
+        async with store.transaction() as tx:
+            assert await tx.set_aside_take([of_s1[0].id, 424242]) == {of_s1[0].id}
+            assert await tx.set_aside_take([of_s1[0].id]) == set()
+            assert await tx.set_aside_take([]) == set()
+        assert await store.set_aside_of_saga("s1") == of_s1[1:]
+        assert await store.set_aside_counts() == {("trip", 1): 1, ("trip", 2): 1}
+
+
+async def test_set_aside_inputs_survive_a_restart(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.set_aside_add("s1", "trip", 1, "reply", "{}", now=1.0)
+        before = await store.set_aside_of_saga("s1")
+    async with open_store() as store:
+        if not isinstance(store, MemoryStore):  # a new MemoryStore starts empty
+            assert await store.set_aside_of_saga("s1") == before
+            assert await store.set_aside_counts() == {("trip", 1): 1}
+
+
+async def test_set_aside_take_by_two_transactions_applies_once(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.set_aside_add("s1", "trip", 1, "reply", "{}", now=1.0)
+        (row,) = await store.set_aside_of_saga("s1")
+        first_took = asyncio.Event()
+        results: list[set[int]] = []
+
+        async def take(wait: bool) -> None:
+            async with store.transaction() as tx:
+                results.append(await tx.set_aside_take([row.id]))
+                if wait:
+                    first_took.set()
+                    await asyncio.sleep(0.05)  # hold the row while the other one asks
+
+        async def second() -> None:
+            await first_took.wait()
+            await take(False)
+
+        await asyncio.gather(take(True), second())
+        assert results == [{row.id}, set()]
+        assert await store.set_aside_counts() == {}
+
+
+async def test_count_sagas_by_version(open_store: OpenStore) -> None:
+    async with open_store() as store:
+        assert await store.count_sagas_by_version() == {}
+        await insert(
+            store,
+            replace(saga("a"), definition_version=1),
+            replace(saga("b", state=SagaState.SUCCEEDED), definition_version=1),
+            replace(saga("c", state=SagaState.SUCCEEDED), definition_version=1),
+            saga("d"),
+            saga("e", definition="refund"),
+        )
+        assert await store.count_sagas_by_version() == {
+            ("checkout", 1, SagaState.RUNNING): 1,
+            ("checkout", 1, SagaState.SUCCEEDED): 2,
+            ("checkout", 2, SagaState.RUNNING): 1,
+            ("refund", 2, SagaState.RUNNING): 1,
+        }
+
+
 # -- SQLite only ---------------------------------------------------------------------
 
 
@@ -1206,7 +1304,7 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5, 6)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
@@ -1276,7 +1374,7 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
         assert steps == [
             ("payments", 1),
             ("payments", 2),
-            *[("sagakit", n) for n in (1, 2, 3, 4, 5)],
+            *[("sagakit", n) for n in (1, 2, 3, 4, 5, 6)],
         ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")

@@ -2,9 +2,10 @@
 
 ``/metrics`` is the Prometheus text exposition format (0.0.4), written by hand: gauges
 read with the stores' cheap counting methods (sagas by state, manual cases, outbox
-pending and lag, dead letters, mailbox depth), followed by the counters and histograms
-the runtime records in :data:`sagakit.metrics.REGISTRY` (sagas started and finished,
-step durations, inbox duplicates). A rendering is cached for a second so that many
+pending and lag, dead letters, mailbox depth, inputs set aside for a missing definition
+version), followed by the counters and histograms the runtime records in
+:data:`sagakit.metrics.REGISTRY` (sagas started and finished, step durations, inbox
+duplicates, inputs set aside and resumed). A rendering is cached for a second so that many
 scrapers cost no more than one.
 """
 
@@ -95,6 +96,15 @@ class Metrics:
             dead,
         )
         gauge("sagakit_mailbox_depth", "Messages waiting in a store's mailboxes.", depth)
+        aside = await engine.store.set_aside_counts()
+        gauge(
+            "sagakit_inputs_set_aside",
+            "Saga inputs waiting for a process that has their definition version (name@N).",
+            [
+                (f"{{{label_text(('waiting_for',), (f'{d}@{v}',))}}}", n)
+                for (d, v), n in sorted(aside.items())
+            ],
+        )
         return "\n".join(lines) + "\n" + self.registry.exposition()
 
 

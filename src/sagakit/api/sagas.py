@@ -49,7 +49,9 @@ from sagakit.errors import (
     ManualActionRefused,
     NoDriver,
     SagaNotFound,
+    VersionMissing,
 )
+from sagakit.runtime.set_aside import waiting_for
 
 audit_log = logging.getLogger("sagakit.api.audit")
 
@@ -125,6 +127,9 @@ async def _decide(
         raise ActionOutcome(404, "not_found", f"no saga {saga_id!r}") from None
     except NoDriver as exc:
         raise ActionOutcome(409, "no_driver", str(exc)) from None
+    except VersionMissing as exc:
+        # Deciding needs the saga's definition version: another process may have it.
+        raise ActionOutcome(409, "version_missing", str(exc)) from None
     except ConcurrencyError:
         # Another decision or a reply moved the saga between our read and our write.
         # Applying this decision to a state its author did not see would be a guess.
@@ -216,7 +221,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             raise not_found(f"no saga {saga_id!r}")
         history = await engine.store.history(saga_id)
         outbox = await engine.store.outbox_of_saga(saga_id)
-        return json_reply(saga_detail(engine, inst, history, outbox, time.time()))
+        waiting = await waiting_for(engine.store, saga_id)
+        detail = saga_detail(engine, inst, history, outbox, time.time(), waiting_for=waiting)
+        return json_reply(detail)
 
     async def act(request: Request) -> Response:
         who = principal(request)
@@ -373,7 +380,10 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "other actions apply to sagas in FAILED_NEEDS_MANUAL. A choreography's view "
             "(`driven: false`) has no driver: it takes only `mark_done`, `mark_compensated` "
             "and `accept_partial`, records of what a person did by hand; the others answer "
-            "409 with the code `no_driver`. 409 says why an action does not apply.",
+            "409 with the code `no_driver`. A saga whose definition version this process "
+            "does not have (its detail says `waiting_for: name@N`) answers 409 with the "
+            "code `version_missing`: act from a process that has it. 409 says why an "
+            "action does not apply.",
         ),
         Endpoint(
             "GET",

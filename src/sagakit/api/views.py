@@ -109,8 +109,14 @@ def saga_detail(
     history: Sequence[HistoryEntry],
     outbox: Sequence[tuple[Envelope, float | None]],
     now: float,
+    *,
+    waiting_for: str | None = None,
 ) -> dict[str, Any]:
-    """Everything about one saga: steps, history, and the messages it sent and received."""
+    """Everything about one saga: steps, history, and the messages it sent and received.
+
+    ``waiting_for``: the ``name@N`` its inputs are set aside for (no process that got
+    them has that definition version; see :mod:`sagakit.runtime.set_aside`), or None.
+    """
     d = definition_of(engine, inst)
     flow = flow_of(engine, inst)
     steps = []
@@ -166,6 +172,7 @@ def saga_detail(
         "terminal": inst.terminal,
         "last_error": _last_error(inst),
         "next_retry_at": _next_retry(inst),
+        "waiting_for": waiting_for,
         "data": inst.data,
         "steps": steps,
         "history": [history_row(h) for h in history],

@@ -194,11 +194,13 @@ def detail_page(
     now: float,
     flash: str = "",
     flow: TrackedFlow | None = None,
+    waiting_for: str | None = None,
 ) -> str:
     """One saga: summary, decisions, timeline, diagram, message flow, steps, history.
 
     A choreography's view (``flow``, no definition) shows its steps and the records a
-    person may make instead (:mod:`sagakit.console.choreo`).
+    person may make instead (:mod:`sagakit.console.choreo`). ``waiting_for``: the
+    ``name@N`` its inputs are set aside for (see :mod:`sagakit.runtime.set_aside`).
     """
     facts = [
         ("state", h.state_badge(inst.state)),
@@ -213,8 +215,16 @@ def detail_page(
     ]
     if inst.reason:
         facts.append(("reason", f'<span class="error-text">{e(inst.reason)}</span>'))
+    if waiting_for:
+        facts.append(("waiting for", f'<span class="error-text">{e(waiting_for)}</span>'))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     parts = [f"<h1>{e(inst.business_key)}</h1><dl class=facts>{dl}</dl>"]
+    if waiting_for:
+        parts.append(
+            f'<p class="error-text waiting-for">Waiting for {e(waiting_for)}: no process that '
+            "received this saga's replies or timers has this definition version, so they are "
+            f"set aside. Run a worker that has {e(waiting_for)}; it applies them at once.</p>"
+        )
     if definition is None and flow is not None:
         parts += choreo.view_sections(base, flow, inst, csrf=csrf, can_act=can_act)
     elif definition is None:

@@ -34,10 +34,12 @@ from sagakit.errors import (
     DeadLetterRefused,
     ManualActionRefused,
     SagaNotFound,
+    VersionMissing,
 )
 from sagakit.graph import to_dot, to_mermaid, to_svg
 from sagakit.runtime.dead_letters import BrokerDeadLetter
 from sagakit.runtime.engine import Engine
+from sagakit.runtime.set_aside import waiting_for
 from sagakit.runtime.tracker import TrackedFlow
 
 ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
@@ -192,6 +194,7 @@ class _Console:
             now=self.engine.clock(),
             flash=self.flash(request),
             flow=self.flow_of(inst),
+            waiting_for=await waiting_for(self.engine.store, inst.saga_id),
         )
         return self.page(request, body, nonce=nonce)
 
@@ -294,6 +297,8 @@ class _Console:
             return self.error(request, 404, "No such saga", "There is no saga with this id.")
         except ManualActionRefused as exc:
             return self.error(request, 409, "Decision refused", str(exc))
+        except VersionMissing as exc:
+            return self.error(request, 409, f"This console lacks {exc.waiting_for}", str(exc))
         return self.back(request, form, f"/sagas/{h.seg(saga_id)}", action)
 
     async def dead_letters(self, request: Request) -> Response:

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
-from sagakit.errors import DefinitionError, MessageError, SagaNotFound
+from sagakit.errors import DefinitionError, MessageError, SagaNotFound, VersionMissing
 from sagakit.metrics import INBOX_DUPLICATES, on_commit
 from sagakit.observability import handler_span
 from sagakit.stores.base import Store, Tx
@@ -25,7 +25,8 @@ from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transpo
 
 log = logging.getLogger(__name__)
 
-# Errors that will fail the same way on every redelivery: park at once.
+# Errors that will fail the same way on every redelivery: park at once. Not
+# VersionMissing (a DefinitionError): a process that has the version can handle it.
 PERMANENT = (MessageError, DefinitionError, SagaNotFound)
 
 
@@ -166,6 +167,12 @@ class BatchConsumer:
             "message_type": env.type,
             "endpoint": self.endpoint,
         }
+        if isinstance(exc, VersionMissing):
+            # The orchestrator sets such inputs aside rather than raise; should one get
+            # here anyway, it waits for a process with the version: never parked for it.
+            delay = self.redelivery.max_backoff
+            log.debug("retrying %s in %.3fs: %s", env.message_id, delay, exc, extra=extra)
+            return retry(delay, f"{type(exc).__name__}: {exc}")
         if isinstance(exc, PERMANENT):
             log.warning("parking %s: %s", env.message_id, exc, extra=extra)
             await self._dead_letter([(d, env.message_id, f"{type(exc).__name__}: {exc}")])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -41,14 +42,17 @@ from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, Timer
 from sagakit.core.machine import Decision, Machine, ManualAction
 from sagakit.errors import (
+    ConfigurationError,
     DefinitionError,
     MessageError,
     SagaNotFound,
+    VersionMissing,
 )
 from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.consumer import BatchConsumer, FaultHook
 from sagakit.runtime.local_steps import LocalStepRunner
+from sagakit.runtime.set_aside import REPLY, TIMER, SetAsideDesk, timer_to_json
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
 
@@ -85,6 +89,7 @@ class Orchestrator(BatchConsumer):
         faults: FaultHook | None = None,
         max_deliveries: int = 20,
         id_factory: Callable[[], str] | None = None,
+        canary: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(endpoint, store, clock=clock, faults=faults, max_deliveries=max_deliveries)
         # Saga ids are random by default; the simulator passes a seeded factory so that
@@ -102,6 +107,10 @@ class Orchestrator(BatchConsumer):
         self.latest: dict[str, SagaDefinition] = {}
         for d in definitions:
             self.register(d)
+        self.canary = self._checked_canary(canary or {})
+        """Definition name -> share of its new sagas started on its latest version."""
+        self.aside = SetAsideDesk(self)
+        """Inputs of sagas whose definition version this process lacks (set aside)."""
         self.local = LocalStepRunner(self)
         # saga id -> futures of Engine.wait() callers in this process, resolved with the
         # instance when a transaction of this orchestrator commits it terminal.
@@ -135,17 +144,20 @@ class Orchestrator(BatchConsumer):
         current = self.latest.get(definition.name)
         if current is None or current.version < definition.version:
             self.latest[definition.name] = definition
+        # Inputs set aside for this version can be applied now.
+        self.wakeups.notify(f"aside:{self.store.name}")
 
     def machine_for(self, inst: SagaInstance) -> Machine:
         """The machine of the definition version the instance was started with."""
         try:
             return self.machines[(inst.definition, inst.definition_version)]
         except KeyError:
-            raise DefinitionError(
-                f"saga {inst.saga_id} needs definition "
-                f"{inst.definition}@{inst.definition_version}, which this worker does not "
-                "have (registered: "
-                f"{sorted(f'{n}@{v}' for n, v in self.machines)})"
+            key = f"{inst.definition}@{inst.definition_version}"
+            raise VersionMissing(
+                f"saga {inst.saga_id} needs definition {key}, which this process does not "
+                f"have (it has {', '.join(sorted(f'{n}@{v}' for n, v in self.machines)) or 'none'}"
+                f"); act on it from a process that has {key}",
+                waiting_for=key,
             ) from None
 
     # -- commands from callers ---------------------------------------------------------
@@ -176,35 +188,69 @@ class Orchestrator(BatchConsumer):
         correlation_id: str | None = None,
     ) -> list[tuple[SagaInstance, bool]]:
         """Start several sagas in one transaction (see :meth:`start`)."""
-        machines = [self._machine_named(name, version) for name, _, _ in requests]
+        machines = self._machines_for_starts(requests, version)
+        async with self.transaction() as tx:
+            results = await self._write_starts(tx, machines, requests, correlation_id)
+        self.after_commit()
+        return results
+
+    async def start_in(
+        self,
+        tx: Tx,
+        requests: Sequence[tuple[str, str, Mapping[str, Any]]],
+        *,
+        version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> list[tuple[SagaInstance, bool]]:
+        """Write the starts of several sagas into ``tx``, a transaction its owner commits.
+
+        As :meth:`start_many` (idempotent by business key), but nothing is committed
+        here, and every command, local steps' included, goes to the outbox: the relay
+        publishes them once the owner commits (see :mod:`sagakit.runtime.own_tx`).
+        """
+        machines = self._machines_for_starts(requests, version)
+        return await self._write_starts(tx, machines, requests, correlation_id, outbox_only=True)
+
+    def _machines_for_starts(
+        self, requests: Sequence[tuple[str, str, Mapping[str, Any]]], version: int | None
+    ) -> list[Machine]:
         for _, key, data in requests:
             if not isinstance(key, str) or not key:
                 raise DefinitionError(f"business key must be a non-empty string, got {key!r}")
             if not isinstance(data, Mapping):
                 raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
+        return [self._machine_named(name, version, key) for name, key, _ in requests]
+
+    async def _write_starts(
+        self,
+        tx: Tx,
+        machines: Sequence[Machine],
+        requests: Sequence[tuple[str, str, Mapping[str, Any]]],
+        correlation_id: str | None,
+        *,
+        outbox_only: bool = False,
+    ) -> list[tuple[SagaInstance, bool]]:
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
-        async with self.transaction() as tx:
-            # Started before: one lookup per definition for the whole batch.
-            fresh: dict[tuple[str, str], SagaInstance] = {}
-            keys: dict[str, list[str]] = {}
-            for name, key, _ in requests:
-                keys.setdefault(name, []).append(key)
-            for name, names_keys in keys.items():
-                found = await tx.saga_get_by_keys(name, sorted(set(names_keys)))
-                fresh.update(((name, k), inst) for k, inst in found.items())
-            for machine, (name, key, data) in zip(machines, requests, strict=True):
-                existing = fresh.get((name, key))
-                if existing is not None:
-                    results.append((existing, False))
-                    continue
-                decision = machine.start(
-                    self.id_factory(), key, dict(data), now, correlation_id=correlation_id
-                )
-                await self._write(tx, decision, None, now)
-                fresh[(name, key)] = decision.instance
-                results.append((decision.instance, True))
-        self.after_commit()
+        # Started before: one lookup per definition for the whole batch.
+        fresh: dict[tuple[str, str], SagaInstance] = {}
+        keys: dict[str, list[str]] = {}
+        for name, key, _ in requests:
+            keys.setdefault(name, []).append(key)
+        for name, names_keys in keys.items():
+            found = await tx.saga_get_by_keys(name, sorted(set(names_keys)))
+            fresh.update(((name, k), inst) for k, inst in found.items())
+        for machine, (name, key, data) in zip(machines, requests, strict=True):
+            existing = fresh.get((name, key))
+            if existing is not None:
+                results.append((existing, False))
+                continue
+            decision = machine.start(
+                self.id_factory(), key, dict(data), now, correlation_id=correlation_id
+            )
+            await self._write(tx, decision, None, now, outbox_only=outbox_only)
+            fresh[(name, key)] = decision.instance
+            results.append((decision.instance, True))
         return results
 
     async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
@@ -284,7 +330,11 @@ class Orchestrator(BatchConsumer):
         inst = await tx.saga_get(reply.saga_id)
         if inst is None:
             raise SagaNotFound(f"reply {reply.message_id} is for unknown saga {reply.saga_id!r}")
-        decision = self.machine_for(inst).on_reply(inst, reply, now)
+        machine = self.machines.get((inst.definition, inst.definition_version))
+        if machine is None:  # wait for a process that has the version
+            await self.aside.put_saga(tx, inst, REPLY, reply.to_json(), now)
+            return
+        decision = machine.on_reply(inst, reply, now)
         await self._write(tx, decision, inst.version, now)
 
     @staticmethod
@@ -328,7 +378,11 @@ class Orchestrator(BatchConsumer):
                     raise SagaNotFound(
                         f"reply {reply.message_id} is for unknown saga {reply.saga_id!r}"
                     )
-                decision = self.machine_for(inst).on_reply(inst, reply, now)
+                machine = self.machines.get((inst.definition, inst.definition_version))
+                if machine is None:  # wait for a process that has the version
+                    await self.aside.put_saga(tx, inst, REPLY, reply.to_json(), now)
+                    continue
+                decision = machine.on_reply(inst, reply, now)
                 await self._write(tx, decision, inst.version, now)
                 loaded[inst.saga_id] = decision.instance
 
@@ -355,12 +409,18 @@ class Orchestrator(BatchConsumer):
         if inst is None:
             log.warning("timer %s of unknown saga %s dropped", timer.name, timer.saga_id)
             return
-        decision = self.machine_for(inst).on_timer(inst, timer, now)
+        machine = self.machines.get((inst.definition, inst.definition_version))
+        if machine is None:  # wait for a process that has the version; never fire it again
+            await self.aside.put_saga(tx, inst, TIMER, timer_to_json(timer), now)
+            return
+        decision = machine.on_timer(inst, timer, now)
         await self._write(tx, decision, inst.version, now)
         loaded[inst.saga_id] = decision.instance
 
     # -- writing a decision -------------------------------------------------------------
-    async def _write(self, tx: Tx, d: Decision, expected: int | None, now: float) -> None:
+    async def _write(
+        self, tx: Tx, d: Decision, expected: int | None, now: float, *, outbox_only: bool = False
+    ) -> None:
         inst = d.instance
         if expected is None:
             # The many-form: PostgreSQL pipelines it, so start_many pays no round trip
@@ -385,7 +445,9 @@ class Orchestrator(BatchConsumer):
             notes.finished.append(inst)
         if d.outgoing:
             outgoing = d.outgoing
-            if self.direct_local:
+            # outbox_only: a transaction someone else commits, after which no one here
+            # would hand the local commands over (the relay delivers them instead).
+            if self.direct_local and not outbox_only:
                 local = [e for e in outgoing if e.destination == self.local_endpoint]
                 if local:
                     outgoing = [e for e in outgoing if e.destination != self.local_endpoint]
@@ -459,19 +521,62 @@ class Orchestrator(BatchConsumer):
         )
         return list(zip(ids, staged, strict=True))
 
+    def _previous_version(self, name: str) -> int:
+        """The highest registered version of ``name`` below its latest (the canary's rest)."""
+        latest = self.latest[name].version
+        return max(v for n, v in self.machines if n == name and v < latest)
+
+    def _checked_canary(self, canary: Mapping[str, float]) -> dict[str, float]:
+        for name, share in canary.items():
+            if name not in self.latest:
+                raise ConfigurationError(
+                    f"canary for {name!r}: no saga definition of that name is registered "
+                    f"(registered: {sorted(self.latest)})"
+                )
+            if isinstance(share, bool) or not isinstance(share, (int, float)):
+                raise ConfigurationError(
+                    f"canary share of {name!r} must be a number between 0 and 1, got {share!r}"
+                )
+            if not 0 < share < 1:
+                raise ConfigurationError(
+                    f"canary share of {name!r} must be between 0 and 1 (exclusive), got "
+                    f"{share}: 1 means no canary (start every saga on the latest version by "
+                    "dropping the entry), 0 means no new version (drop it from the app)"
+                )
+            versions = sorted(v for n, v in self.machines if n == name)
+            if len(versions) < 2:
+                raise ConfigurationError(
+                    f"canary for {name!r}: only {name}@{versions[0]} is registered; a canary "
+                    "needs the new version and the one before it"
+                )
+        return dict(canary)
+
     def after_commit(self) -> None:
         # The relay and the timer loop were woken by transaction() if there was work.
         self.wakeups.notify(f"sagas:{self.store.name}")
 
-    def _machine_named(self, name: str, version: int | None) -> Machine:
+    def _machine_named(self, name: str, version: int | None, key: str = "") -> Machine:
         if version is None:
             d = self.latest.get(name)
             if d is None:
                 raise DefinitionError(
                     f"no saga definition named {name!r}; registered: {sorted(self.latest)}"
                 )
+            share = self.canary.get(name)
+            if share is not None and canary_point(name, key) >= share:
+                return self.machines[(name, self._previous_version(name))]
             return self.machines[(d.name, d.version)]
         try:
             return self.machines[(name, version)]
         except KeyError:
             raise DefinitionError(f"no saga definition {name}@{version}") from None
+
+
+def canary_point(definition: str, business_key: str) -> float:
+    """Where ``business_key`` falls in [0, 1): a stable hash (sha256) of the key.
+
+    The same key always gets the same point, in every process and release, so a
+    canary share ``p`` starts the keys below ``p`` on the latest version.
+    """
+    digest = hashlib.sha256(f"{definition}\x00{business_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64

@@ -153,6 +153,34 @@ class IdempotencyRecord:
     at: float
 
 
+SET_ASIDE_KINDS = ("reply", "local", "timer")
+"""What a :class:`SetAside` row holds: a reply, a local step's command, a fired timer."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """An input of a saga set aside because its definition version was missing.
+
+    The process that got it (a reply, a local step's command, a fired timer) does not
+    have ``definition@definition_version``; a process that has it applies it later
+    (see :mod:`sagakit.runtime.set_aside`). ``body`` is the message as JSON
+    (``Envelope.to_json()``) for ``reply`` and ``local``, the timer for ``timer``.
+    """
+
+    id: int
+    saga_id: str
+    definition: str
+    definition_version: int
+    kind: str
+    body: str
+    at: float
+
+    @property
+    def waiting_for(self) -> str:
+        """``name@version``: the definition version the saga waits for."""
+        return f"{self.definition}@{self.definition_version}"
+
+
 class Tx(Protocol):
     """One local transaction. Nothing it writes is visible to others before commit."""
 
@@ -314,6 +342,31 @@ class Tx(Protocol):
         """
         ...
 
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_add(
+        self,
+        saga_id: str,
+        definition: str,
+        definition_version: int,
+        kind: str,
+        body: str,
+        now: float,
+    ) -> None:
+        """Set aside an input of ``saga_id`` until a process with the version applies it.
+
+        ``kind`` is one of :data:`SET_ASIDE_KINDS`. Ids grow in the order of the adds.
+        """
+        ...
+
+    async def set_aside_take(self, ids: Sequence[int]) -> set[int]:
+        """Delete set-aside inputs in this transaction (the one that applies them).
+
+        Returns the ids that were still there: only those may be applied (another
+        process may have applied the others). PostgreSQL waits for a row another open
+        transaction is deleting, and leaves it out once that one commits.
+        """
+        ...
+
     # -- mailbox queue, inside the transaction (the orchestrator's local steps) --------
     async def queue_add(
         self,
@@ -456,6 +509,31 @@ class Store(Protocol):
 
     async def next_timer_due(self) -> float | None:
         """When the earliest timer is due, or ``None`` when there is none."""
+        ...
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state) (a scan: for
+        deploy-time checks such as ``sagakit versions``, not for every scrape)."""
+        ...
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version) (versions with none left out)."""
+        ...
+
+    async def set_aside_claim(
+        self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
+    ) -> list[SetAside]:
+        """Claim up to ``limit`` inputs waiting for any of ``versions``, oldest first.
+
+        A claimed input is not handed to another claim for ``lease`` seconds; the
+        claimer applies it with :meth:`Tx.set_aside_take` in the applying transaction.
+        One that is never applied (the claimer died) is claimed again after the lease.
+        """
+        ...
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first (claimed or not)."""
         ...
 
     # -- outbox relay -----------------------------------------------------------------

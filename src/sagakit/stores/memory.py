@@ -42,6 +42,7 @@ from sagakit.stores.base import (
     QueuedMessage,
     SagaPage,
     SagaQuery,
+    SetAside,
 )
 from sagakit.stores.rows import check_settlement
 
@@ -135,6 +136,12 @@ class _QueueEntry:
     available_at: float
     deliveries: int = 0
     last_error: str | None = None
+
+
+@dataclass(slots=True)
+class _SetAsideEntry:
+    row: SetAside
+    claimed_until: float | None = None
 
 
 def _finished() -> NoReturn:
@@ -353,6 +360,34 @@ class MemoryTx(ItemByItem):
             self._undo.append(partial(store._timer_restore, key, timer))
         return taken
 
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_add(
+        self,
+        saga_id: str,
+        definition: str,
+        definition_version: int,
+        kind: str,
+        body: str,
+        now: float,
+    ) -> None:
+        """Set aside an input of ``saga_id`` until a process with the version applies it."""
+        store = self._store or _finished()
+        store._last_id += 1
+        row = SetAside(store._last_id, saga_id, definition, definition_version, kind, body, now)
+        store._set_aside[row.id] = _SetAsideEntry(row)
+        self._undo.append(partial(store._set_aside.pop, row.id))
+
+    async def set_aside_take(self, ids: Sequence[int]) -> set[int]:
+        """Delete set-aside inputs in this transaction; return the ids still there."""
+        store = self._store or _finished()
+        taken: set[int] = set()
+        for id in ids:
+            entry = store._set_aside.pop(id, None)
+            if entry is not None:
+                taken.add(id)
+                self._undo.append(partial(store._set_aside_restore, entry))
+        return taken
+
     # -- mailbox queue, inside the transaction ---------------------------------------
     async def queue_add(
         self,
@@ -458,6 +493,7 @@ class MemoryStore:
         self._queues: dict[str, dict[int, _QueueEntry]] = {}
         self._queued: dict[int, _QueueEntry] = {}
         self._dead_letters: list[DeadLetter] = []
+        self._set_aside: dict[int, _SetAsideEntry] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore(name={self.name!r})"
@@ -525,6 +561,11 @@ class MemoryStore:
         mailbox[entry.id] = entry
         self._queues[entry.endpoint] = dict(sorted(mailbox.items()))
         self._queued[entry.id] = entry
+
+    def _set_aside_restore(self, entry: _SetAsideEntry) -> None:
+        # Back in id order: a saga's inputs are applied in the order they were set aside.
+        self._set_aside[entry.row.id] = entry
+        self._set_aside = dict(sorted(self._set_aside.items()))
 
     def _outbox_remove(self, row_id: int) -> None:
         del self._outbox[row_id]
@@ -601,6 +642,47 @@ class MemoryStore:
                 return due_at
             heapq.heappop(heap)  # stale; see _timer_heap
         return None
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state)."""
+        self._check_open()
+        return dict(
+            Counter((r.definition, r.definition_version, r.state) for r in self._sagas.values())
+        )
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version)."""
+        self._check_open()
+        return dict(
+            Counter((e.row.definition, e.row.definition_version) for e in self._set_aside.values())
+        )
+
+    async def set_aside_claim(
+        self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
+    ) -> list[SetAside]:
+        """Claim up to ``limit`` inputs waiting for any of ``versions``, oldest first."""
+        await self._acquire()
+        try:
+            wanted = set(versions)
+            claimed: list[SetAside] = []
+            for entry in self._set_aside.values():
+                if len(claimed) >= limit:
+                    break
+                row = entry.row
+                if (row.definition, row.definition_version) not in wanted:
+                    continue
+                if entry.claimed_until is None or entry.claimed_until <= now:
+                    entry.claimed_until = now + lease
+                    claimed.append(row)
+            return claimed
+        finally:
+            self._release()
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first."""
+        self._check_open()
+        return [e.row for e in self._set_aside.values() if e.row.saga_id == saga_id]
 
     # -- outbox relay -----------------------------------------------------------------
     async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:

@@ -412,3 +412,40 @@ FROM write_mailbox_rows
 
 -- name: write_acks
 DELETE FROM queue WHERE id IN (SELECT e::bigint FROM write_acks_rows)
+
+-- Inputs set aside for a missing definition version (postgres_0006_set_aside.sql).
+
+-- name: set_aside_add
+INSERT INTO set_aside (saga_id, definition, definition_version, kind, body, at)
+VALUES (%s, %s, %s, %s, %s, %s)
+
+-- name: set_aside_take
+-- In the transaction that applies them: the ids still there. A row another transaction
+-- is deleting is waited for, then left out if that one committed.
+DELETE FROM set_aside WHERE id = ANY(%(ids)s::bigint[]) RETURNING id
+
+-- name: set_aside_counts
+SELECT definition, definition_version, count(*) FROM set_aside
+GROUP BY definition, definition_version
+
+-- name: set_aside_claim
+-- The caller's clock (a lease only keeps two processes from running one local step
+-- twice; a skewed clock costs at most that). The oldest first; rows another claim
+-- holds locked are skipped, not waited for.
+UPDATE set_aside SET claimed_until = %(until)s
+WHERE id IN (SELECT id FROM set_aside
+             WHERE (definition, definition_version) IN
+                   (SELECT * FROM unnest(%(names)s::text[], %(versions)s::integer[]))
+               AND (claimed_until IS NULL OR claimed_until <= %(now)s)
+             ORDER BY id LIMIT %(limit)s
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, saga_id, definition, definition_version, kind, body, at
+
+-- name: set_aside_of_saga
+SELECT id, saga_id, definition, definition_version, kind, body, at
+FROM set_aside WHERE saga_id = %s ORDER BY id
+
+-- name: saga_count_by_version
+-- For `sagakit versions` (a deploy-time read): a scan, no index of its own to keep.
+SELECT definition, definition_version, state, count(*)::bigint FROM sagas
+GROUP BY definition, definition_version, state

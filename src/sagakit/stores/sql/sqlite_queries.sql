@@ -228,3 +228,39 @@ SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1
 -- name: dead_letter_count
 SELECT count(*) FROM dead_letters WHERE {where}
 
+
+-- Inputs set aside for a missing definition version (sqlite_0006_set_aside.sql).
+
+-- name: set_aside_add
+INSERT INTO set_aside (saga_id, definition, definition_version, kind, body, at)
+VALUES (?, ?, ?, ?, ?, ?)
+
+-- name: set_aside_take
+-- In the transaction that applies them: the ids still there (another process may have
+-- applied some after their lease ran out).
+DELETE FROM set_aside WHERE id IN (SELECT value FROM json_each(?)) RETURNING id
+
+-- name: set_aside_counts
+SELECT definition, definition_version, count(*) FROM set_aside
+GROUP BY definition, definition_version
+
+-- name: set_aside_claim
+-- The versions as one JSON array of [definition, version] pairs; the oldest first.
+-- RETURNING yields rows in no promised order; the caller sorts them by id.
+UPDATE set_aside SET claimed_until = ?
+WHERE id IN (SELECT id FROM set_aside
+             WHERE (definition, definition_version) IN
+                   (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
+                    FROM json_each(?))
+               AND (claimed_until IS NULL OR claimed_until <= ?)
+             ORDER BY id LIMIT ?)
+RETURNING id, saga_id, definition, definition_version, kind, body, at
+
+-- name: set_aside_of_saga
+SELECT id, saga_id, definition, definition_version, kind, body, at
+FROM set_aside WHERE saga_id = ? ORDER BY id
+
+-- name: saga_count_by_version
+-- For `sagakit versions` (a deploy-time read): a scan, no index of its own to keep.
+SELECT definition, definition_version, state, count(*) FROM sagas
+GROUP BY definition, definition_version, state
