@@ -34,6 +34,7 @@ from sagakit.errors import (
     UnknownMessageType,
 )
 from sagakit.runtime.engine import Engine, embedded
+from sagakit.runtime.own_tx import OwnTx, start_in, start_in_sync
 from sagakit.runtime.participant import Participant
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "MessageError",
     "MessageKind",
     "Outcome",
+    "OwnTx",
     "Participant",
     "RetryPolicy",
     "Rung",
@@ -78,5 +80,7 @@ __all__ = [
     "failure",
     "load_app",
     "local",
+    "start_in",
+    "start_in_sync",
     "success",
 ]

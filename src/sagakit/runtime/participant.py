@@ -32,6 +32,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Protocol, TypeAlias
 
 from sagakit.core.envelope import (
@@ -45,8 +46,10 @@ from sagakit.core.envelope import (
     traceparent_for,
 )
 from sagakit.errors import ConfigurationError, MessageError, StepFailed, UnknownMessageType
+from sagakit.metrics import on_commit
 from sagakit.observability import handler_span
 from sagakit.runtime.consumer import BatchConsumer
+from sagakit.runtime.own_tx import OwnTransactions, adopt, is_tx, refuse_async, run_sync
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import IdempotencyRecord, Store, Tx
 
@@ -98,12 +101,20 @@ class Participant(BatchConsumer):
         *,
         wakeups: Wakeups | None = None,
         schemas: MessageSchemas | None = None,
+        transaction: object | None = None,
         **kwargs: Any,
     ):
         super().__init__(name, store, **kwargs)
         self.name = name
         self.wakeups = wakeups or Wakeups()
         self.schemas = schemas
+        self.own_transactions = (
+            None if transaction is None else OwnTransactions(transaction, store)
+        )
+        """With ``transaction=`` (your transaction factory: a SQLAlchemy sessionmaker, a
+        psycopg pool, a connect callable...), every batch runs in a transaction of yours:
+        handlers get an :class:`~sagakit.runtime.own_tx.OwnTx` (``tx.session``,
+        ``tx.connection``). See :mod:`sagakit.runtime.own_tx`."""
         self._handlers: dict[str, Handler] = {}
         self._batches: dict[int, _Records] = {}  # id(tx) -> its records, while a batch runs
         self.subscriptions: set[str] = set()
@@ -200,6 +211,12 @@ class Participant(BatchConsumer):
     def after_commit(self) -> None:
         self.wakeups.notify(f"outbox:{self.store.name}")
 
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A store transaction, or one of yours with ``transaction=`` (see ``__init__``)."""
+        if self.own_transactions is None:
+            return super().transaction()
+        return on_commit(self.own_transactions())
+
     async def process(self, tx: Tx, envelope: Envelope, now: float) -> None:
         if not await tx.inbox_add(self.name, envelope.message_id, now):
             self.duplicates.inc()
@@ -250,14 +267,21 @@ class Participant(BatchConsumer):
             await tx.outbox_add([reply_to(envelope, outcome, source=self.name, now=now)], now)
 
     async def answer(
-        self, tx: Tx, command: Envelope, result: Outcome | Mapping[str, Any], now: float
+        self, tx: Tx | object, command: Envelope, result: Outcome | Mapping[str, Any], now: float
     ) -> bool:
         """Answer a command whose handler returned :data:`DEFER`, inside ``tx``.
 
         Records the outcome under the command's idempotency key (so a repeat gets it)
         and writes the reply. Returns False, writing nothing, when the key already has
         an answer or a tombstone (a compensation came first): a command is answered once.
+
+        ``tx`` is a sagakit Tx, or your own open transaction on the store's database (a
+        connection or session, see :mod:`sagakit.runtime.own_tx`): the record and the
+        reply are then written in it, with your rows, and you commit it.
         """
+        if not is_tx(tx):
+            async with adopt(tx, self.store) as adopted:
+                return await self.answer(adopted, command, result, now)
         outcome = result if isinstance(result, Outcome) else success(dict(result))
         key = command.idempotency_key
         if key is not None:
@@ -280,6 +304,14 @@ class Participant(BatchConsumer):
         if command.reply_to is not None:
             await tx.outbox_add([reply_to(command, outcome, source=self.name, now=now)], now)
         return True
+
+    def answer_sync(
+        self, conn: object, command: Envelope, result: Outcome | Mapping[str, Any], now: float
+    ) -> bool:
+        """:meth:`answer` in your sync connection's or session's transaction, without an
+        event loop (a Flask or Django request); you commit it."""
+        refuse_async(conn, "answer_sync", "await participant.answer(...)")
+        return run_sync(self.answer(conn, command, result, now), "answer_sync")
 
     async def _handle_keyed(
         self, handler: Handler, tx: Tx, env: Envelope, now: float

@@ -85,6 +85,7 @@ from sagakit.stores.base import (
     QueuedMessage,
     SagaPage,
     SagaQuery,
+    SetAside,
 )
 from sagakit.stores.rows import (
     check_settlement,
@@ -905,6 +906,41 @@ class PostgresTx:
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         return [Timer(saga_id=r[0], name=r[1], due_at=r[2], fence=r[3]) for r in rows]
 
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_add(
+        self,
+        saga_id: str,
+        definition: str,
+        definition_version: int,
+        kind: str,
+        body: str,
+        now: float,
+    ) -> None:
+        """Set aside an input of ``saga_id`` until a process with the version applies it.
+
+        Sent without waiting for an answer; the commit notifies ``aside_channel``, so
+        that processes that have the version look at once.
+        """
+        await self._send(
+            f"set aside a {kind} of saga {saga_id}",
+            self._q["set_aside_add"],
+            (saga_id, definition, definition_version, kind, body, now),
+        )
+        self._notify.add((self._store.aside_channel, ""))
+
+    async def set_aside_take(self, ids: Sequence[int]) -> set[int]:
+        """Delete set-aside inputs in this transaction; return the ids still there.
+
+        A row another open transaction is deleting is waited for, then left out if
+        that one commits.
+        """
+        if not ids:
+            return set()
+        rows = await self._all(
+            f"take {len(ids)} input(s) set aside", self._q["set_aside_take"], {"ids": list(ids)}
+        )
+        return {r[0] for r in rows}
+
     # -- mailbox queue, inside the transaction ---------------------------------------
     async def queue_add(
         self,
@@ -944,10 +980,28 @@ class PostgresTx:
         mode sends them. The last write statement checks itself (see :meth:`_flush`), so
         nothing waits for its answer; earlier flushes were checked by the answer that
         followed them."""
+        await self._flush_last()
+        await (self._cur or _finished()).execute("COMMIT")
+
+    async def _flush_last(self) -> None:
         if self._store.notify and self._timers_due is not None:
             self._notify.add((self._store.timers_channel, repr(self._timers_due)))
         await self._flush(sorted(self._notify) if self._store.notify else (), last=True)
-        await (self._cur or _finished()).execute("COMMIT")
+
+    async def flush_for_owner(self) -> None:
+        """Send every buffered write and the notifications, checked, and end this Tx
+        without committing: for a transaction its owner commits (see
+        :mod:`sagakit.runtime.own_tx`). A refused write raises here, and PostgreSQL
+        has then aborted the owner's transaction."""
+        await self._flush_last()
+        if self._pipeline is not None:
+            try:
+                await self._pipeline.sync()
+            except psycopg.Error as exc:
+                raise self._fail("send the buffered writes", exc) from exc
+        if self._checks:
+            await self._verify_updates()
+        self._cur = None
 
 
 class LockedOutbox:
@@ -1159,6 +1213,8 @@ class PostgresStore:
         self.outbox_channel = f"sagakit_outbox_{name}"
         self.timers_channel = f"sagakit_timers_{name}"
         self.queue_channel = f"sagakit_queue_{name}"
+        self.aside_channel = f"sagakit_aside_{name}"
+        """Notified by commits that set inputs aside (not among :meth:`listen`'s defaults)."""
         self._q = _queries()
         self._pool: _Pool | None = None
         self._use_pipeline = psycopg.Pipeline.is_supported()
@@ -1533,6 +1589,47 @@ class PostgresStore:
         rows = await self._read("read the next timer", self._q["timer_next_due"])
         due: float | None = rows[0][0]
         return due
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state) (a scan)."""
+        rows = await self._read("count sagas by version", self._q["saga_count_by_version"])
+        return {(d, v, SagaState(s)): n for d, v, s, n in rows}
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version)."""
+        rows = await self._read("count the inputs set aside", self._q["set_aside_counts"])
+        return {(d, v): n for d, v, n in rows}
+
+    async def set_aside_claim(
+        self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
+    ) -> list[SetAside]:
+        """Claim up to ``limit`` inputs waiting for any of ``versions``, oldest first.
+
+        On the caller's clock (see the query); rows another claim holds are skipped.
+        """
+        if limit <= 0 or not versions:
+            return []
+        _, rows = await self._write(
+            "claim inputs set aside",
+            self._q["set_aside_claim"],
+            {
+                "until": now + lease,
+                "names": [d for d, _ in versions],
+                "versions": [v for _, v in versions],
+                "now": now,
+                "limit": limit,
+            },
+        )
+        rows.sort()
+        return [SetAside(*r) for r in rows]
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first."""
+        rows = await self._read(
+            f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
+        )
+        return [SetAside(*r) for r in rows]
 
     # -- outbox relay -----------------------------------------------------------------
     async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:

@@ -15,11 +15,12 @@ Every statement lives in ``stores/sql/sqlite_queries.sql``, the schema in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import cache
 from importlib import resources
@@ -38,6 +39,7 @@ from sagakit.stores.base import (
     QueuedMessage,
     SagaPage,
     SagaQuery,
+    SetAside,
 )
 from sagakit.stores.rows import (
     check_settlement,
@@ -154,6 +156,13 @@ class SQLiteTx(ItemByItem):
         self._conn: sqlite3.Connection | None = conn
         self._q = queries
         self._store = store
+
+    @classmethod
+    def on_connection(cls, conn: sqlite3.Connection, store: str = "store") -> SQLiteTx:
+        """A Tx writing through ``conn``, a connection to the store's file whose
+        transaction its owner began and ends: this Tx never commits nor rolls back
+        (see :mod:`sagakit.runtime.own_tx`)."""
+        return cls(conn, _queries(), store)
 
     # The four helpers below are the only places that touch the connection: they refuse
     # to run after the block ended and translate driver errors into StoreError.
@@ -390,6 +399,32 @@ class SQLiteTx(ItemByItem):
         rows.sort(key=lambda r: (r[2], r[0], r[1]))
         # float(): RETURNING may report a whole REAL as an int.
         return [Timer(saga_id=r[0], name=r[1], due_at=float(r[2]), fence=r[3]) for r in rows]
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_add(
+        self,
+        saga_id: str,
+        definition: str,
+        definition_version: int,
+        kind: str,
+        body: str,
+        now: float,
+    ) -> None:
+        """Set aside an input of ``saga_id`` until a process with the version applies it."""
+        self._run(
+            f"set aside a {kind} of saga {saga_id}",
+            self._q["set_aside_add"],
+            (saga_id, definition, definition_version, kind, body, now),
+        )
+
+    async def set_aside_take(self, ids: Sequence[int]) -> set[int]:
+        """Delete set-aside inputs in this transaction; return the ids still there."""
+        if not ids:
+            return set()
+        rows = self._all(
+            f"take {len(ids)} input(s) set aside", self._q["set_aside_take"], (_dumps(list(ids)),)
+        )
+        return {r[0] for r in rows}
 
     # -- mailbox queue, inside the transaction ---------------------------------------
     async def queue_add(
@@ -645,6 +680,20 @@ class SQLiteStore:
         self._owner = None
         self._lock.release()
 
+    @contextlib.asynccontextmanager
+    async def writer_turn(self) -> AsyncIterator[None]:
+        """Hold the writer lock for the block, without a transaction of the store's own.
+
+        For a transaction on another connection to this file (a participant in the
+        user's own transaction): this process's store writes then wait on the lock,
+        instead of blocking the event loop on SQLite's file lock until it ends.
+        """
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
     def _not_open(self) -> NoReturn:
         raise StoreError(f"SQLite store {self.name!r} is not open; call `await store.open()` first")
 
@@ -733,6 +782,38 @@ class SQLiteStore:
         """When the earliest timer is due, or ``None`` when there is none."""
         due: float | None = self._read("read the next timer", self._q["timer_next_due"])[0][0]
         return due
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state) (a scan)."""
+        rows = self._read("count sagas by version", self._q["saga_count_by_version"])
+        return {(d, v, SagaState(s)): n for d, v, s, n in rows}
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version)."""
+        rows = self._read("count the inputs set aside", self._q["set_aside_counts"])
+        return {(d, v): n for d, v, n in rows}
+
+    async def set_aside_claim(
+        self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
+    ) -> list[SetAside]:
+        """Claim up to ``limit`` inputs waiting for any of ``versions``, oldest first."""
+        if limit <= 0 or not versions:
+            return []
+        _, rows = await self._write(
+            "claim inputs set aside",
+            self._q["set_aside_claim"],
+            (now + lease, _dumps([list(v) for v in versions]), now, limit),
+        )
+        rows.sort()
+        return [_set_aside_from_row(r) for r in rows]
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first."""
+        rows = self._read(
+            f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
+        )
+        return [_set_aside_from_row(r) for r in rows]
 
     # -- outbox relay -----------------------------------------------------------------
     async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:
@@ -943,6 +1024,11 @@ class SQLiteStore:
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
     return saga_insert_params(i, int)
+
+
+def _set_aside_from_row(r: Sequence[Any]) -> SetAside:
+    # float(): RETURNING may report a whole REAL as an int.
+    return SetAside(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6]))
 
 
 def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:
