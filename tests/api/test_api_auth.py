@@ -33,6 +33,7 @@ POLICY = {
     ("GET", "/inventory/{sku}"): "viewer",
     ("GET", "/shipments"): "viewer",
     ("GET", "/sagas"): "viewer",
+    ("POST", "/sagas"): "operator",
     ("POST", "/sagas/actions/batch"): "operator",
     ("GET", "/sagas/{saga_id}"): "viewer",
     ("POST", "/sagas/{saga_id}/actions"): "operator",
@@ -49,6 +50,7 @@ POLICY = {
 }
 ALLOWED_STATUS = {
     ("POST", "/orders"): 202,
+    ("POST", "/sagas"): 201,  # a new business key each time
     ("POST", "/sagas/{saga_id}/actions"): 409,  # a SUCCEEDED saga takes no manual action
     ("POST", "/dead-letters/{store}/{id}/replay"): 409,  # the matrix's is settled already
     ("POST", "/dead-letters/{store}/{id}/discard"): 409,
@@ -73,6 +75,9 @@ def _request(method: str, path: str, ids: dict[str, str], n: int) -> dict[str, A
     if path == "/orders":
         kw["json"] = order_body()
         kw["headers"]["Idempotency-Key"] = f"matrix-{n}"
+    elif (method, path) == ("POST", "/sagas"):
+        kw["json"] = {"definition": "checkout", "business_key": f"ord-matrix-{n}"}
+        kw["json"]["data"] = order_body()
     elif path.endswith(("/replay", "/discard")):
         kw["json"] = {"reason": "matrix"}
     elif path.endswith("/actions"):

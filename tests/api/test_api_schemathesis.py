@@ -121,7 +121,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         schema.validate()
         operations = [result.ok() for result in schema.get_all_operations()]
         # Every route but /openapi.json itself, which schemathesis leaves out.
-        assert len(operations) == 19, " | ".join(o.label for o in operations)
+        assert len(operations) == 20, " | ".join(o.label for o in operations)
         calls: dict[str, int] = {}
         modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
         for operation in operations:
@@ -137,6 +137,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         # The fuzzing reached the handlers, not only the validation.
         assert any(k.startswith("POST /orders 202") for k in calls), calls
         assert any(k.startswith("GET /sagas 200") for k in calls), calls
+        assert any(k.startswith("POST /sagas 422") for k in calls), calls
         assert any(k.startswith("GET /sagas/{saga_id} 200") for k in calls), calls
         assert any(k.startswith("GET /orders/{order_id}/events 200") for k in calls), calls
         assert any(k.startswith("GET /dead-letters/{store}/{id} 200") for k in calls), calls

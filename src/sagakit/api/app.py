@@ -19,12 +19,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sagakit.api import dead_letters, health, orders, sagas
+from sagakit.api import dead_letters, health, orders, sagas, start
 from sagakit.api.auth import Role, TokenStore
 from sagakit.api.console_mount import console_mount
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
+    Handler,
     OrderStarter,
     Reply,
     TokenAuth,
@@ -90,6 +91,7 @@ def create_app(
     endpoints = [
         *orders.endpoints(ctx),
         *sagas.endpoints(ctx),
+        *start.endpoints(ctx),
         *dead_letters.endpoints(ctx),
         *health.endpoints(ctx),
     ]
@@ -132,12 +134,32 @@ def create_app(
 
 
 def _routes(endpoints: list[Endpoint]) -> list[Route]:
-    seen: set[str] = set()
-    routes = []
+    by_path: dict[str, dict[str, Endpoint]] = {}
     for ep in endpoints:
-        # One method per path keeps Starlette's 405 handling and the role check simple.
-        if ep.path in seen:
-            raise ConfigurationError(f"two endpoints share the path {ep.path}")
-        seen.add(ep.path)
-        routes.append(Route(ep.path, ep.guarded(), methods=[ep.method], name=ep.operation_id))
+        methods = by_path.setdefault(ep.path, {})
+        if ep.method in methods:
+            raise ConfigurationError(f"two endpoints are {ep.method} {ep.path}")
+        methods[ep.method] = ep
+    routes = []
+    for path, methods in by_path.items():
+        # One route per path, so that Starlette's 405 names every allowed method; each
+        # method keeps its own role check.
+        if len(methods) == 1:
+            (ep,) = methods.values()
+            routes.append(Route(path, ep.guarded(), methods=[ep.method], name=ep.operation_id))
+            continue
+        name = "|".join(ep.operation_id for ep in methods.values())
+        routes.append(Route(path, _by_method(methods), methods=list(methods), name=name))
     return routes
+
+
+def _by_method(methods: dict[str, Endpoint]) -> Handler:
+    """One handler for several methods of a path: each method's guarded handler."""
+    handlers = {method: ep.guarded() for method, ep in methods.items()}
+
+    async def dispatch(request: Request) -> Response:
+        # Starlette lets HEAD through wherever GET is allowed.
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return dispatch

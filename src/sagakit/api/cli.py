@@ -5,7 +5,7 @@ SQLite in one of three modes (``--mode``), or on the deployment's PostgreSQL sto
 (``--store``/``--broker``, env ``SAGAKIT_STORE_URL``/``SAGAKIT_BROKER_URL``), with
 every role in this process or ``--api-only`` next to ``sagakit worker|relay|service``.
 
-``sagas list|show|retry|compensate|resolve|cancel`` and ``manual-cases`` talk to a
+``sagas list|show|start|retry|compensate|resolve|cancel`` and ``manual-cases`` talk to a
 *running* API (``--url``, default ``$SAGAKIT_URL`` or http://127.0.0.1:8000) with a
 bearer token (``--token``, default ``$SAGAKIT_TOKEN``), never to the databases
 directly: every decision then goes through the same authentication, validation and
@@ -64,6 +64,12 @@ class CommandFailed(Exception):
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One request to the API; the parsed JSON answer, or :class:`CommandFailed`."""
+    return exchange(args, method, path, body)[1]
+
+
+def exchange(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One request to the API: ``(HTTP status, parsed JSON answer)``, or
+    :class:`CommandFailed` for an error status or an unreachable API."""
     if not args.token:
         raise CommandFailed("no token: pass --token or set SAGAKIT_TOKEN", 2)
     data = None if body is None else json.dumps(body).encode()
@@ -79,7 +85,7 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     )
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+            return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -155,6 +161,25 @@ def _show(args: argparse.Namespace) -> Any:
     for h in s["history"]:
         lines.append(f"  v{h['version']:<3} {h['event']:<26} {h['state']:<20} {h['step'] or ''}")
     return s, "\n".join(lines)
+
+
+def _start(args: argparse.Namespace) -> Any:
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        raise CommandFailed(f"--data is not JSON: {exc}", 2) from None
+    if not isinstance(data, dict):
+        raise CommandFailed("--data must be a JSON object, e.g. '{\"nights\": 2}'", 2)
+    body: dict[str, Any] = {"definition": args.definition, "business_key": args.key, "data": data}
+    if args.version is not None:
+        body["version"] = args.version
+    status, s = exchange(args, "POST", "/sagas", body)
+    what = "started" if status == 201 else "already started for this key:"
+    text = (
+        f"{what} saga {s['saga_id']}  {s['definition']}@{s['definition_version']}  "
+        f"key {s['business_key']}  {s['state']} ({s['status']})"
+    )
+    return s, text
 
 
 def _act(args: argparse.Namespace) -> Any:
@@ -312,6 +337,18 @@ def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -
     show.add_argument("saga_id")
     _client_options(show)
     show.set_defaults(func=_runner(_show))
+    start = sub.add_parser(
+        "start",
+        help="start a saga of the served app (idempotent by business key)",
+        description="Start a saga through the running API (POST /sagas). A second start "
+        "with the same definition and key shows the saga the first one started.",
+    )
+    start.add_argument("definition", help="a saga definition of the served app, e.g. trip")
+    start.add_argument("key", help="the business key, e.g. trip-42 (a token, not personal data)")
+    start.add_argument("--data", default="{}", help="the saga's data as a JSON object (default {})")
+    start.add_argument("--version", type=int, help="the definition version (default: the latest)")
+    _client_options(start)
+    start.set_defaults(func=_runner(_start))
     for name, help_text in (
         ("retry", "try the stuck step again"),
         ("compensate", "undo the stuck step and the steps before it"),

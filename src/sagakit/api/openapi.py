@@ -13,6 +13,7 @@ from typing import Any
 
 from sagakit.api.http import Endpoint
 from sagakit.api.problems import ERROR_CODES
+from sagakit.api.start import MAX_KEY
 from sagakit.api.validation import (
     ACTIONS,
     CURRENCY_PATTERN,
@@ -219,6 +220,13 @@ SCHEMAS: dict[str, Any] = {
             **SAGA_SUMMARY,
             **_fields("correlation_id:str deadline_at:num? cancel_requested:bool timed_out:bool"),
             **_fields("terminal:bool last_error:str? next_retry_at:num? data:obj"),
+            "waiting_for": _null(
+                {
+                    "type": "string",
+                    "description": "name@version: the saga's inputs are set aside until a "
+                    "process that has this definition version applies them (null: none).",
+                }
+            ),
             "steps": {"type": "array", "items": _ref("Step")},
             "history": {"type": "array", "items": _ref("HistoryRow")},
             "messages": _obj(
@@ -230,6 +238,37 @@ SCHEMAS: dict[str, Any] = {
             ),
         },
         ["saga_id", "state", "steps", "history", "messages"],
+    ),
+    "StartSagaRequest": _obj(
+        {
+            "definition": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 100,
+                "description": "One of the served app's saga definitions.",
+            },
+            "business_key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_KEY,
+                "description": "The saga's key (a token such as trip-42, never personal "
+                "data): one saga per definition and key.",
+            },
+            "data": {
+                **ANY_OBJ,
+                "description": "The saga's data (default {}): tokens, never personal data.",
+            },
+            "version": _null(
+                {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The definition version (default: the latest, or the "
+                    "app's canary choice).",
+                }
+            ),
+        },
+        ["definition", "business_key"],
+        closed=True,
     ),
     "ActionRequest": _obj(ACTION, ["action", "reason"], closed=True),
     "ActionResult": _obj(
