@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("SAGAKIT_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
-EXTRAS = {"demo": "[schemas]", "test": "[dev,postgres,nats,rabbitmq]"}
+EXTRAS = {"demo": "[schemas,api]", "test": "[dev,postgres,nats,rabbitmq]"}
 
 
 def ensure_env(extras: str) -> None:

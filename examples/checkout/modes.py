@@ -91,7 +91,7 @@ def build_system(
             5.0, "expire-reservations", lambda: expire_reservations(inventory, time.time())
         )
         return system
-    url = f"sqlite:///{base}?synchronous={synchronous}"
+    url = f"sqlite:///{base.resolve()}?synchronous={synchronous}"
     return _deployed(app, base, faults, url, None, options)
 
 

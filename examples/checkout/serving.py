@@ -51,7 +51,7 @@ def served(app: App, req: ServeRequest) -> Served:
         return _choreography(req)
     if mode == "hybrid":
         return _hybrid(req)
-    url = f"sqlite:///{req.data_dir}?synchronous={req.synchronous}"
+    url = f"sqlite:///{req.data_dir.resolve()}?synchronous={req.synchronous}"
     return _orchestrated(app, req, url)
 
 

@@ -24,6 +24,7 @@ engines of each process role.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,12 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from sagakit.core.definition import SagaDefinition
+from sagakit.core.envelope import Envelope
+from sagakit.core.instance import SagaInstance
 from sagakit.errors import ConfigurationError, DefinitionError
 from sagakit.runtime.participant import Handler, MessageSchemas, Participant
 
 if TYPE_CHECKING:
     from sagakit.deployment import Deployment
-    from sagakit.stores.base import SQLStore
+    from sagakit.stores.base import SQLStore, Tx
 
 APP_COMMANDS = ("worker", "relay", "service", "serve", "demo", "versions")
 """The ``sagakit`` commands that load an app (``--app``)."""
@@ -173,6 +176,7 @@ class Service:
         self._handlers: list[tuple[str, Handler, bool]] = []
         self._subscribes = set(subscribes)
         self.jobs: list[tuple[float, str, Job]] = []
+        self._built: Participant | None = None
 
     def __repr__(self) -> str:
         return f"Service({self.name!r})"
@@ -238,7 +242,39 @@ class Service:
             else:
                 p.add_handler(message_type, fn)
         p.subscriptions |= self._subscribes
+        self._built = p
         return p
+
+    async def emit(
+        self,
+        tx: Tx,
+        event_type: str,
+        payload: Mapping[str, Any],
+        *,
+        now: float,
+        cause: Envelope | None = None,
+        correlation_id: str | None = None,
+        business_key: str | None = None,
+        version: int | None = None,
+    ) -> Envelope:
+        """From a handler: write the event ``event_type`` to the outbox in ``tx``, as
+        :meth:`Participant.emit <sagakit.runtime.participant.Participant.emit>` does
+        (pass the message being handled as ``cause`` to continue its trace)."""
+        if self._built is None:
+            raise ConfigurationError(
+                f"service {self.name!r} emits before its participant was built: emit from "
+                "its handlers, which run once a process built it"
+            )
+        return await self._built.emit(
+            tx,
+            event_type,
+            payload,
+            cause=cause,
+            correlation_id=correlation_id,
+            business_key=business_key,
+            version=version,
+            now=now,
+        )
 
     async def migrate(self, store: SQLStore) -> None:
         """Apply the service's migrations to ``store`` (open); applied ones are skipped."""
@@ -390,6 +426,65 @@ class App:
                 f"{', '.join(self._services) or '(none)'}"
             ) from None
 
+    # -- starting sagas in your own transaction ------------------------------------------
+    def start(
+        self,
+        conn: object,
+        definition: str,
+        business_key: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        prefix: str | None = None,
+        version: int | None = None,
+    ) -> SagaInstance:
+        """Start a saga in YOUR transaction on ``conn``, in a process that runs no engine.
+
+        For a sync web process (Flask, Django, a sync FastAPI route): ``conn`` is a
+        ``sqlite3.Connection`` on the app's ``orchestrator.db``, a psycopg
+        ``Connection`` or a SQLAlchemy ``Connection``/``Session`` on the deployment's
+        database. The saga's rows join your transaction: commit it and the relays
+        publish its first commands (the workers drive the rest); roll it back and no
+        saga exists. Idempotent by business key. ``prefix``: the deployment's schema
+        prefix on PostgreSQL (default: the app's name). No event loop is needed; for an
+        async connection use :meth:`start_async`. See :mod:`sagakit.runtime.own_tx`.
+        """
+        from sagakit.runtime.own_tx import run_sync
+
+        return run_sync(
+            self.start_async(
+                conn, definition, business_key, data, prefix=prefix, version=version, sync=True
+            ),
+            "App.start",
+        )
+
+    async def start_async(
+        self,
+        conn: object,
+        definition: str,
+        business_key: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        prefix: str | None = None,
+        version: int | None = None,
+        sync: bool = False,
+    ) -> SagaInstance:
+        """:meth:`start` for async connections (psycopg ``AsyncConnection``, SQLAlchemy
+        ``AsyncConnection``/``AsyncSession``); sync ones work too. (``sync``: called
+        from :meth:`start`, which drives it without an event loop.)"""
+        from sagakit.runtime.own_tx import refuse_async, start_in
+
+        if sync:
+            refuse_async(conn, "App.start", "await app.start_async(...)")
+        (inst,) = await start_in(
+            conn,
+            self.definitions(),
+            [(definition, business_key, dict(data or {}))],
+            schema=f"{prefix or self.name}_orchestrator",
+            canary=self.canary or None,
+            version=version,
+        )
+        return inst
+
     def context(
         self,
         *,
@@ -452,8 +547,23 @@ def load_app(spec: str) -> App:
             raise ConfigurationError(
                 f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}"
             ) from None
-    if not isinstance(target, App) and callable(target):
-        target = target()
+    if not isinstance(target, App) and callable(target) and not isinstance(target, type):
+        # A factory: called with no arguments (uvicorn's --factory, Celery's app loaders).
+        try:
+            inspect.signature(target).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"--app {spec!r} is a function that needs arguments, not a sagakit.App "
+                "(or a function of no arguments returning one)"
+            ) from None
+        except ValueError:
+            pass  # no signature to check (a builtin): just call it
+        try:
+            target = target()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"--app {spec!r}: calling {attr}() failed: {type(exc).__name__}: {exc}"
+            ) from exc
     if not isinstance(target, App):
         raise ConfigurationError(f"--app {spec!r} is a {type(target).__name__}, not a sagakit.App")
     return target

@@ -136,7 +136,8 @@ async def run_app_demo(app: App, req: DemoRequest) -> DemoOutcome:
     if (req.store_url is None) != (req.broker_url is None):
         raise ConfigurationError("--store and --broker go together")
     keep = req.data_dir is not None
-    base = req.data_dir or Path(tempfile.mkdtemp(prefix=f"sagakit-{app.name}-"))
+    # sqlite:///DIR names an absolute path: a relative --data-dir is resolved here.
+    base = (req.data_dir or Path(tempfile.mkdtemp(prefix=f"sagakit-{app.name}-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     try:
         with hold_lock(base / ".lock", f"the data directory {base}"):
@@ -166,7 +167,7 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
             started_now = await engine.start_many(requests[i : i + WAVE])
             ids += [inst.saga_id for inst in started_now]
         await _wait_terminal(engine, ids, req, started)
-        await _drain(engine)
+        await drain(engine)
         elapsed = time.monotonic() - started
         violations = list(await app.invariants(dep)) if app.invariants is not None else []
         outcomes: Counter[str] = Counter()
@@ -213,8 +214,10 @@ async def _wait_terminal(engine: Engine, ids: list[str], req: DemoRequest, t0: f
         req.progress.write("\n")
 
 
-async def _drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:
-    """Wait until no outbox row is pending and no mailbox holds a message."""
+async def drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:
+    """Wait until no outbox row is pending and no mailbox of ``engine``'s stores holds a
+    message for ``quiet_for`` seconds (at most ``limit``): the last replies and
+    acknowledgements of a run handed over, before its invariants are checked."""
     end = time.monotonic() + limit
     calm_since: float | None = None
     while time.monotonic() < end:

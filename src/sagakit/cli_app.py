@@ -5,13 +5,15 @@ The app is loaded before the parser is built (:func:`prescan`), so that its opti
 ``--help``, get argparse's type checks, and read their environment variables.
 ``demo`` and ``serve`` run the reference checkout when no app is named; the production
 commands (``worker``, ``relay``, ``service``, ``versions``) need ``--app`` or
-``SAGAKIT_APP``.
+``SAGAKIT_APP``. As with uvicorn, the current directory is importable: ``--app
+myproject.sagas:app`` finds ``./myproject`` without setting ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,14 @@ def app_spec(command: str, argv: Sequence[str] = ()) -> str | None:
     return os.environ.get(APP_ENV) or DEFAULT_APPS.get(command)
 
 
+def _load(spec: str) -> App:
+    """:func:`load_app` with the current directory importable (the command line's habit)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return load_app(spec)
+
+
 @dataclass(frozen=True, slots=True)
 class Prescan:
     """The app command found in an argv, and its app (or why it did not load)."""
@@ -53,7 +63,7 @@ def prescan(argv: Sequence[str]) -> Prescan:
     if spec is None:
         return Prescan(command, None, None)
     try:
-        return Prescan(command, load_app(spec), None)
+        return Prescan(command, _load(spec), None)
     except ConfigurationError as exc:
         return Prescan(command, None, str(exc))
 
@@ -64,7 +74,7 @@ def default_app(command: str) -> App | None:
     if spec is None:
         return None
     try:
-        return load_app(spec)
+        return _load(spec)
     except ConfigurationError:
         return None
 
@@ -121,4 +131,4 @@ def loaded(args: argparse.Namespace, command: str) -> App:
             f"--app is required: the app to run, as module:attribute (e.g. "
             f"myproject.sagas:app), or set {APP_ENV}"
         )
-    return load_app(args.app)
+    return _load(args.app)

@@ -21,6 +21,7 @@ from sagakit import (
     SagaDefinition,
     SagaState,
     SagaView,
+    Service,
     Step,
     StepContext,
     StepFailed,
@@ -220,3 +221,100 @@ def test_the_demo_refuses_a_second_run_on_the_same_data_dir(tmp_path: Path) -> N
         pytest.raises(ConfigurationError, match="in use by"),
     ):
         asyncio.run(run_app_demo(travel, DemoRequest(orders=1, data_dir=tmp_path)))
+
+
+# -- starting a saga in your own transaction, with no engine in the process -------------
+
+
+async def test_app_start_joins_your_sqlite_transaction(tmp_path: Path) -> None:
+    import sqlite3
+
+    dep = Deployment(travel, f"sqlite:///{tmp_path}")
+    async with dep.everything():  # creates the tables; a worker process in production
+        pass
+    conn = sqlite3.connect(tmp_path / "orchestrator.db")
+    conn.execute("CREATE TABLE my_trips (trip TEXT PRIMARY KEY)")
+    conn.commit()
+
+    conn.execute("INSERT INTO my_trips VALUES ('trip-rolled-back')")
+    travel.start(conn, "trip", "trip-rolled-back", {"nights": 2, "price": 10, "card": "ok"})
+    conn.rollback()
+
+    conn.execute("INSERT INTO my_trips VALUES ('trip-kept')")
+    inst = travel.start(conn, "trip", "trip-kept", {"nights": 2, "price": 10, "card": "ok"})
+    again = travel.start(conn, "trip", "trip-kept", {"nights": 2, "price": 10, "card": "ok"})
+    assert again.saga_id == inst.saga_id  # idempotent by business key
+    conn.commit()
+    conn.close()
+
+    async with dep.everything() as engine:
+        done = await engine.wait(inst.saga_id, timeout=30)
+        assert done.state is SagaState.SUCCEEDED
+        assert await engine.store.get_saga_by_key("trip", "trip-rolled-back") is None
+        assert await engine.store.outbox_pending() == 0
+
+
+@pytest.mark.postgres
+async def test_app_start_joins_your_psycopg_transaction() -> None:
+    import uuid
+
+    import psycopg
+
+    dsn = "postgresql://postgres@127.0.0.1:5432/test"
+    prefix = f"tr_{uuid.uuid4().hex[:10]}"
+    dep = Deployment(travel, f"{dsn}?prefix={prefix}")
+    try:
+        async with dep.everything():  # creates the schemas and tables
+            pass
+        with psycopg.connect(dsn) as conn:
+            inst = travel.start(
+                conn, "trip", "pg-1", {"nights": 2, "price": 10, "card": "ok"}, prefix=prefix
+            )
+            conn.rollback()
+            kept = travel.start(
+                conn, "trip", "pg-2", {"nights": 2, "price": 10, "card": "ok"}, prefix=prefix
+            )
+            conn.commit()
+        async with dep.everything() as engine:
+            assert await engine.store.get_saga(inst.saga_id) is None
+            done = await engine.wait(kept.saga_id, timeout=30)
+            assert done.state is SagaState.SUCCEEDED
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            for name in travel.store_names:
+                admin.execute(f'DROP SCHEMA IF EXISTS "{prefix}_{name}" CASCADE')
+
+
+async def test_a_service_handler_emits_events_other_services_react_to(tmp_path: Path) -> None:
+    from sagakit import SagaDefinition as Definition
+
+    stay = Definition("stay", steps=[Step("book", command("rooms", "BookRoom", ref))])
+    events = App("events_test", [stay])
+    rooms = events.service("rooms")
+    loyalty = events.service(
+        "loyalty", migrations=["CREATE TABLE points (trip TEXT PRIMARY KEY, n INTEGER)"]
+    )
+
+    @rooms.handles("BookRoom")
+    async def book_room(tx: Tx, env: Envelope) -> dict[str, str]:
+        await rooms.emit(tx, "RoomBooked", {"trip": env.payload["trip"]}, cause=env, now=0.0)
+        return {"room": "101"}
+
+    @loyalty.on_event("RoomBooked")
+    async def add_points(tx: Tx, env: Envelope) -> None:
+        await tx.execute("INSERT INTO points (trip, n) VALUES (?, 10)", (env.payload["trip"],))
+
+    assert events.event_routes() == {"RoomBooked": ["loyalty"]}
+    with pytest.raises(ConfigurationError, match="before its participant was built"):
+        await Service("idle").emit(None, "X", {}, now=0.0)  # type: ignore[arg-type]
+    dep = Deployment(events, f"sqlite:///{tmp_path}")
+    async with dep.everything() as engine:
+        inst = await engine.start("stay", "s-1")
+        assert (await engine.wait(inst.saga_id, timeout=30)).state is SagaState.SUCCEEDED
+        for _ in range(200):
+            async with dep.store("loyalty").transaction() as tx:
+                row = await tx.fetchone("SELECT n FROM points WHERE trip = 's-1'")
+            if row is not None:
+                break
+            await asyncio.sleep(0.02)
+    assert row == (10,)

@@ -1094,9 +1094,9 @@ def test_checkout_waits_longer_for_each_attempt_so_a_backlog_is_not_a_loss() -> 
 def test_worker_command_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from sagakit import cli_processes
-
     from sagakit_checkout import app
+
+    from sagakit import cli_processes
 
     def parse(*argv: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser(prog="sagakit")

@@ -165,6 +165,10 @@ def test_load_app_takes_an_app_or_a_function_returning_one(on_path: Path) -> Non
             app = App("ext")
             def make():
                 return App("made")
+            def needs(x):
+                return App("never")
+            def fails():
+                raise KeyError("TRAVEL_DB")
             not_an_app = 42
             """
         )
@@ -175,6 +179,12 @@ def test_load_app_takes_an_app_or_a_function_returning_one(on_path: Path) -> Non
         load_app("ext_app_ok:not_an_app")
     with pytest.raises(ConfigurationError, match="has no attribute 'nope'"):
         load_app("ext_app_ok:nope")
+    with pytest.raises(ConfigurationError, match="a function that needs arguments"):
+        load_app("ext_app_ok:needs")
+    with pytest.raises(ConfigurationError, match=r"calling fails\(\) failed: KeyError"):
+        load_app("ext_app_ok:fails")
+    with pytest.raises(ConfigurationError, match="is a type, not"):
+        load_app("ext_app_ok:App")
 
 
 def test_load_app_errors_are_one_line_and_say_what_was_wrong(on_path: Path) -> None:
