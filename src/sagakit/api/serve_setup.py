@@ -72,7 +72,8 @@ def for_app(app: App, req: ServeRequest) -> Served:
 def generic(app: App, req: ServeRequest) -> Served:
     """Every app's shape: the operator API over the app's engine, no order routes."""
     if req.store_url is None:
-        url = f"sqlite:///{req.data_dir}?synchronous={req.synchronous}"
+        # sqlite:///DIR names an absolute path: a relative --data-dir must be resolved.
+        url = f"sqlite:///{req.data_dir.resolve()}?synchronous={req.synchronous}"
         dep = Deployment(app, url, options=req.options, data_dir=req.data_dir)
         engine = dep.everything()
         where = str(req.data_dir)
