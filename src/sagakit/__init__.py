@@ -32,6 +32,7 @@ from sagakit.errors import (
     StoreError,
     TransportError,
     UnknownMessageType,
+    VersionMissing,
 )
 from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.own_tx import OwnTx, start_in, start_in_sync
@@ -75,6 +76,7 @@ __all__ = [
     "StoreError",
     "TransportError",
     "UnknownMessageType",
+    "VersionMissing",
     "command",
     "embedded",
     "failure",
