@@ -1,4 +1,4 @@
-"""The six invariants of DESIGN.md, checked from the services' own ledgers.
+"""The six invariants of the design (docs/design.md), checked from the services' own ledgers.
 
 Nothing here trusts the orchestrator's view of what happened: money is read from the
 payment ledger and the provider's effects, stock from the inventory tables, shipments
@@ -24,7 +24,7 @@ from . import inventory, order, payment, shipping
 from .provider import Authorization, Effect, FakeCardProvider
 
 INVARIANTS = ("money", "stock", "terminal", "effect_once", "honest_status", "nothing_lost")
-"""The invariant names, in DESIGN.md's order."""
+"""The invariant names, in the order of docs/design.md."""
 
 FORWARD_STATUSES = (
     "PENDING_PAYMENT",
@@ -81,7 +81,7 @@ async def check_invariants(
     provider: FakeCardProvider,
     initial_stock: Mapping[str, int],
 ) -> InvariantReport:
-    """Check DESIGN.md's six invariants; the stores must be open."""
+    """Check the design's six invariants; the stores must be open."""
     report = InvariantReport()
     sagas = await _all_sagas(orchestrator_store)
     by_order: dict[str, list[SagaInstance]] = defaultdict(list)

@@ -272,8 +272,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "virtual clock that loses, duplicates, delays and reorders messages (each copy of "
         "an event on its own), crashes consumers before and after commit, loses relay "
         "acknowledgements and fires timeouts (or the tracker's SLA check) while messages "
-        "are on their way; check DESIGN's invariants after every seed. A failing seed is "
-        "printed and shrunk to a minimal schedule. Exit status 1 if any seed fails.",
+        "are on their way; check the design's invariants (docs/design.md) after every "
+        "seed. A failing seed is printed and shrunk to a minimal schedule. Exit status 1 "
+        "if any seed fails.",
     )
     sim.add_argument(
         "--mode",

@@ -8,8 +8,8 @@ provider from ``sagakit_checkout`` on its virtual clock; an orchestrated or hybr
 world the orchestrator with its definition and seeded saga ids, a choreographed one the
 tracker (its views are the sagas, its SLA check the one timer); and a few
 orders: scenarios drawn from ``sagakit_checkout.demo.make_orders`` plus two orders
-racing for the last unit of a SKU. After the run DESIGN's invariants are checked from
-the services' ledgers with ``sagakit_checkout.invariants.check_invariants``, except
+racing for the last unit of a SKU. After the run the design's invariants
+(docs/design.md) are checked from the services' ledgers with ``sagakit_checkout.invariants.check_invariants``, except
 "nothing lost", which is computed by :func:`sagakit.testing.sim.nothing_lost` so that
 the network's deliberate drops count as accounted for, and every copy of an event
 its relay fanned out is accounted for on its own.
@@ -298,7 +298,7 @@ class CheckoutWorld(ABC):
         """Cancel a saga; return the store it wrote to."""
 
     async def check(self) -> Verdict:
-        """DESIGN's invariants from the ledgers; "nothing lost" knows the simulated drops."""
+        """The design's invariants from the ledgers; "nothing lost" knows the simulated drops."""
         from sagakit_checkout.invariants import check_invariants
 
         # "nothing lost" is computed below, knowing the drops: hide the outboxes from

@@ -15,7 +15,7 @@ async def nothing_lost(
     network: SimNetwork,
     event_routes: Mapping[str, Sequence[str]] | None = None,
 ) -> list[str]:
-    """DESIGN's "nothing lost", where the simulator's own drops count as accounted for.
+    """The design's "nothing lost", where the simulator's own drops count as accounted for.
 
     Every outbox row must be published, and then processed by its destination's inbox,
     or dead-lettered (by the producer or the consumer), or recorded by the network as
@@ -90,7 +90,7 @@ async def _outbox_index(store: Store) -> list[tuple[str, str | None, float | Non
 async def no_dead_letters(routes: Mapping[str, Store]) -> list[str]:
     """Messages parked in a dead-letter table (the simulator sends no poison messages).
 
-    DESIGN allows a message to be parked with its reason; but the simulator only
+    The design allows a message to be parked with its reason; but the simulator only
     delivers what the system itself published, and its crash faults are too few to
     exhaust a consumer's redelivery limit, so a parked message means a handler or the
     runtime failed on a legitimate message.
