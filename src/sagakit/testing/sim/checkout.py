@@ -9,8 +9,8 @@ world the orchestrator with its definition and seeded saga ids, a choreographed 
 tracker (its views are the sagas, its SLA check the one timer); and a few
 orders: scenarios drawn from ``sagakit_checkout.demo.make_orders`` plus two orders
 racing for the last unit of a SKU. After the run the design's invariants
-(docs/design.md) are checked from the services' ledgers with ``sagakit_checkout.invariants.check_invariants``, except
-"nothing lost", which is computed by :func:`sagakit.testing.sim.nothing_lost` so that
+(docs/design.md) are checked from the services' ledgers with
+``sagakit_checkout.invariants.check_invariants``, except "nothing lost", which is computed by :func:`sagakit.testing.sim.nothing_lost` so that
 the network's deliberate drops count as accounted for, and every copy of an event
 its relay fanned out is accounted for on its own.
 
