@@ -10,9 +10,10 @@ tracker (its views are the sagas, its SLA check the one timer); and a few
 orders: scenarios drawn from ``sagakit_checkout.demo.make_orders`` plus two orders
 racing for the last unit of a SKU. After the run the design's invariants
 (docs/design.md) are checked from the services' ledgers with
-``sagakit_checkout.invariants.check_invariants``, except "nothing lost", which is computed by :func:`sagakit.testing.sim.nothing_lost` so that
-the network's deliberate drops count as accounted for, and every copy of an event
-its relay fanned out is accounted for on its own.
+``sagakit_checkout.invariants.check_invariants``, except "nothing lost", which is
+computed by :func:`sagakit.testing.sim.nothing_lost` so that the network's deliberate
+drops count as accounted for, and every copy of an event its relay fanned out is
+accounted for on its own.
 
 ``sagakit_checkout`` is imported lazily, when a world is built: the engine does not
 depend on its examples.
