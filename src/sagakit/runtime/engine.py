@@ -24,6 +24,7 @@ from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import SagaInstance
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ConfigurationError, SagaNotFound
+from sagakit.runtime import engine_loops
 from sagakit.runtime.consumer import FaultHook
 from sagakit.runtime.dead_letters import DeadLetterDesk
 from sagakit.runtime.lockfile import LockFile
@@ -231,7 +232,7 @@ class Engine:
             raise ConfigurationError(f"job {name!r}: interval must be > 0 seconds")
         self._periodic.append((name, seconds, job))
         if self._running:
-            self._spawn(self._periodic_loop(name, seconds, job), name)
+            self._spawn(engine_loops.periodic_loop(self, name, seconds, job), name)
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -298,18 +299,18 @@ class Engine:
             self._spawn(o.local.run_inline(), "local-steps")
         if "relays" in self.roles:
             for relay in self.relays:
-                self._spawn(self._relay_loop(relay), f"relay:{relay.store.name}")
+                self._spawn(engine_loops.relay_loop(self, relay), f"relay:{relay.store.name}")
         if "timers" in self.roles:
-            self._spawn(self._timer_loop(), "timers")
-        if self._resumes:
-            self._spawn(self._set_aside_loop(), "set-aside")
+            self._spawn(engine_loops.timer_loop(self), "timers")
+        if self.resumes_set_aside:
+            self._spawn(engine_loops.set_aside_loop(self), "set-aside")
         if "housekeeping" in self.roles:
-            self._spawn(self._housekeeping_loop(), "housekeeping")
+            self._spawn(engine_loops.housekeeping_loop(self), "housekeeping")
         for name, seconds, job in self._periodic:
-            self._spawn(self._periodic_loop(name, seconds, job), name)
+            self._spawn(engine_loops.periodic_loop(self, name, seconds, job), name)
         for store in self.stores:
             if hasattr(store, "listen"):
-                self._spawn(self._listen_loop(store), f"listen:{store.name}")
+                self._spawn(engine_loops.listen_loop(self, store), f"listen:{store.name}")
 
     async def close(self) -> None:
         """Stop the loops and close the stores (committed work is kept)."""
@@ -447,52 +448,6 @@ class Engine:
                         asyncio.shield(finished), min(left, self.wait_poll)
                     )
 
-    # -- loops ------------------------------------------------------------------------
-    async def _relay_loop(self, relay: Relay) -> None:
-        channel = f"outbox:{relay.store.name}"
-        while self._running:
-            try:
-                n = await relay.relay_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("relay of %s failed; retrying", relay.store.name)
-                n = 0
-                await asyncio.sleep(0.05)
-            if n == 0:
-                await self.wakeups.wait(channel, min(self.idle_poll, relay.lease))
-
-    async def _timer_loop(self) -> None:
-        channel = f"timers:{self.store.name}"
-        look = True
-        due: float | None = None
-        while self._running:
-            if look:
-                try:
-                    # Read first (no write lock): most wake-ups find nothing due yet.
-                    due = await self.store.next_timer_due()
-                    if due is not None and due <= self.clock():
-                        await self.orchestrator.fire_due_timers(self.batch_size)
-                        continue
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("timer loop failed; retrying")
-                    await asyncio.sleep(0.05)
-                    continue
-            timeout = self.idle_poll if due is None else min(self.idle_poll, due - self.clock())
-            woken = await self.wakeups.wait(channel, max(timeout, 0.001))
-            hinted = self.wakeups.take_due(channel)
-            # Woken only by commits that named their earliest new timer, none sooner than
-            # the one already waited for (most step timeouts): keep waiting, without a
-            # read. A cancelled timer only makes the loop look once for nothing; a timer
-            # set without any wake-up is found at the next idle poll, as before.
-            if woken and hinted is not None and (due is None or hinted >= due):
-                due = hinted if due is None else due
-                look = False
-            else:
-                look = True
-
     async def housekeeping(self) -> int:
         """Purge inbox rows and published outbox rows older than their retentions, and
         move the broker's own dead letters into the stores' dead-letter tables.
@@ -514,89 +469,15 @@ class Engine:
             await fold()
         return removed
 
-    async def _listen_loop(self, store: Any) -> None:
-        """Turn a store's commit notifications (PostgreSQL NOTIFY) into wake-ups.
-
-        Work committed by other processes then wakes this one at once; the loops' idle
-        poll stays only as a safety net.
-        """
-        local = {
-            store.outbox_channel: f"outbox:{store.name}",
-            store.timers_channel: f"timers:{store.name}",
-        }
-        channels = [store.outbox_channel, store.timers_channel, store.queue_channel]
-        aside: str = store.aside_channel
-        if store is self.store and self._resumes:  # inputs set aside for its versions
-            local[aside] = f"aside:{self.store.name}"
-            channels.append(aside)
-        async with contextlib.aclosing(store.listen(*channels)) as notes:
-            async for channel, payload in notes:
-                if channel == store.queue_channel:
-                    if payload:
-                        self.wakeups.notify(f"queue:{payload}")
-                    else:  # (re)connected: anything sent meanwhile was lost, look everywhere
-                        self.wakeups.notify_all("queue:")
-                elif channel == store.timers_channel:
-                    self.wakeups.notify(local[channel], _due_of(payload))
-                    self.wakeups.notify(f"sagas:{store.name}")
-                elif channel in local:
-                    self.wakeups.notify(local[channel])
+    @property
+    def running(self) -> bool:
+        """Whether the engine is open and its loops run (see :mod:`.engine_loops`)."""
+        return self._running
 
     @property
-    def _resumes(self) -> bool:
+    def resumes_set_aside(self) -> bool:
         """Whether this engine applies inputs set aside for the versions it has."""
         return bool(self.roles & {"orchestrator", "timers"}) and bool(self.orchestrator.machines)
-
-    async def _set_aside_loop(self) -> None:
-        """Apply inputs set aside for this engine's definition versions: at once, when a
-        commit somewhere set one aside (notified), and every ``set_aside_poll`` seconds."""
-        channel = f"aside:{self.store.name}"
-        failing = False
-        while self._running:
-            try:
-                claimed = await self.orchestrator.aside.resume(self.batch_size)
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Once per outage, not once per poll.
-                if not failing:
-                    log.exception("resuming inputs set aside failed; retrying")
-                failing, claimed = True, 0
-            if claimed < self.batch_size:
-                await self.wakeups.wait(channel, self.set_aside_poll)
-
-    async def _periodic_loop(
-        self, name: str, seconds: float, job: Callable[[], Awaitable[object]]
-    ) -> None:
-        while self._running:
-            await asyncio.sleep(seconds)
-            try:
-                await job()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("periodic job %s failed; it runs again in %.1fs", name, seconds)
-
-    async def _housekeeping_loop(self) -> None:
-        while self._running:
-            try:
-                removed = await self.housekeeping()
-                if removed:
-                    log.info("purged %d inbox and outbox rows older than the retention", removed)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("housekeeping failed; will try again")
-            await asyncio.sleep(self.housekeeping_every)
-
-
-def _due_of(payload: str) -> float | None:
-    """The earliest due time a timers notification names (None: it names none)."""
-    try:
-        return float(payload) if payload else None
-    except ValueError:
-        return None
 
 
 def embedded(
