@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from sagakit import App, SagaState
 from sagakit.app_demo import DemoRequest, drain
-from sagakit.runtime.lockfile import LockFile
+from sagakit.runtime.lockfile import data_dir_lock
 from sagakit.testing.faults import Faults
 
 from .event_audit import check_event_delivery
@@ -213,7 +213,8 @@ async def run_demo(
         Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
     )
     base.mkdir(parents=True, exist_ok=True)
-    lock = _lock(base)
+    lock = data_dir_lock(base)
+    lock.acquire()
     try:
         return await _run(
             orders,
@@ -235,17 +236,6 @@ async def run_demo(
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
-
-
-def _lock(base: Path) -> LockFile:
-    """Hold ``base/.lock`` (one process per data directory; the error names the holder)."""
-    lock = LockFile(
-        base / ".lock",
-        what=f"the data directory {base}",
-        hint="wait for it or pick another --data-dir",
-    )
-    lock.acquire()
-    return lock
 
 
 async def _run(

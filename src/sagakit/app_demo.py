@@ -26,7 +26,7 @@ from sagakit.core.instance import SagaState
 from sagakit.deployment import Deployment
 from sagakit.errors import ConfigurationError
 from sagakit.runtime.engine import Engine
-from sagakit.runtime.lockfile import hold_lock
+from sagakit.runtime.lockfile import data_dir_lock
 from sagakit.stores.base import SagaQuery
 
 WAVE = 100
@@ -140,7 +140,7 @@ async def run_app_demo(app: App, req: DemoRequest) -> DemoOutcome:
     base = (req.data_dir or Path(tempfile.mkdtemp(prefix=f"sagakit-{app.name}-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     try:
-        with hold_lock(base / ".lock", f"the data directory {base}"):
+        with data_dir_lock(base):
             return await _run(app, req, base)
     finally:
         if not keep:

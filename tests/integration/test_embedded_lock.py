@@ -35,9 +35,9 @@ asyncio.run(main())
 
 HOLD_DATA_DIR = """
 import sys
-from sagakit.runtime.lockfile import hold_lock
+from sagakit.runtime.lockfile import data_dir_lock
 
-with hold_lock(sys.argv[1], "a data directory"):
+with data_dir_lock(sys.argv[1]):
     print("ready", flush=True)
     sys.stdin.readline()
 """
@@ -124,7 +124,7 @@ async def test_serve_names_the_process_holding_its_data_directory(tmp_path: Path
     from sagakit.api.serve import serve
 
     with (
-        second_process(HOLD_DATA_DIR, tmp_path / ".lock") as first,
+        second_process(HOLD_DATA_DIR, tmp_path) as first,
         pytest.raises(ConfigurationError, match=r"\(pid \d+\)") as refused,
     ):
         await serve("127.0.0.1", 0, tmp_path)
@@ -132,7 +132,7 @@ async def test_serve_names_the_process_holding_its_data_directory(tmp_path: Path
 
 
 def test_demo_names_the_process_holding_its_data_directory(tmp_path: Path) -> None:
-    with second_process(HOLD_DATA_DIR, tmp_path / ".lock") as first:
+    with second_process(HOLD_DATA_DIR, tmp_path) as first:
         done = subprocess.run(
             [
                 sys.executable,

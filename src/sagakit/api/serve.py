@@ -44,7 +44,7 @@ from sagakit.api.auth import (
 )
 from sagakit.app import App, load_app
 from sagakit.errors import ConfigurationError
-from sagakit.runtime.lockfile import LockFile
+from sagakit.runtime.lockfile import LockFile, data_dir_lock
 
 TOKENS_JSON = "tokens.json"
 DEFAULT_APP = "sagakit_checkout:app"
@@ -120,11 +120,7 @@ class _Server(uvicorn.Server):
 def _lock(data_dir: Path) -> LockFile:
     """Create ``data_dir`` and hold its lock file (one process per data directory)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    lock = LockFile(
-        data_dir / ".lock",
-        what=f"the data directory {data_dir}",
-        hint="stop it or pick another --data-dir",
-    )
+    lock = data_dir_lock(data_dir)
     lock.acquire()
     return lock
 

@@ -97,9 +97,14 @@ class LockFile:
         self.release()
 
 
-def hold_lock(path: str | Path, what: str, hint: str = "stop it or use another file") -> LockFile:
-    """A :class:`LockFile` on ``path``; use as ``with hold_lock(path, what):``."""
-    return LockFile(path, what=what, hint=hint)
+def data_dir_lock(data_dir: str | Path) -> LockFile:
+    """The lock of a data directory (``sagakit demo``, ``sagakit serve``): ``.lock`` in it,
+    not yet acquired (``with data_dir_lock(d):``, or :meth:`LockFile.acquire`)."""
+    return LockFile(
+        Path(data_dir) / ".lock",
+        what=f"the data directory {data_dir}",
+        hint="stop it or pick another --data-dir",
+    )
 
 
 def holder(path: str | Path) -> int | None:
