@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sagakit import App, Deployment, Engine
-from sagakit.api.serve_setup import Served, ServeRequest, shown_url
+from sagakit import App, Engine
+from sagakit.api.serve_setup import Served, ServeRequest, deploy
 from sagakit.errors import ConfigurationError
 
 from .demo import REGULAR_SKUS, REGULAR_STOCK, OrderSpec, make_orders
@@ -41,18 +41,15 @@ class Ledgers:
 def served(app: App, req: ServeRequest) -> Served:
     """The checkout in the mode ``req`` asks for."""
     mode = req.options.get("mode") or "orchestration"
-    if req.store_url is not None:
-        if mode != "orchestration":
-            raise ConfigurationError(
-                f"--store runs the orchestrated checkout only; --mode {mode} is embedded only"
-            )
-        return _orchestrated(app, req, req.store_url)
-    if mode == "choreography":
+    if req.store_url is None and mode == "choreography":
         return _choreography(req)
-    if mode == "hybrid":
+    if req.store_url is None and mode == "hybrid":
         return _hybrid(req)
-    url = f"sqlite:///{req.data_dir.resolve()}?synchronous={req.synchronous}"
-    return _orchestrated(app, req, url)
+    if mode != "orchestration":
+        raise ConfigurationError(
+            f"--store runs the orchestrated checkout only; --mode {mode} is embedded only"
+        )
+    return _orchestrated(app, req)
 
 
 def _stock_and_orders(count: int, seed: int) -> tuple[list[OrderSpec], dict[str, int]]:
@@ -61,22 +58,8 @@ def _stock_and_orders(count: int, seed: int) -> tuple[list[OrderSpec], dict[str,
     return specs, stock
 
 
-def _orchestrated(app: App, req: ServeRequest, url: str) -> Served:
-    broker = req.broker_url
-    dep = Deployment(app, url, broker, options=req.options, data_dir=req.data_dir)
-    if req.store_url is None:
-        engine, where = dep.everything(), str(req.data_dir)
-    elif req.api_only:
-        engine = dep.api()
-        where = f"{shown_url(url)}, API only: run sagakit worker, relay and service processes"
-    elif broker is None:
-        raise ConfigurationError(
-            "--store without --api-only runs every role here and needs --broker too "
-            "(or SAGAKIT_BROKER_URL)"
-        )
-    else:
-        engine = dep.everything()
-        where = f"{shown_url(url)} and {shown_url(broker)}, every role in this process"
+def _orchestrated(app: App, req: ServeRequest) -> Served:
+    dep, engine, where = deploy(app, req)
     inventory = dep.store("inventory")
 
     async def prepare(count: int, seed: int) -> None:

@@ -69,29 +69,32 @@ def for_app(app: App, req: ServeRequest) -> Served:
     return generic(app, req)
 
 
-def generic(app: App, req: ServeRequest) -> Served:
-    """Every app's shape: the operator API over the app's engine, no order routes."""
+def deploy(app: App, req: ServeRequest) -> tuple[Deployment, Engine, str]:
+    """The deployment ``req`` names, its engine for ``serve`` and where the data lives:
+    SQLite files in the data directory (every role here), or ``--store`` with
+    ``--api-only`` (no loop) or with ``--broker`` (every role here)."""
     if req.store_url is None:
         # sqlite:///DIR names an absolute path: a relative --data-dir must be resolved.
         url = f"sqlite:///{req.data_dir.resolve()}?synchronous={req.synchronous}"
         dep = Deployment(app, url, options=req.options, data_dir=req.data_dir)
-        engine = dep.everything()
-        where = str(req.data_dir)
-    elif req.api_only:
+        return dep, dep.everything(), str(req.data_dir)
+    if req.api_only:
         dep = Deployment(app, req.store_url, options=req.options, data_dir=req.data_dir)
-        engine = dep.api()
         where = f"{shown_url(req.store_url)}, API only: run sagakit worker, relay and service"
-    else:
-        if req.broker_url is None:
-            raise ConfigurationError(
-                "--store without --api-only runs every role here and needs --broker too "
-                "(or SAGAKIT_BROKER_URL)"
-            )
-        dep = Deployment(
-            app, req.store_url, req.broker_url, options=req.options, data_dir=req.data_dir
+        return dep, dep.api(), where
+    if req.broker_url is None:
+        raise ConfigurationError(
+            "--store without --api-only runs every role here and needs --broker too "
+            "(or SAGAKIT_BROKER_URL)"
         )
-        engine = dep.everything()
-        where = f"{shown_url(req.store_url)} and {shown_url(req.broker_url)}, every role here"
+    dep = Deployment(app, req.store_url, req.broker_url, options=req.options, data_dir=req.data_dir)
+    where = f"{shown_url(req.store_url)} and {shown_url(req.broker_url)}, every role here"
+    return dep, dep.everything(), where
+
+
+def generic(app: App, req: ServeRequest) -> Served:
+    """Every app's shape: the operator API over the app's engine, no order routes."""
+    dep, engine, where = deploy(app, req)
 
     async def prepare(count: int, seed: int) -> None:
         if app.setup is not None:
