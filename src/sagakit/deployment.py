@@ -18,6 +18,7 @@ transition, the broker who gets a message.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -231,24 +232,10 @@ class Deployment:
     def _prepare(self, engine: Engine, services: list[Service], *, jobs: bool = True) -> None:
         for service in services:
             store = self.store(service.name)
-            engine.before_start(_migration(service, store))
+            engine.before_start(functools.partial(service.migrate, store))
             if jobs:
                 for seconds, name, job in service.jobs:
-                    engine.every(seconds, f"{service.name}:{name}", _bound(job, store))
-
-
-def _migration(service: Service, store: SQLStore) -> Any:
-    async def migrate() -> None:
-        await service.migrate(store)
-
-    return migrate
-
-
-def _bound(job: Any, store: SQLStore) -> Any:
-    async def run() -> object:
-        return await job(store)
-
-    return run
+                    engine.every(seconds, f"{service.name}:{name}", functools.partial(job, store))
 
 
 def _sqlite_path(url: str) -> str:
