@@ -3,7 +3,8 @@
 The checkout runs as the production processes, each its own OS process: ``sagakit
 worker`` (orchestrator and timers), ``sagakit relay`` (the five outboxes) and ``sagakit
 service order|payment|inventory|shipping`` (``python -m sagakit.cli_processes ...``,
-configured by ``SAGAKIT_STORE_URL`` / ``SAGAKIT_BROKER_URL``). This (driver) process
+configured by ``SAGAKIT_APP=sagakit_checkout:app``, ``SAGAKIT_STORE_URL`` and
+``SAGAKIT_BROKER_URL``). This (driver) process
 places the orders with ``sagakit_checkout.deploy.build_api`` (the engine ``sagakit serve
 --api-only`` uses: it commits the saga and its first command, it runs no loop) and
 watches the orchestrator's table. Every measurement gets a fresh PostgreSQL database and
@@ -108,6 +109,7 @@ class Processes:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
         self.env.update(
             PYTHONUNBUFFERED="1",
+            SAGAKIT_APP="sagakit_checkout:app",
             SAGAKIT_STORE_URL=store_url,
             SAGAKIT_BROKER_URL=broker_url,
             SAGAKIT_PROVIDER_DB=str(provider),

@@ -42,6 +42,10 @@ def test_quick_benchmarks_emit_json_results(tmp_path: Path) -> None:
         if result["status"] == "ok":
             assert result["min"] <= result["median"] <= result["max"], line
         results[result["name"]] = result
+    # A missing server or peer is "skipped"; "failed" is the suite's own code broken (the
+    # distributed checkout failed unnoticed once: its processes lacked --app).
+    failed = {n: r.get("note") for n, r in results.items() if r["status"] == "failed"}
+    assert not failed, failed
     # The engine on SQLite needs nothing but the standard library: it always runs.
     for name in (
         "raw/sqlite_wal_full",
