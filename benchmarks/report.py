@@ -226,6 +226,21 @@ def derive(
         vals_: list[float | None] = []
         for a, b in zip(num, den, strict=False):
             vals_.append(a / b if a is not None and b not in (None, 0) else None)
+        if not any(v is not None for v in vals_):
+            # A side that was not measured (DBOS not installed, a server missing) or that
+            # failed has its own row saying so; the ratio itself is only not computable.
+            results.append(
+                Result(
+                    "compare",
+                    name,
+                    metric,
+                    "x",
+                    vals_,
+                    status="skipped",
+                    note=note + "; a side was not measured (see its own row)",
+                )
+            )
+            return
         add("compare", name, metric, "x", vals_, note=note)
 
     # -- the limit
