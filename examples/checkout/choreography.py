@@ -7,7 +7,8 @@
     PaymentFailed -> OrderCancelled
     InventoryFailed -> PaymentVoided | PaymentRefunded -> OrderCancelled
     ShipmentFailed -> InventoryReleased -> PaymentVoided | PaymentRefunded -> OrderCancelled
-    PaymentCaptureFailed, InventoryCommitFailed, PaymentReleaseFailed -> a person
+    PaymentCaptureFailed, InventoryCommitFailed, OrderCompletionFailed,
+    PaymentReleaseFailed -> a person
 
 The services are the same four, on the same tables and ledger functions as the
 orchestrated checkout (:mod:`.reactions` holds their event handlers). A passive
@@ -89,12 +90,19 @@ FLOW = FlowSpec(
             ("PaymentVoided", "PaymentRefunded", "PaymentReleaseFailed"),
         ),
         Publishes("inventory", "PaymentCaptured", ("InventoryCommitted", "InventoryCommitFailed")),
-        Publishes("order", "InventoryCommitted", ("OrderCompleted",)),
+        Publishes("order", "InventoryCommitted", ("OrderCompleted", "OrderCompletionFailed")),
         Publishes("order", "PaymentVoided", ("OrderCancelled",)),
         Publishes("order", "PaymentRefunded", ("OrderCancelled",)),
     ),
     terminal=frozenset({"OrderCompleted", "OrderCancelled"}),
-    escalated=frozenset({"PaymentCaptureFailed", "InventoryCommitFailed", "PaymentReleaseFailed"}),
+    escalated=frozenset(
+        {
+            "PaymentCaptureFailed",
+            "InventoryCommitFailed",
+            "OrderCompletionFailed",
+            "PaymentReleaseFailed",
+        }
+    ),
     observers=frozenset({TRACKER}),
 )
 """Who publishes what, on which fact (``sagakit flows`` reads it)."""
@@ -131,6 +139,7 @@ def tracked_flow(sla: float = DEADLINE) -> TrackedFlow:
             "InventoryCommitted": Fact("commit_inventory", _OK, "COMPLETING"),
             "InventoryCommitFailed": Fact("commit_inventory", _FAILED, manual=True),
             "OrderCompleted": Fact("complete_order", _OK, ends=SagaState.SUCCEEDED),
+            "OrderCompletionFailed": Fact("complete_order", _FAILED, manual=True),
             "InventoryReleased": Fact("reserve_inventory", _UNDONE),
             "PaymentVoided": Fact("authorize_payment", _UNDONE),
             "PaymentRefunded": Fact("authorize_payment", _UNDONE),

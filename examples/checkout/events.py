@@ -176,6 +176,7 @@ for _name in (
     "PaymentCaptureFailed",
     "InventoryCommitFailed",
     "PaymentReleaseFailed",
+    "OrderCompletionFailed",
     "OrderCancelled",
 ):
     REGISTRY.event(_name)(type(f"{_name}V1", (_Failure,), {"__module__": __name__}))

@@ -13,6 +13,15 @@ therefore cannot hold stock forever. Releasing an expired reservation is a no-op
 success; committing one fails for good (its units may have gone to another order), so
 a saga past its pivot then goes to a person.
 
+The commit is where the warehouse picks the goods, and SKU tokens choose how its
+system answers, so that tests and demos can provoke failures after the pivot:
+
+* ``sku-wh-flaky...``: the warehouse confirms the pick only from the third try on
+  (tries 1 and 2 fail, retryable);
+* ``sku-wh-down...``: the warehouse never confirms (every try fails, retryable);
+* ``sku-recalled...``: the SKU was recalled after the sale: the pick is refused for
+  good (the goods may not leave; a person decides about the paid order).
+
 The SQL is portable (SQLiteStore and PostgresStore run the same statements) and never
 relies on transactions running one at a time: on PostgreSQL (READ COMMITTED) a
 handler and the sweeper may work on one reservation concurrently, so every status
@@ -65,6 +74,9 @@ table, PostgreSQL alters the constraint): choose it by the store's ``dialect`` t
 """
 
 OUT_OF_STOCK = "out of stock"
+
+FLAKY_PICKS = 2
+"""How many first tries of a commit a ``sku-wh-flaky`` warehouse fails."""
 
 RESERVATION_TTL = 900.0
 """Seconds a reservation holds its units unless committed or released first.
@@ -199,8 +211,23 @@ async def release(tx: Tx, order_id: str, *, now: float) -> dict[str, Any]:
     return {"released": qty}
 
 
-async def commit(tx: Tx, order_id: str, *, now: float) -> dict[str, Any]:
-    """The goods leave: RESERVED units become shipped; fails for good once expired."""
+def check_pick(sku: str, attempt: int) -> None:
+    """The warehouse's answer to try ``attempt`` of picking ``sku`` (see the module
+    docstring); raises :class:`StepFailed` when it does not confirm."""
+    if sku.startswith("sku-recalled"):
+        raise StepFailed(f"{sku} was recalled: the warehouse refuses to release the goods")
+    if sku.startswith("sku-wh-down") or (sku.startswith("sku-wh-flaky") and attempt <= FLAKY_PICKS):
+        raise StepFailed(
+            f"the warehouse did not confirm the pick of {sku} (try {attempt})", retryable=True
+        )
+
+
+async def commit(tx: Tx, order_id: str, *, now: float, attempt: int = 1) -> dict[str, Any]:
+    """The goods leave: RESERVED units become shipped; fails for good once expired.
+
+    ``attempt`` is the try of this commit (the warehouse's answer may depend on it:
+    :func:`check_pick`).
+    """
     while True:
         existing = await reservation(tx, order_id)
         if existing is None:
@@ -216,6 +243,7 @@ async def commit(tx: Tx, order_id: str, *, now: float) -> dict[str, Any]:
             raise StepFailed(f"the reservation of order {order_id} expired")
         # A RESERVED reservation past its expires_at that the sweeper has not
         # reached still holds its units: committing it takes nobody's stock.
+        check_pick(sku, attempt)
         if await _settle(tx, order_id, "COMMITTED", now):
             break
         # Settled by another transaction since the read: decide on what it is now.
@@ -251,7 +279,7 @@ def build_inventory(store: Any, *, reservation_ttl: float = RESERVATION_TTL) -> 
 
     @p.handles("CommitReservation")
     async def commit_handler(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        return await commit(tx, _text(cmd, "order_id"), now=p.clock())
+        return await commit(tx, _text(cmd, "order_id"), now=p.clock(), attempt=max(cmd.attempt, 1))
 
     return p
 

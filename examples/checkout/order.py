@@ -1,7 +1,15 @@
 """The order service: the order a customer sees, and every status it went through.
 
 An order is CREATED by the saga's first step and ends COMPLETED (every step done) or
-CANCELLED (compensated). ``order_status_history`` keeps each change with a sequence
+CANCELLED (compensated). Completing it checks the customer's account, and customer
+tokens choose what that check finds, so that tests and demos can provoke failures
+after the payment was captured:
+
+* ``cust-locked...``: the account record is locked by a concurrent update on the first
+  two tries (retryable);
+* ``cust-frozen...``: the account was frozen (a fraud review) after the payment: the
+  order may not complete (a definite failure; a person decides about the paid order).
+ ``order_status_history`` keeps each change with a sequence
 number, so the service can show what the customer saw and when. The customer is a
 token: no names, e-mail or postal addresses are stored here.
 
@@ -53,6 +61,9 @@ seconds (PostgreSQL's ``REAL`` is 4 bytes: far too coarse for a timestamp), expl
 
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 
+LOCKED_TRIES = 2
+"""How many first tries of completing a ``cust-locked`` customer's order fail."""
+
 
 async def order_status(tx: Tx, order_id: str) -> str | None:
     """The order's status, or ``None`` when there is no such order."""
@@ -86,6 +97,36 @@ async def create_order(
         (order_id, now),
     )
     return {"order_id": order_id, "status": "CREATED"}, True
+
+
+async def complete_order(tx: Tx, order_id: str, *, now: float, attempt: int) -> dict[str, Any]:
+    """Complete a CREATED order (idempotent); ``attempt`` is the try of this completion.
+
+    :class:`StepFailed`: no such order or a cancelled one (definite), the customer's
+    account frozen (definite) or locked (retryable, the first :data:`LOCKED_TRIES` tries).
+    """
+    row = await tx.fetchone(
+        "SELECT status, customer_token FROM orders WHERE order_id = ?", (order_id,)
+    )
+    if row is None:
+        raise StepFailed(f"no order {order_id}")
+    status, customer = str(row[0]), str(row[1])
+    if status == "CREATED":
+        if customer.startswith("cust-frozen"):
+            raise StepFailed(f"the account of customer {customer} is frozen (fraud review)")
+        if customer.startswith("cust-locked") and attempt <= LOCKED_TRIES:
+            raise StepFailed(
+                f"the account of customer {customer} is locked by another update (try {attempt})",
+                retryable=True,
+            )
+        # One conditional UPDATE decides (a concurrent cancel or completion may win).
+        settled = await settle_order(tx, order_id, "COMPLETED", now)
+        if settled is None:
+            raise StepFailed(f"no order {order_id}")
+        status = settled
+    if status == "CANCELLED":
+        raise StepFailed(f"order {order_id} was cancelled; it cannot complete")
+    return {"order_id": order_id, "status": "COMPLETED"}
 
 
 async def settle_order(tx: Tx, order_id: str, status: str, now: float) -> str | None:
@@ -142,13 +183,9 @@ def build_order(store: Any) -> Participant:
 
     @p.handles("CompleteOrder")
     async def complete(tx: Tx, cmd: Envelope) -> dict[str, Any]:
-        order_id = _text(cmd, "order_id")
-        status = await settle_order(tx, order_id, "COMPLETED", p.clock())
-        if status is None:
-            raise StepFailed(f"no order {order_id}")
-        if status == "CANCELLED":
-            raise StepFailed(f"order {order_id} was cancelled; it cannot complete")
-        return {"order_id": order_id, "status": "COMPLETED"}
+        return await complete_order(
+            tx, _text(cmd, "order_id"), now=p.clock(), attempt=max(cmd.attempt, 1)
+        )
 
     @p.handles("CancelOrder")
     async def cancel(tx: Tx, cmd: Envelope) -> dict[str, Any]:

@@ -124,7 +124,12 @@ class PaymentOps:
             return rows["authorize"]
         if compensates is None:
             return None
-        receipt = await self.provider.lookup(compensates)
+        try:
+            receipt = await self.provider.lookup(compensates)
+        except (ProviderTimeout, ProviderUnavailable) as exc:
+            # Whether there is a hold to release is unknown: try again later, never
+            # conclude there is nothing to undo.
+            raise _transient(exc) from exc
         if receipt is None or receipt.op != "authorize":
             return None
         await self.record(tx, receipt.order_id, "authorize", receipt.amount, receipt.authorization)
@@ -133,6 +138,24 @@ class PaymentOps:
         )
         rows["authorize"] = row
         return row
+
+    async def learn(self, tx: Tx, order_id: str, op: str, key: str) -> LedgerRow | None:
+        """What the provider did under ``key``, an ``op`` whose answer never came.
+
+        The provider keeps each key's effect, so asking it is how a caller whose calls all
+        went unanswered finds out. An effect found is written to the ledger (bookkeeping
+        of what already happened, not a new effect); ``None``: nothing happened under the
+        key. :class:`ProviderTimeout` when the provider does not answer the question
+        either: then only a person can find out.
+        """
+        rows = await ledger(tx, order_id)
+        if op in rows:
+            return rows[op]
+        receipt = await self.provider.lookup(key)
+        if receipt is None or receipt.order_id != order_id or receipt.op != op:
+            return None
+        await self.record(tx, order_id, op, receipt.amount, receipt.authorization)
+        return LedgerRow(order_id, op, receipt.amount, receipt.authorization, self.clock())
 
     async def authorize(
         self, tx: Tx, order_id: str, *, amount: int, currency: str, card: str, key: str
@@ -306,7 +329,11 @@ def build_payment(store: Any, provider: FakeCardProvider) -> Participant:
             if outcome.ok:
                 return {"state": "done", "result": outcome.result}
             return {"state": "failed", "reason": outcome.reason}
-        receipt = await provider.lookup(action_key)
+        try:
+            receipt = await provider.lookup(action_key)
+        except (ProviderTimeout, ProviderUnavailable) as exc:
+            # The question went unanswered too: the saga asks again, then a person decides.
+            raise _transient(exc) from exc
         if receipt is None or receipt.order_id != order_id:
             # Never reached the provider, or only met transient failures there: nothing
             # happened. (A definite refusal is recorded under the key, found above.)

@@ -17,7 +17,16 @@ so ``card-declined-7`` declines); several flags can be combined (``card-slow-nov
                :class:`ProviderTimeout`; a retry with the same key gets the recorded result
 ``novoid``     voids are refused ("authorization cannot be voided")
 ``norefund``   refunds (and releases of uncaptured holds) are refused
+``mutevoid``   voids are carried out (on the first call), but no call of a void key is
+               ever answered: every one raises :class:`ProviderTimeout`, replays too
+``mutecapture`` the same for captures
+``nolookup``   the status lookup (:meth:`FakeCardProvider.lookup`) of the card's keys never
+               answers: it raises :class:`ProviderTimeout`
 =============  ===========================================================================
+
+``mutevoid`` and ``mutecapture`` model a provider that answers nothing: whoever called
+cannot tell whether the operation happened (it did). With ``nolookup`` as well, asking
+afterwards does not tell either, so only a person can find out.
 
 :meth:`FakeCardProvider.configure` sets the same rules for a token explicitly.
 
@@ -81,6 +90,9 @@ CREATE TABLE IF NOT EXISTS effects (
 CREATE INDEX IF NOT EXISTS effects_order_idx ON effects (order_id, op);
 """
 
+_RULE_COLUMNS = ("mute_void", "mute_capture", "mute_lookup")
+"""card_rules columns added after the first schema (a provider file from before gets them)."""
+
 TRANSIENT_CALLS = 2
 """How many calls per key a ``flaky`` card fails before the provider answers."""
 
@@ -114,6 +126,13 @@ class CardRules:
     slow: bool = False
     refuse_void: bool = False
     refuse_refund: bool = False
+    mute_void: bool = False
+    mute_capture: bool = False
+    mute_lookup: bool = False
+
+    def mute(self, op: str) -> bool:
+        """True when calls of ``op`` are never answered for this card."""
+        return (op == "void" and self.mute_void) or (op == "capture" and self.mute_capture)
 
     @classmethod
     def from_token(cls, card: str) -> CardRules:
@@ -129,6 +148,9 @@ class CardRules:
             slow=has("slow"),
             refuse_void=has("novoid"),
             refuse_refund=has("norefund"),
+            mute_void=has("mutevoid"),
+            mute_capture=has("mutecapture"),
+            mute_lookup=has("nolookup"),
         )
 
 
@@ -194,6 +216,12 @@ class FakeCardProvider:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            have = {r[1] for r in conn.execute("PRAGMA table_info(card_rules)")}
+            for column in _RULE_COLUMNS:
+                if column not in have:
+                    conn.execute(
+                        f"ALTER TABLE card_rules ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+                    )
             self._conn = conn
         return self._conn
 
@@ -215,7 +243,7 @@ class FakeCardProvider:
             raise ValueError("a provider request needs a non-empty idempotency key")
         db = self._db()
         now = self.clock()
-        slow_timeout = False
+        timeout = False
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute(
@@ -229,10 +257,13 @@ class FakeCardProvider:
                 "ON CONFLICT (key) DO UPDATE SET calls = calls + 1",
                 (key, op, now),
             )
+            rules = self.rules(card_of(db))
             if row is not None and row[2] is not None:
                 db.execute("COMMIT")
+                if rules.mute(op):
+                    # Done long ago; the answer is lost on the way back, every time.
+                    raise ProviderTimeout(f"provider did not answer {op} (key {key})")
                 return _replay(json.loads(row[2]))
-            rules = self.rules(card_of(db))
             if calls <= rules.transient_calls:
                 db.execute("COMMIT")  # the call count must survive: it is what ends the outage
                 raise ProviderUnavailable(f"provider unavailable (call {calls} of key {key})")
@@ -242,13 +273,13 @@ class FakeCardProvider:
             except (CardDeclined, OperationRefused) as exc:
                 outcome = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
             db.execute("UPDATE requests SET outcome = ? WHERE key = ?", (json.dumps(outcome), key))
-            slow_timeout = rules.slow and calls == 1
+            timeout = (rules.slow and calls == 1) or rules.mute(op)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        if slow_timeout:
+        if timeout:
             # The effect is committed; only the answer is lost on the way back.
             raise ProviderTimeout(f"provider timed out on {op} (key {key})")
         return _replay(outcome)
@@ -276,7 +307,9 @@ class FakeCardProvider:
     def configure(self, card: str, rules: CardRules) -> None:
         """Set the rules for ``card`` explicitly (they replace what its flags say)."""
         self._db().execute(
-            "INSERT OR REPLACE INTO card_rules VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO card_rules (card, decline, transient_calls, slow, "
+            "refuse_void, refuse_refund, mute_void, mute_capture, mute_lookup) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 card,
                 rules.decline,
@@ -284,6 +317,9 @@ class FakeCardProvider:
                 rules.slow,
                 rules.refuse_void,
                 rules.refuse_refund,
+                rules.mute_void,
+                rules.mute_capture,
+                rules.mute_lookup,
             ),
         )
 
@@ -292,15 +328,15 @@ class FakeCardProvider:
         row = (
             self._db()
             .execute(
-                "SELECT decline, transient_calls, slow, refuse_void, refuse_refund "
-                "FROM card_rules WHERE card = ?",
+                "SELECT decline, transient_calls, slow, refuse_void, refuse_refund, "
+                "mute_void, mute_capture, mute_lookup FROM card_rules WHERE card = ?",
                 (card,),
             )
             .fetchone()
         )
         if row is None:
             return CardRules.from_token(card)
-        return CardRules(bool(row[0]), int(row[1]), bool(row[2]), bool(row[3]), bool(row[4]))
+        return CardRules(bool(row[0]), int(row[1]), *(bool(v) for v in row[2:]))
 
     # -- operations -------------------------------------------------------------------
     async def authorize(
@@ -396,12 +432,20 @@ class FakeCardProvider:
         """The receipt recorded for ``key``, if that request succeeded (no side effect).
 
         This is how a caller that lost an answer (a timeout) learns what happened.
+        :class:`ProviderTimeout` when the key's card is ``nolookup``: the lookup is not
+        answered either.
         """
-        row = self._db().execute("SELECT outcome FROM requests WHERE key = ?", (key,)).fetchone()
+        db = self._db()
+        row = db.execute("SELECT outcome FROM requests WHERE key = ?", (key,)).fetchone()
         if row is None or row[0] is None:
             return None
         outcome = json.loads(row[0])
-        return Receipt(**outcome["receipt"]) if outcome["ok"] else None
+        if not outcome["ok"]:
+            return None
+        receipt = Receipt(**outcome["receipt"])
+        if self.rules(self._card(db, receipt.authorization)).mute_lookup:
+            raise ProviderTimeout(f"provider did not answer the lookup of key {key}")
+        return receipt
 
     async def authorizations(self, order_id: str | None = None) -> list[Authorization]:
         """Every authorization (of one order, if given)."""

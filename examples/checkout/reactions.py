@@ -12,7 +12,13 @@ the aggregate already did is recorded and ignored, never applied blindly: a
 A dependency that does not answer (the card provider, the carrier) is tried a few
 times in the handler with the same idempotency key; then :class:`TryAgain` rolls the
 transaction back and the runtime delivers the fact again later (parked after too
-many deliveries, where the tracker's SLA check sees the saga stall).
+many deliveries, where the tracker's SLA check sees the saga stall). The card
+provider is asked first what it did under the key (a call whose every answer was lost
+may have happened): an effect it reports is recorded and the flow goes on; "nothing"
+means trying again is safe; no answer to the question either means nobody can tell,
+and the failure fact hands the order to a person (a void whose outcome is unknown is
+never followed by a refund). After the capture, a step that keeps failing hands the
+order to a person the same way: there is no undoing a paid order.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from sagakit.runtime.participant import MessageSchemas
 from sagakit.stores.base import Tx
 
 from . import inventory, order, payment, shipping
-from .provider import FakeCardProvider
+from .provider import FakeCardProvider, ProviderTimeout, ProviderUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -123,11 +129,21 @@ def order_reactions(store: Any, *, schemas: MessageSchemas | None) -> Participan
     @p.on_event("InventoryCommitted")
     async def complete(tx: Tx, ev: Envelope) -> None:
         oid, now = ev.payload["order_id"], p.clock()
-        if not await order.move_order(tx, oid, "COMPLETED", now):
-            status = await order.order_status(tx, oid)
+        status = await order.order_status(tx, oid)
+        if status != "CREATED":
             return await note(tx, ev, "ignored", f"order is {status}", now)
-        await p.emit(tx, "OrderCompleted", {"order_id": oid}, cause=ev, now=now)
-        await note(tx, ev, "applied", "OrderCompleted", now)
+        for attempt in range(1, TRIES + 1):
+            try:
+                await order.complete_order(tx, oid, now=now, attempt=attempt)
+            except StepFailed as exc:
+                if exc.retryable and attempt < TRIES:
+                    continue
+                # Paid and shipped: nothing to undo, a person decides.
+                fact, payload = "OrderCompletionFailed", {"order_id": oid, "reason": exc.reason}
+            else:
+                fact, payload = "OrderCompleted", {"order_id": oid}
+            await p.emit(tx, fact, payload, cause=ev, now=now)
+            return await note(tx, ev, "applied", fact, now)
 
     return p
 
@@ -143,6 +159,21 @@ def payment_reactions(
         oid, now = ev.payload["order_id"], p.clock()
         await p.emit(tx, fact, {"order_id": oid, **payload}, cause=ev, now=now)
         await note(tx, ev, "applied", fact, now)
+
+    async def ask(tx: Tx, oid: str, op: str, unanswered: TryAgain) -> payment.LedgerRow | None:
+        """Every try of ``op`` went unanswered: what did the provider do under its key?
+
+        The effect, recorded; ``None`` when the provider does not answer the question
+        either (the outcome stays unknown: a person's). Nothing done re-raises
+        ``unanswered``: trying again later is safe.
+        """
+        try:
+            row = await ops.learn(tx, oid, op, _key(oid, op))
+        except (ProviderTimeout, ProviderUnavailable):
+            return None
+        if row is None:
+            raise unanswered
+        return row
 
     @p.on_event("OrderCreated")
     async def authorize(tx: Tx, ev: Envelope) -> None:
@@ -183,6 +214,12 @@ def payment_reactions(
             res = await _tries(lambda: ops.capture(tx, oid, key=_key(oid, "capture")))
         except StepFailed as exc:
             return await emit(tx, ev, "PaymentCaptureFailed", reason=exc.reason)
+        except TryAgain as exc:
+            row = await ask(tx, oid, "capture", exc)
+            if row is None:
+                why = f"the capture's outcome is unknown (the provider does not answer): {exc}"
+                return await emit(tx, ev, "PaymentCaptureFailed", reason=why)
+            res = {"captured": row.amount}
         await emit(tx, ev, "PaymentCaptured", captured=res["captured"])
 
     async def release(tx: Tx, ev: Envelope) -> None:
@@ -199,6 +236,13 @@ def payment_reactions(
                 return await emit(tx, ev, "PaymentVoided", voided=res["voided"], reason=reason)
             except StepFailed as exc:  # refused for good: a refund releases the hold
                 reason = f"{reason}; void refused: {exc.reason}"
+            except TryAgain as exc:
+                row = await ask(tx, oid, "void", exc)
+                if row is None:
+                    # The void may have happened: never move on to a refund on a guess.
+                    why = f"{reason}; the void's outcome is unknown (the provider does not answer)"
+                    return await emit(tx, ev, "PaymentReleaseFailed", reason=why)
+                return await emit(tx, ev, "PaymentVoided", voided=row.amount, reason=reason)
         try:
             res = await _tries(
                 lambda: ops.refund(tx, oid, key=_key(oid, "refund"), compensates=auth_key)
@@ -259,11 +303,15 @@ def inventory_reactions(
         existing = await inventory.reservation(tx, oid)
         if existing is not None and existing[2] == "COMMITTED":
             return await note(tx, ev, "ignored", "reservation is COMMITTED", p.clock())
-        try:
-            res = await inventory.commit(tx, oid, now=p.clock())
-        except StepFailed as exc:
-            return await emit(tx, ev, "InventoryCommitFailed", reason=exc.reason)
-        await emit(tx, ev, "InventoryCommitted", sku=res["sku"], shipped=res["shipped"])
+        for attempt in range(1, TRIES + 1):
+            try:
+                res = await inventory.commit(tx, oid, now=p.clock(), attempt=attempt)
+            except StepFailed as exc:
+                if exc.retryable and attempt < TRIES:
+                    continue
+                # The money is taken: no undoing, a person decides.
+                return await emit(tx, ev, "InventoryCommitFailed", reason=exc.reason)
+            return await emit(tx, ev, "InventoryCommitted", sku=res["sku"], shipped=res["shipped"])
 
     return p
 

@@ -22,9 +22,11 @@ from sagakit_checkout.choreography import (
     place_orders,
 )
 from sagakit_checkout.event_audit import check_event_delivery
-from sagakit_checkout.invariants import check_invariants
+from sagakit_checkout.hybrid import HYBRID
+from sagakit_checkout.invariants import PIVOT_AT_CAPTURE, check_invariants
 from sagakit_checkout.inventory import seed_stock
 from sagakit_checkout.provider import FakeCardProvider
+from sagakit_checkout.sagas import CHECKOUT
 
 from sagakit import MessageKind, SagaState
 from sagakit.flows import check_emissions
@@ -94,6 +96,96 @@ async def test_every_scenario_ends_as_its_facts_say(backend: Backend, tmp_path: 
     assert all(
         h.message_id is not None for hs in histories.values() for h in hs if "event" in h.event
     )
+
+
+AFTER_THE_PIVOT = {
+    "o-pick-flaky": order_data(sku="sku-wh-flaky-01"),
+    "o-pick-down": order_data(sku="sku-wh-down-01"),
+    "o-recalled": order_data(sku="sku-recalled-01"),
+    "o-account-locked": order_data(customer="cust-locked-000001"),
+    "o-account-frozen": order_data(customer="cust-frozen-000001"),
+    "o-capture-mute": order_data(card="card-mutecapture-1"),
+    "o-provider-dark": order_data(card="card-mutecapture-nolookup-1"),
+    "o-void-mute": order_data(card="card-mutevoid-nolookup-1", ship_to="addr-bad-1"),
+    "o-void-mute-asked": order_data(card="card-mutevoid-1", ship_to="addr-bad-2"),
+}
+WAREHOUSE_STOCK = {
+    "sku-01": 100,
+    "sku-wh-flaky-01": 10,
+    "sku-wh-down-01": 10,
+    "sku-recalled-01": 10,
+}
+
+
+async def test_failures_after_the_capture_and_a_silent_provider(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """After the capture a step that fails for good, or keeps failing, hands the order
+    to a person (never a compensation); one that fails a few times recovers. A provider
+    that never answers is asked what it did; with no answer to that either, a person
+    decides, and a void of unknown outcome is never followed by a refund."""
+    names = ("order", "payment", "inventory", "shipping", "tracker")
+    stores = {name: backend.store(name) for name in names}
+    ch = build_choreography(stores, FakeCardProvider(tmp_path / "provider.db"))
+    engine = ch.engine(idle_poll=0.05)
+    async with engine:
+        await seed_stock(ch.stores["inventory"], WAREHOUSE_STOCK)
+        await place_orders(ch, list(AFTER_THE_PIVOT.items()))
+        views = await wait_terminal(engine.store, AFTER_THE_PIVOT, CHOREOGRAPHY)
+        await quiet(engine.stores)
+        report = await check_invariants(**ch.invariant_stores(), initial_stock=WAREHOUSE_STOCK)
+        events = [e for s in engine.stores for e, _ in await s.outbox_all()]
+        reservations = dict(
+            await rows(ch.stores["inventory"], "SELECT order_id, status FROM reservations")
+        )
+        effects = {(e.order_id, e.op) for e in await ch.provider.effects()}
+        ledger = {
+            (o, op)
+            for o, op in await rows(ch.stores["payment"], "SELECT order_id, op FROM payment_ledger")
+        }
+    assert report.ok, report
+    assert check_emissions(FLOW, events) == []
+    outcome = {k: v.state for k, v in views.items()}
+    manual, done = SagaState.FAILED_NEEDS_MANUAL, SagaState.SUCCEEDED
+    assert outcome == {
+        "o-pick-flaky": done,
+        "o-pick-down": manual,
+        "o-recalled": manual,
+        "o-account-locked": done,
+        "o-account-frozen": manual,
+        "o-capture-mute": done,
+        "o-provider-dark": manual,
+        "o-void-mute": manual,
+        "o-void-mute-asked": SagaState.COMPENSATED,
+    }
+    reasons = {k: v.reason or "" for k, v in views.items() if v.state is manual}
+    assert reasons["o-pick-down"].startswith("InventoryCommitFailed from inventory")
+    assert "did not confirm the pick" in reasons["o-pick-down"]
+    assert "recalled" in reasons["o-recalled"]
+    assert reasons["o-account-frozen"].startswith("OrderCompletionFailed from order")
+    assert "frozen" in reasons["o-account-frozen"]
+    assert reasons["o-provider-dark"].startswith("PaymentCaptureFailed from payment")
+    assert "outcome is unknown" in reasons["o-provider-dark"]
+    assert reasons["o-void-mute"].startswith("PaymentReleaseFailed from payment")
+    assert "outcome is unknown" in reasons["o-void-mute"]
+    # Past the capture nothing is undone: the reservations stay for the person.
+    assert reservations["o-pick-down"] == reservations["o-recalled"] == "RESERVED"
+    assert reservations["o-account-frozen"] == "COMMITTED"
+    # The provider did what it never answered; asked, it told (and the books know).
+    assert {("o-capture-mute", "capture"), ("o-void-mute-asked", "void")} <= effects & ledger
+    # Unknown and unanswered: the books do not know, and no refund was tried on a guess.
+    assert ("o-provider-dark", "capture") in effects - ledger
+    assert ("o-void-mute", "void") in effects - ledger
+    assert ("o-void-mute", "refund") not in effects | ledger
+    facts = {k: set(v.data["facts"]) for k, v in views.items()}
+    assert "PaymentRefunded" not in facts["o-void-mute"]
+    assert "PaymentVoided" in facts["o-void-mute-asked"]
+
+
+def test_the_pivot_rule_of_the_invariants_knows_every_checkout_definition() -> None:
+    """The money check's "nothing given back after the capture" applies to the checkout's
+    definitions by name: a renamed one must not slip out of it."""
+    assert {CHECKOUT, HYBRID, CHOREOGRAPHY} == PIVOT_AT_CAPTURE
 
 
 async def test_a_stalled_choreography_reaches_the_manual_queue(tmp_path: Path) -> None:

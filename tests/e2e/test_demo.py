@@ -71,7 +71,12 @@ def assert_report(report: dict[str, Any], orders: int) -> None:
 
 @pytest.mark.slow
 def test_chaos_run_reports_the_documented_json_and_exits_zero() -> None:
-    code, report, stderr = run_demo("--orders", "120", "--faults", "chaos", "--json", "--seed", "7")
+    # Some sagas take their full retry budget before a person gets them (a card provider
+    # that answers nothing: 12 capture attempts, then 12 status queries), about half a
+    # minute without faults and up to about a minute under chaos.
+    code, report, stderr = run_demo(
+        "--orders", "120", "--faults", "chaos", "--json", "--seed", "7", timeout=180
+    )
     assert code == 0, stderr
     assert_report(report, 120)
     # Under chaos, faults were actually injected, and both success and compensation occur.
@@ -148,7 +153,7 @@ def test_same_seed_gives_the_same_scenario_mix() -> None:
     ]
     reports = []
     for proc in runs:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)  # three at once; see the chaos run above
         assert proc.returncode == 0, err
         reports.append(json.loads(out))
     a, b, c = reports

@@ -29,7 +29,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 async def test_a_checkout_is_one_trace_across_all_services(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    orders, stock = make_orders(3, seed=3)  # two successes, one card declined
+    orders, stock = make_orders(3, seed=3)  # a success, two orders racing for a last item
     checkout = open_checkout(tmp_path)
     async with checkout_engine(checkout) as engine:
         await migrate(checkout, initial_stock=stock)

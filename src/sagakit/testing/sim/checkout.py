@@ -5,15 +5,21 @@ Worlds take turns on one set of open SQLite stores (in ``/dev/shm`` when it exis
 template migrated once per process and mode and emptied between runs. Each world has
 the participants of its mode (:mod:`sagakit.testing.sim.systems`) and the fake card
 provider from ``sagakit_checkout`` on its virtual clock; an orchestrated or hybrid
-world the orchestrator with its definition and seeded saga ids, a choreographed one the
-tracker (its views are the sagas, its SLA check the one timer); and a few
+world two orchestrator workers on its saga store (each delivery to the orchestrator
+and each timer firing is handled by one of them, chosen by the seed), a simulated
+operator who decides on the sagas in the manual queue through
+:meth:`Orchestrator.resolve`, its definition and seeded saga ids; a choreographed one
+the tracker (its views are the sagas, its SLA check the one timer); and a few
 orders: scenarios drawn from ``sagakit_checkout.demo.make_orders`` plus two orders
 racing for the last unit of a SKU. After the run the design's invariants
 (docs/design.md) are checked from the services' ledgers with
 ``sagakit_checkout.invariants.check_invariants``, except "nothing lost", which is
 computed by :func:`sagakit.testing.sim.nothing_lost` so that the network's deliberate
 drops count as accounted for, and every copy of an event its relay fanned out is
-accounted for on its own.
+accounted for on its own. Every saga's history is read once more, to check that its
+compensations ran in reverse order of the steps they undo
+(:func:`~sagakit.testing.sim.checks.compensation_order`) and to count what the run
+exercised (:func:`sagakit.testing.coverage.exercised`).
 
 ``sagakit_checkout`` is imported lazily, when a world is built: the engine does not
 depend on its examples.
@@ -33,24 +39,42 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sagakit.core.envelope import Envelope, MessageKind, Outcome
-from sagakit.core.instance import SagaState
-from sagakit.errors import SagaNotFound
+from sagakit.core.instance import MANUAL_STATES, HistoryEntry, SagaInstance, SagaState
+from sagakit.core.machine import ManualAction
+from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.participant import DEFER, Handler, HandlerResult, Participant
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store, Tx
-from sagakit.testing.sim.checks import no_dead_letters, nothing_lost
+from sagakit.testing.coverage import exercised
+from sagakit.testing.sim.checks import (
+    answers,
+    compensation_order,
+    no_dead_letters,
+    nothing_lost,
+    stale_inputs,
+)
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
-from sagakit.testing.sim.scheduler import Verdict
+from sagakit.testing.sim.scheduler import OPERATOR, Verdict
 from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
 from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
-from sagakit.transports.base import BatchHandler
+from sagakit.transports.base import BatchHandler, Delivery, Settle
 
 _RANDOM_IDS = re.compile(r"auth-[0-9a-f]{16}")
+WORKERS = 2
+"""Orchestrator workers per orchestrated world."""
+REPLIES_TO = "orchestrator"
+"""The endpoint the orchestrator workers take replies at (the default)."""
+VOUCHING = frozenset({"mark_done", "mark_compensated", "accept_partial"})
+"""A person's decisions that vouch for the books (done or undone by hand, or accepted
+as they stand): the simulated person does nothing by hand, so the ledger checks leave
+such an order to them (as they leave an order in the manual queue)."""
 _templates: dict[str, Path] = {}
 
 
@@ -93,15 +117,28 @@ async def template_dir(mode: str = "orchestration") -> Path:
 
 
 def sim_orders(seed: int, orders: int) -> tuple[list[Any], dict[str, int]]:
-    """The orders of one seed: ``orders - 2`` drawn scenarios plus a race for stock 1."""
-    from sagakit_checkout.demo import OrderSpec, make_orders
+    """The orders of one seed: ``orders - 2`` drawn scenarios plus a race for stock 1.
+
+    The drawn orders take every scenario of the demo but its race (every seed has one)
+    equally often: the rare, risky ones (failures after the pivot, a provider that
+    answers nothing, a refused void) as often as a plain success. The first one's
+    scenario goes round them with the seed, so that any run of as many consecutive
+    seeds as there are scenarios meets each one (a few hundred seeds: each many times);
+    the others are drawn. (The race's winner is a plain success.)
+    """
+    from sagakit_checkout.demo import SCENARIOS, OrderSpec, make_orders
 
     if orders < 2:
         raise ValueError("a simulated run needs at least 2 orders (two race for the last item)")
     specs: list[OrderSpec] = []
     stock: dict[str, int] = {}
     if orders > 2:
-        specs, stock = make_orders(orders - 2, seed)
+        mix = [name for name, _ in SCENARIOS if name != "last_item_race"]
+        specs, stock = make_orders(1, seed, scenarios=[(mix[seed % len(mix)], 1)])
+        if orders > 3:
+            more, more_stock = make_orders(orders - 2, seed, scenarios=[(n, 1) for n in mix])
+            specs += more[1:]  # order ids count up from 0 in each draw: skip the first
+            stock |= more_stock
     rng = random.Random(f"race:{seed}")
     stock["sku-race"] = 1
     for j in range(2):
@@ -217,7 +254,30 @@ async def _handler_runs(participant: Participant) -> list[str]:
                 f"effect_once: {participant.name} carried out {types[0]} (key {key}) "
                 f"{len(types)} times"
             )
+    # The runtime promises not to call a compensation handler for an action that failed
+    # for good: it had no effect, so there is nothing to undo (handlers may assume it).
+    async with participant.store.transaction() as tx:
+        for action, mtype in undone.items():
+            if await _failed_for_good(tx, participant.name, action):
+                problems.append(
+                    f"effect_once: {participant.name} ran the compensation {mtype} of "
+                    f"{action}, whose action had failed for good (nothing to undo)"
+                )
     return problems
+
+
+async def _failed_for_good(tx: Tx, consumer: str, action: str) -> bool:
+    """True when ``action``'s recorded outcome is a definite failure and no retry by a
+    person (``action#mN``, see Participant) later succeeded."""
+    first = await tx.idempotency_get(consumer, action)
+    if first is None or first.tombstone or first.outcome.get("ok"):
+        return False
+    n = 1
+    while (retried := await tx.idempotency_get(consumer, f"{action}#m{n}")) is not None:
+        if retried.outcome.get("ok"):
+            return False
+        n += 1
+    return True
 
 
 def _copy_db(src: Path, dst: Path) -> None:
@@ -308,7 +368,16 @@ class CheckoutWorld(ABC):
             k: _NoOutbox(v) if k.endswith("_store") else v
             for k, v in self.system.invariant_stores.items()
         }
-        report = await check_invariants(**stores, initial_stock=self.stock)
+        histories = await self._histories()
+        # The simulated operator does nothing by hand: what they vouched for is theirs.
+        by_hand = {
+            saga.business_key
+            for saga, entries in histories
+            if any(
+                e.event == "manual.resolved" and e.detail.get("action") in VOUCHING for e in entries
+            )
+        }
+        report = await check_invariants(**stores, initial_stock=self.stock, settled_by_hand=by_hand)
         if self.system.audit is not None:
             await self.system.audit(report)
         await self._more_checks(report)
@@ -329,13 +398,47 @@ class CheckoutWorld(ABC):
         invariants["dead_letters"] = not parked
         violations += parked
         counts = await self.system.saga_store.count_sagas()
+        seen: Counter[str] = Counter()
+        definition = self.system.definition
+        if definition is not None:
+            names = [s.name for s in definition.steps]
+            order: list[str] = []
+            stale: list[str] = []
+            replies = await answers(self.stores, REPLIES_TO)
+            for _, entries in histories:
+                order += compensation_order(entries, names)
+                stale += stale_inputs(entries, replies)
+            invariants["compensation_order"] = not order
+            invariants["stale_inputs"] = not stale
+            violations += order + stale
+        for _, entries in histories:
+            seen.update(exercised(entries, definition))
         self.checked = True
         return Verdict(
             invariants,
             [_normal(v) for v in violations + lost],
             outcomes={state.value: n for state, n in counts.items()},
             notes=[_normal(n) for n in report.notes],
+            exercised=seen,
         )
+
+    async def _histories(self) -> list[tuple[SagaInstance, list[HistoryEntry]]]:
+        """Every saga (the tracker's views in a choreography) with its history, by id."""
+        store = self.system.saga_store
+        sagas = sorted(await store.list_sagas(limit=10_000), key=lambda s: s.saga_id)
+        return [(s, await store.history(s.saga_id)) for s in sagas]
+
+    async def manual(self) -> list[str]:
+        """The sagas a person may decide on (none by default: no one owns them)."""
+        return []
+
+    async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
+        """None by default (see :meth:`manual`)."""
+        return []
+
+    async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:
+        """Never by default (see :meth:`manual`)."""
+        raise SagaNotFound(f"no one decides on saga {saga_id} in this world")
 
     async def _more_checks(self, report: Any) -> None:  # noqa: B027 - optional hook
         """The checks only this mode needs (none by default)."""
@@ -371,18 +474,26 @@ class OrchestratedWorld(CheckoutWorld):
         definition = self.system.definition
         assert definition is not None, "an orchestrated mode has a saga definition"
         counter = itertools.count(1)
-        self.orchestrator = Orchestrator(
-            self.system.saga_store,
-            [definition],
-            clock=self.clock,
-            faults=self.hook,
-            id_factory=lambda: f"s{seed}-{next(counter)}",
+        # Two workers on one saga store, as two `sagakit worker` processes would run:
+        # whatever one of them keeps in memory, the other does not know.
+        self.workers = [
+            Orchestrator(
+                self.system.saga_store,
+                [definition],
+                clock=self.clock,
+                faults=self.hook,
+                id_factory=lambda: f"s{seed}-{next(counter)}",
+            )
+            for _ in range(WORKERS)
+        ]
+        self.orchestrator = o = self.workers[0]
+        self.pick = random.Random(f"workers:{seed}")
+        self._subscribe(o.endpoint, o.store, _AnyWorker(self.workers, self.pick, lambda w: w))
+        self._subscribe(
+            o.local_endpoint, o.store, _AnyWorker(self.workers, self.pick, lambda w: w.local)
         )
-        o = self.orchestrator
-        self._subscribe(o.endpoint, o.store, o)
-        self._subscribe(o.local_endpoint, o.store, o.local)
         self._subscribe_participants()
-        self.timers = OrchestratorTimers(o)
+        self.timers = OrchestratorTimers(self.workers, self.pick)
 
     async def begin(self) -> int:
         """Place every order (one saga each), one after the other."""
@@ -399,6 +510,37 @@ class OrchestratedWorld(CheckoutWorld):
         """Cancel through the orchestrator (it writes to the saga store)."""
         await self.orchestrator.cancel(saga_id, reason)
         return self.orchestrator.store.name
+
+    async def manual(self) -> list[str]:
+        """The sagas in the manual queue (:meth:`Orchestrator.manual_cases`), by id."""
+        cases = await self.orchestrator.manual_cases(limit=1000)
+        return sorted(s.saga_id for s in cases)
+
+    async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
+        """What the machine would accept for the saga now: each action tried on its pure
+        transition function (nothing is written)."""
+        inst = await self.orchestrator.store.get_saga(saga_id)
+        if inst is None or inst.state not in MANUAL_STATES:
+            return []
+        machine = self.orchestrator.machine_for(inst)
+        rungs = len(machine.definition.steps[inst.cursor].ladder)
+        options: list[tuple[str, int | None]] = []
+        for action in ManualAction:
+            for rung in range(rungs) if action is ManualAction.USE_RUNG else [None]:
+                try:
+                    machine.on_manual(
+                        inst, action, reason="?", actor="?", now=self.clock(), rung=rung
+                    )
+                except ManualActionRefused:
+                    continue
+                options.append((action.value, rung))
+        return options
+
+    async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:
+        """A person's decision, through one worker's :meth:`Orchestrator.resolve`."""
+        worker = self.pick.choice(self.workers)
+        await worker.resolve(saga_id, action, reason=reason, actor=OPERATOR, rung=rung)
+        return worker.store.name
 
 
 class ChoreographedWorld(CheckoutWorld):
@@ -463,6 +605,24 @@ class ChoreographedWorld(CheckoutWorld):
                 )
             for oid, event, n in twice:
                 report.fail("effect_once", f"order {oid}: {name} applied {event} {n} times")
+
+
+class _AnyWorker:
+    """The consumer of one orchestrator endpoint: each batch is handled by one of the
+    workers, chosen by the world's seeded generator (as a broker hands each delivery
+    to one of the processes consuming a queue)."""
+
+    def __init__(
+        self,
+        workers: Sequence[Orchestrator],
+        pick: random.Random,
+        consumer: Any,
+    ) -> None:
+        self.consumers: list[BatchHandler] = [consumer(w) for w in workers]
+        self.pick = pick
+
+    async def __call__(self, deliveries: Sequence[Delivery]) -> Sequence[Settle]:
+        return await self.pick.choice(self.consumers)(deliveries)
 
 
 class _NoOutbox:
