@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagakit.testing.coverage import KINDS, render_exercised
 from sagakit.testing.sim import checkout as _checkout
 from sagakit.testing.sim.checkout import checkout_world
 from sagakit.testing.sim.scheduler import RunResult, SimConfig, simulate
 from sagakit.testing.sim.shrink import Shrunk, shrink
+
+CHOREOGRAPHY_NOTE = (
+    ": the tracker's views; no orchestrator runs, so only the manual escalations its "
+    "SLA check makes can show"
+)
 
 
 @dataclass
@@ -29,6 +35,9 @@ class SimSummary:
     sagas: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    exercised: Counter[str] = field(default_factory=Counter)
+    """Kinds of transition the sagas' histories show (:mod:`sagakit.testing.coverage`),
+    summed over the seeds."""
     failing: list[RunResult] = field(default_factory=list)
     shrunk: Shrunk | None = None
     elapsed_s: float = 0.0
@@ -45,6 +54,7 @@ class SimSummary:
         self.sagas += other.sagas
         self.faults.update(other.faults)
         self.outcomes.update(other.outcomes)
+        self.exercised.update(other.exercised)
         self.failing.extend(other.failing)
 
     def to_json(self) -> dict[str, Any]:
@@ -53,6 +63,8 @@ class SimSummary:
             "seeds": self.seeds,
             "sagas": self.sagas,
             "faults_injected": dict(sorted(self.faults.items())),
+            "exercised": {k: self.exercised.get(k, 0) for k in KINDS}
+            | {k: v for k, v in sorted(self.exercised.items()) if k not in KINDS},
             "violations": len(self.failing),
             "failing_seeds": [r.seed for r in self.failing],
         }
@@ -80,6 +92,7 @@ async def run_seeds_async(
             summary.sagas += result.sagas
             summary.faults.update(result.faults)
             summary.outcomes.update(result.verdict.outcomes)
+            summary.exercised.update(result.verdict.exercised)
             if not result.ok:
                 summary.failing.append(result)
         if summary.failing and shrink_first:
@@ -168,6 +181,10 @@ def render(summary: SimSummary) -> str:
         "  faults      "
         + (", ".join(f"{k}={v}" for k, v in sorted(summary.faults.items())) or "none"),
         f"  violations  {len(summary.failing)} failing seed(s)",
+        "",
+        "  exercised (kinds of transition in the sagas' histories)"
+        + (CHOREOGRAPHY_NOTE if summary.mode == "choreography" else ""),
+        *render_exercised(summary.exercised, indent="    "),
     ]
     for r in summary.failing[:5]:
         lines.append(f"  ! seed {r.seed}: " + "; ".join(r.verdict.violations[:3]))
@@ -210,6 +227,7 @@ def replay_seed(
         summary.sagas = result.sagas
         summary.faults.update(result.faults)
         summary.outcomes.update(result.verdict.outcomes)
+        summary.exercised.update(result.verdict.exercised)
         if not result.ok:
             summary.failing.append(result)
             summary.shrunk = await shrink(factory, result, config=config)

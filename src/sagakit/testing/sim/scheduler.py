@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sagakit.core.envelope import MessageKind
-from sagakit.errors import SagaNotFound
+from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store
 from sagakit.testing.faults import InjectedCrash
@@ -34,8 +34,23 @@ FAULT_KINDS = (
     "ack_lost",
     "publish_lost",
     "timeout",
+    "stale_timer",
+    "late_timer",
 )
 """Schedule actions that are faults: what the budget bounds and shrinking removes."""
+
+MANUAL_ACTIONS = (
+    "retry",
+    "mark_done",
+    "compensate",
+    "mark_compensated",
+    "use_rung",
+    "accept_partial",
+)
+"""What the simulated operator may decide (the machine's manual actions)."""
+
+OPERATOR = "simulated operator"
+"""The actor the simulated operator's decisions are audited under."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +93,9 @@ class Verdict:
     """How many sagas ended in each state."""
     notes: list[str] = field(default_factory=list)
     """Worth a look, not violations (e.g. sagas waiting in the manual queue)."""
+    exercised: Counter[str] = field(default_factory=Counter)
+    """What the sagas' histories show was exercised
+    (:func:`sagakit.testing.coverage.exercised`)."""
 
     @property
     def ok(self) -> bool:
@@ -132,6 +150,23 @@ class World(Protocol):
 
     async def cancel(self, saga_id: str, reason: str) -> str:
         """Cancel a saga; return the store it wrote to. :class:`SagaNotFound` if none."""
+        ...
+
+    async def manual(self) -> list[str]:
+        """The ids of the sagas waiting for a person, sorted (none: no operator)."""
+        ...
+
+    async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
+        """The decisions the machine would accept for ``saga_id`` now: ``(action, rung)``
+        pairs (a rung only for ``use_rung``), in :data:`MANUAL_ACTIONS` order."""
+        ...
+
+    async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:
+        """Apply a person's decision; return the store it wrote to.
+
+        :class:`ManualActionRefused` if the machine refuses it, :class:`SagaNotFound`
+        if there is no such saga.
+        """
         ...
 
     async def check(self) -> Verdict:
@@ -198,8 +233,24 @@ class SimConfig:
     """How often (per step, at most ``max_cancels`` per run) a running saga is cancelled:
     not a fault but a customer changing their mind, at the worst possible moment."""
     max_cancels: int = 1
+    operator_rate: float = 0.1
+    """How often (per step, while a saga waits for a person) the simulated operator
+    decides: not a fault but a person, while late replies from before the decision are
+    still on their way (at most ``max_decisions`` decisions per run, fair phase included)."""
+    max_decisions: int = 3
+    fair_decision_rate: float = 0.8
+    """In the fair phase, once nothing else can happen: the chance that a waiting saga
+    gets a decision (the rest stay in the manual queue, as some do in production)."""
+    refused_rate: float = 0.1
+    """How often the operator picks any action instead of one the machine accepts (a
+    refused decision changes nothing and is recorded as such)."""
     delay: tuple[float, float] = (0.5, 8.0)
     partition: tuple[float, float] = (2.0, 25.0)
+    long_partition: tuple[float, float] = (60.0, 200.0)
+    long_partition_rate: float = 0.15
+    """How often a partition is an outage instead: longer than every retry of a command
+    (its outcome becomes unknown, a compensation's goes to a person) and than the
+    saga's deadline."""
     fingerprint: bool = False
     """Compute :attr:`RunResult.fingerprint` (a digest of the outcome; costs a few ms)."""
 
@@ -216,6 +267,8 @@ class Scheduler:
         self.counts: Counter[str] = Counter()
         self.errors: list[str] = []
         self.steps = 0
+        self.decisions = 0
+        self.replaying = False
         self.dirty: set[str] = set()
         self.store_of = {ep: s.name for ep, s in world.routes.items()}
         self.timer_point = world.timers.point
@@ -229,6 +282,7 @@ class Scheduler:
         if replay is None:
             await self._random_phase()
         else:
+            self.replaying = True
             for action in replay:
                 self.steps += 1
                 done = await self.apply(action)
@@ -265,6 +319,11 @@ class Scheduler:
                 if await self.apply(Action("tick")) is None:
                     return
                 continue
+            if self.decisions < cfg.max_decisions and rng.random() < cfg.operator_rate:
+                decision = await self._decide()
+                if decision is not None:
+                    await self.apply(decision)
+                    continue
             if cancels < cfg.max_cancels and rng.random() < cfg.cancel_rate:
                 running = await self.w.running()
                 if running:
@@ -273,7 +332,7 @@ class Scheduler:
                     cancels += 1
                     continue
             if budget > 0 and rng.random() < cfg.fault_rate:
-                action = self._pick_fault(ready, pending)
+                action = await self._pick_fault(ready, pending)
                 if action is not None and await self.apply(action) is not None:
                     budget -= 1
                     continue
@@ -288,7 +347,28 @@ class Scheduler:
             else:
                 await self.apply(Action("relay", (rng.choice(pending),)))
 
-    def _pick_fault(self, ready: list[InFlight], pending: list[str]) -> Action | None:
+    async def _decide(self) -> Action | None:
+        """The operator's next decision on a saga waiting for a person, if any waits."""
+        rng = self.rng
+        waiting = await self.w.manual()
+        if not waiting:
+            return None
+        saga_id = rng.choice(waiting)
+        options = await self.w.manual_options(saga_id)
+        if options and rng.random() >= self.cfg.refused_rate:
+            # Each accepted action about as likely as any other, whatever its number of
+            # rungs; those only some cases accept twice as likely (retry and
+            # accept_partial fit nearly every case: they would crowd the others out).
+            kinds = sorted({a for a, _ in options}, key=MANUAL_ACTIONS.index)
+            weights = [1 if k in ("retry", "accept_partial") else 2 for k in kinds]
+            kind = rng.choices(kinds, weights)[0]
+            action, rung = rng.choice([o for o in options if o[0] == kind])
+        else:
+            action, rung = rng.choice(MANUAL_ACTIONS), rng.randrange(3)
+        target = (saga_id, action) if action != "use_rung" else (saga_id, action, str(rung))
+        return Action("operator", target)
+
+    async def _pick_fault(self, ready: list[InFlight], pending: list[str]) -> Action | None:
         rng, cfg = self.rng, self.cfg
         replies = [m for m in ready if m.kind is MessageKind.REPLY]
         others = [m for m in ready if m.kind is not MessageKind.REPLY]
@@ -299,12 +379,26 @@ class Scheduler:
         kinds += ["lost_reply"] if replies else []
         kinds += ["drop"] if others else []
         kinds += ["ack_lost", "publish_lost"] if pending else []
+        kinds += ["stale_timer", "late_timer"] if self.w.timers.fenced else []
         kind = rng.choice(kinds)
+        if kind == "late_timer":
+            late = await self.w.timers.superseded()
+            return Action(kind, rng.choice(late[-3:])) if late else None
+        if kind == "stale_timer":
+            # Mostly one of the last few: a timer of a saga still at that step, where
+            # only the finer checks of its fence stand in the way (a saga long gone
+            # from the step is stale on every count).
+            timers = await self.w.timers.fired()
+            if not timers:
+                return None
+            recent = timers[-3:] if rng.random() < 0.75 else timers
+            return Action(kind, rng.choice(recent))
         if kind == "partition":
             # Cut off where a message is about to go: that is where it hurts.
             pool = [m.endpoint for m in ready] or sorted(self.w.network.handlers)
             endpoint = rng.choice(pool)
-            return Action(kind, (endpoint,), round(rng.uniform(*cfg.partition), 3))
+            span = cfg.long_partition if rng.random() < cfg.long_partition_rate else cfg.partition
+            return Action(kind, (endpoint,), round(rng.uniform(*span), 3))
         if kind in ("ack_lost", "publish_lost"):
             return Action(kind, (rng.choice(pending),))
         if kind == "timeout":
@@ -337,7 +431,20 @@ class Scheduler:
             due = None if await w.all_terminal() else await self._next_timer()
             times = [t for t in (release, due) if t is not None]
             if not times:
-                return True
+                # Quiet. A person may still decide on a saga in the manual queue (not in
+                # a replay: its schedule holds the decisions); one sent back to running
+                # or compensating must then end terminal again.
+                if (
+                    self.replaying
+                    or self.decisions >= self.cfg.max_decisions
+                    or self.rng.random() >= self.cfg.fair_decision_rate
+                ):
+                    return True
+                decision = await self._decide()
+                if decision is None:
+                    return True
+                await self.apply(decision)
+                continue
             await self.apply(Action("tick", (), min(times) - EPOCH))
         return False
 
@@ -417,6 +524,33 @@ class Scheduler:
                 wrote = w.timers.stores[0]
             self.dirty.add(wrote)
             self.counts["cancel"] += 1
+        elif kind == "operator":
+            if len(action.target) < 2:
+                return None
+            saga_id, what = action.target[0], action.target[1]
+            rung = int(action.target[2]) if len(action.target) > 2 else None
+            self.decisions += 1
+            try:
+                wrote = await w.resolve(saga_id, what, rung, "simulated: a person decided")
+            except SagaNotFound:
+                return None
+            except ManualActionRefused:
+                self.counts["operator_refused"] += 1  # a person's mistake changes nothing
+            except Exception as exc:
+                self.errors.append(f"engine_error: {what} on {saga_id} raised {exc!r}")
+            else:
+                self.dirty.add(wrote)
+                self.counts[f"operator_{what}"] += 1
+        elif kind in ("stale_timer", "late_timer"):
+            fire = w.timers.fire_again if kind == "stale_timer" else w.timers.fire_late
+            try:
+                again = await fire(action.target)
+            except Exception as exc:
+                self.errors.append(f"engine_error: a {kind} raised {exc!r}")
+                again = True
+            if not again:
+                return None
+            self.dirty.update(w.timers.stores)
         elif kind not in ("tick", "timeout"):
             raise ValueError(f"unknown schedule action {kind!r}")
         if kind in ("tick", "timeout") or timers_crash:
