@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -21,6 +22,7 @@ from sagakit.redaction import RedactPersonalData
 
 if TYPE_CHECKING:
     from sagakit.app import App
+    from sagakit.testing.checker import Bounds, Checker
 
 
 def _configure_logging(data_dir: Path | None, level: str) -> None:
@@ -127,6 +129,7 @@ def _check(args: argparse.Namespace) -> int:
 
     from sagakit.core.definition import SagaDefinition
     from sagakit.testing.checker import Bounds, Checker, checkout_checker
+    from sagakit.testing.coverage import render_exercised
 
     bounds = Bounds(
         sagas=args.sagas,
@@ -135,9 +138,13 @@ def _check(args: argparse.Namespace) -> int:
         failures=args.failures,
         cancels=args.cancels,
         max_states=args.max_states,
+        attempts=args.attempts,
+        silences=args.silences,
+        manual=args.manual,
     )
+    make: Callable[[Bounds], Checker]
     if args.definition == "checkout":
-        checker = checkout_checker(bounds)
+        make = checkout_checker
     else:
         module, _, attr = args.definition.partition(":")
         try:
@@ -149,9 +156,11 @@ def _check(args: argparse.Namespace) -> int:
         if not isinstance(definition, SagaDefinition):
             print(f"sagakit check: {args.definition!r} is not a SagaDefinition", file=sys.stderr)
             return 2
-        checker = Checker(definition, bounds)
+        make = partial(Checker, definition)
+    if args.suite:
+        return _check_suite(args, make)
     started = time.monotonic()
-    report = checker.run()
+    report = make(bounds).run()
     elapsed = time.monotonic() - started
     if args.json:
         print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed, 2)}))
@@ -164,6 +173,8 @@ def _check(args: argparse.Namespace) -> int:
         )
         for outcome, count in report.outcomes.items():
             print(f"  final {outcome}: {count}")
+        print("  exercised (kinds of transition explored):")
+        print("\n".join(render_exercised(report.exercised, indent="    ")))
         if report.violations:
             print(f"  VIOLATION: {report.violations[0]}")
             for i, step in enumerate(report.trace, 1):
@@ -173,6 +184,34 @@ def _check(args: argparse.Namespace) -> int:
     if report.violations:
         return 1
     return 0 if report.complete else 3
+
+
+def _check_suite(args: argparse.Namespace, make: Callable[[Bounds], Checker]) -> int:
+    from sagakit.testing.checker import run_suite
+    from sagakit.testing.coverage import render_exercised
+
+    suite = run_suite(make)
+    if args.json:
+        print(json.dumps(suite.to_json()))
+    else:
+        for name, report in suite.reports.items():
+            print(f"sagakit check {args.definition} [{name}]: {suite.bounds[name]}")
+            print(
+                f"  states visited: {report.states}, transitions: {report.transitions}, "
+                f"final states: {report.final_states}, {suite.elapsed[name]:.1f}s, "
+                f"{'complete' if report.complete else 'CUT SHORT by max_states'}"
+            )
+            if report.violations:
+                print(f"  VIOLATION: {report.violations[0]}")
+                for i, step in enumerate(report.trace, 1):
+                    print(f"    {i:3}. {step}")
+        print("exercised, summed over the configurations (kinds of transition explored):")
+        print("\n".join(render_exercised(suite.exercised)))
+        if not suite.violations:
+            print("no invariant broken")
+    if suite.violations:
+        return 1
+    return 0 if suite.complete else 3
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -236,8 +275,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="explore every interleaving of a few sagas within fault bounds",
         description="Run the real state machine against model participants and explore "
         "every order of deliveries and timer firings, with up to --faults lost, duplicated "
-        "or late messages, --failures business failures and --cancels cancel requests. "
-        "Prints the number of states; a broken invariant comes with the trace that breaks "
+        "or late messages and timers a second worker fires again late, --failures business "
+        "failures (definite or retryable, of actions and compensation rungs), --silences "
+        "endpoints that stop answering, --cancels cancel requests and --manual decisions "
+        "of a person on sagas in the manual queue. --suite runs a fixed list of targeted "
+        "configurations instead. Prints the number of states and how often each kind of "
+        "transition was exercised; a broken invariant comes with the trace that breaks "
         "it. Exit status 1 on a violation, 3 if --max-states cut the search short.",
     )
     check.add_argument("definition", help="'checkout' (the reference checkout) or module:attribute")
@@ -246,8 +289,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     check.add_argument("--faults", type=int, default=1)
     check.add_argument("--failures", type=int, default=1)
     check.add_argument("--cancels", type=int, default=0)
+    check.add_argument("--silences", type=int, default=0, help="endpoints that may go silent")
+    check.add_argument("--manual", type=int, default=0, help="decisions a person may take")
+    check.add_argument(
+        "--attempts", type=int, default=None, help="cap every retry policy's max_attempts"
+    )
     check.add_argument("--max-states", type=int, default=2_000_000)
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument(
+        "--suite",
+        action="store_true",
+        help="run the fixed, named list of bound configurations (CHECK_SUITE) one after "
+        "the other instead of one configuration (the bound options are ignored); stop at "
+        "the first violation",
+    )
     check.set_defaults(func=_check)
 
     from sagakit.api.cli import register as register_api
@@ -272,9 +327,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "virtual clock that loses, duplicates, delays and reorders messages (each copy of "
         "an event on its own), crashes consumers before and after commit, loses relay "
         "acknowledgements and fires timeouts (or the tracker's SLA check) while messages "
-        "are on their way; check the design's invariants (docs/design.md) after every "
-        "seed. A failing seed is printed and shrunk to a minimal schedule. Exit status 1 "
-        "if any seed fails.",
+        "are on their way, fires timers again or late; orchestrated, two workers share "
+        "the saga store and a simulated operator decides on the manual queue. Check the "
+        "design's invariants (docs/design.md) after every seed, and report how often each "
+        "kind of transition was exercised. A failing seed is printed and shrunk to a "
+        "minimal schedule. Exit status 1 if any seed fails.",
     )
     sim.add_argument(
         "--mode",

@@ -473,12 +473,21 @@ class Machine:
             raise MessageError(f"reply {reply.message_id}: {exc}") from None
         step, st = d.steps[index], inst.steps[index]
         t = _Transition(self, inst, now, reply.message_id)
+        # Redundant by construction, kept for the clearer reason it records: every phase
+        # below is waiting only in RUNNING or COMPENSATING, so a reply to a terminal saga
+        # would be stale without this check too (no checker scenario can tell them apart;
+        # removing it changes only the ``why`` of the ``reply.stale`` history row).
         if inst.terminal:
             return self._stale(t, key.step, f"saga is already {inst.state.value}", reply, outcome)
         if reply.fence < st.fence_floor:
             why = "answers a try sent before a person resumed the step"
             return self._stale(t, key.step, why, reply, outcome)
         if key.phase == "action":
+            # ``inst.cursor == index`` here and in the compensation check below is
+            # redundant by construction: only the cursor's step is ever RUNNING,
+            # WAITING_RETRY, QUERYING, COMPENSATING or COMPENSATION_WAITING (dispatching
+            # moves the cursor; compensating turns a step in flight UNKNOWN). No checker
+            # scenario can tell it apart; kept as a cheap statement of intent.
             waiting = (
                 inst.state is SagaState.RUNNING
                 and inst.cursor == index
@@ -557,6 +566,11 @@ class Machine:
         if inst.terminal:
             return self._stale_timer(t, timer, f"saga is already {inst.state.value}")
         if timer.name == DEADLINE_TIMER:
+            # Observable only in history: a second firing (another worker's copy) while
+            # compensating would log the deadline again and bump the version, nothing
+            # else (terminal sagas are refused above; a person's decision that sends the
+            # saga forward resets ``timed_out`` with a new deadline). Kept so the
+            # deadline is counted once.
             if inst.timed_out:
                 return self._stale_timer(t, timer, "the deadline already passed")
             t.inst.timed_out = True
@@ -586,6 +600,8 @@ class Machine:
             return self._stale_timer(t, timer, f"unreadable fence {timer.fence!r}")
         if kind not in ("timeout", "retry") or phase not in ("action", "comp", "query"):
             return self._stale_timer(t, timer, f"unknown fence {timer.fence!r}")
+        # ``index != inst.cursor`` is redundant with the phase checks below (only the
+        # cursor's step has a status a timer acts on); kept for the clearer reason.
         if index != inst.cursor or not 0 <= index < len(d.steps):
             return self._stale_timer(t, timer, "saga moved to another step")
         step, st = d.steps[index], inst.steps[index]
@@ -650,6 +666,8 @@ class Machine:
         if inst.terminal:
             why = f"saga is already {inst.state.value}"
             return t.unchanged("cancel.refused", None, reason=reason, why=why)
+        # Without ``inst.cancel_requested`` a second cancel while the pivot is in flight
+        # would set the same flag again (and log it): harmless, kept for the history.
         if inst.state is SagaState.COMPENSATING or inst.cancel_requested:
             return t.unchanged("cancel.duplicate", None, reason=reason)
         if t.pivot_passed():

@@ -2,45 +2,100 @@
 
 The real :class:`~sagakit.core.machine.Machine` runs against model participants that
 behave like :class:`~sagakit.runtime.participant.Participant` (inbox dedup, one outcome
-recorded per idempotency key, tombstones when a compensation overtakes its action,
-status queries answered from what was recorded). From the start state, the checker
-explores every order in which in-flight messages are delivered and timers fire, plus
-every placement of a bounded number of faults (a lost message, a duplicated delivery,
-a timeout or deadline that fires while the answer is still on its way), business
-failures (an action or compensation rung that fails for good) and cancel requests.
-States are deduplicated, so the bounded space is covered completely.
+recorded per idempotency key, a retryable failure never recorded, tombstones when a
+compensation overtakes its action, a definite failure run again only for a person's
+retry, status queries answered from what was recorded). From the start state, the
+checker explores every order in which in-flight messages are delivered and timers fire,
+plus every placement of bounded budgets of:
 
-Checked in every state: user-visible status never goes back, terminal states are
-absorbing, no effect is applied twice, no action is applied after its undo, stock
-never goes negative. Checked in every final state (nothing in flight, no timer left):
-every saga is terminal; a SUCCEEDED saga has every effect applied and none undone; a
-COMPENSATED or TIMED_OUT saga has no effect left applied; a saga in the manual queue
-has a reason; stock is conserved. A violation comes with the trace that leads to it.
+* faults (``faults``): a lost message, a duplicated delivery (also one that comes back
+  after the receiver's inbox purged the first copy's id), a timeout or deadline that
+  fires while the answer is still on its way (each slow message is paid for once), and
+  a second orchestrator worker that picked up a due timer and fires it again later,
+  with its old fence, after the saga moved on (late and duplicated timer firings);
+* business failures (``failures``): an action or compensation rung that fails for good,
+  or answers "try again" (a retryable failure, not recorded; a rung may have undone
+  the effect before it said so, like a card provider that timed out after voiding);
+* silences (``silences``): a participant endpoint goes silent for good: every message
+  it gets from then on is consumed, with or without its effect, and never answered;
+* cancel requests (``cancels``) and a person's decisions (``manual``): on a saga in
+  FAILED_NEEDS_MANUAL, every action :meth:`Machine.on_manual` accepts (retry,
+  mark_done, compensate, mark_compensated, use_rung with each rung, accept_partial),
+  while replies to earlier tries are still in flight. (The modelled person does not
+  compensate a step without a compensation whose action may still take effect, e.g.
+  a capture in flight when the deadline passed: the machine accepts that decision and
+  a late capture then stays on a compensated saga; a person must check first.)
+
+``attempts`` caps every retry policy's ``max_attempts`` (the machine only asks "are
+attempts left?", so 2 reaches every exhaustion path in far fewer states). States are
+deduplicated, so the bounded space is covered completely.
+
+Checked on every transition: user-visible status never goes back (a person's decision
+may move it), terminal states are absorbing (except by a person's decision), no effect
+is applied twice, no action is applied after its undo, stock never goes negative;
+compensations run in reverse order of the steps they undo (when a step's compensation is
+sent, no later step with a ladder may still have its effect); a rung r > 0 is sent only
+after rung r-1 failed definitely (recorded by the participant) or a person chose it
+(refunding money whose void may have gone through pays twice); a reply to a message sent
+before a person's decision on that step moves nothing (the decision is answered by the
+try it started); each try (an attempt of an action, a rung or a status query) is
+concluded once, by its failure or its timeout (a status query also by its answer), so a
+late failure of an earlier try never burns the retry budget of the try in flight.
+Checked in every final state (nothing in flight, no timer left): every saga is terminal;
+a SUCCEEDED saga has every effect applied and none undone (steps a person marked done
+excepted); a COMPENSATED or TIMED_OUT saga has no effect left applied (steps a person
+marked compensated excepted); a saga in the manual queue has a reason; stock is
+conserved. A violation comes with the trace that leads to it.
 
 Timers fire in any order relative to messages: since any message may be delayed
 arbitrarily, that over-approximates real time (``due_at`` is not modelled).
+:attr:`CheckReport.exercised` counts the kinds of transition
+(:mod:`sagakit.testing.coverage`) over every explored transition, each counted once.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
-from sagakit.core.definition import CommandAction, SagaDefinition
-from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, reply_to, success
-from sagakit.core.instance import SagaInstance, SagaState, StepStatus, Timer
-from sagakit.core.machine import Decision, Machine, parse_key
+from sagakit.core.definition import CommandAction, RetryPolicy, SagaDefinition
+from sagakit.core.envelope import (
+    MANUAL_RETRY,
+    Envelope,
+    MessageKind,
+    Outcome,
+    failure,
+    reply_to,
+    success,
+)
+from sagakit.core.instance import (
+    MAY_HAVE_EFFECT,
+    HistoryEntry,
+    SagaInstance,
+    SagaState,
+    StepStatus,
+    Timer,
+)
+from sagakit.core.machine import Decision, Machine, ManualAction, parse_key
+from sagakit.errors import ManualActionRefused
+from sagakit.testing.coverage import exercised
 
 NOW = 1_000.0
 ORCHESTRATOR = "orchestrator"
 
+TimerRow = tuple[str, str, str]  # (saga id, name, fence)
+
 
 @dataclass(frozen=True)
 class Bounds:
-    """How much of the world the checker explores."""
+    """How much of the world the checker explores (see the module docstring)."""
 
     sagas: int = 2
     stock: int = 1
@@ -48,6 +103,14 @@ class Bounds:
     failures: int = 1
     cancels: int = 0
     max_states: int = 2_000_000
+    attempts: int | None = None
+    """Cap every retry policy's ``max_attempts`` at this (``None``: as defined). The
+    machine's logic does not depend on the number, only on "attempts left or not", so a
+    cap of 2 reaches every exhaustion path in far fewer states."""
+    silences: int = 0
+    """How many participant endpoints may go silent (never answer again)."""
+    manual: int = 0
+    """How many decisions a person may take on sagas in FAILED_NEEDS_MANUAL."""
 
 
 class World(NamedTuple):
@@ -55,14 +118,25 @@ class World(NamedTuple):
 
     insts: tuple[SagaInstance, ...]
     net: frozenset[str]  # envelopes as JSON: two branches may emit one id with other content
-    timers: frozenset[tuple[str, str, str]]
-    records: frozenset[tuple[str, str, bool]]  # (endpoint:key, outcome json, tombstone)
+    timers: frozenset[TimerRow]
+    records: frozenset[tuple[str, str, bool]]  # (endpoint:record key, outcome json, tombstone)
     inbox: frozenset[tuple[str, str]]  # (endpoint, message id)
     effects: frozenset[tuple[str, str]]  # (action key, "applied" | "undone")
     stock: int
     faults: int
     failures: int
     cancels: int
+    ghosts: frozenset[TimerRow] = frozenset()  # due timers a second worker still holds
+    silent: frozenset[str] = frozenset()  # endpoints that never answer again
+    silences: int = 0
+    manual: int = 0
+    # A person's decisions: (saga id, step, what, version), what is "done",
+    # "compensated", "accepted", "rung:<r>" or "decided" (every decision).
+    decided: frozenset[tuple[str, str, str, int]] = frozenset()
+    # Tries the saga concluded from a failure, a timeout or a status answer: (saga id,
+    # step, phase, rung or round, person's retries, attempt). Each try is concluded once.
+    concluded: frozenset[tuple[str, str, str, int, int, int]] = frozenset()
+    late: frozenset[str] = frozenset()  # messages already paid for as slow (a fault)
 
 
 @dataclass
@@ -76,6 +150,9 @@ class CheckReport:
     violations: list[str] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)
+    exercised: Counter[str] = field(default_factory=Counter)
+    """Kinds of transition (:data:`sagakit.testing.coverage.KINDS`) over every explored
+    transition, each transition counted once."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` form."""
@@ -87,6 +164,7 @@ class CheckReport:
             "violations": self.violations,
             "trace": self.trace,
             "final_outcomes": self.outcomes,
+            "exercised": dict(sorted(self.exercised.items())),
         }
 
 
@@ -112,13 +190,16 @@ class Checker:
         reserve: str | None = None,
         release: str | None = None,
     ) -> None:
-        self.d = definition
         self.bounds = bounds or Bounds()
+        if self.bounds.attempts is not None:
+            definition = cap_attempts(definition, self.bounds.attempts)
+        self.d = definition
         self.machine = Machine(definition, ORCHESTRATOR)
         self.data = data or (lambda i: {"n": i})
         self.reserve = reserve
         self.release = release
         self.envelopes: dict[str, Envelope] = {}
+        self._history: list[HistoryEntry] = []
         forward = [definition.started_status]
         forward += [s.status for s in definition.steps if s.status]
         forward.append(definition.completed_status)
@@ -129,7 +210,9 @@ class Checker:
     def run(self) -> CheckReport:
         """Explore depth-first; stop at the first violation (with its trace)."""
         report = CheckReport()
+        self._history = []
         start = self._initial()
+        report.exercised.update(exercised(self._history, self.d))
         start_key = self._key(start)
         parents: dict[Any, tuple[Any, str] | None] = {start_key: None}
         stack = [(start, start_key)]
@@ -155,6 +238,7 @@ class Checker:
             failed = False
             for label, step in moves:
                 report.transitions += 1
+                self._history = []
                 try:
                     nxt = step()
                 except _Violation as exc:
@@ -162,6 +246,8 @@ class Checker:
                     report.trace = [*self._trace(parents, key), label]
                     failed = True
                     break
+                if self._history:
+                    report.exercised.update(exercised(self._history, self.d))
                 nkey = self._key(nxt)
                 if nkey not in parents:
                     parents[nkey] = (key, label)
@@ -182,6 +268,7 @@ class Checker:
 
     def _initial(self) -> World:
         insts: list[SagaInstance] = []
+        b = self.bounds
         world = World(
             (),
             frozenset(),
@@ -189,13 +276,16 @@ class Checker:
             frozenset(),
             frozenset(),
             frozenset(),
-            self.bounds.stock,
-            self.bounds.faults,
-            self.bounds.failures,
-            self.bounds.cancels,
+            b.stock,
+            b.faults,
+            b.failures,
+            b.cancels,
+            silences=b.silences,
+            manual=b.manual,
         )
-        for i in range(self.bounds.sagas):
+        for i in range(b.sagas):
             decision = self.machine.start(f"s{i}", f"k{i}", self.data(i), NOW)
+            self._history.extend(decision.history)
             insts.append(decision.instance)
             world = self._apply_effects(world, decision)
         return world._replace(insts=tuple(insts))
@@ -209,8 +299,19 @@ class Checker:
                 i.version,
                 i.cancel_requested,
                 i.timed_out,
+                i.reason is None,
                 tuple(
-                    (s.status, s.attempt, s.rung, s.rung_attempt, s.queries, s.retry_base)
+                    (
+                        s.status,
+                        s.attempt,
+                        s.rung,
+                        s.rung_attempt,
+                        s.queries,
+                        s.retry_base,
+                        s.fence_floor,
+                        s.manual_retries,
+                        s.next_retry_at is None,
+                    )
                     for s in i.steps
                 ),
             )
@@ -230,6 +331,13 @@ class Checker:
             w.faults,
             w.failures,
             w.cancels,
+            w.ghosts,
+            w.silent,
+            w.silences,
+            w.manual,
+            w.decided,
+            w.concluded,
+            w.late & w.net,
         )
 
     # -- moves --------------------------------------------------------------------------
@@ -241,57 +349,186 @@ class Checker:
                 spent = w._replace(faults=w.faults - 1)
                 yield f"drop {self._name(env)}", partial(_drop, spent, raw)
                 yield from self._deliveries(spent, raw, env, keep=True)
+                # The copy comes back after the receiver's inbox purged the first one's
+                # id (inbox retention): the inbox no longer tells it is a duplicate.
+                yield from self._deliveries(spent, raw, env, keep=True, remember=False)
         for timer in sorted(w.timers):
             saga_id, name, fence = timer
-            busy = any(self.envelopes[m].saga_id == saga_id for m in w.net)
+            slow = frozenset(m for m in w.net if self.envelopes[m].saga_id == saga_id)
             # A timer that fires while its saga still has a message on the way means
-            # that message was slow: a fault. Otherwise it is just time passing.
-            costly = busy or name == "deadline"
+            # that message was slow: a fault, paid once per message (a message already
+            # late may stay late through more timers). Otherwise it is time passing.
+            costly = bool(slow - w.late) or name == "deadline"
+            if w.faults > 0:
+                # A second orchestrator worker read the due timer too: it fires it
+                # later, whatever the saga did meanwhile, with the fence it read.
+                held = w._replace(faults=w.faults - 1, ghosts=w.ghosts | {timer})
+                yield (
+                    f"a second worker holds {name} timer of {saga_id} ({fence})",
+                    partial(lambda h: h, held),
+                )
             if costly and w.faults == 0:
                 continue
-            base = w._replace(faults=w.faults - 1) if costly else w
+            base = w._replace(faults=w.faults - 1, late=w.late | slow) if costly else w
             yield f"fire {name} timer of {saga_id} ({fence})", partial(self._fire, base, timer)
+        for timer in sorted(w.ghosts):
+            saga_id, name, fence = timer
+            base = w._replace(ghosts=w.ghosts - {timer})
+            yield (
+                f"second worker fires {name} timer of {saga_id} ({fence})",
+                partial(self._fire, base, timer, held=True),
+            )
+        if w.silences > 0:
+            for endpoint in sorted({self.envelopes[r].destination or "" for r in w.net}):
+                if endpoint != ORCHESTRATOR and endpoint not in w.silent:
+                    spent = w._replace(silences=w.silences - 1, silent=w.silent | {endpoint})
+                    yield f"{endpoint} goes silent", partial(lambda s: s, spent)
         if w.cancels > 0:
             for i, inst in enumerate(w.insts):
                 if not inst.terminal:
                     spent = w._replace(cancels=w.cancels - 1)
                     yield f"cancel {inst.saga_id}", partial(self._cancel, spent, i)
+        if w.manual > 0:
+            for i, inst in enumerate(w.insts):
+                if inst.state is SagaState.FAILED_NEEDS_MANUAL:
+                    yield from self._decisions(w._replace(manual=w.manual - 1), i)
+
+    def _decisions(self, w: World, i: int) -> Iterator[tuple[str, Callable[[], World]]]:
+        inst = w.insts[i]
+        step = self.d.steps[inst.cursor]
+        choices: list[tuple[ManualAction, int | None]] = [
+            (a, None) for a in ManualAction if a is not ManualAction.USE_RUNG
+        ]
+        choices += [(ManualAction.USE_RUNG, r) for r in range(len(step.ladder))]
+        in_doubt = not step.ladder and inst.steps[inst.cursor].status in MAY_HAVE_EFFECT
+        for action, rung in choices:
+            if action is ManualAction.COMPENSATE and in_doubt:
+                # The modelled person does not compensate a step that has no
+                # compensation while its action may still take effect (a capture in
+                # flight when the deadline passed): the machine accepts it, and a late
+                # capture then stays on a compensated saga. A person checks first.
+                continue
+            try:
+                d = self.machine.on_manual(
+                    inst, action, reason="checker decides", actor="person", now=NOW, rung=rung
+                )
+            except ManualActionRefused:
+                continue
+            what = action.value if rung is None else f"{action.value} {rung}"
+            yield (
+                f"person decides {what} for {inst.saga_id} ({step.name})",
+                partial(self._decide, w, i, action, rung, d),
+            )
+
+    def _decide(
+        self, w: World, i: int, action: ManualAction, rung: int | None, d: Decision
+    ) -> World:
+        inst = w.insts[i]
+        step = self.d.steps[inst.cursor].name
+        version = d.instance.version
+        marks = {(inst.saga_id, step, "decided", version)}
+        if action is ManualAction.MARK_DONE:
+            marks.add((inst.saga_id, step, "done", version))
+        elif action is ManualAction.MARK_COMPENSATED:
+            marks.add((inst.saga_id, step, "compensated", version))
+        elif action is ManualAction.ACCEPT_PARTIAL:
+            marks.add((inst.saga_id, step, "accepted", version))
+        elif action is ManualAction.USE_RUNG:
+            marks.add((inst.saga_id, step, f"rung:{rung}", version))
+        w = w._replace(decided=w.decided | marks)
+        return self._transition(w, i, d, manual=True)
 
     def _name(self, env: Envelope) -> str:
         what = env.type
         if env.kind is MessageKind.REPLY:
             ok = "ok" if env.payload.get("ok") else "fail"
+            if env.payload.get("retryable"):
+                ok = "retryable fail"
             what = f"{env.type}({ok})"
         return f"{what} #{env.attempt} of {env.saga_id} [{env.message_id}]"
 
     def _deliveries(
-        self, w: World, raw: str, env: Envelope, *, keep: bool
+        self, w: World, raw: str, env: Envelope, *, keep: bool, remember: bool = True
     ) -> Iterator[tuple[str, Callable[[], World]]]:
-        how = "deliver twice" if keep else "deliver"
+        how = "deliver" if not keep else "deliver twice" if remember else "deliver, again late"
         net = w.net if keep else w.net - {raw}
         base = w._replace(net=net)
         if env.destination == ORCHESTRATOR:
-            yield f"{how} {self._name(env)}", lambda: self._to_orchestrator(base, env)
+            yield (
+                f"{how} {self._name(env)}",
+                partial(self._to_orchestrator, base, env, remember=remember),
+            )
             return
-        for outcome_label, outcome_fn in self._participant_outcomes(base, env):
-            yield f"{how} {self._name(env)} -> {outcome_label}", outcome_fn
+        silent = env.destination in w.silent
+        if silent:
+            yield (
+                f"{how} {self._name(env)} -> consumed by a silent endpoint",
+                partial(lambda b: b, base),
+            )
+        for outcome_label, outcome_fn in self._participant_outcomes(base, env, remember):
+            if silent:
+                yield (
+                    f"{how} {self._name(env)} -> {outcome_label}, never answered",
+                    partial(_unanswered, base, outcome_fn),
+                )
+            else:
+                yield f"{how} {self._name(env)} -> {outcome_label}", outcome_fn
 
     # -- orchestrator -------------------------------------------------------------------
-    def _to_orchestrator(self, w: World, env: Envelope) -> World:
+    def _to_orchestrator(self, w: World, env: Envelope, *, remember: bool = True) -> World:
         seen = (ORCHESTRATOR, env.message_id)
         if seen in w.inbox:
             return w
-        w = w._replace(inbox=w.inbox | {seen})
+        if remember:
+            w = w._replace(inbox=w.inbox | {seen})
         i = self._index(w, env.saga_id)
-        return self._transition(w, i, self.machine.on_reply(w.insts[i], env, NOW))
+        d = self.machine.on_reply(w.insts[i], env, NOW)
+        if d.changed:
+            # A person's decision is answered by the try it started: a reply to a
+            # message sent before it is recorded and moves nothing.
+            floor = max(
+                (v for s, st, what, v in w.decided if s == env.saga_id and st == env.step),
+                default=0,
+            )
+            if env.fence < floor:
+                raise _Violation(
+                    f"{env.saga_id}: a reply to {env.type} sent at version {env.fence}, "
+                    f"before a person decided at version {floor}, moved the saga"
+                )
+            # A failure concludes its try, and so does any status answer; a success does
+            # not (any try's success counts: they all share one idempotency key).
+            parts = parse_key(env.idempotency_key or "")
+            if not env.payload.get("ok") or parts.phase == "query":
+                w = self._conclude(w, i, parts.step, parts.phase, parts.rung, env.attempt)
+        return self._transition(w, i, d)
 
-    def _fire(self, w: World, timer: tuple[str, str, str]) -> World:
+    def _fire(self, w: World, timer: TimerRow, *, held: bool = False) -> World:
         saga_id, name, fence = timer
-        w = w._replace(timers=w.timers - {timer})
+        if not held:
+            w = w._replace(timers=w.timers - {timer})
         i = self._index(w, saga_id)
-        return self._transition(
-            w, i, self.machine.on_timer(w.insts[i], Timer(saga_id, name, NOW, fence), NOW)
-        )
+        d = self.machine.on_timer(w.insts[i], Timer(saga_id, name, NOW, fence), NOW)
+        parts = fence.split(":")
+        if d.changed and len(parts) == 5 and parts[0] == "timeout" and parts[1].isdigit():
+            step = self.d.steps[int(parts[1])].name
+            w = self._conclude(w, i, step, parts[2], int(parts[3]), int(parts[4]))
+        return self._transition(w, i, d)
+
+    def _conclude(self, w: World, i: int, step: str, phase: str, rung: int, attempt: int) -> World:
+        """Count a try as concluded (failed or timed out); a try concluded twice burns the
+        retry budget twice (a late failure of an earlier try taken for the current one)."""
+        inst = w.insts[i]
+        st = inst.steps[self.d.step_index(step)]
+        # Tries are numbered per rung, and status queries per round of doubt (a round
+        # starts again after the action is sent anew); a person's retry starts afresh.
+        round_ = rung if phase == "comp" else st.attempt if phase == "query" else 0
+        row = (inst.saga_id, step, phase, round_, st.manual_retries, attempt)
+        if row in w.concluded:
+            raise _Violation(
+                f"{inst.saga_id}: try {attempt} of {step} ({phase}) concluded twice: a late "
+                "failure or timeout of an earlier try was taken for the try in flight"
+            )
+        return w._replace(concluded=w.concluded | {row})
 
     def _cancel(self, w: World, i: int) -> World:
         return self._transition(w, i, self.machine.on_cancel(w.insts[i], "checker cancel", NOW))
@@ -303,15 +540,51 @@ class Checker:
                 return i
         raise _Violation(f"message for unknown saga {saga_id}")
 
-    def _transition(self, w: World, i: int, d: Decision) -> World:
+    def _transition(self, w: World, i: int, d: Decision, *, manual: bool = False) -> World:
         old, new = w.insts[i], d.instance
-        if old.terminal and new.version != old.version:
-            raise _Violation(f"{old.saga_id}: terminal state {old.state.value} changed")
-        self._check_status(old, new)
+        self._history.extend(d.history)
+        if not manual:
+            if old.terminal and new.version != old.version:
+                raise _Violation(f"{old.saga_id}: terminal state {old.state.value} changed")
+            self._check_status(old, new)
+        self._check_compensations(w, new, d)
         w = self._apply_effects(w, d)
         insts = list(w.insts)
         insts[i] = new
         return w._replace(insts=tuple(insts))
+
+    def _check_compensations(self, w: World, inst: SagaInstance, d: Decision) -> None:
+        """Compensations in reverse order; a lower rung only after a definite failure."""
+        records = _records(w)
+        for env in d.outgoing:
+            if env.compensates is None or env.idempotency_key is None:
+                continue
+            parts = parse_key(env.idempotency_key)
+            index = self.d.step_index(parts.step)
+            for later in range(index + 1, len(self.d.steps)):
+                if self.d.steps[later].ladder and inst.steps[later].status in MAY_HAVE_EFFECT:
+                    raise _Violation(
+                        f"{inst.saga_id}: compensation of {parts.step} sent while the later "
+                        f"step {self.d.steps[later].name} may still have its effect "
+                        f"({inst.steps[later].status.value}): compensations out of order"
+                    )
+            if parts.rung == 0 or (inst.saga_id, parts.step, f"rung:{parts.rung}") in {
+                (s, st, what) for s, st, what, _ in w.decided
+            }:
+                continue
+            endpoint = self._endpoint_of(index, parts.rung - 1)
+            prev = f"{inst.saga_id}:{parts.step}:comp:{parts.rung - 1}"
+            rec = _latest(records, endpoint, prev, _generation(env))
+            if rec is None or rec[2] or json.loads(rec[1]).get("ok"):
+                raise _Violation(
+                    f"{inst.saga_id}: rung {parts.rung} of {parts.step} sent, but rung "
+                    f"{parts.rung - 1} has no definite failure recorded (its outcome may "
+                    "still be an effect: undoing twice)"
+                )
+
+    def _endpoint_of(self, index: int, rung: int) -> str:
+        action = self.d.steps[index].ladder[rung].action
+        return action.endpoint if isinstance(action, CommandAction) else self.machine.local_endpoint
 
     def _apply_effects(self, w: World, d: Decision) -> World:
         saga = d.instance.saga_id
@@ -346,104 +619,133 @@ class Checker:
 
     # -- participants -------------------------------------------------------------------
     def _participant_outcomes(
-        self, w: World, env: Envelope
+        self, w: World, env: Envelope, remember: bool = True
     ) -> Iterator[tuple[str, Callable[[], World]]]:
         endpoint = env.destination or ""
         seen = (endpoint, env.message_id)
         if seen in w.inbox:
-            yield "duplicate dropped by inbox", lambda: w
+            yield "duplicate dropped by inbox", partial(lambda b: b, w)
             return
-        w = w._replace(inbox=w.inbox | {seen})
+        if remember:
+            w = w._replace(inbox=w.inbox | {seen})
         key = env.idempotency_key or ""
-        records = {r[0]: (r[1], r[2]) for r in w.records}
+        records = _records(w)
+        gen = _generation(env)
         if env.kind is MessageKind.QUERY:
             action = str(env.payload.get("action_key", ""))
-            yield (
-                "status answered",
-                lambda: self._reply(w, env, self._answer(records, endpoint, action)),
-            )
+            answer = self._answer(_latest(records, endpoint, action, gen))
+            yield "status answered", partial(self._reply, w, env, answer)
             return
-        recorded = records.get(f"{endpoint}:{key}")
+        recorded = _latest(records, endpoint, key, gen)
+        record_key = key
         if recorded is not None:
-            outcome = (
-                failure("refused: already compensated")
-                if recorded[1]
-                else Outcome.from_payload(json.loads(recorded[0]))
-            )
-            yield "recorded answer", lambda: self._reply(w, env, outcome)
-            return
+            name, outcome_json, tomb = recorded
+            if tomb:
+                outcome = failure("refused: already compensated")
+                yield "refused (tombstone)", partial(self._reply, w, env, outcome)
+                return
+            if json.loads(outcome_json).get("ok") or not gen or name == f"{key}#m{gen}":
+                outcome = Outcome.from_payload(json.loads(outcome_json))
+                yield "recorded answer", partial(self._reply, w, env, outcome)
+                return
+            # A definite failure, and a person asked to try again: the handler runs once
+            # more and its answer is kept beside the old one; the retries in between are
+            # recorded as superseded (as Participant does), so an older retry's command
+            # still in flight gets that answer instead of running the handler again.
+            record_key = f"{key}#m{gen}"
+            start = 0 if name == key else int(name[len(key) + 2 :])
+            superseded = json.dumps(failure("superseded").to_payload(), sort_keys=True)
+            rows = {(f"{endpoint}:{key}#m{n}", superseded, False) for n in range(start + 1, gen)}
+            w = w._replace(records=w.records | rows)
         if env.compensates is not None:
-            yield from self._compensations(w, env, endpoint, key, records)
+            yield from self._compensations(w, env, endpoint, record_key, records, gen)
             return
         if env.type == self.reserve and w.stock <= 0:
             yield (
                 "out of stock",
-                lambda: self._record(w, env, endpoint, key, failure("out of stock")),
+                partial(self._record, w, env, endpoint, record_key, failure("out of stock")),
             )
             return
-
-        def apply() -> World:
-            effects = dict(w.effects)
-            if key in effects:
-                raise _Violation(f"effect {key} applied twice ({effects[key]} before)")
-            nw = w._replace(effects=w.effects | {(key, "applied")})
-            if env.type == self.reserve:
-                nw = nw._replace(stock=nw.stock - 1)
-                if nw.stock < 0:
-                    raise _Violation("stock went negative")
-            return self._record(nw, env, endpoint, key, success({"ref": key}))
-
-        yield "succeeds", apply
+        yield "succeeds", partial(self._apply, w, env, endpoint, key, record_key)
         if w.failures > 0:
             spent = w._replace(failures=w.failures - 1)
-            yield "fails", lambda: self._record(spent, env, endpoint, key, failure("refused"))
+            yield "fails", partial(self._record, spent, env, endpoint, record_key, failure("no"))
+            again = failure("try again", retryable=True)
+            yield "fails (retryable)", partial(self._reply, spent, env, again)
+
+    def _apply(self, w: World, env: Envelope, endpoint: str, key: str, record_key: str) -> World:
+        effects = dict(w.effects)
+        if key in effects:
+            raise _Violation(f"effect {key} applied twice ({effects[key]} before)")
+        nw = w._replace(effects=w.effects | {(key, "applied")})
+        if env.type == self.reserve:
+            nw = nw._replace(stock=nw.stock - 1)
+            if nw.stock < 0:
+                raise _Violation("stock went negative")
+        return self._record(nw, env, endpoint, record_key, success({"ref": key}))
 
     def _compensations(
         self,
         w: World,
         env: Envelope,
         endpoint: str,
-        key: str,
+        record_key: str,
         records: Mapping[str, tuple[str, bool]],
+        gen: int,
     ) -> Iterator[tuple[str, Callable[[], World]]]:
         action = env.compensates or ""
-        rec = records.get(f"{endpoint}:{action}")
-        if rec is not None and not rec[1] and not json.loads(rec[0]).get("ok"):
-            yield "nothing to undo", lambda: self._record(w, env, endpoint, key, success())
+        rec = _latest(records, endpoint, action, gen)
+        if rec is not None and not rec[2] and not json.loads(rec[1]).get("ok"):
+            yield (
+                "nothing to undo",
+                partial(self._record, w, env, endpoint, record_key, success()),
+            )
             return
         base = w
         if rec is None:
             tomb = (f"{endpoint}:{action}", json.dumps(failure("tombstone").to_payload()), True)
             base = w._replace(records=w.records | {tomb})
-
-        def undo() -> World:
-            effects = dict(base.effects)
-            nw = base
-            if effects.get(action) == "applied":
-                nw = nw._replace(
-                    effects=(nw.effects - {(action, "applied")}) | {(action, "undone")}
-                )
-                if env.type == self.release:
-                    nw = nw._replace(stock=nw.stock + 1)
-            return self._record(nw, env, endpoint, key, success())
-
-        yield "undoes", undo
+        yield (
+            "undoes",
+            partial(self._record, self._undo(base, env), env, endpoint, record_key, success()),
+        )
         if base.failures > 0:
             spent = base._replace(failures=base.failures - 1)
-            yield "rung fails", lambda: self._record(spent, env, endpoint, key, failure("refused"))
+            yield (
+                "rung fails",
+                partial(self._record, spent, env, endpoint, record_key, failure("refused")),
+            )
+            again = failure("try again", retryable=True)
+            yield "rung fails (retryable)", partial(self._reply, spent, env, again)
+            # A provider that undid the effect and then timed out towards the participant:
+            # "try again", although the undo went through.
+            yield (
+                "rung undoes, then fails (retryable)",
+                partial(self._reply, self._undo(spent, env), env, again),
+            )
+
+    def _undo(self, w: World, env: Envelope) -> World:
+        action = env.compensates or ""
+        if (action, "applied") not in w.effects:
+            return w
+        nw = w._replace(effects=(w.effects - {(action, "applied")}) | {(action, "undone")})
+        if env.type == self.release:
+            nw = nw._replace(stock=nw.stock + 1)
+        return nw
 
     @staticmethod
-    def _answer(records: Mapping[str, tuple[str, bool]], endpoint: str, action: str) -> Outcome:
-        rec = records.get(f"{endpoint}:{action}")
-        if rec is None or rec[1]:
+    def _answer(rec: tuple[str, str, bool] | None) -> Outcome:
+        if rec is None or rec[2]:
             return success({"state": "not_found"})
-        recorded = json.loads(rec[0])
+        recorded = json.loads(rec[1])
         if recorded.get("ok"):
             return success({"state": "done", "result": recorded.get("result", {})})
         return success({"state": "failed", "reason": recorded.get("reason", "")})
 
-    def _record(self, w: World, env: Envelope, endpoint: str, key: str, outcome: Outcome) -> World:
-        row = (f"{endpoint}:{key}", json.dumps(outcome.to_payload(), sort_keys=True), False)
+    def _record(
+        self, w: World, env: Envelope, endpoint: str, record_key: str, outcome: Outcome
+    ) -> World:
+        row = (f"{endpoint}:{record_key}", json.dumps(outcome.to_payload(), sort_keys=True), False)
         return self._reply(w._replace(records=w.records | {row}), env, outcome)
 
     def _reply(self, w: World, env: Envelope, outcome: Outcome) -> World:
@@ -453,6 +755,7 @@ class Checker:
     # -- final states -------------------------------------------------------------------
     def _check_final(self, w: World) -> None:
         effects = dict(w.effects)
+        by_hand = {(s, st, what) for s, st, what, _ in w.decided}
         for inst in w.insts:
             if not inst.terminal:
                 raise _Violation(
@@ -463,9 +766,14 @@ class Checker:
                 for s in self.d.steps
                 if isinstance(s.action, CommandAction)
             ]
-            if inst.state in (SagaState.SUCCEEDED, SagaState.PARTIAL_ACCEPTED):
+            accepted = any(s == inst.saga_id and what == "accepted" for s, _, what in by_hand)
+            if inst.state is SagaState.SUCCEEDED or (
+                inst.state is SagaState.PARTIAL_ACCEPTED and not accepted
+            ):
                 for (step, key), st in zip(keys, inst.steps, strict=False):
                     if st.status is StepStatus.SKIPPED:
+                        continue
+                    if (inst.saga_id, step.name, "done") in by_hand:
                         continue
                     if effects.get(key) != "applied":
                         raise _Violation(
@@ -473,23 +781,178 @@ class Checker:
                         )
             elif inst.state in (SagaState.COMPENSATED, SagaState.TIMED_OUT):
                 for step, key in keys:
+                    if (inst.saga_id, step.name, "compensated") in by_hand:
+                        continue
                     if effects.get(key) == "applied":
                         state = inst.state.value
                         raise _Violation(
                             f"{inst.saga_id} {state} but the effect of {step.name} remains"
                         )
-            elif not inst.reason:
+            elif inst.state is SagaState.FAILED_NEEDS_MANUAL and not inst.reason:
                 raise _Violation(f"{inst.saga_id} needs a person but has no reason")
         if self.reserve is not None:
-            held = sum(
-                1 for k, v in effects.items() if v == "applied" and self._type_of(k) == self.reserve
-            )
-            if w.stock + held != self.bounds.stock:
+            # A reservation a person marked compensated was released by hand (outside
+            # the model): it counts as given back.
+            held = by_hand_released = 0
+            for k, v in effects.items():
+                if v != "applied" or self._type_of(k) != self.reserve:
+                    continue
+                parts = parse_key(k)
+                if (parts.saga_id, parts.step, "compensated") in by_hand:
+                    by_hand_released += 1
+                else:
+                    held += 1
+            if w.stock + held + by_hand_released != self.bounds.stock:
                 raise _Violation(f"stock not conserved: {w.stock} available + {held} held")
 
     def _type_of(self, key: str) -> str | None:
         step = self.d.steps[self.d.step_index(parse_key(key).step)]
         return step.action.type if isinstance(step.action, CommandAction) else None
+
+
+def _records(w: World) -> dict[str, tuple[str, bool]]:
+    return {r[0]: (r[1], r[2]) for r in w.records}
+
+
+def _latest(
+    records: Mapping[str, tuple[str, bool]], endpoint: str, key: str, generation: int
+) -> tuple[str, str, bool] | None:
+    """The newest record of ``key`` at ``endpoint`` as the participant reads it (a person's
+    latest retry first, then the original): (record key, outcome json, tombstone)."""
+    names = [f"{key}#m{n}" for n in range(generation, 0, -1)] + [key]
+    for name in names:
+        rec = records.get(f"{endpoint}:{name}")
+        if rec is not None:
+            return name, rec[0], rec[1]
+    return None
+
+
+def _generation(env: Envelope) -> int:
+    raw = env.headers.get(MANUAL_RETRY, "0")
+    return int(raw) if raw.isdigit() else 0
+
+
+def _unanswered(base: World, handle: Callable[[], World]) -> World:
+    """``handle``'s world without the reply it sent (the endpoint went silent)."""
+    nw = handle()
+    return nw._replace(net=nw.net & base.net)
+
+
+def cap_attempts(definition: SagaDefinition, attempts: int) -> SagaDefinition:
+    """``definition`` with every retry policy (steps and ladder rungs) capped at
+    ``attempts`` tries."""
+
+    def cap(policy: RetryPolicy) -> RetryPolicy:
+        return dataclasses.replace(policy, max_attempts=min(policy.max_attempts, attempts))
+
+    steps = []
+    for step in definition.steps:
+        capped = copy.copy(step)
+        capped.retry = cap(step.retry)
+        capped.ladder = tuple(dataclasses.replace(r, retry=cap(r.retry)) for r in step.ladder)
+        steps.append(capped)
+    d = definition
+    return SagaDefinition(
+        d.name,
+        steps,
+        version=d.version,
+        deadline=d.deadline,
+        completed_status=d.completed_status,
+        cancelling_status=d.cancelling_status,
+        cancelled_status=d.cancelled_status,
+        attention_status=d.attention_status,
+        started_status=d.started_status,
+        partial_status=d.partial_status,
+    )
+
+
+CHECK_SUITE: dict[str, Bounds] = {
+    # Cheap configurations first: a planted bug is usually caught in the first seconds.
+    # Two sagas race for the last item, with a business failure, then with a cancel.
+    "race-failure": Bounds(sagas=2, faults=0, failures=1, attempts=2),
+    "race-cancel": Bounds(sagas=2, faults=0, failures=0, cancels=1, attempts=2),
+    # One saga: a person decides, twice, while late replies and timers still arrive (two
+    # retries in flight at once: an older retry must not run the handler again).
+    "manual": Bounds(sagas=1, faults=1, failures=1, manual=2, attempts=2),
+    # One saga: the ladder (definite and retryable rung failures, an endpoint that goes
+    # silent) and a person's decision.
+    "ladder": Bounds(sagas=1, faults=0, failures=2, silences=1, manual=1, attempts=2),
+    # One saga: an endpoint goes silent (every try and status query times out) and a
+    # second worker fires a timer late.
+    "silent": Bounds(sagas=1, faults=1, failures=0, silences=1, attempts=2),
+    # One saga: a fault and two failures, before or after the pivot (a failure starts the
+    # compensation, the other hits a rung while a late try is still on its way).
+    "fault-failures": Bounds(sagas=1, faults=1, failures=2, attempts=2),
+    # Two sagas race for the last item with a lost, duplicated or late message or timer.
+    "race-fault": Bounds(sagas=2, faults=1, failures=0, attempts=2),
+}
+"""The named bound configurations ``sagakit check --suite`` runs, one after the other.
+
+Each is small and aimed at one family of bugs, so the suite stays within about half a
+minute on one core; budgets are maxima, so a configuration covers every smaller one. A
+deeper run is one command away, e.g. ``sagakit check checkout --sagas 1 --faults 2
+--failures 1 --attempts 2``."""
+
+
+@dataclass
+class SuiteReport:
+    """The reports of a suite's configurations, in the order they ran."""
+
+    reports: dict[str, CheckReport] = field(default_factory=dict)
+    bounds: dict[str, Bounds] = field(default_factory=dict)
+    elapsed: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> list[str]:
+        """Every violation found (the suite stops at the first configuration with one)."""
+        return [f"{name}: {v}" for name, r in self.reports.items() for v in r.violations]
+
+    @property
+    def complete(self) -> bool:
+        """True if no configuration was cut short by its ``max_states``."""
+        return all(r.complete for r in self.reports.values())
+
+    @property
+    def exercised(self) -> Counter[str]:
+        """The configurations' :attr:`CheckReport.exercised`, summed."""
+        total: Counter[str] = Counter()
+        for r in self.reports.values():
+            total.update(r.exercised)
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` form: totals, then each configuration's report."""
+        return {
+            "complete": self.complete,
+            "violations": self.violations,
+            "states": sum(r.states for r in self.reports.values()),
+            "exercised": dict(sorted(self.exercised.items())),
+            "configurations": {
+                name: {
+                    "bounds": dataclasses.asdict(self.bounds[name]),
+                    "elapsed_s": round(self.elapsed[name], 2),
+                    **r.to_json(),
+                }
+                for name, r in self.reports.items()
+            },
+        }
+
+
+def run_suite(
+    make: Callable[[Bounds], Checker], suite: Mapping[str, Bounds] | None = None
+) -> SuiteReport:
+    """Run ``make(bounds).run()`` for each configuration of ``suite`` (default
+    :data:`CHECK_SUITE`) in order; stop after the first that finds a violation."""
+    out = SuiteReport()
+    for name, bounds in (CHECK_SUITE if suite is None else suite).items():
+        started = time.monotonic()
+        report = make(bounds).run()
+        out.reports[name] = report
+        out.bounds[name] = bounds
+        out.elapsed[name] = time.monotonic() - started
+        if report.violations:
+            break
+    return out
 
 
 def _drop(w: World, raw: str) -> World:
