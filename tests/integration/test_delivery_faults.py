@@ -13,6 +13,7 @@ and that the redundant messages were absorbed by the inbox or recorded as stale.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ from sagakit import (
     StepKind,
     command,
 )
-from sagakit.core.envelope import success
+from sagakit.core.envelope import MANUAL_RETRY, success
 from sagakit.runtime.consumer import FaultHook
 from sagakit.runtime.participant import DEFER, REFUSED_AFTER_COMPENSATION, HandlerResult
 from sagakit.stores.base import IdempotencyRecord, Tx
@@ -775,3 +776,27 @@ async def test_a_batch_reads_its_idempotency_records_in_one_statement(
         assert await in_one_batch(bank, envs) == [ACK] * 12
         assert reads == ["many"]
         assert len(await effects(bank)) == 12
+
+
+async def test_an_older_manual_retry_arriving_after_a_newer_one_succeeded_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    """A person retried a definitely failed step twice; the first retry's command was
+    still on its way when the second one succeeded. It gets "superseded", not a second
+    run of the handler (it reads only its own retry's records and older ones)."""
+    async with bank_alone(tmp_path) as bank:
+        failed = envelope("Do", saga="b-9", payload={"amount": 5, "fail": "debit"})
+        await deliver(bank, failed)
+        assert not (await reply_to_command(bank, failed)).ok
+        first, second = (
+            dataclasses.replace(
+                envelope("Do", saga="b-9", attempt=1 + n), headers={MANUAL_RETRY: str(n)}
+            )
+            for n in (1, 2)
+        )
+        await deliver(bank, second)
+        assert (await reply_to_command(bank, second)).ok
+        await deliver(bank, first)
+        late = await reply_to_command(bank, first)
+        assert not late.ok and not late.retryable and "superseded" in late.reason
+        assert await effects(bank) == Counter({("b-9", "debit", "do"): 1})

@@ -108,9 +108,7 @@ class Participant(BatchConsumer):
         self.name = name
         self.wakeups = wakeups or Wakeups()
         self.schemas = schemas
-        self.own_transactions = (
-            None if transaction is None else OwnTransactions(transaction, store)
-        )
+        self.own_transactions = None if transaction is None else OwnTransactions(transaction, store)
         """With ``transaction=`` (your transaction factory: a SQLAlchemy sessionmaker, a
         psycopg pool, a connect callable...), every batch runs in a transaction of yours:
         handlers get an :class:`~sagakit.runtime.own_tx.OwnTx` (``tx.session``,
@@ -299,6 +297,7 @@ class Participant(BatchConsumer):
                 ):
                     return False
                 record_key = this_generation
+                await _supersede(records, key, recorded.key, generation, now)
             if outcome.ok or not outcome.retryable:
                 await records.put(record_key, outcome.to_payload(), now)
         if command.reply_to is not None:
@@ -331,6 +330,7 @@ class Participant(BatchConsumer):
             # A definite failure, and a person asked to try again after fixing its cause:
             # run the handler once more and keep the new answer beside the old one.
             record_key = this_generation
+            await _supersede(records, key, recorded.key, generation, now)
         if env.compensates is not None:
             action = await records.latest(env.compensates, generation)
             if action is None:
@@ -428,6 +428,21 @@ class _Records:
         await self._tx.idempotency_put(self._consumer, key, outcome, now, tombstone=tombstone)
         self._known[key] = IdempotencyRecord(key, outcome, tombstone, now)
         self._written.add(key)
+
+
+async def _supersede(records: _Records, key: str, found: str, generation: int, now: float) -> None:
+    """Retry number ``generation`` of a person runs the handler again: record the retries
+    between the record found (``found``) and this one as superseded.
+
+    A command reads the records of its own retry and older ones only, so without this a
+    command of an earlier retry still in flight (the person retried twice) would find
+    none and run the handler a second time after this retry's effect. Every name between
+    ``found`` and this retry was just read as missing, so each is written once.
+    """
+    start = 0 if found == key else int(found[len(key) + 2 :])
+    for n in range(start + 1, generation):
+        outcome = failure(f"superseded: a person retried this command again (retry {generation})")
+        await records.put(f"{key}#m{n}", outcome.to_payload(), now)
 
 
 def _generations(key: str, generation: int) -> list[str]:
