@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sagakit.core.envelope import MessageKind
+from sagakit.core.machine import ManualAction
 from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store
@@ -39,14 +40,7 @@ FAULT_KINDS = (
 )
 """Schedule actions that are faults: what the budget bounds and shrinking removes."""
 
-MANUAL_ACTIONS = (
-    "retry",
-    "mark_done",
-    "compensate",
-    "mark_compensated",
-    "use_rung",
-    "accept_partial",
-)
+MANUAL_ACTIONS = tuple(a.value for a in ManualAction)
 """What the simulated operator may decide (the machine's manual actions)."""
 
 OPERATOR = "simulated operator"
