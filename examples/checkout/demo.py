@@ -54,6 +54,9 @@ SCENARIOS = (
     ("void_unanswered", 2),  # a void, and the question what became of it
     ("capture_unanswered", 2),  # a capture; asked afterwards, the provider tells
     ("provider_dark", 2),  # a capture, and the question what became of it
+    # A card provider out of reach while the card is authorized: nothing happens, and
+    # neither the calls nor the question what became of them are answered (a person's).
+    ("authorize_outage", 2),
 )
 """The demo's order mix: each scenario with its weight (see :func:`make_orders`)."""
 REGULAR_SKUS = [f"sku-{i:02d}" for i in range(8)]
@@ -142,6 +145,8 @@ def make_orders(
             card = f"card-mutecapture-{rng.randrange(10**6)}"
         elif scenario == "provider_dark":
             card = f"card-mutecapture-nolookup-{rng.randrange(10**6)}"
+        elif scenario == "authorize_outage":
+            card = f"card-outage-{rng.randrange(10**6)}"
         for _ in range(group):
             if len(orders) == n:
                 break

@@ -22,11 +22,17 @@ so ``card-declined-7`` declines); several flags can be combined (``card-slow-nov
 ``mutecapture`` the same for captures
 ``nolookup``   the status lookup (:meth:`FakeCardProvider.lookup`) of the card's keys never
                answers: it raises :class:`ProviderTimeout`
+``outage``     the provider is out of reach for the first :data:`OUTAGE_REQUESTS` requests
+               about each of the card's keys, calls and lookups counted together: each
+               raises :class:`ProviderTimeout` without reaching it (nothing happens); the
+               ones after it get through
 =============  ===========================================================================
 
 ``mutevoid`` and ``mutecapture`` model a provider that answers nothing: whoever called
 cannot tell whether the operation happened (it did). With ``nolookup`` as well, asking
-afterwards does not tell either, so only a person can find out.
+afterwards does not tell either, so only a person can find out. ``outage`` models an
+outage instead: nothing happens, yet the caller cannot tell that it did not, and asking
+goes unanswered too; what a person or a compensation sends once it is over gets through.
 
 :meth:`FakeCardProvider.configure` sets the same rules for a token explicitly.
 
@@ -41,7 +47,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,8 @@ CREATE TABLE IF NOT EXISTS requests (
     op       TEXT NOT NULL,
     calls    INTEGER NOT NULL,
     outcome  TEXT,
-    at       REAL NOT NULL
+    at       REAL NOT NULL,
+    card     TEXT
 );
 CREATE TABLE IF NOT EXISTS authorizations (
     authorization TEXT PRIMARY KEY,
@@ -90,11 +97,17 @@ CREATE TABLE IF NOT EXISTS effects (
 CREATE INDEX IF NOT EXISTS effects_order_idx ON effects (order_id, op);
 """
 
-_RULE_COLUMNS = ("mute_void", "mute_capture", "mute_lookup")
+_RULE_COLUMNS = ("mute_void", "mute_capture", "mute_lookup", "outage_requests")
 """card_rules columns added after the first schema (a provider file from before gets them)."""
 
 TRANSIENT_CALLS = 2
 """How many calls per key a ``flaky`` card fails before the provider answers."""
+
+OUTAGE_REQUESTS = 12
+"""How many requests about each key of an ``outage`` card go unanswered (calls and lookups):
+as many as the checkout saga's attempts and status queries of one step (6 + 6), so its
+authorization ends in the manual queue with its outcome unknown, and what comes after
+(a person's retry, or a void asking what became of the authorization) gets through."""
 
 
 class ProviderError(Exception):
@@ -129,6 +142,8 @@ class CardRules:
     mute_void: bool = False
     mute_capture: bool = False
     mute_lookup: bool = False
+    outage_requests: int = 0
+    """How many requests about each key go unanswered, without reaching the provider."""
 
     def mute(self, op: str) -> bool:
         """True when calls of ``op`` are never answered for this card."""
@@ -151,6 +166,7 @@ class CardRules:
             mute_void=has("mutevoid"),
             mute_capture=has("mutecapture"),
             mute_lookup=has("nolookup"),
+            outage_requests=OUTAGE_REQUESTS if has("outage") else 0,
         )
 
 
@@ -222,6 +238,8 @@ class FakeCardProvider:
                     conn.execute(
                         f"ALTER TABLE card_rules ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
                     )
+            if "card" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+                conn.execute("ALTER TABLE requests ADD COLUMN card TEXT")
             self._conn = conn
         return self._conn
 
@@ -252,12 +270,18 @@ class FakeCardProvider:
             if row is not None and row[0] != op:
                 raise ValueError(f"idempotency key {key!r} was used for {row[0]}, not {op}")
             calls = 1 if row is None else row[1] + 1
+            card = card_of(db)
+            # The card is kept with the key: a lookup of a key that never got an answer
+            # must know whether the card's provider is out of reach.
             db.execute(
-                "INSERT INTO requests (key, op, calls, at) VALUES (?, ?, 1, ?) "
+                "INSERT INTO requests (key, op, calls, at, card) VALUES (?, ?, 1, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET calls = calls + 1",
-                (key, op, now),
+                (key, op, now, card),
             )
-            rules = self.rules(card_of(db))
+            rules = self.rules(card)
+            if calls <= rules.outage_requests:
+                db.execute("COMMIT")  # counted: the outage ends after so many requests
+                raise ProviderTimeout(f"provider out of reach ({op}, request {calls} of {key})")
             if row is not None and row[2] is not None:
                 db.execute("COMMIT")
                 if rules.mute(op):
@@ -308,8 +332,8 @@ class FakeCardProvider:
         """Set the rules for ``card`` explicitly (they replace what its flags say)."""
         self._db().execute(
             "INSERT OR REPLACE INTO card_rules (card, decline, transient_calls, slow, "
-            "refuse_void, refuse_refund, mute_void, mute_capture, mute_lookup) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "refuse_void, refuse_refund, mute_void, mute_capture, mute_lookup, outage_requests) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 card,
                 rules.decline,
@@ -320,6 +344,7 @@ class FakeCardProvider:
                 rules.mute_void,
                 rules.mute_capture,
                 rules.mute_lookup,
+                rules.outage_requests,
             ),
         )
 
@@ -329,14 +354,16 @@ class FakeCardProvider:
             self._db()
             .execute(
                 "SELECT decline, transient_calls, slow, refuse_void, refuse_refund, "
-                "mute_void, mute_capture, mute_lookup FROM card_rules WHERE card = ?",
+                "mute_void, mute_capture, mute_lookup, outage_requests FROM card_rules "
+                "WHERE card = ?",
                 (card,),
             )
             .fetchone()
         )
         if row is None:
             return CardRules.from_token(card)
-        return CardRules(bool(row[0]), int(row[1]), *(bool(v) for v in row[2:]))
+        flags = CardRules(bool(row[0]), int(row[1]), *(bool(v) for v in row[2:8]))
+        return replace(flags, outage_requests=int(row[8]))
 
     # -- operations -------------------------------------------------------------------
     async def authorize(
@@ -433,10 +460,16 @@ class FakeCardProvider:
 
         This is how a caller that lost an answer (a timeout) learns what happened.
         :class:`ProviderTimeout` when the key's card is ``nolookup``: the lookup is not
-        answered either.
+        answered either; nor while an ``outage`` card's key is out of reach (a lookup then
+        counts as one of its requests).
         """
         db = self._db()
-        row = db.execute("SELECT outcome FROM requests WHERE key = ?", (key,)).fetchone()
+        row = db.execute(
+            "SELECT outcome, card, calls FROM requests WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None and row[1] and row[2] < self.rules(row[1]).outage_requests:
+            db.execute("UPDATE requests SET calls = calls + 1 WHERE key = ?", (key,))
+            raise ProviderTimeout(f"provider out of reach (lookup, request {row[2] + 1} of {key})")
         if row is None or row[0] is None:
             return None
         outcome = json.loads(row[0])
@@ -475,7 +508,8 @@ class FakeCardProvider:
         return [Effect(*r) for r in rows]
 
     async def calls(self, key: str) -> int:
-        """How many times ``key`` was requested (retries included)."""
+        """How many times ``key`` was requested (retries included; for an ``outage`` card,
+        its lookups too)."""
         row = self._db().execute("SELECT calls FROM requests WHERE key = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
 

@@ -38,7 +38,12 @@ from sagakit_checkout.invariants import (
     status_path_violation,
     status_step_allowed,
 )
-from sagakit_checkout.provider import CardRules, FakeCardProvider, ProviderTimeout
+from sagakit_checkout.provider import (
+    OUTAGE_REQUESTS,
+    CardRules,
+    FakeCardProvider,
+    ProviderTimeout,
+)
 from sagakit_checkout.sagas import CHECKOUT, DEADLINE, checkout_definition
 from sagakit_checkout.services import Checkout, checkout_engine, checkout_on, migrate, open_checkout
 
@@ -51,6 +56,7 @@ from sagakit import (
     RetryPolicy,
     SagaState,
 )
+from sagakit.core.envelope import MANUAL_RETRY
 from sagakit.runtime.participant import REFUSED_AFTER_COMPENSATION
 from sagakit.stores.postgres import PostgresStore
 from sagakit.stores.sqlite import SQLiteStore
@@ -1175,6 +1181,70 @@ async def test_a_provider_that_answers_nothing(tmp_path: Path) -> None:
         provider.close()
 
 
+async def test_a_provider_out_of_reach_does_nothing_until_the_outage_ends(
+    tmp_path: Path,
+) -> None:
+    assert CardRules.from_token("card-outage-1") == CardRules(outage_requests=OUTAGE_REQUESTS)
+    provider = FakeCardProvider(tmp_path / "p.db")
+    try:
+        # Calls and lookups of the key count together; none is answered or has an effect.
+        for _ in range(OUTAGE_REQUESTS // 2):
+            with pytest.raises(ProviderTimeout, match="out of reach"):
+                await provider.authorize(
+                    "a", order_id="o", card="card-outage-1", amount=5, currency="EUR"
+                )
+            with pytest.raises(ProviderTimeout, match="out of reach"):
+                await provider.lookup("a")
+        assert await provider.calls("a") == OUTAGE_REQUESTS
+        assert await provider.effects() == [] and await provider.authorizations() == []
+        # Over: asking tells that nothing happened, and the next call gets through.
+        assert await provider.lookup("a") is None
+        auth = await provider.authorize(
+            "a", order_id="o", card="card-outage-1", amount=5, currency="EUR"
+        )
+        assert [e.op for e in await provider.effects()] == ["authorize"]
+        assert await provider.lookup("a") == auth
+        assert await provider.lookup("never-asked") is None
+    finally:
+        provider.close()
+
+
+async def test_a_retry_after_an_outage_is_refused_once_a_void_overtook_it(site: Site) -> None:
+    """The outage leaves the authorization's outcome unknown (every call and question
+    unanswered); a person retries it, the customer cancels, and the void gets there
+    first: it finds nothing to undo and tombstones the key, so the retry is refused,
+    never carried out after its undo."""
+    async with services(site) as c:
+        card = "card-outage-1"
+        for attempt in range(1, 7):
+            out = await deliver(
+                c.payment,
+                command(
+                    c.payment,
+                    "AuthorizePayment",
+                    pay("o-1", card),
+                    step="authorize_payment",
+                    attempt=attempt,
+                ),
+            )
+            assert not out.ok and out.retryable
+        for _ in range(6):
+            asked = await deliver(c.payment, status_query(c, "o-1", "authorize_payment"))
+            assert not asked.ok and asked.retryable and "did not answer" in asked.reason
+        retried = {MANUAL_RETRY: "1"}
+        void = command(
+            c.payment, "VoidAuthorization", ref("o-1"), step="authorize_payment", rung=0
+        ).with_changes(headers=retried)
+        assert (await deliver(c.payment, void)).result == {"voided": 0}
+        retry = command(
+            c.payment, "AuthorizePayment", pay("o-1", card), step="authorize_payment", attempt=7
+        ).with_changes(headers=retried)
+        refused = await deliver(c.payment, retry)
+        assert not refused.ok and not refused.retryable
+        assert refused.reason == REFUSED_AFTER_COMPENSATION
+        assert await provider_ops(c, "o-1") == [] and await ledger(c, "o-1") == {}
+
+
 async def test_a_provider_file_from_before_the_mute_rules_gets_them(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -1185,12 +1255,22 @@ async def test_a_provider_file_from_before_the_mute_rules_gets_them(tmp_path: Pa
             "refuse_void INTEGER NOT NULL, refuse_refund INTEGER NOT NULL)"
         )
         conn.execute("INSERT INTO card_rules VALUES ('card-plain', 1, 0, 0, 0, 0)")
+        conn.execute(
+            "CREATE TABLE requests (key TEXT PRIMARY KEY, op TEXT NOT NULL, "
+            "calls INTEGER NOT NULL, outcome TEXT, at REAL NOT NULL)"
+        )
     conn.close()
     provider = FakeCardProvider(path)
     try:
         assert provider.rules("card-plain") == CardRules(decline=True)
         provider.configure("card-other", CardRules(mute_void=True))
         assert provider.rules("card-other") == CardRules(mute_void=True)
+        provider.configure("card-down", CardRules(outage_requests=1))
+        assert provider.rules("card-down") == CardRules(outage_requests=1)
+        # The requests table gets the card column: the outage counts the lookup too.
+        with pytest.raises(ProviderTimeout):
+            await provider.authorize("a", order_id="o", card="card-down", amount=5, currency="EUR")
+        assert await provider.lookup("a") is None
     finally:
         provider.close()
 
@@ -1250,6 +1330,7 @@ TOKENS = {
     "void_unanswered": ("card", "card-mutevoid-nolookup-"),
     "capture_unanswered": ("card", "card-mutecapture-"),
     "provider_dark": ("card", "card-mutecapture-nolookup-"),
+    "authorize_outage": ("card", "card-outage-"),
 }
 
 
@@ -1293,6 +1374,12 @@ AFTER_THE_PIVOT: dict[str, tuple[dict[str, Any], SagaState, str]] = {
         order_data(card="card-mutecapture-nolookup-1"),
         SagaState.FAILED_NEEDS_MANUAL,
         "outcome of step 'capture_payment' still unknown after 4 status queries",
+    ),
+    # Before the pivot: the provider out of reach for every call and question (4 + 4 here).
+    "o-outage": (
+        order_data(card="card-outage-1"),
+        SagaState.FAILED_NEEDS_MANUAL,
+        "outcome of step 'authorize_payment' still unknown after 4 status queries",
     ),
     # Compensations have no status query: even though the lookup would answer, a void of
     # unknown outcome goes to a person, and never on to the refund.

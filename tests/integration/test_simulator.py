@@ -32,7 +32,7 @@ from sagakit_checkout import hybrid
 from sagakit.core import machine
 from sagakit.core.envelope import Envelope, Outcome
 from sagakit.core.instance import HistoryEntry, SagaState
-from sagakit.runtime import tracker
+from sagakit.runtime import participant, tracker
 from sagakit.runtime.participant import Handler, HandlerResult, Participant
 from sagakit.stores.base import IdempotencyRecord, Tx
 from sagakit.stores.sqlite import SQLiteTx
@@ -47,9 +47,15 @@ from sagakit.testing.sim import (
     shrink,
     simulate,
 )
-from sagakit.testing.sim.checkout import CheckoutWorlds, OrchestratedWorld, checkout_world
+from sagakit.testing.sim.checkout import (
+    CheckoutWorlds,
+    OrchestratedWorld,
+    checkout_world,
+    sim_orders,
+)
 from sagakit.testing.sim.checks import Answer, compensation_order, stale_inputs
 from sagakit.testing.sim.runner import run_seeds, run_seeds_async
+from sagakit.testing.sim.scheduler import RETRY_THEN_CANCEL_COUNT
 from sagakit.testing.sim.systems import MODES
 
 JOBS = min(os.cpu_count() or 1, 4)
@@ -154,13 +160,20 @@ def _booking_after_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hybrid, "carrier_service", careless_carrier)
 
 
-def _patched(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, old: str, new: str) -> None:
-    """Replace ``cls.name`` by its source with ``old`` replaced by ``new`` (a planted bug
-    is one small edit of the real code, as a reviewer would make it)."""
+def _patched(
+    monkeypatch: pytest.MonkeyPatch,
+    cls: type,
+    name: str,
+    old: str,
+    new: str,
+    module: Any = machine,
+) -> None:
+    """Replace ``cls.name`` (of ``module``) by its source with ``old`` replaced by ``new``
+    (a planted bug is one small edit of the real code, as a reviewer would make it)."""
     source = textwrap.dedent(inspect.getsource(getattr(cls, name)))
     assert source.count(old) == 1, f"{cls.__name__}.{name} no longer reads {old!r}"
     namespace: dict[str, Any] = {}
-    exec(compile(source.replace(old, new), inspect.getfile(cls), "exec"), vars(machine), namespace)
+    exec(compile(source.replace(old, new), inspect.getfile(cls), "exec"), vars(module), namespace)
     monkeypatch.setattr(cls, name, namespace[name])
 
 
@@ -208,6 +221,19 @@ def _compensations_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def _tombstone_ignored_on_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted bug 10: a person's retry of an action is not refused by the tombstone a
+    compensation that overtook it left (a card is authorized after its void)."""
+    _patched(
+        monkeypatch,
+        Participant,
+        "_handle_keyed",
+        "if recorded.tombstone:",
+        "if False:",
+        module=participant,
+    )
+
+
 PLANTED = {
     # bug -> (how to plant it, the mode it lives in, the invariants it must break)
     "bypass_idempotency": (_bypass_idempotency, "orchestration", {"effect_once", "money", "stock"}),
@@ -225,6 +251,7 @@ PLANTED = {
     "timer_status_dropped": (_timer_status_dropped, "hybrid", {"stale_inputs"}),
     "attempt_check_dropped": (_attempt_check_dropped, "orchestration", {"stale_inputs"}),
     "compensations_forward": (_compensations_forward, "orchestration", {"compensation_order"}),
+    "tombstone_ignored_on_retry": (_tombstone_ignored_on_retry, "hybrid", {"effect_once", "money"}),
 }
 
 
@@ -287,9 +314,11 @@ def test_seeds_keep_every_invariant_under_every_fault_kind(mode: str) -> None:
     assert not [k for k in sorted(can) if exercised[k] == 0], exercised
     assert all(exercised[k] == 0 for k in set(KINDS) - can), exercised
     if mode != "choreography":
-        # The simulated operator took each decision the machine offers.
+        # The simulated operator took each decision the machine offers, and some customer
+        # cancelled while a person's retry was on its way.
         undecided = [a for a in MANUAL if summary.faults[f"operator_{a}"] == 0]
         assert not undecided, f"never decided: {undecided}"
+        assert summary.faults[RETRY_THEN_CANCEL_COUNT] > 0
     print(f"{mode}: 300 seeds in {elapsed:.1f} s ({JOBS} jobs)")
 
 
@@ -434,8 +463,6 @@ def test_any_run_of_seeds_as_long_as_the_mix_meets_every_scenario() -> None:
     nothing come up in every few seeds, not by luck."""
     from sagakit_checkout.demo import SCENARIOS
 
-    from sagakit.testing.sim.checkout import sim_orders
-
     names = {n for n, _ in SCENARIOS} - {"last_item_race"}
     for start in (0, 7, 1000):
         seen = {sim_orders(seed, 3)[0][0].scenario for seed in range(start, start + len(names))}
@@ -465,6 +492,39 @@ async def test_a_persons_decisions_and_stale_timers_replay_exactly(
     decisions = [a for a in first.schedule if a.kind == "operator"]
     assert all(not a.fault and a.target[1] in MANUAL for a in decisions)
     assert {"stale_timer", "late_timer"} <= {a.kind for a in first.schedule if a.fault}
+
+
+@pytest.mark.parametrize("worlds", ["orchestration", "hybrid"], indirect=True)
+async def test_a_customer_cancels_while_a_persons_retry_is_on_its_way(
+    worlds: CheckoutWorlds,
+) -> None:
+    # The card provider out of reach while a card is authorized: the step goes to a
+    # person with its outcome unknown; they retry it and the customer cancels, and the
+    # retried command is slow on its way: the void reaches the payment service first.
+    wanted = ["operator", "relay", "delay", "cancel"]
+    outage = [s for s in range(400) if sim_orders(s, 3)[0][0].scenario == "authorize_outage"]
+    for seed in outage:
+        first = await simulate(worlds, seed, config=FINGERPRINT)
+        kinds = [a.kind for a in first.schedule]
+        at = next(
+            (i for i in range(len(kinds)) if kinds[i : i + 4] == wanted),
+            None,
+        )
+        if at is not None:
+            break
+    else:
+        pytest.fail("no seed had a retry overtaken by the customer's cancel")
+    retry, _, delay, cancel = first.schedule[at : at + 4]
+    saga_id = retry.target[0]
+    assert retry.target == (saga_id, "retry") and cancel.target == (saga_id,)
+    assert delay.fault and not retry.fault and not cancel.fault
+    assert first.faults[RETRY_THEN_CANCEL_COUNT] == 1
+    assert first.ok, first.verdict.violations
+    assert first.verdict.outcomes.get("COMPENSATED", 0) >= 1
+    # Every part is an action of its own: the schedule replays the run exactly.
+    again = await replay(worlds, seed, first.schedule, config=FINGERPRINT)
+    assert again.applied == first.schedule
+    assert again.fingerprint == first.fingerprint
 
 
 async def test_two_workers_share_the_orchestrators_work(worlds: CheckoutWorlds) -> None:

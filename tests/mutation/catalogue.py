@@ -374,11 +374,6 @@ MUTANTS: tuple[Mutant, ...] = (
         bug="a tombstone does not refuse a person's retry of the action (the action runs "
         "after its undo)",
         covers="guard:participant.tombstone refusal",
-        known_hole="reachable, but neither proof builds it yet: a person retries a step "
-        "before the pivot whose outcome is unknown (no record), then a cancel or the "
-        "deadline compensates it while the retry is in flight, and the compensation "
-        "tombstones the key first; the simulator's operator and cancels rarely line up so, "
-        "and the checker models the participant instead of running it",
     ),
     Mutant(
         "comp_handler_for_failed_action",

@@ -61,7 +61,7 @@ from sagakit.testing.sim.checks import (
     stale_inputs,
 )
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
-from sagakit.testing.sim.scheduler import OPERATOR, Verdict
+from sagakit.testing.sim.scheduler import OPERATOR, RETRY_THEN_CANCEL, Verdict
 from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
 from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
 from sagakit.transports.base import BatchHandler, Delivery, Settle
@@ -518,22 +518,32 @@ class OrchestratedWorld(CheckoutWorld):
 
     async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
         """What the machine would accept for the saga now: each action tried on its pure
-        transition function (nothing is written)."""
+        transition function (nothing is written); and :data:`RETRY_THEN_CANCEL` when a
+        retry sends the saga forward before its pivot, where a customer's cancel
+        compensates the step whose retry is then on its way."""
         inst = await self.orchestrator.store.get_saga(saga_id)
         if inst is None or inst.state not in MANUAL_STATES:
             return []
         machine = self.orchestrator.machine_for(inst)
         rungs = len(machine.definition.steps[inst.cursor].ladder)
         options: list[tuple[str, int | None]] = []
+        retry_then_cancel: tuple[str, int | None] | None = None
+        now = self.clock()
         for action in ManualAction:
             for rung in range(rungs) if action is ManualAction.USE_RUNG else [None]:
                 try:
-                    machine.on_manual(
-                        inst, action, reason="?", actor="?", now=self.clock(), rung=rung
+                    decided = machine.on_manual(
+                        inst, action, reason="?", actor="?", now=now, rung=rung
                     )
                 except ManualActionRefused:
                     continue
                 options.append((action.value, rung))
+                if action is ManualAction.RETRY and decided.instance.state is SagaState.RUNNING:
+                    cancel = machine.on_cancel(decided.instance, "?", now)
+                    if cancel.changed and cancel.instance.state is SagaState.COMPENSATING:
+                        retry_then_cancel = (RETRY_THEN_CANCEL, None)
+        if retry_then_cancel is not None:
+            options.append(retry_then_cancel)
         return options
 
     async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sagakit.core.envelope import MessageKind
+from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.runtime.relay import Relay
@@ -42,6 +42,18 @@ FAULT_KINDS = (
 
 MANUAL_ACTIONS = tuple(a.value for a in ManualAction)
 """What the simulated operator may decide (the machine's manual actions)."""
+
+RETRY_THEN_CANCEL = "retry_then_cancel"
+"""A decision that is two: a person retries a step before the pivot, and its customer
+cancels the saga while the retried command is on its way (so that the compensation
+may reach the participant first). A world offers it among a saga's
+:meth:`World.manual_options` when a retry would let a cancel compensate the step."""
+
+RETRY_THEN_CANCEL_COUNT = f"operator_{RETRY_THEN_CANCEL}"
+"""How :attr:`RunResult.faults` counts them (beside ``operator_retry`` and ``cancel``)."""
+
+DECISIONS = (*MANUAL_ACTIONS, RETRY_THEN_CANCEL)
+"""Every decision :meth:`World.manual_options` may offer, in the order it lists them."""
 
 OPERATOR = "simulated operator"
 """The actor the simulated operator's decisions are audited under."""
@@ -152,7 +164,8 @@ class World(Protocol):
 
     async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
         """The decisions the machine would accept for ``saga_id`` now: ``(action, rung)``
-        pairs (a rung only for ``use_rung``), in :data:`MANUAL_ACTIONS` order."""
+        pairs (a rung only for ``use_rung``), in :data:`DECISIONS` order
+        (:data:`RETRY_THEN_CANCEL` when a retry would let the customer cancel)."""
         ...
 
     async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:
@@ -238,6 +251,10 @@ class SimConfig:
     refused_rate: float = 0.1
     """How often the operator picks any action instead of one the machine accepts (a
     refused decision changes nothing and is recorded as such)."""
+    overtake_rate: float = 0.75
+    """After a :data:`RETRY_THEN_CANCEL`: how often the retried command is slow on its
+    way (a delay), so that the compensation reaches the participant first. (In the other
+    order the retry's effect is undone.)"""
     delay: tuple[float, float] = (0.5, 8.0)
     partition: tuple[float, float] = (2.0, 25.0)
     long_partition: tuple[float, float] = (60.0, 200.0)
@@ -262,6 +279,8 @@ class Scheduler:
         self.errors: list[str] = []
         self.steps = 0
         self.decisions = 0
+        self.decided: str | None = None
+        """The store the last decision that the machine accepted wrote to."""
         self.replaying = False
         self.dirty: set[str] = set()
         self.store_of = {ep: s.name for ep, s in world.routes.items()}
@@ -313,11 +332,12 @@ class Scheduler:
                 if await self.apply(Action("tick")) is None:
                     return
                 continue
-            if self.decisions < cfg.max_decisions and rng.random() < cfg.operator_rate:
-                decision = await self._decide()
-                if decision is not None:
-                    await self.apply(decision)
-                    continue
+            if (
+                self.decisions < cfg.max_decisions
+                and rng.random() < cfg.operator_rate
+                and await self._operate()
+            ):
+                continue
             if cancels < cfg.max_cancels and rng.random() < cfg.cancel_rate:
                 running = await self.w.running()
                 if running:
@@ -341,8 +361,42 @@ class Scheduler:
             else:
                 await self.apply(Action("relay", (rng.choice(pending),)))
 
-    async def _decide(self) -> Action | None:
-        """The operator's next decision on a saga waiting for a person, if any waits."""
+    async def _operate(self) -> bool:
+        """Let the operator decide on a saga waiting for a person; False if none waits.
+
+        After a :data:`RETRY_THEN_CANCEL` the retried command is published (it is on its
+        way), held back by a delay with :attr:`SimConfig.overtake_rate`, and the customer
+        cancels: every part is an action of its own in the schedule (a replay needs no
+        more), the delay a fault like any other.
+        """
+        picked = await self._decide()
+        if picked is None:
+            return False
+        decision, then_cancel = picked
+        self.decided = None
+        await self.apply(decision)
+        if not then_cancel or self.decided is None:
+            return True  # refused: the saga still waits, nothing to cancel
+        self.counts[RETRY_THEN_CANCEL_COUNT] += 1
+        saga_id, net = decision.target[0], self.w.network
+        before = set(net.in_flight)
+        await self.apply(Action("relay", (self.decided,)))
+        retried = [
+            m
+            for seq, m in net.in_flight.items()
+            if seq not in before
+            and m.kind is MessageKind.COMMAND
+            and Envelope.from_json(m.body).saga_id == saga_id
+        ]
+        if retried and self.rng.random() < self.cfg.overtake_rate:
+            delay = round(self.rng.uniform(*self.cfg.delay), 3)
+            await self.apply(Action("delay", (retried[-1].address,), delay))
+        await self.apply(Action("cancel", (saga_id,)))
+        return True
+
+    async def _decide(self) -> tuple[Action, bool] | None:
+        """The operator's next decision on a saga waiting for a person, if any waits,
+        and whether its customer then cancels (:data:`RETRY_THEN_CANCEL`)."""
         rng = self.rng
         waiting = await self.w.manual()
         if not waiting:
@@ -353,14 +407,24 @@ class Scheduler:
             # Each accepted action about as likely as any other, whatever its number of
             # rungs; those only some cases accept twice as likely (retry and
             # accept_partial fit nearly every case: they would crowd the others out).
-            kinds = sorted({a for a, _ in options}, key=MANUAL_ACTIONS.index)
+            kinds = sorted({a for a, _ in options}, key=DECISIONS.index)
             weights = [1 if k in ("retry", "accept_partial") else 2 for k in kinds]
+            if RETRY_THEN_CANCEL in kinds:
+                # As likely as all the others together: a case a person can send forward
+                # and its customer can still cancel is rare (a step before the pivot
+                # whose outcome is unknown), and the only one where a compensation can
+                # overtake a person's retry.
+                i = kinds.index(RETRY_THEN_CANCEL)
+                weights[i] = sum(weights) - weights[i]
             kind = rng.choices(kinds, weights)[0]
             action, rung = rng.choice([o for o in options if o[0] == kind])
         else:
             action, rung = rng.choice(MANUAL_ACTIONS), rng.randrange(3)
+        then_cancel = action == RETRY_THEN_CANCEL
+        if then_cancel:
+            action = ManualAction.RETRY.value
         target = (saga_id, action) if action != "use_rung" else (saga_id, action, str(rung))
-        return Action("operator", target)
+        return Action("operator", target), then_cancel
 
     async def _pick_fault(self, ready: list[InFlight], pending: list[str]) -> Action | None:
         rng, cfg = self.rng, self.cfg
@@ -434,10 +498,8 @@ class Scheduler:
                     or self.rng.random() >= self.cfg.fair_decision_rate
                 ):
                     return True
-                decision = await self._decide()
-                if decision is None:
+                if not await self._operate():
                     return True
-                await self.apply(decision)
                 continue
             await self.apply(Action("tick", (), min(times) - EPOCH))
         return False
@@ -534,6 +596,7 @@ class Scheduler:
                 self.errors.append(f"engine_error: {what} on {saga_id} raised {exc!r}")
             else:
                 self.dirty.add(wrote)
+                self.decided = wrote
                 self.counts[f"operator_{what}"] += 1
         elif kind in ("stale_timer", "late_timer"):
             fire = w.timers.fire_again if kind == "stale_timer" else w.timers.fire_late
