@@ -187,7 +187,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _check_suite(args: argparse.Namespace, make: Callable[[Bounds], Checker]) -> int:
-    from sagakit.testing.checker import run_suite
+    from sagakit.testing.check_suite import run_suite
     from sagakit.testing.coverage import render_exercised
 
     suite = run_suite(make)

@@ -14,14 +14,8 @@ from sagakit import SagaDefinition, Step, StepKind, command
 from sagakit.core import machine as machine_module
 from sagakit.core.instance import StepStatus
 from sagakit.core.machine import Machine
-from sagakit.testing.checker import (
-    CHECK_SUITE,
-    ORCHESTRATOR,
-    Bounds,
-    Checker,
-    checkout_checker,
-    run_suite,
-)
+from sagakit.testing.check_suite import CHECK_SUITE, run_suite
+from sagakit.testing.checker import ORCHESTRATOR, Bounds, Checker, checkout_checker
 from sagakit.testing.coverage import KINDS
 
 

@@ -31,7 +31,6 @@ import asyncio
 import atexit
 import contextlib
 import hashlib
-import inspect
 import itertools
 import os
 import random
@@ -44,14 +43,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sagakit.core.envelope import Envelope, MessageKind, Outcome
 from sagakit.core.instance import MANUAL_STATES, HistoryEntry, SagaInstance, SagaState
 from sagakit.core.machine import ManualAction
 from sagakit.errors import ManualActionRefused, SagaNotFound
 from sagakit.runtime.orchestrator import Orchestrator
-from sagakit.runtime.participant import DEFER, Handler, HandlerResult, Participant
 from sagakit.runtime.relay import Relay
-from sagakit.stores.base import Store, Tx
+from sagakit.stores.base import Store
 from sagakit.testing.coverage import exercised
 from sagakit.testing.sim.checks import (
     answers,
@@ -60,6 +57,7 @@ from sagakit.testing.sim.checks import (
     nothing_lost,
     stale_inputs,
 )
+from sagakit.testing.sim.handler_runs import handler_runs, record_runs
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
 from sagakit.testing.sim.scheduler import OPERATOR, RETRY_THEN_CANCEL, Verdict
 from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
@@ -198,88 +196,6 @@ class _Slot:
         shutil.rmtree(self.system.data_dir, ignore_errors=True)
 
 
-def _record_runs(participant: Participant) -> None:
-    """Wrap every handler to record each keyed command it carried out, in its transaction.
-
-    A rolled-back attempt leaves no row; a failure (raised or returned) is no effect.
-    What the rows must show, whatever the business code does on its own: each key's
-    handler succeeded at most once, and never after a compensation of that key ran.
-    """
-    # The runtime offers no hook around handlers; the table of handlers is private to
-    # Participant, but this module belongs to the engine.
-    handlers = participant._handlers
-    for message_type, handler in list(handlers.items()):
-        handlers[message_type] = _recording(handler)
-
-
-def _recording(handler: Handler) -> Handler:
-    async def run(tx: Tx, env: Envelope) -> HandlerResult:
-        result = handler(tx, env)
-        if inspect.isawaitable(result):
-            result = await result
-        # A failure is no effect; a deferred command has had none yet (it is answered
-        # later, and a retry while it waits defers again).
-        failed = (isinstance(result, Outcome) and not result.ok) or result is DEFER
-        if env.kind is not MessageKind.QUERY and env.idempotency_key and not failed:
-            await tx.execute(
-                "INSERT INTO sim_handler_runs (key, compensates, type) VALUES (?, ?, ?)",
-                (env.idempotency_key, env.compensates, env.type),
-            )
-        return result
-
-    return run
-
-
-async def _handler_runs(participant: Participant) -> list[str]:
-    """Violations of "each key's effect once, never after its undo" in one participant."""
-    async with participant.store.transaction() as tx:
-        rows = await tx.fetchall(
-            "SELECT id, key, compensates, type FROM sim_handler_runs ORDER BY id"
-        )
-    problems: list[str] = []
-    runs: dict[str, list[str]] = {}
-    undone: dict[str, str] = {}
-    for _, key, compensates, mtype in rows:
-        runs.setdefault(key, []).append(mtype)
-        if compensates is not None:
-            undone.setdefault(compensates, mtype)
-        elif key in undone:
-            problems.append(
-                f"effect_once: {participant.name} carried out {mtype} (key {key}) after "
-                f"its compensation {undone[key]} had run"
-            )
-    for key, types in runs.items():
-        if len(types) > 1:
-            problems.append(
-                f"effect_once: {participant.name} carried out {types[0]} (key {key}) "
-                f"{len(types)} times"
-            )
-    # The runtime promises not to call a compensation handler for an action that failed
-    # for good: it had no effect, so there is nothing to undo (handlers may assume it).
-    async with participant.store.transaction() as tx:
-        for action, mtype in undone.items():
-            if await _failed_for_good(tx, participant.name, action):
-                problems.append(
-                    f"effect_once: {participant.name} ran the compensation {mtype} of "
-                    f"{action}, whose action had failed for good (nothing to undo)"
-                )
-    return problems
-
-
-async def _failed_for_good(tx: Tx, consumer: str, action: str) -> bool:
-    """True when ``action``'s recorded outcome is a definite failure and no retry by a
-    person (``action#mN``, see Participant) later succeeded."""
-    first = await tx.idempotency_get(consumer, action)
-    if first is None or first.tombstone or first.outcome.get("ok"):
-        return False
-    n = 1
-    while (retried := await tx.idempotency_get(consumer, f"{action}#m{n}")) is not None:
-        if retried.outcome.get("ok"):
-            return False
-        n += 1
-    return True
-
-
 def _copy_db(src: Path, dst: Path) -> None:
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -390,7 +306,7 @@ class CheckoutWorld(ABC):
         # that forgot its idempotency records: they look at their ledgers first).
         services = {id(s) for s in self.system.service_stores}
         for p in self.system.participants:
-            runs = await _handler_runs(p) if id(p.store) in services else []
+            runs = await handler_runs(p) if id(p.store) in services else []
             if runs:
                 invariants["effect_once"] = False
                 violations += runs
@@ -709,7 +625,7 @@ class CheckoutWorlds:
         services = {id(s) for s in system.service_stores}
         for p in system.participants:
             if id(p.store) in services:
-                _record_runs(p)
+                record_runs(p)
         return slot
 
     async def release(self, slot: _Slot, *, reusable: bool) -> None:
