@@ -23,6 +23,7 @@ from sagakit.redaction import RedactPersonalData
 if TYPE_CHECKING:
     from sagakit.app import App
     from sagakit.testing.checker import Bounds, Checker
+    from sagakit.testing.races import Race, RaceResult
 
 
 def _configure_logging(data_dir: Path | None, level: str) -> None:
@@ -130,6 +131,7 @@ def _check(args: argparse.Namespace) -> int:
     from sagakit.core.definition import SagaDefinition
     from sagakit.testing.checker import Bounds, Checker, checkout_checker
     from sagakit.testing.coverage import render_exercised
+    from sagakit.testing.races import explore_all
 
     bounds = Bounds(
         sagas=args.sagas,
@@ -143,8 +145,10 @@ def _check(args: argparse.Namespace) -> int:
         manual=args.manual,
     )
     make: Callable[[Bounds], Checker]
+    races_at = args.races
     if args.definition == "checkout":
         make = checkout_checker
+        races_at = races_at or "sagakit_checkout.races:checkout_races"
     else:
         module, _, attr = args.definition.partition(":")
         try:
@@ -157,14 +161,34 @@ def _check(args: argparse.Namespace) -> int:
             print(f"sagakit check: {args.definition!r} is not a SagaDefinition", file=sys.stderr)
             return 2
         make = partial(Checker, definition)
+    races: list[Race] = []
+    if races_at is not None and not args.no_races:
+        try:
+            races = _load_races(races_at)
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            print(f"sagakit check: cannot load the races {races_at!r}: {exc}", file=sys.stderr)
+            return 2
     if args.suite:
-        return _check_suite(args, make)
+        return _check_suite(args, make, races)
+    results = asyncio.run(explore_all(races)) if races else []
+    if any(r.violations for r in results):
+        _print_races(args, results)
+        return 1
     started = time.monotonic()
     report = make(bounds).run()
     elapsed = time.monotonic() - started
     if args.json:
-        print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed, 2)}))
+        print(
+            json.dumps(
+                {
+                    **report.to_json(),
+                    "elapsed_s": round(elapsed, 2),
+                    "races": {r.name: r.to_json() for r in results},
+                }
+            )
+        )
     else:
+        _print_races(args, results)
         print(f"sagakit check {args.definition}: {bounds}")
         print(
             f"  states visited: {report.states}, transitions: {report.transitions}, "
@@ -186,14 +210,55 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.complete else 3
 
 
-def _check_suite(args: argparse.Namespace, make: Callable[[Bounds], Checker]) -> int:
+def _load_races(where: str) -> list[Race]:
+    """The races at ``module:attr``: a list of Race, or a function returning one."""
+    import importlib
+
+    from sagakit.testing.races import Race
+
+    module, _, attr = where.partition(":")
+    if not attr:
+        raise ValueError("expected module:attribute")
+    target = getattr(importlib.import_module(module), attr)
+    races = target() if callable(target) else target
+    if not isinstance(races, list | tuple) or not all(isinstance(r, Race) for r in races):
+        raise TypeError(f"{where} is not a list of sagakit.testing.races.Race")
+    return list(races)
+
+
+def _print_races(args: argparse.Namespace, results: Sequence[RaceResult]) -> None:
+    """Print the races' results (with ``--json``, only a line for a violation: the
+    line of a run that stops there)."""
+    if args.json:
+        if any(r.violations for r in results):
+            found = [f"handlers/{r.name}: {v}" for r in results for v in r.violations]
+            print(
+                json.dumps({"violations": found, "races": {r.name: r.to_json() for r in results}})
+            )
+        return
+    for r in results:
+        state = "complete" if r.complete else "CUT SHORT"
+        print(
+            f"sagakit check {args.definition} [handlers/{r.name}]: "
+            f"{r.schedules} interleavings, {state}"
+        )
+        if r.violations:
+            print(f"  VIOLATION: {r.violations[0]}")
+            for i, step in enumerate(r.trace, 1):
+                print(f"    {i:3}. {step}")
+
+
+def _check_suite(
+    args: argparse.Namespace, make: Callable[[Bounds], Checker], races: Sequence[Race]
+) -> int:
     from sagakit.testing.check_suite import run_suite
     from sagakit.testing.coverage import render_exercised
 
-    suite = run_suite(make)
+    suite = run_suite(make, races=races)
     if args.json:
         print(json.dumps(suite.to_json()))
     else:
+        _print_races(args, suite.races)
         for name, report in suite.reports.items():
             print(f"sagakit check {args.definition} [{name}]: {suite.bounds[name]}")
             print(
@@ -296,6 +361,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     check.add_argument("--max-states", type=int, default=2_000_000)
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument(
+        "--races",
+        metavar="MODULE:ATTR",
+        default=None,
+        help="the app's races of concurrent handler transactions (a list of "
+        "sagakit.testing.races.Race, or a function returning one), explored in every "
+        "interleaving on SQLite before the sagas; the checkout's are its default",
+    )
+    check.add_argument("--no-races", action="store_true", help="skip the races")
     check.add_argument(
         "--suite",
         action="store_true",

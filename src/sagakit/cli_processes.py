@@ -322,9 +322,7 @@ async def _serve(args: argparse.Namespace, build: Callable[[], Engine]) -> int:
         metrics = await serve_metrics(args.metrics_host, args.metrics_port)
         log.warning("sagakit %s metrics on %s:%d", args.role, args.metrics_host, args.metrics_port)
     try:
-        engine = await open_when_ready(
-            build, role=args.role, wait=args.wait_for_servers, stop=stop
-        )
+        engine = await open_when_ready(build, role=args.role, wait=args.wait_for_servers, stop=stop)
         if engine is None:  # stopped while waiting for the servers
             return 0
         try:

@@ -1,37 +1,35 @@
 """The last-item race on PostgreSQL: concurrent reservations of the last unit, one winner.
 
-SQLite runs one writer at a time, which hides a reservation written as read-then-write
-(read the stock, check it in Python, write the new numbers back): the check and the
-write of one order can never be separated by another order's. PostgreSQL under READ
-COMMITTED (its default) runs the handlers' transactions side by side, so here many
-``ReserveInventory`` commands for one SKU with one unit in stock are handled at once
-by the real inventory participant (``sagakit_checkout.inventory``: its handlers, the
-participant runtime's inbox and idempotency records, each command in its own store
-transaction on its own pooled connection, spread over two replicas of the service),
-round after round. Exactly one order may win each round; the others fail for good
-with "out of stock", and the stock equation holds.
+PostgreSQL under READ COMMITTED (its default) runs the handlers' transactions side by
+side. Here many ``ReserveInventory`` commands for one SKU with one unit in stock are
+handled at once by the real inventory participant (``sagakit_checkout.inventory``: its
+handlers, the participant runtime's inbox and idempotency records, each command in its
+own store transaction on its own pooled connection, spread over two replicas of the
+service), round after round. Exactly one order may win each round; the others fail for
+good with "out of stock", and the stock equation holds.
 
-The mutation suite (``tests/mutation``) runs this test against a read-then-write
-reservation, which it must fail.
+``sagakit check checkout`` explores the same race in every interleaving on SQLite
+(``sagakit.testing.races``, the race ``last-item``), which is what catches a reservation
+written as read-then-write in the mutation suite; this test is the real thing, on the
+database production runs, and the mutation suite runs it too (``--proofs race``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sagakit_checkout import inventory
+from sagakit_checkout.races import reserve
 
-from sagakit.core.envelope import Envelope, MessageKind, Outcome
-from sagakit.core.machine import action_key
-from sagakit.errors import StoreError
+from sagakit.core.envelope import Envelope, Outcome
 from sagakit.runtime.participant import Participant
 from sagakit.stores.postgres import PostgresStore
+from sagakit.testing import races
 
 pytestmark = pytest.mark.postgres
 
@@ -40,7 +38,6 @@ PG_DSN = os.environ.get("SAGAKIT_TEST_POSTGRES_DSN", "postgresql://postgres@127.
 ROUNDS = 20
 CONTENDERS = 8  # orders racing for the last unit in each round
 REPLICAS = 2  # inventory processes: stores (connection pools) on the same schema
-DELIVERIES = 5  # a transaction that fails is delivered again, as the consumer does
 
 
 def _unreachable() -> str | None:
@@ -70,45 +67,13 @@ def schema() -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-def reserve_command(order_id: str, sku: str) -> Envelope:
-    """The orchestrator's ReserveInventory command for ``order_id`` (first attempt)."""
-    saga_id = f"saga-{order_id}"
-    return Envelope(
-        message_id=f"{saga_id}:3:0",
-        type="ReserveInventory",
-        kind=MessageKind.COMMAND,
-        source="orchestrator",
-        destination=inventory.NAME,
-        correlation_id=saga_id,
-        saga_id=saga_id,
-        business_key=order_id,
-        step="reserve_inventory",
-        attempt=1,
-        fence=3,
-        idempotency_key=action_key(saga_id, "reserve_inventory"),
-        reply_to="orchestrator",
-        occurred_at=time.time(),
-        payload={"order_id": order_id, "sku": sku, "qty": 1},
-    )
-
-
 async def deliver(participant: Participant, command: Envelope) -> Outcome:
     """Handle ``command`` as the consumer does (one transaction, delivered again if it
-    fails) and return the answer the participant recorded for it."""
-    for n in range(1, DELIVERIES + 1):
-        try:
-            async with participant.transaction() as tx:
-                await participant.process_batch(tx, [command], participant.clock())
-            break
-        except StoreError:
-            # A concurrent transaction got in the way (PostgreSQL resolves conflicts by
-            # failing one side): the message is delivered again.
-            if n == DELIVERIES:
-                raise
-    async with participant.transaction() as tx:
-        record = await tx.idempotency_get(participant.name, command.idempotency_key or "")
-    assert record is not None, f"no answer recorded for {command.business_key}"
-    return Outcome.from_payload(record.outcome)
+    fails: PostgreSQL resolves conflicts by failing one side) and return the answer the
+    participant recorded for it."""
+    outcome = await races.deliver(participant, command, now=participant.clock(), deliveries=5)
+    assert outcome is not None, f"no answer recorded for {command.business_key}"
+    return outcome
 
 
 async def stock_of(store: PostgresStore, sku: str) -> dict[str, int]:
@@ -154,7 +119,7 @@ async def test_concurrent_reservations_of_the_last_unit_have_one_winner(schema: 
             orders = [f"order-{n}-{i}" for i in range(CONTENDERS)]
             outcomes = await asyncio.gather(
                 *(
-                    deliver(replicas[i % REPLICAS], reserve_command(order, sku))
+                    deliver(replicas[i % REPLICAS], reserve(order, sku=sku))
                     for i, order in enumerate(orders)
                 )
             )

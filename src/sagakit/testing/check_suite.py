@@ -7,14 +7,16 @@ each aimed at one family of bugs, cover them all within about half a minute of C
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagakit.testing.checker import Bounds, Checker, CheckReport
+from sagakit.testing.races import Race, RaceResult, explore_all
 
 CHECK_SUITE: dict[str, Bounds] = {
     # Cheap configurations first: a planted bug is usually caught in the first seconds.
@@ -51,16 +53,25 @@ class SuiteReport:
     reports: dict[str, CheckReport] = field(default_factory=dict)
     bounds: dict[str, Bounds] = field(default_factory=dict)
     elapsed: dict[str, float] = field(default_factory=dict)
+    races: list[RaceResult] = field(default_factory=list)
+    """The app's races of concurrent handler transactions (:mod:`sagakit.testing.races`),
+    run before the configurations."""
 
     @property
     def violations(self) -> list[str]:
-        """Every violation found (the suite stops at the first configuration with one)."""
-        return [f"{name}: {v}" for name, r in self.reports.items() for v in r.violations]
+        """Every violation found (the suite stops at the first race or configuration
+        with one)."""
+        return [f"handlers/{r.name}: {v}" for r in self.races for v in r.violations] + [
+            f"{name}: {v}" for name, r in self.reports.items() for v in r.violations
+        ]
 
     @property
     def complete(self) -> bool:
-        """True if no configuration was cut short by its ``max_states``."""
-        return all(r.complete for r in self.reports.values())
+        """True if no configuration was cut short by its ``max_states`` (nor a race by
+        its schedule budget)."""
+        return all(r.complete for r in self.reports.values()) and all(
+            r.complete for r in self.races
+        )
 
     @property
     def exercised(self) -> Counter[str]:
@@ -77,6 +88,7 @@ class SuiteReport:
             "violations": self.violations,
             "states": sum(r.states for r in self.reports.values()),
             "exercised": dict(sorted(self.exercised.items())),
+            "races": {r.name: r.to_json() for r in self.races},
             "configurations": {
                 name: {
                     "bounds": dataclasses.asdict(self.bounds[name]),
@@ -89,11 +101,20 @@ class SuiteReport:
 
 
 def run_suite(
-    make: Callable[[Bounds], Checker], suite: Mapping[str, Bounds] | None = None
+    make: Callable[[Bounds], Checker],
+    suite: Mapping[str, Bounds] | None = None,
+    *,
+    races: Sequence[Race] = (),
 ) -> SuiteReport:
-    """Run ``make(bounds).run()`` for each configuration of ``suite`` (default
-    :data:`CHECK_SUITE`) in order; stop after the first that finds a violation."""
+    """Explore ``races`` (every interleaving of the app's concurrent handler
+    transactions, on SQLite; they take about a second), then run ``make(bounds).run()``
+    for each configuration of ``suite`` (default :data:`CHECK_SUITE`) in order; stop
+    after the first race or configuration that finds a violation."""
     out = SuiteReport()
+    if races:
+        out.races = asyncio.run(explore_all(races))
+        if any(r.violations for r in out.races):
+            return out
     for name, bounds in (CHECK_SUITE if suite is None else suite).items():
         started = time.monotonic()
         report = make(bounds).run()

@@ -1,0 +1,306 @@
+"""The checkout's concurrent transactions, for ``sagakit check checkout``.
+
+Each race runs the real inventory participant (:func:`sagakit_checkout.inventory.
+build_inventory`, its handlers and the participant runtime's inbox and idempotency
+records) and the reservation sweeper, side by side, in every interleaving that
+:mod:`sagakit.testing.races` explores, and checks the stock afterwards:
+
+* ``last-item``: two orders reserve the last unit; one wins, the other is told "out of
+  stock" for good;
+* ``same-command-twice``: one ReserveInventory delivered to two replicas at once;
+* ``retry-beside-first-try``: a retry (attempt 2) handled while attempt 1 still runs;
+* ``release-overtakes-reserve``: a reservation's release handled beside the reservation;
+* ``sweeper-vs-commit`` and ``sweeper-vs-release``: an expired reservation committed
+  (or released) while the sweeper returns it to stock.
+
+Every run must keep the stock equation (``initial = available + reserved + shipped``,
+none negative; ``reserved`` and ``shipped`` equal to the reservations that hold them)
+and its race's own rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sagakit_checkout import inventory
+
+from sagakit.core.envelope import Envelope, MessageKind, Outcome
+from sagakit.core.machine import action_key, compensation_key
+from sagakit.stores.sqlite import SQLiteStore
+from sagakit.testing.races import Actor, ActorFailed, Race, deliver
+
+NOW = 1_000_000.0
+"""The clock of every race (a fixed clock: a race must replay the same way)."""
+
+SKU = "sku-last"
+RESERVE_STEP = "reserve_inventory"
+COMMIT_STEP = "commit_inventory"
+
+
+def _saga(order_id: str) -> str:
+    return f"saga-{order_id}"
+
+
+def command(
+    type_: str,
+    order_id: str,
+    *,
+    step: str,
+    attempt: int = 1,
+    key: str | None = None,
+    compensates: str | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Envelope:
+    """A command of the orchestrator to the inventory, as the checkout saga sends it."""
+    saga_id = _saga(order_id)
+    return Envelope(
+        message_id=f"{saga_id}:{type_}:{attempt}",
+        type=type_,
+        kind=MessageKind.COMMAND,
+        source="orchestrator",
+        destination=inventory.NAME,
+        correlation_id=saga_id,
+        saga_id=saga_id,
+        business_key=order_id,
+        step=step,
+        attempt=attempt,
+        fence=attempt,
+        idempotency_key=key or action_key(saga_id, step),
+        compensates=compensates,
+        reply_to="orchestrator",
+        occurred_at=NOW,
+        payload=payload or {"order_id": order_id},
+    )
+
+
+def reserve(order_id: str, *, attempt: int = 1, sku: str = SKU) -> Envelope:
+    """ReserveInventory of one unit of ``sku`` for ``order_id``."""
+    return command(
+        "ReserveInventory",
+        order_id,
+        step=RESERVE_STEP,
+        attempt=attempt,
+        payload={"order_id": order_id, "sku": sku, "qty": 1},
+    )
+
+
+def release(order_id: str) -> Envelope:
+    """ReleaseInventory, the compensation of ``order_id``'s reservation."""
+    saga_id = _saga(order_id)
+    return command(
+        "ReleaseInventory",
+        order_id,
+        step=RESERVE_STEP,
+        key=compensation_key(saga_id, RESERVE_STEP, 0),
+        compensates=action_key(saga_id, RESERVE_STEP),
+    )
+
+
+def commit(order_id: str) -> Envelope:
+    """CommitReservation of ``order_id`` (past the pivot: the goods leave)."""
+    return command("CommitReservation", order_id, step=COMMIT_STEP)
+
+
+def handled(cmd: Envelope, *, now: float = NOW) -> Actor:
+    """An actor: a replica of the inventory service delivering ``cmd``."""
+
+    async def run(store: Any) -> Outcome | None:
+        participant = inventory.build_inventory(store)
+        participant.clock = lambda: now
+        return await deliver(participant, cmd, now=now)
+
+    return run
+
+
+async def sweep(store: Any) -> int:
+    """An actor: the reservation sweeper, run once at :data:`NOW`."""
+    expired: int = await inventory.expire_reservations(store, NOW)
+    return expired
+
+
+def seeded(units: int, *, expired: str | None = None, live: str | None = None) -> Any:
+    """A setup: the inventory's tables, ``units`` of :data:`SKU`, and optionally a
+    reservation for order ``expired`` that expired before :data:`NOW` and one for order
+    ``live`` that still holds its unit (so that a settlement that takes the wrong units
+    shows in the stock rather than in a negative count the schema refuses)."""
+
+    async def setup(store: SQLiteStore) -> None:
+        await store.apply_migrations(inventory.NAMESPACE, inventory.MIGRATIONS)
+        await inventory.seed_stock(store, {SKU: units})
+        for order_id, at in ((expired, NOW - inventory.RESERVATION_TTL - 60.0), (live, NOW)):
+            if order_id is not None:
+                outcome = await handled(reserve(order_id), now=at)(store)
+                if not (isinstance(outcome, Outcome) and outcome.ok):
+                    raise RuntimeError(f"seeding the reservation of {order_id}: {outcome}")
+
+    return setup
+
+
+async def stock_violations(store: SQLiteStore) -> list[str]:
+    """The stock equation, from the inventory's own tables."""
+    async with store.transaction() as tx:
+        row = await tx.fetchone(
+            "SELECT initial, available, reserved, shipped FROM stock WHERE sku = ?", (SKU,)
+        )
+        held = await tx.fetchall(
+            "SELECT status, COALESCE(SUM(qty), 0) FROM reservations WHERE sku = ? GROUP BY status",
+            (SKU,),
+        )
+    assert row is not None
+    initial, available, reserved, shipped = map(int, row)
+    by_status = {str(s): int(q) for s, q in held}
+    out = []
+    if min(available, reserved, shipped) < 0 or initial != available + reserved + shipped:
+        out.append(
+            f"stock equation broken: initial {initial} != available {available} + reserved "
+            f"{reserved} + shipped {shipped} (or one is negative)"
+        )
+    if reserved != by_status.get("RESERVED", 0):
+        out.append(
+            f"stock says {reserved} reserved but RESERVED reservations hold "
+            f"{by_status.get('RESERVED', 0)}"
+        )
+    if shipped != by_status.get("COMMITTED", 0):
+        out.append(
+            f"stock says {shipped} shipped but COMMITTED reservations hold "
+            f"{by_status.get('COMMITTED', 0)}"
+        )
+    return out
+
+
+async def _statuses(store: SQLiteStore) -> dict[str, str]:
+    async with store.transaction() as tx:
+        rows = await tx.fetchall("SELECT order_id, status FROM reservations")
+    return {str(o): str(s) for o, s in rows}
+
+
+async def _replies(store: SQLiteStore) -> int:
+    async with store.transaction() as tx:
+        row = await tx.fetchone("SELECT COUNT(*) FROM outbox")
+    return 0 if row is None else int(row[0])
+
+
+def _outcomes(results: Sequence[object]) -> list[Outcome]:
+    return [r for r in results if isinstance(r, Outcome)]
+
+
+async def _last_item(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+    out = await stock_violations(store)
+    outcomes = _outcomes(results)
+    won = [o for o in outcomes if o.ok]
+    if len(won) != 1:
+        out.append(f"{len(won)} orders got the last unit (outcomes {outcomes})")
+    lost = [o for o in outcomes if not o.ok]
+    if any(o.reason != inventory.OUT_OF_STOCK or o.retryable for o in lost):
+        out.append(f"the other order was not told 'out of stock' for good: {lost}")
+    return out
+
+
+async def _once(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+    out = await stock_violations(store)
+    outcomes = _outcomes(results)
+    if len(outcomes) != len(results) or not all(o.ok for o in outcomes):
+        out.append(f"a delivery of the reservation was not answered with success: {results}")
+    elif len({str(o.to_payload()) for o in outcomes}) != 1:
+        out.append(f"deliveries of one command got different answers: {outcomes}")
+    statuses = await _statuses(store)
+    if statuses != {"order-1": "RESERVED"}:
+        out.append(f"one reservation expected, found {statuses}")
+    return out
+
+
+def _replied(count: int) -> Any:
+    async def check(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+        out = await _once(store, results)
+        replies = await _replies(store)
+        if replies != count:
+            out.append(f"{replies} replies in the outbox, {count} expected")
+        return out
+
+    return check
+
+
+async def _release_beside_reserve(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+    out = await stock_violations(store)
+    reserved, released = results
+    statuses = await _statuses(store)
+    if statuses.get("order-1", "RELEASED") != "RELEASED":
+        out.append(f"the reservation is {statuses['order-1']} after its release was answered")
+    if not isinstance(released, Outcome) or not released.ok:
+        out.append(f"the release was not answered with success: {released}")
+    if isinstance(reserved, Outcome) and reserved.ok and "order-1" not in statuses:
+        out.append("the reservation was answered with success but holds nothing")
+    return out
+
+
+def _settled_once(action: str) -> Any:
+    async def check(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+        out = await stock_violations(store)
+        answer, expired = results
+        status = (await _statuses(store)).get("order-1")
+        if not isinstance(answer, Outcome):
+            out.append(f"the {action} got no recorded answer: {answer}")
+        elif status == "EXPIRED" and answer.ok and action == "commit":
+            out.append("the commit was answered with success but the reservation expired")
+        elif status not in ("EXPIRED", "COMMITTED" if action == "commit" else "RELEASED"):
+            out.append(f"the reservation ended {status} after the {action} and the sweeper")
+        if not isinstance(expired, ActorFailed) and expired not in (0, 1):
+            out.append(f"the sweeper expired {expired} reservations of one")
+        return out
+
+    return check
+
+
+def checkout_races() -> list[Race]:
+    """The checkout's races (see the module docstring), cheapest first."""
+    return [
+        Race(
+            "last-item",
+            seeded(1),
+            [("order-1", handled(reserve("order-1"))), ("order-2", handled(reserve("order-2")))],
+            _last_item,
+            about="two orders reserve the last unit",
+        ),
+        Race(
+            "same-command-twice",
+            seeded(2),
+            [
+                ("replica-1", handled(reserve("order-1"))),
+                ("replica-2", handled(reserve("order-1"))),
+            ],
+            _replied(1),
+            about="one ReserveInventory delivered to two replicas at once",
+        ),
+        Race(
+            "retry-beside-first-try",
+            seeded(2),
+            [
+                ("attempt-1", handled(reserve("order-1"))),
+                ("attempt-2", handled(reserve("order-1", attempt=2))),
+            ],
+            _replied(2),
+            about="attempt 2 of a reservation handled while attempt 1 runs",
+        ),
+        Race(
+            "release-overtakes-reserve",
+            seeded(1),
+            [("reserve", handled(reserve("order-1"))), ("release", handled(release("order-1")))],
+            _release_beside_reserve,
+            about="a reservation and its release handled side by side",
+        ),
+        Race(
+            "sweeper-vs-commit",
+            seeded(2, expired="order-1", live="order-2"),
+            [("commit", handled(commit("order-1"))), ("sweeper", sweep)],
+            _settled_once("commit"),
+            about="an expired reservation committed while the sweeper returns it",
+        ),
+        Race(
+            "sweeper-vs-release",
+            seeded(2, expired="order-1", live="order-2"),
+            [("release", handled(release("order-1"))), ("sweeper", sweep)],
+            _settled_once("release"),
+            about="an expired reservation released while the sweeper returns it",
+        ),
+    ]

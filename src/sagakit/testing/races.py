@@ -1,0 +1,545 @@
+"""Concurrent transactions of real handlers: every interleaving, on SQLite.
+
+The exhaustive checker (:mod:`sagakit.testing.checker`) treats each delivery as one
+step: it finds what an order of messages can do, not what two transactions running side
+by side can. Those are the bugs of a handler written as read-then-write (read the stock,
+check it in Python, write the computed numbers back), which PostgreSQL under READ
+COMMITTED, its default, lets two transactions interleave, and which SQLite, one writer
+at a time, hides in production.
+
+:func:`explore` runs a :class:`Race`: a few actors, each running real code through the
+public path (a participant's ``transaction()`` and ``process_batch``, see
+:func:`deliver`, or a job such as a sweeper that opens its own transactions), over every
+interleaving of their transactions' statements, each time from the same seeded database
+file, and checks the race's invariants at the end of each run.
+
+How READ COMMITTED is reproduced on SQLite. Each actor has its own connection to the
+file, and each of its transactions runs in two phases:
+
+* until its first write, every statement reads the latest committed data (the
+  connection is in autocommit mode: a fresh snapshot per statement, as in READ
+  COMMITTED). The runtime's writes whose result it does not read (idempotency records,
+  outbox rows) are kept aside; an inbox insert reads whether the id is already there and
+  keeps the insert aside;
+* at its first business write, or at commit, it takes the file's write lock, writes
+  what it kept aside (an id another transaction put in the inbox meanwhile fails the
+  transaction, which is delivered again, as a unique violation would be), and runs to
+  its end with no other transaction in between.
+
+Each statement of the first phase is a point where another actor may run instead, so
+every placement of other transactions' commits between a transaction's reads and its
+writes is explored: every lost update of a read-then-write. Write phases run one after
+the other (SQLite has one writer), a subset of what READ COMMITTED allows: two writing
+transactions interleaving on different rows (write skew) are out of reach here; the
+PostgreSQL race test in the repository runs real concurrent transactions. Orders that
+differ only in how reads of different actors are placed between the same two commits
+see the same data, so only one of them is run (such reads are taken in actor order).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from sagakit.core.envelope import Envelope, Outcome
+from sagakit.errors import SagakitError, StoreError
+from sagakit.runtime.participant import Participant
+from sagakit.stores.base import IdempotencyRecord, ItemByItem
+from sagakit.stores.sqlite import SQLiteStore, SQLiteTx
+
+Actor = Callable[[Any], Awaitable[object]]
+"""An actor: given its store (transactions on its own connection), does its work and
+returns what the race's check needs (e.g. the outcome a participant recorded)."""
+
+Check = Callable[[SQLiteStore, Sequence[object]], Awaitable[Sequence[str]]]
+"""A race's invariants: given the run's store and each actor's result (in actor order),
+the violations found (empty when the run was correct)."""
+
+
+class RaceError(SagakitError):
+    """The race cannot be explored as written (not a violation of its invariants)."""
+
+
+@dataclass(frozen=True)
+class Race:
+    """Actors run concurrently from a seeded database, and what must hold afterwards."""
+
+    name: str
+    setup: Callable[[SQLiteStore], Awaitable[None]]
+    """Seeds the database (migrations, rows) through a real store, once per race."""
+    actors: Sequence[tuple[str, Actor]]
+    """``(label, actor)``: the label names the actor in traces."""
+    check: Check
+    about: str = ""
+    """One line: what the race tries."""
+
+
+@dataclass
+class RaceResult:
+    """What :func:`explore` found for one race."""
+
+    name: str
+    schedules: int = 0
+    complete: bool = True
+    violations: list[str] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)
+    """The schedule of the first violation: which actor ran which statement, in order."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` form."""
+        return {
+            "schedules": self.schedules,
+            "complete": self.complete,
+            "violations": self.violations,
+            "trace": self.trace,
+        }
+
+
+@dataclass(frozen=True)
+class ActorFailed:
+    """An actor's result when it raised (a check usually reports it as a violation)."""
+
+    label: str
+    error: BaseException
+
+    def __str__(self) -> str:
+        return f"{self.label} raised {type(self.error).__name__}: {self.error}"
+
+
+async def deliver(
+    participant: Participant, command: Envelope, *, now: float, deliveries: int = 5
+) -> Outcome | None:
+    """Deliver ``command`` as the consumer does: one transaction, ``process_batch``, and
+    again when the transaction fails with a :class:`~sagakit.errors.StoreError` (up to
+    ``deliveries`` times). Returns the outcome recorded for its idempotency key, if any."""
+    for n in range(1, deliveries + 1):
+        try:
+            async with participant.transaction() as tx:
+                await participant.process_batch(tx, [command], now)
+            break
+        except StoreError:
+            if n == deliveries:
+                raise
+    if command.idempotency_key is None:
+        return None
+    async with participant.transaction() as tx:
+        record = await tx.idempotency_get(participant.name, command.idempotency_key)
+    return None if record is None else Outcome.from_payload(record.outcome)
+
+
+# -- one actor's transactions --------------------------------------------------------
+
+
+class _Point:
+    """Awaited before a statement another actor may run ahead of: yields to the explorer."""
+
+    __slots__ = ("kind", "what")
+
+    def __init__(self, kind: str, what: str) -> None:
+        self.kind = kind  # "read" (phase one) or "write" (takes the lock, runs to the end)
+        self.what = what
+
+    def __await__(self) -> Generator[_Point, None, None]:
+        yield self
+
+
+class _Gate:
+    """One actor's connection and the state of its open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.writing = False
+        self.staged: list[Callable[[], Awaitable[None]]] = []
+        self.inbox: set[tuple[str, str]] = set()
+        self.records: dict[tuple[str, str], IdempotencyRecord] = {}
+
+    def reset(self) -> None:
+        self.writing = False
+        self.staged.clear()
+        self.inbox.clear()
+        self.records.clear()
+
+
+def _writes(sql: str) -> bool:
+    """Whether ``sql`` may write (anything but a plain query counts as a write, which
+    only explores fewer orders, never a wrong one)."""
+    words = sql.lstrip().split(None, 1)
+    head = words[0].upper() if words else ""
+    if head in ("SELECT", "VALUES", "EXPLAIN"):
+        return " RETURNING " in f" {sql.upper()} "
+    if head == "WITH":
+        upper = sql.upper()
+        return any(w in upper for w in ("INSERT ", "UPDATE ", "DELETE ", "REPLACE "))
+    return True
+
+
+class _SteppedTx(SQLiteTx):
+    """A :class:`SQLiteTx` on an actor's connection, run in the two phases above."""
+
+    __slots__ = ("_gate",)
+    _gate: _Gate
+
+    async def _point(self, kind: str, what: str) -> None:
+        if self._gate.writing:
+            return
+        await _Point(kind, what)
+        if kind == "write":
+            await self._begin_writes()
+
+    async def _begin_writes(self) -> None:
+        gate = self._gate
+        if gate.conn.in_transaction:
+            raise RaceError("an actor's read left a transaction open before its first write")
+        gate.conn.execute("BEGIN IMMEDIATE")  # free: no other write phase is running
+        gate.writing = True
+        staged = list(gate.staged)
+        gate.staged.clear()
+        for write in staged:
+            await write()
+
+    # -- business statements ----------------------------------------------------------
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        await self._point("write" if _writes(sql) else "read", _short(sql))
+        return await super().execute(sql, params)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        await self._point("write" if _writes(sql) else "read", _short(sql))
+        return await super().fetchall(sql, params)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        await self._point("write" if _writes(sql) else "read", _short(sql))
+        return await super().fetchone(sql, params)
+
+    # -- the runtime's records: read now, written at the write phase -------------------
+    async def inbox_add(self, consumer: str, message_id: str, now: float) -> bool:
+        if self._gate.writing:
+            return await super().inbox_add(consumer, message_id, now)
+        await self._point("read", f"inbox has {message_id}?")
+        return self._stage_inbox(consumer, message_id, now)
+
+    async def inbox_add_many(
+        self, consumer: str, message_ids: Sequence[str], now: float
+    ) -> set[str]:
+        if self._gate.writing:
+            return await super().inbox_add_many(consumer, message_ids, now)
+        await self._point("read", f"inbox has {', '.join(message_ids)}?")
+        return {m for m in message_ids if self._stage_inbox(consumer, m, now)}
+
+    def _stage_inbox(self, consumer: str, message_id: str, now: float) -> bool:
+        gate = self._gate
+        if (consumer, message_id) in gate.inbox or self._one(
+            "read the inbox", self._q["inbox_has"], (consumer, message_id)
+        ):
+            return False
+        gate.inbox.add((consumer, message_id))
+
+        async def write() -> None:
+            if not await SQLiteTx.inbox_add(self, consumer, message_id, now):
+                raise StoreError(
+                    f"message {message_id} entered {consumer}'s inbox in another transaction "
+                    "since this one read the inbox (a concurrent delivery of the same "
+                    "message): this transaction rolls back and the message is delivered again"
+                )
+
+        gate.staged.append(write)
+        return True
+
+    async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
+        await self._point("read", f"record of {key}?")
+        staged = self._gate.records.get((consumer, key))
+        return staged if staged is not None else await super().idempotency_get(consumer, key)
+
+    async def idempotency_get_many(
+        self, consumer: str, keys: Sequence[str]
+    ) -> dict[str, IdempotencyRecord]:
+        await self._point("read", f"records of {', '.join(keys)}?")
+        found = await super().idempotency_get_many(consumer, keys)
+        for (c, key), record in self._gate.records.items():
+            if c == consumer and key in keys:
+                found[key] = record
+        return found
+
+    async def idempotency_put(
+        self,
+        consumer: str,
+        key: str,
+        outcome: dict[str, Any],
+        now: float,
+        *,
+        tombstone: bool = False,
+    ) -> None:
+        if self._gate.writing:
+            return await super().idempotency_put(consumer, key, outcome, now, tombstone=tombstone)
+        gate = self._gate
+        gate.records[(consumer, key)] = IdempotencyRecord(
+            key=key, outcome=outcome, tombstone=tombstone, at=now
+        )
+
+        async def write() -> None:
+            await SQLiteTx.idempotency_put(self, consumer, key, outcome, now, tombstone=tombstone)
+
+        gate.staged.append(write)
+
+    async def outbox_add(self, envelopes: Sequence[Envelope], now: float) -> None:
+        if self._gate.writing:
+            return await super().outbox_add(envelopes, now)
+        batch = list(envelopes)
+
+        async def write() -> None:
+            await SQLiteTx.outbox_add(self, batch, now)
+
+        self._gate.staged.append(write)
+
+
+def _writing(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Any other Tx method: treated as a write (takes the lock first)."""
+
+    async def call(self: _SteppedTx, *args: Any, **kwargs: Any) -> Any:
+        await self._point("write", method.__name__)
+        return await method(self, *args, **kwargs)
+
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
+for _name, _method in inspect.getmembers(SQLiteTx, inspect.iscoroutinefunction):
+    # ItemByItem's batch methods loop over the single-item ones, which are stepped.
+    composite = _name in vars(ItemByItem) and _name not in vars(SQLiteTx)
+    if not _name.startswith("_") and _name not in vars(_SteppedTx) and not composite:
+        setattr(_SteppedTx, _name, _writing(_method))
+
+
+def _short(sql: str) -> str:
+    text = " ".join(sql.split())
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+class _Transaction(AbstractAsyncContextManager[SQLiteTx]):
+    """An actor's transaction: commits its write phase, or writes what it kept aside."""
+
+    def __init__(self, gate: _Gate, store: str) -> None:
+        self._gate = gate
+        self._store = store
+        self._tx: _SteppedTx | None = None
+
+    async def __aenter__(self) -> SQLiteTx:
+        if self._gate.writing or self._gate.staged:
+            raise RaceError("an actor opened a transaction inside another one")
+        tx = cast(_SteppedTx, _SteppedTx.on_connection(self._gate.conn, self._store))
+        tx._gate = self._gate
+        self._tx = tx
+        return tx
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        gate, tx = self._gate, self._tx
+        assert tx is not None
+        try:
+            if exc_type is None and not gate.writing and gate.staged:
+                await tx._point("write", "commit")
+            if gate.conn.in_transaction:
+                gate.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        except BaseException:
+            if gate.conn.in_transaction:
+                gate.conn.execute("ROLLBACK")
+            raise
+        finally:
+            gate.reset()
+            tx._conn = None
+
+
+class _ActorStore:
+    """What an actor gets as its store: stepped transactions on its own connection;
+    anything else is the run's store's."""
+
+    def __init__(self, base: SQLiteStore, gate: _Gate) -> None:
+        self._base = base
+        self._gate = gate
+        self.name = base.name
+        self.dialect = base.dialect
+
+    def transaction(self) -> AbstractAsyncContextManager[SQLiteTx]:
+        """A transaction run in the two phases of :mod:`sagakit.testing.races`."""
+        return _Transaction(self._gate, self.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._base, attr)
+
+
+# -- the explorer --------------------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")  # a scratch copy: durability buys nothing here
+    return conn
+
+
+def _scratch_dir() -> str | None:
+    # Each schedule copies the seeded file and commits a few times: in memory when the
+    # machine has a RAM disk, the disk's syncs would be most of the run's time.
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+@dataclass
+class _Run:
+    choices: list[tuple[list[int], int]] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+
+async def _run_once(
+    race: Race, template: Path, path: Path, prefix: Sequence[int], before: _Run | None
+) -> _Run:
+    """One run of ``race``: the picks of ``prefix``, then the first actor allowed.
+
+    ``before`` is the run ``prefix`` branches from: up to the branch, this run must make
+    the same statements with the same actors allowed, or the race is not deterministic.
+    """
+    shutil.copyfile(template, path)
+    base = SQLiteStore(path, name=f"race-{race.name}")
+    await base.open()
+    labels = [label for label, _ in race.actors]
+    gates = [_Gate(_connect(path)) for _ in race.actors]
+    run = _Run()
+    coros = [
+        actor(_ActorStore(base, gate)) for (_, actor), gate in zip(race.actors, gates, strict=True)
+    ]
+    contexts = [contextvars.copy_context() for _ in coros]
+    pending: list[_Point | None] = [None] * len(coros)
+    finished = [False] * len(coros)
+    try:
+        results: list[object] = [None] * len(coros)
+
+        def advance(i: int) -> None:
+            coro = cast(Coroutine[Any, Any, object], coros[i])
+            try:
+                while True:
+                    yielded = contexts[i].run(coro.send, None)
+                    if isinstance(yielded, _Point):
+                        pending[i] = yielded
+                        return
+                    if yielded is not None:  # a bare yield (asyncio.sleep(0)) is no wait
+                        coro.close()
+                        raise RaceError(
+                            f"actor {labels[i]} awaited {yielded!r}: an actor may await only "
+                            "its store's transactions (no I/O, locks or sleeps)"
+                        )
+            except StopIteration as stop:
+                pending[i], results[i], finished[i] = None, stop.value, True
+            except RaceError:
+                raise
+            except Exception as exc:  # a handler or store error: the check decides
+                pending[i], results[i], finished[i] = None, ActorFailed(labels[i], exc), True
+
+        for i in range(len(coros)):  # up to each actor's first statement: nothing shared
+            advance(i)
+        last: tuple[int, str] | None = None
+        while any(p is not None for p in pending):
+            allowed = [
+                i
+                for i, p in enumerate(pending)
+                if p is not None
+                and not (last is not None and last[1] == "read" == p.kind and i < last[0])
+            ]
+            # After a read by an actor that then ended, no later actor may read first.
+            allowed = allowed or [i for i, p in enumerate(pending) if p is not None]
+            step = len(run.choices)
+            pick = prefix[step] if step < len(prefix) else allowed[0]
+            point = pending[pick]
+            what = f"{labels[pick]}: {point.what}" if point is not None else ""
+            if before is not None and step < len(prefix):
+                same = before.choices[step][0] == allowed and (
+                    step == len(prefix) - 1 or before.trace[step] == what
+                )
+                if not same:
+                    raise _diverged(race)
+            assert point is not None
+            run.choices.append((allowed, pick))
+            run.trace.append(what)
+            last = (pick, point.kind)
+            advance(pick)
+        if len(run.choices) < len(prefix):
+            raise _diverged(race)
+        run.violations = [str(r) for r in results if isinstance(r, ActorFailed)]
+        run.violations += list(await race.check(base, results))
+    finally:
+        for i, coro in enumerate(coros):  # close an actor cut short in its own context
+            if not finished[i]:
+                contexts[i].run(cast(Coroutine[Any, Any, object], coro).close)
+        for gate in gates:
+            gate.conn.close()
+        await base.close()
+    return run
+
+
+def _diverged(race: Race) -> RaceError:
+    return RaceError(
+        f"race {race.name} did not replay the same way: its actors must depend only on "
+        "the database (a fixed clock, no randomness, no state kept between runs)"
+    )
+
+
+async def explore(
+    race: Race, *, max_schedules: int = 20_000, workdir: Path | None = None
+) -> RaceResult:
+    """Run ``race`` in every interleaving (up to ``max_schedules``); stop at the first
+    that breaks its check."""
+    result = RaceResult(race.name)
+    where = str(workdir) if workdir is not None else _scratch_dir()
+    with tempfile.TemporaryDirectory(prefix="sagakit-race-", dir=where) as tmp:
+        template = Path(tmp) / "seed.db"
+        seed = SQLiteStore(template, name=f"race-{race.name}")
+        await seed.open()
+        try:
+            await race.setup(seed)
+        finally:
+            await seed.close()
+        prefix: list[int] = []
+        run: _Run | None = None
+        while True:
+            run = await _run_once(race, template, Path(tmp) / "run.db", prefix, run)
+            result.schedules += 1
+            if run.violations:
+                result.violations = run.violations
+                result.trace = run.trace
+                return result
+            for k in range(len(run.choices) - 1, -1, -1):
+                allowed, pick = run.choices[k]
+                nxt = allowed.index(pick) + 1
+                if nxt < len(allowed):
+                    prefix = [c for _, c in run.choices[:k]] + [allowed[nxt]]
+                    break
+            else:
+                return result  # every schedule run
+            if result.schedules >= max_schedules:
+                result.complete = False
+                return result
+
+
+async def explore_all(
+    races: Sequence[Race], *, max_schedules: int = 20_000, workdir: Path | None = None
+) -> list[RaceResult]:
+    """:func:`explore` each race in turn; stop after the first with a violation."""
+    out: list[RaceResult] = []
+    for race in races:
+        out.append(await explore(race, max_schedules=max_schedules, workdir=workdir))
+        if out[-1].violations:
+            break
+    return out
