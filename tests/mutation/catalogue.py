@@ -146,6 +146,27 @@ MUTANTS: tuple[Mutant, ...] = (
         covers="table:reservation-race",
     ),
     Mutant(
+        "settle_ignores_status",
+        INVENTORY,
+        old='        "UPDATE reservations SET status = ?, updated_at = ? "\n'
+        "        \"WHERE order_id = ? AND status = 'RESERVED'\",\n",
+        new='        "UPDATE reservations SET status = ?, updated_at = ? "\n'
+        '        "WHERE order_id = ?",\n',
+        bug="a commit or release settles the reservation it read as RESERVED even if the "
+        "sweeper expired it since: its units go back to stock and are shipped too",
+        covers="guard:inventory.settle only what is still RESERVED",
+    ),
+    Mutant(
+        "sweeper_ignores_status",
+        INVENTORY,
+        old="                \"WHERE order_id = ? AND status = 'RESERVED'\",\n"
+        "                (now, order_id),\n",
+        new='                "WHERE order_id = ?",\n                (now, order_id),\n',
+        bug="the sweeper expires what it read as due even if it was committed or released "
+        "since: the units come back to stock a second time",
+        covers="guard:inventory.sweeper expires only what is still RESERVED",
+    ),
+    Mutant(
         "completed_at_capture",
         SAGAS,
         old='                command("inventory", "CommitReservation", _ref),\n',
@@ -287,20 +308,6 @@ MUTANTS: tuple[Mutant, ...] = (
         new="",
         bug="a late timer (a deadline) acts on a saga that already ended",
         covers="guard:machine.on_timer terminal",
-    ),
-    Mutant(
-        "reply_on_terminal_saga_not_stale",
-        MACHINE,
-        old="        if inst.terminal:\n"
-        "            return self._stale(t, key.step, "
-        'f"saga is already {inst.state.value}", reply, outcome)\n',
-        new="",
-        bug="a reply to a saga that already ended is not refused up front",
-        covers="guard:machine.on_reply terminal",
-        known_hole="equivalent for safety: the phase checks below refuse every reply to a "
-        "saga that is neither RUNNING nor COMPENSATING; what the guard adds is the reason "
-        'in history ("saga is already ..."), which tests/unit/test_machine.py pins and '
-        "the proofs do not read",
     ),
     Mutant(
         "cancel_after_pivot_accepted",

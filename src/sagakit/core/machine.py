@@ -473,12 +473,10 @@ class Machine:
             raise MessageError(f"reply {reply.message_id}: {exc}") from None
         step, st = d.steps[index], inst.steps[index]
         t = _Transition(self, inst, now, reply.message_id)
-        # Redundant by construction, kept for the clearer reason it records: every phase
-        # below is waiting only in RUNNING or COMPENSATING, so a reply to a terminal saga
-        # would be stale without this check too (no checker scenario can tell them apart;
-        # removing it changes only the ``why`` of the ``reply.stale`` history row).
-        if inst.terminal:
-            return self._stale(t, key.step, f"saga is already {inst.state.value}", reply, outcome)
+        # No separate check for a saga that already ended: every phase below waits only
+        # in RUNNING or COMPENSATING, so such a reply is stale anyway, and ``_stale``
+        # records why in words an operator reads ("saga is already COMPENSATED"). (A
+        # guard here was redundant: no proof could tell the code with it from without.)
         if reply.fence < st.fence_floor:
             why = "answers a try sent before a person resumed the step"
             return self._stale(t, key.step, why, reply, outcome)
@@ -937,6 +935,8 @@ class Machine:
 
     @staticmethod
     def _stale(t: _Transition, step: str, why: str, reply: Envelope, outcome: Outcome) -> Decision:
+        if t.inst.terminal:  # the first thing an operator needs to know
+            why = f"saga is already {t.inst.state.value}"
         return t.unchanged(
             "reply.stale", step, why=why, ok=outcome.ok, attempt=reply.attempt, fence=reply.fence
         )
