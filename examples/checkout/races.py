@@ -25,10 +25,10 @@ from typing import Any
 
 from sagakit_checkout import inventory
 
-from sagakit.core.envelope import Envelope, MessageKind, Outcome
-from sagakit.core.machine import action_key, compensation_key
+from sagakit.core.envelope import Envelope, Outcome
+from sagakit.runtime.participant import Participant
 from sagakit.stores.sqlite import SQLiteStore
-from sagakit.testing.races import Actor, ActorFailed, Race, deliver
+from sagakit.testing.races import Actor, ActorFailed, Race, command, delivering
 
 NOW = 1_000_000.0
 """The clock of every race (a fixed clock: a race must replay the same way)."""
@@ -42,75 +42,55 @@ def _saga(order_id: str) -> str:
     return f"saga-{order_id}"
 
 
-def command(
-    type_: str,
-    order_id: str,
-    *,
-    step: str,
-    attempt: int = 1,
-    key: str | None = None,
-    compensates: str | None = None,
-    payload: dict[str, Any] | None = None,
-) -> Envelope:
-    """A command of the orchestrator to the inventory, as the checkout saga sends it."""
-    saga_id = _saga(order_id)
-    return Envelope(
-        message_id=f"{saga_id}:{type_}:{attempt}",
-        type=type_,
-        kind=MessageKind.COMMAND,
-        source="orchestrator",
-        destination=inventory.NAME,
-        correlation_id=saga_id,
-        saga_id=saga_id,
-        business_key=order_id,
-        step=step,
-        attempt=attempt,
-        fence=attempt,
-        idempotency_key=key or action_key(saga_id, step),
-        compensates=compensates,
-        reply_to="orchestrator",
-        occurred_at=NOW,
-        payload=payload or {"order_id": order_id},
-    )
+def _inventory(store: Any) -> Participant:
+    participant: Participant = inventory.build_inventory(store)
+    return participant
 
 
 def reserve(order_id: str, *, attempt: int = 1, sku: str = SKU) -> Envelope:
     """ReserveInventory of one unit of ``sku`` for ``order_id``."""
+    payload = {"order_id": order_id, "sku": sku, "qty": 1}
     return command(
+        inventory.NAME,
         "ReserveInventory",
-        order_id,
+        payload,
+        saga_id=_saga(order_id),
         step=RESERVE_STEP,
         attempt=attempt,
-        payload={"order_id": order_id, "sku": sku, "qty": 1},
+        now=NOW,
     )
 
 
 def release(order_id: str) -> Envelope:
     """ReleaseInventory, the compensation of ``order_id``'s reservation."""
-    saga_id = _saga(order_id)
+    payload = {"order_id": order_id}
     return command(
+        inventory.NAME,
         "ReleaseInventory",
-        order_id,
+        payload,
+        saga_id=_saga(order_id),
         step=RESERVE_STEP,
-        key=compensation_key(saga_id, RESERVE_STEP, 0),
-        compensates=action_key(saga_id, RESERVE_STEP),
+        rung=0,
+        now=NOW,
     )
 
 
 def commit(order_id: str) -> Envelope:
     """CommitReservation of ``order_id`` (past the pivot: the goods leave)."""
-    return command("CommitReservation", order_id, step=COMMIT_STEP)
+    payload = {"order_id": order_id}
+    return command(
+        inventory.NAME,
+        "CommitReservation",
+        payload,
+        saga_id=_saga(order_id),
+        step=COMMIT_STEP,
+        now=NOW,
+    )
 
 
 def handled(cmd: Envelope, *, now: float = NOW) -> Actor:
     """An actor: a replica of the inventory service delivering ``cmd``."""
-
-    async def run(store: Any) -> Outcome | None:
-        participant = inventory.build_inventory(store)
-        participant.clock = lambda: now
-        return await deliver(participant, cmd, now=now)
-
-    return run
+    return delivering(_inventory, cmd, now=now)
 
 
 async def sweep(store: Any) -> int:

@@ -175,7 +175,10 @@ def _check(args: argparse.Namespace) -> int:
         _print_races(args, results)
         return 1
     started = time.monotonic()
-    report = make(bounds).run()
+    try:
+        report = make(bounds).run()
+    except Exception as exc:  # e.g. a payload builder that needs data the checker lacks
+        return _explore_failed(args, exc)
     elapsed = time.monotonic() - started
     if args.json:
         print(
@@ -208,6 +211,18 @@ def _check(args: argparse.Namespace) -> int:
     if report.violations:
         return 1
     return 0 if report.complete else 3
+
+
+def _explore_failed(args: argparse.Namespace, exc: Exception) -> int:
+    """Exit status 2, with what failed: the definition's own code raised while the
+    checker ran it (it starts saga *i* with the data ``{"n": i}``)."""
+    print(
+        f"sagakit check: exploring {args.definition} failed: {type(exc).__name__}: {exc}. "
+        'The checker starts saga i with the data {"n": i}; a step whose payload needs '
+        "other fields cannot be explored this way yet",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _load_races(where: str) -> list[Race]:
@@ -254,7 +269,10 @@ def _check_suite(
     from sagakit.testing.check_suite import run_suite
     from sagakit.testing.coverage import render_exercised
 
-    suite = run_suite(make, races=races)
+    try:
+        suite = run_suite(make, races=races)
+    except Exception as exc:
+        return _explore_failed(args, exc)
     if args.json:
         print(json.dumps(suite.to_json()))
     else:

@@ -44,14 +44,15 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-from sagakit.core.envelope import Envelope, Outcome
+from sagakit.core.envelope import Envelope, MessageKind, Outcome
+from sagakit.core.machine import action_key, compensation_key
 from sagakit.errors import SagakitError, StoreError
 from sagakit.runtime.participant import Participant
 from sagakit.stores.base import IdempotencyRecord, ItemByItem
@@ -114,6 +115,52 @@ class ActorFailed:
 
     def __str__(self) -> str:
         return f"{self.label} raised {type(self.error).__name__}: {self.error}"
+
+
+def command(
+    destination: str,
+    type_: str,
+    payload: Mapping[str, Any],
+    *,
+    saga_id: str,
+    step: str,
+    attempt: int = 1,
+    rung: int | None = None,
+    now: float = 0.0,
+) -> Envelope:
+    """A command as the orchestrator sends it: try ``attempt`` of ``step``'s action, or
+    with ``rung``, of that rung of its compensation (keys and ids as the machine makes
+    them, so the participant runtime treats it as in production)."""
+    key = action_key(saga_id, step) if rung is None else compensation_key(saga_id, step, rung)
+    return Envelope(
+        message_id=f"{key}:{attempt}",
+        type=type_,
+        kind=MessageKind.COMMAND,
+        source="orchestrator",
+        destination=destination,
+        correlation_id=saga_id,
+        saga_id=saga_id,
+        step=step,
+        attempt=attempt,
+        fence=attempt,
+        idempotency_key=key,
+        compensates=None if rung is None else action_key(saga_id, step),
+        reply_to="orchestrator",
+        occurred_at=now,
+        payload=dict(payload),
+    )
+
+
+def delivering(build: Callable[[Any], Participant], cmd: Envelope, *, now: float = 0.0) -> Actor:
+    """An actor: a replica of the participant ``build(store)`` makes, delivering ``cmd``
+    (see :func:`deliver`) with its clock at ``now``; its result is the recorded outcome."""
+
+    async def run(store: Any) -> Outcome | None:
+        participant = build(store)
+        participant.clock = lambda: now
+        return await deliver(participant, cmd, now=now)
+
+    return run
 
 
 async def deliver(
