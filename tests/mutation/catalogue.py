@@ -115,6 +115,26 @@ MUTANTS: tuple[Mutant, ...] = (
         covers="table:fence-floor",
     ),
     Mutant(
+        "timer_fence_floor_dropped",
+        MACHINE,
+        old="        if floor < st.fence_floor:\n"
+        '            return self._stale_timer(t, timer, "set before a person decided on the '
+        'step")\n',
+        new="",
+        bug="a step timer set before a person's decision (a second worker still holds it) "
+        "acts on the try the decision started",
+        covers="guard:machine.on_timer fence floor",
+    ),
+    Mutant(
+        "deadline_fence_ignored",
+        MACHINE,
+        old="            if set_for is not None and set_for != inst.deadline_at:\n",
+        new="            if False:\n",
+        bug="a deadline timer read before a person's decision ends the new deadline's "
+        "window at once",
+        covers="guard:machine.on_timer deadline replaced",
+    ),
+    Mutant(
         "action_attempt_check_dropped",
         MACHINE,
         old="and (reply.attempt != st.attempt or st.status is not StepStatus.RUNNING)",

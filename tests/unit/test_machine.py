@@ -175,8 +175,8 @@ def test_start_timers_include_deadline() -> None:
     run = Run(checkout())
     timers = {t.name: t for t in run.first.set_timers}
     assert timers == {
-        STEP_TIMER: Timer("s1", STEP_TIMER, NOW + 30, "timeout:0:action:0:1"),
-        DEADLINE_TIMER: Timer("s1", DEADLINE_TIMER, NOW + 3600, "deadline"),
+        STEP_TIMER: Timer("s1", STEP_TIMER, NOW + 30, "timeout:0:action:0:1:0"),
+        DEADLINE_TIMER: Timer("s1", DEADLINE_TIMER, NOW + 3600, f"deadline@{NOW + 3600!r}"),
     }
     assert run.first.cancel_timers == []
 
@@ -184,7 +184,7 @@ def test_start_timers_include_deadline() -> None:
 def test_start_without_deadline_sets_only_step_timer() -> None:
     d = SagaDefinition("s", [Step("a", command("x", "A"), timeout=5)])
     run = Run(d)
-    assert run.first.set_timers == [Timer("s1", STEP_TIMER, NOW + 5, "timeout:0:action:0:1")]
+    assert run.first.set_timers == [Timer("s1", STEP_TIMER, NOW + 5, "timeout:0:action:0:1:0")]
     assert run.inst.deadline_at is None
 
 
@@ -249,7 +249,7 @@ def test_success_path() -> None:
         statuses.append(run.inst.status)
         if i < 4:
             assert dec.outgoing[0].causation_id == f"s1:{version}:0/reply"
-            assert dec.set_timers[0].fence == f"timeout:{i + 1}:action:0:1"
+            assert dec.set_timers[0].fence == f"timeout:{i + 1}:action:0:1:0"
     assert statuses == [
         "PENDING",
         "PENDING_PAYMENT",
@@ -373,7 +373,7 @@ def test_failure_in_the_middle_compensates_in_reverse_order() -> None:
     assert comp.fence == run.inst.version
     assert run.inst.cursor == 2
     assert run.step("c").status is StepStatus.COMPENSATING
-    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 30, "timeout:2:comp:0:1")]
+    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 30, "timeout:2:comp:0:1:0")]
     assert run.events(dec) == ["step.failed", "compensation.started", "compensation.sent"]
 
     dec = run.ok()
@@ -434,7 +434,7 @@ def test_retryable_failure_waits_then_resends_same_key() -> None:
     assert st.error == "gateway busy"
     assert st.next_retry_at == run.now + 1.0
     assert dec.outgoing == []
-    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 1.0, "retry:1:action:0:1")]
+    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 1.0, "retry:1:action:0:1:0")]
     assert run.events(dec) == ["retry.scheduled"]
     assert dec.history[0].detail["delay"] == 1.0
 
@@ -448,10 +448,10 @@ def test_retryable_failure_waits_then_resends_same_key() -> None:
     assert st is not run.step("pay")
     assert run.step("pay").status is StepStatus.RUNNING
     assert run.step("pay").next_retry_at is None
-    assert dec.set_timers[0].fence == "timeout:1:action:0:2"
+    assert dec.set_timers[0].fence == "timeout:1:action:0:2:0"
 
     run.fail("still busy", retryable=True)
-    assert run.timers[STEP_TIMER].fence == "retry:1:action:0:2"
+    assert run.timers[STEP_TIMER].fence == "retry:1:action:0:2:0"
     assert run.timers[STEP_TIMER].due_at == run.now + 2.0  # 1 * 2 ** 1
 
 
@@ -494,7 +494,7 @@ def test_action_timeout_resends_same_key() -> None:
     run.ok()
     first = run.last
     timer = run.timers[STEP_TIMER]
-    assert timer.fence == "timeout:1:action:0:1"
+    assert timer.fence == "timeout:1:action:0:1:0"
     assert timer.due_at == run.now + 10
     dec = run.fire()
     assert run.events(dec) == ["step.timed_out", "step.started"]
@@ -503,7 +503,7 @@ def test_action_timeout_resends_same_key() -> None:
     assert again.attempt == 2
     assert again.payload == first.payload
     assert run.step("pay").status is StepStatus.RUNNING
-    assert run.timers[STEP_TIMER].fence == "timeout:1:action:0:2"
+    assert run.timers[STEP_TIMER].fence == "timeout:1:action:0:2:0"
 
 
 def test_growing_timeouts_wait_longer_for_each_attempt_of_an_action() -> None:
@@ -727,7 +727,7 @@ def test_definite_compensation_failure_escalates_then_needs_a_person() -> None:
     assert refund.compensates == "s1:pay:action"
     pay = run.step("pay")
     assert (pay.rung, pay.rung_attempt, pay.status) == (1, 1, StepStatus.COMPENSATING)
-    assert dec.set_timers[0].fence == "timeout:1:comp:1:1"
+    assert dec.set_timers[0].fence == "timeout:1:comp:1:1:0"
 
     dec = run.fail("refund window closed")
     assert dec.outgoing[0].type == "IssueCreditNote"
@@ -764,7 +764,7 @@ def test_retryable_compensation_failure_retries_same_rung() -> None:
     assert pay.status is StepStatus.COMPENSATION_WAITING
     assert pay.next_retry_at == run.now + 1.0
     assert dec.outgoing == []
-    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 1.0, "retry:1:comp:0:1")]
+    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 1.0, "retry:1:comp:0:1:0")]
     dec = run.fire()
     again = dec.outgoing[0]
     assert (again.type, again.idempotency_key, again.attempt) == (
@@ -1127,7 +1127,7 @@ def test_success_while_waiting_for_retry_is_accepted() -> None:
     assert dec.changed
     assert run.step("pay").status is StepStatus.SUCCEEDED
     assert STEP_TIMER in {t.name for t in dec.set_timers}  # the retry timer is replaced
-    assert run.timers[STEP_TIMER].fence == "timeout:2:action:0:1"
+    assert run.timers[STEP_TIMER].fence == "timeout:2:action:0:1:0"
 
 
 def test_compensation_reply_for_the_wrong_rung_is_stale() -> None:
@@ -1285,7 +1285,7 @@ def test_unreadable_fence_is_stale(fence: str) -> None:
 def test_timer_for_out_of_range_step_is_stale() -> None:
     run = Run(checkout())
     before = run.inst
-    for fence in ("timeout:9:action:0:1", "timeout:-1:action:0:1"):
+    for fence in ("timeout:9:action:0:1:0", "timeout:-1:action:0:1"):
         assert_unchanged(run.fire(Timer("s1", STEP_TIMER, NOW, fence)), before, "timer.stale")
 
 

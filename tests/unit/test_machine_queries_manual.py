@@ -184,7 +184,7 @@ def test_timeouts_exhausted_send_a_status_query() -> None:
     assert q.fence == run.inst.version
     assert q.compensates is None
     assert q.reply_to == "orchestrator"
-    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 10, "timeout:1:query:0:1")]
+    assert dec.set_timers == [Timer("s1", STEP_TIMER, run.now + 10, "timeout:1:query:0:1:0")]
     assert Envelope.from_json(q.to_json()) == q
     assert run.history("status.queried")[0].detail == {
         "query": 1,
@@ -272,7 +272,7 @@ def test_done_before_the_pivot_settles_the_step_and_continues() -> None:
     assert run.last.type == "Reserve"
     assert run.inst.status == "PENDING_INVENTORY"
     # The reserve step's own timeout replaces the query's.
-    assert run.timers[STEP_TIMER].fence == "timeout:2:action:0:1"
+    assert run.timers[STEP_TIMER].fence == "timeout:2:action:0:1:0"
 
 
 def test_done_at_the_pivot_passes_it() -> None:
@@ -367,7 +367,7 @@ def test_not_found_at_or_after_the_pivot_sends_the_action_again(step: str) -> No
     assert (again.idempotency_key, again.attempt) == (action_key, 4)
     st = run.step(step)
     assert (st.status, st.retry_base, st.queries) == (StepStatus.RUNNING, 3, 0)
-    assert run.timers[STEP_TIMER].fence == f"timeout:{INDEX[step]}:action:0:4"
+    assert run.timers[STEP_TIMER].fence == f"timeout:{INDEX[step]}:action:0:4:0"
     # A fresh budget: two more timeouts re-send, the third asks again.
     run.fire()
     run.fire()
@@ -405,7 +405,7 @@ def test_pending_asks_again_after_a_backoff(step: str) -> None:
     assert st.status is StepStatus.QUERYING
     assert st.next_retry_at == run.now + 1.0
     assert dec.set_timers == [
-        Timer("s1", STEP_TIMER, run.now + 1.0, f"retry:{INDEX[step]}:query:0:1")
+        Timer("s1", STEP_TIMER, run.now + 1.0, f"retry:{INDEX[step]}:query:0:1:0")
     ]
     assert run.history("retry.scheduled")[-1].detail == {
         "phase": "query",
@@ -420,7 +420,7 @@ def test_pending_asks_again_after_a_backoff(step: str) -> None:
         f"s1:{step}:query",
     )
     assert run.step(step).next_retry_at is None
-    assert run.timers[STEP_TIMER].fence == f"timeout:{INDEX[step]}:query:0:2"
+    assert run.timers[STEP_TIMER].fence == f"timeout:{INDEX[step]}:query:0:2:0"
     run.answer("done")
     assert run.step(step).status is StepStatus.SUCCEEDED
 
@@ -458,7 +458,7 @@ def test_query_failures_are_retried_then_need_a_person() -> None:
     dec = run.fail("status service down")
     assert run.events(dec) == ["retry.scheduled"]
     assert run.step("capture").status is StepStatus.QUERYING
-    assert run.timers[STEP_TIMER].fence == "retry:3:query:0:1"
+    assert run.timers[STEP_TIMER].fence == "retry:3:query:0:1:0"
     run.fire()
     assert (run.last.kind, run.last.attempt) == (MessageKind.QUERY, 2)
     run.fail("status service down")
@@ -481,10 +481,10 @@ def test_query_timeouts_are_retried_then_need_a_person() -> None:
     dec = run.fire()
     assert run.events(dec) == ["status.timed_out", "retry.scheduled"]
     assert dec.outgoing == []
-    assert run.timers[STEP_TIMER].fence == "retry:1:query:0:1"
+    assert run.timers[STEP_TIMER].fence == "retry:1:query:0:1:0"
     dec = run.fire()
     assert run.events(dec) == ["status.queried"]
-    assert run.timers[STEP_TIMER].fence == "timeout:1:query:0:2"
+    assert run.timers[STEP_TIMER].fence == "timeout:1:query:0:2:0"
     run.fire()  # timeout of query 2
     run.fire()  # its retry: query 3
     assert run.last.attempt == 3
@@ -698,9 +698,13 @@ def test_retry_of_a_stuck_forward_step_has_a_fresh_budget() -> None:
     st = run.step("capture")
     assert (st.status, st.retry_base, st.queries) == (StepStatus.RUNNING, 3, 0)
     assert dec.set_timers == [
-        Timer("s1", STEP_TIMER, run.now + 10, "timeout:3:action:0:4"),
-        Timer("s1", DEADLINE_TIMER, run.now + 3600, "deadline"),  # the SLA counts again
+        # The decision's version is the step's new fence floor: timers set before it
+        # never match the tries it starts.
+        Timer("s1", STEP_TIMER, run.now + 10, f"timeout:3:action:0:4:{st.fence_floor}"),
+        # The SLA counts again: a new deadline, which an old deadline timer does not match.
+        Timer("s1", DEADLINE_TIMER, run.now + 3600, f"deadline@{run.now + 3600!r}"),
     ]
+    assert st.fence_floor == run.inst.version > 0
     run.fire()
     run.fire()
     assert run.last.kind is MessageKind.COMMAND and run.last.attempt == 6
@@ -971,7 +975,8 @@ def test_use_rung_runs_the_credit_note() -> None:
     pay = run.step("pay")
     assert (pay.rung, pay.rung_attempt, pay.status) == (2, 1, StepStatus.COMPENSATING)
     assert run.inst.state is SagaState.COMPENSATING
-    assert run.timers[STEP_TIMER].fence == "timeout:1:comp:2:1"
+    assert run.timers[STEP_TIMER].fence == f"timeout:1:comp:2:1:{pay.fence_floor}"
+    assert pay.fence_floor > 0  # set by the person's decision
     run.ok(credited=100)
     run.ok()
     assert run.inst.state is SagaState.COMPENSATED
@@ -1025,3 +1030,59 @@ def test_accept_partial_ends_the_saga_as_it_stands(where: str) -> None:
         "outcome": "PARTIAL_ACCEPTED",
         "reason": "accepted by fay: customer keeps it",
     }
+
+
+# --- timers read before a person's decision ----------------------------------------------
+
+
+def test_a_rung_timer_read_before_a_decision_does_not_match_the_try_it_started() -> None:
+    run = Run()
+    run.advance_to("reserve")
+    run.fail("out of stock")
+    run.fail("refused")
+    run.fail("refused")  # void and refund failed: the credit note (rung 2) is on its way
+    held = run.timers[STEP_TIMER]  # a second worker reads its timeout when it is due
+    assert held.fence == "timeout:1:comp:2:1:0"
+    run.fail("refused")
+    assert run.inst.state is SagaState.FAILED_NEEDS_MANUAL
+    run.manual(ManualAction.USE_RUNG, rung=2)  # try 1 of the credit note, again
+    pay = run.step("pay")
+    assert (pay.rung, pay.rung_attempt, pay.status) == (2, 1, StepStatus.COMPENSATING)
+    dec = run.fire(held)
+    assert not dec.changed
+    assert [(h.event, h.detail["why"]) for h in dec.history] == [
+        ("timer.stale", "set before a person decided on the step")
+    ]
+    assert run.step("pay").rung_attempt == 1  # the new try keeps its whole timeout
+
+
+def test_a_deadline_read_before_a_decision_does_not_end_the_new_one() -> None:
+    run = Run()
+    held = run.timers[DEADLINE_TIMER]
+    stuck_after_pivot(run)
+    run.manual(ManualAction.RETRY)  # the SLA counts again from the decision
+    assert run.inst.deadline_at == run.timers[DEADLINE_TIMER].due_at > held.due_at
+    dec = run.fire(held)
+    assert not dec.changed and not run.inst.timed_out
+    assert dec.history[0].detail["why"] == "its deadline is no longer in force"
+
+
+def test_a_decision_to_compensate_leaves_no_deadline_in_force() -> None:
+    run = Run()
+    held = run.timers[DEADLINE_TIMER]
+    rungs_fail(run)
+    run.manual(ManualAction.USE_RUNG, rung=2)
+    assert run.inst.state is SagaState.COMPENSATING and run.inst.deadline_at is None
+    dec = run.fire(held)
+    assert not dec.changed and not run.inst.timed_out
+
+
+def test_timers_set_by_an_earlier_release_still_fire() -> None:
+    # Fences written before the fence floor and the deadline were part of them.
+    run = Run()
+    step = run.timers[STEP_TIMER]
+    dec = run.fire(Timer("s1", STEP_TIMER, step.due_at, "timeout:0:action:0:1"))
+    assert dec.changed and dec.outgoing[0].attempt == 2
+    deadline = run.timers[DEADLINE_TIMER]
+    dec = run.fire(Timer("s1", DEADLINE_TIMER, deadline.due_at, "deadline"))
+    assert dec.changed and run.inst.timed_out

@@ -34,7 +34,7 @@ async def started() -> tuple[Orchestrator, str, Envelope]:
 
 
 def test_timers_round_trip_and_a_bad_body_is_a_message_error() -> None:
-    timer = Timer("s1", "timeout", 12.5, "timeout:0:action:0:1")
+    timer = Timer("s1", "timeout", 12.5, "timeout:0:action:0:1:0")
     assert timer_from_json(timer_to_json(timer)) == timer
     for body in ("garbage", "{}", '{"saga_id": "s", "name": "n", "due_at": "x", "fence": "f"}'):
         with pytest.raises(MessageError, match="not a timer"):
@@ -47,7 +47,7 @@ async def test_resume_applies_drops_and_parks_what_it_must(
     o, saga_id, command = await started()
     ghost = replace(reply_to(command, success({}), source="x", now=1.0), saga_id="ghost")
     poison = replace(command, message_id="m-poison", step="no-such-step")
-    stale = Timer(saga_id, "timeout", 1.0, "timeout:0:action:0:9")
+    stale = Timer(saga_id, "timeout", 1.0, "timeout:0:action:0:9:0")
     async with o.store.transaction() as tx:
         add = tx.set_aside_add
         await add(saga_id, "tour", 1, "local", command.to_json(), now=1.0)  # runs, applies

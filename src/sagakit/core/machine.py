@@ -108,6 +108,20 @@ class KeyParts:
     rung: int = 0
 
 
+def deadline_timer(saga_id: str, deadline_at: float) -> Timer:
+    """The saga's deadline timer; its fence names the deadline it was set for."""
+    return Timer(saga_id, DEADLINE_TIMER, deadline_at, f"deadline@{deadline_at!r}")
+
+
+def _deadline_of(fence: str) -> float | None:
+    """The deadline a deadline timer's fence was set for (None: an older, bare fence)."""
+    _, at, set_for = fence.partition("@")
+    try:
+        return float(set_for) if at else None
+    except ValueError:
+        return None
+
+
 def action_key(saga_id: str, step: str) -> str:
     """Idempotency key of a step's action."""
     return f"{saga_id}:{step}:action"
@@ -246,7 +260,11 @@ class _Transition:
         return {MANUAL_RETRY: str(retries)} if retries else {}
 
     def set_step_timer(self, kind: str, index: int, phase: str, attempt: int, due: float) -> None:
-        fence = f"{kind}:{index}:{phase}:{self.inst.steps[index].rung}:{attempt}"
+        st = self.inst.steps[index]
+        # The step's fence floor last: a person's decision raises it, so a timer set
+        # before the decision (a second worker may still fire it) never matches a try the
+        # decision started, even where the decision counts tries from 1 again.
+        fence = f"{kind}:{index}:{phase}:{st.rung}:{attempt}:{st.fence_floor}"
         self.timers.append(Timer(self.inst.saga_id, STEP_TIMER, due, fence))
 
     # -- forward ----------------------------------------------------------------------
@@ -452,7 +470,7 @@ class Machine:
         t = _Transition(self, inst, now, None)
         t.log("saga.started", None, definition=d.key, business_key=business_key)
         if t.inst.deadline_at is not None:
-            t.timers.append(Timer(saga_id, DEADLINE_TIMER, t.inst.deadline_at, "deadline"))
+            t.timers.append(deadline_timer(saga_id, t.inst.deadline_at))
         t.dispatch_action(0)
         return t.decision()
 
@@ -564,6 +582,11 @@ class Machine:
         if inst.terminal:
             return self._stale_timer(t, timer, f"saga is already {inst.state.value}")
         if timer.name == DEADLINE_TIMER:
+            set_for = _deadline_of(timer.fence)
+            if set_for is not None and set_for != inst.deadline_at:
+                # A person's decision since gave the saga a new deadline, or none (it sent
+                # the saga back to compensating); this timer was read before it.
+                return self._stale_timer(t, timer, "its deadline is no longer in force")
             # Observable only in history: a second firing (another worker's copy) while
             # compensating would log the deadline again and bump the version, nothing
             # else (terminal sagas are refused above; a person's decision that sends the
@@ -592,9 +615,10 @@ class Machine:
             t.begin_compensation(inst.cursor, "deadline passed")
             return t.decision()
         try:
-            kind, idx, phase, rung_s, attempt_s = timer.fence.split(":")
+            kind, idx, phase, rung_s, attempt_s, *floor_s = timer.fence.split(":")
             index, rung, attempt = int(idx), int(rung_s), int(attempt_s)
-        except ValueError:
+            floor = int(floor_s[0]) if floor_s else 0  # fences set before 0.x had none
+        except (ValueError, IndexError):
             return self._stale_timer(t, timer, f"unreadable fence {timer.fence!r}")
         if kind not in ("timeout", "retry") or phase not in ("action", "comp", "query"):
             return self._stale_timer(t, timer, f"unknown fence {timer.fence!r}")
@@ -603,6 +627,8 @@ class Machine:
         if index != inst.cursor or not 0 <= index < len(d.steps):
             return self._stale_timer(t, timer, "saga moved to another step")
         step, st = d.steps[index], inst.steps[index]
+        if floor < st.fence_floor:
+            return self._stale_timer(t, timer, "set before a person decided on the step")
         if phase == "query":
             if (
                 inst.state is not SagaState.RUNNING
@@ -778,6 +804,10 @@ class Machine:
             t.inst.state = SagaState.COMPENSATING
             t.inst.status = d.cancelling_status
             t.dispatch_compensation(index)
+        if t.inst.state is SagaState.COMPENSATING and t.inst.deadline_at is not None:
+            # A compensation runs past any deadline, so none is in force any more; a
+            # deadline timer read before the decision then finds it gone and is stale.
+            t.inst.deadline_at = None
         if t.inst.state is SagaState.RUNNING and d.deadline is not None:
             # Going to the manual queue cancelled the deadline. A saga a person sends
             # forward again gets its SLA back, counted from the decision: otherwise it
@@ -785,7 +815,7 @@ class Machine:
             # running past any deadline, so a saga sent back to compensating gets none.)
             t.inst.timed_out = False
             t.inst.deadline_at = now + d.deadline
-            t.timers.append(Timer(inst.saga_id, DEADLINE_TIMER, t.inst.deadline_at, "deadline"))
+            t.timers.append(deadline_timer(inst.saga_id, t.inst.deadline_at))
             t.log("deadline.set", None, deadline_at=t.inst.deadline_at)
         return t.decision()
 

@@ -26,6 +26,9 @@ CHECK_SUITE: dict[str, Bounds] = {
     # One saga: a person decides, twice, while late replies and timers still arrive (two
     # retries in flight at once: an older retry must not run the handler again).
     "manual": Bounds(sagas=1, faults=1, failures=1, manual=2, attempts=2),
+    # One saga: a second worker holds a timer while a person decides (the decision
+    # starts new tries and a new deadline: the held timer must move nothing).
+    "decision-ghosts": Bounds(sagas=1, faults=1, failures=2, manual=1, attempts=2),
     # One saga: the ladder (definite and retryable rung failures, an endpoint that goes
     # silent) and a person's decision.
     "ladder": Bounds(sagas=1, faults=0, failures=2, silences=1, manual=1, attempts=2),

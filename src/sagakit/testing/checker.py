@@ -126,6 +126,8 @@ class World(NamedTuple):
     failures: int
     cancels: int
     ghosts: frozenset[TimerRow] = frozenset()  # due timers a second worker still holds
+    # Held timers whose saga a person decided on since: firing them must move nothing.
+    old_ghosts: frozenset[TimerRow] = frozenset()
     silent: frozenset[str] = frozenset()  # endpoints that never answer again
     silences: int = 0
     manual: int = 0
@@ -298,6 +300,7 @@ class Checker:
                 i.version,
                 i.cancel_requested,
                 i.timed_out,
+                i.deadline_at,
                 i.reason is None,
                 tuple(
                     (
@@ -331,6 +334,7 @@ class Checker:
             w.failures,
             w.cancels,
             w.ghosts,
+            w.old_ghosts,
             w.silent,
             w.silences,
             w.manual,
@@ -377,6 +381,14 @@ class Checker:
                 f"second worker fires {name} timer of {saga_id} ({fence})",
                 partial(self._fire, base, timer, held=True),
             )
+        for timer in sorted(w.old_ghosts):
+            saga_id, name, fence = timer
+            base = w._replace(old_ghosts=w.old_ghosts - {timer})
+            yield (
+                f"second worker fires {name} timer of {saga_id} ({fence}), read before a "
+                "person decided",
+                partial(self._fire, base, timer, held=True, predates_decision=True),
+            )
         if w.silences > 0:
             for endpoint in sorted({self.envelopes[r].destination or "" for r in w.net}):
                 if endpoint != ORCHESTRATOR and endpoint not in w.silent:
@@ -408,8 +420,11 @@ class Checker:
                 # capture then stays on a compensated saga. A person checks first.
                 continue
             try:
+                # A person decides later than the saga's other events (the clock moves
+                # on: a deadline the decision sets is a new one).
+                later = NOW + self.bounds.manual - w.manual
                 d = self.machine.on_manual(
-                    inst, action, reason="checker decides", actor="person", now=NOW, rung=rung
+                    inst, action, reason="checker decides", actor="person", now=later, rung=rung
                 )
             except ManualActionRefused:
                 continue
@@ -434,7 +449,12 @@ class Checker:
             marks.add((inst.saga_id, step, "accepted", version))
         elif action is ManualAction.USE_RUNG:
             marks.add((inst.saga_id, step, f"rung:{rung}", version))
-        w = w._replace(decided=w.decided | marks)
+        held = frozenset(g for g in w.ghosts if g[0] == inst.saga_id)
+        w = w._replace(
+            decided=w.decided | marks,
+            ghosts=w.ghosts - held,
+            old_ghosts=w.old_ghosts | held,
+        )
         return self._transition(w, i, d, manual=True)
 
     def _name(self, env: Envelope) -> str:
@@ -501,14 +521,23 @@ class Checker:
                 w = self._conclude(w, i, parts.step, parts.phase, parts.rung, env.attempt)
         return self._transition(w, i, d)
 
-    def _fire(self, w: World, timer: TimerRow, *, held: bool = False) -> World:
+    def _fire(
+        self, w: World, timer: TimerRow, *, held: bool = False, predates_decision: bool = False
+    ) -> World:
         saga_id, name, fence = timer
         if not held:
             w = w._replace(timers=w.timers - {timer})
         i = self._index(w, saga_id)
         d = self.machine.on_timer(w.insts[i], Timer(saga_id, name, NOW, fence), NOW)
+        if d.changed and predates_decision:
+            # The decision started its own tries (and deadline): a timer set before it
+            # belongs to an earlier one, like a reply to a message sent before it.
+            raise _Violation(
+                f"{saga_id}: the {name} timer ({fence}) a worker read before a person "
+                "decided moved the saga"
+            )
         parts = fence.split(":")
-        if d.changed and len(parts) == 5 and parts[0] == "timeout" and parts[1].isdigit():
+        if d.changed and len(parts) == 6 and parts[0] == "timeout" and parts[1].isdigit():
             step = self.d.steps[int(parts[1])].name
             w = self._conclude(w, i, step, parts[2], int(parts[3]), int(parts[4]))
         return self._transition(w, i, d)

@@ -119,7 +119,7 @@ class OrchestratorTimers:
         def closeness(key: tuple[str, ...]) -> int:
             inst = running.get(key[0])
             parts = key[2].split(":")
-            if inst is None or len(parts) != 5 or parts[1] != str(inst.cursor):
+            if inst is None or len(parts) not in (5, 6) or parts[1] != str(inst.cursor):
                 return 0
             st = inst.steps[inst.cursor]
             now = {"action": st.attempt, "comp": st.rung_attempt, "query": st.queries}
