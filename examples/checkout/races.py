@@ -10,6 +10,8 @@ records) and the reservation sweeper, side by side, in every interleaving that
 * ``same-command-twice``: one ReserveInventory delivered to two replicas at once;
 * ``retry-beside-first-try``: a retry (attempt 2) handled while attempt 1 still runs;
 * ``release-overtakes-reserve``: a reservation's release handled beside the reservation;
+* ``release-beside-a-persons-retry``: the same with the try a person's retry started
+  (after the release, its tombstone must refuse the retry too);
 * ``sweeper-vs-commit`` and ``sweeper-vs-release``: an expired reservation committed
   (or released) while the sweeper returns it to stock.
 
@@ -47,8 +49,11 @@ def _inventory(store: Any) -> Participant:
     return participant
 
 
-def reserve(order_id: str, *, attempt: int = 1, sku: str = SKU) -> Envelope:
-    """ReserveInventory of one unit of ``sku`` for ``order_id``."""
+def reserve(
+    order_id: str, *, attempt: int = 1, sku: str = SKU, manual_retries: int = 0
+) -> Envelope:
+    """ReserveInventory of one unit of ``sku`` for ``order_id`` (``manual_retries``: the
+    try of a person's retry)."""
     payload = {"order_id": order_id, "sku": sku, "qty": 1}
     return command(
         inventory.NAME,
@@ -57,6 +62,7 @@ def reserve(order_id: str, *, attempt: int = 1, sku: str = SKU) -> Envelope:
         saga_id=_saga(order_id),
         step=RESERVE_STEP,
         attempt=attempt,
+        manual_retries=manual_retries,
         now=NOW,
     )
 
@@ -201,17 +207,22 @@ def _replied(count: int) -> Any:
     return check
 
 
-async def _release_beside_reserve(store: SQLiteStore, results: Sequence[object]) -> list[str]:
-    out = await stock_violations(store)
-    reserved, released = results
-    statuses = await _statuses(store)
-    if statuses.get("order-1", "RELEASED") != "RELEASED":
-        out.append(f"the reservation is {statuses['order-1']} after its release was answered")
-    if not isinstance(released, Outcome) or not released.ok:
-        out.append(f"the release was not answered with success: {released}")
-    if isinstance(reserved, Outcome) and reserved.ok and "order-1" not in statuses:
-        out.append("the reservation was answered with success but holds nothing")
-    return out
+def _release_beside_reserve(release_first: bool) -> Any:
+    """The check of a reservation (or a person's retry of it) beside its release."""
+
+    async def check(store: SQLiteStore, results: Sequence[object]) -> list[str]:
+        released, reserved = results if release_first else results[::-1]
+        out = await stock_violations(store)
+        statuses = await _statuses(store)
+        if statuses.get("order-1", "RELEASED") != "RELEASED":
+            out.append(f"the reservation is {statuses['order-1']} after its release was answered")
+        if not isinstance(released, Outcome) or not released.ok:
+            out.append(f"the release was not answered with success: {released}")
+        if isinstance(reserved, Outcome) and reserved.ok and "order-1" not in statuses:
+            out.append("the reservation was answered with success but holds nothing")
+        return out
+
+    return check
 
 
 def _settled_once(action: str) -> Any:
@@ -266,8 +277,18 @@ def checkout_races() -> list[Race]:
             "release-overtakes-reserve",
             seeded(1),
             [("reserve", handled(reserve("order-1"))), ("release", handled(release("order-1")))],
-            _release_beside_reserve,
+            _release_beside_reserve(release_first=False),
             about="a reservation and its release handled side by side",
+        ),
+        Race(
+            "release-beside-a-persons-retry",
+            seeded(1),
+            [
+                ("release", handled(release("order-1"))),
+                ("retry", handled(reserve("order-1", attempt=3, manual_retries=1))),
+            ],
+            _release_beside_reserve(release_first=True),
+            about="a person's retry of a reservation handled beside its release",
         ),
         Race(
             "sweeper-vs-commit",

@@ -164,6 +164,7 @@ def test_the_checkout_races_hold_in_every_interleaving() -> None:
         "same-command-twice",
         "retry-beside-first-try",
         "release-overtakes-reserve",
+        "release-beside-a-persons-retry",
         "sweeper-vs-commit",
         "sweeper-vs-release",
     ]

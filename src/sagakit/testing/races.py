@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-from sagakit.core.envelope import Envelope, MessageKind, Outcome
+from sagakit.core.envelope import MANUAL_RETRY, Envelope, MessageKind, Outcome
 from sagakit.core.machine import action_key, compensation_key
 from sagakit.errors import SagakitError, StoreError
 from sagakit.runtime.participant import Participant
@@ -126,14 +126,17 @@ def command(
     step: str,
     attempt: int = 1,
     rung: int | None = None,
+    manual_retries: int = 0,
     now: float = 0.0,
 ) -> Envelope:
     """A command as the orchestrator sends it: try ``attempt`` of ``step``'s action, or
     with ``rung``, of that rung of its compensation (keys and ids as the machine makes
-    them, so the participant runtime treats it as in production)."""
+    them, so the participant runtime treats it as in production); ``manual_retries``
+    counts the retries a person asked for on the step (the try of a person's retry runs
+    the handler again after a definite failure)."""
     key = action_key(saga_id, step) if rung is None else compensation_key(saga_id, step, rung)
     return Envelope(
-        message_id=f"{key}:{attempt}",
+        message_id=f"{key}:{attempt}" + (f"#m{manual_retries}" if manual_retries else ""),
         type=type_,
         kind=MessageKind.COMMAND,
         source="orchestrator",
@@ -148,6 +151,7 @@ def command(
         reply_to="orchestrator",
         occurred_at=now,
         payload=dict(payload),
+        headers={MANUAL_RETRY: str(manual_retries)} if manual_retries else {},
     )
 
 
@@ -168,7 +172,8 @@ async def deliver(
 ) -> Outcome | None:
     """Deliver ``command`` as the consumer does: one transaction, ``process_batch``, and
     again when the transaction fails with a :class:`~sagakit.errors.StoreError` (up to
-    ``deliveries`` times). Returns the outcome recorded for its idempotency key, if any."""
+    ``deliveries`` times). Returns the outcome recorded for its idempotency key (for the
+    try of a person's retry, the newest record of the key), if any."""
     for n in range(1, deliveries + 1):
         try:
             async with participant.transaction() as tx:
@@ -177,11 +182,19 @@ async def deliver(
         except StoreError:
             if n == deliveries:
                 raise
-    if command.idempotency_key is None:
+    key = command.idempotency_key
+    if key is None:
         return None
+    # A person's retry N answers under key#mN when it ran the handler again; else the
+    # answer is the one recorded before it (or the tombstone that refused it).
+    retries = command.headers.get(MANUAL_RETRY, "0")
+    names = [f"{key}#m{n}" for n in range(int(retries) if retries.isdigit() else 0, 0, -1)]
     async with participant.transaction() as tx:
-        record = await tx.idempotency_get(participant.name, command.idempotency_key)
-    return None if record is None else Outcome.from_payload(record.outcome)
+        for name in [*names, key]:
+            record = await tx.idempotency_get(participant.name, name)
+            if record is not None:
+                return Outcome.from_payload(record.outcome)
+    return None
 
 
 # -- one actor's transactions --------------------------------------------------------
