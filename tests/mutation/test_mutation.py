@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import run as runner
 from catalogue import MIN_PER_ROW, MUTANTS, ROOT, TABLE_ROWS, Mutant, entry_problems, problems
 
 RUN_PY = Path(__file__).resolve().parent / "run.py"
@@ -53,10 +54,21 @@ def test_a_snippet_that_does_not_occur_exactly_once_is_refused(tmp_path: Path) -
     assert "outside" in " ".join(entry_problems(tmp_path, outside))
 
 
+def test_a_mutant_s_lead_only_reorders_the_proofs() -> None:
+    # What is killed must not depend on the order: every mutant gets every proof.
+    plan = runner.proofs(runner.FAMILIES, demo=False)
+    names = sorted(p.name for p in plan)
+    for m in MUTANTS:
+        ordered = runner.plan_for(m, plan)
+        assert sorted(p.name for p in ordered) == names, m.name
+        leads = runner.lead_families(m)  # one proof each (check, race): they come first
+        assert [p.family for p in ordered[: len(leads)]] == list(leads), m.name
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_the_proofs_kill_every_mutant_of_the_catalogue() -> None:
-    # About five minutes on two idle cores; the ceiling only guards against a hang.
+    # About two minutes on two idle cores; the ceiling only guards against a hang.
     proc = subprocess.run(
         [sys.executable, str(RUN_PY), "--first-kill", "--json"],
         capture_output=True,
