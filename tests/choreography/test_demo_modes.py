@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,58 @@ from sagakit_checkout.demo import render, run_demo
 from sagakit.cli import build_parser
 
 MODES = ("orchestration", "choreography", "hybrid")
+CHAOS_TEST = "test_300_orders_under_chaos_in_every_mode"
+CHAOS_TIMEOUT = 600.0
+"""Seconds each 300-order chaos run may take, counted from its start."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chaos_runs(
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[str, tuple[float, subprocess.Popen[str]]]]:
+    """The 300-order chaos runs of the modes selected in this module, all started at once
+    when the module begins.
+
+    A run spends most of its wall time waiting out retry backoffs rather than computing,
+    so the three overlap each other and the in-process runs below: the module costs
+    about its longest run instead of their sum. Each test checks its own mode's run.
+    """
+    modes = [
+        item.callspec.params["mode"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        and getattr(item, "originalname", None) == CHAOS_TEST
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
+    runs: dict[str, tuple[float, subprocess.Popen[str]]] = {}
+    try:
+        for mode in modes:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sagakit.cli",
+                    "demo",
+                    "--orders",
+                    "300",
+                    "--faults",
+                    "chaos",
+                    "--mode",
+                    mode,
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            runs[mode] = (time.monotonic(), proc)
+        yield runs
+    finally:
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -58,29 +112,15 @@ def test_the_demo_command_takes_a_mode() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_300_orders_under_chaos_in_every_mode(mode: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAKIT_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sagakit.cli",
-            "demo",
-            "--orders",
-            "300",
-            "--faults",
-            "chaos",
-            "--mode",
-            mode,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+def test_300_orders_under_chaos_in_every_mode(
+    mode: str, chaos_runs: dict[str, tuple[float, subprocess.Popen[str]]]
+) -> None:
+    # `sagakit demo --orders 300 --faults chaos --mode MODE --json`, started with the
+    # module (see chaos_runs).
+    started, proc = chaos_runs[mode]
+    out, err = proc.communicate(timeout=max(1.0, started + CHAOS_TIMEOUT - time.monotonic()))
+    assert proc.returncode == 0, err[-2000:]
+    report = json.loads(out)
     assert report["mode"] == mode
     assert all(report["invariants"].values()) and report["violations"] == []
     assert sum(report["outcomes"].values()) == 300

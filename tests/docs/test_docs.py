@@ -25,18 +25,26 @@ one terminal would run them. The conventions, in short (docs_harness.py has them
 
 A failing block fails its page's test with the file and line of the block, the block
 as run, and the end of its output.
+
+The selected pages run side by side, each in a thread of its own, started when the first
+page's test begins (a page mostly waits on its commands, e.g. a demo's retry backoffs);
+the pages that use the guide's API port run one after another in one thread. Each
+page's test then reports its own page.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import yaml
-from docs_harness import ROOT, DocsError, needs, parse, run_page
+from docs_harness import ROOT, DocsError, needs, parse, run_page, uses_api_port
 
 
 class _Loader(yaml.SafeLoader):
@@ -78,10 +86,61 @@ def _param(page: Path) -> object:
     return pytest.param(page, marks=marks, id=str(page.relative_to(ROOT)))
 
 
+PAGE_TEST = "test_every_block_of_the_page_runs"
+
+
+def _run_pages(pages: list[tuple[Path, Path, Future[None]]]) -> None:
+    """Run each page under its directory, one after another, into its future."""
+    for page, base, done in pages:
+        try:
+            run_page(page, base)
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+
+def _on_api_port(page: Path) -> bool:
+    try:
+        return uses_api_port(parse(page))
+    except (DocsError, OSError):
+        return False  # the page's run reports it
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[Path, Future[None]]]:
+    """The selected pages, all started now (see the module docstring): page -> its run."""
+    pages = [
+        item.callspec.params["page"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        and getattr(item, "originalname", None) == PAGE_TEST
+    ]
+    runs: dict[Path, Future[None]] = {}
+    port: list[tuple[Path, Path, Future[None]]] = []
+    alone: list[tuple[Path, Path, Future[None]]] = []
+    for i, page in enumerate(pages):
+        runs[page] = Future()
+        run = (page, tmp_path_factory.mktemp(f"page{i}-{page.stem}"), runs[page])
+        (port if _on_api_port(page) else alone).append(run)
+    threads = [threading.Thread(target=_run_pages, args=([run],)) for run in alone]
+    if port:
+        threads.append(threading.Thread(target=_run_pages, args=(port,)))
+    for t in threads:
+        t.start()
+    try:
+        yield runs
+    finally:
+        for t in threads:  # every page's processes stopped, its servers' data deleted
+            t.join()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("page", [_param(p) for p in PAGES])
-def test_every_block_of_the_page_runs(page: Path, tmp_path: Path) -> None:
-    run_page(page, tmp_path)
+def test_every_block_of_the_page_runs(page: Path, page_runs: dict[Path, Future[None]]) -> None:
+    page_runs[page].result()
 
 
 def test_every_page_in_docs_is_in_the_guide() -> None:

@@ -13,6 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +71,85 @@ def assert_report(report: dict[str, Any], orders: int) -> None:
     assert abs(report["sagas_per_s"] - orders / report["elapsed_s"]) < 0.1 + 0.01 * orders
 
 
-@pytest.mark.slow
-def test_chaos_run_reports_the_documented_json_and_exits_zero() -> None:
+# The demo runs below spend most of their wall time waiting out retry backoffs (a card
+# provider that never answers holds its saga for about 24 attempts of up to 2 s each),
+# not computing. So the module starts every run it will check at once, when its first
+# test begins, and each test then checks its own run: the runs overlap each other and
+# the kill -9 test, and the module costs about its longest run instead of their sum.
+# Each run keeps the budget it had when it ran alone, counted from its start.
+
+
+@dataclass
+class BackgroundRun:
+    """A ``sagakit demo --json`` subprocess started for the test named ``test``."""
+
+    test: str
+    args: tuple[str, ...]
+    timeout: float
+    proc: subprocess.Popen[str] | None = None
+    started: float = 0.0
+    output: tuple[int, str, str] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            demo_cmd(*self.args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        self.started = time.monotonic()
+
+    def result(self) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr), waiting at most ``timeout`` from the start."""
+        assert self.proc is not None, f"{self.test} was not selected when the module began"
+        if self.output is None:
+            left = max(1.0, self.started + self.timeout - time.monotonic())
+            out, err = self.proc.communicate(timeout=left)
+            self.output = (self.proc.returncode, out, err)
+        return self.output
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
+
+
+CHAOS_ARGS = ("--orders", "120", "--faults", "chaos", "--json", "--seed", "7")
+SCENARIO_SEEDS = (11, 11, 12)
+
+
+def _background_runs() -> dict[str, BackgroundRun]:
+    chaos = "test_chaos_run_reports_the_documented_json_and_exits_zero"
+    mix = "test_same_seed_gives_the_same_scenario_mix"
     # Some sagas take their full retry budget before a person gets them (a card provider
     # that answers nothing: 12 capture attempts, then 12 status queries), about half a
     # minute without faults and up to about a minute under chaos.
-    code, report, stderr = run_demo(
-        "--orders", "120", "--faults", "chaos", "--json", "--seed", "7", timeout=180
-    )
-    assert code == 0, stderr
-    assert_report(report, 120)
-    # Under chaos, faults were actually injected, and both success and compensation occur.
-    assert sum(report["faults_injected"].values()) > 0
-    assert report["outcomes"]["SUCCEEDED"] > 0 and report["outcomes"]["COMPENSATED"] > 0
-    assert report["placed_this_run"] == 120
+    runs = {"chaos": BackgroundRun(chaos, CHAOS_ARGS, 180)}
+    for i, seed in enumerate(SCENARIO_SEEDS):
+        args = ("--orders", "50", "--faults", "none", "--json", "--seed", str(seed))
+        runs[f"mix-{i}"] = BackgroundRun(mix, args, 120)
+    return runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request: pytest.FixtureRequest) -> Iterator[dict[str, BackgroundRun]]:
+    """The background runs of the tests selected in this module, all started now."""
+    selected = {
+        getattr(item, "originalname", item.name)
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    }
+    runs = _background_runs()
+    try:
+        for run in runs.values():
+            if run.test in selected:
+                run.start()
+        yield runs
+    finally:
+        for run in runs.values():
+            run.stop()
 
 
 def _progress(db: Path) -> tuple[int, int] | None:
@@ -140,21 +207,27 @@ def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> Non
     assert _progress(data / "orchestrator.db") == (1000, 1000)
 
 
-def test_same_seed_gives_the_same_scenario_mix() -> None:
-    runs = [
-        subprocess.Popen(
-            demo_cmd("--orders", "50", "--faults", "none", "--json", "--seed", str(seed)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env(),
-        )
-        for seed in (11, 11, 12)
-    ]
+@pytest.mark.slow
+def test_chaos_run_reports_the_documented_json_and_exits_zero(
+    background: dict[str, BackgroundRun],
+) -> None:
+    # The run (CHAOS_ARGS, budget 180 s) was started with the module; see above.
+    code, out, stderr = background["chaos"].result()
+    assert code == 0, stderr
+    report: dict[str, Any] = json.loads(out) if out.strip() else {}
+    assert_report(report, 120)
+    # Under chaos, faults were actually injected, and both success and compensation occur.
+    assert sum(report["faults_injected"].values()) > 0
+    assert report["outcomes"]["SUCCEEDED"] > 0 and report["outcomes"]["COMPENSATED"] > 0
+    assert report["placed_this_run"] == 120
+
+
+def test_same_seed_gives_the_same_scenario_mix(background: dict[str, BackgroundRun]) -> None:
+    # Three runs (seeds SCENARIO_SEEDS) started with the module; see above.
     reports = []
-    for proc in runs:
-        out, err = proc.communicate(timeout=120)  # three at once; see the chaos run above
-        assert proc.returncode == 0, err
+    for i in range(len(SCENARIO_SEEDS)):
+        code, out, err = background[f"mix-{i}"].result()
+        assert code == 0, err
         reports.append(json.loads(out))
     a, b, c = reports
     for r in reports:
