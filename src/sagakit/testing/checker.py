@@ -38,9 +38,11 @@ sent, no later step with a ladder may still have its effect); a rung r > 0 is se
 after rung r-1 failed definitely (recorded by the participant) or a person chose it
 (refunding money whose void may have gone through pays twice); a reply to a message sent
 before a person's decision on that step moves nothing (the decision is answered by the
-try it started); each try (an attempt of an action, a rung or a status query) is
-concluded once, by its failure or its timeout (a status query also by its answer), so a
-late failure of an earlier try never burns the retry budget of the try in flight.
+try it started), and neither does a timer a second worker read before a person's
+decision on its saga (the decision starts its own tries and deadline); each try (an
+attempt of an action, a rung or a status query) is concluded once, by its failure or its
+timeout (a status query also by its answer), so a late failure of an earlier try never
+burns the retry budget of the try in flight.
 Checked in every final state (nothing in flight, no timer left): every saga is terminal;
 a SUCCEEDED saga has every effect applied and none undone (steps a person marked done
 excepted); a COMPENSATED or TIMED_OUT saga has no effect left applied (steps a person
