@@ -356,7 +356,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="explore every interleaving of a few sagas within fault bounds",
-        description="Run the real state machine against model participants and explore "
+        description="First explore the app's races (--races; the checkout's by default): "
+        "its real handlers' transactions side by side in every interleaving of their "
+        "statements on SQLite, as PostgreSQL's READ COMMITTED runs them. "
+        "Then run the real state machine against model participants and explore "
         "every order of deliveries and timer firings, with up to --faults lost, duplicated "
         "or late messages and timers a second worker fires again late, --failures business "
         "failures (definite or retryable, of actions and compensation rungs), --silences "
