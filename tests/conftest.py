@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,3 +19,20 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     kwargs: dict[str, Any] = {n: pyfuncitem.funcargs[n] for n in names}
     asyncio.run(pyfuncitem.obj(**kwargs))
     return True
+
+
+@pytest.fixture
+def sagakit_logger() -> Iterator[logging.Logger]:
+    """The ``sagakit`` logger, put back as it was afterwards: the handlers a test's
+    ``_configure_logging`` adds closed and removed, its level and propagation restored
+    (an INFO level left behind would let later tests' records through)."""
+    root = logging.getLogger("sagakit")
+    before, level, propagate = list(root.handlers), root.level, root.propagate
+    try:
+        yield root
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
+        root.propagate = propagate

@@ -42,7 +42,9 @@ never captured releases the hold (as real providers do), with amount 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -228,6 +230,10 @@ class FakeCardProvider:
     # -- plumbing ---------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
+            # A new file is created readable by its owner only (0600); SQLite gives its
+            # -wal and -shm files the same mode.
+            with contextlib.suppress(OSError):  # it exists, or sqlite3 reports why not
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")

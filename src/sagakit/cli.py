@@ -33,7 +33,10 @@ def _configure_logging(data_dir: Path | None, level: str) -> None:
     root.setLevel(level)
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(data_dir / "sagakit.log")
+        log_file = data_dir / "sagakit.log"
+        # Created readable by its owner only (0600), like the databases next to it.
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        handler: logging.Handler = logging.FileHandler(log_file)
     else:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

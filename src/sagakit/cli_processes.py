@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sagakit.cli_app import add_app_argument, add_app_options, loaded, options_of
 from sagakit.errors import ConfigurationError, SagakitError, StoreError, TransportError
 from sagakit.observability import JsonFormatter
+from sagakit.redaction import RedactPersonalData
 
 if TYPE_CHECKING:
     from sagakit.app import App
@@ -166,6 +167,7 @@ def register(sub: Any, apps: Callable[[str], App | None] | None = None) -> None:
 def _run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactPersonalData())  # as every log the CLI writes
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         builder = _builder(args)

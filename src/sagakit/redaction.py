@@ -3,8 +3,8 @@
 Messages carry tokens, never personal data, and the library never logs payloads; this
 filter is the second line of defence for what slips through anyway (a driver error
 that quotes a row, a reason written by a handler). The library installs no handlers:
-the CLI adds :class:`RedactPersonalData` to the handlers it creates, and so can any
-application::
+the CLI and ``sagakit serve`` add :class:`RedactPersonalData` to the handlers they
+create, and so can any application::
 
     handler.addFilter(RedactPersonalData())
 """
@@ -14,13 +14,20 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["EMAIL", "RedactPersonalData", "redact"]
+__all__ = ["EMAIL", "RedactPersonalData", "personal_data_in", "redact"]
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 """An e-mail address."""
 
 _CARD = re.compile(r"(?<![\w-])\d(?:[ \-]?\d){12,18}(?![\w-])")
 """13 to 19 digits, optionally grouped with spaces or dashes (card-number length)."""
+
+_ADDRESS = re.compile(
+    r"\b\d{1,5}[A-Za-z]?,?\s+(?:[A-Z][A-Za-z'\-]*\s+){1,3}"
+    r"(?:Street|St|Road|Rd|Avenue|Ave|Lane|Ln|Boulevard|Blvd|Drive|Dr|Way|Court|Ct|Place|"
+    r"Pl|Square|Sq|Terrace|Close|Crescent|Gardens|Parkway|Highway|Hwy)\b\.?"
+)
+"""A street address: a house number, capitalised words and a street type (``12 Fake Street``)."""
 
 
 def _luhn(digits: str) -> bool:
@@ -40,13 +47,46 @@ def _mask_card(match: re.Match[str]) -> str:
     return f"[card ****{digits[-4:]}]" if _luhn(digits) else match.group(0)
 
 
+def _is_card(match: re.Match[str]) -> bool:
+    return _luhn(re.sub(r"\D", "", match.group(0)))
+
+
 def redact(text: str) -> str:
-    """``text`` with e-mail addresses and card-number-like digit runs masked."""
-    return _CARD.sub(_mask_card, EMAIL.sub("[email]", text))
+    """``text`` with e-mail addresses, card numbers and street addresses masked."""
+    return _ADDRESS.sub("[address]", _CARD.sub(_mask_card, EMAIL.sub("[email]", text)))
+
+
+def personal_data_in(text: str) -> str | None:
+    """What personal data free ``text`` holds, or None: what :func:`redact` would mask.
+
+    Each kind found, in words: ``"an e-mail address, a card number and a postal
+    address"``. A name on its own is not found: in free text it cannot be told from a
+    service's or a product's.
+    """
+    found = [
+        kind
+        for kind, present in (
+            ("an e-mail address", EMAIL.search(text) is not None),
+            ("a card number", any(_is_card(m) for m in _CARD.finditer(text))),
+            ("a postal address", _ADDRESS.search(text) is not None),
+        )
+        if present
+    ]
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else f"{', '.join(found[:-1])} and {found[-1]}"
+
+
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+}
+"""A log record's own attributes; the others came in ``extra``."""
 
 
 class RedactPersonalData(logging.Filter):
-    """Masks e-mails and card numbers in a record's message and exception text.
+    """Masks e-mails, card numbers and street addresses in a record's message, its
+    exception text and its string ``extra`` fields (a JSON formatter writes those).
 
     The message is formatted here (``msg % args``) and the result masked, so values
     passed as arguments are covered too. Records are never dropped.
@@ -64,4 +104,7 @@ class RedactPersonalData(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD and isinstance(value, str):
+                record.__dict__[key] = redact(value)
         return True

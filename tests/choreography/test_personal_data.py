@@ -144,19 +144,26 @@ def test_the_log_filter_masks_emails_and_card_numbers() -> None:
     assert redact("no personal data here") == "no personal data here"
 
 
-def test_the_cli_installs_the_filter(tmp_path: Path) -> None:
-    root = logging.getLogger("sagakit")
+def test_the_log_filter_masks_the_canary_in_addresses_and_extra_fields() -> None:
+    reason = "called Zebulon at 42 Canary Lane, zebulon.canary@example.org, 4111 1111 1111 1111"
+    record = logging.LogRecord(
+        "sagakit.api.audit", logging.INFO, __file__, 1, "cancel: %s", (reason,), None
+    )
+    record.__dict__.update(reason=reason, actor="ops", rung=2)
+    assert RedactPersonalData().filter(record)
+    for text in (record.getMessage(), record.__dict__["reason"]):
+        assert [c for c in CANARIES[1:] if c in text] == []
+        assert "[address]" in text and "[email]" in text and "[card ****1111]" in text
+    assert (record.__dict__["actor"], record.__dict__["rung"]) == ("ops", 2)
+
+
+def test_the_cli_installs_the_filter(tmp_path: Path, sagakit_logger: logging.Logger) -> None:
+    root = sagakit_logger
     before = list(root.handlers)
-    try:
-        _configure_logging(tmp_path, "INFO")
-        added = [h for h in root.handlers if h not in before]
-        assert added and any(isinstance(f, RedactPersonalData) for f in added[0].filters)
-        root.warning("customer %s paid with %s", "a.b@example.com", "4111111111111111")
-        added[0].flush()
-        logged = (tmp_path / "sagakit.log").read_text()
-        assert "a.b@example.com" not in logged and "4111111111111111" not in logged
-    finally:
-        for h in [h for h in root.handlers if h not in before]:
-            root.removeHandler(h)
-            h.close()
-        root.propagate = True
+    _configure_logging(tmp_path, "INFO")
+    added = [h for h in root.handlers if h not in before]
+    assert added and any(isinstance(f, RedactPersonalData) for f in added[0].filters)
+    root.warning("customer %s paid with %s", "a.b@example.com", "4111111111111111")
+    added[0].flush()
+    logged = (tmp_path / "sagakit.log").read_text()
+    assert "a.b@example.com" not in logged and "4111111111111111" not in logged

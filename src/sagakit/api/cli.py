@@ -30,6 +30,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sagakit.redaction import personal_data_in
+
 if TYPE_CHECKING:
     from sagakit.app import App
 
@@ -98,6 +100,20 @@ def exchange(args: argparse.Namespace, method: str, path: str, body: Any = None)
         raise CommandFailed(
             f"cannot reach {args.url} ({reason}); is `sagakit serve` running?", 2
         ) from None
+
+
+def checked_reason(reason: str) -> str:
+    """``--reason`` as given, or :class:`CommandFailed` (exit 2) when it holds personal
+    data: the API would refuse it (422), and this way it never leaves this machine."""
+    found = personal_data_in(reason)
+    if found is not None:
+        raise CommandFailed(
+            f"--reason holds {found}: a reason is kept for good in the saga's history and "
+            "the audit, so write it without personal data and name the customer by their "
+            "token (cust-000123)",
+            2,
+        )
+    return reason
 
 
 def _age(seconds: float) -> str:
@@ -184,7 +200,7 @@ def _start(args: argparse.Namespace) -> Any:
 
 def _act(args: argparse.Namespace) -> Any:
     action = args.action_name or args.action
-    body: dict[str, Any] = {"action": action, "reason": args.reason}
+    body: dict[str, Any] = {"action": action, "reason": checked_reason(args.reason)}
     if getattr(args, "rung", None) is not None:
         body["rung"] = args.rung
     path = f"/sagas/{urllib.parse.quote(args.saga_id, safe='')}/actions"

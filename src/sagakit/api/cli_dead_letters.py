@@ -18,7 +18,7 @@ import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
-from sagakit.api.cli import _client_options, _runner, call
+from sagakit.api.cli import _client_options, _runner, call, checked_reason
 
 
 def _when(at: float | None) -> str:
@@ -98,7 +98,8 @@ def _show(args: argparse.Namespace) -> Any:
 
 
 def _settle(args: argparse.Namespace) -> Any:
-    res = call(args, "POST", f"{_path(args)}/{args.settlement}", {"reason": args.reason})
+    body = {"reason": checked_reason(args.reason)}
+    res = call(args, "POST", f"{_path(args)}/{args.settlement}", body)
     d = res["dead_letter"]
     return res, f"dead letter {d['store']}/{d['id']} {d['status']} by {d['settled_by']}"
 

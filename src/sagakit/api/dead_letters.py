@@ -27,7 +27,7 @@ from sagakit.api.http import (
     read_json,
 )
 from sagakit.api.problems import ApiError, FieldProblem, invalid, not_found
-from sagakit.api.validation import MAX_REASON, parse_paging
+from sagakit.api.validation import parse_paging, reason_problem
 from sagakit.core.envelope import Envelope
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused, MessageError
 from sagakit.runtime.dead_letters import BrokerDeadLetter, StoredDeadLetter
@@ -110,10 +110,9 @@ def parse_reason(raw: object) -> str:
         FieldProblem(k, "unknown field; only reason is taken") for k in sorted(raw) if k != "reason"
     ]
     reason = raw.get("reason")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
-        problems.append(
-            FieldProblem("reason", f"is required: why (1 to {MAX_REASON} characters; audited)")
-        )
+    why = reason_problem(reason)
+    if why is not None:
+        problems.append(FieldProblem("reason", why))
     if problems:
         raise invalid(problems, "the request")
     assert isinstance(reason, str)

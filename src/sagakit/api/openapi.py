@@ -129,7 +129,8 @@ ACTION = {
         "type": "string",
         "minLength": 1,
         "maxLength": MAX_REASON,
-        "description": "Why (mandatory; recorded in the saga's history and the audit).",
+        "description": "Why (mandatory; recorded in the saga's history and the audit). "
+        "Text holding an e-mail address, a card number or a postal address is refused (422).",
     },
     "rung": _null(
         {
@@ -352,7 +353,8 @@ SCHEMAS: dict[str, Any] = {
                 "minLength": 1,
                 "maxLength": MAX_REASON,
                 "pattern": "\\S",
-                "description": "Why (mandatory; kept with the dead letter and audited).",
+                "description": "Why (mandatory; kept with the dead letter and audited). Text "
+                "holding an e-mail address, a card number or a postal address is refused (422).",
             }
         },
         ["reason"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import uvicorn
+import uvicorn.config
 
 from sagakit.api import serve_setup
 from sagakit.api.app import DEFAULT_MAX_BODY, create_app
@@ -44,6 +46,7 @@ from sagakit.api.auth import (
 )
 from sagakit.app import App, load_app
 from sagakit.errors import ConfigurationError
+from sagakit.redaction import RedactPersonalData
 from sagakit.runtime.lockfile import LockFile, data_dir_lock
 
 TOKENS_JSON = "tokens.json"
@@ -125,6 +128,17 @@ def _lock(data_dir: Path) -> LockFile:
     return lock
 
 
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration with :class:`RedactPersonalData` on its
+    ``default`` handler (``uvicorn`` and ``uvicorn.error``): an error it logs may quote
+    a request. The access log is off (its formatter needs the record's raw args)."""
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact"] = {"()": RedactPersonalData}
+    default = config["handlers"]["default"]
+    default["filters"] = [*default.get("filters", []), "redact"]
+    return config
+
+
 def _configure_logging(level: str) -> Callable[[], None]:
     """JSON lines on stderr for sagakit's loggers, unless configured; returns the undo."""
     root = logging.getLogger("sagakit")
@@ -132,6 +146,9 @@ def _configure_logging(level: str) -> Callable[[], None]:
         return lambda: None  # the caller configured logging
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
+    # E-mails, card numbers and addresses never reach a log line, as in the CLI's logs;
+    # the filter masks the ``extra`` fields (a reason) that the JSON lines carry too.
+    handler.addFilter(RedactPersonalData())
     saved = (root.level, root.propagate)
     root.addHandler(handler)
     root.setLevel(level.upper())
@@ -215,6 +232,7 @@ async def serve(
                 host=host,
                 port=port,
                 log_level=log_level.lower(),
+                log_config=uvicorn_log_config(),
                 access_log=False,
                 lifespan="on",
             )

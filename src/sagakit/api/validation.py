@@ -3,7 +3,9 @@
 Pure functions over parsed JSON and query strings; each collects *every* problem and
 raises one 422 naming them all. Orders carry tokens, never personal data: a value that
 looks like a name, an e-mail address or a card number is refused, so it never reaches
-a saga's data, a message or a log.
+a saga's data, a message or a log. An operator's free-text reason is refused in the same
+way when it holds an e-mail address, a card number or a street address
+(:func:`reason_problem`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, TypeGuard
 from sagakit.api.problems import ApiError, FieldProblem, invalid
 from sagakit.core.instance import SagaState
 from sagakit.core.machine import ManualAction
+from sagakit.redaction import personal_data_in
 
 TOKEN_PATTERN = r"^[a-z][a-z0-9]*-[A-Za-z0-9_.:\-]*[0-9][A-Za-z0-9_.:\-]*$"
 """A token: a lower-case kind, ``-``, an opaque id with a digit (``cust-000123``)."""
@@ -52,6 +55,27 @@ def personal_data_problem(value: str) -> str | None:
         return "looks like a card number; send the card token from the payment provider"
     if _NAME_LIKE.match(value) or any(c.isspace() for c in value) or "," in value:
         return "looks like a name or a postal address; send a token instead"
+    return None
+
+
+def reason_problem(value: object) -> str | None:
+    """Why ``value`` cannot be an operator's ``reason``, or None.
+
+    A reason is kept for good: in the saga's history, in ``api_audit``, in the log, on
+    the console. One that holds personal data (:func:`~sagakit.redaction.personal_data_in`)
+    is refused, not masked: the operator learns it at once and writes it again with the
+    customer's token, a masked reason would lose what the operator meant, and orders
+    already follow this rule. Checked before anything is stored or audited.
+    """
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_REASON:
+        return f"is required: why (1 to {MAX_REASON} characters; audited)"
+    found = personal_data_in(value)
+    if found is not None:
+        return (
+            f"holds {found}: a reason is kept for good in the saga's history and the audit, "
+            "so write it without personal data and name the customer by their token "
+            "(cust-000123)"
+        )
     return None
 
 
@@ -139,11 +163,9 @@ def _action_problems(raw: Mapping[str, Any]) -> list[FieldProblem]:
     action = raw.get("action")
     if action not in ACTIONS:
         problems.append(FieldProblem("action", f"must be one of {', '.join(ACTIONS)}"))
-    reason = raw.get("reason")
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
-        problems.append(
-            FieldProblem("reason", f"is required: why (1 to {MAX_REASON} characters; audited)")
-        )
+    why = reason_problem(raw.get("reason"))
+    if why is not None:
+        problems.append(FieldProblem("reason", why))
     rung = raw.get("rung")
     if action == ManualAction.USE_RUNG.value:
         if not (is_int(rung) and 0 <= rung <= 100):

@@ -37,6 +37,7 @@ from sagakit.errors import (
     VersionMissing,
 )
 from sagakit.graph import to_dot, to_mermaid, to_svg
+from sagakit.redaction import personal_data_in
 from sagakit.runtime.dead_letters import BrokerDeadLetter
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.set_aside import waiting_for
@@ -261,6 +262,18 @@ class _Console:
             target = base + fallback
         return RedirectResponse(h.url("", target, {"done": done}), status_code=303)
 
+    def personal_data(self, request: Request, reason: str) -> Response | None:
+        """A 422 page when ``reason`` holds personal data (refused as the API refuses it:
+        see :func:`sagakit.api.validation.reason_problem`), else None."""
+        found = personal_data_in(reason)
+        if found is None:
+            return None
+        why = (
+            f"The reason holds {found}. A reason is kept for good in the history; write it "
+            "without personal data and name the customer by their token (cust-000123)."
+        )
+        return self.error(request, 422, "Personal data in the reason", why)
+
     async def act(self, request: Request) -> Response:
         checked = await self.decision_form(request, "sagas")
         if isinstance(checked, Response):
@@ -272,6 +285,8 @@ class _Console:
         if not reason:
             why = "Every decision needs a reason; it is recorded in the saga's history."
             return self.error(request, 400, "Reason missing", why)
+        if (refused := self.personal_data(request, reason)) is not None:
+            return refused
         saga_id = request.path_params["saga_id"]
         rung = form.get("rung", "")
         try:
@@ -342,6 +357,8 @@ class _Console:
         if not reason:
             why = "Every replay or discard needs a reason; it is kept with the dead letter."
             return self.error(request, 400, "Reason missing", why)
+        if (refused := self.personal_data(request, reason)) is not None:
+            return refused
         store, raw_id = request.path_params["store"], request.path_params["id"]
         if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
             return self.error(request, 404, "No such dead letter", "Dead letter ids are numbers.")

@@ -53,7 +53,7 @@ class LockFile:
             return
         try:
             # Not O_TRUNC: the file may hold another process's pid, read for the error.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot create the lock file {self.path} for {self.what}: {exc.strerror}"

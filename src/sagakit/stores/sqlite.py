@@ -560,6 +560,7 @@ class SQLiteStore:
             return
         # A fresh lock per open, so a store can be reopened under another event loop.
         self._lock = asyncio.Lock()
+        self._create_owner_only()
         writer = self._connect()
         reader: sqlite3.Connection | None = None
         try:
@@ -583,6 +584,20 @@ class SQLiteStore:
                 raise _fail(self.name, f"open {self.path!r}", exc) from exc
             raise
         self._writer, self._reader = writer, reader
+
+    def _create_owner_only(self) -> None:
+        """Create a new database file readable and writable by its owner only (0600).
+
+        The file is created empty here, with its mode, before SQLite opens it (an empty
+        file is an empty database); SQLite gives its ``-wal``, ``-shm`` and ``-journal``
+        files the database file's mode. No umask: it is process-wide. An existing file
+        keeps its mode.
+        """
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:  # it exists, or e.g. no such directory: sqlite3.connect reports it
+            return
+        os.close(fd)
 
     def _connect(self) -> sqlite3.Connection:
         try:
