@@ -404,6 +404,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     from sagakit.api.cli import register as register_api
+    from sagakit.api.cli_tokens import register as register_tokens
     from sagakit.cli_flows import register as register_flows
     from sagakit.cli_processes import register as register_processes
     from sagakit.cli_schemas import register as register_schemas
@@ -413,6 +414,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     register_processes(sub, apps)
     register_graph_command(sub)
     register_api(sub, apps)
+    register_tokens(sub)
     register_schemas(sub)
     register_flows(sub)
     register_versions(sub, apps)

@@ -10,10 +10,12 @@ token, never the token itself::
       {"name": "grafana",   "role": "viewer",   "sha256": "9f86d081884c..."}
     ]}
 
-(a bare list of entries is accepted too). Make a token and its hash with
-``python -c "from sagakit.api.auth import generate_token, hash_token as h;
-t = generate_token(); print(t, h(t))"``. There is no way to switch authentication
-off: a request without a valid token is refused with 401.
+(a bare list of entries is accepted too). An entry may carry ``expires_at`` (epoch
+seconds): from then on its token is refused with 401 saying it expired. ``sagakit
+tokens add|list|rotate|revoke`` (:mod:`sagakit.api.cli_tokens`) edits the file; a
+:class:`WatchedTokenStore` (what ``sagakit serve`` uses) notices the changes without a
+restart. There is no way to switch authentication off: a request without a valid
+token is refused with 401.
 
 This module needs only the standard library, so the CLI can use it without the
 ``api`` extra.
@@ -21,14 +23,20 @@ This module needs only the standard library, so the CLI can use it without the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +47,12 @@ from sagakit.errors import ConfigurationError
 
 TOKENS_FILE_ENV = "SAGAKIT_TOKENS_FILE"
 """The environment variable naming the tokens file (read by the CLI, at the edge)."""
+TOKENS_JSON = "tokens.json"
+"""The tokens file's name in a data directory."""
+RELOAD_INTERVAL = 1.0
+"""Seconds between two looks of a :class:`WatchedTokenStore` at its file."""
+
+log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:\-]{0,63}$")
@@ -71,15 +85,27 @@ _RANKS = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 
 @dataclass(frozen=True, slots=True)
 class TokenEntry:
-    """One configured token: who holds it, its role, and the SHA-256 hex of the token."""
+    """One configured token: who holds it, its role, the SHA-256 hex of the token and,
+    optionally, when it expires (epoch seconds; None: never)."""
 
     name: str
     role: Role
     sha256: str
+    expires_at: float | None = None
 
-    def to_json(self) -> dict[str, str]:
-        """The tokens-file form."""
-        return {"name": self.name, "role": self.role.value, "sha256": self.sha256}
+    def to_json(self) -> dict[str, Any]:
+        """The tokens-file form (``expires_at`` only when set)."""
+        out: dict[str, Any] = {"name": self.name, "role": self.role.value, "sha256": self.sha256}
+        if self.expires_at is not None:
+            at = self.expires_at
+            out["expires_at"] = int(at) if float(at).is_integer() else float(at)
+        return out
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once ``expires_at`` has passed."""
+        if self.expires_at is None:
+            return False
+        return (time.time() if now is None else now) >= self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +126,48 @@ def generate_token() -> str:
     return "sk_" + secrets.token_urlsafe(32)
 
 
+def configured_tokens_file(tokens_file: str | os.PathLike[str] | None) -> Path | None:
+    """The tokens file given explicitly: ``tokens_file``, else ``$SAGAKIT_TOKENS_FILE``,
+    else None (the data directory's ``tokens.json`` is used)."""
+    configured = tokens_file if tokens_file is not None else os.environ.get(TOKENS_FILE_ENV)
+    return Path(configured) if configured else None
+
+
+def tokens_path(
+    data_dir: str | os.PathLike[str], tokens_file: str | os.PathLike[str] | None = None
+) -> Path:
+    """The tokens file in use: ``tokens_file``, else ``$SAGAKIT_TOKENS_FILE``, else
+    ``<data_dir>/tokens.json`` (what ``sagakit serve`` and ``sagakit tokens`` read)."""
+    return configured_tokens_file(tokens_file) or Path(data_dir) / TOKENS_JSON
+
+
+@contextlib.contextmanager
+def tokens_file_lock(path: str | os.PathLike[str], *, timeout: float = 10.0) -> Iterator[None]:
+    """Hold ``flock`` on ``<path>.lock`` (created 0600 beside the tokens file): one
+    read-modify-write of the file at a time. :class:`ConfigurationError` after
+    ``timeout`` seconds of waiting for another holder."""
+    lock = Path(f"{os.fspath(path)}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open the lock file {lock}: {exc}") from exc
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConfigurationError(
+                        f"{lock} is held by another process changing the tokens; try again"
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 class TokenStore:
     """The configured tokens; looks a presented token up by its hash in constant time."""
 
@@ -113,12 +181,16 @@ class TokenStore:
             _check_entry(e)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._current())
+
+    def _current(self) -> tuple[TokenEntry, ...]:
+        """The entries to check a request against (a subclass may reload them first)."""
+        return self._entries
 
     @property
     def entries(self) -> tuple[TokenEntry, ...]:
         """The configured entries (hashes only)."""
-        return self._entries
+        return self._current()
 
     @classmethod
     def from_json(cls, raw: object, *, source: str = "tokens") -> TokenStore:
@@ -131,9 +203,17 @@ class TokenStore:
             )
         entries = []
         for i, item in enumerate(items):
-            if not isinstance(item, dict) or set(item) - {"name", "role", "sha256"}:
+            if not isinstance(item, dict) or set(item) - {"name", "role", "sha256", "expires_at"}:
                 raise ConfigurationError(
-                    f"{source}: entry {i} must be an object with exactly name, role, sha256"
+                    f"{source}: entry {i} must be an object with exactly name, role, sha256 "
+                    "(and optionally expires_at)"
+                )
+            expires = item.get("expires_at")
+            if expires is not None and (
+                isinstance(expires, bool) or not isinstance(expires, int | float)
+            ):
+                raise ConfigurationError(
+                    f"{source}: entry {i} has expires_at {expires!r}; use epoch seconds (a number)"
                 )
             try:
                 role = Role(str(item.get("role")))
@@ -142,7 +222,14 @@ class TokenStore:
                     f"{source}: entry {i} has role {item.get('role')!r}; "
                     f"use one of {[r.value for r in Role]}"
                 ) from None
-            entries.append(TokenEntry(str(item.get("name", "")), role, str(item.get("sha256", ""))))
+            entries.append(
+                TokenEntry(
+                    str(item.get("name", "")),
+                    role,
+                    str(item.get("sha256", "")),
+                    None if expires is None else float(expires),
+                )
+            )
         return cls(entries)
 
     @classmethod
@@ -164,16 +251,23 @@ class TokenStore:
 
     def to_json(self) -> dict[str, Any]:
         """The tokens-file form of these entries."""
-        return {"tokens": [e.to_json() for e in self._entries]}
+        return {"tokens": [e.to_json() for e in self._current()]}
 
-    def authenticate(self, token: str) -> Principal | None:
-        """The holder of ``token``, or None. Every entry is compared, match or not."""
+    def lookup(self, token: str) -> TokenEntry | None:
+        """The entry of ``token`` (expired or not), or None. Every entry is compared."""
         digest = hash_token(token)
         found: TokenEntry | None = None
-        for entry in self._entries:
+        for entry in self._current():
             if hmac.compare_digest(entry.sha256, digest):
                 found = entry
-        return None if found is None else Principal(found.name, found.role)
+        return found
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The holder of ``token``, or None (unknown or expired)."""
+        found = self.lookup(token)
+        if found is None or found.expired():
+            return None
+        return Principal(found.name, found.role)
 
     def principal_for(self, authorization: str | None) -> Principal:
         """The holder of an ``Authorization: Bearer ...`` header; 401 when it is not valid."""
@@ -186,16 +280,109 @@ class TokenStore:
             )
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
-        principal = None
+        found = None
         if scheme.lower() == "bearer" and _B64TOKEN.match(token):
-            principal = self.authenticate(token)
-        if principal is None:
+            found = self.lookup(token)
+        invalid = {"WWW-Authenticate": 'Bearer realm="sagakit", error="invalid_token"'}
+        if found is None:
             raise ApiError(
                 401,
                 "the bearer token is not valid (unknown, revoked or malformed)",
-                headers={"WWW-Authenticate": 'Bearer realm="sagakit", error="invalid_token"'},
+                headers=invalid,
             )
-        return principal
+        if found.expired():
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found.expires_at))
+            raise ApiError(
+                401,
+                f"the bearer token {found.name!r} expired at {when}; ask for a new one",
+                headers={
+                    "WWW-Authenticate": 'Bearer realm="sagakit", error="invalid_token", '
+                    'error_description="the token expired"'
+                },
+            )
+        return Principal(found.name, found.role)
+
+
+class WatchedTokenStore(TokenStore):
+    """The tokens of a file, re-read when the file changes: no restart needed.
+
+    At most once per ``interval`` seconds, on a request, the file is looked at: when its
+    inode, size or modification time changed (or it was modified within the last two
+    seconds, which a coarse clock could hide), it is read again, and parsed when its
+    bytes differ. A file that cannot be read or parsed keeps the previous tokens and
+    logs an error (once per change of the file).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = RELOAD_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stat = _signature(self.path)
+        self._raw = _read_bytes(self.path)
+        super().__init__(_parse(self._raw, self.path).entries)
+        self._checked = clock()
+
+    def _current(self) -> tuple[TokenEntry, ...]:
+        self.refresh()
+        return self._entries
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the file if it changed (and ``interval`` passed, unless ``force``);
+        True when the tokens were replaced."""
+        with self._lock:
+            now = self._clock()
+            if not force and now - self._checked < self._interval:
+                return False
+            self._checked = now
+            stat = _signature(self.path)
+            recent = stat is not None and time.time() - stat[3] / 1e9 < 2.0
+            if stat == self._stat and not recent:
+                return False
+            self._stat = stat
+            try:
+                raw = _read_bytes(self.path)
+                if raw == self._raw:
+                    return False
+                self._raw = raw
+                entries = _parse(raw, self.path).entries
+            except ConfigurationError as exc:
+                log.error("tokens file not reloaded, the previous tokens stay in use: %s", exc)
+                return False
+            self._entries = entries
+            log.info("tokens file %s reloaded: %d token(s)", self.path, len(entries))
+            return True
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(f"tokens file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigurationError(f"tokens file {path} cannot be read: {exc}") from exc
+
+
+def _parse(raw: bytes, path: Path) -> TokenStore:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        raise ConfigurationError(f"tokens file {path} cannot be read as JSON: {exc}") from exc
+    return TokenStore.from_json(data, source=str(path))
 
 
 def require(principal: Principal, role: Role) -> None:
@@ -227,6 +414,8 @@ def write_tokens_file(path: str | os.PathLike[str], store: TokenStore) -> None:
 
 
 def _check_entry(e: TokenEntry) -> None:
+    if e.expires_at is not None and not math.isfinite(e.expires_at):
+        raise ConfigurationError(f"token {e.name!r}: expires_at must be a finite number")
     if not _NAME.match(e.name):
         raise ConfigurationError(
             f"token name {e.name!r} must be 1-64 letters, digits or _.@:- (it is the actor "

@@ -36,12 +36,15 @@ import uvicorn.config
 from sagakit.api import serve_setup
 from sagakit.api.app import DEFAULT_MAX_BODY, create_app
 from sagakit.api.auth import (
-    TOKENS_FILE_ENV,
+    TOKENS_JSON,
     Role,
     TokenEntry,
     TokenStore,
+    WatchedTokenStore,
+    configured_tokens_file,
     generate_token,
     hash_token,
+    tokens_file_lock,
     write_tokens_file,
 )
 from sagakit.app import App, load_app
@@ -49,7 +52,6 @@ from sagakit.errors import ConfigurationError
 from sagakit.redaction import RedactPersonalData
 from sagakit.runtime.lockfile import LockFile, data_dir_lock
 
-TOKENS_JSON = "tokens.json"
 DEFAULT_APP = "sagakit_checkout:app"
 """What ``sagakit serve`` runs without ``--app``: the reference checkout."""
 _EXTRAS = (
@@ -91,22 +93,23 @@ def load_tokens(
 ) -> tuple[TokenStore, str | None]:
     """The configured tokens, or a generated admin token: ``(store, token or None)``.
 
-    The token is returned (to be shown once) only when it was generated now.
+    The token is returned (to be shown once) only when it was generated now. The store
+    re-reads the file when it changes (``sagakit tokens``), without a restart.
     """
     if tokens_file is not None:
-        store = TokenStore.from_file(tokens_file)
+        store = WatchedTokenStore(tokens_file)
         if not len(store):
             raise ConfigurationError(f"tokens file {tokens_file} lists no tokens; add one")
         return store, None
     path = data_dir / TOKENS_JSON
-    if path.exists():
-        store = TokenStore.from_file(path)
-        if len(store):
-            return store, None
-    token = generate_token()
-    store = TokenStore([TokenEntry("admin", Role.ADMIN, hash_token(token))])
-    write_tokens_file(path, store)
-    return store, token
+    with tokens_file_lock(path):  # not while `sagakit tokens add` writes it
+        if path.exists():
+            store = WatchedTokenStore(path)
+            if len(store):
+                return store, None
+        token = generate_token()
+        write_tokens_file(path, TokenStore([TokenEntry("admin", Role.ADMIN, hash_token(token))]))
+    return WatchedTokenStore(path), token
 
 
 class _Server(uvicorn.Server):
@@ -209,8 +212,7 @@ async def serve(
     lock = _lock(base)
     undo_logging = _configure_logging(log_level)
     try:
-        configured = tokens_file if tokens_file is not None else os.environ.get(TOKENS_FILE_ENV)
-        tokens, generated = load_tokens(base, configured or None)
+        tokens, generated = load_tokens(base, configured_tokens_file(tokens_file))
         served = serve_setup.for_app(
             app,
             serve_setup.ServeRequest(
