@@ -49,49 +49,38 @@ def _inventory(store: Any) -> Participant:
     return participant
 
 
+def _to_inventory(type_: str, order_id: str, step: str, **extra: Any) -> Envelope:
+    """A command of ``order_id``'s saga to the inventory, at :data:`NOW`."""
+    payload = extra.pop("payload", {"order_id": order_id})
+    return command(
+        inventory.NAME, type_, payload, saga_id=_saga(order_id), step=step, now=NOW, **extra
+    )
+
+
 def reserve(
     order_id: str, *, attempt: int = 1, sku: str = SKU, manual_retries: int = 0
 ) -> Envelope:
     """ReserveInventory of one unit of ``sku`` for ``order_id`` (``manual_retries``: the
     try of a person's retry)."""
     payload = {"order_id": order_id, "sku": sku, "qty": 1}
-    return command(
-        inventory.NAME,
+    return _to_inventory(
         "ReserveInventory",
-        payload,
-        saga_id=_saga(order_id),
-        step=RESERVE_STEP,
+        order_id,
+        RESERVE_STEP,
+        payload=payload,
         attempt=attempt,
         manual_retries=manual_retries,
-        now=NOW,
     )
 
 
 def release(order_id: str) -> Envelope:
     """ReleaseInventory, the compensation of ``order_id``'s reservation."""
-    payload = {"order_id": order_id}
-    return command(
-        inventory.NAME,
-        "ReleaseInventory",
-        payload,
-        saga_id=_saga(order_id),
-        step=RESERVE_STEP,
-        rung=0,
-        now=NOW,
-    )
+    return _to_inventory("ReleaseInventory", order_id, RESERVE_STEP, rung=0)
 
 
 def commit(order_id: str) -> Envelope:
     """CommitReservation of ``order_id`` (past the pivot: the goods leave)."""
-    payload = {"order_id": order_id}
-    return command(
-        inventory.NAME,
-        "CommitReservation",
-        payload,
-        saga_id=_saga(order_id),
-        step=COMMIT_STEP,
-        now=NOW,
-    )
+    return _to_inventory("CommitReservation", order_id, COMMIT_STEP)
 
 
 def handled(cmd: Envelope, *, now: float = NOW) -> Actor:
