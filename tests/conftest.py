@@ -10,6 +10,10 @@ from typing import Any
 
 import pytest
 
+# The fault catalogue: checks every @pytest.mark.fault id, and writes the report of
+# SAGAKIT_FAULT_REPORT (tests/fault_report.py).
+pytest_plugins = ["fault_report"]
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:

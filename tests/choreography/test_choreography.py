@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from choreo_support import Backend, deliver, event, order_data, quiet, rows, wait_terminal
 from sagakit_checkout.choreography import (
     ANNOUNCE_AFTER,
@@ -117,6 +118,7 @@ WAREHOUSE_STOCK = {
 }
 
 
+@pytest.mark.fault("F-PROVIDER-OUTAGE")
 async def test_failures_after_the_capture_and_a_silent_provider(
     backend: Backend, tmp_path: Path
 ) -> None:
@@ -275,6 +277,7 @@ def _authorized() -> dict[str, Any]:
     }
 
 
+@pytest.mark.fault("F-DUPLICATE", "F-REORDER")
 async def test_payment_and_inventory_ignore_late_and_repeated_facts(tmp_path: Path) -> None:
     async with opened(tmp_path) as ch:
         payment, inventory = participant(ch, "payment"), participant(ch, "inventory")

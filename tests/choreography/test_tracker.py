@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from choreo_support import event
 from sagakit_checkout.choreography import CHOREOGRAPHY, tracked_flow
 from sagakit_checkout.invariants import status_path_violation
@@ -55,6 +56,7 @@ def test_the_happy_path_shows_the_orchestrated_statuses_in_order() -> None:
     assert [o.instance.version for o in seen] == list(range(1, 8))
 
 
+@pytest.mark.fault("F-REORDER")
 def test_facts_in_reverse_order_still_end_honestly() -> None:
     seen = run(list(reversed(HAPPY)))
     final = seen[-1].instance
@@ -104,6 +106,7 @@ def test_a_failure_after_a_success_is_recorded_and_ignored() -> None:
     assert "already SUCCEEDED" in last.history[-1].detail["reason"]
 
 
+@pytest.mark.fault("F-DUPLICATE")
 def test_a_duplicate_fact_under_another_id_moves_nothing() -> None:
     first = run(HAPPY[:2])
     again = event("PaymentAuthorized", {"order_id": "o-1"}, message_id="other-id")
@@ -112,6 +115,7 @@ def test_a_duplicate_fact_under_another_id_moves_nothing() -> None:
     assert obs.history[0].detail["first"] == "m-PaymentAuthorized"
 
 
+@pytest.mark.fault("F-REORDER")
 def test_a_fact_before_its_cause_is_noted() -> None:
     ev = event("InventoryReserved", {"order_id": "o-1"}, message_id="m-2", causation_id="m-1")
     obs = observe(FLOW, None, ev, now=1.0)

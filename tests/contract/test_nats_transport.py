@@ -124,6 +124,7 @@ def free_port() -> int:
         return port
 
 
+@pytest.mark.fault("F-ACK-LOST")
 async def test_the_broker_drops_a_message_id_published_again_within_the_window() -> None:
     async with topology(ack_wait=2.0) as make:
         alpha = Recorder()
@@ -156,6 +157,7 @@ async def test_a_replayed_dead_letter_is_a_new_copy_and_its_re_publish_is_still_
         assert [e for e, _, _ in alpha.got] == [msg, first, second]
 
 
+@pytest.mark.fault("F-SLOW-BROKER")
 async def test_in_progress_acks_keep_a_slow_handler_s_message_from_redelivery() -> None:
     # ack_wait 1 s, the handler takes 2.5 s; two processes consume the endpoint, so a
     # redelivery would reach the other one while the first still works on it.
@@ -185,6 +187,7 @@ async def test_a_retry_longer_than_ack_wait_is_held_then_delivered_when_due() ->
         assert 2.8 <= t2 - t1 <= 4.5  # not after ack_wait (1 s): held with in-progress acks
 
 
+@pytest.mark.fault("F-POISON")
 async def test_max_deliver_exhaustion_copies_the_message_into_the_dead_letter_stream() -> None:
     async with topology(ack_wait=1.0, max_deliver=2) as make:
         alpha = Recorder(lambda env, d: retry(0.05, "never works"))
@@ -252,6 +255,7 @@ async def test_dead_letters_are_drained_into_a_store_then_replayed_as_a_new_copy
         assert [e.message_id for e, _, _ in alpha.got] == [msg.message_id] * 2
 
 
+@pytest.mark.fault("F-BROKER-RESTART")
 async def test_publish_raises_transport_error_when_the_server_is_unreachable() -> None:
     t = NatsTransport(f"nats://127.0.0.1:{free_port()}", endpoints=ENDPOINTS, connect_timeout=0.5)
     started = time.monotonic()
@@ -283,6 +287,7 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 @pytest.mark.skipif(not Path(NATS_SERVER).exists(), reason="needs the nats-server binary")
+@pytest.mark.fault("F-BROKER-RESTART")
 async def test_publish_fails_while_the_server_is_down_and_consuming_resumes_after(
     tmp_path: Path,
 ) -> None:

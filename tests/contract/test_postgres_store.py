@@ -454,6 +454,7 @@ async def test_a_failed_queued_write_fails_the_commit_and_is_named(
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-DB-CONNECTION-LOST")
 async def test_a_connection_lost_at_commit_reports_an_unknown_outcome(
     make_store: MakeStore,
 ) -> None:
@@ -535,6 +536,7 @@ async def test_saga_get_locks_the_row_until_commit(make_store: MakeStore) -> Non
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-CONCURRENT-TRANSITION")
 async def test_concurrent_updates_of_one_saga_one_wins(make_store: MakeStore) -> None:
     async with opened(make_store()) as store:
         async with store.transaction() as tx:
@@ -583,6 +585,7 @@ async def test_a_deadlock_is_a_concurrency_error(make_store: MakeStore) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-CONCURRENT-TRANSITION")
 async def test_concurrent_outbox_claims_never_share_a_row(make_store: MakeStore) -> None:
     async with opened(make_store(max_size=10)) as store:
         async with store.transaction() as tx:
@@ -602,6 +605,7 @@ async def test_concurrent_outbox_claims_never_share_a_row(make_store: MakeStore)
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-CLOCK-JUMP")
 async def test_outbox_leases_run_on_the_database_clock(make_store: MakeStore) -> None:
     async with opened(make_store()) as store:
         assert store.lease_clock == "database"
@@ -617,6 +621,7 @@ async def test_outbox_leases_run_on_the_database_clock(make_store: MakeStore) ->
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-CONCURRENT-TRANSITION", "F-STALE-TIMER")
 async def test_concurrent_timer_takers_never_share_a_timer(make_store: MakeStore) -> None:
     async with opened(make_store()) as store:
         async with store.transaction() as tx:
@@ -721,6 +726,7 @@ async def test_commits_notify_listeners_and_rollbacks_do_not(make_store: MakeSto
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-DB-CONNECTION-LOST")
 async def test_listen_reconnects_and_wakes_everyone(make_store: MakeStore) -> None:
     name = f"l{uuid.uuid4().hex[:12]}"
     async with opened(make_store(name=name)) as store:
@@ -875,6 +881,7 @@ async def test_a_locked_outbox_batch_is_held_marked_or_released(make_store: Make
 
 
 @pytest.mark.postgres
+@pytest.mark.fault("F-PROCESS-RESTART")
 async def test_a_relay_stopped_inside_its_batch_loses_it_to_another(make_store: MakeStore) -> None:
     async with opened(make_store(max_size=4)) as store:
         async with store.transaction() as tx:

@@ -148,6 +148,7 @@ async def test_open_is_idempotent_and_so_is_the_topology() -> None:
         assert await w.depth(first.queue_name("alpha")) == 1
 
 
+@pytest.mark.fault("F-POISON")
 async def test_the_delivery_limit_dead_letters_with_the_reason() -> None:
     async with world() as w:
         t = w.transport(delivery_limit=2, failure_pause=0.02)
@@ -246,6 +247,7 @@ async def test_a_long_retry_waits_in_the_retry_queue_not_in_the_consumer() -> No
         assert copy.expiration == 30.0
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_unroutable_destinations_are_refused_and_the_rest_published() -> None:
     async with world() as w:
         t = w.transport()
@@ -258,6 +260,7 @@ async def test_unroutable_destinations_are_refused_and_the_rest_published() -> N
         assert await w.depth(t.queue_name("alpha")) == 1
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_a_message_the_broker_returns_is_unroutable() -> None:
     async with world() as w:
         t = w.transport()
@@ -274,6 +277,7 @@ async def test_a_message_the_broker_returns_is_unroutable() -> None:
         assert await w.depth(t.queue_name("alpha")) == 1
 
 
+@pytest.mark.fault("F-BROKER-RESTART")
 async def test_an_unreachable_server_raises_transport_error() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -871,6 +871,7 @@ def assert_result(result: Mapping[str, Any], codes: Mapping[str, int | None]) ->
 
 @pytest.mark.nats
 @pytest.mark.timeout(600)
+@pytest.mark.fault("F-KILL9", "F-DB-RESTART", "F-BROKER-RESTART")
 async def test_chaos_postgres_nats(cluster: Cluster) -> None:
     pytest.importorskip("nats", reason="needs the sagakit[nats] extra")
     if not NatsServer.available():
@@ -880,6 +881,7 @@ async def test_chaos_postgres_nats(cluster: Cluster) -> None:
 
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(600)
+@pytest.mark.fault("F-KILL9", "F-DB-RESTART", "F-BROKER-RESTART")
 async def test_chaos_postgres_rabbitmq(cluster: Cluster) -> None:
     pytest.importorskip("aio_pika", reason="needs the sagakit[rabbitmq] extra")
     if not RabbitNode.available():
@@ -896,6 +898,7 @@ HA_PAUSE = 35.0
 
 @pytest.mark.nats
 @pytest.mark.timeout(400)
+@pytest.mark.fault("F-PAUSE")
 async def test_a_paused_worker_applies_no_stale_transition(cluster: Cluster) -> None:
     """Two workers on one store; one is frozen (SIGSTOP) mid-run while the other moves
     the sagas on, then thawed (SIGCONT): nothing it had in hand may move a saga.

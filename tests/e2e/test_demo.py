@@ -171,6 +171,7 @@ def _progress(db: Path) -> tuple[int, int] | None:
 
 
 @pytest.mark.slow
+@pytest.mark.fault("F-KILL9")
 def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> None:
     data = tmp_path / "demo-data"
     args = ("--orders", "1000", "--faults", "default", "--seed", "3", "--data-dir", str(data))
@@ -208,6 +209,14 @@ def test_kill_minus_9_then_rerun_resumes_and_finishes_all(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.fault(
+    "F-CRASH-BEFORE-COMMIT",
+    "F-CRASH-AFTER-PUBLISH",
+    "F-PUBLISH-LOST",
+    "F-ACK-LOST",
+    "F-DUPLICATE",
+    "F-DELAY",
+)
 def test_chaos_run_reports_the_documented_json_and_exits_zero(
     background: dict[str, BackgroundRun],
 ) -> None:

@@ -345,6 +345,7 @@ async def test_declined_card_fails_definitively_without_effect(site: Site) -> No
         assert await provider_ops(c, "o-1") == []
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_duplicate_authorize_returns_same_reply_without_second_effect(site: Site) -> None:
     async with services(site) as c:
         first = await authorize(c, "o-1", "card-ok-1")
@@ -359,6 +360,7 @@ async def test_duplicate_authorize_returns_same_reply_without_second_effect(site
         assert await ledger(c, "o-1") == {"authorize": 2500}
 
 
+@pytest.mark.fault("F-PROVIDER-OUTAGE")
 async def test_provider_timeout_after_success_then_retry_gives_one_effect(site: Site) -> None:
     async with services(site) as c:
         first = await authorize(c, "o-1", "card-slow-1")
@@ -548,6 +550,7 @@ async def test_credit_note_refuses_while_the_hold_is_open(site: Site) -> None:
         assert await ledger(c, "o-1") == {"authorize": 2500}
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_compensation_before_action_leaves_tombstone(site: Site) -> None:
     async with services(site) as c:
         void = await deliver(
@@ -605,6 +608,7 @@ async def stock(c: Checkout, sku: str = "sku-1") -> tuple[int, int, int, int]:
     return initial, available, reserved, shipped
 
 
+@pytest.mark.fault("F-LAST-ITEM")
 async def test_last_item_goes_to_exactly_one_order(site: Site) -> None:
     async with services(site, {"sku-1": 1}) as c:
         outs = [await deliver(c.inventory, reserve(c, o)) for o in ("o-1", "o-2")]
@@ -615,6 +619,7 @@ async def test_last_item_goes_to_exactly_one_order(site: Site) -> None:
         assert not unknown.ok and "unknown sku" in unknown.reason
 
 
+@pytest.mark.fault("F-LAST-ITEM")
 def test_last_item_race_between_processes(site: Site) -> None:
     """Eight consumers, each with its own connection (as separate processes would have)."""
 
@@ -697,6 +702,7 @@ async def test_release_and_commit(site: Site) -> None:
         assert status == [("o-1", "RELEASED"), ("o-2", "COMMITTED")]
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_release_before_reserve_refuses_the_late_reservation(site: Site) -> None:
     async with services(site, {"sku-1": 1}) as c:
         rel = command(
@@ -1059,6 +1065,7 @@ async def test_payment_status_answers_failed_and_not_found(site: Site) -> None:
         assert "compensated before it arrived" in tomb.result["reason"]
 
 
+@pytest.mark.fault("F-MESSAGE-LOST")
 async def test_payment_status_learns_a_lost_answer_from_the_provider(site: Site) -> None:
     """The provider authorized, then timed out: the handler failed (retryably) and kept
     no ledger row. The status query finds the effect under the key and records it, so
@@ -1155,6 +1162,7 @@ async def test_completing_an_order_checks_the_customers_account(site: Site) -> N
         assert got == [("o-fz", "CREATED"), ("o-lk", "COMPLETED")]
 
 
+@pytest.mark.fault("F-PROVIDER-OUTAGE")
 async def test_a_provider_that_answers_nothing(tmp_path: Path) -> None:
     assert CardRules.from_token("card-mutevoid-1") == CardRules(mute_void=True)
     assert CardRules.from_token("card-mutecapture-nolookup-3") == CardRules(
@@ -1189,6 +1197,7 @@ async def test_a_provider_that_answers_nothing(tmp_path: Path) -> None:
         provider.close()
 
 
+@pytest.mark.fault("F-PROVIDER-OUTAGE")
 async def test_a_provider_out_of_reach_does_nothing_until_the_outage_ends(
     tmp_path: Path,
 ) -> None:
@@ -1217,6 +1226,7 @@ async def test_a_provider_out_of_reach_does_nothing_until_the_outage_ends(
         provider.close()
 
 
+@pytest.mark.fault("F-CANCEL-RACE")
 async def test_a_retry_after_an_outage_is_refused_once_a_void_overtook_it(site: Site) -> None:
     """The outage leaves the authorization's outcome unknown (every call and question
     unanswered); a person retries it, the customer cancels, and the void gets there

@@ -80,6 +80,7 @@ async def effects(store: SQLiteStore) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in await tx.fetchall("SELECT message_id, op FROM effects")]
 
 
+@pytest.mark.fault("F-POISON")
 async def test_a_poison_command_replayed_after_the_fix_is_handled_exactly_once(
     tmp_path: Path,
 ) -> None:
@@ -152,6 +153,7 @@ async def desk_with(letters: list[tuple[str | None, str]]) -> tuple[DeadLetterDe
     return desk, store
 
 
+@pytest.mark.fault("F-MALFORMED")
 async def test_replays_that_could_change_nothing_are_refused() -> None:
     handled = message("m-handled")
     desk, store = await desk_with([(None, "not json"), ("m-handled", handled.to_json())])
@@ -223,6 +225,7 @@ async def test_a_replay_on_postgresql_is_one_transaction_with_its_settlement() -
             pg.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_an_unroutable_message_replayed_too_early_is_parked_again() -> None:
     store = MemoryStore("orchestrator")
     await store.open()

@@ -158,6 +158,7 @@ def by_message(letters: Sequence[DeadLetter]) -> dict[str | None, DeadLetter]:
 # -- a participant's mailbox --------------------------------------------------------------
 
 
+@pytest.mark.fault("F-MALFORMED", "F-POISON")
 async def test_poison_in_a_participant_batch_is_parked_and_the_rest_processed(
     tmp_path: Path,
 ) -> None:
@@ -210,6 +211,7 @@ async def test_poison_in_a_participant_batch_is_parked_and_the_rest_processed(
         assert len(inbox) + len(letters) == len(bodies)
 
 
+@pytest.mark.fault("F-POISON")
 async def test_handler_that_always_raises_is_parked_after_max_deliveries(
     tmp_path: Path,
 ) -> None:
@@ -254,6 +256,7 @@ def two_steps(timeout: float = 30.0) -> SagaDefinition:
     )
 
 
+@pytest.mark.fault("F-MALFORMED")
 async def test_replies_for_unknown_sagas_and_bad_replies_are_parked_by_the_orchestrator(
     tmp_path: Path,
 ) -> None:
@@ -289,6 +292,7 @@ async def test_replies_for_unknown_sagas_and_bad_replies_are_parked_by_the_orche
         assert await store.inbox_ids("orchestrator") == {good.message_id}
 
 
+@pytest.mark.fault("F-POISON")
 async def test_a_local_step_command_that_cannot_run_is_parked_not_redelivered_forever(
     tmp_path: Path,
 ) -> None:
@@ -327,6 +331,7 @@ async def test_a_local_step_command_that_cannot_run_is_parked_not_redelivered_fo
 # -- the producer's relay ----------------------------------------------------------------
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_unroutable_outbox_messages_are_parked_by_the_producers_relay(
     tmp_path: Path,
 ) -> None:
@@ -357,6 +362,7 @@ async def test_unroutable_outbox_messages_are_parked_by_the_producers_relay(
         assert await relay.relay_once() == 0
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_only_the_unroutable_copy_of_a_fanned_out_event_is_parked(tmp_path: Path) -> None:
     """Copies of one event share a message id: the delivered ones are not dead letters."""
     producer = SQLiteStore(tmp_path / "bank.db", name=BANK, synchronous="NORMAL")
@@ -378,6 +384,7 @@ async def test_only_the_unroutable_copy_of_a_fanned_out_event_is_parked(tmp_path
         assert letter.reason.startswith("unroutable:")
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_a_saga_step_to_an_unroutable_endpoint_is_parked_and_the_saga_compensates(
     tmp_path: Path,
 ) -> None:
@@ -412,6 +419,7 @@ class _CrashOnceAfterPublish(FaultHook):
             raise InjectedCrash(f"injected crash {name} in {endpoint}")
 
 
+@pytest.mark.fault("F-UNROUTABLE", "F-CRASH-AFTER-PUBLISH")
 async def test_an_unroutable_message_is_parked_once_even_if_the_relay_dies_after_publish(
     tmp_path: Path,
 ) -> None:

@@ -384,6 +384,7 @@ class CrashAfterPublish(CrashAt):
 # -- (a) duplicated deliveries -----------------------------------------------------------
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_same_body_pushed_twice_into_the_mailbox_has_one_effect_and_one_reply(
     tmp_path: Path,
 ) -> None:
@@ -414,6 +415,7 @@ async def test_same_body_pushed_twice_into_the_mailbox_has_one_effect_and_one_re
         assert await bank.store.dead_letters() == []
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_redelivery_in_one_batch_and_across_batches_is_absorbed(tmp_path: Path) -> None:
     async with bank_alone(tmp_path) as bank:
         cmd = envelope("Do", saga="dup-2")
@@ -426,6 +428,7 @@ async def test_redelivery_in_one_batch_and_across_batches_is_absorbed(tmp_path: 
         assert await replies_by_command(bank) == Counter({cmd.message_id: 1})
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_acks_lost_for_a_while_every_saga_has_one_effect_and_one_reply_per_command(
     tmp_path: Path,
 ) -> None:
@@ -440,6 +443,7 @@ async def test_acks_lost_for_a_while_every_saga_has_one_effect_and_one_reply_per
         assert await engine.store.dead_letters() == await bank.store.dead_letters() == []
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_seeded_duplicates_everywhere_keep_effects_single(tmp_path: Path) -> None:
     faults = Faults(FaultProfile(duplicate=0.5), seed=1234)
     async with running(tmp_path, faults) as (engine, bank):
@@ -456,6 +460,7 @@ async def test_seeded_duplicates_everywhere_keep_effects_single(tmp_path: Path) 
 # -- (b) lost publishes and lost acknowledgements ----------------------------------------
 
 
+@pytest.mark.fault("F-PUBLISH-LOST", "F-ACK-LOST")
 async def test_lost_publishes_and_lost_acks_still_complete_every_saga_once(
     tmp_path: Path,
 ) -> None:
@@ -474,6 +479,7 @@ async def test_lost_publishes_and_lost_acks_still_complete_every_saga_once(
 # -- (c) delayed and reordered deliveries, beyond the step timeout ---------------------
 
 
+@pytest.mark.fault("F-DELAY")
 async def test_long_delays_beyond_the_timeout_resend_with_the_same_key_and_go_stale(
     tmp_path: Path,
 ) -> None:
@@ -511,6 +517,7 @@ async def test_long_delays_beyond_the_timeout_resend_with_the_same_key_and_go_st
             assert all(n == 1 for n in succeeded.values())
 
 
+@pytest.mark.fault("F-DELAY", "F-REORDER")
 async def test_seeded_delays_and_reordering_complete_correctly(tmp_path: Path) -> None:
     faults = Faults(
         FaultProfile(delay=0.4, max_delay=0.3, long_delay=0.08, long_delay_s=0.6), seed=42
@@ -537,6 +544,7 @@ async def test_seeded_delays_and_reordering_complete_correctly(tmp_path: Path) -
 # -- (d) crash points -------------------------------------------------------------------
 
 
+@pytest.mark.fault("F-CRASH-BEFORE-COMMIT")
 async def test_crash_before_commit_leaves_no_partial_state(tmp_path: Path) -> None:
     hook = CrashAt("before_commit", times=1)
     async with bank_alone(tmp_path, faults=hook) as bank:
@@ -556,6 +564,7 @@ async def test_crash_before_commit_leaves_no_partial_state(tmp_path: Path) -> No
         assert hook.hits == Counter({BANK: 1})
 
 
+@pytest.mark.fault("F-CRASH-BEFORE-COMMIT")
 async def test_bounded_crashes_before_commit_everywhere_then_every_saga_finishes(
     tmp_path: Path,
 ) -> None:
@@ -574,6 +583,7 @@ async def test_bounded_crashes_before_commit_everywhere_then_every_saga_finishes
         assert await engine.store.dead_letters() == await bank.store.dead_letters() == []
 
 
+@pytest.mark.fault("F-CRASH-AFTER-PUBLISH")
 async def test_crashes_after_publish_republish_and_the_inbox_drops_the_copies(
     tmp_path: Path,
 ) -> None:
@@ -605,6 +615,7 @@ async def test_crashes_after_publish_republish_and_the_inbox_drops_the_copies(
 # -- (e) a compensation that overtakes its action ---------------------------------------
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_compensation_before_its_action_tombstones_and_the_late_action_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -669,6 +680,7 @@ async def test_an_action_and_its_compensation_in_one_batch_undo_it_once(tmp_path
         assert await reply_to_command(bank, undo_again) == undone
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_a_compensation_then_its_late_action_in_one_batch_refuse_the_action(
     tmp_path: Path,
 ) -> None:
@@ -688,6 +700,7 @@ async def test_a_compensation_then_its_late_action_in_one_batch_refuse_the_actio
         assert stone is not None and stone.tombstone
 
 
+@pytest.mark.fault("F-DUPLICATE")
 async def test_the_same_command_twice_in_one_batch_has_one_effect_and_one_answer(
     tmp_path: Path,
 ) -> None:
@@ -778,6 +791,7 @@ async def test_a_batch_reads_its_idempotency_records_in_one_statement(
         assert len(await effects(bank)) == 12
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_an_older_manual_retry_arriving_after_a_newer_one_succeeded_runs_nothing(
     tmp_path: Path,
 ) -> None:

@@ -96,6 +96,7 @@ async def test_a_second_process_on_one_database_is_refused_naming_the_first(
     assert holder(f"{db}.lock") is None  # no stale pid once released
 
 
+@pytest.mark.fault("F-KILL9")
 async def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     with second_process(HOLD_ENGINE, db) as first:

@@ -123,6 +123,7 @@ async def test_start_many_returns_one_saga_per_business_key(tmp_path: Path) -> N
         assert (await engine.store.count_sagas()) == {SagaState.SUCCEEDED: 2}
 
 
+@pytest.mark.fault("F-PROCESS-RESTART")
 async def test_sagas_resume_after_the_engine_stops_midway(tmp_path: Path) -> None:
     calls: list[tuple[str, str]] = []
     definition = trip(calls)
@@ -273,6 +274,7 @@ async def test_a_failed_inline_commit_hands_the_command_to_the_mailbox_consumer(
     assert [h.event for h in history].count("step.succeeded") == 4
 
 
+@pytest.mark.fault("F-PROCESS-RESTART")
 async def test_commands_leased_to_a_runner_that_died_run_after_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

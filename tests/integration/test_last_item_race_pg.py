@@ -93,6 +93,7 @@ async def reservations_of(store: PostgresStore, sku: str) -> list[tuple[Any, ...
         )
 
 
+@pytest.mark.fault("F-LAST-ITEM")
 async def test_concurrent_reservations_of_the_last_unit_have_one_winner(schema: str) -> None:
     stores = [
         PostgresStore(

@@ -101,6 +101,7 @@ def test_one_conditional_update_is_safe_in_every_interleaving() -> None:
     assert result.schedules > 10  # three actors: many orders were really run
 
 
+@pytest.mark.fault("F-DUPLICATE")
 def test_the_same_message_to_two_replicas_takes_effect_once_in_every_interleaving() -> None:
     # Each replica reads that the inbox lacks the id; the second to write finds it there,
     # rolls back and is delivered again, and then skips it as a duplicate.
@@ -154,6 +155,7 @@ def test_an_actor_that_raises_is_a_violation_with_its_error() -> None:
     assert "no such table" in result.violations[0]
 
 
+@pytest.mark.fault("F-LAST-ITEM", "F-DUPLICATE", "F-REORDER")
 def test_the_checkout_races_hold_in_every_interleaving() -> None:
     async def run() -> list[Any]:
         return [await explore(race) for race in checkout_races()]
@@ -172,6 +174,7 @@ def test_the_checkout_races_hold_in_every_interleaving() -> None:
         assert r.violations == [] and r.complete and r.schedules > 1, (r.name, r.to_json())
 
 
+@pytest.mark.fault("F-LAST-ITEM")
 def test_a_read_then_write_reservation_sells_the_last_unit_twice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

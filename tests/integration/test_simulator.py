@@ -65,6 +65,20 @@ NO_SUCH_FAULT = {"choreography": {"lost_reply", "stale_timer", "late_timer"}}
 with fences (its periodic jobs run again harmlessly by design)."""
 MANUAL = ("retry", "mark_done", "compensate", "mark_compensated", "use_rung", "accept_partial")
 
+SIMULATED_FAULTS = pytest.mark.fault(
+    "F-CRASH-BEFORE-COMMIT",
+    "F-PUBLISH-LOST",
+    "F-ACK-LOST",
+    "F-MESSAGE-LOST",
+    "F-DUPLICATE",
+    "F-REORDER",
+    "F-DELAY",
+    "F-STALE-TIMER",
+    "F-PARTITION",
+    backends=("simulator",),
+)
+"""The faults the simulator injects on every seed (tests/faults.toml)."""
+
 
 @pytest.fixture
 def worlds(request: pytest.FixtureRequest) -> Iterator[CheckoutWorlds]:
@@ -288,6 +302,7 @@ async def test_a_seed_replays_exactly(worlds: CheckoutWorlds) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@SIMULATED_FAULTS
 def test_seeds_keep_every_invariant_under_every_fault_kind(mode: str) -> None:
     started = time.monotonic()
     summary = run_seeds(range(300), orders=3, faults=8, jobs=JOBS, mode=mode)
@@ -446,6 +461,7 @@ def test_the_engine_does_not_import_the_examples() -> None:
 
 
 @pytest.mark.slow
+@SIMULATED_FAULTS
 def test_two_thousand_seeds() -> None:
     # The orchestrated checkout only: the other modes' 300 seeds above are sized to
     # stay well under a minute each on a busy two-core machine.
@@ -473,6 +489,7 @@ def test_any_run_of_seeds_as_long_as_the_mix_meets_every_scenario() -> None:
 
 
 @pytest.mark.parametrize("worlds", ["orchestration", "hybrid"], indirect=True)
+@pytest.mark.fault("F-STALE-TIMER", backends=("simulator",))
 async def test_a_persons_decisions_and_stale_timers_replay_exactly(
     worlds: CheckoutWorlds,
 ) -> None:
@@ -495,6 +512,7 @@ async def test_a_persons_decisions_and_stale_timers_replay_exactly(
 
 
 @pytest.mark.parametrize("worlds", ["orchestration", "hybrid"], indirect=True)
+@pytest.mark.fault("F-CANCEL-RACE", backends=("simulator",))
 async def test_a_customer_cancels_while_a_persons_retry_is_on_its_way(
     worlds: CheckoutWorlds,
 ) -> None:
@@ -527,6 +545,7 @@ async def test_a_customer_cancels_while_a_persons_retry_is_on_its_way(
     assert again.fingerprint == first.fingerprint
 
 
+@pytest.mark.fault("F-CONCURRENT-TRANSITION", backends=("simulator",))
 async def test_two_workers_share_the_orchestrators_work(worlds: CheckoutWorlds) -> None:
     world = await worlds(3)
     assert isinstance(world, OrchestratedWorld)
