@@ -37,6 +37,7 @@ from typing import Any
 
 from sagakit import Engine, Participant, SagaState, StepStatus
 from sagakit.flows import START, FlowSpec, Publishes
+from sagakit.runtime.lockfile import private_dir
 from sagakit.runtime.tracker import Fact, TrackedFlow, Tracker
 from sagakit.stores.memory import MemoryStore
 from sagakit.stores.sqlite import SQLiteStore
@@ -221,7 +222,7 @@ def open_choreography(
 ) -> Choreography:
     """The choreographed checkout on SQLite files in ``data_dir`` (one per service)."""
     d = Path(data_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    private_dir(d)  # 0700: the databases hold customers and cards
     stores = {
         name: SQLiteStore(d / f"{name}.db", name=name, synchronous=synchronous)
         for name in (*SERVICES, TRACKER)

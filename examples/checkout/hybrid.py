@@ -55,7 +55,7 @@ from sagakit.stores.sqlite import SQLiteStore
 
 from . import shipping
 from .events import REGISTRY
-from .sagas import checkout_definition
+from .sagas import PERSONAL, checkout_definition
 from .services import Checkout, migrate, open_checkout
 from .shipping_domain import (
     CARRIER_MIGRATIONS,
@@ -116,7 +116,12 @@ def hybrid_definition(**kwargs: Any) -> SagaDefinition:
             )
         steps.append(s)
     return SagaDefinition(
-        HYBRID, steps, version=1, deadline=base.deadline, started_status=base.started_status
+        HYBRID,
+        steps,
+        version=1,
+        deadline=base.deadline,
+        started_status=base.started_status,
+        personal=PERSONAL,
     )
 
 

@@ -5,7 +5,9 @@ payment service keeps ``card_vault`` (token -> card number). Commands, events,
 replies, saga data, history and logs carry the opaque tokens ``cust-...``,
 ``addr-...`` and ``card-...``, which the message schemas require (an e-mail or a card
 number does not match them). Tokens are random: they reveal nothing and cannot be
-reversed without the owning service's table.
+reversed without the owning service's table. The saga definitions declare those three
+fields personal (``sagas.PERSONAL``: ``"refuse"``), so the engine itself refuses a
+start that holds anything but a token there, whoever calls it.
 
 A card token's middle words are the fake provider's behaviour flags (``card-ok-...``,
 ``card-decline-...``), as for the demo's made-up tokens.

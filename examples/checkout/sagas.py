@@ -19,7 +19,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sagakit import CommandAction, RetryPolicy, SagaDefinition, SagaView, Step, StepKind, command
+from sagakit import (
+    CommandAction,
+    PersonalField,
+    RetryPolicy,
+    SagaDefinition,
+    SagaView,
+    Step,
+    StepKind,
+    command,
+)
 
 CHECKOUT = "checkout"
 
@@ -42,6 +51,18 @@ RETRY = RetryPolicy(
 FORWARD = dataclasses.replace(RETRY, max_attempts=12)
 DEADLINE = 120.0
 """The checkout's SLA in seconds (inventory reservations live longer than this)."""
+
+PERSONAL = {
+    "customer": PersonalField("refuse"),
+    "card": PersonalField("refuse"),
+    "ship_to": PersonalField("refuse"),
+    "sku": PersonalField("public"),  # a product code, never personal (barcodes look like cards)
+}
+"""The order's personal fields: tokens of the services that own the data (the order
+service's customers, the payment service's card vault; see :mod:`.personal`). The
+engine refuses a start that holds anything else there, before anything is stored. Any
+token is taken (``kind-`` and an id with a digit), as ``POST /orders`` takes them: the
+fake provider's made-up tokens have kinds of their own."""
 
 
 def _order(v: SagaView) -> dict[str, Any]:
@@ -101,6 +122,7 @@ def checkout_definition(
         version=1,
         deadline=deadline,
         started_status="PENDING_PAYMENT",
+        personal=PERSONAL,
         steps=[
             Step(
                 "create_order",

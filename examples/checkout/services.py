@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sagakit import Engine, Participant, SagaDefinition
+from sagakit.runtime.lockfile import private_dir
 from sagakit.stores.sqlite import SQLiteStore
 
 from . import inventory, order, payment, shipping
@@ -86,7 +87,7 @@ def open_checkout(
     ``inventory.db``, ``shipping.db`` and ``provider.db`` (the fake card provider).
     """
     d = Path(data_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    private_dir(d)  # 0700: the databases hold customers and cards
 
     def store(name: str) -> SQLiteStore:
         return SQLiteStore(d / f"{name}.db", name=name, synchronous=synchronous)

@@ -46,6 +46,7 @@ from sagakit import (
     command,
     local,
 )
+from sagakit.runtime.lockfile import private_dir
 from sagakit.stores.base import Tx
 from sagakit.stores.sqlite import SQLiteStore
 
@@ -103,7 +104,7 @@ def hotel_service(store: SQLiteStore) -> Participant:
 
 def create_app(data_dir: Path) -> Starlette:
     """The API, with an embedded engine (every role) over SQLite files in ``data_dir``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)  # 0700: the databases are the owner's
     hotel_store = SQLiteStore(data_dir / "hotel.db", name="hotel")
     hotel = hotel_service(hotel_store)
     orchestrator = SQLiteStore(data_dir / "orchestrator.db", name="orchestrator")

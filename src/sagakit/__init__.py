@@ -19,6 +19,7 @@ from sagakit.core.definition import (
 from sagakit.core.envelope import Envelope, MessageKind, Outcome, failure, success
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
 from sagakit.core.machine import ManualAction
+from sagakit.core.personal import HmacTokeniser, PersonalField
 from sagakit.deployment import Deployment
 from sagakit.errors import (
     ConcurrencyError,
@@ -26,6 +27,7 @@ from sagakit.errors import (
     DefinitionError,
     ManualActionRefused,
     MessageError,
+    PersonalDataRefused,
     SagakitError,
     SagaNotFound,
     StepFailed,
@@ -50,6 +52,7 @@ __all__ = [
     "Engine",
     "Envelope",
     "HistoryEntry",
+    "HmacTokeniser",
     "LocalAction",
     "ManualAction",
     "ManualActionRefused",
@@ -58,6 +61,8 @@ __all__ = [
     "Outcome",
     "OwnTx",
     "Participant",
+    "PersonalDataRefused",
+    "PersonalField",
     "RetryPolicy",
     "Rung",
     "SagaDefinition",

@@ -444,7 +444,9 @@ class App:
         ``Connection`` or a SQLAlchemy ``Connection``/``Session`` on the deployment's
         database. The saga's rows join your transaction: commit it and the relays
         publish its first commands (the workers drive the rest); roll it back and no
-        saga exists. Idempotent by business key. ``prefix``: the deployment's schema
+        saga exists. Idempotent by business key; the definition's personal-data rules
+        apply before anything is written (:class:`~sagakit.errors.PersonalDataRefused`,
+        see :mod:`sagakit.core.personal`). ``prefix``: the deployment's schema
         prefix on PostgreSQL (default: the app's name). No event loop is needed; for an
         async connection use :meth:`start_async`. See :mod:`sagakit.runtime.own_tx`.
         """

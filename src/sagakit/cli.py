@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from sagakit.errors import SagakitError
 from sagakit.redaction import RedactPersonalData
+from sagakit.runtime.lockfile import private_dir
 
 if TYPE_CHECKING:
     from sagakit.app import App
@@ -32,7 +33,7 @@ def _configure_logging(data_dir: Path | None, level: str) -> None:
     root = logging.getLogger("sagakit")
     root.setLevel(level)
     if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)  # 0700: the log and the databases are the owner's
         log_file = data_dir / "sagakit.log"
         # Created readable by its owner only (0600), like the databases next to it.
         os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))

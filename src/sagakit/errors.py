@@ -107,3 +107,17 @@ class DeadLetterRefused(SagakitError):
 class NoDriver(ManualActionRefused):
     """The saga is a choreography's view: nothing drives it, so only a record of what a
     person did by hand applies (mark_done, mark_compensated, accept_partial)."""
+
+
+class PersonalDataRefused(SagakitError, ValueError):
+    """Personal data where it would be kept for good: a reason, a business key, saga data.
+
+    Raised before anything is stored. ``where`` names the place (``"reason"``, ``"data
+    field 'email'"``) and ``found`` what was found (``"an e-mail address"``); neither
+    the message nor the attributes hold the personal data itself.
+    """
+
+    def __init__(self, message: str, *, where: str, found: str) -> None:
+        super().__init__(message)
+        self.where = where
+        self.found = found

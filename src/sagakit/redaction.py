@@ -20,7 +20,8 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 """An e-mail address."""
 
 _CARD = re.compile(r"(?<![\w-])\d(?:[ \-]?\d){12,18}(?![\w-])")
-"""13 to 19 digits, optionally grouped with spaces or dashes (card-number length)."""
+"""13 to 19 digits, optionally grouped with spaces or dashes; a card number if it has a
+card's length and first digit and passes the Luhn check (:func:`_card_digits`)."""
 
 _ADDRESS = re.compile(
     r"\b\d{1,5}[A-Za-z]?,?\s+(?:[A-Z][A-Za-z'\-]*\s+){1,3}"
@@ -40,15 +41,28 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _card_digits(digits: str) -> bool:
+    """Whether ``digits`` can be a payment card's number.
+
+    The Luhn check passes for one number in ten, so it alone would call every tenth
+    numeric id of card length a card. Cards issued today have 14 to 19 digits and start
+    with 2 to 6 (Mastercard, American Express, Diners, JCB, Visa, Discover, UnionPay,
+    Maestro), which rules out the commonest long numbers that are not cards: product
+    barcodes (EAN-13) and epoch timestamps in milliseconds (13 digits), nanosecond
+    timestamps and snowflake ids (they start with 1 for decades yet).
+    """
+    return 14 <= len(digits) <= 19 and digits[0] in "23456" and _luhn(digits)
+
+
 def _mask_card(match: re.Match[str]) -> str:
     digits = re.sub(r"\D", "", match.group(0))
-    # Only numbers that pass the Luhn check look like cards; ids and timestamps of the
-    # same length mostly do not, and stay readable.
-    return f"[card ****{digits[-4:]}]" if _luhn(digits) else match.group(0)
+    # Only numbers that can be cards are masked: ids and timestamps of the same length
+    # mostly cannot, and stay readable.
+    return f"[card ****{digits[-4:]}]" if _card_digits(digits) else match.group(0)
 
 
 def _is_card(match: re.Match[str]) -> bool:
-    return _luhn(re.sub(r"\D", "", match.group(0)))
+    return _card_digits(re.sub(r"\D", "", match.group(0)))
 
 
 def redact(text: str) -> str:

@@ -340,6 +340,7 @@ def svc_engine(tmp_path: Path, definition: SagaDefinition, script: Script, calls
 # -- timeouts, retries, definite errors --------------------------------------------------
 
 
+@pytest.mark.fault("F-PROCESS-RESTART", "F-STALE-TIMER")
 async def test_step_timeout_timer_survives_a_restart_and_fires_once(tmp_path: Path) -> None:
     definition = work_definition(timeout=1.0)
     calls: list[tuple[str, int]] = []
@@ -442,6 +443,7 @@ async def test_a_definite_error_is_not_retried_and_compensates(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("late", ["reply", "action"])
+@pytest.mark.fault("F-DELAY")
 async def test_deadline_times_out_and_a_late_answer_is_fenced(tmp_path: Path, late: str) -> None:
     """``reply``: the authorization happened, its answer comes after the deadline: the
     void already gave the money back. ``action``: the command itself comes late: the
@@ -487,6 +489,7 @@ async def test_deadline_times_out_and_a_late_answer_is_fenced(tmp_path: Path, la
 # -- unknown outcomes ------------------------------------------------------------------
 
 
+@pytest.mark.fault("F-PROVIDER-OUTAGE", "F-MESSAGE-LOST")
 async def test_provider_timeout_after_success_is_settled_by_the_status_query(
     tmp_path: Path,
 ) -> None:
@@ -554,7 +557,9 @@ def rungs(h: list[HistoryEntry], step: str = "authorize_payment") -> list[tuple[
 
 async def test_void_refused_moves_to_refund(tmp_path: Path) -> None:
     async with checkout(tmp_path) as (c, engine):
-        inst = await engine.start(CHECKOUT, "o-nv", order(card="card-novoid-1", address="addr-bad"))
+        inst = await engine.start(
+            CHECKOUT, "o-nv", order(card="card-novoid-1", address="addr-bad-1")
+        )
         done = await engine.wait(inst.saga_id, timeout=10)
         assert done.state is SagaState.COMPENSATED
         assert rungs(await history(engine, inst.saga_id)) == [
@@ -649,7 +654,7 @@ async def test_void_and_refund_refused_then_the_credit_note_pays_back(tmp_path: 
 async def stuck_hold(engine: Engine) -> SagaInstance:
     """A card whose hold can be neither voided nor refunded: a person must act."""
     inst = await engine.start(
-        CHECKOUT, "o-stuck", order(card="card-novoid-norefund-1", address="addr-bad")
+        CHECKOUT, "o-stuck", order(card="card-novoid-norefund-1", address="addr-bad-1")
     )
     return await engine.wait(inst.saga_id, timeout=10)
 
@@ -739,7 +744,7 @@ async def test_a_person_retries_a_compensation_that_timed_out(tmp_path: Path) ->
     held = script.hold("payment", of_type("VoidAuthorization"))
     definition = fast(timeout=0.4)
     async with checkout(tmp_path, definition=definition, script=script) as (c, engine):
-        inst = await engine.start(CHECKOUT, "o-void", order(address="addr-bad"))
+        inst = await engine.start(CHECKOUT, "o-void", order(address="addr-bad-1"))
         stuck = await engine.wait(inst.saga_id, timeout=10)
         assert stuck.state is SagaState.FAILED_NEEDS_MANUAL
         assert stuck.reason == (
@@ -766,6 +771,7 @@ async def test_a_person_retries_a_compensation_that_timed_out(tmp_path: Path) ->
 # -- fencing and tombstones ------------------------------------------------------------
 
 
+@pytest.mark.fault("F-DELAY")
 async def test_a_reply_with_an_older_fence_is_ignored(tmp_path: Path) -> None:
     script = Script()
     held = script.hold("svc", of_type("Do"))
@@ -819,6 +825,7 @@ async def test_a_reply_with_an_older_fence_is_ignored(tmp_path: Path) -> None:
         assert (await engine.get(inst.saga_id)).version == done.version
 
 
+@pytest.mark.fault("F-REORDER")
 async def test_compensation_before_its_action_leaves_a_tombstone(tmp_path: Path) -> None:
     script = Script()
     held = script.hold("payment", of_type("AuthorizePayment"))
@@ -945,6 +952,7 @@ async def test_cancel_before_the_pivot_compensates_every_step_done(tmp_path: Pat
         assert await rows(c.shipping_store, "SELECT order_id FROM shipments") == []
 
 
+@pytest.mark.fault("F-CANCEL-RACE")
 async def test_cancel_landing_while_the_outcome_is_unknown_undoes_it(tmp_path: Path) -> None:
     """The provider authorized but its answer was lost; the cancel lands while the retry
     is on its way. The void asks the provider under the action's key and releases the
@@ -998,6 +1006,7 @@ async def test_cancel_after_the_pivot_is_refused_with_the_reason(tmp_path: Path)
 # -- the last item ---------------------------------------------------------------------
 
 
+@pytest.mark.fault("F-LAST-ITEM")
 async def test_fifty_orders_for_the_last_item(tmp_path: Path) -> None:
     async with checkout(tmp_path, definition=fast(timeout=10.0)) as (c, engine):
         requests = [
@@ -1067,7 +1076,7 @@ async def stall_until_expired(
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("addr-ok-1", SagaState.FAILED_NEEDS_MANUAL), ("addr-bad", SagaState.COMPENSATED)],
+    [("addr-ok-1", SagaState.FAILED_NEEDS_MANUAL), ("addr-bad-1", SagaState.COMPENSATED)],
 )
 async def test_a_stalled_saga_loses_its_expired_reservation(
     tmp_path: Path, address: str, expected: SagaState

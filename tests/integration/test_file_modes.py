@@ -1,5 +1,6 @@
 """Data files are readable by their owner only (0600): the databases with their -wal and
--shm files, ``tokens.json``, the lock file and the log, whatever the process's umask."""
+-shm files, ``tokens.json``, the lock file and the log, whatever the process's umask;
+data directories sagakit creates are its owner's only (0700)."""
 
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ async def test_every_file_serve_writes_in_its_data_directory_is_owner_only(
     found = modes(data)
     assert {"tokens.json", ".lock", "orchestrator.db", "payment.db"} <= set(found)
     assert found == dict.fromkeys(found, "0o600")
+    assert mode(data) == "0o700"
 
 
 def test_the_cli_log_file_is_owner_only(tmp_path: Path, sagakit_logger: logging.Logger) -> None:
     with umask(0o002):
-        _configure_logging(tmp_path, "INFO")
+        _configure_logging(tmp_path / "logs", "INFO")
     sagakit_logger.warning("a line")
-    assert mode(tmp_path / "sagakit.log") == "0o600"
-    assert "a line" in (tmp_path / "sagakit.log").read_text()
+    assert mode(tmp_path / "logs" / "sagakit.log") == "0o600"
+    assert mode(tmp_path / "logs") == "0o700"
+    assert "a line" in (tmp_path / "logs" / "sagakit.log").read_text()

@@ -12,6 +12,8 @@ PUBLIC = {
     # definitions
     "CommandAction", "LocalAction", "RetryPolicy", "Rung", "SagaDefinition", "SagaView",
     "Step", "StepContext", "StepKind", "command", "local",
+    # personal data in saga data
+    "HmacTokeniser", "PersonalField",
     # messages and outcomes
     "Envelope", "MessageKind", "Outcome", "failure", "success",
     # instances
@@ -22,8 +24,8 @@ PUBLIC = {
     "OwnTx", "start_in", "start_in_sync",
     # errors
     "ConcurrencyError", "ConfigurationError", "DefinitionError", "ManualActionRefused",
-    "MessageError", "SagaNotFound", "SagakitError", "StepFailed", "StoreError",
-    "TransportError", "UnknownMessageType", "VersionMissing",
+    "MessageError", "PersonalDataRefused", "SagaNotFound", "SagakitError", "StepFailed",
+    "StoreError", "TransportError", "UnknownMessageType", "VersionMissing",
 }  # fmt: skip
 
 

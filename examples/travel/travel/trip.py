@@ -15,6 +15,7 @@ from typing import Any
 
 from sagakit import (
     AppContext,
+    PersonalField,
     RetryPolicy,
     SagaDefinition,
     SagaView,
@@ -138,6 +139,13 @@ def trip_definition(steps: TripSteps, *, timeout: float = 5.0) -> SagaDefinition
         deadline=600.0,  # past it before the pivot: compensated, TIMED_OUT
         started_status="BOOKING",
         completed_status="CONFIRMED",
+        # Personal data: the traveller and the card are tokens of the services that own
+        # them (trv-..., card-...); the engine refuses a start with anything else there,
+        # and one with an e-mail address or a card number in any other field.
+        personal={
+            "traveller": PersonalField("refuse", kind="trv"),
+            "card": PersonalField("refuse", kind="card"),
+        },
         steps=[
             Step(
                 "flight",

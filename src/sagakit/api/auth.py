@@ -44,6 +44,7 @@ from typing import Any
 
 from sagakit.api.problems import ApiError
 from sagakit.errors import ConfigurationError
+from sagakit.runtime.lockfile import private_dir
 
 TOKENS_FILE_ENV = "SAGAKIT_TOKENS_FILE"
 """The environment variable naming the tokens file (read by the CLI, at the edge)."""
@@ -398,7 +399,7 @@ def require(principal: Principal, role: Role) -> None:
 def write_tokens_file(path: str | os.PathLike[str], store: TokenStore) -> None:
     """Write ``store`` to ``path`` atomically, readable by the owner only (hashes only)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(p.parent, warn=False)  # 0700 when new, like every data directory
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tokens-", suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -38,6 +38,7 @@ from sagakit.api.problems import ApiError, FieldProblem, invalid, not_found
 from sagakit.api.records import payments, shipments, stock
 from sagakit.api.validation import parse_order, parse_paging
 from sagakit.api.views import order_view, status_path
+from sagakit.errors import PersonalDataRefused
 
 log = logging.getLogger("sagakit.api.audit")
 
@@ -115,7 +116,13 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         # Idempotent by order id: a retry after a crash between the key's commit and the
         # start starts it now, any other retry finds the saga that exists.
         start = ctx.start_order or start_saga(ctx)
-        saga_id, status = await start(order_id, order.saga_data())
+        try:
+            saga_id, status = await start(order_id, order.saga_data())
+        except PersonalDataRefused as exc:
+            # The checkout definition's own rules (a SKU that is a card number): a 422
+            # naming the field, as the checks above would; never the value.
+            field = exc.where.removeprefix("data.")
+            raise invalid([FieldProblem(field, str(exc))], "the order") from None
         body = {"order_id": order_id, "saga_id": saga_id, "status": status}
         headers = {"Location": f"/orders/{order_id}"}
         if not created:

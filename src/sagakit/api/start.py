@@ -14,15 +14,18 @@ saga's summary and its ``Location``.
 Saga data travels in every command and is kept in the saga's history, so it carries
 tokens, never personal data: every string value in it, at any depth, that looks like
 an e-mail address, a card number, a name or a postal address is refused with 422 (the
-rule of ``POST /orders``), as is a business key that looks like one. Every start is
-audited (a structured log line and a row of ``api_audit``) with its outcome.
+rule of ``POST /orders``), as is a business key that looks like one. A field the
+definition declares ``tokenise`` or ``public`` (``SagaDefinition(personal=...)``) is left
+to the engine, which tokenises it before anything is stored; what the engine refuses
+(:class:`~sagakit.errors.PersonalDataRefused`) is a 422 too. Every start is audited (a
+structured log line and a row of ``api_audit``) with its outcome.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,8 @@ from sagakit.api.problems import FieldProblem, invalid
 from sagakit.api.validation import is_int, personal_data_problem
 from sagakit.api.views import saga_summary
 from sagakit.core.instance import SagaInstance
-from sagakit.errors import ConcurrencyError, DefinitionError, SagakitError
+from sagakit.core.personal import Handling
+from sagakit.errors import ConcurrencyError, DefinitionError, PersonalDataRefused, SagakitError
 
 audit_log = logging.getLogger("sagakit.api.audit")
 
@@ -65,6 +69,18 @@ def served_definitions(ctx: ApiContext) -> dict[str, list[int]]:
     return out
 
 
+def engine_fields(ctx: ApiContext) -> dict[str, set[str]]:
+    """Definition name -> the data fields its versions declare ``tokenise`` or ``public``:
+    the engine handles those (any version declaring one suffices here; the engine applies
+    the version it starts)."""
+    out: dict[str, set[str]] = {}
+    for (name, _), machine in ctx.engine.orchestrator.machines.items():
+        for path, field in machine.definition.personal.fields.items():
+            if field.handling in (Handling.TOKENISE, Handling.PUBLIC):
+                out.setdefault(name, set()).add(".".join(path))
+    return out
+
+
 def _text_problem(value: str) -> str | None:
     """Why ``value`` cannot be stored as text on every store (PostgreSQL refuses NUL)."""
     if "\x00" in value:
@@ -76,13 +92,15 @@ def _text_problem(value: str) -> str | None:
     return None
 
 
-def data_problems(data: Mapping[str, Any]) -> list[FieldProblem]:
+def data_problems(data: Mapping[str, Any], engine: Collection[str] = ()) -> list[FieldProblem]:
     """Every string value of ``data`` (at any depth) that must not be stored.
 
     Personal data (:func:`~sagakit.api.validation.personal_data_problem`) and text no
     store can keep. Fields are named by their path: ``data.traveller``,
     ``data.rooms[1].guest``. Walked with a stack, not recursion: the JSON parser
-    accepts nesting deeper than this function could recurse.
+    accepts nesting deeper than this function could recurse. ``engine``: dotted paths
+    of fields the engine tokenises or takes as public (:func:`engine_fields`), not
+    checked here.
     """
     problems: list[FieldProblem] = []
     refused = 0
@@ -95,7 +113,8 @@ def data_problems(data: Mapping[str, Any]) -> list[FieldProblem]:
                 if why is not None:
                     refused += 1
                     problems.append(FieldProblem(f"{path} (a key)", why))
-                todo.append((f"{path}.{key}", item))
+                if f"{path}.{key}"[len("data.") :] not in engine:
+                    todo.append((f"{path}.{key}", item))
         elif isinstance(value, list):
             todo.extend((f"{path}[{i}]", item) for i, item in reversed(list(enumerate(value))))
         elif isinstance(value, str):
@@ -112,9 +131,14 @@ def data_problems(data: Mapping[str, Any]) -> list[FieldProblem]:
     return problems
 
 
-def parse_start(raw: object, served: Mapping[str, list[int]]) -> StartRequest:
+def parse_start(
+    raw: object,
+    served: Mapping[str, list[int]],
+    engine: Mapping[str, Collection[str]] | None = None,
+) -> StartRequest:
     """Validate a ``POST /sagas`` body against the ``served`` definitions; 422 naming
-    every refused field."""
+    every refused field (``engine``: per definition, the fields the engine tokenises or
+    takes as public, see :func:`engine_fields`)."""
     if not isinstance(raw, dict):
         raise invalid([FieldProblem("body", "must be a JSON object")], "the start")
     problems = [
@@ -166,7 +190,7 @@ def parse_start(raw: object, served: Mapping[str, list[int]]) -> StartRequest:
     if not isinstance(data, dict):
         problems.append(FieldProblem("data", "must be a JSON object (the saga's data)"))
     else:
-        problems += data_problems(data)
+        problems += data_problems(data, (engine or {}).get(definition or "", ()))
     if problems:
         raise invalid(problems, "the start")
     assert isinstance(definition, str) and isinstance(key, str) and isinstance(data, dict)
@@ -200,6 +224,11 @@ async def start_saga(
             except DefinitionError as exc:
                 outcome, detail = "refused", {"message": str(exc)}
                 raise invalid([FieldProblem("definition", str(exc))], "the start") from None
+            except PersonalDataRefused as exc:
+                # The definition's own rules (a declared field, or data the API let
+                # through for the engine): the message names the field, never the value.
+                outcome, detail = "refused", {"message": str(exc)}
+                raise invalid([FieldProblem(exc.where, str(exc))], "the start") from None
             except (LookupError, TypeError, ValueError, AttributeError) as exc:
                 if isinstance(exc, SagakitError):
                     raise
@@ -249,7 +278,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
 
     async def start(request: Request) -> Response:
         who = principal(request)
-        req = parse_start(await read_json(request, ctx.max_body), served_definitions(ctx))
+        req = parse_start(
+            await read_json(request, ctx.max_body), served_definitions(ctx), engine_fields(ctx)
+        )
         inst, created = await start_saga(ctx, who, req)
         return json_reply(
             saga_summary(ctx.engine, inst, time.time()),
@@ -279,7 +310,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "(`version` defaults to the latest, or to the one the app's canary picks for "
             "the key). Tokens only: every string value of `data`, at any depth, and the "
             "business key are refused with 422 when they look like a name, a postal "
-            "address, an e-mail address or a card number. A 422 also lists the served "
+            "address, an e-mail address or a card number, but for the fields the "
+            "definition declares `tokenise` (the engine stores a token) or `public`. A "
+            "422 also lists the served "
             "definitions or versions when the request names another, and says when the "
             "first step cannot build its command from the data.",
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeAlias
 
+from sagakit.core.personal import Handling, PersonalField, PersonalPolicy, Tokeniser
 from sagakit.errors import DefinitionError
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,99}")
@@ -317,6 +318,15 @@ class SagaDefinition:
     Status labels are what a user sees: each step's ``status`` while it runs, then
     ``completed_status`` (``partial_status`` when an optional step was skipped),
     ``cancelling_status``/``cancelled_status`` or ``attention_status``.
+
+    ``personal`` declares the personal fields of the saga's data: field name (a dotted
+    path into nested mappings) -> ``"refuse"`` (only a token is taken), ``"tokenise"``
+    (the engine replaces the value by a stable token, made by ``tokeniser`` or by
+    default an HMAC with the deployment's ``SAGAKIT_PERSONAL_KEY``), ``"public"`` (not
+    personal, never scanned) or a :class:`~sagakit.core.personal.PersonalField`. Every
+    start is checked before anything is stored: other strings of the data and the
+    business key holding an e-mail address, a card number or a street address are
+    refused too, unless ``scan_personal=False`` (see :mod:`sagakit.core.personal`).
     """
 
     def __init__(
@@ -332,6 +342,9 @@ class SagaDefinition:
         attention_status: str = "NEEDS_ATTENTION",
         started_status: str = "PENDING",
         partial_status: str = "PARTIALLY_COMPLETED",
+        personal: Mapping[str, Handling | str | PersonalField] | None = None,
+        tokeniser: Tokeniser | None = None,
+        scan_personal: bool = True,
     ) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
@@ -398,6 +411,8 @@ class SagaDefinition:
         self.attention_status = attention_status
         self.started_status = started_status
         self.partial_status = partial_status
+        self.personal = PersonalPolicy(name, personal, tokeniser=tokeniser, scan=scan_personal)
+        """How starts treat personal data; :meth:`PersonalPolicy.admit` applies it."""
         self._index = {s.name: i for i, s in enumerate(steps)}
 
     @property

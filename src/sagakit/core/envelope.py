@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from sagakit.errors import MessageError
+from sagakit.redaction import redact
 
 # Built once: json.dumps with options builds a new encoder on every call, and every
 # message is encoded at least once on the hot path.
@@ -271,8 +272,14 @@ def success(result: dict[str, Any] | None = None) -> Outcome:
 
 
 def failure(reason: str, *, retryable: bool = False) -> Outcome:
-    """A failed outcome; ``retryable`` asks for another attempt."""
-    return Outcome(ok=False, reason=reason, retryable=retryable)
+    """A failed outcome; ``retryable`` asks for another attempt.
+
+    ``reason`` is kept in the saga's history and shown to operators, and handlers
+    write it from whatever failed (an exception's text may quote a row): e-mail
+    addresses, card numbers and street addresses in it are masked
+    (:func:`~sagakit.redaction.redact`).
+    """
+    return Outcome(ok=False, reason=redact(reason), retryable=retryable)
 
 
 def reply_to(command: Envelope, outcome: Outcome, *, source: str, now: float) -> Envelope:

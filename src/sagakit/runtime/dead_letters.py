@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagakit.core.envelope import REPLAYED_FROM, Envelope
+from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused, MessageError
 from sagakit.stores.base import DISCARDED, REPLAYED, DeadLetter, Store
 from sagakit.transports.base import ParkedByBroker
@@ -187,8 +188,10 @@ class DeadLetterDesk:
         """Put the parked message back on its way; return the settled dead letter.
 
         :class:`DeadLetterRefused` says why a replay does not apply (the dead letter
-        then stays open).
+        then stays open). A ``reason`` holding personal data is refused
+        (:class:`~sagakit.errors.PersonalDataRefused`): it would be kept for good.
         """
+        refuse_personal_text(reason)
         found = await self.get(store, id)
         letter = found.letter
         _check_open(store, letter)
@@ -215,7 +218,9 @@ class DeadLetterDesk:
         return await self.get(store, id)
 
     async def discard(self, store: str, id: int, *, actor: str, reason: str) -> StoredDeadLetter:
-        """Settle the dead letter without sending anything; return it settled."""
+        """Settle the dead letter without sending anything; return it settled (a
+        ``reason`` holding personal data is refused, as for :meth:`replay`)."""
+        refuse_personal_text(reason)
         found = await self.get(store, id)
         _check_open(store, found.letter)
         async with self._store(store).transaction() as tx:

@@ -23,6 +23,7 @@ from typing import Any
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import SagaInstance
 from sagakit.core.machine import ManualAction
+from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime import engine_loops
 from sagakit.runtime.consumer import FaultHook
@@ -353,6 +354,10 @@ class Engine:
     ) -> SagaInstance:
         """Start a saga (idempotent by business key); returns the instance.
 
+        The definition's personal-data rules apply first: declared fields are tokenised
+        or refused, personal data elsewhere in ``data`` or ``business_key`` is refused
+        (:class:`~sagakit.errors.PersonalDataRefused`); see :mod:`sagakit.core.personal`.
+
         With ``tx`` (your own transaction: a sqlite3 or psycopg connection, a SQLAlchemy
         connection or session, or a sagakit Tx of this engine's store) the saga is
         written in it and starts when you commit it; see :mod:`sagakit.runtime.own_tx`.
@@ -379,7 +384,10 @@ class Engine:
         """Ask a saga to cancel (compensates before its pivot, refused after).
 
         A choreography's view cannot be cancelled (:class:`~sagakit.errors.NoDriver`).
+        A ``reason`` holding personal data is refused before anything is read or written
+        (:class:`~sagakit.errors.PersonalDataRefused`): it would be kept for good.
         """
+        refuse_personal_text(reason)
         tracker = await self._tracker_of(saga_id)
         if tracker is not None:
             raise no_driver(tracker.flow, saga_id, "cancel")
@@ -397,8 +405,10 @@ class Engine:
         """Apply a person's decision to a saga in the manual queue (audited).
 
         On a choreography's view only the records of what a person did by hand apply
-        (see :mod:`sagakit.runtime.tracker_manual`).
+        (see :mod:`sagakit.runtime.tracker_manual`). A ``reason`` holding personal data
+        is refused, as for :meth:`cancel`.
         """
+        refuse_personal_text(reason)
         tracker = await self._tracker_of(saga_id)
         if tracker is not None:
             return await resolve_tracked(tracker, saga_id, action, reason=reason, actor=actor)

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
 from sagakit.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 
 class LockFile:
@@ -95,6 +99,34 @@ class LockFile:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def private_dir(path: str | Path, *, warn: bool = True) -> Path:
+    """Create the data directory ``path`` readable by its owner only (0700); return it.
+
+    A data directory holds databases, logs and keys: other users of the machine have no
+    business listing it. Missing parents are created as ``mkdir -p`` would. A directory
+    that exists already is left as its owner made it, with a warning when others may
+    read it (unless ``warn`` is false: a file's own directory, chosen by the user for
+    other files too): changing the mode of a directory the user chose is not ours to
+    do silently.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not p.is_dir():
+            raise ConfigurationError(f"{p} is not a directory") from None
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if warn and mode & 0o077:
+            log.warning(
+                "data directory %s is open to other users (mode %o): it holds databases "
+                "and logs; chmod 700 %s",
+                p,
+                mode,
+                p,
+            )
+    return p
 
 
 def data_dir_lock(data_dir: str | Path) -> LockFile:

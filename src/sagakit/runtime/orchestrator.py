@@ -41,6 +41,7 @@ from sagakit.core.definition import SagaDefinition
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, Timer
 from sagakit.core.machine import Decision, Machine, ManualAction
+from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import (
     ConfigurationError,
     DefinitionError,
@@ -189,6 +190,7 @@ class Orchestrator(BatchConsumer):
     ) -> list[tuple[SagaInstance, bool]]:
         """Start several sagas in one transaction (see :meth:`start`)."""
         machines = self._machines_for_starts(requests, version)
+        requests = await self.admit(machines, requests)
         async with self.transaction() as tx:
             results = await self._write_starts(tx, machines, requests, correlation_id)
         self.after_commit()
@@ -209,7 +211,21 @@ class Orchestrator(BatchConsumer):
         publishes them once the owner commits (see :mod:`sagakit.runtime.own_tx`).
         """
         machines = self._machines_for_starts(requests, version)
+        requests = await self.admit(machines, requests)
         return await self._write_starts(tx, machines, requests, correlation_id, outbox_only=True)
+
+    @staticmethod
+    async def admit(
+        machines: Sequence[Machine], requests: Sequence[tuple[str, str, Mapping[str, Any]]]
+    ) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """The requests as they may be stored: each definition's personal-data rules
+        applied to its data (see :mod:`sagakit.core.personal`), before any transaction;
+        one refused start refuses the batch (:class:`~sagakit.errors.PersonalDataRefused`).
+        """
+        return [
+            (name, key, await machine.definition.personal.admit(key, data))
+            for machine, (name, key, data) in zip(machines, requests, strict=True)
+        ]
 
     def _machines_for_starts(
         self, requests: Sequence[tuple[str, str, Mapping[str, Any]]], version: int | None
@@ -257,6 +273,7 @@ class Orchestrator(BatchConsumer):
         """Ask a saga to cancel: compensates before the pivot, refused after it."""
         if not reason or not reason.strip():
             raise ValueError("a cancel needs a reason")
+        refuse_personal_text(reason)
         now = self.clock()
         async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)
@@ -277,6 +294,7 @@ class Orchestrator(BatchConsumer):
         rung: int | None = None,
     ) -> SagaInstance:
         """Apply a person's decision to a saga in the manual queue (audited in history)."""
+        refuse_personal_text(reason)
         now = self.clock()
         async with self.transaction() as tx:
             inst = await tx.saga_get(saga_id)

@@ -882,7 +882,7 @@ def cap_attempts(definition: SagaDefinition, attempts: int) -> SagaDefinition:
         capped.ladder = tuple(dataclasses.replace(r, retry=cap(r.retry)) for r in step.ladder)
         steps.append(capped)
     d = definition
-    return SagaDefinition(
+    capped_definition = SagaDefinition(
         d.name,
         steps,
         version=d.version,
@@ -894,6 +894,8 @@ def cap_attempts(definition: SagaDefinition, attempts: int) -> SagaDefinition:
         started_status=d.started_status,
         partial_status=d.partial_status,
     )
+    capped_definition.personal = d.personal
+    return capped_definition
 
 
 def _drop(w: World, raw: str) -> World:
