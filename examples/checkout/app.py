@@ -2,9 +2,12 @@
 
 Four services (order, payment, inventory, shipping), each with its own store, and the
 orchestrated checkout saga. The payment service talks to the fake card provider, an
-external system with a file of its own: ``--provider PATH`` (env
-``SAGAKIT_PROVIDER_DB``), by default ``provider.db`` in the data directory (the
-directory of a ``sqlite:///DIR`` store URL, or ``sagakit serve``'s ``--data-dir``).
+external system with storage of its own: ``--provider PATH|URL`` (env
+``SAGAKIT_PROVIDER_DB``), a SQLite file or ``postgresql://...?schema=NAME``. By default
+it is the schema ``<prefix>_card_provider`` next to the services' schemas when the
+stores are on PostgreSQL (so every process, and every rerun, sees the same provider),
+else ``provider.db`` in the data directory (the directory of a ``sqlite:///DIR`` store
+URL, or ``sagakit serve``'s ``--data-dir``).
 
 ``sagakit demo`` and ``sagakit serve`` run this app by default; its ``--mode`` option
 also runs the choreographed and hybrid checkouts (embedded only).
@@ -16,6 +19,7 @@ import argparse
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from sagakit import App, AppOption, Participant, SagaDefinition, Service
 from sagakit.app import AppContext
@@ -42,17 +46,42 @@ def positive_seconds(text: str) -> float:
 
 
 def provider_of(ctx: AppContext) -> FakeCardProvider:
-    """The card provider of this process: ``--provider``, else ``provider.db`` in the
-    data directory."""
-    path = ctx.options.get("provider")
-    if path is None and ctx.data_dir is not None:
-        path = ctx.data_dir / "provider.db"
-    if path is None:
+    """The card provider of this process: ``--provider``; else, with the stores on
+    PostgreSQL, its own schema in their database (:func:`provider_url`); else
+    ``provider.db`` in the data directory."""
+    location: str | Path | None = ctx.options.get("provider")
+    if location is None and ctx.store_url is not None:
+        location = provider_url(ctx.store_url, ctx.app.name)
+    if location is None and ctx.data_dir is not None:
+        location = ctx.data_dir / "provider.db"
+    if location is None:
         raise ConfigurationError(
-            "the payment service needs the card provider's file: --provider PATH "
-            "(or SAGAKIT_PROVIDER_DB)"
+            "the payment service needs the card provider's storage: --provider PATH or "
+            "postgresql://...?schema=NAME (or SAGAKIT_PROVIDER_DB)"
         )
-    return FakeCardProvider(Path(path))
+    if isinstance(location, str) and "://" not in location:
+        location = Path(location)
+    try:
+        return FakeCardProvider(location)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def provider_url(store_url: str, app_name: str) -> str | None:
+    """Where the card provider lives next to PostgreSQL stores (None for other stores).
+
+    The stores' database, in the schema ``<prefix>_card_provider``: an external system's
+    storage of its own, beside the services' ``<prefix>_<service>`` schemas rather than
+    in one of them, under the same ``?prefix=`` (default: the app's name) so that two
+    deployments on one database keep apart.
+    """
+    parts = urlsplit(store_url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return None
+    params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    prefix = params.pop("prefix", app_name)
+    params["schema"] = f"{prefix}_card_provider".replace("-", "_")
+    return urlunsplit(parts._replace(query=urlencode(params)))
 
 
 def definitions(ctx: AppContext) -> list[SagaDefinition]:
@@ -84,7 +113,9 @@ app = App(
     options=[
         AppOption(
             "provider",
-            "the fake card provider's SQLite file (default: provider.db in the data directory)",
+            "the fake card provider's SQLite file, or postgresql://...?schema=NAME "
+            "(default: the schema <prefix>_card_provider when the stores are on "
+            "PostgreSQL, else provider.db in the data directory)",
             env="SAGAKIT_PROVIDER_DB",
             commands=frozenset({"service", "relay", "serve"}),
         ),

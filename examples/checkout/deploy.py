@@ -50,7 +50,11 @@ def build_relay(
 
 
 def build_service(
-    name: str, store_url: str, broker_url: str, provider_path: Path | None = None, **engine_kw: Any
+    name: str,
+    store_url: str,
+    broker_url: str,
+    provider_path: Path | str | None = None,
+    **engine_kw: Any,
 ) -> Engine:
     """``sagakit service NAME --app sagakit_checkout:app``."""
     return _on(store_url, broker_url, provider=provider_path).service(name, **engine_kw)
@@ -87,13 +91,16 @@ def _checkout_of(dep: AppDeployment) -> Deployment:
     return Deployment(dep.stores(), provider_of(dep.ctx))
 
 
-def deployment(store_url: str, provider_path: Path) -> Deployment:
-    """Every store (not opened) and the provider, e.g. to check invariants afterwards."""
+def deployment(store_url: str, provider_path: Path | str | None = None) -> Deployment:
+    """Every store (not opened) and the provider, e.g. to check invariants afterwards.
+
+    ``provider_path``: the provider's file or ``postgresql://`` URL; by default its own
+    schema on PostgreSQL stores, ``provider.db`` beside SQLite ones."""
     return _checkout_of(_on(store_url, provider=provider_path))
 
 
 def build_all(
-    store_url: str, broker_url: str, provider_path: Path, **engine_kw: Any
+    store_url: str, broker_url: str, provider_path: Path | str | None = None, **engine_kw: Any
 ) -> tuple[Engine, Deployment]:
     """Every role in one engine: the checkout on PostgreSQL and a broker, one process."""
     dep = _on(store_url, broker_url, provider=provider_path)
@@ -101,7 +108,11 @@ def build_all(
 
 
 def build_api(
-    store_url: str, provider_path: Path, *, command_timeout: float | None = None, **engine_kw: Any
+    store_url: str,
+    provider_path: Path | str | None = None,
+    *,
+    command_timeout: float | None = None,
+    **engine_kw: Any,
 ) -> tuple[Engine, Deployment]:
     """``sagakit serve --api-only``'s engine: no loop; starts sagas, reads the stores."""
     dep = _on(store_url, provider=provider_path, command_timeout=command_timeout)

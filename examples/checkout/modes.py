@@ -121,7 +121,11 @@ def _deployed(
     from .app import app as checkout_app
     from .app import provider_of
 
-    dep = Deployment(app or checkout_app, store_url, broker_url, options=options, data_dir=base)
+    # On stores of the caller's (--store), the provider keeps its records with them (its
+    # own PostgreSQL schema, or the SQLite store's directory), not in the demo's data
+    # directory, which is temporary unless --data-dir: a rerun must find them.
+    data_dir = base if broker_url is None else None
+    dep = Deployment(app or checkout_app, store_url, broker_url, options=options, data_dir=data_dir)
     engine = dep.everything(faults=faults)
     stores: dict[str, Any] = {f"{name}_store": s for name, s in dep.stores().items()}
     stores["provider"] = provider_of(dep.ctx)

@@ -1,4 +1,4 @@
-"""A fake external card provider, with its own SQLite file.
+"""A fake external card provider, with storage of its own: a SQLite file, or a schema.
 
 The provider stands for a system the checkout does not own: its effects are committed
 at once (autocommit, one short transaction per request) and never roll back with the
@@ -38,20 +38,30 @@ goes unanswered too; what a person or a compensation sends once it is over gets 
 
 Amounts are integers in minor units (cents). A refund of an authorization that was
 never captured releases the hold (as real providers do), with amount 0.
+
+Where it keeps its records: a SQLite file (``FakeCardProvider("provider.db")``), shared
+by the processes of one machine, or a PostgreSQL schema of its own
+(``FakeCardProvider("postgresql://user@host/db?schema=card_provider")``), shared by
+every process that reaches the database; a deployment on PostgreSQL keeps it there, so
+that what the provider did outlives any process and any temporary directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS card_rules (
@@ -101,6 +111,67 @@ CREATE INDEX IF NOT EXISTS effects_order_idx ON effects (order_id, op);
 
 _RULE_COLUMNS = ("mute_void", "mute_capture", "mute_lookup", "outage_requests")
 """card_rules columns added after the first schema (a provider file from before gets them)."""
+_RULE_FIELDS = (
+    "decline",
+    "transient_calls",
+    "slow",
+    "refuse_void",
+    "refuse_refund",
+    *_RULE_COLUMNS,
+)
+"""Every card_rules column but the card, in :class:`CardRules`' order."""
+
+_PG_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS card_rules (
+        card              TEXT PRIMARY KEY,
+        decline           INTEGER NOT NULL,
+        transient_calls   INTEGER NOT NULL,
+        slow              INTEGER NOT NULL,
+        refuse_void       INTEGER NOT NULL,
+        refuse_refund     INTEGER NOT NULL,
+        mute_void         INTEGER NOT NULL DEFAULT 0,
+        mute_capture      INTEGER NOT NULL DEFAULT 0,
+        mute_lookup       INTEGER NOT NULL DEFAULT 0,
+        outage_requests   INTEGER NOT NULL DEFAULT 0
+    )""",
+    """CREATE TABLE IF NOT EXISTS requests (
+        key      TEXT PRIMARY KEY,
+        op       TEXT NOT NULL,
+        calls    INTEGER NOT NULL,
+        outcome  TEXT,
+        at       DOUBLE PRECISION NOT NULL,
+        card     TEXT
+    )""",
+    # "authorization" is a reserved word in PostgreSQL: quoted here and in every query.
+    """CREATE TABLE IF NOT EXISTS authorizations (
+        "authorization" TEXT PRIMARY KEY,
+        order_id        TEXT NOT NULL,
+        card            TEXT NOT NULL,
+        amount          BIGINT NOT NULL,
+        currency        TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        captured        BIGINT NOT NULL DEFAULT 0,
+        refunded        BIGINT NOT NULL DEFAULT 0,
+        created_at      DOUBLE PRECISION NOT NULL,
+        updated_at      DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS authorizations_order_idx ON authorizations (order_id)",
+    """CREATE TABLE IF NOT EXISTS effects (
+        id              BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        key             TEXT NOT NULL UNIQUE,
+        order_id        TEXT NOT NULL,
+        op              TEXT NOT NULL,
+        "authorization" TEXT NOT NULL,
+        amount          BIGINT NOT NULL,
+        at              DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS effects_order_idx ON effects (order_id, op)",
+)
+"""The same tables in the provider's PostgreSQL schema (see :data:`_SCHEMA`)."""
+
+DEFAULT_SCHEMA = "card_provider"
+"""The provider's schema when a ``postgresql://`` location names none (``?schema=``)."""
+_MAX_IDENTIFIER = 63  # PostgreSQL's identifier limit, in bytes
 
 TRANSIENT_CALLS = 2
 """How many calls per key a ``flaky`` card fails before the provider answers."""
@@ -214,39 +285,236 @@ class Effect:
     at: float
 
 
-class FakeCardProvider:
-    """The fake provider; one SQLite file, shared by every process that opens it.
+class _Rows(Protocol):
+    def fetchone(self) -> Any: ...
 
-    Each request runs in one ``BEGIN IMMEDIATE`` transaction that checks the key,
-    applies the effect and records the answer, so two callers racing on one key get one
-    effect. The connection is opened on first use.
+    def fetchall(self) -> list[Any]: ...
+
+
+class _Db(Protocol):
+    """One connection to the provider's storage, in autocommit mode: each request opens
+    its own transaction. Queries are written with ``?`` placeholders."""
+
+    for_update: str
+    """What a SELECT appends to lock the rows it reads until the transaction ends."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    @property
+    def usable(self) -> bool: ...
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> _Rows: ...
+
+    def begin(self, key: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _SQLiteDb:
+    """The provider's SQLite file."""
+
+    for_update = ""  # BEGIN IMMEDIATE already holds the only write lock of the file
+
+    def __init__(self, path: Path) -> None:
+        # A new file is created readable by its owner only (0600); SQLite gives its
+        # -wal and -shm files the same mode.
+        with contextlib.suppress(OSError):  # it exists, or sqlite3 reports why not
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(card_rules)")}
+        for column in _RULE_COLUMNS:
+            if column not in have:
+                conn.execute(
+                    f"ALTER TABLE card_rules ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+                )
+        if "card" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
+            conn.execute("ALTER TABLE requests ADD COLUMN card TEXT")
+        self._conn = conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    @property
+    def usable(self) -> bool:
+        return True
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> _Rows:
+        return self._conn.execute(query, params)
+
+    def begin(self, key: str) -> None:
+        # One writer at a time for the whole file: requests are serialized, whatever
+        # their key or authorization.
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _PostgresDb:
+    """The provider's own schema in a PostgreSQL database (created if missing).
+
+    A request holds a transaction-level advisory lock on its key, so two callers racing
+    on one key get one effect, and reads the authorization it changes ``FOR UPDATE``,
+    so two keys racing on one authorization (a capture and a void) see each other's
+    effect; requests about other keys and authorizations run side by side.
     """
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
+    for_update = " FOR UPDATE"
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self._psycopg = psycopg
+        self._schema = schema
+        try:
+            conn = psycopg.connect(
+                dsn, autocommit=True, application_name="sagakit fake card provider"
+            )
+        except psycopg.OperationalError as exc:
+            # Nothing was asked of the provider yet: the caller may retry at will.
+            raise ProviderUnavailable(f"card provider's database unreachable: {exc}") from exc
+        self._conn = conn
+        try:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            with conn.transaction():
+                # Processes starting together must not race to create the same tables.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(schema, ""),))
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+                ).fetchone()
+                if exists is None:
+                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+                for statement in _PG_SCHEMA:
+                    conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
+
+    @property
+    def in_transaction(self) -> bool:
+        status = self._conn.info.transaction_status
+        tx = self._psycopg.pq.TransactionStatus
+        # UNKNOWN (a lost connection) counts as none: there is nothing to roll back.
+        return status in (tx.INTRANS, tx.INERROR, tx.ACTIVE)
+
+    @property
+    def usable(self) -> bool:
+        return not (self._conn.closed or self._conn.broken)
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> _Rows:
+        try:
+            return self._conn.execute(_pg_query(query), params)
+        except self._psycopg.OperationalError as exc:
+            if self.usable:
+                raise
+            # The connection is gone, maybe after a COMMIT was sent: whatever was asked
+            # may or may not have happened, exactly like a provider's timeout.
+            raise ProviderTimeout(f"lost the card provider's database: {exc}") from exc
+
+    def begin(self, key: str) -> None:
+        self.execute("BEGIN")
+        self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(self._schema, key),))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@functools.lru_cache(maxsize=128)
+def _pg_query(query: str) -> Any:
+    """A query of the provider, as written for SQLite, in PostgreSQL's words.
+
+    psycopg's placeholder is ``%s`` (no query here contains a literal ``?`` or ``%``),
+    and ``authorization``, a column name on SQLite, is a reserved word in PostgreSQL.
+    """
+    return _RESERVED.sub('"authorization"', query.replace("?", "%s"))
+
+
+_RESERVED = re.compile(r'(?<!")\bauthorization\b(?!")')
+
+
+def _lock_id(schema: str, key: str) -> int:
+    """A signed 64-bit advisory lock id for ``key`` in ``schema`` ("" for the schema)."""
+    digest = hashlib.blake2b(f"sagakit card provider {schema}\0{key}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def postgres_location(url: str) -> tuple[str, str]:
+    """``postgresql://user@host/db?schema=NAME`` as (connection string, schema).
+
+    The schema defaults to :data:`DEFAULT_SCHEMA`; the URL's other query parameters
+    (``sslmode=``, ...) go to the connection.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a postgresql:// URL: {_shown(url)}")
+    params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    schema = params.pop("schema", DEFAULT_SCHEMA)
+    if not 0 < len(schema.encode()) <= _MAX_IDENTIFIER:
+        raise ValueError(
+            f"card provider URL {_shown(url)}: the schema must be 1 to {_MAX_IDENTIFIER} "
+            f"bytes long, got {schema!r}"
+        )
+    dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(params)))
+    return dsn, schema
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class FakeCardProvider:
+    """The fake provider, on a SQLite file or in a PostgreSQL schema of its own.
+
+    ``location`` is a file path (SQLite, shared by every process that opens the file)
+    or ``postgresql://user@host/db?schema=NAME`` (its own schema, default
+    :data:`DEFAULT_SCHEMA`, shared by every process that reaches the database). Each
+    request runs in one transaction that checks the key, applies the effect and records
+    the answer, so two callers racing on one key get one effect. The connection is
+    opened on first use.
+    """
+
+    def __init__(self, location: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        text = str(location)
+        self.path: Path | None = None
+        """The SQLite file (None in PostgreSQL)."""
+        self.url: str | None = None
+        """The ``postgresql://`` location (None on a SQLite file)."""
+        if isinstance(location, str) and urlsplit(text).scheme in ("postgresql", "postgres"):
+            self.url = text
+            self._dsn, self._schema = postgres_location(text)
+        elif "://" in text:
+            raise ValueError(
+                f"card provider location {_shown(text)}: give a file path or a postgresql:// URL"
+            )
+        else:
+            self.path = Path(location)
         self.clock = clock
-        self._conn: sqlite3.Connection | None = None
+        self._conn: _Db | None = None
+
+    def __repr__(self) -> str:
+        where = _shown(self.url) if self.url is not None else str(self.path)
+        return f"FakeCardProvider({where!r})"
 
     # -- plumbing ---------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> _Db:
+        if self._conn is not None and not self._conn.usable:
+            self.close()  # lost (a server restart): the next request reconnects
         if self._conn is None:
-            # A new file is created readable by its owner only (0600); SQLite gives its
-            # -wal and -shm files the same mode.
-            with contextlib.suppress(OSError):  # it exists, or sqlite3 reports why not
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            have = {r[1] for r in conn.execute("PRAGMA table_info(card_rules)")}
-            for column in _RULE_COLUMNS:
-                if column not in have:
-                    conn.execute(
-                        f"ALTER TABLE card_rules ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
-                    )
-            if "card" not in {r[1] for r in conn.execute("PRAGMA table_info(requests)")}:
-                conn.execute("ALTER TABLE requests ADD COLUMN card TEXT")
-            self._conn = conn
+            if self.path is not None:
+                self._conn = _SQLiteDb(self.path)
+            else:
+                self._conn = _PostgresDb(self._dsn, self._schema)
         return self._conn
 
     def close(self) -> None:
@@ -259,8 +527,8 @@ class FakeCardProvider:
         self,
         key: str,
         op: str,
-        card_of: Callable[[sqlite3.Connection], str],
-        effect: Callable[[sqlite3.Connection, float], Receipt],
+        card_of: Callable[[_Db], str],
+        effect: Callable[[_Db, float], Receipt],
     ) -> Receipt:
         """Run one keyed request: replay the recorded answer, or call ``effect`` once."""
         if not key:
@@ -268,7 +536,7 @@ class FakeCardProvider:
         db = self._db()
         now = self.clock()
         timeout = False
-        db.execute("BEGIN IMMEDIATE")
+        db.begin(key)
         try:
             row = db.execute(
                 "SELECT op, calls, outcome FROM requests WHERE key = ?", (key,)
@@ -281,7 +549,7 @@ class FakeCardProvider:
             # must know whether the card's provider is out of reach.
             db.execute(
                 "INSERT INTO requests (key, op, calls, at, card) VALUES (?, ?, 1, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET calls = calls + 1",
+                "ON CONFLICT (key) DO UPDATE SET calls = requests.calls + 1",
                 (key, op, now, card),
             )
             rules = self.rules(card)
@@ -314,10 +582,10 @@ class FakeCardProvider:
             raise ProviderTimeout(f"provider timed out on {op} (key {key})")
         return _replay(outcome)
 
-    def _auth_row(self, db: sqlite3.Connection, authorization: str) -> Authorization:
+    def _auth_row(self, db: _Db, authorization: str) -> Authorization:
         row = db.execute(
             "SELECT authorization, order_id, card, amount, currency, status, captured, refunded "
-            "FROM authorizations WHERE authorization = ?",
+            "FROM authorizations WHERE authorization = ?" + db.for_update,
             (authorization,),
         ).fetchone()
         if row is None:
@@ -325,7 +593,7 @@ class FakeCardProvider:
         return Authorization(*row)
 
     @staticmethod
-    def _effect(db: sqlite3.Connection, receipt: Receipt, now: float) -> Receipt:
+    def _effect(db: _Db, receipt: Receipt, now: float) -> Receipt:
         db.execute(
             "INSERT INTO effects (key, order_id, op, authorization, amount, at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -336,20 +604,22 @@ class FakeCardProvider:
     # -- configuration ----------------------------------------------------------------
     def configure(self, card: str, rules: CardRules) -> None:
         """Set the rules for ``card`` explicitly (they replace what its flags say)."""
+        columns = ", ".join(_RULE_FIELDS)
         self._db().execute(
-            "INSERT OR REPLACE INTO card_rules (card, decline, transient_calls, slow, "
-            "refuse_void, refuse_refund, mute_void, mute_capture, mute_lookup, outage_requests) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO card_rules (card, {columns}) VALUES (?{', ?' * len(_RULE_FIELDS)}) "
+            "ON CONFLICT (card) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _RULE_FIELDS),
             (
                 card,
-                rules.decline,
+                # Stored as integers: PostgreSQL will not put a boolean in an INTEGER.
+                int(rules.decline),
                 rules.transient_calls,
-                rules.slow,
-                rules.refuse_void,
-                rules.refuse_refund,
-                rules.mute_void,
-                rules.mute_capture,
-                rules.mute_lookup,
+                int(rules.slow),
+                int(rules.refuse_void),
+                int(rules.refuse_refund),
+                int(rules.mute_void),
+                int(rules.mute_capture),
+                int(rules.mute_lookup),
                 rules.outage_requests,
             ),
         )
@@ -377,7 +647,7 @@ class FakeCardProvider:
     ) -> Receipt:
         """Hold ``amount`` on ``card``; :class:`CardDeclined` if the card is declined."""
 
-        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+        def effect(db: _Db, now: float) -> Receipt:
             if self.rules(card).decline:
                 raise CardDeclined("card declined")
             auth = f"auth-{uuid.uuid4().hex[:16]}"
@@ -393,7 +663,7 @@ class FakeCardProvider:
     async def capture(self, key: str, *, authorization: str) -> Receipt:
         """Take the authorized amount; refused if the hold was voided, released or taken."""
 
-        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+        def effect(db: _Db, now: float) -> Receipt:
             a = self._auth_row(db, authorization)
             if a.status != "AUTHORIZED":
                 raise OperationRefused(f"authorization is {a.status}, cannot capture")
@@ -410,7 +680,7 @@ class FakeCardProvider:
     async def void(self, key: str, *, authorization: str) -> Receipt:
         """Release an uncaptured hold; refused for ``novoid`` cards and captured holds."""
 
-        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+        def effect(db: _Db, now: float) -> Receipt:
             a = self._auth_row(db, authorization)
             if a.status == "CAPTURED":
                 raise OperationRefused("authorization already captured; refund it instead")
@@ -430,7 +700,7 @@ class FakeCardProvider:
     async def refund(self, key: str, *, authorization: str) -> Receipt:
         """Give back what was captured and not yet refunded; release an uncaptured hold."""
 
-        def effect(db: sqlite3.Connection, now: float) -> Receipt:
+        def effect(db: _Db, now: float) -> Receipt:
             a = self._auth_row(db, authorization)
             if a.status in ("VOIDED", "RELEASED"):
                 return Receipt(key, "refund", a.order_id, authorization, 0)  # nothing held
@@ -454,7 +724,7 @@ class FakeCardProvider:
         return self._request(key, "refund", lambda db: self._card(db, authorization), effect)
 
     @staticmethod
-    def _card(db: sqlite3.Connection, authorization: str) -> str:
+    def _card(db: _Db, authorization: str) -> str:
         row = db.execute(
             "SELECT card FROM authorizations WHERE authorization = ?", (authorization,)
         ).fetchone()
@@ -488,13 +758,13 @@ class FakeCardProvider:
 
     async def authorizations(self, order_id: str | None = None) -> list[Authorization]:
         """Every authorization (of one order, if given)."""
+        where, params = ("", ()) if order_id is None else ("WHERE order_id = ? ", (order_id,))
         rows = (
             self._db()
             .execute(
                 "SELECT authorization, order_id, card, amount, currency, status, captured, "
-                "refunded FROM authorizations WHERE ? IS NULL OR order_id = ? "
-                "ORDER BY created_at, authorization",
-                (order_id, order_id),
+                f"refunded FROM authorizations {where}ORDER BY created_at, authorization",
+                params,
             )
             .fetchall()
         )
@@ -502,12 +772,13 @@ class FakeCardProvider:
 
     async def effects(self, order_id: str | None = None) -> list[Effect]:
         """The provider's ledger of effects (of one order, if given), oldest first."""
+        where, params = ("", ()) if order_id is None else ("WHERE order_id = ? ", (order_id,))
         rows = (
             self._db()
             .execute(
-                "SELECT key, order_id, op, authorization, amount, at FROM effects "
-                "WHERE ? IS NULL OR order_id = ? ORDER BY id",
-                (order_id, order_id),
+                f"SELECT key, order_id, op, authorization, amount, at FROM effects {where}"
+                "ORDER BY id",
+                params,
             )
             .fetchall()
         )
