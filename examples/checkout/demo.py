@@ -7,7 +7,9 @@ same for all three, plus messages written and handled and saga latency.
 
 The order mix and the fault schedule come from ``--seed``. With ``--data-dir`` the
 databases are kept: running the same command again after a ``kill -9`` finishes the
-interrupted sagas, places only the orders not placed yet, and reports on all N.
+interrupted sagas, places only the orders not placed yet, and reports on all N. On
+PostgreSQL (``--store``) the same holds without ``--data-dir``: the stores and the card
+provider's records are all in the database.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, TextIO
 
 from sagakit import App, SagaState
 from sagakit.app_demo import DemoRequest, drain
-from sagakit.runtime.lockfile import data_dir_lock
+from sagakit.runtime.lockfile import data_dir_lock, private_dir
 from sagakit.testing.faults import Faults
 
 from .event_audit import check_event_delivery
@@ -193,6 +195,7 @@ class DemoResult:
             "outcomes": self.outcomes,
             "invariants": self.report.invariants,
             "violations": self.report.violations,
+            "in_broker": self.in_broker(),
             "elapsed_s": round(self.elapsed_s, 3),
             "sagas_per_s": round(self.orders / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "seed": self.seed,
@@ -207,6 +210,23 @@ class DemoResult:
     def ok(self) -> bool:
         """True when every invariant holds."""
         return all(self.report.invariants.values()) and not self.report.violations
+
+    def in_broker(self) -> dict[str, Any] | None:
+        """What the broker still held when the run was checked (None: no broker).
+
+        ``late``: published messages not yet processed that the broker holds (not
+        lost); ``held``: everything it holds, per endpoint (duplicates and copies of
+        messages already processed included).
+        """
+        broker = self.report.broker
+        if broker is None:
+            return None
+        return {
+            "total": broker.total,
+            "held": {e.endpoint: e.total for e in broker.endpoints if e.total},
+            "complete": broker.complete,
+            "late": list(self.report.in_broker),
+        }
 
     def render(self) -> str:
         """The report for a terminal."""
@@ -250,8 +270,10 @@ async def run_demo(
 
     Embedded by default (SQLite files in ``data_dir``, no broker). With ``store_url``
     and ``broker_url`` it runs on PostgreSQL (a schema per service) and NATS or
-    RabbitMQ instead, all roles in this one process; the card provider's file stays
-    in ``data_dir``. ``mode``: ``orchestration``, ``choreography`` or ``hybrid``.
+    RabbitMQ instead, all roles in this one process; the card provider then keeps its
+    records with the stores (its own schema, ``<prefix>_card_provider``), so that a
+    rerun on the same database resumes. ``mode``: ``orchestration``, ``choreography``
+    or ``hybrid``.
     Orchestrated, the checkout runs as ``app`` (default: the checkout app) with its
     ``options``, through the same deployment path as ``sagakit worker --app``.
     """
@@ -263,7 +285,7 @@ async def run_demo(
     base = (
         Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="sagakit-demo-"))
     )
-    base.mkdir(parents=True, exist_ok=True)
+    private_dir(base)  # 0700: the databases hold customers and cards
     lock = data_dir_lock(base)
     lock.acquire()
     try:
@@ -339,11 +361,11 @@ async def _run(
                 break
             await asyncio.sleep(0.05)
         # Let the relays hand over the last replies and acks before checking.
-        await drain(engine)
+        broker = await drain(engine)
         elapsed = time.monotonic() - started
         if progress is not None:
             progress.write("\n")
-        report = await check_invariants(**stores, initial_stock=stock)
+        report = await check_invariants(**stores, initial_stock=stock, broker=broker)
         await check_event_delivery(report, system.endpoints, engine.event_routes)
         await check_dead_letters(report, [*engine.stores, *system.endpoints.values()])
         if system.audit is not None:
@@ -428,6 +450,13 @@ def render(result: DemoResult) -> str:
             "",
             "  faults injected: "
             + ", ".join(f"{k}={v}" for k, v in result.faults_injected.items()),
+        ]
+    broker = result.report.broker
+    if broker is not None and broker.total:
+        lines += [
+            "",
+            f"  still in the broker: {broker.summary()} "
+            f"({len(result.report.in_broker)} of them not yet processed: late, not lost)",
         ]
     for violation in result.report.violations[:20]:
         lines.append(f"  ! {violation}")

@@ -26,8 +26,9 @@ from sagakit.core.instance import SagaState
 from sagakit.deployment import Deployment
 from sagakit.errors import ConfigurationError
 from sagakit.runtime.engine import Engine
-from sagakit.runtime.lockfile import data_dir_lock
+from sagakit.runtime.lockfile import data_dir_lock, private_dir
 from sagakit.stores.base import SagaQuery
+from sagakit.transports.base import Backlog, backlog_of
 
 WAVE = 100
 """Sagas started per transaction."""
@@ -138,7 +139,7 @@ async def run_app_demo(app: App, req: DemoRequest) -> DemoOutcome:
     keep = req.data_dir is not None
     # sqlite:///DIR names an absolute path: a relative --data-dir is resolved here.
     base = (req.data_dir or Path(tempfile.mkdtemp(prefix=f"sagakit-{app.name}-"))).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    private_dir(base)  # 0700: databases and logs are the owner's
     try:
         with data_dir_lock(base):
             return await _run(app, req, base)
@@ -214,20 +215,32 @@ async def _wait_terminal(engine: Engine, ids: list[str], req: DemoRequest, t0: f
         req.progress.write("\n")
 
 
-async def drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> None:
-    """Wait until no outbox row is pending and no mailbox of ``engine``'s stores holds a
-    message for ``quiet_for`` seconds (at most ``limit``): the last replies and
-    acknowledgements of a run handed over, before its invariants are checked."""
+async def drain(engine: Engine, quiet_for: float = 0.3, limit: float = 30.0) -> Backlog | None:
+    """Wait until nothing is in flight for ``quiet_for`` seconds (at most ``limit``): no
+    outbox row pending, no message in a mailbox of ``engine``'s stores and, with a broker,
+    nothing the broker still holds (waiting, unacknowledged, held for a retry or delayed).
+
+    The last replies and acknowledgements of a run are handed over before its
+    invariants are checked. Returns what the broker still holds at the end, with the
+    ids it can name (None with the embedded transport): messages there are late, not
+    lost, and a check reports them apart.
+    """
     end = time.monotonic() + limit
     calm_since: float | None = None
-    while time.monotonic() < end:
+    while True:
         busy = 0
         for s in engine.stores:
             busy += await s.outbox_pending() + await s.queue_depth()
+        backlog = await backlog_of(engine.transport, names=False)
+        if backlog is not None:
+            busy += backlog.total
         if busy:
             calm_since = None
         elif calm_since is None:
             calm_since = time.monotonic()
         elif time.monotonic() - calm_since >= quiet_for:
-            return
+            break
+        if time.monotonic() >= end:
+            break
         await asyncio.sleep(0.05)
+    return await backlog_of(engine.transport)

@@ -22,7 +22,7 @@ import pytest
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.errors import UnroutableMessage
 from sagakit.stores.sqlite import SQLiteStore
-from sagakit.transports.base import ACK, Delivery, Settle, Transport, retry
+from sagakit.transports.base import ACK, Backlog, Delivery, Settle, Transport, backlog_of, retry
 
 ENDPOINTS = ("alpha", "beta")
 NATS_URL = os.environ.get("SAGAKIT_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -194,6 +194,7 @@ async def test_retry_redelivers_after_the_delay_counting_deliveries(transport_wo
         assert second - first[msg.message_id] >= 0.25
 
 
+@pytest.mark.fault("F-CRASH-BEFORE-COMMIT")
 async def test_a_failing_handler_gets_the_batch_again(transport_world: Any) -> None:
     async with transport_world() as make:
         calls = 0
@@ -215,6 +216,7 @@ async def test_a_failing_handler_gets_the_batch_again(transport_world: Any) -> N
         assert alpha.got[0][1].deliveries >= 2
 
 
+@pytest.mark.fault("F-PROCESS-RESTART")
 async def test_unacked_messages_survive_a_consumer_restart(transport_world: Any) -> None:
     async with transport_world() as make:
         never = Recorder(lambda env, d: retry(30.0, "hold it"))
@@ -244,6 +246,7 @@ async def test_messages_published_while_nobody_consumes_wait(transport_world: An
         assert alpha.ids() == [msg.message_id]
 
 
+@pytest.mark.fault("F-UNROUTABLE")
 async def test_publishing_to_an_unknown_endpoint_is_refused(transport_world: Any) -> None:
     async with transport_world() as make:
         t = make()
@@ -371,3 +374,69 @@ async def test_subscription_concurrency_must_be_positive(transport_world: Any) -
         t = make()
         with pytest.raises(ConfigurationError, match="concurrency"):
             t.subscribe("alpha", Recorder(), concurrency=0)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(nats, id="nats", marks=pytest.mark.nats),
+        pytest.param(rabbitmq, id="rabbitmq", marks=pytest.mark.rabbitmq),
+    ]
+)
+def broker_world(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    factory: Factory = request.param
+    return lambda: factory(tmp_path)
+
+
+async def wait_backlog(
+    t: Transport, check: Callable[[Backlog], bool], timeout: float = 10.0
+) -> Backlog:
+    """Poll ``t``'s backlog until ``check`` holds (the broker's counts settle a little later
+    than the acks that change them)."""
+    end = time.monotonic() + timeout
+    while True:
+        found = await backlog_of(t)
+        assert found is not None
+        if check(found) or time.monotonic() > end:
+            return found
+        await asyncio.sleep(0.1)
+
+
+async def test_the_backlog_counts_waiting_held_and_settled_messages(broker_world: Any) -> None:
+    """What the final check of a run relies on: the broker says what it still holds."""
+    async with broker_world() as make:
+        # Nobody consumes yet: every message waits, and the broker names them (NATS) or
+        # counts them (RabbitMQ can name only what this process holds).
+        sent = [envelope(i) for i in range(5)]
+        producer = make()
+        await producer.open()
+        try:
+            await producer.publish(sent)
+            waiting = await wait_backlog(producer, lambda b: b.total == 5)
+        finally:
+            await producer.close()
+        alpha = {e.endpoint: e for e in waiting.endpoints}["alpha"]
+        assert (alpha.waiting, alpha.unsettled, alpha.delayed) == (5, 0, 0)
+        if waiting.message_ids:
+            assert sorted(waiting.message_ids) == sorted((e.message_id, "alpha") for e in sent)
+        # A consumer holds one for a long retry and acks the rest: one left, unsettled
+        # (held by this process, or nak'ed with a delay at the broker), named by both.
+        keep = sent[0].message_id
+        seen = Recorder(lambda env, d: retry(30.0, "later") if env.message_id == keep else ACK)
+        async with running(make, alpha=seen) as t:
+            await seen.wait_for(5)
+            held = await wait_backlog(t, lambda b: b.total == 1)
+            assert held.total == 1, held
+            assert (keep, "alpha") in held.message_ids
+        # Closing hands it back at once: it waits again, for the next consumer.
+        again = Recorder()
+        async with running(make, alpha=again) as t:
+            await again.wait_for(1, timeout=10.0)
+            assert again.ids() == [keep]
+            empty = await wait_backlog(t, lambda b: b.total == 0)
+            assert empty.total == 0, empty
+            assert empty.summary() == "nothing"
+
+
+async def test_the_embedded_transport_has_no_broker_backlog(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as make:
+        assert await backlog_of(make()) is None

@@ -4,7 +4,12 @@ A crash between publish and mark means the rows are published again after their 
 lease runs out: duplicates are allowed, losses are not. A store that can lock the batch
 in the transaction that marks it (PostgreSQL's ``outbox_locked``) is relayed that way
 when the transport publishes to a broker (``publishes_to_broker``): one commit per
-batch, and a relay that dies mid-publish frees its rows at once. Rows the
+batch, and a relay that dies mid-publish frees its rows at once. The server ends a
+transaction left idle for the lease (a stopped relay), so a publish must fit in the
+lease: one that does not is abandoned (its copies may arrive: duplicates only), and the
+relay claims and marks instead for :data:`SLOW_BROKER_PAUSE` seconds -- else a broker
+whose confirms take longer than the lease would get the same batch forever while the
+rows are never marked. Rows the
 transport cannot route are parked in the producer's dead-letter table with the reason,
 never dropped.
 
@@ -16,6 +21,7 @@ reason: a fact nobody hears is a flow bug to see, not to lose.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +35,12 @@ from sagakit.stores.base import OutboxRow, Store
 from sagakit.transports.base import Transport
 
 log = logging.getLogger(__name__)
+
+SLOW_BROKER_PAUSE = 30.0
+"""Seconds a relay claims and marks after a publish did not fit in its locked batch."""
+LOCK_SHARE = 0.6
+"""The share of the lease a locked batch's publish may take; the rest is for the mark
+and the commit before the server's idle-in-transaction timeout (the lease) ends it."""
 
 
 class Relay:
@@ -53,6 +65,7 @@ class Relay:
         self.faults = faults or FaultHook()
         self.event_routes = {k: tuple(v) for k, v in (event_routes or {}).items()}
         self.published = 0
+        self._claim_until = 0.0  # monotonic time until which locked batches are off
         # The batch is locked in the store transaction that marks it only with a broker
         # transport: the embedded one publishes into stores' mailboxes, maybe this very
         # store, which must not happen inside this store's transaction.
@@ -64,7 +77,7 @@ class Relay:
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were marked published (or parked)."""
-        if self._locked is not None:
+        if self._locked is not None and time.monotonic() >= self._claim_until:
             return await self._relay_locked(self._locked)
         now = self.clock()
         rows = await self.store.outbox_claim(self.batch_size, now, self.lease)
@@ -93,7 +106,21 @@ class Relay:
             async with locked(self.batch_size, now, self.lease) as batch:
                 if not batch.rows:
                     return 0
-                parked = await self._publish(batch.rows)
+                try:
+                    parked = await asyncio.wait_for(
+                        self._publish(batch.rows), self.lease * LOCK_SHARE
+                    )
+                except TimeoutError:
+                    self._claim_until = time.monotonic() + SLOW_BROKER_PAUSE
+                    log.warning(
+                        "publishing %d rows of %s took over %.2fs, longer than its locked "
+                        "batch may stay open; claiming and marking for %.0fs instead",
+                        len(batch.rows),
+                        self.store.name,
+                        self.lease * LOCK_SHARE,
+                        SLOW_BROKER_PAUSE,
+                    )
+                    raise _NotAcknowledged from None
                 if parked is None:
                     raise _NotAcknowledged
                 for env, reason in parked:

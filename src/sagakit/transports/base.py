@@ -153,3 +153,92 @@ class DrainsDeadLetters(Protocol):
         ``park`` must tolerate them (the stores park a message once while open).
         """
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointBacklog:
+    """What the broker still holds for one endpoint.
+
+    ``waiting``: not yet handed to any consumer. ``unsettled``: handed out and neither
+    acknowledged nor given back -- being handled, held for a retry delay, or (NATS) nak'ed
+    with a delay that has not run out. ``delayed``: parked for a long retry in a queue of
+    its own (RabbitMQ's ``.retry`` queue).
+    """
+
+    endpoint: str
+    waiting: int = 0
+    unsettled: int = 0
+    delayed: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every message the broker still holds for the endpoint."""
+        return self.waiting + self.unsettled + self.delayed
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What a broker still holds for a deployment: the messages not yet settled.
+
+    A published message is either processed (its id in the consumer's inbox),
+    dead-lettered, or here; a final check that finds it nowhere has found a loss.
+    ``message_ids`` maps the ids the broker could name to their endpoint (NATS reads
+    them from the stream; RabbitMQ can name only what this process holds).
+    ``complete`` is False when the counts miss something the broker does not tell this
+    process: over AMQP, messages other processes hold unacknowledged.
+    """
+
+    endpoints: tuple[EndpointBacklog, ...] = ()
+    message_ids: tuple[tuple[str, str], ...] = ()
+    complete: bool = True
+
+    @property
+    def total(self) -> int:
+        """Every message still held, summed over the endpoints."""
+        return sum(e.total for e in self.endpoints)
+
+    def held(self) -> dict[str, tuple[str, ...]]:
+        """``message_ids`` grouped by endpoint."""
+        out: dict[str, list[str]] = {}
+        for message_id, endpoint in self.message_ids:
+            out.setdefault(endpoint, []).append(message_id)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def summary(self) -> str:
+        """One line: the non-empty endpoints with their counts."""
+        parts = [
+            f"{e.endpoint}: {e.waiting} waiting, {e.unsettled} unsettled, {e.delayed} delayed"
+            for e in self.endpoints
+            if e.total
+        ]
+        return "; ".join(parts) if parts else "nothing"
+
+
+class ReportsBacklog(Protocol):
+    """A transport that can tell what its broker still holds (NATS, RabbitMQ).
+
+    The embedded transport's messages live in the stores' mailboxes, which the stores
+    count themselves (``queue_depth``).
+    """
+
+    async def backlog(self, *, names: bool = True) -> Backlog:
+        """What the broker holds for this transport's endpoints right now; with
+        ``names``, also the ids of the messages it can name (may cost a read each)."""
+        ...
+
+
+async def backlog_of(transport: object, *, names: bool = True) -> Backlog | None:
+    """``transport``'s backlog, looking through wrappers (``.inner``); None when the
+    transport keeps nothing outside the stores."""
+    seen: set[int] = set()
+    current: object | None = transport
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        report = getattr(current, "backlog", None)
+        if report is not None and callable(report):
+            result = await report(names=names)
+            if not isinstance(result, Backlog):
+                raise TypeError(f"{type(current).__name__}.backlog() returned {result!r}")
+            return result
+        current = getattr(current, "inner", None)
+    return None

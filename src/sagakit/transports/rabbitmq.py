@@ -45,8 +45,10 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from sagakit.core.envelope import Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
 from sagakit.transports.base import (
+    Backlog,
     BatchHandler,
     Delivery,
+    EndpointBacklog,
     InFlight,
     ParkedByBroker,
     ParkSink,
@@ -124,6 +126,9 @@ class _Subscription:
     buffer: asyncio.Queue[AbstractIncomingMessage | None] | None = None
     task: asyncio.Task[None] | None = None
     holds: set[asyncio.Task[None]] = field(default_factory=set)
+    # Received and not yet acked or given back (buffered, being handled or held for a
+    # retry): what this process holds of the queue, for :meth:`RabbitMqTransport.backlog`.
+    unsettled: dict[int, str] = field(default_factory=dict)
 
 
 class RabbitMqTransport:
@@ -140,9 +145,11 @@ class RabbitMqTransport:
     before it is requeued.
     """
 
-    # No publishes_to_broker here (yet): with the relay's locked batches a RabbitMQ
-    # chaos run once ended with outbox rows never marked published (not yet understood;
-    # NATS passed every run). Relays on RabbitMQ keep claim + mark.
+    publishes_to_broker = True
+    """Publishing writes to no store: a relay may publish inside its store transaction.
+
+    (Quorum-queue confirms can take longer than a relay's lease; the relay then claims
+    and marks for a while, see :mod:`sagakit.runtime.relay`.)"""
 
     def __init__(
         self,
@@ -303,6 +310,7 @@ class RabbitMqTransport:
             if sub.channel is not None:
                 with contextlib.suppress(Exception):
                     await sub.channel.close()
+            sub.unsettled.clear()  # the closed channel gave them back to their queue
             sub.channel = sub.queue = sub.consumer_tag = sub.buffer = sub.task = None
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
@@ -483,7 +491,9 @@ class RabbitMqTransport:
                 async def on_message(
                     message: AbstractIncomingMessage,
                     buffer: asyncio.Queue[AbstractIncomingMessage | None] = buffer,
+                    sub: _Subscription = sub,
                 ) -> None:
+                    sub.unsettled[id(message)] = message.message_id or ""
                     buffer.put_nowait(message)
 
                 sub.channel, sub.queue, sub.buffer = channel, queue, buffer
@@ -586,6 +596,7 @@ class RabbitMqTransport:
         self, sub: _Subscription, message: AbstractIncomingMessage, *, requeue: bool | None
     ) -> None:
         """Ack (``requeue=None``) or requeue one message; a lost channel already requeued it."""
+        sub.unsettled.pop(id(message), None)  # settled, or back with the broker either way
         try:
             if requeue is None:
                 await message.ack()
@@ -650,3 +661,49 @@ class RabbitMqTransport:
             await self._settle(sub, m, requeue=None)
 
         await asyncio.gather(*(move(m, d, s) for m, d, s in items))
+
+    async def backlog(self, *, names: bool = True) -> Backlog:
+        """What the queues still hold for this transport's endpoints.
+
+        ``waiting``: ready messages of ``<prefix>.<endpoint>`` plus what this process
+        received and has not yet settled (buffered, being handled, or held for a retry
+        delay); ``delayed``: copies in ``<prefix>.<endpoint>.retry``. AMQP reports only
+        ready messages, so messages other processes hold unacknowledged are not counted
+        (``complete`` is False while another consumer is attached); they go back to
+        their queue when that process stops. Message ids: those this process holds
+        (they cost nothing, so ``names`` changes nothing).
+        """
+        if self._channel is None:
+            await self.open()
+        channel = self._channel
+        assert channel is not None
+        held: dict[str, list[str]] = {}
+        for sub in self._subs:
+            held.setdefault(sub.endpoint, []).extend(sub.unsettled.values())
+        ours = {sub.endpoint for sub in self._subs if sub.task is not None}
+        counts: list[EndpointBacklog] = []
+        complete = True
+        try:
+            # The underlying channel: aio-pika's robust channel answers a passive
+            # declare of a queue it knows from its cache, with the counts of back then.
+            amqp = await channel.get_underlay_channel()
+            for endpoint in self.endpoints:
+                ready = await amqp.queue_declare(self.queue_name(endpoint), passive=True)
+                retry = await amqp.queue_declare(self.retry_queue_name(endpoint), passive=True)
+                assert ready is not None and retry is not None  # None only with nowait
+                if (ready.consumer_count or 0) > (1 if endpoint in ours else 0):
+                    complete = False
+                counts.append(
+                    EndpointBacklog(
+                        endpoint,
+                        waiting=ready.message_count or 0,
+                        unsettled=len(held.get(endpoint, ())),
+                        delayed=retry.message_count or 0,
+                    )
+                )
+        except Exception as exc:
+            raise TransportError(
+                f"cannot read the queues of {self.prefix!r} at {_redact(self.url)}: {exc!r}"
+            ) from exc
+        ids = tuple((m, e) for e, ms in held.items() for m in ms if m)
+        return Backlog(tuple(counts), ids, complete)
