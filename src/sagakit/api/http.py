@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api.auth import Principal, Role, TokenStore, require
+from sagakit.api.console_session import ConsoleSessions
 from sagakit.api.problems import ApiError
 from sagakit.api.records import CheckoutStores, Records
 from sagakit.api.validation import parse_json
@@ -108,47 +109,88 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 class TokenAuth:
-    """ASGI middleware: every HTTP request needs a valid bearer token, or gets 401."""
+    """ASGI middleware: every HTTP request needs a valid bearer token, or gets 401.
 
-    def __init__(self, app: ASGIApp, tokens: TokenStore) -> None:
+    Console paths (``/console``, ``/console/...``) also accept the console's sign-in
+    session cookie (:mod:`sagakit.api.console_session`) when ``sessions`` is given, and
+    send a browser without a valid one to the sign-in page instead of answering 401.
+    Every other path ignores the cookie: it is no credential for the JSON API.
+    """
+
+    def __init__(
+        self, app: ASGIApp, tokens: TokenStore, sessions: ConsoleSessions | None = None
+    ) -> None:
         self.app = app
         self.tokens = tokens
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        if path == "/console-login":
+        if path == CONSOLE_LOGIN:
             await self.app(scope, receive, send)  # the sign-in page itself
             return
-        console = path == "/console" or path.startswith("/console/")
+        console = path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
         header: str | None = None
         cookie: str | None = None
         for name, value in scope.get("headers", []):
             if name == b"authorization":
                 header = value.decode("latin-1")
             elif name == b"cookie" and console:
-                cookie = _console_cookie(value.decode("latin-1"))
-        if header is None and cookie is not None:
-            header = f"Bearer {cookie}"  # the console's sign-in cookie, console paths only
+                cookie = console_cookie(value.decode("latin-1"))
+        if console and header is None:
+            who = None
+            if cookie is not None and self.sessions is not None:
+                who = self.sessions.principal(cookie)
+            if who is None:
+                await _to_sign_in(scope, receive, send, clear=cookie is not None)
+                return
+            scope[PRINCIPAL] = who
+            await self.app(scope, receive, send)
+            return
         try:
             scope[PRINCIPAL] = self.tokens.principal_for(header)
         except ApiError as err:
             if console:
-                await RedirectResponse("/console-login", status_code=303)(scope, receive, send)
+                await _to_sign_in(scope, receive, send, clear=False)
                 return
             await error_response(err)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _console_cookie(raw: str) -> str | None:
+CONSOLE_PREFIX = "/console"
+"""Where the console is mounted in the API."""
+CONSOLE_LOGIN = "/console-login"
+"""The console's sign-in page (the only console path open without a session)."""
+CONSOLE_COOKIE = "sagakit_console"
+"""The cookie holding a console sign-in session (never the token)."""
+
+
+def console_cookie(raw: str) -> str | None:
+    """The console session cookie's value in a ``Cookie`` header, or None."""
     for part in raw.split(";"):
         name, _, value = part.strip().partition("=")
-        if name == "sagakit_console" and value:
-            return value
+        if name == CONSOLE_COOKIE and value:
+            return value.strip('"')
     return None
+
+
+async def _to_sign_in(scope: Scope, receive: Receive, send: Send, *, clear: bool) -> None:
+    """Redirect to the sign-in page; ``clear`` drops a session cookie that is no longer
+    valid (expired, tampered with, signed out, its token revoked)."""
+    reply = RedirectResponse(CONSOLE_LOGIN, status_code=303)
+    if clear:
+        reply.delete_cookie(
+            CONSOLE_COOKIE,
+            path=CONSOLE_PREFIX,
+            httponly=True,
+            samesite="strict",
+            secure=scope.get("scheme") == "https",
+        )
+    await reply(scope, receive, send)
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:

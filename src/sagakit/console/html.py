@@ -89,6 +89,18 @@ def layout(
     )
 
 
+def with_sign_out(page: str, action: str, who: str) -> str:
+    """``page`` (built by :func:`layout`) with a *Sign out* button for ``who`` at the end
+    of its header; the button posts to ``action``."""
+    name = f'<span class="who">{e(who)}</span>' if who else ""
+    form = (
+        f'<form class="account" method="post" action="{e(action)}">{name}'
+        '<button type="submit">Sign out</button></form>'
+    )
+    # The layout's header is the page's first one (cards have their own, later).
+    return page.replace("</header>", form + "</header>", 1)
+
+
 def error_page(base: str, status: int, title: str, message: str) -> str:
     """A page that explains why a request was refused and what to do."""
     body = (

@@ -59,6 +59,7 @@ class _Console:
         poll_interval: float,
         stream_seconds: float,
         search_limit: int,
+        sign_out: str | None = None,
     ) -> None:
         self.engine = engine
         self.actor = actor
@@ -67,6 +68,7 @@ class _Console:
         self.poll = poll_interval
         self.stream_seconds = stream_seconds
         self.search_limit = search_limit
+        self.sign_out = sign_out
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
@@ -91,7 +93,10 @@ class _Console:
     def page(
         self, request: Request, body: str, status: int = 200, nonce: str | None = None
     ) -> Response:
-        return html_response(request, body, base=self.base(request), status=status, nonce=nonce)
+        base = self.base(request)
+        if self.sign_out is not None:
+            body = h.with_sign_out(body, base + self.sign_out, self.who(request))
+        return html_response(request, body, base=base, status=status, nonce=nonce)
 
     def error(self, request: Request, status: int, title: str, message: str) -> Response:
         return self.page(request, h.error_page(self.base(request), status, title, message), status)
@@ -411,6 +416,7 @@ def console_routes(
     poll_interval: float = 0.5,
     stream_seconds: float = 300.0,
     search_limit: int = 5000,
+    sign_out: str | None = None,
 ) -> list[BaseRoute]:
     """The console's routes, to mount under a prefix of your app (``Mount("/console",
     routes=console_routes(...))``) behind your authentication.
@@ -421,6 +427,8 @@ def console_routes(
     restart; give the same one to every process behind a load balancer).
     ``poll_interval`` is how often live event streams look at the store;
     ``search_limit`` bounds how many of the newest sagas a business-key search scans.
+    ``sign_out``, the path (under the console's prefix) of your ``POST`` route that ends
+    the person's session, puts a *Sign out* button in every page's header.
     """
     c = _Console(
         engine,
@@ -430,6 +438,7 @@ def console_routes(
         poll_interval,
         stream_seconds,
         search_limit,
+        sign_out,
     )
     return [
         Route("/", c.sagas, name="console_sagas"),
