@@ -61,3 +61,24 @@ def test_quick_benchmarks_emit_json_results(tmp_path: Path) -> None:
     assert results["recovery/sqlite/participant_duplicates"]["median"] == 0
     report = out.read_text(encoding="utf-8")
     assert "## Targets" in report and "## Machine, versions, settings" in report
+
+
+@pytest.mark.timeout(180)
+def test_api_load_benchmark_prints_healthz_percentiles_per_load() -> None:
+    # benchmarks/bench_api_load.py at tiny sizes: every load runs and reports /healthz.
+    bench = str(ROOT / "benchmarks" / "bench_api_load.py")
+    sizes = [
+        "--orders=20", "--half-open=20", "--hold=0.5", "--lists=5", "--concurrency=5",
+        "--streams=10", "--disconnects=2", "--settle=2", "--pause=0.2",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, bench, *sizes], capture_output=True, text=True, timeout=170, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {row["load"]: row for row in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {"idle", "half_open", "list", "batch_cancel", "streams", "disconnect"}
+    for row in rows.values():
+        assert row["probes"] > 0 and row["healthz_p99_ms"] >= row["healthz_p50_ms"], row
+    # Not speed: a client hanging up mid-body is one INFO line, never a traceback.
+    assert rows["disconnect"]["tracebacks"] == 0, rows["disconnect"]
+    assert rows["disconnect"]["disconnect_lines"] == {"INFO": 2}, rows["disconnect"]

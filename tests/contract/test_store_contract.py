@@ -56,7 +56,14 @@ def drop_pg_schema(schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "sqlite-read-threads",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     """``async with open_store() as store``: an opened store, closed on exit.
 
@@ -72,6 +79,11 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenS
             return MemoryStore()
         if kind == "sqlite":
             return SQLiteStore(tmp_path / "store.db")
+        if kind == "sqlite-read-threads":
+            # The same contract with the plain reads in worker threads (sagakit serve).
+            threaded = SQLiteStore(tmp_path / "store.db")
+            threaded.read_in_threads(2)
+            return threaded
         return PostgresStore(PG_DSN, schema=schema, lease_clock="caller")
 
     @asynccontextmanager
@@ -298,6 +310,7 @@ async def test_saga_update_checks_the_version(open_store: OpenStore) -> None:
                 await tx.saga_update(ghost, expected_version=0)
 
 
+@pytest.mark.fault("F-CONCURRENT-TRANSITION")
 async def test_concurrent_transitions_one_wins(open_store: OpenStore) -> None:
     async with open_store() as store:
         await insert(store, saga("s1"))
@@ -319,6 +332,20 @@ async def test_concurrent_transitions_one_wins(open_store: OpenStore) -> None:
         assert sorted(outcomes) == ["lost", "won"]
         final = await store.get_saga("s1")
         assert final is not None and final.version == 1
+
+
+async def test_a_page_of_hundreds_of_sagas_reads_back_whole_and_in_order(
+    open_store: OpenStore,
+) -> None:
+    # Larger than the slices a threaded SQLite store decodes between two loop turns.
+    async with open_store() as store:
+        await insert(store, *(saga(f"s{n:03}", created_at=float(n)) for n in range(230)))
+        listed = await store.list_sagas(limit=500)
+        assert [i.saga_id for i in listed] == [f"s{n:03}" for n in reversed(range(230))]
+        assert listed[0] == saga("s229", created_at=229.0)
+        page = await store.find_sagas(SagaQuery(definition="checkout"), limit=200, offset=10)
+        assert page.total == 230
+        assert [i.saga_id for i in page.items] == [f"s{n:03}" for n in reversed(range(20, 220))]
 
 
 async def test_list_sagas_newest_first_with_filters_and_pages(open_store: OpenStore) -> None:
@@ -848,6 +875,7 @@ async def test_queue_retry_and_delayed_push(open_store: OpenStore) -> None:
         await store.queue_retry(424242, available_at=1.0, error="gone")  # unknown id: ignored
 
 
+@pytest.mark.fault("F-PROCESS-RESTART")
 async def test_queue_reset_leases_after_restart(open_store: OpenStore) -> None:
     async with open_store() as store:
         await store.queue_push("payments", ["a", "b"], now=1.0)

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from sagakit.api import dead_letters, health, orders, sagas, start
 from sagakit.api.auth import Role, TokenStore
 from sagakit.api.console_mount import console_mount
+from sagakit.api.console_session import SESSION_LIFETIME, ConsoleSessions
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
@@ -34,6 +35,7 @@ from sagakit.api.http import (
     on_http_error,
     on_unexpected,
 )
+from sagakit.api.limits import OFF, Limits, RequestLimits, on_client_disconnect
 from sagakit.api.openapi import build_document
 from sagakit.api.problems import ApiError
 from sagakit.api.records import CheckoutStores, Records
@@ -56,6 +58,8 @@ def create_app(
     sse_max_seconds: float = 600.0,
     console_secret: bytes | None = None,
     start_order: OrderStarter | None = None,
+    console_session_seconds: float = SESSION_LIFETIME,
+    limits: Limits = OFF,
 ) -> Starlette:
     """The HTTP API of ``engine`` (which the caller opens and closes).
 
@@ -67,6 +71,11 @@ def create_app(
     The API's own tables are created in the orchestrator store on first use (and at
     startup when the server runs the ASGI lifespan). ``start_order`` replaces how
     ``POST /orders`` starts an order (default: the ``order_definition`` saga).
+    ``console_secret`` (32 bytes or more; :func:`~sagakit.api.console_session.load_console_key`)
+    signs the console's sign-in sessions and forms (default: random per process, so a
+    restart signs everyone out); a console sign-in lasts ``console_session_seconds``.
+    ``limits`` are the per-token request rate and event streams (:mod:`sagakit.api.limits`;
+    none by default, ``sagakit serve`` sets them).
     """
     if not isinstance(tokens, TokenStore):
         raise ConfigurationError(
@@ -113,6 +122,7 @@ def create_app(
         )
     )
     document.update(build_document(endpoints))
+    sessions = ConsoleSessions(tokens, console_secret, lifetime=console_session_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -120,11 +130,16 @@ def create_app(
         yield
 
     app = Starlette(
-        routes=[*_routes(endpoints), *console_mount(engine, tokens, secret=console_secret)],
-        middleware=[Middleware(TokenAuth, tokens=tokens)],
+        routes=[*_routes(endpoints), *console_mount(engine, sessions)],
+        middleware=[
+            Middleware(TokenAuth, tokens=tokens, sessions=sessions),
+            # After TokenAuth: the limits count per token name.
+            Middleware(RequestLimits, limits=limits),
+        ],
         exception_handlers={
             ApiError: on_api_error,
             HTTPException: on_http_error,
+            ClientDisconnect: on_client_disconnect,
             Exception: on_unexpected,
         },
         lifespan=lifespan,

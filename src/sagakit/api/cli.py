@@ -250,12 +250,111 @@ def _serve(args: argparse.Namespace) -> int:
                 api_only=args.api_only,
                 app=app,
                 options=options_of(args, "serve", app),
+                **_limits_of(args),
             )
         )
     except (SagakitError, ValueError) as exc:
         print(f"sagakit serve: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _limit_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s limits on connections, request rates and event streams."""
+    group = serve.add_argument_group(
+        "limits", "what one client may use (see docs/operations.md, Bounded resources)"
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections at most; beyond, the one waiting longest for its request "
+        "header is closed, or a few more are let in for probes only (default: half of "
+        "the open-file limit less 64, 16 to 1000)",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a whole request header (default %(default)s)",
+    )
+    group.add_argument(
+        "--keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=16384,
+        help="largest request line plus headers (default %(default)s)",
+    )
+    group.add_argument(
+        "--backlog",
+        type=int,
+        default=1024,
+        help="connections the kernel queues before they are accepted (default %(default)s)",
+    )
+    group.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="connections plus requests in flight beyond which uvicorn answers 503 (default: off)",
+    )
+    group.add_argument(
+        "--rate-limit",
+        type=float,
+        default=20.0,
+        help="requests per second per token, sustained; 429 beyond (0: off; default "
+        "%(default)s; /healthz, /readyz and /metrics are exempt)",
+    )
+    group.add_argument(
+        "--rate-burst",
+        type=int,
+        default=40,
+        help="requests a token may send at once (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-streams",
+        type=int,
+        default=8,
+        help="event streams one token may hold open (0: no cap; default %(default)s)",
+    )
+    group.add_argument(
+        "--console-session-hours",
+        type=float,
+        default=8.0,
+        help="how long a console sign-in lasts (default %(default)s; the token's own "
+        "expiry ends it sooner)",
+    )
+    group.add_argument(
+        "--read-threads",
+        type=int,
+        default=2,
+        help="threads running the SQLite stores' reads off the event loop (0: on the "
+        "loop; default %(default)s)",
+    )
+
+
+def _limits_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve``'s keyword arguments for the limits flags."""
+    from sagakit.api.connections import HttpLimits
+    from sagakit.api.limits import Limits
+
+    return {
+        "http_limits": HttpLimits(
+            max_connections=args.max_connections,
+            header_timeout=args.header_timeout,
+            keep_alive=args.keep_alive,
+            max_header_bytes=args.max_header_bytes,
+            backlog=args.backlog,
+            limit_concurrency=args.limit_concurrency,
+        ),
+        "limits": Limits(rate=args.rate_limit, burst=args.rate_burst, streams=args.max_streams),
+        "read_threads": args.read_threads,
+        "console_session_seconds": args.console_session_hours * 3600.0,
+    }
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -328,6 +427,7 @@ def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -
         action="store_true",
         help="print the URL (and a generated token) as one JSON object",
     )
+    _limit_options(serve)
     add_app_options(serve, "serve", apps("serve"))
     serve.set_defaults(func=_serve)
 

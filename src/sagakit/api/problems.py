@@ -37,6 +37,7 @@ ERROR_CODES: dict[int, str] = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_fields",
+    429: "rate_limited",
     500: "internal_error",
     503: "not_ready",
 }

@@ -13,9 +13,12 @@ refuses the rest with 409 ``no_driver``.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -54,6 +57,9 @@ from sagakit.errors import (
 from sagakit.runtime.set_aside import waiting_for
 
 audit_log = logging.getLogger("sagakit.api.audit")
+
+Summary = Callable[[SagaInstance, float], dict[str, Any]]
+"""How one saga of a page is shown: ``(saga, now) -> JSON object``."""
 
 SAGA_ID = {
     "name": "saga_id",
@@ -95,6 +101,34 @@ FILTERS = (
         "schema": {"type": "number", "minimum": 0},
     },
 )
+
+
+PAGE_SLICE = 50
+"""Sagas summarised between two turns of the event loop when a page is rendered."""
+
+
+async def page_reply(page: list[SagaInstance], head: dict[str, Any], item: Summary) -> Response:
+    """``head`` plus ``items``: ``item(saga, now)`` of every saga of ``page``, as JSON.
+
+    The items are summarised and encoded :data:`PAGE_SLICE` at a time, with a turn for
+    other tasks after each slice: a page of 500 sagas must not hold the event loop (and
+    ``/healthz``) in one go. The body is the same as ``json_reply({**head, "items":
+    [...]})``.
+    """
+    now = time.time()
+    parts: list[str] = []
+    for start in range(0, len(page), PAGE_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        chunk = [item(i, now) for i in page[start : start + PAGE_SLICE]]
+        parts.append(_compact(chunk)[1:-1])  # the list's items without its brackets
+    # head's JSON with "items":[] last; its closing "[]}" replaced by the items.
+    body = _compact({**head, "items": []})[:-3] + "[" + ",".join(parts) + "]}"
+    return Response(body, media_type="application/json")
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 CANCELLING = (SagaState.COMPENSATING, SagaState.COMPENSATED)
@@ -202,17 +236,14 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             raise invalid(problems + more, "the query")
         total, page = await ctx.records.select(flt, limit=limit, offset=offset)
         counts = await engine.store.count_sagas()
-        now = time.time()
-        return json_reply(
-            {
-                "total": total,
-                "limit": limit,
-                "offset": offset,
-                "filter": flt.to_json(),
-                "counts": {s.value: counts.get(s, 0) for s in SagaState},
-                "items": [saga_summary(engine, i, now) for i in page],
-            }
-        )
+        head = {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "filter": flt.to_json(),
+            "counts": {s.value: counts.get(s, 0) for s in SagaState},
+        }
+        return await page_reply(page, head, lambda i, now: saga_summary(engine, i, now))
 
     async def get_saga(request: Request) -> Response:
         saga_id = request.path_params["saga_id"]
@@ -273,6 +304,9 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
                 results.append(
                     {"saga_id": saga_id, "ok": False, "error": exc.code, "message": exc.message}
                 )
+            # An action may complete without suspending (SQLite on the loop): give the
+            # loop a turn between sagas, so a batch of a thousand never holds it whole.
+            await asyncio.sleep(0)
         done = sum(1 for r in results if r["ok"])
         audit_log.info(
             "batch %s of %s by %s: %d of %d applied",
@@ -303,15 +337,12 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             raise invalid(problems, "the query")
         page = await engine.manual_cases(limit=limit, offset=offset)
         counts = await engine.store.count_sagas()
-        now = time.time()
-        return json_reply(
-            {
-                "total": sum(counts.get(s, 0) for s in MANUAL_STATES),
-                "limit": limit,
-                "offset": offset,
-                "items": [manual_case(engine, i, now) for i in page],
-            }
-        )
+        head = {
+            "total": sum(counts.get(s, 0) for s in MANUAL_STATES),
+            "limit": limit,
+            "offset": offset,
+        }
+        return await page_reply(page, head, lambda i, now: manual_case(engine, i, now))
 
     async def audit(request: Request) -> Response:
         query = query_lists(request)

@@ -12,8 +12,9 @@ work is kept; a restart resumes it).
 With ``store_url`` (and ``broker_url``) the app runs on the deployment's PostgreSQL
 stores instead, every role in this process or ``api_only`` next to ``sagakit
 worker|relay|service`` processes (see :mod:`sagakit.api.serve_setup`). The data
-directory then only holds the tokens, the lock and the app's own files (the
-checkout's fake card provider).
+directory then only holds the tokens, the console's key (``console.key``, which signs
+its sign-in sessions and forms), the lock and the app's own files (the checkout's fake
+card provider).
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ from sagakit.api.auth import (
     tokens_file_lock,
     write_tokens_file,
 )
+from sagakit.api.connections import HttpLimits, listen_wider
+from sagakit.api.console_session import CONSOLE_KEY, SESSION_LIFETIME, load_console_key
+from sagakit.api.limits import Limits
 from sagakit.app import App, load_app
 from sagakit.errors import ConfigurationError
 from sagakit.redaction import RedactPersonalData
-from sagakit.runtime.lockfile import LockFile, data_dir_lock
+from sagakit.runtime.engine import Engine
+from sagakit.runtime.lockfile import LockFile, data_dir_lock, private_dir
 
 DEFAULT_APP = "sagakit_checkout:app"
 """What ``sagakit serve`` runs without ``--app``: the reference checkout."""
@@ -125,7 +130,7 @@ class _Server(uvicorn.Server):
 
 def _lock(data_dir: Path) -> LockFile:
     """Create ``data_dir`` and hold its lock file (one process per data directory)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)  # 0700: databases, tokens and keys are the owner's
     lock = data_dir_lock(data_dir)
     lock.acquire()
     return lock
@@ -187,6 +192,10 @@ async def serve(
     command_timeout: float | None = None,
     app: App | None = None,
     options: Mapping[str, Any] | None = None,
+    http_limits: HttpLimits | None = None,
+    limits: Limits | None = None,
+    read_threads: int = 2,
+    console_session_seconds: float = SESSION_LIFETIME,
 ) -> None:
     """Run ``app`` (default: the reference checkout) and the API until SIGTERM/SIGINT
     (or ``stop`` is set).
@@ -197,10 +206,17 @@ async def serve(
     as one JSON object with ``json_output``; ``on_ready`` gets the URL once serving.
     ``store_url``, ``broker_url`` and ``api_only`` select a deployment instead of SQLite
     files in ``data_dir``. ``options`` are the app's options; ``mode`` and
-    ``command_timeout`` are shorthands for the checkout's.
+    ``command_timeout`` are shorthands for the checkout's. ``http_limits`` bound the
+    connections (:class:`~sagakit.api.connections.HttpLimits`), ``limits`` each token's
+    request rate and event streams (:class:`~sagakit.api.limits.Limits`); both have safe
+    defaults. ``read_threads`` worker threads run the SQLite stores' plain reads, off
+    the event loop (0: on the loop). A console sign-in lasts ``console_session_seconds``.
     """
     if orders < 0:
         raise ConfigurationError("orders must be >= 0")
+    if isinstance(read_threads, bool) or not isinstance(read_threads, int) or read_threads < 0:
+        raise ConfigurationError(f"read_threads must be an integer >= 0, got {read_threads!r}")
+    http_limits = http_limits or HttpLimits()
     app = app or load_app(DEFAULT_APP)
     given = dict(options or {})
     for name, value in (("mode", mode), ("command_timeout", command_timeout)):
@@ -220,6 +236,7 @@ async def serve(
             ),
         )
         async with served.engine as engine:
+            _reads_off_loop(engine, read_threads)
             await served.prepare(orders, seed)
             asgi = create_app(
                 engine,
@@ -228,6 +245,9 @@ async def serve(
                 max_body=max_body,
                 order_definition=served.order_definition,
                 start_order=served.start_order,
+                limits=Limits() if limits is None else limits,
+                console_secret=load_console_key(base / CONSOLE_KEY),
+                console_session_seconds=console_session_seconds,
             )
             config = uvicorn.Config(
                 asgi,
@@ -237,13 +257,33 @@ async def serve(
                 log_config=uvicorn_log_config(),
                 access_log=False,
                 lifespan="on",
+                **http_limits.uvicorn_options(),
             )
             server = _Server(config)
             shown = (base, served.where)
-            await _run(server, host, shown, generated, out, json_output, stop, on_ready)
+            await _run(
+                server,
+                host,
+                shown,
+                generated,
+                out,
+                json_output,
+                stop,
+                on_ready,
+                backlog=http_limits.backlog,
+            )
     finally:
         undo_logging()
         lock.release()
+
+
+def _reads_off_loop(engine: Engine, threads: int) -> None:
+    """Move the SQLite stores' plain reads to worker threads: a page of hundreds of
+    sagas, or a console refreshing, then leaves the event loop (and ``/healthz``) free."""
+    for store in engine.stores:
+        read_in_threads = getattr(store, "read_in_threads", None)
+        if callable(read_in_threads):
+            read_in_threads(threads)
 
 
 async def _run(
@@ -255,6 +295,8 @@ async def _run(
     json_output: bool,
     stop: asyncio.Event | None,
     on_ready: Callable[[str], None] | None,
+    *,
+    backlog: int,
 ) -> None:
     loop = asyncio.get_running_loop()
     base, where = shown_data
@@ -276,6 +318,8 @@ async def _run(
         while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn has a flag only
             await asyncio.sleep(0.02)
         if server.started:
+            for listening in server.servers:
+                listen_wider(listening.sockets, backlog)
             bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else 0
             shown = f"[{host}]" if ":" in host else host
             url = f"http://{shown}:{bound}"

@@ -7,7 +7,10 @@ held for the whole ``async with store.transaction()`` block; and a *reader* for 
 plain read methods, which never waits for the writer.
 
 Calls run on the event loop's thread, with no hop to a worker thread: a statement
-takes microseconds, and the price is that a commit holds the loop for its fsync.
+takes microseconds, and the price is that a commit holds the loop for its fsync. A
+server may move the plain reads' SQL to worker threads (:meth:`SQLiteStore.read_in_threads`,
+each thread with its own reader connection) and decode large pages in slices, so that
+a page of hundreds of sagas does not hold the loop; transactions stay on the loop.
 Every statement lives in ``stores/sql/sqlite_queries.sql``, the schema in
 ``stores/sql/sqlite_NNNN_*.sql`` (applied by :meth:`SQLiteStore.open`).
 """
@@ -19,14 +22,16 @@ import contextlib
 import os
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, Timer
@@ -62,6 +67,11 @@ ENGINE_NAMESPACE = "sagakit"
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 """Accepted ``synchronous`` settings. OFF is refused: a power cut could lose commits."""
+
+_T = TypeVar("_T")
+
+DECODE_SLICE = 25
+"""Rows decoded between two turns of the event loop when reads run in threads."""
 
 _MIGRATION_FILE = re.compile(r"sqlite_(\d{4})_\w+\.sql")
 
@@ -547,7 +557,13 @@ class SQLiteStore:
         self._q = _queries()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._read_threads = 0
+        self._read_pool: ThreadPoolExecutor | None = None
+        self._thread_reader = threading.local()
+        self._thread_readers: list[sqlite3.Connection] = []
+        self._thread_lock = threading.Lock()
         self._lock = asyncio.Lock()
+        self._decode_turn = asyncio.Lock()
         self._owner: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
@@ -560,6 +576,7 @@ class SQLiteStore:
             return
         # A fresh lock per open, so a store can be reopened under another event loop.
         self._lock = asyncio.Lock()
+        self._decode_turn = asyncio.Lock()
         self._create_owner_only()
         writer = self._connect()
         reader: sqlite3.Connection | None = None
@@ -617,7 +634,16 @@ class SQLiteStore:
         try:
             writer, reader = self._writer, self._reader
             self._writer = self._reader = None
+            pool, self._read_pool = self._read_pool, None
+            if pool is not None:
+                # Reads take milliseconds; wait for them before closing their connections.
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+            with self._thread_lock:
+                readers, self._thread_readers = self._thread_readers, []
+            self._thread_reader = threading.local()
             try:
+                for conn in readers:
+                    conn.close()
                 if reader is not None:
                     reader.close()
                 if writer is not None:
@@ -733,16 +759,78 @@ class SQLiteStore:
             self._release()
 
     # -- reads ------------------------------------------------------------------------
-    def _read(self, what: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    def read_in_threads(self, threads: int) -> None:
+        """Run the plain reads' SQL in ``threads`` worker threads (0: on the event loop).
+
+        Each worker thread reads through a connection of its own (WAL lets readers run
+        next to the writer); SQLite lets other threads run while it executes a query.
+        Decoding the rows is Python work that would only contend for the GIL in a
+        thread, so it stays on the loop, in slices of :data:`DECODE_SLICE` rows with a
+        turn for other tasks in between, and one large page at a time: a burst of
+        pages of 500 sagas never holds the loop for more than a slice. A server
+        (``sagakit serve``) turns this on; an engine on its own keeps reads on the
+        loop, where a read costs no thread hop. Transactions and writes stay on the
+        loop in every case.
+        """
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ConfigurationError(f"read threads must be an integer >= 0, got {threads!r}")
+        self._read_threads = threads
+
+    async def _read(self, what: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        rows: list[Any] = await self._reading(
+            what, lambda conn: conn.execute(sql, params).fetchall()
+        )
+        return rows
+
+    async def _decoded(self, rows: list[Any], decode: Callable[[Any], _T]) -> list[_T]:
+        """``[decode(row) for row in rows]``; with read threads, a large page is decoded
+        in slices (one page at a time) with a turn for other tasks after each slice."""
+        if not self._read_threads or len(rows) <= DECODE_SLICE:
+            return [decode(r) for r in rows]
+        out: list[_T] = []
+        async with self._decode_turn:
+            for start in range(0, len(rows), DECODE_SLICE):
+                out.extend(decode(r) for r in rows[start : start + DECODE_SLICE])
+                await asyncio.sleep(0)
+        return out
+
+    async def _reading(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(reader connection)``: here with the store's reader, or in a worker
+        thread with that thread's own reader (see :meth:`read_in_threads`)."""
         conn = self._reader or self._not_open()
+        if not self._read_threads:
+            try:
+                return work(conn)
+            except sqlite3.Error as exc:
+                raise _fail(self.name, what, exc) from exc
+        if self._read_pool is None:
+            self._read_pool = ThreadPoolExecutor(
+                self._read_threads, thread_name_prefix=f"sqlite-read-{self.name}"
+            )
+        pool = self._read_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self._in_thread, what, work)
+
+    def _in_thread(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """In a read thread: ``work`` on this thread's reader (connected on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._thread_reader, "conn", None)
         try:
-            return conn.execute(sql, params).fetchall()
+            if conn is None:
+                # Closed by close() from the loop's thread once this pool has stopped.
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, cached_statements=512, check_same_thread=False
+                )
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA query_only=ON")
+                with self._thread_lock:
+                    self._thread_readers.append(conn)
+                self._thread_reader.conn = conn
+            return work(conn)
         except sqlite3.Error as exc:
             raise _fail(self.name, what, exc) from exc
 
     async def get_saga(self, saga_id: str) -> SagaInstance | None:
         """An instance by id (no lock)."""
-        rows = self._read(f"read saga {saga_id}", self._q["saga_get"], (saga_id,))
+        rows = await self._read(f"read saga {saga_id}", self._q["saga_get"], (saga_id,))
         return _saga_from_row(rows[0]) if rows else None
 
     async def list_sagas(
@@ -756,28 +844,30 @@ class SQLiteStore:
         """Instances, newest first (ties in insertion order), optionally filtered."""
         state_list = None if states is None else _dumps([s.value for s in states])
         params = (state_list, definition, max(limit, 0), max(offset, 0))
-        rows = self._read("list sagas", self._q["saga_list"], params)
-        return [_saga_from_row(r) for r in rows]
+        rows = await self._read("list sagas", self._q["saga_list"], params)
+        return await self._decoded(rows, _saga_from_row)
 
     async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
         """The sagas ``query`` selects, newest first, and how many it selects in all."""
         page_sql, count_sql, params = saga_find_statements(self._q, query, "?")
-        conn = self._reader or self._not_open()
-        try:
+        page_params = (*params, max(limit, 0), max(offset, 0))
+
+        def find(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
             # One read transaction: the total and the page see the same snapshot.
             conn.execute("BEGIN")
             try:
                 (total,) = conn.execute(count_sql, params).fetchone()
-                rows = conn.execute(page_sql, (*params, max(limit, 0), max(offset, 0))).fetchall()
+                rows = conn.execute(page_sql, page_params).fetchall()
             finally:
                 conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise _fail(self.name, "find sagas", exc) from exc
-        return SagaPage(total, [_saga_from_row(r) for r in rows])
+            return total, rows
+
+        total, rows = await self._reading("find sagas", find)
+        return SagaPage(total, await self._decoded(rows, _saga_from_row))
 
     async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
         """The instance of ``definition`` started for ``business_key`` (reader, no lock)."""
-        rows = self._read(
+        rows = await self._read(
             f"read the {definition} saga of {business_key!r}",
             self._q["saga_get_by_key"],
             (definition, business_key),
@@ -786,27 +876,31 @@ class SQLiteStore:
 
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
-        return {SagaState(s): n for s, n in self._read("count sagas", self._q["saga_count"])}
+        return {SagaState(s): n for s, n in await self._read("count sagas", self._q["saga_count"])}
 
     async def history(self, saga_id: str) -> list[HistoryEntry]:
         """A saga's history in the order it was written."""
-        rows = self._read(f"read the history of saga {saga_id}", self._q["history"], (saga_id,))
-        return [_history_from_row(r) for r in rows]
+        rows = await self._read(
+            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
+        )
+        return await self._decoded(rows, _history_from_row)
 
     async def next_timer_due(self) -> float | None:
         """When the earliest timer is due, or ``None`` when there is none."""
-        due: float | None = self._read("read the next timer", self._q["timer_next_due"])[0][0]
+        due: float | None = (await self._read("read the next timer", self._q["timer_next_due"]))[0][
+            0
+        ]
         return due
 
     async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
         """How many instances there are per (definition, version, state) (a scan)."""
-        rows = self._read("count sagas by version", self._q["saga_count_by_version"])
+        rows = await self._read("count sagas by version", self._q["saga_count_by_version"])
         return {(d, v, SagaState(s)): n for d, v, s, n in rows}
 
     # -- inputs set aside for a missing definition version ------------------------------
     async def set_aside_counts(self) -> dict[tuple[str, int], int]:
         """How many inputs wait per (definition, version)."""
-        rows = self._read("count the inputs set aside", self._q["set_aside_counts"])
+        rows = await self._read("count the inputs set aside", self._q["set_aside_counts"])
         return {(d, v): n for d, v, n in rows}
 
     async def set_aside_claim(
@@ -825,7 +919,7 @@ class SQLiteStore:
 
     async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
         """The inputs of ``saga_id`` set aside, oldest first."""
-        rows = self._read(
+        rows = await self._read(
             f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
         )
         return [_set_aside_from_row(r) for r in rows]
@@ -857,17 +951,19 @@ class SQLiteStore:
 
     async def outbox_pending(self) -> int:
         """How many rows are not yet published."""
-        count: int = self._read("count pending outbox rows", self._q["outbox_pending"])[0][0]
+        count: int = (await self._read("count pending outbox rows", self._q["outbox_pending"]))[0][
+            0
+        ]
         return count
 
     async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
         """Every outbox row with its published time (for audits and invariant checks)."""
-        rows = self._read("read the outbox", self._q["outbox_all"])
+        rows = await self._read("read the outbox", self._q["outbox_all"])
         return [(Envelope.from_json(body), published) for body, published in rows]
 
     async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
         """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
-        rows = self._read(
+        rows = await self._read(
             f"read the outbox of saga {saga_id}", self._q["outbox_of_saga"], (saga_id,)
         )
         return [(Envelope.from_json(body), published) for body, published in rows]
@@ -886,18 +982,22 @@ class SQLiteStore:
 
     async def outbox_oldest_pending(self) -> float | None:
         """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
-        rows = self._read("read the oldest pending outbox row", self._q["outbox_oldest_pending"])
+        rows = await self._read(
+            "read the oldest pending outbox row", self._q["outbox_oldest_pending"]
+        )
         return float(rows[0][0]) if rows else None
 
     # -- inbox ------------------------------------------------------------------------
     async def inbox_ids(self, consumer: str) -> set[str]:
         """Message ids ``consumer`` has handled (for audits and invariant checks)."""
-        rows = self._read(f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,))
+        rows = await self._read(
+            f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
+        )
         return {r[0] for r in rows}
 
     async def inbox_has(self, consumer: str, message_id: str) -> bool:
         """Whether ``consumer`` recorded ``message_id`` as handled."""
-        rows = self._read(
+        rows = await self._read(
             f"look up {message_id} in the inbox of {consumer!r}",
             self._q["inbox_has"],
             (consumer, message_id),
@@ -984,9 +1084,9 @@ class SQLiteStore:
     async def queue_depth(self, endpoint: str | None = None) -> int:
         """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
         if endpoint is None:
-            rows = self._read("count queued messages", self._q["queue_depth"])
+            rows = await self._read("count queued messages", self._q["queue_depth"])
         else:
-            rows = self._read(
+            rows = await self._read(
                 f"count the mailbox of {endpoint!r}", self._q["queue_depth_of"], (endpoint,)
             )
         depth: int = rows[0][0]
@@ -998,9 +1098,10 @@ class SQLiteStore:
         This is the smallest ``available_at`` of the mailbox, which is in the past when
         a message is visible already; ``None`` when the mailbox is empty.
         """
-        at: float | None = self._read(
+        rows = await self._read(
             f"read the mailbox of {endpoint!r}", self._q["queue_next_visible"], (endpoint,)
-        )[0][0]
+        )
+        at: float | None = rows[0][0]
         return at
 
     async def dead_letters(
@@ -1013,19 +1114,19 @@ class SQLiteStore:
     ) -> list[DeadLetter]:
         """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
         where, params = dead_letter_where(endpoint, settled, "?")
-        rows = self._read(
+        rows = await self._read(
             "read dead letters",
             self._q["dead_letters_page"].replace("{where}", where),
             (*params, -1 if limit is None else max(limit, 0), max(offset, 0)),
         )
-        return [dead_letter_from_row(r) for r in rows]
+        return await self._decoded(rows, dead_letter_from_row)
 
     async def dead_letter_count(
         self, endpoint: str | None = None, *, settled: bool | None = False
     ) -> int:
         """How many dead letters there are (by default the open ones), without reading them."""
         where, params = dead_letter_where(endpoint, settled, "?")
-        rows = self._read(
+        rows = await self._read(
             "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
         )
         count: int = rows[0][0]
@@ -1033,7 +1134,7 @@ class SQLiteStore:
 
     async def get_dead_letter(self, id: int) -> DeadLetter | None:
         """A dead letter by id, settled or not."""
-        rows = self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
+        rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
         return dead_letter_from_row(rows[0]) if rows else None
 
 
