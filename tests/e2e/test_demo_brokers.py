@@ -41,6 +41,9 @@ TIMEOUT = 420.0
 """Seconds per run: a run takes about a minute alone, longer when several overlap."""
 INVARIANTS = {"money", "stock", "terminal", "effect_once", "honest_status", "nothing_lost"}
 BROKERS = ("nats", "rabbitmq")
+WAIT = TIMEOUT * -(-len(BROKERS) * RUNS // max(1, PARALLEL)) + 60.0
+"""What a test may wait for its runs: every run of the module may be ahead of its own
+(the suite's 300 s default is too short for 20 runs)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ def runs() -> Iterator[dict[str, list[Future[Outcome]]]]:
         pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
     ],
 )
+@pytest.mark.timeout(WAIT)
 def test_chaos_demo_on_postgres_and_a_broker_passes_every_run(
     broker: str, runs: dict[str, list[Future[Outcome]]]
 ) -> None:
