@@ -1,1 +1,2 @@
-"""Testing aids: fault injection, invariant checks and (soon) the deterministic simulator."""
+"""Testing aids: the kit for your own sagas (a harness on a virtual clock, and its pytest
+plugin), fault injection, invariant checks, the deterministic simulator and the checker."""
