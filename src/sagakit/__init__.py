@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sagakit.app import App, AppContext, AppOption, Service, load_app
+from sagakit.clock import now
 from sagakit.core.definition import (
     CommandAction,
     LocalAction,
@@ -38,9 +39,10 @@ from sagakit.errors import (
 )
 from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.own_tx import OwnTx, start_in, start_in_sync
-from sagakit.runtime.participant import Participant
+from sagakit.runtime.participant import DEFER, Participant
 
 __all__ = [
+    "DEFER",
     "App",
     "AppContext",
     "AppOption",
@@ -87,6 +89,7 @@ __all__ = [
     "failure",
     "load_app",
     "local",
+    "now",
     "start_in",
     "start_in_sync",
     "success",

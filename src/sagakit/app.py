@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from sagakit.core.definition import SagaDefinition
-from sagakit.core.envelope import Envelope
+from sagakit.core.envelope import Envelope, Outcome
 from sagakit.core.instance import SagaInstance
 from sagakit.errors import ConfigurationError, DefinitionError
 from sagakit.runtime.participant import Handler, MessageSchemas, Participant
@@ -52,6 +52,9 @@ _RESERVED = ("orchestrator",)
 Job: TypeAlias = Callable[["SQLStore"], Awaitable[object]]
 """A periodic job of a service: called with the service's (open) store."""
 
+JobDue: TypeAlias = Callable[["SQLStore"], Awaitable[float | None]]
+"""When a service's job could next do something (its clock's time), None if nothing waits."""
+
 StartRequest: TypeAlias = tuple[str, str, Mapping[str, Any]]
 """``(definition name, business key, data)``: one saga to start."""
 
@@ -60,6 +63,15 @@ LoadDriver: TypeAlias = Callable[[int, int], Sequence[StartRequest]]
 
 Invariants: TypeAlias = Callable[["Deployment"], Awaitable[Sequence[str]]]
 """Checks of an app's own ledgers after a run: one message per broken invariant."""
+
+Watch: TypeAlias = Callable[["Deployment"], Awaitable[Sequence[str]]]
+"""Checks that hold at every moment of a run, not only at its end (``App(watch=...)``).
+
+``sagakit simulate`` calls them after every step of the scheduler (nothing moves
+while they read); ``sagakit demo`` every fraction of a second while the services run,
+so a check must hold whatever commits between two of its reads: read each store in
+one transaction, and read a downstream ledger before the upstream one it follows
+(what the downstream shows already happened upstream)."""
 
 Setup: TypeAlias = Callable[["Deployment"], Awaitable[object]]
 """Prepares a demo run once the stores are open (seed reference data, idempotently)."""
@@ -176,6 +188,8 @@ class Service:
         self._handlers: list[tuple[str, Handler, bool]] = []
         self._subscribes = set(subscribes)
         self.jobs: list[tuple[float, str, Job]] = []
+        self.job_due: dict[str, JobDue] = {}
+        """Job name -> when it could next do something (see :meth:`every`)."""
         self._built: Participant | None = None
 
     def __repr__(self) -> str:
@@ -200,13 +214,26 @@ class Service:
 
         return register
 
-    def every(self, seconds: float, name: str) -> Callable[[Job], Job]:
-        """Decorator: run ``job(store)`` every ``seconds`` in the service's process."""
+    def every(
+        self, seconds: float, name: str, *, due: JobDue | None = None
+    ) -> Callable[[Job], Job]:
+        """Decorator: run ``job(store)`` every ``seconds`` in the service's process.
+
+        ``due(store)``: when the job could next do something (e.g. the earliest expiry
+        of a hold a sweeper releases), None when nothing waits. The simulator and the
+        testing kit then run the job exactly at that time on their virtual clock,
+        instead of every ``seconds`` (which, over hours of virtual time, is many runs
+        that find nothing). Jobs read the time with :func:`sagakit.now`.
+        """
         if not seconds > 0:
             raise ConfigurationError(f"job {name!r} of {self.name}: interval must be > 0 seconds")
+        if any(n == name for _, n, _ in self.jobs):
+            raise ConfigurationError(f"{self.name}: a job named {name!r} already exists")
 
         def register(fn: Job) -> Job:
             self.jobs.append((seconds, name, fn))
+            if due is not None:
+                self.job_due[name] = due
             return fn
 
         return register
@@ -276,6 +303,23 @@ class Service:
             now=now,
         )
 
+    async def answer(
+        self, tx: Tx | object, command: Envelope, result: Outcome | Mapping[str, Any], now: float
+    ) -> bool:
+        """Answer a command whose handler returned :data:`~sagakit.runtime.participant.DEFER`
+        (a human step: a driver accepts, a person approves), from a handler or a job of
+        this service, as :meth:`Participant.answer
+        <sagakit.runtime.participant.Participant.answer>` does. Keep the command as
+        ``command.to_json()`` in your table when you defer it, and pass
+        ``Envelope.from_json(...)`` here. False when it already has an answer (or a
+        compensation came first)."""
+        if self._built is None:
+            raise ConfigurationError(
+                f"service {self.name!r} answers before its participant was built: answer "
+                "from its handlers or jobs, which run once a process built it"
+            )
+        return await self._built.answer(tx, command, result, now)
+
     async def migrate(self, store: SQLStore) -> None:
         """Apply the service's migrations to ``store`` (open); applied ones are skipped."""
         for namespace, steps in self.migrations.items():
@@ -293,7 +337,10 @@ class App:
     :class:`AppContext` building them (e.g. timeouts from an app option).
     ``canary``: definition name -> share (0..1) of new sagas started on its latest
     version, the rest on the version before (chosen by a stable hash of the business
-    key). ``load``, ``setup`` and ``invariants`` drive ``sagakit demo --app``.
+    key). ``load``, ``setup``, ``invariants`` and ``watch`` drive ``sagakit demo --app``
+    and ``sagakit simulate --app``: the sagas to start, the reference data, the checks
+    of the app's own ledgers at the end of a run, and those that hold at every moment
+    (:data:`Watch`).
     ``demo`` and ``serve`` replace those commands' generic behaviour for this app.
     """
 
@@ -308,6 +355,7 @@ class App:
         load: LoadDriver | None = None,
         setup: Setup | None = None,
         invariants: Invariants | None = None,
+        watch: Watch | None = None,
         description: str = "",
         demo: Callable[..., Any] | None = None,
         serve: Callable[..., Any] | None = None,
@@ -339,6 +387,7 @@ class App:
         self.load = load
         self.setup = setup
         self.invariants = invariants
+        self.watch = watch
         self.demo = demo
         self.serve = serve
 

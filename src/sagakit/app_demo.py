@@ -12,6 +12,7 @@ outcomes, the open dead letters and the broken invariants. An app with its own d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -163,14 +164,25 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
     async with engine:
         if app.setup is not None:
             await app.setup(dep)
-        ids: list[str] = []
-        for i in range(0, len(requests), WAVE):
-            started_now = await engine.start_many(requests[i : i + WAVE])
-            ids += [inst.saga_id for inst in started_now]
-        await _wait_terminal(engine, ids, req, started)
-        await drain(engine)
+        watched: list[str] = []
+        watcher = asyncio.create_task(_watch(app, dep, watched)) if app.watch else None
+        try:
+            ids: list[str] = []
+            for i in range(0, len(requests), WAVE):
+                started_now = await engine.start_many(requests[i : i + WAVE])
+                ids += [inst.saga_id for inst in started_now]
+            await _wait_terminal(engine, ids, req, started)
+            await drain(engine)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         elapsed = time.monotonic() - started
         violations = list(await app.invariants(dep)) if app.invariants is not None else []
+        if app.watch is not None:
+            watched += [v for v in await app.watch(dep) if v not in watched]
+        violations += [f"at some moment: {v}" for v in watched]
         outcomes: Counter[str] = Counter()
         for i in range(0, len(ids), 500):
             page = await engine.store.find_sagas(
@@ -191,6 +203,21 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
         faults_injected=dict(sorted(faults.counts.items())),
         data_dir=str(base),
     )
+
+
+WATCH_EVERY = 0.2
+"""Seconds between two checks of an app's :data:`~sagakit.app.Watch` during a demo."""
+
+
+async def _watch(app: App, dep: Deployment, found: list[str]) -> None:
+    """Check ``app.watch`` every :data:`WATCH_EVERY` seconds until cancelled; keep each
+    distinct violation once, in the order seen."""
+    assert app.watch is not None
+    while True:
+        for v in await app.watch(dep):
+            if v not in found:
+                found.append(v)
+        await asyncio.sleep(WATCH_EVERY)
 
 
 async def _wait_terminal(engine: Engine, ids: list[str], req: DemoRequest, t0: float) -> None:

@@ -197,9 +197,11 @@ class Deployment:
         self._prepare(engine, [service])
         return engine
 
-    def everything(self, **engine_kw: Any) -> Engine:
+    def everything(self, *, jobs: bool = True, **engine_kw: Any) -> Engine:
         """Every role in one engine: with a broker URL over the broker, else over the
-        embedded transport (each service's mailbox in its own store)."""
+        embedded transport (each service's mailbox in its own store). ``jobs=False``:
+        the services' periodic jobs are not scheduled (the testing kit runs them on its
+        virtual clock)."""
         services = list(self.app.services.values())
         transport = self.transport() if self.broker_url else None
         engine = self._engine(
@@ -209,7 +211,7 @@ class Deployment:
             transport=transport,
             **engine_kw,
         )
-        self._prepare(engine, services)
+        self._prepare(engine, services, jobs=jobs)
         return engine
 
     def api(self, **engine_kw: Any) -> Engine:

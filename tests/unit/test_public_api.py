@@ -8,7 +8,7 @@ import sagakit
 
 PUBLIC = {
     # apps and deployments
-    "App", "AppContext", "AppOption", "Deployment", "Service", "load_app",
+    "App", "AppContext", "AppOption", "Deployment", "Service", "load_app", "now", "DEFER",
     # definitions
     "CommandAction", "LocalAction", "RetryPolicy", "Rung", "SagaDefinition", "SagaView",
     "Step", "StepContext", "StepKind", "command", "local",

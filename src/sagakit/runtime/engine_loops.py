@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from sagakit.clock import using
 from sagakit.runtime.relay import Relay
 
 if TYPE_CHECKING:
@@ -127,7 +128,8 @@ async def periodic_loop(
     while engine.running:
         await asyncio.sleep(seconds)
         try:
-            await job()
+            with using(engine.clock):  # sagakit.now() in the job reads the engine's clock
+                await job()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
+from sagakit.clock import using
 from sagakit.core.definition import LocalAction, StepContext
 from sagakit.core.envelope import Envelope, Outcome, failure, reply_to, success
 from sagakit.core.machine import parse_key
@@ -401,13 +402,16 @@ class LocalStepRunner(BatchConsumer):
             loop.call_soon(self._land, call, exc)
             return
         fn = action.fn
-        if self._lane is None or self._runs_on_loop(fn):
-            call.task = asyncio.create_task(self._call(action, ctx, call.env))
-            call.task.add_done_callback(functools.partial(self._land_task, call))
-            return
-        # A blocking callable: in the pool, with the caller's context variables (a
-        # trace, a logging context), as asyncio.to_thread does.
-        job = functools.partial(contextvars.copy_context().run, fn, ctx)
+        # The task and the pool's job copy the context here: sagakit.now() in the step
+        # reads the orchestrator's clock.
+        with using(self.clock):
+            if self._lane is None or self._runs_on_loop(fn):
+                call.task = asyncio.create_task(self._call(action, ctx, call.env))
+                call.task.add_done_callback(functools.partial(self._land_task, call))
+                return
+            # A blocking callable: in the pool, with the caller's context variables (a
+            # trace, a logging context), as asyncio.to_thread does.
+            job = functools.partial(contextvars.copy_context().run, fn, ctx)
         try:
             self._lane.submit(call, job)
         except RuntimeError as exc:  # the pool is shut down: the engine is closing

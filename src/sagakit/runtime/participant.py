@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Protocol, TypeAlias
 
+from sagakit.clock import using
 from sagakit.core.envelope import (
     MANUAL_RETRY,
     Envelope,
@@ -363,9 +364,10 @@ class Participant(BatchConsumer):
 
     async def _call(self, handler: Handler, tx: Tx, env: Envelope) -> Outcome | _Deferred:
         try:
-            result = handler(tx, env)
-            if inspect.isawaitable(result):
-                result = await result
+            with using(self.clock):  # sagakit.now() in the handler reads this clock
+                result = handler(tx, env)
+                if inspect.isawaitable(result):
+                    result = await result
         except StepFailed as exc:
             return failure(exc.reason, retryable=exc.retryable)
         if isinstance(result, Outcome | _Deferred):

@@ -14,7 +14,17 @@ a two-minute timeout is tested in milliseconds::
         await h.advance(120)                      # the hotel never answered
         done = await h.run_to_end(saga.saga_id)
         assert done.state is SagaState.COMPENSATED
-        assert "step.timeout" in await h.events(saga.saga_id)
+        assert "step.timed_out" in await h.events(saga.saga_id)
+
+A whole app (:class:`~sagakit.app.App`: its definitions, every service with its
+migrations, its setup and periodic jobs) runs the same way with
+:meth:`SagaHarness.for_app`; its jobs run on the virtual clock too, and
+:meth:`SagaHarness.check` runs the app's own invariants::
+
+    async with SagaHarness.for_app(app) as h:
+        saga = await h.start("transfer", "t-1", {"wallet": "w-1", "amount": 500})
+        await h.run_to_end(saga.saga_id)
+        assert await h.check() == []
 
 The pytest plugin (:mod:`sagakit.testing.pytest_plugin`, installed with sagakit) offers
 the same as fixtures.
@@ -25,13 +35,17 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sagakit.app import App
+from sagakit.clock import using
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
+from sagakit.deployment import Deployment
 from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.participant import Participant
 from sagakit.stores.sqlite import SQLiteStore
@@ -89,6 +103,34 @@ class SagaHarness:
         """Where the engine's and the participants' SQLite files are."""
         self._engine: Engine | None = None
         self.settle_for = settle_for
+        self.deployment: Deployment | None = None
+        """The app's deployment on :attr:`directory` (:meth:`for_app` only)."""
+        self._jobs: list[_Job] = []
+
+    @classmethod
+    def for_app(
+        cls,
+        app: App,
+        *,
+        options: Mapping[str, Any] | None = None,
+        clock: VirtualClock | None = None,
+        directory: str | Path | None = None,
+        settle_for: float = 0.03,
+        **engine_options: Any,
+    ) -> SagaHarness:
+        """A harness running all of ``app``: its definitions, every service on its own
+        SQLite file in :attr:`directory` (migrated before anything runs), its ``setup``
+        once the engine is open, and its services' periodic jobs on the virtual clock
+        (at the time their ``due`` function gives, else every ``seconds``).
+        ``options``: the app's options (see :class:`~sagakit.app.AppOption`)."""
+        h = cls([], clock=clock, directory=directory, settle_for=settle_for, **engine_options)
+        h.deployment = Deployment(
+            app,
+            f"sqlite:///{h.directory}?synchronous=NORMAL",
+            options=options,
+            data_dir=h.directory,
+        )
+        return h
 
     def store(self, name: str) -> SQLiteStore:
         """A SQLite store for a participant of yours, in :attr:`directory` (not opened:
@@ -113,16 +155,44 @@ class SagaHarness:
     async def __aenter__(self) -> SagaHarness:
         base = self.directory
         base.mkdir(parents=True, exist_ok=True)
-        self._options.setdefault("synchronous", "NORMAL")  # a test need not survive power loss
-        engine = embedded(
-            base / "saga.db",
-            self._definitions,
-            participants=self._participants,
-            clock=self.clock,
-            **self._options,
-        )
+        dep = self.deployment
+        if dep is not None:
+            if self._participants:
+                raise RuntimeError("a harness for an app runs the app's services only")
+            engine = dep.everything(jobs=False, clock=self.clock, **self._options)
+        else:
+            self._options.setdefault("synchronous", "NORMAL")  # no need to survive power loss
+            engine = embedded(
+                base / "saga.db",
+                self._definitions,
+                participants=self._participants,
+                clock=self.clock,
+                **self._options,
+            )
         await engine.__aenter__()
         self._engine = engine
+        if dep is not None:
+            try:
+                if dep.app.setup is not None:
+                    with using(self.clock):
+                        await dep.app.setup(dep)
+                for service in dep.app.services.values():
+                    for seconds, name, fn in service.jobs:
+                        self._jobs.append(
+                            _Job(
+                                f"{service.name}:{name}",
+                                seconds,
+                                fn,
+                                service.job_due.get(name),
+                                dep.store(service.name),
+                                last=self.clock(),
+                                clock=self.clock,
+                            )
+                        )
+            except BaseException:
+                self._engine = None
+                await engine.__aexit__(None, None, None)
+                raise
         return self
 
     async def __aexit__(
@@ -161,6 +231,7 @@ class SagaHarness:
         while True:
             now = self.clock()
             busy = float(await engine.orchestrator.fire_due_timers())
+            busy += await self._run_due_jobs(now)
             seen: list[float] = []
             for store in engine.stores:
                 ready, *shape = await _work(store, now)
@@ -183,7 +254,7 @@ class SagaHarness:
         redelivery, or the end of a lease; None when nothing waits."""
         engine = self.engine
         now = self.clock()
-        found = [await engine.store.next_timer_due()]
+        found = [await engine.store.next_timer_due(), await self._next_job()]
         for store in engine.stores:
             found.append(await _next_after(store, now))
         due = [d for d in found if d is not None]
@@ -199,7 +270,7 @@ class SagaHarness:
         target = self.clock() + seconds
         await self.settle()
         while True:
-            due = await self.engine.store.next_timer_due()
+            due = await self._next_timer_or_job()
             if due is None or due > target:
                 break
             self.clock.advance(max(0.0, due - self.clock()))
@@ -230,12 +301,54 @@ class SagaHarness:
                     f"saga {saga_id} is {saga.state.value} and nothing is due within "
                     f"{within:.0f} virtual seconds (waiting for a person or a signal?)"
                 )
-            timer = await self.engine.store.next_timer_due()
+            timer = await self._next_timer_or_job()
             step = max(due, self.clock() + resolution)
             if timer is not None:
                 step = min(step, timer)
             self.clock.advance(max(0.0, step - self.clock()))
             await self.settle()
+
+    async def check(self) -> list[str]:
+        """The app's own invariants (``App(invariants=..., watch=...)``) now: one message
+        per broken one, none when all hold (:meth:`for_app` only)."""
+        dep = self.deployment
+        if dep is None:
+            raise RuntimeError("check() runs an app's invariants: use SagaHarness.for_app")
+        found: list[str] = []
+        if dep.app.invariants is not None:
+            found += await dep.app.invariants(dep)
+        if dep.app.watch is not None:
+            found += await dep.app.watch(dep)
+        return found
+
+    async def _run_due_jobs(self, now: float) -> int:
+        """Run every job due at ``now`` (each at most once per virtual instant, so a job
+        that leaves its ``due`` in the past cannot spin); how many ran."""
+        ran = 0
+        for job in self._jobs:
+            due = await job.next_due()
+            if due is None or due > now or job.ran_at == now:
+                continue
+            job.ran_at = job.last = now
+            with using(self.clock):
+                await job.fn(job.store)
+            ran += 1
+        return ran
+
+    async def _next_job(self) -> float | None:
+        now = self.clock()
+        times: list[float] = []
+        for job in self._jobs:
+            due = await job.next_due()
+            if due is None or (due <= now and job.ran_at == now):
+                continue  # nothing waits, or it already ran at this instant
+            times.append(max(due, now))
+        return min(times) if times else None
+
+    async def _next_timer_or_job(self) -> float | None:
+        found = [await self.engine.store.next_timer_due(), await self._next_job()]
+        due = [d for d in found if d is not None]
+        return min(due) if due else None
 
     async def saga(self, saga_id: str) -> SagaInstance:
         """The saga as stored now."""
@@ -246,7 +359,7 @@ class SagaHarness:
         return await self.engine.store.history(saga_id)
 
     async def events(self, saga_id: str) -> list[str]:
-        """The names of the saga's history events, oldest first (``step.timeout``, ...)."""
+        """The names of the saga's history events, oldest first (``step.timed_out``, ...)."""
         return [h.event for h in await self.history(saga_id)]
 
     async def assert_state(self, saga_id: str, state: SagaState) -> SagaInstance:
@@ -258,6 +371,27 @@ class SagaHarness:
                 f"saga {saga_id} is {saga.state.value}, expected {state.value}; history: {events}"
             )
         return saga
+
+
+@dataclass(slots=True)
+class _Job:
+    """A service's periodic job as the harness runs it on the virtual clock."""
+
+    name: str
+    seconds: float
+    fn: Any
+    due: Any
+    store: Any
+    last: float
+    clock: Any
+    ran_at: float | None = None
+
+    async def next_due(self) -> float | None:
+        if self.due is not None:
+            with using(self.clock):
+                due = await self.due(self.store)
+            return None if due is None else float(due)
+        return self.last + self.seconds
 
 
 async def _work(store: Any, now: float) -> tuple[float, ...]:

@@ -6,6 +6,12 @@ registered under the ``pytest11`` entry point, so there is nothing to configure)
     :class:`~sagakit.testing.kit.SagaHarness` whose SQLite files live in the test's
     ``tmp_path`` (kept by pytest for a failed test). Add your participants with
     ``h.add(...)`` on stores from ``h.store(name)``, then ``async with h:``.
+``saga_app``
+    A factory: ``saga_app(app, options=None, **engine_options)`` makes a harness that
+    runs a whole :class:`~sagakit.app.App` (:meth:`SagaHarness.for_app
+    <sagakit.testing.kit.SagaHarness.for_app>`: every service on its own SQLite file,
+    the app's setup, its periodic jobs on the virtual clock, ``h.check()`` for its
+    invariants), in the test's ``tmp_path``.
 ``saga_clock``
     The :class:`~sagakit.testing.kit.VirtualClock` the harnesses of the test share.
 
@@ -26,16 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sagakit.app import App
 from sagakit.core.definition import SagaDefinition
 from sagakit.testing.kit import SagaHarness, VirtualClock
 
-FIXTURES = frozenset({"saga_harness", "saga_clock"})
+FIXTURES = frozenset({"saga_harness", "saga_app", "saga_clock"})
 """The plugin runs an ``async def`` test that uses one of these."""
 OTHER_RUNNERS = frozenset({"asyncio", "anyio", "trio"})
 """Markers of other plugins that run ``async def`` tests: theirs, then."""
@@ -57,6 +64,25 @@ def saga_harness(tmp_path: Path, saga_clock: VirtualClock) -> Callable[..., Saga
         made += 1
         options.setdefault("clock", saga_clock)
         return SagaHarness(definitions, directory=tmp_path / f"sagakit-{made}", **options)
+
+    return make
+
+
+@pytest.fixture
+def saga_app(tmp_path: Path, saga_clock: VirtualClock) -> Callable[..., SagaHarness]:
+    """``saga_app(app, options=None, **engine_options)``: a harness running ``app`` whole,
+    in the test's tmp_path."""
+    made = 0
+
+    def make(
+        app: App, options: Mapping[str, Any] | None = None, **engine_options: Any
+    ) -> SagaHarness:
+        nonlocal made
+        made += 1
+        engine_options.setdefault("clock", saga_clock)
+        return SagaHarness.for_app(
+            app, options=options, directory=tmp_path / f"sagakit-app-{made}", **engine_options
+        )
 
     return make
 
