@@ -16,17 +16,16 @@ also runs the choreographed and hybrid checkouts (embedded only).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from sagakit import App, AppOption, Participant, SagaDefinition, Service
+from sagakit import App, AppOption, Participant, SagaDefinition, Service, now
 from sagakit.app import AppContext
 from sagakit.errors import ConfigurationError
 from sagakit.stores.base import SQLStore
 
-from . import inventory, order, payment, shipping
+from . import inventory, order, payment, proof, shipping
 from .personal import CUSTOMERS_MIGRATIONS, CUSTOMERS_NAMESPACE, VAULT_MIGRATIONS, VAULT_NAMESPACE
 from .provider import FakeCardProvider
 from .sagas import checkout_definition
@@ -62,7 +61,8 @@ def provider_of(ctx: AppContext) -> FakeCardProvider:
     if isinstance(location, str) and "://" not in location:
         location = Path(location)
     try:
-        return FakeCardProvider(location)
+        # sagakit.now(): the payment handlers' clock (virtual under the simulator).
+        return FakeCardProvider(location, clock=now)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 
@@ -109,6 +109,9 @@ def _demo(*args: Any, **kwargs: Any) -> Any:
 app = App(
     "checkout",
     definitions,
+    load=proof.load,
+    setup=proof.setup,
+    invariants=proof.invariants,
     description="the reference checkout: order, payment, inventory, shipping",
     options=[
         AppOption(
@@ -174,7 +177,16 @@ app.add_service(
 )
 
 
-@_inventory.every(5.0, "expire-reservations")
+async def _next_expiry(store: SQLStore) -> float | None:
+    """When the next reservation runs out (None: none holds units)."""
+    async with store.transaction() as tx:
+        rows = await tx.fetchall(
+            "SELECT min(expires_at) FROM reservations WHERE status = 'RESERVED'"
+        )
+    return None if rows[0][0] is None else float(rows[0][0])
+
+
+@_inventory.every(5.0, "expire-reservations", due=_next_expiry)
 async def _expire(store: SQLStore) -> int:
     """Return the units of reservations whose saga died (their TTL ran out)."""
-    return await inventory.expire_reservations(store, time.time())
+    return await inventory.expire_reservations(store, now())

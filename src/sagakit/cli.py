@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sagakit.errors import SagakitError
+from sagakit.errors import ConfigurationError, SagakitError
 from sagakit.redaction import RedactPersonalData
 from sagakit.runtime.lockfile import private_dir
 
@@ -86,15 +86,36 @@ def _simulate(args: argparse.Namespace) -> int:
     from sagakit.testing.sim.runner import render, render_replay, replay_seed, run_seeds
 
     _configure_logging(None, args.log_level)
-    if args.seeds < 1 or args.orders < 2 or args.faults < 0:
+    app: str | None = args.app
+    if app is not None and args.mode is not None:
+        print("sagakit simulate: --mode is for the checkout; drop it with --app", file=sys.stderr)
+        return 2
+    mode = args.mode or "orchestration"
+    least = 1 if app is not None else 2
+    if args.seeds < 1 or args.orders < least or args.faults < 0:
         print(
-            "sagakit simulate: --seeds must be >= 1, --orders >= 2 and --faults >= 0",
+            f"sagakit simulate: --seeds must be >= 1, --orders >= {least} and --faults >= 0",
             file=sys.stderr,
         )
         return 2
+    if app is not None:
+        from sagakit.app import load_app
+
+        try:
+            loaded = load_app(app)
+        except SagakitError as exc:
+            print(f"sagakit simulate: {exc}", file=sys.stderr)
+            return 2
+        if loaded.load is None:
+            print(
+                f"sagakit simulate: app {loaded.name!r} ships no load driver: give it "
+                "App(load=...) so that the simulator knows which sagas to start",
+                file=sys.stderr,
+            )
+            return 2
     if args.replay is not None:
         summary, result = replay_seed(
-            args.replay, orders=args.orders, faults=args.faults, mode=args.mode
+            args.replay, orders=args.orders, faults=args.faults, mode=mode, app=app
         )
         if args.json:
             out = summary.to_json()
@@ -119,7 +140,8 @@ def _simulate(args: argparse.Namespace) -> int:
         orders=args.orders,
         faults=args.faults,
         jobs=jobs,
-        mode=args.mode,
+        mode=mode,
+        app=app,
     )
     if args.json:
         print(json.dumps(summary.to_json()))
@@ -130,12 +152,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     import importlib
-    import time
 
     from sagakit.core.definition import SagaDefinition
     from sagakit.testing.checker import Bounds, Checker, checkout_checker
-    from sagakit.testing.coverage import render_exercised
-    from sagakit.testing.races import explore_all
 
     bounds = Bounds(
         sagas=args.sagas,
@@ -148,10 +167,22 @@ def _check(args: argparse.Namespace) -> int:
         silences=args.silences,
         manual=args.manual,
     )
-    make: Callable[[Bounds], Checker]
     races_at = args.races
-    if args.definition == "checkout":
-        make = checkout_checker
+    targets: list[tuple[str, Callable[[Bounds], Checker]]] = []
+    if args.app is not None:
+        if args.definition is not None:
+            print("sagakit check: give a definition or --app, not both", file=sys.stderr)
+            return 2
+        try:
+            targets = _app_checkers(args.app, args.sagas)
+        except SagakitError as exc:
+            print(f"sagakit check: {exc}", file=sys.stderr)
+            return 2
+    elif args.definition is None:
+        print("sagakit check: give a definition (or 'checkout') or --app", file=sys.stderr)
+        return 2
+    elif args.definition == "checkout":
+        targets = [("checkout", checkout_checker)]
         races_at = races_at or "sagakit_checkout.races:checkout_races"
     else:
         module, _, attr = args.definition.partition(":")
@@ -164,7 +195,7 @@ def _check(args: argparse.Namespace) -> int:
         if not isinstance(definition, SagaDefinition):
             print(f"sagakit check: {args.definition!r} is not a SagaDefinition", file=sys.stderr)
             return 2
-        make = partial(Checker, definition)
+        targets = [(args.definition, partial(Checker, definition))]
     races: list[Race] = []
     if races_at is not None and not args.no_races:
         try:
@@ -172,6 +203,57 @@ def _check(args: argparse.Namespace) -> int:
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
             print(f"sagakit check: cannot load the races {races_at!r}: {exc}", file=sys.stderr)
             return 2
+    worst = 0
+    for i, (label, make) in enumerate(targets):
+        args.definition = label
+        # The races are the app's, not a definition's: explored once, before the first.
+        code = _check_one(args, bounds, make, races if i == 0 else [])
+        worst = code if code == 1 or worst == 0 else worst
+        if code == 1:
+            break
+    return worst
+
+
+def _app_checkers(spec: str, sagas: int) -> list[tuple[str, Callable[[Bounds], Checker]]]:
+    """A checker per saga definition of the app ``spec`` (the latest version of each
+    name), each saga's data taken from the app's load driver (seed 0) when it has one."""
+    from sagakit.app import load_app
+    from sagakit.core.definition import SagaDefinition
+    from sagakit.testing.checker import Checker
+
+    app = load_app(spec)
+    latest: dict[str, SagaDefinition] = {}
+    for d in app.definitions():
+        if d.name not in latest or d.version > latest[d.name].version:
+            latest[d.name] = d
+    if not latest:
+        raise ConfigurationError(f"app {app.name!r} has no saga definition to check")
+    requests = list(app.load(max(sagas, 1) * 4, 0)) if app.load is not None else []
+    out: list[tuple[str, Callable[[Bounds], Checker]]] = []
+    for name, d in latest.items():
+        samples = [dict(data) for defn, _, data in requests if defn == name]
+        data = None if not samples else partial(_nth, samples)
+        out.append((f"{spec} [{d.key}]", partial(Checker, d, data=data)))
+    return out
+
+
+def _nth(samples: Sequence[dict[str, Any]], i: int) -> dict[str, Any]:
+    """The ``i``-th saga's data: the load driver's samples, round and round."""
+    return dict(samples[i % len(samples)])
+
+
+def _check_one(
+    args: argparse.Namespace,
+    bounds: Bounds,
+    make: Callable[[Bounds], Checker],
+    races: Sequence[Race],
+) -> int:
+    """Explore one definition (after ``races``); print its report; its exit status."""
+    import time
+
+    from sagakit.testing.coverage import render_exercised
+    from sagakit.testing.races import explore_all
+
     if args.suite:
         return _check_suite(args, make, races)
     results = asyncio.run(explore_all(races)) if races else []
@@ -373,7 +455,19 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "transition was exercised; a broken invariant comes with the trace that breaks "
         "it. Exit status 1 on a violation, 3 if --max-states cut the search short.",
     )
-    check.add_argument("definition", help="'checkout' (the reference checkout) or module:attribute")
+    check.add_argument(
+        "definition",
+        nargs="?",
+        help="'checkout' (the reference checkout) or module:attribute of a SagaDefinition "
+        "(or --app)",
+    )
+    check.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="check every saga definition of this app (the latest version of each), each "
+        "saga started with data from the app's load driver; one report (one JSON object "
+        "with --json) per definition",
+    )
     check.add_argument("--sagas", type=int, default=2)
     check.add_argument("--stock", type=int, default=1, help="units of the contested item")
     check.add_argument("--faults", type=int, default=1)
@@ -422,9 +516,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     sim = sub.add_parser(
         "simulate",
-        help="run the checkout under the deterministic simulator, seed by seed",
+        help="run the checkout, or any app (--app), under the deterministic simulator",
         description="Run the reference checkout (real state machine or real event "
-        "handlers and tracker, real participant runtime) under a seeded scheduler with a "
+        "handlers and tracker, real participant runtime), or any app (--app: its real "
+        "definitions and handlers), under a seeded scheduler with a "
         "virtual clock that loses, duplicates, delays and reorders messages (each copy of "
         "an event on its own), crashes consumers before and after commit, loses relay "
         "acknowledgements and fires timeouts (or the tracker's SLA check) while messages "
@@ -435,17 +530,31 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "minimal schedule. Exit status 1 if any seed fails.",
     )
     sim.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        default=None,
+        help="simulate this app instead of the checkout (a sagakit.App, or a function "
+        "returning one): its real definitions and services on SQLite files, the sagas of "
+        "its load driver (--orders per seed), its setup, its watch after every step and "
+        "its invariants at the end, beside the generic ones",
+    )
+    sim.add_argument(
         "--mode",
         choices=("orchestration", "choreography", "hybrid"),
-        default="orchestration",
-        help="how the checkout runs: orchestrated (default), choreographed (the services "
+        default=None,
+        help="how the checkout runs (not with --app): orchestrated (default), "
+        "choreographed (the services "
         "react to each other's facts; the tracker keeps the saga views) or hybrid "
         "(orchestrated, with a choreography inside shipping)",
     )
     sim.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
     sim.add_argument("--start", type=int, default=0, help="the first seed (default 0)")
     sim.add_argument(
-        "--orders", type=int, default=3, help="orders per seed, two of them racing (default 3)"
+        "--orders",
+        type=int,
+        default=3,
+        help="orders per seed, two of them racing (default 3); with --app, the count "
+        "given to its load driver",
     )
     sim.add_argument("--faults", type=int, default=8, help="fault budget per seed (default 8)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")

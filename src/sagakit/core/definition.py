@@ -8,6 +8,7 @@ time rather than a stuck saga in production.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -430,6 +431,38 @@ class SagaDefinition:
     def past_pivot(self, index: int) -> bool:
         """True when step ``index`` comes after the pivot (its failure is never compensated)."""
         return self.pivot_index is not None and index > self.pivot_index
+
+    def status_may_follow(self, before: str, after: str) -> bool:
+        """Whether a saga's user-visible status may change from ``before`` to ``after``:
+        progress never goes back (the started status, then each step's, then the
+        completed or partial one), a saga being cancelled only ends cancelled or in
+        the attention status, and a final status never changes (statuses that say
+        "undoing" or "needs attention" may come from any progress)."""
+        if before == after:
+            return True
+        if before == self.cancelling_status:
+            return after in (self.cancelled_status, self.attention_status)
+        finals = (
+            self.cancelled_status,
+            self.attention_status,
+            self.completed_status,
+            self.partial_status,
+        )
+        if before in finals:
+            return False
+        rank = self._status_rank
+        if after in rank:
+            return before in rank and rank[after] > rank[before]
+        return after in (self.cancelling_status, self.cancelled_status, self.attention_status)
+
+    @functools.cached_property
+    def _status_rank(self) -> dict[str, int]:
+        """Each forward status's place: started, each step's, completed (= partial)."""
+        forward = [self.started_status, *(s.status for s in self.steps if s.status)]
+        forward.append(self.completed_status)
+        rank = {label: i for i, label in enumerate(forward)}
+        rank[self.partial_status] = rank[self.completed_status]
+        return rank
 
     def endpoints(self) -> set[str]:
         """Participant endpoints this saga sends commands to."""

@@ -203,11 +203,6 @@ class Checker:
         self.release = release
         self.envelopes: dict[str, Envelope] = {}
         self._history: list[HistoryEntry] = []
-        forward = [definition.started_status]
-        forward += [s.status for s in definition.steps if s.status]
-        forward.append(definition.completed_status)
-        self._rank = {label: i for i, label in enumerate(forward)}
-        self._rank[definition.partial_status] = self._rank[definition.completed_status]
 
     # -- exploration --------------------------------------------------------------------
     def run(self) -> CheckReport:
@@ -633,19 +628,10 @@ class Checker:
         return raw
 
     def _check_status(self, old: SagaInstance, new: SagaInstance) -> None:
-        a, b, d = old.status, new.status, self.d
-        if a == b:
-            return
-        if a == d.cancelling_status:
-            ok = b in (d.cancelled_status, d.attention_status)
-        elif a in (d.cancelled_status, d.attention_status, d.completed_status, d.partial_status):
-            ok = False
-        elif b in self._rank:
-            ok = a in self._rank and self._rank[b] > self._rank[a]
-        else:
-            ok = b in (d.cancelling_status, d.cancelled_status, d.attention_status)
-        if not ok:
-            raise _Violation(f"{old.saga_id}: user-visible status went {a} -> {b}")
+        if not self.d.status_may_follow(old.status, new.status):
+            raise _Violation(
+                f"{old.saga_id}: user-visible status went {old.status} -> {new.status}"
+            )
 
     # -- participants -------------------------------------------------------------------
     def _participant_outcomes(

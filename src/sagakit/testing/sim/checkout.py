@@ -39,13 +39,11 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sagakit.core.instance import MANUAL_STATES, HistoryEntry, SagaInstance, SagaState
-from sagakit.core.machine import ManualAction
-from sagakit.errors import ManualActionRefused, SagaNotFound
+from sagakit.core.instance import HistoryEntry, SagaInstance
+from sagakit.errors import SagaNotFound
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import Store
@@ -59,10 +57,12 @@ from sagakit.testing.sim.checks import (
 )
 from sagakit.testing.sim.handler_runs import handler_runs, record_runs
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
-from sagakit.testing.sim.scheduler import OPERATOR, RETRY_THEN_CANCEL, Verdict
+from sagakit.testing.sim.operator import AnyWorker, OrchestratorControls
+from sagakit.testing.sim.scheduler import Verdict
+from sagakit.testing.sim.slots import SlotPool
 from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
 from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
-from sagakit.transports.base import BatchHandler, Delivery, Settle
+from sagakit.transports.base import BatchHandler
 
 _RANDOM_IDS = re.compile(r"auth-[0-9a-f]{16}")
 WORKERS = 2
@@ -338,6 +338,10 @@ class CheckoutWorld(ABC):
             exercised=seen,
         )
 
+    async def watch(self) -> list[str]:
+        """Nothing: the checkout's invariants are checked at the end of a run."""
+        return []
+
     async def _histories(self) -> list[tuple[SagaInstance, list[HistoryEntry]]]:
         """Every saga (the tracker's views in a choreography) with its history, by id."""
         store = self.system.saga_store
@@ -381,7 +385,7 @@ class CheckoutWorld(ABC):
         await self.pool.release(self.slot, reusable=self.checked)
 
 
-class OrchestratedWorld(CheckoutWorld):
+class OrchestratedWorld(OrchestratorControls, CheckoutWorld):
     """The orchestrated checkout, or the hybrid: the orchestrator starts and drives the
     sagas, its timers are what ticks fire, and a customer may cancel."""
 
@@ -404,9 +408,9 @@ class OrchestratedWorld(CheckoutWorld):
         ]
         self.orchestrator = o = self.workers[0]
         self.pick = random.Random(f"workers:{seed}")
-        self._subscribe(o.endpoint, o.store, _AnyWorker(self.workers, self.pick, lambda w: w))
+        self._subscribe(o.endpoint, o.store, AnyWorker(self.workers, self.pick, lambda w: w))
         self._subscribe(
-            o.local_endpoint, o.store, _AnyWorker(self.workers, self.pick, lambda w: w.local)
+            o.local_endpoint, o.store, AnyWorker(self.workers, self.pick, lambda w: w.local)
         )
         self._subscribe_participants()
         self.timers = OrchestratorTimers(self.workers, self.pick)
@@ -416,57 +420,6 @@ class OrchestratedWorld(CheckoutWorld):
         for spec in self.specs:
             await self.orchestrator.start(self.system.business_key, spec.order_id, spec.data)
         return len(self.specs)
-
-    async def running(self) -> list[str]:
-        """The running sagas, by id."""
-        running = await self.orchestrator.store.list_sagas(states=[SagaState.RUNNING], limit=1000)
-        return sorted(s.saga_id for s in running)
-
-    async def cancel(self, saga_id: str, reason: str) -> str:
-        """Cancel through the orchestrator (it writes to the saga store)."""
-        await self.orchestrator.cancel(saga_id, reason)
-        return self.orchestrator.store.name
-
-    async def manual(self) -> list[str]:
-        """The sagas in the manual queue (:meth:`Orchestrator.manual_cases`), by id."""
-        cases = await self.orchestrator.manual_cases(limit=1000)
-        return sorted(s.saga_id for s in cases)
-
-    async def manual_options(self, saga_id: str) -> list[tuple[str, int | None]]:
-        """What the machine would accept for the saga now: each action tried on its pure
-        transition function (nothing is written); and :data:`RETRY_THEN_CANCEL` when a
-        retry sends the saga forward before its pivot, where a customer's cancel
-        compensates the step whose retry is then on its way."""
-        inst = await self.orchestrator.store.get_saga(saga_id)
-        if inst is None or inst.state not in MANUAL_STATES:
-            return []
-        machine = self.orchestrator.machine_for(inst)
-        rungs = len(machine.definition.steps[inst.cursor].ladder)
-        options: list[tuple[str, int | None]] = []
-        retry_then_cancel: tuple[str, int | None] | None = None
-        now = self.clock()
-        for action in ManualAction:
-            for rung in range(rungs) if action is ManualAction.USE_RUNG else [None]:
-                try:
-                    decided = machine.on_manual(
-                        inst, action, reason="?", actor="?", now=now, rung=rung
-                    )
-                except ManualActionRefused:
-                    continue
-                options.append((action.value, rung))
-                if action is ManualAction.RETRY and decided.instance.state is SagaState.RUNNING:
-                    cancel = machine.on_cancel(decided.instance, "?", now)
-                    if cancel.changed and cancel.instance.state is SagaState.COMPENSATING:
-                        retry_then_cancel = (RETRY_THEN_CANCEL, None)
-        if retry_then_cancel is not None:
-            options.append(retry_then_cancel)
-        return options
-
-    async def resolve(self, saga_id: str, action: str, rung: int | None, reason: str) -> str:
-        """A person's decision, through one worker's :meth:`Orchestrator.resolve`."""
-        worker = self.pick.choice(self.workers)
-        await worker.resolve(saga_id, action, reason=reason, actor=OPERATOR, rung=rung)
-        return worker.store.name
 
 
 class ChoreographedWorld(CheckoutWorld):
@@ -533,24 +486,6 @@ class ChoreographedWorld(CheckoutWorld):
                 report.fail("effect_once", f"order {oid}: {name} applied {event} {n} times")
 
 
-class _AnyWorker:
-    """The consumer of one orchestrator endpoint: each batch is handled by one of the
-    workers, chosen by the world's seeded generator (as a broker hands each delivery
-    to one of the processes consuming a queue)."""
-
-    def __init__(
-        self,
-        workers: Sequence[Orchestrator],
-        pick: random.Random,
-        consumer: Any,
-    ) -> None:
-        self.consumers: list[BatchHandler] = [consumer(w) for w in workers]
-        self.pick = pick
-
-    async def __call__(self, deliveries: Sequence[Delivery]) -> Sequence[Settle]:
-        return await self.pick.choice(self.consumers)(deliveries)
-
-
 class _NoOutbox:
     """A store as check_invariants sees it, minus the outbox (checked separately)."""
 
@@ -570,7 +505,7 @@ def _normal(text: str) -> str:
     return _RANDOM_IDS.sub("auth-*", text)
 
 
-class CheckoutWorlds:
+class CheckoutWorlds(SlotPool[_Slot, "CheckoutWorld"]):
     """The :data:`~sagakit.testing.sim.WorldFactory` of the checkout in one ``mode``.
 
     Worlds take turns on one set of open stores: when a run ends, its tables are emptied
@@ -580,32 +515,17 @@ class CheckoutWorlds:
     """
 
     def __init__(self, orders: int = 3, mode: str = "orchestration") -> None:
+        super().__init__()
         sim_orders(0, orders)  # validates ``orders``
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.orders = orders
         self.mode = mode
-        self._idle: list[_Slot] = []
 
-    async def __call__(self, seed: int) -> CheckoutWorld:
-        loop = asyncio.get_running_loop()
-        slot: _Slot | None = None
-        while self._idle and slot is None:
-            slot = self._idle.pop()
-            if slot.loop is not loop:
-                await slot.close()
-                slot = None
-            elif not slot.clean:
-                await slot.reset()
-        if slot is None:
-            slot = await self._new_slot(loop)
+    async def _world(self, seed: int, slot: _Slot) -> CheckoutWorld:
         kind = ChoreographedWorld if self.mode == "choreography" else OrchestratedWorld
         world = kind(seed, self.orders, slot, self)
-        try:
-            await world.open()
-        except BaseException:
-            await slot.close()
-            raise
+        await world.open()
         return world
 
     async def _new_slot(self, loop: asyncio.AbstractEventLoop) -> _Slot:
@@ -627,18 +547,6 @@ class CheckoutWorlds:
             if id(p.store) in services:
                 record_runs(p)
         return slot
-
-    async def release(self, slot: _Slot, *, reusable: bool) -> None:
-        """Take a slot back from a finished world."""
-        if reusable:
-            self._idle.append(slot)
-        else:
-            await slot.close()
-
-    async def aclose(self) -> None:
-        """Close every idle slot and delete its files."""
-        while self._idle:
-            await self._idle.pop().close()
 
 
 def checkout_world(orders: int = 3, mode: str = "orchestration") -> CheckoutWorlds:

@@ -1,5 +1,5 @@
-"""Many seeds of the checkout (in one of its modes), on one or more processes: what
-``sagakit simulate`` runs."""
+"""Many seeds of the checkout (in one of its modes) or of any app (``--app``), on one or
+more processes: what ``sagakit simulate`` runs."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagakit.app import App
 from sagakit.testing.coverage import KINDS, render_exercised
 from sagakit.testing.sim import checkout as _checkout
 from sagakit.testing.sim.checkout import checkout_world
-from sagakit.testing.sim.scheduler import RunResult, SimConfig, simulate
+from sagakit.testing.sim.scheduler import RunResult, SimConfig, WorldFactory, simulate
 from sagakit.testing.sim.shrink import Shrunk, shrink
 
 CHOREOGRAPHY_NOTE = (
@@ -43,6 +44,8 @@ class SimSummary:
     elapsed_s: float = 0.0
     first_seed: int = 0
     mode: str = "orchestration"
+    app: str | None = None
+    """The app simulated (``module:attribute``), None for the checkout in ``mode``."""
 
     @property
     def ok(self) -> bool:
@@ -68,9 +71,33 @@ class SimSummary:
             "violations": len(self.failing),
             "failing_seeds": [r.seed for r in self.failing],
         }
+        if self.app is not None:
+            out["app"] = self.app
         if self.shrunk is not None:
             out["shrunk"] = self.shrunk.to_json()
         return out
+
+
+class _Factory:
+    """The world factory of one run: the checkout in a mode, or an app by its spec."""
+
+    def __init__(self, orders: int, mode: str, app: str | App | None) -> None:
+        self.factory: Any
+        if app is None:
+            self.factory = checkout_world(orders, mode)
+        else:
+            from sagakit.app import load_app
+            from sagakit.testing.sim.app_world import AppWorlds
+
+            self.factory = AppWorlds(load_app(app) if isinstance(app, str) else app, orders)
+
+    @property
+    def worlds(self) -> WorldFactory:
+        factory: WorldFactory = self.factory
+        return factory
+
+    async def aclose(self) -> None:
+        await self.factory.aclose()
 
 
 async def run_seeds_async(
@@ -80,11 +107,15 @@ async def run_seeds_async(
     faults: int = 8,
     shrink_first: bool = True,
     mode: str = "orchestration",
+    app: str | App | None = None,
 ) -> SimSummary:
-    """Simulate every seed in this process, one after the other; shrink the first failure."""
-    factory = checkout_world(orders, mode)
+    """Simulate every seed in this process, one after the other; shrink the first failure.
+
+    ``app``: an app's ``module:attribute``, or the :class:`~sagakit.app.App` itself."""
+    made = _Factory(orders, mode, app)
+    factory = made.worlds
     config = SimConfig(budget=faults)
-    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode)
+    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode, app=_shown(app))
     started = time.monotonic()
     try:
         for seed in seeds:
@@ -98,16 +129,21 @@ async def run_seeds_async(
         if summary.failing and shrink_first:
             summary.shrunk = await shrink(factory, summary.failing[0], config=config)
     finally:
-        await factory.aclose()
+        await made.aclose()
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-def _chunk(args: tuple[str, list[int], int, int, str]) -> SimSummary:
-    template, seeds, orders, faults, mode = args
-    _checkout.use_template(Path(template), mode)
+def _shown(app: str | App | None) -> str | None:
+    return app if app is None or isinstance(app, str) else f"<app {app.name}>"
+
+
+def _chunk(args: tuple[str | None, list[int], int, int, str, str | None]) -> SimSummary:
+    template, seeds, orders, faults, mode, app = args
+    if template is not None:
+        _checkout.use_template(Path(template), mode)
     return asyncio.run(
-        run_seeds_async(seeds, orders=orders, faults=faults, shrink_first=False, mode=mode)
+        run_seeds_async(seeds, orders=orders, faults=faults, shrink_first=False, mode=mode, app=app)
     )
 
 
@@ -119,9 +155,10 @@ def run_seeds(
     jobs: int = 1,
     shrink_first: bool = True,
     mode: str = "orchestration",
+    app: str | None = None,
 ) -> SimSummary:
-    """Simulate ``seeds`` of the checkout in ``mode`` on ``jobs`` processes; shrink the
-    first failing seed.
+    """Simulate ``seeds`` of the checkout in ``mode`` (or of the app ``app``,
+    ``module:attribute``) on ``jobs`` processes; shrink the first failing seed.
 
     Every seed runs alone and sequentially inside its process, so the result of a seed
     does not depend on ``jobs``. Call from synchronous code (it runs its own event loops).
@@ -133,18 +170,19 @@ def run_seeds(
     if jobs == 1:
         summary = asyncio.run(
             run_seeds_async(
-                seeds, orders=orders, faults=faults, shrink_first=shrink_first, mode=mode
+                seeds, orders=orders, faults=faults, shrink_first=shrink_first, mode=mode, app=app
             )
         )
         summary.first_seed = seeds[0] if seeds else 0
         return summary
     started = time.monotonic()
-    template = str(asyncio.run(_checkout.template_dir(mode)))
+    template = None if app is not None else str(asyncio.run(_checkout.template_dir(mode)))
     size = max(10, min(100, len(seeds) // (jobs * 4) or 1))
     chunks = [
-        (template, seeds[i : i + size], orders, faults, mode) for i in range(0, len(seeds), size)
+        (template, seeds[i : i + size], orders, faults, mode, app)
+        for i in range(0, len(seeds), size)
     ]
-    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode)
+    summary = SimSummary(seeds=len(seeds), orders=orders, budget=faults, mode=mode, app=app)
     summary.first_seed = seeds[0]
     # fork: the workers inherit the imported modules and the template; each runs its own
     # event loop over whole seeds, so a seed's run is the same as in a single process.
@@ -153,26 +191,30 @@ def run_seeds(
         for part in pool.map(_chunk, chunks):
             summary.add(part)
     if summary.failing and shrink_first:
-        summary.shrunk = asyncio.run(_shrink(summary.failing[0], orders, faults, mode))
+        summary.shrunk = asyncio.run(_shrink(summary.failing[0], orders, faults, mode, app))
     summary.elapsed_s = time.monotonic() - started
     return summary
 
 
-async def _shrink(failing: RunResult, orders: int, faults: int, mode: str) -> Shrunk:
-    factory = checkout_world(orders, mode)
+async def _shrink(
+    failing: RunResult, orders: int, faults: int, mode: str, app: str | None
+) -> Shrunk:
+    made = _Factory(orders, mode, app)
     try:
-        return await shrink(factory, failing, config=SimConfig(budget=faults))
+        return await shrink(made.worlds, failing, config=SimConfig(budget=faults))
     finally:
-        await factory.aclose()
+        await made.aclose()
 
 
 def render(summary: SimSummary) -> str:
     """The human-readable summary of a multi-seed run."""
     last = summary.first_seed + summary.seeds - 1
     rate = summary.seeds / summary.elapsed_s if summary.elapsed_s else 0.0
+    what = f"--app {summary.app}" if summary.app else f"--mode {summary.mode}"
+    unit = "sagas" if summary.app else "orders"
     lines = [
-        f"sagakit simulate: {summary.mode}, {summary.seeds} seeds "
-        f"({summary.first_seed}..{last}), {summary.orders} orders each, "
+        f"sagakit simulate {what}: {summary.seeds} seeds "
+        f"({summary.first_seed}..{last}), {summary.orders} {unit} each, "
         f"fault budget {summary.budget}",
         "",
         f"  sagas       {summary.sagas}  ("
@@ -200,7 +242,7 @@ def render(summary: SimSummary) -> str:
         ]
         lines += [f"    {a.to_json()}" for a in sh.schedule if a.fault] or ["    (no fault)"]
         lines.append(
-            f"  replay: sagakit simulate --mode {summary.mode} --replay {sh.seed} "
+            f"  replay: sagakit simulate {what} --replay {sh.seed} "
             f"--orders {summary.orders} --faults {summary.budget}"
         )
     lines += ["", f"  {summary.elapsed_s:.1f} s, {rate:.1f} seeds/s"]
@@ -208,22 +250,29 @@ def render(summary: SimSummary) -> str:
 
 
 def replay_seed(
-    seed: int, *, orders: int = 3, faults: int = 8, mode: str = "orchestration"
+    seed: int,
+    *,
+    orders: int = 3,
+    faults: int = 8,
+    mode: str = "orchestration",
+    app: str | None = None,
 ) -> tuple[SimSummary, RunResult]:
     """Run one seed again (exactly as in a multi-seed run); shrink it if it fails."""
-    factory = checkout_world(orders, mode)
     config = SimConfig(budget=faults, fingerprint=True)
 
     async def go() -> tuple[SimSummary, RunResult]:
+        made = _Factory(orders, mode, app)
         try:
-            return await attempt()
+            return await attempt(made.worlds)
         finally:
-            await factory.aclose()
+            await made.aclose()
 
-    async def attempt() -> tuple[SimSummary, RunResult]:
+    async def attempt(factory: WorldFactory) -> tuple[SimSummary, RunResult]:
         started = time.monotonic()
         result = await simulate(factory, seed, config=config)
-        summary = SimSummary(seeds=1, orders=orders, budget=faults, first_seed=seed, mode=mode)
+        summary = SimSummary(
+            seeds=1, orders=orders, budget=faults, first_seed=seed, mode=mode, app=app
+        )
         summary.sagas = result.sagas
         summary.faults.update(result.faults)
         summary.outcomes.update(result.verdict.outcomes)

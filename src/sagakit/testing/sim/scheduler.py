@@ -176,6 +176,11 @@ class World(Protocol):
         """
         ...
 
+    async def watch(self) -> list[str]:
+        """Check what must hold at every moment (after every step; ``"name: text"`` per
+        violation, an empty list when all hold)."""
+        ...
+
     async def check(self) -> Verdict:
         """Check the invariants (the system is quiescent)."""
         ...
@@ -277,6 +282,8 @@ class Scheduler:
         self.schedule: list[Action] = []
         self.counts: Counter[str] = Counter()
         self.errors: list[str] = []
+        self.seen: set[str] = set()
+        """Violations :meth:`World.watch` reported so far (each is reported once)."""
         self.steps = 0
         self.decisions = 0
         self.decided: str | None = None
@@ -486,7 +493,13 @@ class Scheduler:
                 await self.apply(Action("relay", (min(self.dirty),)))
                 continue
             release = net.next_release()
-            due = None if await w.all_terminal() else await self._next_timer()
+            # Once every saga ended, only what still waits counts (a sweeper's next
+            # expiry); saga timers and jobs that merely run every few seconds do not.
+            due = (
+                await w.timers.due_after_end()
+                if await w.all_terminal()
+                else await self._next_timer()
+            )
             times = [t for t in (release, due) if t is not None]
             if not times:
                 # Quiet. A person may still decide on a saga in the manual queue (not in
@@ -642,6 +655,11 @@ class Scheduler:
         self.schedule.append(action)
         if action.fault:
             self.counts[kind] += 1
+        for problem in await w.watch():
+            if problem not in self.seen:
+                self.seen.add(problem)
+                name, _, text = problem.partition(": ")
+                self.errors.append(f"{name}: at step {len(self.schedule)}: {text}")
         return action
 
 

@@ -53,6 +53,11 @@ class Timers(Protocol):
         """When firing could next change something; None when nothing is waiting."""
         ...
 
+    async def due_after_end(self) -> float | None:
+        """When firing could still change something once every saga ended (a job that
+        says what waits for it, e.g. a sweeper's next expiry); None when nothing does."""
+        ...
+
     async def fire(self) -> int:
         """Fire what is due; how many fired. A crash raises
         :class:`~sagakit.testing.faults.InjectedCrash` and commits nothing."""
@@ -133,6 +138,10 @@ class OrchestratorTimers:
     async def next_due(self) -> float | None:
         """The earliest timer in the saga store."""
         return await self.orchestrator.store.next_timer_due()
+
+    async def due_after_end(self) -> float | None:
+        """None: the timers of sagas that ended change nothing."""
+        return None
 
     async def fire(self) -> int:
         """:meth:`Orchestrator.fire_due_timers` of one worker (it crashes at the armed
@@ -255,6 +264,11 @@ class JobTimers:
         """The earliest time a job could do something."""
         times = [t for j in self.jobs if (t := await self._due(j)) is not None]
         return min(times, default=None)
+
+    async def due_after_end(self) -> float | None:
+        """None: these jobs serve running sagas (the tracker's SLA check, announcing
+        unanswered orders again)."""
+        return None
 
     async def fired(self) -> list[tuple[str, ...]]:
         """None: a periodic job has no fence, firing it again is just running it."""
