@@ -70,8 +70,10 @@ Watch: TypeAlias = Callable[["Deployment"], Awaitable[Sequence[str]]]
 ``sagakit simulate`` calls them after every step of the scheduler (nothing moves
 while they read); ``sagakit demo`` every fraction of a second while the services run,
 so a check must hold whatever commits between two of its reads: read each store in
-one transaction, and read a downstream ledger before the upstream one it follows
-(what the downstream shows already happened upstream)."""
+one ``async with store.snapshot() as tx`` (one state of that database; a plain
+transaction on PostgreSQL is READ COMMITTED, where two SELECTs may see different
+commits), and read a downstream ledger before the upstream one it follows (what the
+downstream shows already happened upstream)."""
 
 Setup: TypeAlias = Callable[["Deployment"], Awaitable[object]]
 """Prepares a demo run once the stores are open (seed reference data, idempotently)."""

@@ -81,22 +81,44 @@ class AppDemoResult:
     seed: int
     faults_injected: dict[str, int]
     data_dir: str
+    watched: list[str] = field(default_factory=list)
+    """Violations of the app's ``watch`` seen while the run went on (also in
+    :attr:`violations`, marked "at some moment")."""
+    backlog: Backlog | None = None
+    """What the broker still held at the end (None: the embedded transport)."""
+
+    @property
+    def invariants(self) -> dict[str, bool]:
+        """Each check of the run and whether it held: every saga ``terminal``, no
+        ``dead_letters``, the app's own invariants (``app``) and its ``watch``."""
+        running = sum(self.outcomes.get(s.value, 0) for s in SagaState if not s.terminal)
+        own = [v for v in self.violations if not v.startswith("at some moment: ")]
+        return {
+            "terminal": running == 0 and sum(self.outcomes.values()) == self.sagas,
+            "dead_letters": self.dead_letters == 0,
+            "app": not own,
+            "watch": not self.watched,
+        }
 
     @property
     def ok(self) -> bool:
-        """Every saga terminal and no invariant broken."""
-        running = sum(self.outcomes.get(s.value, 0) for s in SagaState if not s.terminal)
-        return not self.violations and running == 0 and sum(self.outcomes.values()) == self.sagas
+        """Every saga terminal, no dead letter, and no invariant broken."""
+        return all(self.invariants.values()) and not self.violations
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` report."""
+        """The ``--json`` report: the checkout demo's fields that every app has (``orders``
+        counts the sagas), and the app's name, open dead letters and verdict."""
         return {
             "app": self.app,
+            "orders": self.sagas,
             "sagas": self.sagas,
             "outcomes": self.outcomes,
+            "invariants": self.invariants,
             "violations": self.violations,
+            "in_broker": _held(self.backlog),
             "open_dead_letters": self.dead_letters,
             "elapsed_s": round(self.elapsed_s, 3),
+            "sagas_per_s": round(self.sagas / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "seed": self.seed,
             "faults_injected": self.faults_injected,
             "data_dir": self.data_dir,
@@ -114,6 +136,8 @@ class AppDemoResult:
         if self.faults_injected:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(self.faults_injected.items()))
             lines.append(f"  faults injected: {shown}")
+        if self.dead_letters:
+            lines.append("  DEAD LETTERS: a message of the run could not be handled")
         if self.violations:
             lines.append(f"  {len(self.violations)} INVARIANT(S) BROKEN:")
             lines += [f"    - {v}" for v in self.violations]
@@ -123,6 +147,17 @@ class AppDemoResult:
         return "\n".join(lines)
 
 
+def _held(backlog: Backlog | None) -> dict[str, Any] | None:
+    """What the broker held at the end, per endpoint (None without a broker)."""
+    if backlog is None:
+        return None
+    return {
+        "total": backlog.total,
+        "held": {e.endpoint: e.total for e in backlog.endpoints if e.total},
+        "complete": backlog.complete,
+    }
+
+
 async def run_app_demo(app: App, req: DemoRequest) -> DemoOutcome:
     """Run ``app``'s demo as ``req`` says (its own demo if it ships one)."""
     if req.orders < 1:
@@ -130,6 +165,15 @@ async def run_app_demo(app: App, req: DemoRequest) -> DemoOutcome:
     if app.demo is not None:
         outcome: DemoOutcome = await app.demo(app, req)
         return outcome
+    return await run_generic_demo(app, req)
+
+
+async def run_generic_demo(app: App, req: DemoRequest) -> AppDemoResult:
+    """The generic demo of ``app`` (see the module docstring), whatever ``app.demo``
+    says: for an app's own demo that only adjusts the request (e.g. a time scale of
+    its own for the real clock) and then runs this."""
+    if req.orders < 1:
+        raise ConfigurationError("--orders must be at least 1")
     if app.load is None:
         raise ConfigurationError(
             f"app {app.name!r} ships no load driver: give it App(load=...) to run "
@@ -172,7 +216,7 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
                 started_now = await engine.start_many(requests[i : i + WAVE])
                 ids += [inst.saga_id for inst in started_now]
             await _wait_terminal(engine, ids, req, started)
-            await drain(engine)
+            backlog = await drain(engine)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -202,6 +246,8 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
         seed=req.seed,
         faults_injected=dict(sorted(faults.counts.items())),
         data_dir=str(base),
+        watched=watched,
+        backlog=backlog,
     )
 
 

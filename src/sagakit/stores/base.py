@@ -666,6 +666,13 @@ class SQLStore(Store, Protocol):
     dialect: str
     """``"sqlite"`` or ``"postgresql"``."""
 
+    def snapshot(self) -> AbstractAsyncContextManager[Tx]:
+        """A transaction for reading only, whose reads all see one state of the database
+        (PostgreSQL: REPEATABLE READ, READ ONLY; its transactions are READ COMMITTED,
+        where two SELECTs may see different commits). For checks that compare several
+        tables while others write, such as an app's ``watch``."""
+        ...
+
     async def apply_migrations(self, namespace: str, steps: Sequence[str]) -> None:
         """Apply, in order and once each, the SQL scripts of ``namespace`` not applied yet."""
         ...

@@ -1033,10 +1033,11 @@ class LockedOutbox:
 class _Transaction(AbstractAsyncContextManager[PostgresTx]):
     """``async with``: a pooled connection in pipeline mode, BEGIN; COMMIT or ROLLBACK."""
 
-    __slots__ = ("_conn", "_pool", "_stack", "_store", "_task", "_tx")
+    __slots__ = ("_begin", "_conn", "_pool", "_stack", "_store", "_task", "_tx")
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PostgresStore, begin: str = "BEGIN") -> None:
         self._store = store
+        self._begin = begin
         self._tx: PostgresTx | None = None
         self._pool: _Pool | None = None
         self._conn: _Conn | None = None
@@ -1056,7 +1057,7 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
             if store._use_pipeline:
                 pipeline = await self._stack.enter_async_context(conn.pipeline())
             cursor = conn.cursor()
-            await cursor.execute("BEGIN")  # queued: travels with the first statement
+            await cursor.execute(self._begin)  # queued: travels with the first statement
         except psycopg.Error as exc:
             await self._release()
             raise translate_error(store.name, "begin a transaction", exc) from exc
@@ -1481,6 +1482,12 @@ class PostgresStore:
     def transaction(self) -> AbstractAsyncContextManager[PostgresTx]:
         """A transaction: commits when the block exits normally, rolls back on error."""
         return _Transaction(self)
+
+    def snapshot(self) -> AbstractAsyncContextManager[PostgresTx]:
+        """A read-only transaction whose reads all see one snapshot (REPEATABLE READ,
+        READ ONLY): under the default READ COMMITTED, two SELECTs of one transaction
+        may see different commits."""
+        return _Transaction(self, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     async def _read(self, what: str, query: str, params: _Params = ()) -> list[tuple[Any, ...]]:
         pool = self._pool or self._not_open()

@@ -742,6 +742,11 @@ class SQLiteStore:
         """A transaction: commits when the block exits normally, rolls back on error."""
         return _Transaction(self)
 
+    def snapshot(self) -> AbstractAsyncContextManager[SQLiteTx]:
+        """A transaction whose reads all see one state of the database: any transaction
+        of this store does (they run one at a time on its writer connection)."""
+        return _Transaction(self)
+
     async def _write(self, what: str, sql: str, params: Sequence[Any]) -> tuple[int, list[Any]]:
         """One statement on the writer as its own (autocommit) transaction.
 
