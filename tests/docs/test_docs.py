@@ -145,7 +145,8 @@ def test_every_block_of_the_page_runs(page: Path, page_runs: dict[Path, Future[N
 
 def test_every_page_in_docs_is_in_the_guide() -> None:
     """No page escapes these tests (mkdocs --strict refuses omitted pages too)."""
-    in_docs = {p.name for p in (ROOT / "docs").glob("*.md")}
+    docs = ROOT / "docs"
+    in_docs = {p.relative_to(docs).as_posix() for p in docs.rglob("*.md")}
     assert in_docs == set(nav_pages()), "add the page to mkdocs.yml's nav"
 
 
