@@ -59,6 +59,13 @@ Connection
     nats-py reconnects by itself (forever); meanwhile :meth:`publish` fails with
     :class:`~sagakit.errors.TransportError` after ``request_timeout`` and the pull loops
     log, back off and resume once the connection is back.
+
+Modules
+    This one holds the connection, the topology, publishing and consuming; the names
+    (subject tokens, copy ids, headers) are in :mod:`~sagakit.transports.nats_names`,
+    the pull subscription in :mod:`~sagakit.transports.nats_pull`, the dead letters in
+    :mod:`~sagakit.transports.nats_dead_letters` and the backlog in
+    :mod:`~sagakit.transports.nats_backlog`.
 """
 
 from __future__ import annotations
@@ -66,25 +73,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sagakit.core.envelope import REPLAYED_FROM, Envelope
+from sagakit.core.envelope import Envelope
 from sagakit.errors import ConfigurationError, TransportError, UnroutableMessage
-from sagakit.transports.base import (
-    Backlog,
-    BatchHandler,
-    Delivery,
-    EndpointBacklog,
-    InFlight,
-    ParkedByBroker,
-    ParkSink,
-    Settle,
+from sagakit.transports.base import BatchHandler, Delivery, InFlight, Settle
+from sagakit.transports.nats_backlog import NatsBacklog
+from sagakit.transports.nats_dead_letters import NatsDeadLetters
+from sagakit.transports.nats_names import (
+    HEADER_MESSAGE_ID,
+    HEADER_REASON,
+    DeadLetter,
+    copy_id,
+    token,
+    untoken,
 )
 from sagakit.transports.nats_pull import Puller
 
@@ -94,49 +101,25 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.api import StreamConfig
 
+__all__ = [
+    "HEADER_MESSAGE_ID",
+    "HEADER_REASON",
+    "DeadLetter",
+    "NatsTransport",
+    "copy_id",
+    "token",
+    "untoken",
+]
+
 log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
-
-
-def token(endpoint: str) -> str:
-    """``endpoint`` as one subject token and consumer name (NATS allows no '.' there).
-
-    Letters, digits and '_' stay; any other character becomes ``-xx`` (its hex code),
-    so the mapping is reversible and two endpoints never share a token.
-    """
-    return _UNSAFE.sub(lambda m: "".join(f"-{b:02x}" for b in m.group().encode()), endpoint)
-
-
-def untoken(name: str) -> str:
-    """Inverse of :func:`token`."""
-    return re.sub(
-        r"(?:-[0-9a-f]{2})+",
-        lambda m: bytes.fromhex(m.group().replace("-", "")).decode("utf-8", "replace"),
-        name,
-    )
 
 
 _ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 _MOVER = "dead-letter-mover"
 _FAILED_BATCH_DELAY = 1.0  # redelivery delay after a handler raised
 _MAX_BACKOFF = 5.0
-HEADER_REASON = "Sagakit-Dead-Letter-Reason"
-HEADER_MESSAGE_ID = "Sagakit-Message-Id"
-
-
-def copy_id(env: Envelope) -> str:
-    """The ``Nats-Msg-Id`` of one published copy of ``env``.
-
-    One id per copy: an event fanned out to several endpoints shares its message id,
-    and JetStream dedups per stream. A replayed dead letter (``REPLAYED_FROM``) is a new
-    copy, or JetStream would drop it within the duplicate window; a relay's ordinary
-    re-publish of the same outbox row keeps the same id and is still deduplicated.
-    """
-    base = f"{env.message_id}@{env.destination}"
-    replay = env.headers.get(REPLAYED_FROM)
-    return base if replay is None else f"{base}#replay:{replay}"
 
 
 def _require_nats() -> None:
@@ -148,17 +131,6 @@ def _require_nats() -> None:
         ) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message the broker gave up on, as copied into ``<stream>_dlq``."""
-
-    endpoint: str
-    body: str
-    reason: str
-    message_id: str | None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 @dataclass
 class _Subscription:
     endpoint: str
@@ -168,7 +140,7 @@ class _Subscription:
     puller: Puller | None = None
 
 
-class NatsTransport:
+class NatsTransport(NatsDeadLetters, NatsBacklog):
     """JetStream streams and durable pull consumers behind the Transport protocol."""
 
     publishes_to_broker = True
@@ -698,174 +670,3 @@ class NatsTransport:
                 await msg.nak(delay=nak or None)
             except Exception as exc:
                 log.debug("nak failed (the message comes back after ack_wait): %r", exc)
-
-    # --- dead letters -------------------------------------------------------------------
-
-    async def _move_dead_letters(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
-            try:
-                await self._move_one(msg)
-            except Exception as exc:
-                log.warning("could not dead-letter from advisory (retrying later): %r", exc)
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=1.0)
-
-    async def _move_one(self, advisory: Msg) -> None:
-        from nats.js.errors import NotFoundError
-
-        js = self._js
-        assert js is not None
-        try:
-            event = json.loads(advisory.data)
-            seq = int(event["stream_seq"])
-            consumer = str(event["consumer"])
-            deliveries = int(event.get("deliveries", 0))
-        except (ValueError, KeyError, TypeError):
-            log.error("ignoring a malformed max-deliveries advisory: %r", advisory.data[:200])
-            await advisory.ack_sync(timeout=self.request_timeout)
-            return
-        try:
-            original = await js.get_msg(self.stream, seq)
-        except NotFoundError:  # acknowledged late after all, or already moved
-            await advisory.ack_sync(timeout=self.request_timeout)
-            return
-        old = dict(original.headers or {})
-        message_id = old.get(HEADER_MESSAGE_ID) or old.get("Nats-Msg-Id")
-        reason = (
-            f"JetStream gave up after {deliveries} deliveries (max_deliver={deliveries} "
-            f"reached) on consumer {consumer!r} of stream {self.stream!r}: never acknowledged"
-        )
-        headers = {k: v for k, v in old.items() if not k.lower().startswith("nats-")}
-        headers[HEADER_REASON] = reason
-        headers["Sagakit-Stream-Seq"] = str(seq)
-        if message_id:
-            headers[HEADER_MESSAGE_ID] = message_id
-        headers["Nats-Msg-Id"] = f"{self.stream}:{seq}"
-        await js.publish(
-            f"{self.dlq_stream}.{consumer}",
-            original.data or b"",
-            headers=headers,
-            stream=self.dlq_stream,
-        )
-        with contextlib.suppress(NotFoundError):
-            await js.delete_msg(self.stream, seq)
-        log.error(
-            "dead-lettered %s into %s: %s",
-            message_id,
-            self.dlq_stream,
-            reason,
-            extra={"message_id": message_id, "endpoint": consumer},
-        )
-        await advisory.ack_sync(timeout=self.request_timeout)
-
-    async def _read_dead_letters(self, limit: int) -> list[tuple[int, DeadLetter]]:
-        """Up to ``limit`` messages of ``<stream>_dlq``, oldest first, with their sequence."""
-        from nats.js.errors import NotFoundError
-
-        if self._js is None:
-            await self.open()
-        js = self._js
-        assert js is not None
-        info = await js.stream_info(self.dlq_stream)
-        out: list[tuple[int, DeadLetter]] = []
-        seq = info.state.first_seq
-        while seq and seq <= info.state.last_seq and len(out) < limit:
-            try:
-                raw = await js.get_msg(self.dlq_stream, seq)
-            except NotFoundError:
-                seq += 1
-                continue
-            headers = dict(raw.headers or {})
-            letter = DeadLetter(
-                endpoint=untoken((raw.subject or "").rsplit(".", 1)[-1]),
-                body=(raw.data or b"").decode("utf-8", errors="replace"),
-                reason=headers.get(HEADER_REASON, ""),
-                message_id=headers.get(HEADER_MESSAGE_ID),
-                headers=headers,
-            )
-            out.append((seq, letter))
-            seq += 1
-        return out
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Read up to ``limit`` messages from ``<stream>_dlq`` (oldest first)."""
-        return [letter for _, letter in await self._read_dead_letters(limit)]
-
-    async def drain_dead_letters(self, park: ParkSink, limit: int = 100) -> int:
-        """Hand up to ``limit`` messages of ``<stream>_dlq`` to ``park``, then delete
-        them from it; return how many (see :class:`~sagakit.transports.base.DrainsDeadLetters`)."""
-        from nats.js.errors import NotFoundError
-
-        found = await self._read_dead_letters(limit)
-        if not found:
-            return 0
-        await park([ParkedByBroker(d.endpoint, d.message_id, d.body, d.reason) for _, d in found])
-        js = self._js
-        assert js is not None
-        for seq, _ in found:
-            with contextlib.suppress(NotFoundError):  # another process drained it first
-                await js.delete_msg(self.dlq_stream, seq)
-        return len(found)
-
-    async def backlog(self, *, names: bool = True, name_limit: int = 10_000) -> Backlog:
-        """What ``<stream>`` still holds for this transport's endpoints.
-
-        Per endpoint, from its durable consumer: ``waiting`` (``num_pending``, not yet
-        delivered) and ``unsettled`` (``num_ack_pending``: being handled, held for a
-        retry, or nak'ed with a delay still running, by any process). The stream is
-        a work queue, so every message it still has is one of those; up to
-        ``name_limit`` of them are read back for their message ids (with ``names``).
-        """
-        from nats.js.errors import NotFoundError
-
-        if self._js is None:
-            await self.open()
-        js = self._js
-        assert js is not None
-        counts: list[EndpointBacklog] = []
-        try:
-            for endpoint in self.endpoints:
-                try:
-                    info = await js.consumer_info(self.stream, token(endpoint))
-                except NotFoundError:  # declared by no process yet: nothing for it
-                    counts.append(EndpointBacklog(endpoint))
-                    continue
-                counts.append(
-                    EndpointBacklog(
-                        endpoint,
-                        waiting=info.num_pending or 0,
-                        unsettled=info.num_ack_pending or 0,
-                    )
-                )
-            named = names and any(c.total for c in counts)
-            ids = await self._held_ids(js, name_limit) if named else []
-        except (TimeoutError, OSError) as exc:
-            raise TransportError(
-                f"cannot read the backlog of stream {self.stream!r}: {exc}"
-            ) from exc
-        return Backlog(tuple(counts), tuple(ids))
-
-    async def _held_ids(self, js: JetStreamContext, limit: int) -> list[tuple[str, str]]:
-        """(message id, endpoint) of the messages ``<stream>`` still holds, oldest first."""
-        import nats
-        from nats.js.errors import NotFoundError
-
-        endpoints = {self.subject(e): e for e in self.endpoints}
-        out: list[tuple[str, str]] = []
-        seq = 1
-        while len(out) < limit:
-            try:
-                raw = await js.get_msg(self.stream, seq=seq, subject=f"{self.stream}.>", next=True)
-            except NotFoundError:
-                break  # no message at or after seq
-            except nats.errors.Error as exc:  # a server without next_by_subj: counts only
-                log.debug("cannot list stream %s by sequence: %r", self.stream, exc)
-                break
-            headers = raw.headers or {}
-            message_id = headers.get(HEADER_MESSAGE_ID) or headers.get("Nats-Msg-Id") or ""
-            subject = raw.subject or ""
-            out.append((message_id, endpoints.get(subject, untoken(subject.split(".", 1)[-1]))))
-            if raw.seq is None:
-                break
-            seq = raw.seq + 1
-        return out
