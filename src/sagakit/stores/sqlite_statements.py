@@ -1,0 +1,446 @@
+"""The SQLite store's statements that run on their own, outside a transaction: the
+plain reads (on the reader connection, or in read threads for a server) and the few
+writes that need no transaction of their own (relay claims, mailbox updates, on the
+writer). :class:`SQLiteStatements` is part of
+:class:`~sagakit.stores.sqlite.SQLiteStore`."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from sagakit.core.envelope import Envelope
+from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
+from sagakit.errors import ConfigurationError
+from sagakit.stores.base import (
+    DeadLetter,
+    OutboxRow,
+    QueuedMessage,
+    SagaPage,
+    SagaQuery,
+    SetAside,
+)
+from sagakit.stores.rows import (
+    dead_letter_from_row,
+    dead_letter_where,
+    saga_find_statements,
+)
+from sagakit.stores.rows import dumps as _dumps
+from sagakit.stores.rows import history_from_row as _history_from_row
+from sagakit.stores.rows import saga_from_row as _saga_from_row
+from sagakit.stores.sqlite_sql import _fail, _rollback, _set_aside_from_row
+
+_T = TypeVar("_T")
+
+DECODE_SLICE = 25
+"""Rows decoded between two turns of the event loop when reads run in threads."""
+
+
+class SQLiteStatements:
+    """The reads and the single-statement writes of :class:`~sagakit.stores.sqlite.SQLiteStore`."""
+
+    name: str
+    path: str
+    busy_timeout_ms: int
+    _q: dict[str, str]
+    _reader: sqlite3.Connection | None
+    _read_threads: int
+    _read_pool: ThreadPoolExecutor | None
+    _thread_reader: threading.local
+    _thread_readers: list[sqlite3.Connection]
+    _thread_lock: threading.Lock
+    _decode_turn: asyncio.Lock
+
+    if TYPE_CHECKING:
+
+        def _not_open(self) -> NoReturn: ...
+
+        async def _acquire(self) -> sqlite3.Connection: ...
+
+        def _release(self) -> None: ...
+
+        async def _write(
+            self, what: str, sql: str, params: Sequence[Any]
+        ) -> tuple[int, list[Any]]: ...
+
+    def read_in_threads(self, threads: int) -> None:
+        """Run the plain reads' SQL in ``threads`` worker threads (0: on the event loop).
+
+        Each worker thread reads through a connection of its own (WAL lets readers run
+        next to the writer); SQLite lets other threads run while it executes a query.
+        Decoding the rows is Python work that would only contend for the GIL in a
+        thread, so it stays on the loop, in slices of :data:`DECODE_SLICE` rows with a
+        turn for other tasks in between, and one large page at a time: a burst of
+        pages of 500 sagas never holds the loop for more than a slice. A server
+        (``sagakit serve``) turns this on; an engine on its own keeps reads on the
+        loop, where a read costs no thread hop. Transactions and writes stay on the
+        loop in every case.
+        """
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ConfigurationError(f"read threads must be an integer >= 0, got {threads!r}")
+        self._read_threads = threads
+
+    async def _read(self, what: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        rows: list[Any] = await self._reading(
+            what, lambda conn: conn.execute(sql, params).fetchall()
+        )
+        return rows
+
+    async def _decoded(self, rows: list[Any], decode: Callable[[Any], _T]) -> list[_T]:
+        """``[decode(row) for row in rows]``; with read threads, a large page is decoded
+        in slices (one page at a time) with a turn for other tasks after each slice."""
+        if not self._read_threads or len(rows) <= DECODE_SLICE:
+            return [decode(r) for r in rows]
+        out: list[_T] = []
+        async with self._decode_turn:
+            for start in range(0, len(rows), DECODE_SLICE):
+                out.extend(decode(r) for r in rows[start : start + DECODE_SLICE])
+                await asyncio.sleep(0)
+        return out
+
+    async def _reading(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(reader connection)``: here with the store's reader, or in a worker
+        thread with that thread's own reader (see :meth:`read_in_threads`)."""
+        conn = self._reader or self._not_open()
+        if not self._read_threads:
+            try:
+                return work(conn)
+            except sqlite3.Error as exc:
+                raise _fail(self.name, what, exc) from exc
+        if self._read_pool is None:
+            self._read_pool = ThreadPoolExecutor(
+                self._read_threads, thread_name_prefix=f"sqlite-read-{self.name}"
+            )
+        pool = self._read_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self._in_thread, what, work)
+
+    def _in_thread(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """In a read thread: ``work`` on this thread's reader (connected on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._thread_reader, "conn", None)
+        try:
+            if conn is None:
+                # Closed by close() from the loop's thread once this pool has stopped.
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, cached_statements=512, check_same_thread=False
+                )
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA query_only=ON")
+                with self._thread_lock:
+                    self._thread_readers.append(conn)
+                self._thread_reader.conn = conn
+            return work(conn)
+        except sqlite3.Error as exc:
+            raise _fail(self.name, what, exc) from exc
+
+    async def get_saga(self, saga_id: str) -> SagaInstance | None:
+        """An instance by id (no lock)."""
+        rows = await self._read(f"read saga {saga_id}", self._q["saga_get"], (saga_id,))
+        return _saga_from_row(rows[0]) if rows else None
+
+    async def list_sagas(
+        self,
+        *,
+        states: Sequence[SagaState] | None = None,
+        definition: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SagaInstance]:
+        """Instances, newest first (ties in insertion order), optionally filtered."""
+        state_list = None if states is None else _dumps([s.value for s in states])
+        params = (state_list, definition, max(limit, 0), max(offset, 0))
+        rows = await self._read("list sagas", self._q["saga_list"], params)
+        return await self._decoded(rows, _saga_from_row)
+
+    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
+        """The sagas ``query`` selects, newest first, and how many it selects in all."""
+        page_sql, count_sql, params = saga_find_statements(self._q, query, "?")
+        page_params = (*params, max(limit, 0), max(offset, 0))
+
+        def find(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+            # One read transaction: the total and the page see the same snapshot.
+            conn.execute("BEGIN")
+            try:
+                (total,) = conn.execute(count_sql, params).fetchone()
+                rows = conn.execute(page_sql, page_params).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return total, rows
+
+        total, rows = await self._reading("find sagas", find)
+        return SagaPage(total, await self._decoded(rows, _saga_from_row))
+
+    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` started for ``business_key`` (reader, no lock)."""
+        rows = await self._read(
+            f"read the {definition} saga of {business_key!r}",
+            self._q["saga_get_by_key"],
+            (definition, business_key),
+        )
+        return _saga_from_row(rows[0]) if rows else None
+
+    async def count_sagas(self) -> dict[SagaState, int]:
+        """How many instances are in each state (states with none are left out)."""
+        return {SagaState(s): n for s, n in await self._read("count sagas", self._q["saga_count"])}
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """A saga's history in the order it was written."""
+        rows = await self._read(
+            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
+        )
+        return await self._decoded(rows, _history_from_row)
+
+    async def next_timer_due(self) -> float | None:
+        """When the earliest timer is due, or ``None`` when there is none."""
+        due: float | None = (await self._read("read the next timer", self._q["timer_next_due"]))[0][
+            0
+        ]
+        return due
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state) (a scan)."""
+        rows = await self._read("count sagas by version", self._q["saga_count_by_version"])
+        return {(d, v, SagaState(s)): n for d, v, s, n in rows}
+
+    # -- inputs set aside for a missing definition version ------------------------------
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version)."""
+        rows = await self._read("count the inputs set aside", self._q["set_aside_counts"])
+        return {(d, v): n for d, v, n in rows}
+
+    async def set_aside_claim(
+        self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
+    ) -> list[SetAside]:
+        """Claim up to ``limit`` inputs waiting for any of ``versions``, oldest first."""
+        if limit <= 0 or not versions:
+            return []
+        _, rows = await self._write(
+            "claim inputs set aside",
+            self._q["set_aside_claim"],
+            (now + lease, _dumps([list(v) for v in versions]), now, limit),
+        )
+        rows.sort()
+        return [_set_aside_from_row(r) for r in rows]
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first."""
+        rows = await self._read(
+            f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
+        )
+        return [_set_aside_from_row(r) for r in rows]
+
+    # -- outbox relay -----------------------------------------------------------------
+    async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:
+        """Claim up to ``limit`` unpublished rows for ``lease`` seconds, oldest first.
+
+        A claimed row is not handed to another relay until its lease expires, so a
+        relay that dies mid-publish only delays its rows. Callers publish, wait for the
+        acknowledgement, then :meth:`outbox_mark_published`.
+        """
+        if limit <= 0:
+            return []
+        _, rows = await self._write(
+            "claim outbox rows", self._q["outbox_claim"], (now + lease, now, limit)
+        )
+        rows.sort()
+        return [OutboxRow(id=r[0], envelope=Envelope.from_json(r[1])) for r in rows]
+
+    async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
+        """Mark rows as published (acknowledged by the transport)."""
+        if ids:
+            await self._write(
+                f"mark {len(ids)} outbox row(s) published",
+                self._q["outbox_mark_published"],
+                (now, _dumps(list(ids))),
+            )
+
+    async def outbox_pending(self) -> int:
+        """How many rows are not yet published."""
+        count: int = (await self._read("count pending outbox rows", self._q["outbox_pending"]))[0][
+            0
+        ]
+        return count
+
+    async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
+        """Every outbox row with its published time (for audits and invariant checks)."""
+        rows = await self._read("read the outbox", self._q["outbox_all"])
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
+        """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
+        rows = await self._read(
+            f"read the outbox of saga {saga_id}", self._q["outbox_of_saga"], (saga_id,)
+        )
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
+        """Delete rows published before ``published_before``, ``batch`` rows per write
+        transaction (the writer is free between two); return how many."""
+        purged = 0
+        while True:
+            n, _ = await self._write(
+                "purge published outbox rows", self._q["outbox_purge"], (published_before, batch)
+            )
+            purged += n
+            if n < batch:
+                return purged
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
+        rows = await self._read(
+            "read the oldest pending outbox row", self._q["outbox_oldest_pending"]
+        )
+        return float(rows[0][0]) if rows else None
+
+    # -- inbox ------------------------------------------------------------------------
+    async def inbox_ids(self, consumer: str) -> set[str]:
+        """Message ids ``consumer`` has handled (for audits and invariant checks)."""
+        rows = await self._read(
+            f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
+        )
+        return {r[0] for r in rows}
+
+    async def inbox_has(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` recorded ``message_id`` as handled."""
+        rows = await self._read(
+            f"look up {message_id} in the inbox of {consumer!r}",
+            self._q["inbox_has"],
+            (consumer, message_id),
+        )
+        return bool(rows)
+
+    async def inbox_purge(self, older_than: float) -> int:
+        """Delete inbox rows recorded before ``older_than``; return how many."""
+        purged, _ = await self._write("purge the inbox", self._q["inbox_purge"], (older_than,))
+        return purged
+
+    # -- mailbox queue (embedded transport) -------------------------------------------
+    async def queue_push(
+        self, endpoint: str, bodies: Sequence[str], now: float, available_at: float | None = None
+    ) -> None:
+        """Append raw messages to ``endpoint``'s mailbox, visible from ``available_at``."""
+        if not bodies:
+            return
+        at = now if available_at is None else available_at
+        rows = [(endpoint, body, now, at) for body in bodies]
+        conn = await self._acquire()
+        try:
+            if len(rows) == 1:
+                conn.execute(self._q["queue_push"], rows[0])
+            else:
+                # Without an explicit transaction executemany would commit once per row.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(self._q["queue_push"], rows)
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn, self.name)
+            raise _fail(self.name, f"push {len(rows)} message(s) to {endpoint!r}", exc) from exc
+        finally:
+            self._release()
+
+    async def queue_fetch(
+        self, endpoint: str, limit: int, now: float, lease: float
+    ) -> list[QueuedMessage]:
+        """Hand out up to ``limit`` visible messages, oldest first, hidden for ``lease`` s.
+
+        Each counts one more delivery. A message not acknowledged before its lease
+        ends is handed out again (at-least-once).
+        """
+        if limit <= 0:
+            return []
+        _, rows = await self._write(
+            f"fetch from the mailbox of {endpoint!r}",
+            self._q["queue_fetch"],
+            (now + lease, endpoint, now, limit),
+        )
+        rows.sort()
+        return [
+            # float(): UPDATE ... RETURNING reports a whole REAL as an int.
+            QueuedMessage(
+                id=r[0], endpoint=r[1], body=r[2], deliveries=r[3], enqueued_at=float(r[4])
+            )
+            for r in rows
+        ]
+
+    async def queue_ack(self, ids: Sequence[int]) -> None:
+        """Remove handled messages from the mailbox."""
+        if ids:
+            await self._write(
+                f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (_dumps(list(ids)),)
+            )
+
+    async def queue_retry(self, id: int, available_at: float, error: str) -> None:
+        """Make a message visible again at ``available_at`` (a failed delivery)."""
+        await self._write(
+            f"reschedule message {id}", self._q["queue_retry"], (available_at, error, id)
+        )
+
+    async def queue_reset_leases(self, endpoint: str) -> int:
+        """Make every leased message of ``endpoint`` visible now (the sole consumer restarted).
+
+        A message counts as leased once it was handed out; messages delayed at push
+        time and never delivered keep their delay.
+        """
+        reset, _ = await self._write(
+            f"reset the leases of {endpoint!r}", self._q["queue_reset_leases"], (endpoint,)
+        )
+        return reset
+
+    async def queue_depth(self, endpoint: str | None = None) -> int:
+        """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
+        if endpoint is None:
+            rows = await self._read("count queued messages", self._q["queue_depth"])
+        else:
+            rows = await self._read(
+                f"count the mailbox of {endpoint!r}", self._q["queue_depth_of"], (endpoint,)
+            )
+        depth: int = rows[0][0]
+        return depth
+
+    async def next_queue_visible(self, endpoint: str) -> float | None:
+        """When the next hidden or delayed message of ``endpoint`` becomes visible.
+
+        This is the smallest ``available_at`` of the mailbox, which is in the past when
+        a message is visible already; ``None`` when the mailbox is empty.
+        """
+        rows = await self._read(
+            f"read the mailbox of {endpoint!r}", self._q["queue_next_visible"], (endpoint,)
+        )
+        at: float | None = rows[0][0]
+        return at
+
+    async def dead_letters(
+        self,
+        endpoint: str | None = None,
+        *,
+        settled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
+        where, params = dead_letter_where(endpoint, settled, "?")
+        rows = await self._read(
+            "read dead letters",
+            self._q["dead_letters_page"].replace("{where}", where),
+            (*params, -1 if limit is None else max(limit, 0), max(offset, 0)),
+        )
+        return await self._decoded(rows, dead_letter_from_row)
+
+    async def dead_letter_count(
+        self, endpoint: str | None = None, *, settled: bool | None = False
+    ) -> int:
+        """How many dead letters there are (by default the open ones), without reading them."""
+        where, params = dead_letter_where(endpoint, settled, "?")
+        rows = await self._read(
+            "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
+        )
+        count: int = rows[0][0]
+        return count
+
+    async def get_dead_letter(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, settled or not."""
+        rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
+        return dead_letter_from_row(rows[0]) if rows else None
