@@ -100,6 +100,7 @@ from sagakit.stores.rows import history_from_row as _history_from_row
 from sagakit.stores.rows import history_params as _history_params
 from sagakit.stores.rows import loads as _loads
 from sagakit.stores.rows import saga_from_row as _saga_from_row
+from sagakit.stores.shared import SharedStatements
 
 # The driver is optional: `import sagakit` never imports this module, and a missing
 # extra is reported when a PostgresStore is built.
@@ -1149,7 +1150,7 @@ async def _check_if_idle(conn: Any) -> None:
     await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
-class PostgresStore:
+class PostgresStore(SharedStatements):
     """A :class:`~sagakit.stores.base.Store` in a PostgreSQL database (or one schema of it).
 
     ``schema`` is this service's own schema: created if missing, and the only one on
@@ -1597,17 +1598,7 @@ class PostgresStore:
         due: float | None = rows[0][0]
         return due
 
-    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
-        """How many instances there are per (definition, version, state) (a scan)."""
-        rows = await self._read("count sagas by version", self._q["saga_count_by_version"])
-        return {(d, v, SagaState(s)): n for d, v, s, n in rows}
-
     # -- inputs set aside for a missing definition version ------------------------------
-    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
-        """How many inputs wait per (definition, version)."""
-        rows = await self._read("count the inputs set aside", self._q["set_aside_counts"])
-        return {(d, v): n for d, v, n in rows}
-
     async def set_aside_claim(
         self, versions: Sequence[tuple[str, int]], limit: int, now: float, lease: float
     ) -> list[SetAside]:
@@ -1707,18 +1698,6 @@ class PostgresStore:
         count: int = rows[0][0]
         return count
 
-    async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
-        """Every outbox row with its published time (for audits and invariant checks)."""
-        rows = await self._read("read the outbox", self._q["outbox_all"])
-        return [(Envelope.from_json(body), published) for body, published in rows]
-
-    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
-        """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
-        rows = await self._read(
-            f"read the outbox of saga {saga_id}", self._q["outbox_of_saga"], (saga_id,)
-        )
-        return [(Envelope.from_json(body), published) for body, published in rows]
-
     async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
         """Delete rows published before ``published_before``, ``batch`` rows per
         transaction (short row locks, never waiting on a relay's); return how many."""
@@ -1742,27 +1721,6 @@ class PostgresStore:
         return oldest
 
     # -- inbox ------------------------------------------------------------------------
-    async def inbox_ids(self, consumer: str) -> set[str]:
-        """Message ids ``consumer`` has handled (for audits and invariant checks)."""
-        rows = await self._read(
-            f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
-        )
-        return {r[0] for r in rows}
-
-    async def inbox_has(self, consumer: str, message_id: str) -> bool:
-        """Whether ``consumer`` recorded ``message_id`` as handled."""
-        rows = await self._read(
-            f"look up {message_id} in the inbox of {consumer!r}",
-            self._q["inbox_has"],
-            (consumer, message_id),
-        )
-        return bool(rows)
-
-    async def inbox_purge(self, older_than: float) -> int:
-        """Delete inbox rows recorded before ``older_than``; return how many."""
-        purged, _ = await self._write("purge the inbox", self._q["inbox_purge"], (older_than,))
-        return purged
-
     # -- mailbox queue (embedded transport) -------------------------------------------
     async def queue_push(
         self, endpoint: str, bodies: Sequence[str], now: float, available_at: float | None = None
@@ -1814,46 +1772,6 @@ class PostgresStore:
                 f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (list(ids),)
             )
 
-    async def queue_retry(self, id: int, available_at: float, error: str) -> None:
-        """Make a message visible again at ``available_at`` (a failed delivery)."""
-        await self._write(
-            f"reschedule message {id}", self._q["queue_retry"], (available_at, error, id)
-        )
-
-    async def queue_reset_leases(self, endpoint: str) -> int:
-        """Make every leased message of ``endpoint`` visible now (the sole consumer restarted).
-
-        A message counts as leased once it was handed out; messages delayed at push
-        time and never delivered keep their delay.
-        """
-        reset, _ = await self._write(
-            f"reset the leases of {endpoint!r}", self._q["queue_reset_leases"], (endpoint,)
-        )
-        return reset
-
-    async def queue_depth(self, endpoint: str | None = None) -> int:
-        """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
-        if endpoint is None:
-            rows = await self._read("count queued messages", self._q["queue_depth"])
-        else:
-            rows = await self._read(
-                f"count the mailbox of {endpoint!r}", self._q["queue_depth_of"], (endpoint,)
-            )
-        depth: int = rows[0][0]
-        return depth
-
-    async def next_queue_visible(self, endpoint: str) -> float | None:
-        """When the next hidden or delayed message of ``endpoint`` becomes visible.
-
-        This is the smallest ``available_at`` of the mailbox, which is in the past when
-        a message is visible already; ``None`` when the mailbox is empty.
-        """
-        rows = await self._read(
-            f"read the mailbox of {endpoint!r}", self._q["queue_next_visible"], (endpoint,)
-        )
-        at: float | None = rows[0][0]
-        return at
-
     async def dead_letters(
         self,
         endpoint: str | None = None,
@@ -1881,11 +1799,6 @@ class PostgresStore:
         )
         count: int = rows[0][0]
         return count
-
-    async def get_dead_letter(self, id: int) -> DeadLetter | None:
-        """A dead letter by id, settled or not."""
-        rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
-        return dead_letter_from_row(rows[0]) if rows else None
 
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:

@@ -1,0 +1,116 @@
+"""The store methods that read the same on every SQL backend: one named query, through
+the backend's own ``_read`` (a plain read) or ``_write`` (a statement of its own, on
+the writer), with its rows decoded the same way. :class:`SharedStatements` is part of
+:class:`~sagakit.stores.sqlite.SQLiteStore` and
+:class:`~sagakit.stores.postgres.PostgresStore`; a backend's ``_q`` holds its dialect's
+text of each query (``stores/sql/*_queries.sql``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sagakit.core.envelope import Envelope
+from sagakit.core.instance import SagaState
+from sagakit.stores.base import DeadLetter
+from sagakit.stores.rows import dead_letter_from_row
+
+
+class SharedStatements:
+    """Methods of :class:`~sagakit.stores.base.Store` written once for every SQL backend."""
+
+    name: str
+    _q: dict[str, str]
+
+    if TYPE_CHECKING:
+
+        async def _read(self, what: str, sql: str, params: Any = (), /) -> list[Any]: ...
+
+        async def _write(self, what: str, sql: str, params: Any, /) -> tuple[int, list[Any]]: ...
+
+    async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
+        """How many instances there are per (definition, version, state) (a scan)."""
+        rows = await self._read("count sagas by version", self._q["saga_count_by_version"])
+        return {(d, v, SagaState(s)): n for d, v, s, n in rows}
+
+    async def set_aside_counts(self) -> dict[tuple[str, int], int]:
+        """How many inputs wait per (definition, version)."""
+        rows = await self._read("count the inputs set aside", self._q["set_aside_counts"])
+        return {(d, v): n for d, v, n in rows}
+
+    async def outbox_all(self) -> list[tuple[Envelope, float | None]]:
+        """Every outbox row with its published time (for audits and invariant checks)."""
+        rows = await self._read("read the outbox", self._q["outbox_all"])
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def outbox_of_saga(self, saga_id: str) -> list[tuple[Envelope, float | None]]:
+        """The outbox rows whose envelope carries ``saga_id``, in write order (indexed)."""
+        rows = await self._read(
+            f"read the outbox of saga {saga_id}", self._q["outbox_of_saga"], (saga_id,)
+        )
+        return [(Envelope.from_json(body), published) for body, published in rows]
+
+    async def inbox_ids(self, consumer: str) -> set[str]:
+        """Message ids ``consumer`` has handled (for audits and invariant checks)."""
+        rows = await self._read(
+            f"read the inbox of {consumer!r}", self._q["inbox_ids"], (consumer,)
+        )
+        return {r[0] for r in rows}
+
+    async def inbox_has(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` recorded ``message_id`` as handled."""
+        rows = await self._read(
+            f"look up {message_id} in the inbox of {consumer!r}",
+            self._q["inbox_has"],
+            (consumer, message_id),
+        )
+        return bool(rows)
+
+    async def inbox_purge(self, older_than: float) -> int:
+        """Delete inbox rows recorded before ``older_than``; return how many."""
+        purged, _ = await self._write("purge the inbox", self._q["inbox_purge"], (older_than,))
+        return purged
+
+    async def queue_retry(self, id: int, available_at: float, error: str) -> None:
+        """Make a message visible again at ``available_at`` (a failed delivery)."""
+        await self._write(
+            f"reschedule message {id}", self._q["queue_retry"], (available_at, error, id)
+        )
+
+    async def queue_reset_leases(self, endpoint: str) -> int:
+        """Make every leased message of ``endpoint`` visible now (the sole consumer restarted).
+
+        A message counts as leased once it was handed out; messages delayed at push
+        time and never delivered keep their delay.
+        """
+        reset, _ = await self._write(
+            f"reset the leases of {endpoint!r}", self._q["queue_reset_leases"], (endpoint,)
+        )
+        return reset
+
+    async def queue_depth(self, endpoint: str | None = None) -> int:
+        """How many messages wait in a mailbox (all mailboxes when ``endpoint`` is None)."""
+        if endpoint is None:
+            rows = await self._read("count queued messages", self._q["queue_depth"])
+        else:
+            rows = await self._read(
+                f"count the mailbox of {endpoint!r}", self._q["queue_depth_of"], (endpoint,)
+            )
+        depth: int = rows[0][0]
+        return depth
+
+    async def next_queue_visible(self, endpoint: str) -> float | None:
+        """When the next hidden or delayed message of ``endpoint`` becomes visible.
+
+        This is the smallest ``available_at`` of the mailbox, which is in the past when
+        a message is visible already; ``None`` when the mailbox is empty.
+        """
+        rows = await self._read(
+            f"read the mailbox of {endpoint!r}", self._q["queue_next_visible"], (endpoint,)
+        )
+        at: float | None = rows[0][0]
+        return at
+
+    async def get_dead_letter(self, id: int) -> DeadLetter | None:
+        """A dead letter by id, settled or not."""
+        rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
+        return dead_letter_from_row(rows[0]) if rows else None
