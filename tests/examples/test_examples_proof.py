@@ -1,9 +1,10 @@
 """The issue's bar for every example app, through the public path: ``sagakit simulate
 --app`` with no violation, and each planted bug caught.
 
-CI runs ``SAGAKIT_EXAMPLE_SEEDS`` seeds per app (100 by default, a few seconds each);
-``SAGAKIT_EXAMPLE_SEEDS=2000`` runs the full bar on demand (about a minute per app on
-two cores). Each example's own test file holds its stories, demo and planted-bug test.
+On demand: ``SAGAKIT_EXAMPLE_SEEDS=2000 python -m pytest tests/examples/test_examples_proof.py``
+runs the full bar (about a minute per app on two cores). CI leaves it out: each
+example's own test file runs 40 seeds, its demo and its planted bug, and
+tests/integration/test_simulator_apps.py runs the checkout through ``--app``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 
 import pytest
 
-SEEDS = int(os.environ.get("SAGAKIT_EXAMPLE_SEEDS", "100"))
+SEEDS = int(os.environ.get("SAGAKIT_EXAMPLE_SEEDS", "0"))
+pytestmark = pytest.mark.skipif(
+    SEEDS < 1, reason="on demand: set SAGAKIT_EXAMPLE_SEEDS (2000 is the issue's bar)"
+)
 APPS = [
     "sagakit_wallet:app",
     "sagakit_notifications:app",
