@@ -90,13 +90,11 @@ from sagakit.stores.base import (
 from sagakit.stores.rows import (
     check_settlement,
     dead_letter_from_row,
-    dead_letter_where,
     saga_find_statements,
     saga_insert_params,
     saga_update_params,
 )
 from sagakit.stores.rows import dumps as _dumps
-from sagakit.stores.rows import history_from_row as _history_from_row
 from sagakit.stores.rows import history_params as _history_params
 from sagakit.stores.rows import loads as _loads
 from sagakit.stores.rows import saga_from_row as _saga_from_row
@@ -1166,6 +1164,8 @@ class PostgresStore(SharedStatements):
 
     dialect = "postgresql"
     """The SQL dialect of business tables, for the rare migration that differs."""
+    _mark = "%s"
+    _no_limit = None
 
     def __init__(
         self,
@@ -1512,11 +1512,6 @@ class PostgresStore(SharedStatements):
             raise translate_error(self.name, what, exc) from exc
 
     # -- reads ------------------------------------------------------------------------
-    async def get_saga(self, saga_id: str) -> SagaInstance | None:
-        """An instance by id (no lock)."""
-        rows = await self._read(f"read saga {saga_id}", self._q["saga_read"], (saga_id,))
-        return _saga_from_row(rows[0]) if rows else None
-
     async def list_sagas(
         self,
         *,
@@ -1552,15 +1547,6 @@ class PostgresStore(SharedStatements):
         total = int(counted[0]) if counted is not None else 0
         return SagaPage(total, [_saga_from_row(r) for r in rows])
 
-    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
-        """The instance of ``definition`` started for ``business_key`` (no lock)."""
-        rows = await self._read(
-            f"read the {definition} saga of {business_key!r}",
-            self._q["saga_get_by_key"],
-            (definition, business_key),
-        )
-        return _saga_from_row(rows[0]) if rows else None
-
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out).
 
@@ -1584,19 +1570,6 @@ class PostgresStore(SharedStatements):
         any number of processes (the engine's housekeeping runs it too).
         """
         await self._write("fold the saga counts", self._q["saga_counts_fold"], ())
-
-    async def history(self, saga_id: str) -> list[HistoryEntry]:
-        """A saga's history in the order it was written."""
-        rows = await self._read(
-            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
-        )
-        return [_history_from_row(r) for r in rows]
-
-    async def next_timer_due(self) -> float | None:
-        """When the earliest timer is due, or ``None`` when there is none."""
-        rows = await self._read("read the next timer", self._q["timer_next_due"])
-        due: float | None = rows[0][0]
-        return due
 
     # -- inputs set aside for a missing definition version ------------------------------
     async def set_aside_claim(
@@ -1692,12 +1665,6 @@ class PostgresStore(SharedStatements):
                 (now, list(ids)),
             )
 
-    async def outbox_pending(self) -> int:
-        """How many rows are not yet published."""
-        rows = await self._read("count pending outbox rows", self._q["outbox_pending"])
-        count: int = rows[0][0]
-        return count
-
     async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
         """Delete rows published before ``published_before``, ``batch`` rows per
         transaction (short row locks, never waiting on a relay's); return how many."""
@@ -1771,34 +1738,6 @@ class PostgresStore(SharedStatements):
             await self._write(
                 f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (list(ids),)
             )
-
-    async def dead_letters(
-        self,
-        endpoint: str | None = None,
-        *,
-        settled: bool | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-    ) -> list[DeadLetter]:
-        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
-        where, params = dead_letter_where(endpoint, settled, "%s")
-        rows = await self._read(
-            "read dead letters",
-            self._q["dead_letters_page"].replace("{where}", where),
-            (*params, None if limit is None else max(limit, 0), max(offset, 0)),
-        )
-        return [dead_letter_from_row(r) for r in rows]
-
-    async def dead_letter_count(
-        self, endpoint: str | None = None, *, settled: bool | None = False
-    ) -> int:
-        """How many dead letters there are (by default the open ones), without reading them."""
-        where, params = dead_letter_where(endpoint, settled, "%s")
-        rows = await self._read(
-            "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
-        )
-        count: int = rows[0][0]
-        return count
 
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:

@@ -7,12 +7,20 @@ text of each query (``stores/sql/*_queries.sql``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sagakit.core.envelope import Envelope
-from sagakit.core.instance import SagaState
+from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.stores.base import DeadLetter
-from sagakit.stores.rows import dead_letter_from_row
+from sagakit.stores.rows import (
+    dead_letter_from_row,
+    dead_letter_where,
+    history_from_row,
+    saga_from_row,
+)
+
+_T = TypeVar("_T")
 
 
 class SharedStatements:
@@ -20,12 +28,81 @@ class SharedStatements:
 
     name: str
     _q: dict[str, str]
+    _mark: str
+    """The dialect's query parameter mark: ``?`` or ``%s``."""
+    _no_limit: Any
+    """What a query's LIMIT takes for "no limit": -1 on SQLite, NULL on PostgreSQL."""
 
     if TYPE_CHECKING:
 
         async def _read(self, what: str, sql: str, params: Any = (), /) -> list[Any]: ...
 
         async def _write(self, what: str, sql: str, params: Any, /) -> tuple[int, list[Any]]: ...
+
+    async def _decoded(self, rows: list[Any], decode: Callable[[Any], _T]) -> list[_T]:
+        """``[decode(row) for row in rows]`` (a backend may decode large pages in slices)."""
+        return [decode(r) for r in rows]
+
+    async def get_saga(self, saga_id: str) -> SagaInstance | None:
+        """An instance by id (no lock)."""
+        rows = await self._read(f"read saga {saga_id}", self._q["saga_read"], (saga_id,))
+        return saga_from_row(rows[0]) if rows else None
+
+    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
+        """The instance of ``definition`` started for ``business_key`` (no lock)."""
+        rows = await self._read(
+            f"read the {definition} saga of {business_key!r}",
+            self._q["saga_get_by_key"],
+            (definition, business_key),
+        )
+        return saga_from_row(rows[0]) if rows else None
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """A saga's history in the order it was written."""
+        rows = await self._read(
+            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
+        )
+        return await self._decoded(rows, history_from_row)
+
+    async def next_timer_due(self) -> float | None:
+        """When the earliest timer is due, or ``None`` when there is none."""
+        rows = await self._read("read the next timer", self._q["timer_next_due"])
+        due: float | None = rows[0][0]
+        return due
+
+    async def outbox_pending(self) -> int:
+        """How many rows are not yet published."""
+        rows = await self._read("count pending outbox rows", self._q["outbox_pending"])
+        count: int = rows[0][0]
+        return count
+
+    async def dead_letters(
+        self,
+        endpoint: str | None = None,
+        *,
+        settled: bool | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
+        where, params = dead_letter_where(endpoint, settled, self._mark)
+        rows = await self._read(
+            "read dead letters",
+            self._q["dead_letters_page"].replace("{where}", where),
+            (*params, self._no_limit if limit is None else max(limit, 0), max(offset, 0)),
+        )
+        return await self._decoded(rows, dead_letter_from_row)
+
+    async def dead_letter_count(
+        self, endpoint: str | None = None, *, settled: bool | None = False
+    ) -> int:
+        """How many dead letters there are (by default the open ones), without reading them."""
+        where, params = dead_letter_where(endpoint, settled, self._mark)
+        rows = await self._read(
+            "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
+        )
+        count: int = rows[0][0]
+        return count
 
     async def count_sagas_by_version(self) -> dict[tuple[str, int, SagaState], int]:
         """How many instances there are per (definition, version, state) (a scan)."""

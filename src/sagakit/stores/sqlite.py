@@ -64,6 +64,8 @@ class SQLiteStore(SQLiteStatements):
 
     dialect = "sqlite"
     """The SQL dialect of business tables, for the rare migration that differs."""
+    _mark = "?"
+    _no_limit = -1
 
     def __init__(
         self,

@@ -14,23 +14,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sagakit.core.envelope import Envelope
-from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
+from sagakit.core.instance import SagaInstance, SagaState
 from sagakit.errors import ConfigurationError
 from sagakit.stores.base import (
-    DeadLetter,
     OutboxRow,
     QueuedMessage,
     SagaPage,
     SagaQuery,
     SetAside,
 )
+from sagakit.stores.rows import dumps as _dumps
 from sagakit.stores.rows import (
-    dead_letter_from_row,
-    dead_letter_where,
     saga_find_statements,
 )
-from sagakit.stores.rows import dumps as _dumps
-from sagakit.stores.rows import history_from_row as _history_from_row
 from sagakit.stores.rows import saga_from_row as _saga_from_row
 from sagakit.stores.shared import SharedStatements
 from sagakit.stores.sqlite_sql import _fail, _rollback, _set_aside_from_row
@@ -137,11 +133,6 @@ class SQLiteStatements(SharedStatements):
         except sqlite3.Error as exc:
             raise _fail(self.name, what, exc) from exc
 
-    async def get_saga(self, saga_id: str) -> SagaInstance | None:
-        """An instance by id (no lock)."""
-        rows = await self._read(f"read saga {saga_id}", self._q["saga_get"], (saga_id,))
-        return _saga_from_row(rows[0]) if rows else None
-
     async def list_sagas(
         self,
         *,
@@ -174,32 +165,9 @@ class SQLiteStatements(SharedStatements):
         total, rows = await self._reading("find sagas", find)
         return SagaPage(total, await self._decoded(rows, _saga_from_row))
 
-    async def get_saga_by_key(self, definition: str, business_key: str) -> SagaInstance | None:
-        """The instance of ``definition`` started for ``business_key`` (reader, no lock)."""
-        rows = await self._read(
-            f"read the {definition} saga of {business_key!r}",
-            self._q["saga_get_by_key"],
-            (definition, business_key),
-        )
-        return _saga_from_row(rows[0]) if rows else None
-
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
         return {SagaState(s): n for s, n in await self._read("count sagas", self._q["saga_count"])}
-
-    async def history(self, saga_id: str) -> list[HistoryEntry]:
-        """A saga's history in the order it was written."""
-        rows = await self._read(
-            f"read the history of saga {saga_id}", self._q["history"], (saga_id,)
-        )
-        return await self._decoded(rows, _history_from_row)
-
-    async def next_timer_due(self) -> float | None:
-        """When the earliest timer is due, or ``None`` when there is none."""
-        due: float | None = (await self._read("read the next timer", self._q["timer_next_due"]))[0][
-            0
-        ]
-        return due
 
     # -- inputs set aside for a missing definition version ------------------------------
     async def set_aside_claim(
@@ -247,13 +215,6 @@ class SQLiteStatements(SharedStatements):
                 self._q["outbox_mark_published"],
                 (now, _dumps(list(ids))),
             )
-
-    async def outbox_pending(self) -> int:
-        """How many rows are not yet published."""
-        count: int = (await self._read("count pending outbox rows", self._q["outbox_pending"]))[0][
-            0
-        ]
-        return count
 
     async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
         """Delete rows published before ``published_before``, ``batch`` rows per write
@@ -329,31 +290,3 @@ class SQLiteStatements(SharedStatements):
             await self._write(
                 f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (_dumps(list(ids)),)
             )
-
-    async def dead_letters(
-        self,
-        endpoint: str | None = None,
-        *,
-        settled: bool | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-    ) -> list[DeadLetter]:
-        """Dead letters, oldest first, optionally of one endpoint, open or settled, a page."""
-        where, params = dead_letter_where(endpoint, settled, "?")
-        rows = await self._read(
-            "read dead letters",
-            self._q["dead_letters_page"].replace("{where}", where),
-            (*params, -1 if limit is None else max(limit, 0), max(offset, 0)),
-        )
-        return await self._decoded(rows, dead_letter_from_row)
-
-    async def dead_letter_count(
-        self, endpoint: str | None = None, *, settled: bool | None = False
-    ) -> int:
-        """How many dead letters there are (by default the open ones), without reading them."""
-        where, params = dead_letter_where(endpoint, settled, "?")
-        rows = await self._read(
-            "count dead letters", self._q["dead_letter_count"].replace("{where}", where), params
-        )
-        count: int = rows[0][0]
-        return count

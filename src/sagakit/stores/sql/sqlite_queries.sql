@@ -26,6 +26,14 @@ SELECT saga_id, definition, definition_version, business_key, state, status, ver
        cancel_requested, timed_out, data, steps
 FROM sagas WHERE saga_id = ?
 
+-- name: saga_read
+-- A plain read by id (on SQLite the same text as saga_get: the writer's transaction
+-- needs no lock clause).
+SELECT saga_id, definition, definition_version, business_key, state, status, version,
+       cursor, correlation_id, created_at, updated_at, deadline_at, reason,
+       cancel_requested, timed_out, data, steps
+FROM sagas WHERE saga_id = ?
+
 -- name: saga_get_many
 -- A batch's sagas in one statement (the ids as one JSON array): a statement per saga
 -- cost more in Python than SQLite spent on it.
