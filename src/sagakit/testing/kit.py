@@ -36,7 +36,6 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -49,6 +48,7 @@ from sagakit.deployment import Deployment
 from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.participant import Participant
 from sagakit.stores.sqlite import SQLiteStore
+from sagakit.testing.jobs import VirtualJob, app_jobs
 
 START = 1_767_225_600.0
 """Where a virtual clock starts (2026-01-01T00:00:00Z): fixed, so runs repeat."""
@@ -105,7 +105,7 @@ class SagaHarness:
         self.settle_for = settle_for
         self.deployment: Deployment | None = None
         """The app's deployment on :attr:`directory` (:meth:`for_app` only)."""
-        self._jobs: list[_Job] = []
+        self._jobs: list[VirtualJob] = []
 
     @classmethod
     def for_app(
@@ -176,19 +176,8 @@ class SagaHarness:
                 if dep.app.setup is not None:
                     with using(self.clock):
                         await dep.app.setup(dep)
-                for service in dep.app.services.values():
-                    for seconds, name, fn in service.jobs:
-                        self._jobs.append(
-                            _Job(
-                                f"{service.name}:{name}",
-                                seconds,
-                                fn,
-                                service.job_due.get(name),
-                                dep.store(service.name),
-                                last=self.clock(),
-                                clock=self.clock,
-                            )
-                        )
+                stores = {name: dep.store(name) for name in dep.app.services}
+                self._jobs = app_jobs(dep.app, stores, self.clock)
             except BaseException:
                 self._engine = None
                 await engine.__aexit__(None, None, None)
@@ -322,27 +311,18 @@ class SagaHarness:
         return found
 
     async def _run_due_jobs(self, now: float) -> int:
-        """Run every job due at ``now`` (each at most once per virtual instant, so a job
-        that leaves its ``due`` in the past cannot spin); how many ran."""
+        """Run every job due at ``now`` (see :mod:`sagakit.testing.jobs`); how many ran."""
         ran = 0
         for job in self._jobs:
-            due = await job.next_due()
-            if due is None or due > now or job.ran_at == now:
-                continue
-            job.ran_at = job.last = now
-            with using(self.clock):
-                await job.fn(job.store)
-            ran += 1
+            due = await job.due()
+            if due is not None and due <= now:
+                await job.run()
+                ran += 1
         return ran
 
     async def _next_job(self) -> float | None:
         now = self.clock()
-        times: list[float] = []
-        for job in self._jobs:
-            due = await job.next_due()
-            if due is None or (due <= now and job.ran_at == now):
-                continue  # nothing waits, or it already ran at this instant
-            times.append(max(due, now))
+        times = [max(due, now) for job in self._jobs if (due := await job.due()) is not None]
         return min(times) if times else None
 
     async def _next_timer_or_job(self) -> float | None:
@@ -371,27 +351,6 @@ class SagaHarness:
                 f"saga {saga_id} is {saga.state.value}, expected {state.value}; history: {events}"
             )
         return saga
-
-
-@dataclass(slots=True)
-class _Job:
-    """A service's periodic job as the harness runs it on the virtual clock."""
-
-    name: str
-    seconds: float
-    fn: Any
-    due: Any
-    store: Any
-    last: float
-    clock: Any
-    ran_at: float | None = None
-
-    async def next_due(self) -> float | None:
-        if self.due is not None:
-            with using(self.clock):
-                due = await self.due(self.store)
-            return None if due is None else float(due)
-        return self.last + self.seconds
 
 
 async def _work(store: Any, now: float) -> tuple[float, ...]:

@@ -38,11 +38,10 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sagakit.app import App, Job, JobDue
+from sagakit.app import App
 from sagakit.clock import using
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
@@ -52,6 +51,7 @@ from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
 from sagakit.stores.base import SQLStore, Store
 from sagakit.testing.coverage import exercised
+from sagakit.testing.jobs import VirtualJob, app_jobs
 from sagakit.testing.sim.checks import (
     answers,
     compensation_order,
@@ -62,10 +62,10 @@ from sagakit.testing.sim.checks import (
 from sagakit.testing.sim.handler_runs import handler_runs, record_runs
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
 from sagakit.testing.sim.operator import AnyWorker, OrchestratorControls
-from sagakit.testing.sim.scheduler import Verdict
 from sagakit.testing.sim.slots import SlotPool
 from sagakit.testing.sim.systems import RUNS_TABLE
 from sagakit.testing.sim.timers import OrchestratorTimers
+from sagakit.testing.sim.world import Verdict
 from sagakit.transports.base import BatchHandler
 
 WORKERS = 2
@@ -175,43 +175,11 @@ async def _tables(store: Store, tx: Any = None) -> list[str]:
         return [r[0] for r in await own.fetchall(sql)]
 
 
-@dataclass(slots=True)
-class _AppJob:
-    """A service's periodic job as ticks run it: at its ``due`` time, else every
-    ``seconds``; never twice at one virtual instant (a job whose ``due`` stays in the
-    past after it ran waits its interval)."""
-
-    name: str
-    seconds: float
-    fn: Job
-    due_fn: JobDue | None
-    store: SQLStore
-    clock: VirtualClock
-    last: float
-    ran_at: float | None = None
-
-    async def due(self) -> float | None:
-        if self.due_fn is None:
-            return self.last + self.seconds
-        with using(self.clock):
-            due = await self.due_fn(self.store)
-        if due is None:
-            return None
-        if self.ran_at is not None and due <= self.ran_at:
-            return self.ran_at + self.seconds
-        return float(due)
-
-    async def run(self) -> None:
-        self.ran_at = self.last = self.clock()
-        with using(self.clock):
-            await self.fn(self.store)
-
-
 class AppTimers:
     """What ticks fire in an app's world: the saga timers (one worker fires them; the
     fenced faults apply to them) and the services' periodic jobs."""
 
-    def __init__(self, saga: OrchestratorTimers, jobs: Sequence[_AppJob]) -> None:
+    def __init__(self, saga: OrchestratorTimers, jobs: Sequence[VirtualJob]) -> None:
         self.saga = saga
         self.jobs = list(jobs)
         self.point = saga.point
@@ -312,19 +280,7 @@ class AppWorld(OrchestratorControls):
             p.clock = self.clock
             p.faults = self.hook
             self._subscribe(p.name, p.store, p)
-        jobs = [
-            _AppJob(
-                f"{s.name}:{name}",
-                seconds,
-                fn,
-                s.job_due.get(name),
-                slot.stores[s.name],
-                self.clock,
-                last=self.clock(),
-            )
-            for s in self.app.services.values()
-            for seconds, name, fn in s.jobs
-        ]
+        jobs = app_jobs(self.app, slot.stores, self.clock)
         self.timers = AppTimers(OrchestratorTimers(self.workers, self.pick), jobs)
         self.started = 0
         self.checked = False
