@@ -75,15 +75,15 @@ class AppDemoResult:
     app: str
     sagas: int
     outcomes: dict[str, int]
-    violations: list[str]
+    broken: list[str]
+    """The app's own invariants broken at the end of the run."""
     dead_letters: int
     elapsed_s: float
     seed: int
     faults_injected: dict[str, int]
     data_dir: str
     watched: list[str] = field(default_factory=list)
-    """Violations of the app's ``watch`` seen while the run went on (also in
-    :attr:`violations`, marked "at some moment")."""
+    """Violations of the app's ``watch`` seen while the run went on."""
     backlog: Backlog | None = None
     """What the broker still held at the end (None: the embedded transport)."""
 
@@ -92,18 +92,22 @@ class AppDemoResult:
         """Each check of the run and whether it held: every saga ``terminal``, no
         ``dead_letters``, the app's own invariants (``app``) and its ``watch``."""
         running = sum(self.outcomes.get(s.value, 0) for s in SagaState if not s.terminal)
-        own = [v for v in self.violations if not v.startswith("at some moment: ")]
         return {
             "terminal": running == 0 and sum(self.outcomes.values()) == self.sagas,
             "dead_letters": self.dead_letters == 0,
-            "app": not own,
+            "app": not self.broken,
             "watch": not self.watched,
         }
 
     @property
+    def violations(self) -> list[str]:
+        """Every broken invariant: the app's own, then its watch's ("at some moment")."""
+        return self.broken + [f"at some moment: {v}" for v in self.watched]
+
+    @property
     def ok(self) -> bool:
         """Every saga terminal, no dead letter, and no invariant broken."""
-        return all(self.invariants.values()) and not self.violations
+        return all(self.invariants.values())
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` report: the checkout demo's fields that every app has (``orders``
@@ -223,10 +227,9 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
         elapsed = time.monotonic() - started
-        violations = list(await app.invariants(dep)) if app.invariants is not None else []
+        broken = list(await app.invariants(dep)) if app.invariants is not None else []
         if app.watch is not None:
             watched += [v for v in await app.watch(dep) if v not in watched]
-        violations += [f"at some moment: {v}" for v in watched]
         outcomes: Counter[str] = Counter()
         for i in range(0, len(ids), 500):
             page = await engine.store.find_sagas(
@@ -240,7 +243,7 @@ async def _run(app: App, req: DemoRequest, base: Path) -> AppDemoResult:
         app=app.name,
         sagas=len(ids),
         outcomes=dict(outcomes),
-        violations=violations,
+        broken=broken,
         dead_letters=dead,
         elapsed_s=elapsed,
         seed=req.seed,

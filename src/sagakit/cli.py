@@ -203,15 +203,15 @@ def _check(args: argparse.Namespace) -> int:
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
             print(f"sagakit check: cannot load the races {races_at!r}: {exc}", file=sys.stderr)
             return 2
-    worst = 0
+    codes: list[int] = []
     for i, (label, make) in enumerate(targets):
         args.definition = label
         # The races are the app's, not a definition's: explored once, before the first.
-        code = _check_one(args, bounds, make, races if i == 0 else [])
-        worst = code if code == 1 or worst == 0 else worst
-        if code == 1:
+        codes.append(_check_one(args, bounds, make, races if i == 0 else []))
+        if codes[-1] == 1:
             break
-    return worst
+    # A violation first, then a failed exploration (2), then one cut short (3).
+    return next((c for c in (1, 2, 3) if c in codes), 0)
 
 
 def _app_checkers(spec: str, sagas: int) -> list[tuple[str, Callable[[Bounds], Checker]]]:

@@ -102,7 +102,6 @@ def build_app() -> App:
         [booking],
         services=[desk, clerk],
         invariants=invariants,
-        setup=None,
     )
 
 
