@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sagakit.app import App, AppContext, AppOption, Service, load_app
+from sagakit.app import App, AppContext, AppOption, load_app
 from sagakit.clock import now
 from sagakit.core.definition import (
     CommandAction,
@@ -40,6 +40,7 @@ from sagakit.errors import (
 from sagakit.runtime.engine import Engine, embedded
 from sagakit.runtime.own_tx import OwnTx, start_in, start_in_sync
 from sagakit.runtime.participant import DEFER, Participant
+from sagakit.service import Service
 
 __all__ = [
     "DEFER",

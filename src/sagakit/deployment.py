@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from sagakit.app import App, AppContext, Service
+from sagakit.app import App, AppContext
 from sagakit.core.definition import SagaDefinition
 from sagakit.errors import ConfigurationError
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.participant import Participant
+from sagakit.service import Service
 from sagakit.stores.base import SQLStore
 from sagakit.transports.base import Transport
 from sagakit.urls import store_from_url, transport_from_url

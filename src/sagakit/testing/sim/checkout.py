@@ -58,10 +58,10 @@ from sagakit.testing.sim.checks import (
 from sagakit.testing.sim.handler_runs import handler_runs, record_runs
 from sagakit.testing.sim.network import SimFaultHook, SimNetwork, VirtualClock
 from sagakit.testing.sim.operator import AnyWorker, OrchestratorControls
-from sagakit.testing.sim.scheduler import Verdict
 from sagakit.testing.sim.slots import SlotPool
 from sagakit.testing.sim.systems import MODES, System, migrate_system, open_system
 from sagakit.testing.sim.timers import Job, JobTimers, OrchestratorTimers, Timers, tracker_sla
+from sagakit.testing.sim.world import Verdict
 from sagakit.transports.base import BatchHandler
 
 _RANDOM_IDS = re.compile(r"auth-[0-9a-f]{16}")

@@ -16,7 +16,7 @@ from sagakit.core.machine import ManualAction
 from sagakit.errors import ManualActionRefused
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.testing.sim.network import VirtualClock
-from sagakit.testing.sim.scheduler import OPERATOR, RETRY_THEN_CANCEL
+from sagakit.testing.sim.world import OPERATOR, RETRY_THEN_CANCEL
 from sagakit.transports.base import BatchHandler, Delivery, Settle
 
 
