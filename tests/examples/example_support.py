@@ -1,5 +1,5 @@
 """What the example apps' tests share: the ``sagakit`` command line, run as a user runs
-it, and the demo's common verdict."""
+it, the demo's common verdict, and a saga's steps by history event."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 from typing import Any
+
+from sagakit.testing.kit import SagaHarness
 
 
 def sagakit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -36,3 +38,8 @@ def chaos_demo(spec: str, *, orders: int = 60, seed: int = 7) -> dict[str, Any]:
     assert report["open_dead_letters"] == 0
     assert sum(report["faults_injected"].values()) > 0
     return report
+
+
+async def steps(h: SagaHarness, saga_id: str, event: str) -> list[str | None]:
+    """The steps of the saga's history rows of ``event``, in order."""
+    return [e.step for e in await h.history(saga_id) if e.event == event]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from example_support import chaos_demo, sagakit
+from example_support import chaos_demo, sagakit, steps
 from sagakit_airline import app
 from sagakit_airline.load import BIG, FLIGHTS, LAST_SEAT
 from sagakit_airline.payments import CHALLENGE_TIMEOUT, SLOW_APPROVAL
@@ -64,11 +64,6 @@ async def tickets(h: SagaHarness, key: str) -> list[str]:
     """The ticket numbers of the booking."""
     found = await rows(h, "ticketing", "SELECT ticket_no FROM tickets WHERE booking = ?", key)
     return [str(r[0]) for r in found]
-
-
-async def steps(h: SagaHarness, saga_id: str, event: str) -> list[str | None]:
-    """The steps of the saga's history rows of ``event``, in order."""
-    return [e.step for e in await h.history(saga_id) if e.event == event]
 
 
 async def test_a_booking_is_quoted_held_confirmed_charged_and_ticketed() -> None:

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from example_support import chaos_demo, sagakit
+from example_support import chaos_demo, sagakit, steps
 from sagakit_ride import app
 from sagakit_ride.fares import fare_for, hold_for
 from sagakit_ride.planted import cancel_after_start
@@ -79,11 +79,6 @@ async def rider_cancel(h: SagaHarness, key: str) -> tuple[str, str | None] | Non
     """(status, why) of the rider's cancel request."""
     found = await rows(h, "dispatch", "SELECT status, why FROM rider_cancels WHERE ride = ?", key)
     return None if not found else (str(found[0][0]), found[0][1])
-
-
-async def steps(h: SagaHarness, saga_id: str, event: str) -> list[str | None]:
-    """The steps of the saga's history rows of ``event``, in order."""
-    return [e.step for e in await h.history(saga_id) if e.event == event]
 
 
 async def test_a_ride_is_held_dispatched_driven_and_paid() -> None:

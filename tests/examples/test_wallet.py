@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from example_support import chaos_demo, sagakit
+from example_support import chaos_demo, sagakit, steps
 from sagakit_wallet import app
 from sagakit_wallet.load import OPENING, SHOP
 from sagakit_wallet.planted import double_credit
@@ -64,11 +64,6 @@ async def bank_row(h: SagaHarness, payment: str) -> tuple[str, int, int] | None:
         payment,
     )
     return None if not found else (str(found[0][0]), int(found[0][1]), int(found[0][2]))
-
-
-async def steps(h: SagaHarness, saga_id: str, event: str) -> list[str | None]:
-    """The steps of the saga's history rows of ``event``, in order."""
-    return [e.step for e in await h.history(saga_id) if e.event == event]
 
 
 async def test_a_transfer_is_debited_credited_sent_and_settled() -> None:
