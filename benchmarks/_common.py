@@ -223,7 +223,7 @@ def install_commit_counter() -> CommitCounter:
     method that is missing is skipped and listed as not counted.
     """
     targets: list[tuple[str, str, str, str]] = [
-        ("sagakit.stores.sqlite", "_Transaction", "__aexit__", "tx"),
+        ("sagakit.stores.sqlite.tx", "_Transaction", "__aexit__", "tx"),
         ("sagakit.stores.sqlite", "SQLiteStore", "_write", "single"),
         ("sagakit.stores.sqlite", "SQLiteStore", "queue_push", "push"),
         ("sagakit.stores.sqlite", "SQLiteStore", "_read", "read"),

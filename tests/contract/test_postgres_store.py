@@ -160,7 +160,9 @@ def test_driver_errors_are_translated(error: psycopg.Error, expected: type[Store
 
 
 def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(postgres, "_MISSING_DRIVER", ImportError("No module named 'psycopg'"))
+    monkeypatch.setattr(
+        postgres.driver, "_MISSING_DRIVER", ImportError("No module named 'psycopg'")
+    )
     with pytest.raises(ConfigurationError, match=r"sagakit\[postgres\]"):
         PostgresStore(PG_DSN)
 

@@ -1526,14 +1526,32 @@ def test_split_statements() -> None:
 # -- MemoryStore only ----------------------------------------------------------------
 
 
-async def test_memory_store_has_no_sql() -> None:
-    store = MemoryStore()
+async def test_memory_store_runs_the_sql_of_a_participant_s_own_tables() -> None:
+    store = MemoryStore("payments")
     await store.open()
+    await store.apply_migrations("payments", ["CREATE TABLE cards (id TEXT PRIMARY KEY)"])
     async with store.transaction() as tx:
-        for call in (tx.execute, tx.fetchall, tx.fetchone):
-            with pytest.raises(StoreError, match="SQLiteStore"):
-                await call("SELECT 1")
+        assert await tx.execute("INSERT INTO cards VALUES (?)", ("c-1",)) == 1
+        assert await tx.fetchall("SELECT id FROM cards") == [("c-1",)]
+    with pytest.raises(Boom):
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO cards VALUES (?)", ("c-2",))
+            raise Boom
+    async with store.transaction() as tx:
+        assert await tx.fetchone("SELECT count(*) FROM cards") == (1,)
     await store.close()
+
+
+async def test_memory_stores_are_private_to_each_other() -> None:
+    one, two = MemoryStore("one"), MemoryStore("two")
+    await one.open()
+    await two.open()
+    await insert(one, saga("s1"))
+    assert await two.get_saga("s1") is None
+    with pytest.raises(ConfigurationError, match="event loop"):
+        one.read_in_threads(2)
+    await one.close()
+    await two.close()
 
 
 async def test_memory_store_keeps_data_across_close_and_open() -> None:

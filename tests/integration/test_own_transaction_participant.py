@@ -340,7 +340,7 @@ def test_a_factory_is_needed_not_a_connection(tmp_path: Path) -> None:
             conn.close()
         with pytest.raises(ConfigurationError, match="cannot use"):
             Participant("hotel", site.store("hotel"), transaction=42)
-        with pytest.raises(ConfigurationError, match="not an SQL store"):
+        with pytest.raises(ConfigurationError, match="is a MemoryStore: its database is in memory"):
             Participant("hotel", MemoryStore("hotel"), transaction=lambda: None)
 
 

@@ -68,6 +68,7 @@ from sagakit.runtime.adopt import (
 )
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.stores.base import Store, Tx
+from sagakit.stores.memory import MemoryStore
 from sagakit.stores.sqlite import SQLiteStore
 
 __all__ = [
@@ -179,8 +180,6 @@ def start_in_sync(
 def _orchestrator(
     definitions: Sequence[SagaDefinition], store_name: str, canary: Mapping[str, float] | None
 ) -> Orchestrator:
-    from sagakit.stores.memory import MemoryStore
-
     # It only decides the starts; what it decides is written into your transaction, so
     # its own store is never opened nor used.
     kw: dict[str, Any] = {} if canary is None else {"canary": canary}
@@ -288,6 +287,12 @@ class OwnTransactions:
             raise ConfigurationError(
                 f"store {store.name!r} is not an SQL store: a participant runs in your "
                 "transaction only on a SQLite or PostgreSQL store"
+            )
+        if isinstance(store, MemoryStore):
+            raise ConfigurationError(
+                f"store {store.name!r} is a MemoryStore: its database is in memory, where the "
+                "connection your transactions run on cannot reach it; use a SQLiteStore on a "
+                "file (or a PostgresStore)"
             )
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.errors import StoreError
-from sagakit.stores.base import SETTLEMENTS, DeadLetter, SagaQuery
+from sagakit.stores.base import SETTLEMENTS, DeadLetter, SagaQuery, SetAside
 
 # A prebuilt encoder: json.dumps with non-default arguments builds a new one per call.
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -208,6 +208,12 @@ def dead_letter_from_row(r: Sequence[Any]) -> DeadLetter:
         settled_at=r[8],
         settle_reason=r[9],
     )
+
+
+def set_aside_from_row(r: Sequence[Any]) -> SetAside:
+    """A :class:`SetAside` from a ``set_aside`` row (the columns of the queries)."""
+    # float(): SQLite's RETURNING may report a whole REAL as an int.
+    return SetAside(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6]))
 
 
 def check_settlement(settlement: str) -> None:

@@ -7,17 +7,18 @@ text of each query (``stores/sql/*_queries.sql``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
-from sagakit.stores.base import DeadLetter
+from sagakit.stores.base import DeadLetter, QueuedMessage, SetAside
 from sagakit.stores.rows import (
     dead_letter_from_row,
     dead_letter_where,
     history_from_row,
     saga_from_row,
+    set_aside_from_row,
 )
 
 _T = TypeVar("_T")
@@ -39,9 +40,32 @@ class SharedStatements:
 
         async def _write(self, what: str, sql: str, params: Any, /) -> tuple[int, list[Any]]: ...
 
+    @staticmethod
+    def _array(values: Sequence[Any]) -> Any:
+        """A list as one query parameter: an array on PostgreSQL, JSON text on SQLite."""
+        return list(values)
+
     async def _decoded(self, rows: list[Any], decode: Callable[[Any], _T]) -> list[_T]:
         """``[decode(row) for row in rows]`` (a backend may decode large pages in slices)."""
         return [decode(r) for r in rows]
+
+    async def list_sagas(
+        self,
+        *,
+        states: Sequence[SagaState] | None = None,
+        definition: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[SagaInstance]:
+        """Instances, newest first (ties in insertion order), optionally filtered."""
+        params = {
+            "states": None if states is None else self._array([s.value for s in states]),
+            "definition": definition,
+            "limit": max(limit, 0),
+            "offset": max(offset, 0),
+        }
+        rows = await self._read("list sagas", self._q["saga_list"], params)
+        return await self._decoded(rows, saga_from_row)
 
     async def get_saga(self, saga_id: str) -> SagaInstance | None:
         """An instance by id (no lock)."""
@@ -191,3 +215,73 @@ class SharedStatements:
         """A dead letter by id, settled or not."""
         rows = await self._read(f"read dead letter {id}", self._q["dead_letter_get"], (id,))
         return dead_letter_from_row(rows[0]) if rows else None
+
+    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
+        """The inputs of ``saga_id`` set aside, oldest first."""
+        rows = await self._read(
+            f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
+        )
+        return [set_aside_from_row(r) for r in rows]
+
+    async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
+        """Mark rows as published (acknowledged by the transport); ``now`` is recorded."""
+        if ids:
+            await self._write(
+                f"mark {len(ids)} outbox row(s) published",
+                self._q["outbox_mark_published"],
+                (now, self._array(ids)),
+            )
+
+    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
+        """Delete rows published before ``published_before``, ``batch`` rows per write
+        transaction (short ones, never waiting on a relay's rows); return how many."""
+        purged = 0
+        while True:
+            n, _ = await self._write(
+                "purge published outbox rows",
+                self._q["outbox_purge"],
+                (published_before, published_before, batch),
+            )
+            purged += n
+            if n < batch:
+                return purged
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
+        rows = await self._read(
+            "read the oldest pending outbox row", self._q["outbox_oldest_pending"]
+        )
+        oldest = rows[0][0] if rows else None
+        return None if oldest is None else float(oldest)
+
+    async def queue_fetch(
+        self, endpoint: str, limit: int, now: float, lease: float
+    ) -> list[QueuedMessage]:
+        """Hand out up to ``limit`` visible messages, oldest first, hidden for ``lease`` s.
+
+        Each counts one more delivery. A message not acknowledged before its lease
+        ends is handed out again (at-least-once). On PostgreSQL concurrent fetches skip
+        each other's rows (SKIP LOCKED). Uses the caller's clock, like the push delays.
+        """
+        if limit <= 0:
+            return []
+        _, rows = await self._write(
+            f"fetch from the mailbox of {endpoint!r}",
+            self._q["queue_fetch"],
+            (now + lease, endpoint, now, limit),
+        )
+        rows.sort()
+        return [
+            # float(): SQLite's UPDATE ... RETURNING reports a whole REAL as an int.
+            QueuedMessage(
+                id=r[0], endpoint=r[1], body=r[2], deliveries=r[3], enqueued_at=float(r[4])
+            )
+            for r in rows
+        ]
+
+    async def queue_ack(self, ids: Sequence[int]) -> None:
+        """Remove handled messages from the mailbox."""
+        if ids:
+            await self._write(
+                f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (self._array(ids),)
+            )

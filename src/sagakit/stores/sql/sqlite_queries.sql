@@ -63,16 +63,17 @@ SET definition_version = ?, state = ?, status = ?, version = ?, cursor = ?,
 WHERE saga_id = ? AND version = ?
 
 -- name: saga_list
--- Optional filters are written as "? IS NULL OR ..." so that one prepared statement
--- serves every combination; the states filter is a JSON array.
+-- Optional filters are written as ":x IS NULL OR ..." so that one prepared statement
+-- serves every combination; the states filter is a JSON array. Named parameters, as
+-- in PostgreSQL's text of it.
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
        cancel_requested, timed_out, data, steps
 FROM sagas
-WHERE (?1 IS NULL OR state IN (SELECT value FROM json_each(?1)))
-  AND (?2 IS NULL OR definition = ?2)
+WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
+  AND (:definition IS NULL OR definition = :definition)
 ORDER BY created_at DESC, rowid DESC
-LIMIT ?3 OFFSET ?4
+LIMIT :limit OFFSET :offset
 
 -- name: saga_count
 -- Kept by triggers (migration 0003): no scan of sagas.
@@ -150,8 +151,11 @@ WHERE id IN (SELECT value FROM json_each(?)) AND published_at IS NULL
 
 -- name: outbox_purge
 -- One batch, oldest first by rowid: old published rows sit at the front of the table.
+-- created_at < cutoff follows from published_at < cutoff; it is there so that both
+-- dialects take the same parameters (cutoff, cutoff, limit).
 DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
-                                WHERE published_at < ? ORDER BY id LIMIT ?)
+                                WHERE created_at < ? AND published_at < ?
+                                ORDER BY id LIMIT ?)
 
 -- name: outbox_pending
 SELECT count(*) FROM outbox WHERE published_at IS NULL

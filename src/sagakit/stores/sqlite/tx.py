@@ -26,7 +26,7 @@ from sagakit.stores.rows import dumps as _dumps
 from sagakit.stores.rows import history_params as _history_params
 from sagakit.stores.rows import loads as _loads
 from sagakit.stores.rows import saga_from_row as _saga_from_row
-from sagakit.stores.sqlite_sql import (
+from sagakit.stores.sqlite.sql import (
     _fail,
     _finished,
     _queries,
@@ -36,7 +36,7 @@ from sagakit.stores.sqlite_sql import (
 )
 
 if TYPE_CHECKING:
-    from sagakit.stores.sqlite import SQLiteStore
+    from sagakit.stores.sqlite.store import SQLiteStore
 
 
 class SQLiteTx(ItemByItem):
@@ -314,7 +314,7 @@ class SQLiteTx(ItemByItem):
         )
 
     async def set_aside_take(self, ids: Sequence[int]) -> set[int]:
-        """Delete set-aside inputs in this transaction; return the ids still there."""
+        """See :meth:`Tx.set_aside_take`: one DELETE ... RETURNING over the ids as JSON."""
         if not ids:
             return set()
         rows = self._all(
@@ -331,13 +331,10 @@ class SQLiteTx(ItemByItem):
         *,
         leased_until: float | None = None,
     ) -> list[int]:
-        """Append messages to ``endpoint``'s mailbox on commit; return their ids, in order.
-
-        With ``leased_until`` they count as handed out once and stay hidden until then.
-        """
+        """See :meth:`Tx.queue_add`: one INSERT per message, whose ``lastrowid`` is its id
+        (executemany does not report them)."""
         at, deliveries = (now, 0) if leased_until is None else (leased_until, 1)
         sql, what = self._q["queue_add"], f"add {len(bodies)} message(s) to {endpoint!r}"
-        # One execute per row: executemany does not report the ids (lastrowid).
         return [
             self._run(what, sql, (endpoint, body, now, at, deliveries)).lastrowid or 0
             for body in bodies

@@ -4,52 +4,24 @@ and its own statements share (see :mod:`sagakit.stores.sqlite`)."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
-from collections.abc import Sequence
-from functools import cache
-from importlib import resources
-from importlib.resources.abc import Traversable
 from typing import Any, NoReturn
 
 from sagakit.core.instance import SagaInstance
-from sagakit.errors import ConfigurationError, StoreError
-from sagakit.stores.base import (
-    SetAside,
-)
+from sagakit.errors import StoreError
 from sagakit.stores.rows import (
     saga_insert_params,
     saga_update_params,
 )
+from sagakit.stores.sql import engine_migrations, named_queries
 
-_MIGRATION_FILE = re.compile(r"sqlite_(\d{4})_\w+\.sql")
 
-
-@cache
 def _queries() -> dict[str, str]:
-    text = _sql_dir().joinpath("sqlite_queries.sql").read_text(encoding="utf-8")
-    queries: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
-        name, _, sql = block.partition("\n")
-        queries[name.strip()] = sql.strip()
-    return queries
+    return named_queries("sqlite")
 
 
-@cache
 def _engine_migrations() -> tuple[str, ...]:
-    found = sorted(
-        (int(match[1]), entry.name)
-        for entry in _sql_dir().iterdir()
-        if (match := _MIGRATION_FILE.fullmatch(entry.name))
-    )
-    # Step numbers are positions in the sequence, so the files must number 1..n.
-    if [number for number, _ in found] != list(range(1, len(found) + 1)):
-        raise ConfigurationError(f"sagakit's SQLite migrations are not numbered 1..n: {found}")
-    return tuple(_sql_dir().joinpath(name).read_text(encoding="utf-8") for _, name in found)
-
-
-def _sql_dir() -> Traversable:
-    return resources.files("sagakit.stores").joinpath("sql")
+    return engine_migrations("sqlite")
 
 
 def split_statements(script: str) -> list[str]:
@@ -98,11 +70,6 @@ def _rollback(conn: sqlite3.Connection, store: str) -> None:
 
 def _saga_insert_params(i: SagaInstance) -> tuple[Any, ...]:
     return saga_insert_params(i, int)
-
-
-def _set_aside_from_row(r: Sequence[Any]) -> SetAside:
-    # float(): RETURNING may report a whole REAL as an int.
-    return SetAside(r[0], r[1], r[2], r[3], r[4], r[5], float(r[6]))
 
 
 def _saga_update_params(i: SagaInstance, expected_version: int) -> tuple[Any, ...]:

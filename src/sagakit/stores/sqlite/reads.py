@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from sagakit.core.envelope import Envelope
-from sagakit.core.instance import SagaInstance, SagaState
+from sagakit.core.instance import SagaState
 from sagakit.errors import ConfigurationError
 from sagakit.stores.base import (
     OutboxRow,
-    QueuedMessage,
     SagaPage,
     SagaQuery,
     SetAside,
@@ -26,10 +25,11 @@ from sagakit.stores.base import (
 from sagakit.stores.rows import dumps as _dumps
 from sagakit.stores.rows import (
     saga_find_statements,
+    set_aside_from_row,
 )
 from sagakit.stores.rows import saga_from_row as _saga_from_row
 from sagakit.stores.shared import SharedStatements
-from sagakit.stores.sqlite_sql import _fail, _rollback, _set_aside_from_row
+from sagakit.stores.sqlite.sql import _fail, _rollback
 
 _T = TypeVar("_T")
 
@@ -64,6 +64,11 @@ class SQLiteStatements(SharedStatements):
             self, what: str, sql: str, params: Sequence[Any]
         ) -> tuple[int, list[Any]]: ...
 
+    @staticmethod
+    def _array(values: Sequence[Any]) -> Any:
+        """A list as one parameter: JSON text, read by ``json_each`` in the query."""
+        return _dumps(list(values))
+
     def read_in_threads(self, threads: int) -> None:
         """Run the plain reads' SQL in ``threads`` worker threads (0: on the event loop).
 
@@ -81,7 +86,9 @@ class SQLiteStatements(SharedStatements):
             raise ConfigurationError(f"read threads must be an integer >= 0, got {threads!r}")
         self._read_threads = threads
 
-    async def _read(self, what: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _read(
+        self, what: str, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[Any]:
         rows: list[Any] = await self._reading(
             what, lambda conn: conn.execute(sql, params).fetchall()
         )
@@ -133,20 +140,6 @@ class SQLiteStatements(SharedStatements):
         except sqlite3.Error as exc:
             raise _fail(self.name, what, exc) from exc
 
-    async def list_sagas(
-        self,
-        *,
-        states: Sequence[SagaState] | None = None,
-        definition: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[SagaInstance]:
-        """Instances, newest first (ties in insertion order), optionally filtered."""
-        state_list = None if states is None else _dumps([s.value for s in states])
-        params = (state_list, definition, max(limit, 0), max(offset, 0))
-        rows = await self._read("list sagas", self._q["saga_list"], params)
-        return await self._decoded(rows, _saga_from_row)
-
     async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
         """The sagas ``query`` selects, newest first, and how many it selects in all."""
         page_sql, count_sql, params = saga_find_statements(self._q, query, "?")
@@ -182,14 +175,7 @@ class SQLiteStatements(SharedStatements):
             (now + lease, _dumps([list(v) for v in versions]), now, limit),
         )
         rows.sort()
-        return [_set_aside_from_row(r) for r in rows]
-
-    async def set_aside_of_saga(self, saga_id: str) -> list[SetAside]:
-        """The inputs of ``saga_id`` set aside, oldest first."""
-        rows = await self._read(
-            f"read the inputs of saga {saga_id} set aside", self._q["set_aside_of_saga"], (saga_id,)
-        )
-        return [_set_aside_from_row(r) for r in rows]
+        return [set_aside_from_row(r) for r in rows]
 
     # -- outbox relay -----------------------------------------------------------------
     async def outbox_claim(self, limit: int, now: float, lease: float) -> list[OutboxRow]:
@@ -207,35 +193,6 @@ class SQLiteStatements(SharedStatements):
         rows.sort()
         return [OutboxRow(id=r[0], envelope=Envelope.from_json(r[1])) for r in rows]
 
-    async def outbox_mark_published(self, ids: Sequence[int], now: float) -> None:
-        """Mark rows as published (acknowledged by the transport)."""
-        if ids:
-            await self._write(
-                f"mark {len(ids)} outbox row(s) published",
-                self._q["outbox_mark_published"],
-                (now, _dumps(list(ids))),
-            )
-
-    async def outbox_purge(self, published_before: float, *, batch: int = 1000) -> int:
-        """Delete rows published before ``published_before``, ``batch`` rows per write
-        transaction (the writer is free between two); return how many."""
-        purged = 0
-        while True:
-            n, _ = await self._write(
-                "purge published outbox rows", self._q["outbox_purge"], (published_before, batch)
-            )
-            purged += n
-            if n < batch:
-                return purged
-
-    async def outbox_oldest_pending(self) -> float | None:
-        """``created_at`` of the oldest unpublished row, or ``None`` when all are published."""
-        rows = await self._read(
-            "read the oldest pending outbox row", self._q["outbox_oldest_pending"]
-        )
-        return float(rows[0][0]) if rows else None
-
-    # -- inbox ------------------------------------------------------------------------
     # -- mailbox queue (embedded transport) -------------------------------------------
     async def queue_push(
         self, endpoint: str, bodies: Sequence[str], now: float, available_at: float | None = None
@@ -259,34 +216,3 @@ class SQLiteStatements(SharedStatements):
             raise _fail(self.name, f"push {len(rows)} message(s) to {endpoint!r}", exc) from exc
         finally:
             self._release()
-
-    async def queue_fetch(
-        self, endpoint: str, limit: int, now: float, lease: float
-    ) -> list[QueuedMessage]:
-        """Hand out up to ``limit`` visible messages, oldest first, hidden for ``lease`` s.
-
-        Each counts one more delivery. A message not acknowledged before its lease
-        ends is handed out again (at-least-once).
-        """
-        if limit <= 0:
-            return []
-        _, rows = await self._write(
-            f"fetch from the mailbox of {endpoint!r}",
-            self._q["queue_fetch"],
-            (now + lease, endpoint, now, limit),
-        )
-        rows.sort()
-        return [
-            # float(): UPDATE ... RETURNING reports a whole REAL as an int.
-            QueuedMessage(
-                id=r[0], endpoint=r[1], body=r[2], deliveries=r[3], enqueued_at=float(r[4])
-            )
-            for r in rows
-        ]
-
-    async def queue_ack(self, ids: Sequence[int]) -> None:
-        """Remove handled messages from the mailbox."""
-        if ids:
-            await self._write(
-                f"acknowledge {len(ids)} message(s)", self._q["queue_ack"], (_dumps(list(ids)),)
-            )

@@ -1,19 +1,5 @@
-"""The SQLite store: the embedded default, one database file per service.
-
-WAL journal mode lets one writer and any number of readers work at once. The store
-keeps two connections: a *writer*, used by transactions and by the few writes that
-run on their own (relay claims, mailbox updates), serialised by an ``asyncio.Lock``
-held for the whole ``async with store.transaction()`` block; and a *reader* for the
-plain read methods, which never waits for the writer.
-
-Calls run on the event loop's thread, with no hop to a worker thread: a statement
-takes microseconds, and the price is that a commit holds the loop for its fsync. A
-server may move the plain reads' SQL to worker threads (:meth:`SQLiteStore.read_in_threads`,
-each thread with its own reader connection) and decode large pages in slices, so that
-a page of hundreds of sagas does not hold the loop; transactions stay on the loop.
-Every statement lives in ``stores/sql/sqlite_queries.sql``, the schema in
-``stores/sql/sqlite_NNNN_*.sql`` (applied by :meth:`SQLiteStore.open`).
-"""
+"""The SQLite store itself: its connections, its writer lock, its migrations and its
+transactions (see :mod:`sagakit.stores.sqlite` for how it works)."""
 
 from __future__ import annotations
 
@@ -29,17 +15,17 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, NoReturn, TypeVar
 
 from sagakit.errors import ConfigurationError, StoreError
-from sagakit.stores.sqlite_sql import (
+from sagakit.stores.sqlite.reads import SQLiteStatements
+from sagakit.stores.sqlite.sql import (
     _engine_migrations,
     _fail,
     _queries,
     _rollback,
     split_statements,
 )
-from sagakit.stores.sqlite_statements import SQLiteStatements
-from sagakit.stores.sqlite_tx import SQLiteTx, _Transaction
+from sagakit.stores.sqlite.tx import SQLiteTx, _Transaction
 
-__all__ = ["ENGINE_NAMESPACE", "SYNCHRONOUS_MODES", "SQLiteStore", "SQLiteTx", "split_statements"]
+__all__ = ["ENGINE_NAMESPACE", "SYNCHRONOUS_MODES", "SQLiteStore"]
 
 ENGINE_NAMESPACE = "sagakit"
 """The ``schema_migrations`` namespace of sagakit's own tables."""
@@ -119,13 +105,7 @@ class SQLiteStore(SQLiteStatements):
         writer = self._connect()
         reader: sqlite3.Connection | None = None
         try:
-            mode = writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(
-                    f"SQLite store {self.name!r} cannot use WAL mode on {self.path!r} (got "
-                    f"{mode!r}); put the database on a local file system"
-                )
-            writer.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._set_journal(writer)
             writer.execute(self._q["schema_migrations_create"])
             self._migrate(writer, ENGINE_NAMESPACE, _engine_migrations())
             reader = self._connect()
@@ -139,6 +119,16 @@ class SQLiteStore(SQLiteStatements):
                 raise _fail(self.name, f"open {self.path!r}", exc) from exc
             raise
         self._writer, self._reader = writer, reader
+
+    def _set_journal(self, writer: sqlite3.Connection) -> None:
+        """Switch the file to WAL (readers beside the writer) and set ``synchronous``."""
+        mode = writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"SQLite store {self.name!r} cannot use WAL mode on {self.path!r} (got "
+                f"{mode!r}); put the database on a local file system"
+            )
+        writer.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def _create_owner_only(self) -> None:
         """Create a new database file readable and writable by its owner only (0600).
@@ -171,6 +161,8 @@ class SQLiteStore(SQLiteStatements):
         await self._acquire()
         try:
             writer, reader = self._writer, self._reader
+            if writer is not None:
+                self._closing(writer)
             self._writer = self._reader = None
             pool, self._read_pool = self._read_pool, None
             if pool is not None:
@@ -190,6 +182,10 @@ class SQLiteStore(SQLiteStatements):
                 raise _fail(self.name, "close", exc) from exc
         finally:
             self._release()
+
+    def _closing(self, writer: sqlite3.Connection) -> None:
+        """Called under the writer lock just before the connections close: a file
+        keeps its rows by itself."""
 
     async def apply_migrations(self, namespace: str, steps: Sequence[str]) -> None:
         """Apply the SQL scripts of ``steps`` not yet applied for ``namespace``, in order.
