@@ -26,6 +26,7 @@ from sagakit.errors import ConfigurationError, UnroutableMessage
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store
 from sagakit.transports.base import BatchHandler, Delivery, InFlight
+from sagakit.transports.shared import split_routable, unroutable_error
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +61,16 @@ class EmbeddedTransport:
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """Commit each envelope into its destination's mailbox (one commit per store)."""
+        routable, unroutable = split_routable(envelopes, self.routes)
         by_dest: dict[str, list[str]] = defaultdict(list)
-        unroutable: list[tuple[str, str | None]] = []
-        unknown: set[str] = set()
-        for env in envelopes:
-            if env.destination is None or env.destination not in self.routes:
-                unroutable.append((env.message_id, env.destination))
-                unknown.add(repr(env.destination))
-            else:
-                by_dest[env.destination].append(env.to_json())
+        for env in routable:
+            by_dest[env.destination or ""].append(env.to_json())
         now = self.clock()
         for dest, bodies in by_dest.items():
             await self.routes[dest].queue_push(dest, bodies, now)
             self.wakeups.notify(f"queue:{dest}")
         if unroutable:
-            raise UnroutableMessage(
-                f"no route to {', '.join(sorted(unknown))} for {len(unroutable)} message(s); "
-                f"known endpoints: {sorted(self.routes)}",
-                unroutable,
-            )
+            raise unroutable_error(unroutable, self.routes)
 
     def subscribe(
         self, endpoint: str, handler: BatchHandler, *, batch_size: int = 256, concurrency: int = 1

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from sagakit.errors import TransportError
 from sagakit.transports.base import Backlog, EndpointBacklog
+from sagakit.transports.nats_connection import NatsConnection
 from sagakit.transports.nats_names import HEADER_MESSAGE_ID, token, untoken
 
 if TYPE_CHECKING:
@@ -17,21 +18,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagakit.transports.nats")
 
 
-class NatsBacklog:
+class NatsBacklog(NatsConnection):
     """The backlog part of :class:`~sagakit.transports.nats.NatsTransport`."""
-
-    stream: str
-    endpoints: tuple[str, ...]
-    _js: JetStreamContext | None
-
-    if TYPE_CHECKING:
-
-        async def open(self) -> None:
-            """Connect and declare the topology (the transport's)."""
-
-        def subject(self, endpoint: str) -> str:
-            """The subject of ``endpoint`` (the transport's)."""
-            ...
 
     async def backlog(self, *, names: bool = True, name_limit: int = 10_000) -> Backlog:
         """What ``<stream>`` still holds for this transport's endpoints.
@@ -44,10 +32,7 @@ class NatsBacklog:
         """
         from nats.js.errors import NotFoundError
 
-        if self._js is None:
-            await self.open()
-        js = self._js
-        assert js is not None
+        js = await self._jetstream()
         counts: list[EndpointBacklog] = []
         try:
             for endpoint in self.endpoints:

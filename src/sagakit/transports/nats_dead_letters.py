@@ -10,27 +10,17 @@ import logging
 from typing import TYPE_CHECKING
 
 from sagakit.transports.base import ParkedByBroker, ParkSink
+from sagakit.transports.nats_connection import NatsConnection
 from sagakit.transports.nats_names import HEADER_MESSAGE_ID, HEADER_REASON, DeadLetter, untoken
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
-    from nats.js import JetStreamContext
 
 log = logging.getLogger("sagakit.transports.nats")
 
 
-class NatsDeadLetters:
+class NatsDeadLetters(NatsConnection):
     """The dead-letter part of :class:`~sagakit.transports.nats.NatsTransport`."""
-
-    stream: str
-    dlq_stream: str
-    request_timeout: float
-    _js: JetStreamContext | None
-
-    if TYPE_CHECKING:
-
-        async def open(self) -> None:
-            """Connect and declare the topology (the transport's)."""
 
     async def _move_dead_letters(self, msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -93,10 +83,7 @@ class NatsDeadLetters:
         """Up to ``limit`` messages of ``<stream>_dlq``, oldest first, with their sequence."""
         from nats.js.errors import NotFoundError
 
-        if self._js is None:
-            await self.open()
-        js = self._js
-        assert js is not None
+        js = await self._jetstream()
         info = await js.stream_info(self.dlq_stream)
         out: list[tuple[int, DeadLetter]] = []
         seq = info.state.first_seq
