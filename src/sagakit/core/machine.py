@@ -19,287 +19,76 @@ Rules worth knowing (they are the safety of the whole engine):
 * Only a definite failure moves a compensation to the next rung of its ladder. A rung
   whose outcome stays unknown goes to a person: refunding money whose void may have
   succeeded would pay the customer twice.
+
+The machine's parts live beside it: the idempotency keys and timer names in
+:mod:`~sagakit.core.machine_keys`; :class:`Decision` and the mechanics of one
+transition (recording history, sending a try with its timeout timer, ending the saga)
+in :mod:`~sagakit.core.machine_decision`; asking again, retrying and the next rung of
+a ladder in :mod:`~sagakit.core.machine_retries`; a person's decisions in
+:mod:`~sagakit.core.machine_manual`. This module keeps the machine's inputs and the
+rules above: which answers and timers count, what an outcome means, where the saga
+goes next. Every name of those modules that callers use is importable from here too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from sagakit.core.definition import CommandAction, LocalAction, SagaDefinition, SagaView, Step
-from sagakit.core.envelope import MANUAL_RETRY, Envelope, MessageKind, Outcome, traceparent_for
+from sagakit.core.definition import SagaDefinition
+from sagakit.core.envelope import Envelope, Outcome
 from sagakit.core.instance import (
     MAY_HAVE_EFFECT,
-    HistoryEntry,
     SagaInstance,
     SagaState,
     StepState,
     StepStatus,
     Timer,
 )
-from sagakit.errors import DefinitionError, ManualActionRefused, MessageError
+from sagakit.core.machine_decision import LOCAL_COMMAND, Decision, TransitionBase
+from sagakit.core.machine_keys import (
+    DEADLINE_TIMER,
+    STEP_TIMER,
+    KeyParts,
+    _deadline_of,
+    action_key,
+    compensation_key,
+    deadline_timer,
+    parse_key,
+    query_key,
+)
+from sagakit.core.machine_manual import (
+    ManualAction,
+    check_manual,
+    manual_action,
+    resolve_manual,
+)
+from sagakit.core.machine_retries import RetryRules
+from sagakit.errors import DefinitionError, MessageError
 
-STEP_TIMER = "step"
-DEADLINE_TIMER = "deadline"
-LOCAL_COMMAND = "sagakit.local"
-
-
-class ManualAction(StrEnum):
-    """What a person can decide for a saga in FAILED_NEEDS_MANUAL."""
-
-    RETRY = "retry"
-    """Try the stuck step (or its compensation rung) again, with a fresh retry budget."""
-    MARK_DONE = "mark_done"
-    """The stuck forward step was done by hand: record it and continue forward."""
-    COMPENSATE = "compensate"
-    """The stuck step (at or before the pivot) is to be undone with the steps before it."""
-    MARK_COMPENSATED = "mark_compensated"
-    """The stuck compensation was done by hand: record it and go on undoing."""
-    USE_RUNG = "use_rung"
-    """Run a given rung of the stuck step's ladder (e.g. the credit note)."""
-    ACCEPT_PARTIAL = "accept_partial"
-    """Accept the saga as it stands: it ends PARTIAL_ACCEPTED."""
-
-
-def manual_action(action: ManualAction | str) -> ManualAction:
-    """``action`` as a :class:`ManualAction`; :class:`ManualActionRefused` if unknown."""
-    try:
-        return ManualAction(action)
-    except ValueError:
-        raise ManualActionRefused(
-            f"unknown manual action {action!r}; choose from {[a.value for a in ManualAction]}"
-        ) from None
-
-
-def check_manual(inst: SagaInstance, *, reason: str, actor: str) -> None:
-    """Refuse a manual action without a reason or an actor, or on a saga not waiting
-    for a person (FAILED_NEEDS_MANUAL)."""
-    if not reason or not reason.strip():
-        raise ManualActionRefused("a manual action needs a reason (it is audited)")
-    if not actor or not actor.strip():
-        raise ManualActionRefused("a manual action needs the actor who decided it")
-    if inst.state is not SagaState.FAILED_NEEDS_MANUAL:
-        raise ManualActionRefused(
-            f"saga {inst.saga_id} is {inst.state.value}; only FAILED_NEEDS_MANUAL sagas "
-            "take manual actions"
-        )
+__all__ = [
+    "DEADLINE_TIMER",
+    "LOCAL_COMMAND",
+    "STEP_TIMER",
+    "Decision",
+    "KeyParts",
+    "Machine",
+    "ManualAction",
+    "action_key",
+    "check_manual",
+    "compensation_key",
+    "deadline_timer",
+    "manual_action",
+    "parse_key",
+    "query_key",
+]
 
 
-@dataclass(slots=True)
-class Decision:
-    """What a transition decided. ``changed`` is False for stale or refused inputs."""
-
-    instance: SagaInstance
-    outgoing: list[Envelope] = field(default_factory=list)
-    set_timers: list[Timer] = field(default_factory=list)
-    cancel_timers: list[str] = field(default_factory=list)
-    history: list[HistoryEntry] = field(default_factory=list)
-    changed: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class KeyParts:
-    """An idempotency key split into its parts."""
-
-    saga_id: str
-    step: str
-    phase: str  # "action" | "comp" | "query"
-    rung: int = 0
-
-
-def deadline_timer(saga_id: str, deadline_at: float) -> Timer:
-    """The saga's deadline timer; its fence names the deadline it was set for."""
-    return Timer(saga_id, DEADLINE_TIMER, deadline_at, f"deadline@{deadline_at!r}")
-
-
-def _deadline_of(fence: str) -> float | None:
-    """The deadline a deadline timer's fence was set for (None: an older, bare fence)."""
-    _, at, set_for = fence.partition("@")
-    try:
-        return float(set_for) if at else None
-    except ValueError:
-        return None
-
-
-def action_key(saga_id: str, step: str) -> str:
-    """Idempotency key of a step's action."""
-    return f"{saga_id}:{step}:action"
-
-
-def compensation_key(saga_id: str, step: str, rung: int) -> str:
-    """Idempotency key of one rung of a step's compensation."""
-    return f"{saga_id}:{step}:comp:{rung}"
-
-
-def query_key(saga_id: str, step: str) -> str:
-    """Key of a step's status queries (queries have no effect; the key routes the answer)."""
-    return f"{saga_id}:{step}:query"
-
-
-def parse_key(key: str) -> KeyParts:
-    """Split a key made by :func:`action_key`, :func:`compensation_key` or :func:`query_key`."""
-    parts = key.split(":")
-    if len(parts) >= 3 and parts[-1] in ("action", "query"):
-        return KeyParts(":".join(parts[:-2]), parts[-2], parts[-1])
-    if len(parts) >= 4 and parts[-2] == "comp" and parts[-1].isdigit():
-        return KeyParts(":".join(parts[:-3]), parts[-3], "comp", int(parts[-1]))
-    raise MessageError(f"idempotency key {key!r} is not a sagakit step key")
-
-
-class _Transition:
-    """Accumulates one transition's effects on a private copy of the instance."""
-
-    def __init__(self, machine: Machine, inst: SagaInstance, now: float, cause: str | None):
-        self.m = machine
-        self.d = machine.definition
-        self.original = inst
-        self.inst = inst.copy()
-        self.now = now
-        self.cause = cause
-        self.new_version = inst.version + 1
-        self.out: list[Envelope] = []
-        self.timers: list[Timer] = []
-        self.cancel: list[str] = []
-        self.history: list[HistoryEntry] = []
-
-    # -- bookkeeping ------------------------------------------------------------------
-    def log(self, event: str, step: str | None = None, **detail: Any) -> None:
-        self.history.append(
-            HistoryEntry(
-                saga_id=self.inst.saga_id,
-                version=self.new_version,
-                at=self.now,
-                event=event,
-                state=self.inst.state,
-                status=self.inst.status,
-                step=step,
-                detail=detail,
-                message_id=self.cause,
-            )
-        )
-
-    def unchanged(self, event: str, step: str | None, **detail: Any) -> Decision:
-        """Record an input that moves nothing (stale, refused) and keep the instance."""
-        self.new_version = self.original.version
-        self.inst = self.original
-        self.log(event, step, **detail)
-        return Decision(self.original, [], [], [], self.history, False)
-
-    def decision(self) -> Decision:
-        self.inst.version = self.new_version
-        self.inst.updated_at = self.now
-        # A transition that cancels a timer and sets it again means "replace": keep only
-        # the set, so the order a runtime applies them in cannot lose the new timer.
-        setting = {t.name for t in self.timers}
-        cancel = [n for n in dict.fromkeys(self.cancel) if n not in setting]
-        return Decision(self.inst, self.out, self.timers, cancel, self.history, True)
-
-    def view(self) -> SagaView:
-        names = [s.name for s in self.d.steps]
-        return SagaView(
-            self.inst.saga_id, self.inst.business_key, self.inst.data, self.inst.results(names)
-        )
-
-    def _send(
-        self,
-        step: Step,
-        action: CommandAction | LocalAction,
-        *,
-        key: str,
-        attempt: int,
-        compensates: str | None,
-        phase: str,
-    ) -> None:
-        inst = self.inst
-        message_id = f"{inst.saga_id}:{self.new_version}:{len(self.out)}"
-        kind = MessageKind.QUERY if phase == "query" else MessageKind.COMMAND
-        if isinstance(action, CommandAction):
-            mtype, destination, version = action.type, action.endpoint, action.version
-            payload = action.build(self.view())
-            if phase == "query":
-                # Tell the participant which action the question is about.
-                payload["action_key"] = action_key(inst.saga_id, step.name)
-        else:
-            view = self.view()
-            mtype, destination, version = LOCAL_COMMAND, self.m.local_endpoint, 1
-            payload = {
-                "definition": self.d.name,
-                "definition_version": self.d.version,
-                "phase": phase,
-                "data": dict(view.data),
-                "results": {k: dict(v) for k, v in view.results.items()},
-            }
-        self.out.append(
-            Envelope(
-                message_id=message_id,
-                type=mtype,
-                version=version,
-                kind=kind,
-                source=self.m.endpoint,
-                destination=destination,
-                correlation_id=inst.correlation_id,
-                causation_id=self.cause,
-                saga_id=inst.saga_id,
-                business_key=inst.business_key,
-                step=step.name,
-                attempt=attempt,
-                fence=self.new_version,
-                idempotency_key=key,
-                compensates=compensates,
-                reply_to=self.m.endpoint,
-                occurred_at=self.now,
-                payload=payload,
-                traceparent=traceparent_for(inst.correlation_id, message_id),
-                headers=self._headers(step),
-            )
-        )
-
-    def _headers(self, step: Step) -> dict[str, str]:
-        retries = self.inst.steps[self.d.step_index(step.name)].manual_retries
-        return {MANUAL_RETRY: str(retries)} if retries else {}
-
-    def set_step_timer(self, kind: str, index: int, phase: str, attempt: int, due: float) -> None:
-        st = self.inst.steps[index]
-        # The step's fence floor last: a person's decision raises it, so a timer set
-        # before the decision (a second worker may still fire it) never matches a try the
-        # decision started, even where the decision counts tries from 1 again.
-        fence = f"{kind}:{index}:{phase}:{st.rung}:{attempt}:{st.fence_floor}"
-        self.timers.append(Timer(self.inst.saga_id, STEP_TIMER, due, fence))
+class _Transition(TransitionBase):
+    """Accumulates one transition's effects on a private copy of the instance, and
+    decides where the saga goes next: on to the next step or back through the
+    compensations, and what to do when a step's outcome is in doubt."""
 
     # -- forward ----------------------------------------------------------------------
-    def dispatch_action(self, index: int) -> None:
-        step, st = self.d.steps[index], self.inst.steps[index]
-        st.attempt += 1
-        st.status = StepStatus.RUNNING
-        st.next_retry_at = None
-        if st.started_at is None:
-            st.started_at = self.now
-        self.inst.cursor = index
-        # The label in force: the step's own, else the last one before it. (After a
-        # person resumed a saga its status must leave NEEDS_ATTENTION.)
-        label = next(
-            (s.status for s in reversed(self.d.steps[: index + 1]) if s.status is not None),
-            self.d.started_status,
-        )
-        self.inst.status = label
-        self._send(
-            step,
-            step.action,
-            key=action_key(self.inst.saga_id, step.name),
-            attempt=st.attempt,
-            compensates=None,
-            phase="action",
-        )
-        self.set_step_timer(
-            "timeout",
-            index,
-            "action",
-            st.attempt,
-            self.now + step.retry.timeout(step.timeout, st.attempt),
-        )
-        self.log("step.started", step.name, attempt=st.attempt, action=step.action.label)
-
     def advance(self, index: int) -> None:
         """Step ``index`` is settled (succeeded or skipped): move to the next one."""
         inst = self.inst
@@ -314,30 +103,6 @@ class _Transition:
                 self.finish(SagaState.SUCCEEDED, self.d.completed_status, None)
             return
         self.dispatch_action(nxt)
-
-    def dispatch_query(self, index: int) -> None:
-        """Ask the participant what became of the step's action (its outcome is unknown)."""
-        step, st = self.d.steps[index], self.inst.steps[index]
-        assert step.status_query is not None
-        st.queries += 1
-        st.status = StepStatus.QUERYING
-        st.next_retry_at = None
-        self._send(
-            step,
-            step.status_query,
-            key=query_key(self.inst.saga_id, step.name),
-            attempt=st.queries,
-            compensates=None,
-            phase="query",
-        )
-        self.set_step_timer(
-            "timeout",
-            index,
-            "query",
-            st.queries,
-            self.now + step.retry.timeout(step.timeout, st.queries),
-        )
-        self.log("status.queried", step.name, query=st.queries, action=step.status_query.label)
 
     def outcome_unknown(self, index: int, reason: str) -> None:
         """The action may or may not have happened: ask, or make it safe, or ask a person.
@@ -358,22 +123,6 @@ class _Transition:
             self.needs_manual(reason, step.name)
         else:
             self.begin_compensation(index, reason)
-
-    def pivot_passed(self) -> bool:
-        p = self.d.pivot_index
-        return p is not None and self.inst.steps[p].status is StepStatus.SUCCEEDED
-
-    def finish(self, state: SagaState, status: str, reason: str | None) -> None:
-        self.inst.state = state
-        self.inst.status = status
-        if reason is not None:
-            self.inst.reason = reason
-        self.cancel.extend([STEP_TIMER, DEADLINE_TIMER])
-        self.log("saga.finished", None, outcome=state.value, reason=reason)
-
-    def needs_manual(self, reason: str, step: str | None) -> None:
-        self.log("manual.escalated", step, reason=reason)
-        self.finish(SagaState.FAILED_NEEDS_MANUAL, self.d.attention_status, reason)
 
     # -- backward ---------------------------------------------------------------------
     def begin_compensation(self, from_index: int, reason: str) -> None:
@@ -400,34 +149,8 @@ class _Transition:
         state = SagaState.TIMED_OUT if self.inst.timed_out else SagaState.COMPENSATED
         self.finish(state, self.d.cancelled_status, None)
 
-    def dispatch_compensation(self, index: int) -> None:
-        step, st = self.d.steps[index], self.inst.steps[index]
-        rung = step.ladder[st.rung]
-        st.rung_attempt += 1
-        st.status = StepStatus.COMPENSATING
-        st.next_retry_at = None
-        self.inst.cursor = index
-        self._send(
-            step,
-            rung.action,
-            key=compensation_key(self.inst.saga_id, step.name, st.rung),
-            attempt=st.rung_attempt,
-            compensates=action_key(self.inst.saga_id, step.name),
-            phase="comp",
-        )
-        self.set_step_timer(
-            "timeout",
-            index,
-            "comp",
-            st.rung_attempt,
-            self.now + rung.retry.timeout(rung.timeout, st.rung_attempt),
-        )
-        self.log(
-            "compensation.sent", step.name, rung=st.rung, attempt=st.rung_attempt, action=rung.label
-        )
 
-
-class Machine:
+class Machine(RetryRules):
     """The transition function of one saga definition.
 
     ``endpoint`` is where replies come back to; local steps are sent to
@@ -725,99 +448,8 @@ class Machine:
         """
         action = manual_action(action)
         check_manual(inst, reason=reason, actor=actor)
-        d = self.definition
-        index = inst.cursor
-        step = d.steps[index]
-        undoing = inst.steps[index].status in (
-            StepStatus.COMPENSATION_FAILED,
-            StepStatus.COMPENSATING,
-            StepStatus.COMPENSATION_WAITING,
-        )
         t = _Transition(self, inst, now, None)
-        st = t.inst.steps[index]
-        st.fence_floor = t.new_version
-        t.log(
-            "manual.resolved",
-            step.name,
-            action=action.value,
-            actor=actor,
-            reason=reason,
-            rung=rung,
-            previous_reason=inst.reason,
-        )
-
-        def refuse(why: str) -> ManualActionRefused:
-            return ManualActionRefused(
-                f"{action.value} does not apply to saga {inst.saga_id}: {why}"
-            )
-
-        if action is ManualAction.ACCEPT_PARTIAL:
-            t.finish(SagaState.PARTIAL_ACCEPTED, d.partial_status, f"accepted by {actor}: {reason}")
-        elif action is ManualAction.RETRY:
-            t.inst.reason = None
-            st.manual_retries += 1
-            if undoing:
-                t.inst.state = SagaState.COMPENSATING
-                t.inst.status = d.cancelling_status
-                st.rung_attempt = 0
-                t.dispatch_compensation(index)
-            else:
-                t.inst.state = SagaState.RUNNING
-                st.retry_base = st.attempt
-                st.queries = 0
-                t.dispatch_action(index)
-        elif action is ManualAction.MARK_DONE:
-            if undoing:
-                raise refuse(f"step {step.name!r} is being compensated; use mark_compensated")
-            st.status = StepStatus.SUCCEEDED
-            st.result = {"resolved_by": actor, "reason": reason}
-            st.finished_at = now
-            t.inst.state = SagaState.RUNNING
-            t.inst.reason = None
-            t.advance(index)
-        elif action is ManualAction.COMPENSATE:
-            if undoing:
-                raise refuse(f"step {step.name!r} is already being compensated")
-            if d.pivot_index is not None and index > d.pivot_index:
-                raise refuse(f"step {step.name!r} is past the pivot; nothing after it is undone")
-            if st.status is not StepStatus.SUCCEEDED:
-                st.status = StepStatus.UNKNOWN if step.ladder else StepStatus.FAILED
-            t.begin_compensation(index, f"compensation decided by {actor}: {reason}")
-        elif action is ManualAction.MARK_COMPENSATED:
-            if not undoing:
-                raise refuse(f"step {step.name!r} is not being compensated")
-            st.status = StepStatus.COMPENSATED
-            st.finished_at = now
-            t.inst.state = SagaState.COMPENSATING
-            t.inst.status = d.cancelling_status
-            t.inst.reason = f"compensated by hand ({actor}): {reason}"
-            t.next_compensation(index - 1)
-        else:  # USE_RUNG
-            if not undoing:
-                raise refuse(f"step {step.name!r} is not being compensated")
-            if rung is None or not 0 <= rung < len(step.ladder):
-                rungs = [f"{i}: {r.label}" for i, r in enumerate(step.ladder)]
-                raise refuse(f"rung must be one of {rungs}, got {rung!r}")
-            st.rung = rung
-            st.rung_attempt = 0
-            st.manual_retries += 1
-            t.inst.state = SagaState.COMPENSATING
-            t.inst.status = d.cancelling_status
-            t.dispatch_compensation(index)
-        if t.inst.state is SagaState.COMPENSATING and t.inst.deadline_at is not None:
-            # A compensation runs past any deadline, so none is in force any more; a
-            # deadline timer read before the decision then finds it gone and is stale.
-            t.inst.deadline_at = None
-        if t.inst.state is SagaState.RUNNING and d.deadline is not None:
-            # Going to the manual queue cancelled the deadline. A saga a person sends
-            # forward again gets its SLA back, counted from the decision: otherwise it
-            # could wait on a slow participant with nobody told. (A compensation keeps
-            # running past any deadline, so a saga sent back to compensating gets none.)
-            t.inst.timed_out = False
-            t.inst.deadline_at = now + d.deadline
-            t.timers.append(deadline_timer(inst.saga_id, t.inst.deadline_at))
-            t.log("deadline.set", None, deadline_at=t.inst.deadline_at)
-        return t.decision()
+        return resolve_manual(t, action, reason=reason, actor=actor, rung=rung)
 
     # -- helpers ----------------------------------------------------------------------
     def _on_status_answer(self, t: _Transition, index: int, outcome: Outcome) -> None:
@@ -865,23 +497,6 @@ class Machine:
                 "expected done, failed, not_found or pending"
             )
 
-    def _query_again(self, t: _Transition, index: int, why: str) -> None:
-        step, st = self.definition.steps[index], t.inst.steps[index]
-        if st.next_retry_at is not None:
-            # The retry wait is over: ask again.
-            t.dispatch_query(index)
-            return
-        if st.queries >= step.retry.max_attempts:
-            t.needs_manual(
-                f"outcome of step {step.name!r} still unknown after {st.queries} status "
-                f"queries: {why}",
-                step.name,
-            )
-            return
-        st.next_retry_at = t.now + step.retry.backoff(st.queries, f"{t.inst.saga_id}:{step.name}:q")
-        t.set_step_timer("retry", index, "query", st.queries, st.next_retry_at)
-        t.log("retry.scheduled", step.name, phase="query", attempt=st.queries, reason=why)
-
     def _on_action_outcome(self, t: _Transition, index: int, outcome: Outcome) -> None:
         d = self.definition
         step, st = d.steps[index], t.inst.steps[index]
@@ -928,40 +543,6 @@ class Machine:
         st.status = StepStatus.FAILED
         t.log("step.failed", step.name, reason=outcome.reason, attempt=st.attempt)
         t.begin_compensation(index - 1, f"step {step.name!r} failed: {outcome.reason}")
-
-    def _schedule_retry(
-        self, t: _Transition, index: int, phase: str, delay: float, reason: str
-    ) -> None:
-        st = t.inst.steps[index]
-        st.status = (
-            StepStatus.WAITING_RETRY if phase == "action" else StepStatus.COMPENSATION_WAITING
-        )
-        st.next_retry_at = t.now + delay
-        attempt = st.attempt if phase == "action" else st.rung_attempt
-        t.set_step_timer("retry", index, phase, attempt, st.next_retry_at)
-        t.log(
-            "retry.scheduled",
-            self.definition.steps[index].name,
-            phase=phase,
-            attempt=attempt,
-            delay=round(delay, 4),
-            reason=reason,
-        )
-
-    def _next_rung(self, t: _Transition, index: int, reason: str) -> None:
-        step, st = self.definition.steps[index], t.inst.steps[index]
-        if st.rung + 1 < len(step.ladder):
-            st.rung += 1
-            st.rung_attempt = 0
-            t.log(
-                "compensation.escalated", step.name, rung=st.rung, action=step.ladder[st.rung].label
-            )
-            t.dispatch_compensation(index)
-            return
-        st.status = StepStatus.COMPENSATION_FAILED
-        t.needs_manual(
-            f"compensation of step {step.name!r} failed on every rung: {reason}", step.name
-        )
 
     @staticmethod
     def _stale(t: _Transition, step: str, why: str, reply: Envelope, outcome: Outcome) -> Decision:
