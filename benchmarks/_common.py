@@ -232,7 +232,7 @@ def install_commit_counter() -> CommitCounter:
         import sagakit.stores.postgres  # noqa: F401  (optional driver)
 
         targets += [
-            ("sagakit.stores.postgres", "_Transaction", "__aexit__", "tx"),
+            ("sagakit.stores.postgres.transaction", "_Transaction", "__aexit__", "tx"),
             ("sagakit.stores.postgres", "PostgresStore", "_write", "single"),
             ("sagakit.stores.postgres", "PostgresStore", "_read", "read"),
         ]

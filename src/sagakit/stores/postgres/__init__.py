@@ -69,7 +69,6 @@ from sagakit.stores.postgres.driver import qmark_to_psycopg, translate_error
 from sagakit.stores.postgres.migrations import ENGINE_NAMESPACE
 from sagakit.stores.postgres.store import PostgresStore
 from sagakit.stores.postgres.transaction import LockedOutbox
-from sagakit.stores.postgres.transaction import _Transaction as _Transaction  # benchmarks wrap it
 from sagakit.stores.postgres.tx import PostgresTx
 
 __all__ = [

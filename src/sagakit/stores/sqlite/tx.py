@@ -117,7 +117,7 @@ class SQLiteTx(ItemByItem):
     async def inbox_add_many(
         self, consumer: str, message_ids: Sequence[str], now: float
     ) -> set[str]:
-        """Record several ids in one statement; return those not handled before."""
+        """See :meth:`Tx.inbox_add_many`: one INSERT over the ids as a JSON array."""
         if not message_ids:
             return set()
         rows = self._all(
@@ -139,7 +139,7 @@ class SQLiteTx(ItemByItem):
     async def idempotency_get_many(
         self, consumer: str, keys: Sequence[str]
     ) -> dict[str, IdempotencyRecord]:
-        """The outcomes ``consumer`` recorded for any of ``keys``, in one statement."""
+        """See :meth:`Tx.idempotency_get_many`: one SELECT over the keys as a JSON array."""
         if not keys:
             return {}
         rows = self._all(
