@@ -46,13 +46,25 @@ def _engine_rows(res: ResultLines, prefix: str, system: str, backend: str, varia
         if prefix == "engine"
         else "SQLAlchemy commits (DBOS system database; read transactions included)"
     )
+    fastest = ", ".join(_fastest_drivers(res, key))
+    throughput_note = (
+        f"{label}; the fastest way of driving it (rows below), per run: {fastest}"
+        if prefix == "dbos" and fastest
+        else label
+    )
     res.rows(
         prefix,
         key,
         (
             Row("seq_p50", "sequential latency p50", "ms", "seq_p50_ms", "lower", label),
             Row("seq_p99", "sequential latency p99", "ms", "seq_p99_ms", "lower", label),
-            Row("throughput", "concurrent throughput", "sagas/s", "conc_sagas_per_s", note=label),
+            Row(
+                "throughput",
+                "concurrent throughput",
+                "sagas/s",
+                "conc_sagas_per_s",
+                note=throughput_note,
+            ),
             Row(
                 "cpu_per_saga",
                 "client CPU per saga (concurrent)",
@@ -97,6 +109,46 @@ def _engine_rows(res: ResultLines, prefix: str, system: str, backend: str, varia
     )
 
 
+DBOS_DRIVERS = (
+    ("asyncio_all", "async workflows, all started at once"),
+    ("asyncio_32", "async workflows, at most 32 in flight"),
+    ("threads_32", "the workflow written synchronously, 32 threads"),
+    ("queue_32", "a DBOS queue, worker concurrency 32, polled every 10 ms"),
+)
+"""How bench_dbos.py drives DBOS in its concurrent phase (the best one is reported)."""
+
+
+def _fastest_drivers(res: ResultLines, key: str) -> list[str]:
+    """The fastest way of driving DBOS in each run of ``key`` (none in results written
+    before bench_dbos.py measured several)."""
+    return [
+        str(o.value["conc_driver"])
+        for o in res.by_key.get(key, [])
+        if o.value is not None and "conc_driver" in o.value
+    ]
+
+
+def _dbos_driver_rows(res: ResultLines, backend: str, variant: str) -> None:
+    """DBOS's throughput with each way of driving it, beside the best."""
+    key = f"dbos/{backend}/{variant}"
+    if key in res.by_key and not _fastest_drivers(res, key):
+        return  # results from before the drivers were measured: nothing to show
+    res.rows(
+        "dbos",
+        key,
+        tuple(
+            Row(
+                f"throughput_{driver}",
+                "concurrent throughput",
+                "sagas/s",
+                f"conc_{driver}_sagas_per_s",
+                note=f"DBOS 3.4 on {backend}: {what}",
+            )
+            for driver, what in DBOS_DRIVERS
+        ),
+    )
+
+
 def engine_results(res: ResultLines) -> None:
     """sagakit and DBOS 3.4 on each backend, the workflow succeeding and failing."""
     for variant in ("ok", "fail"):
@@ -106,6 +158,7 @@ def engine_results(res: ResultLines) -> None:
             if variant == "fail" and backend == "sqlite":
                 continue
             _engine_rows(res, "dbos", "DBOS 3.4", backend, variant)
+            _dbos_driver_rows(res, backend, variant)
 
 
 def compare_results(res: ResultLines) -> None:
