@@ -27,7 +27,9 @@ stores / orders. Commits per checkout = write transactions committed by the six
 processes (each started through ``_counted_process.py``, which wraps the stores' commit
 paths as the in-process count does) and by the driver (one per order placed) / orders;
 ``idle_commits_per_s`` is what the processes commit doing nothing. CPU per
-checkout = user + system time of the six processes (``/proc/PID/stat``) / orders.
+checkout = user + system time of the six processes (``/proc/PID/stat``) / orders, in
+all and per process. Under steady load, when py-spy is installed (the ``bench``
+extra), each process is sampled from outside and its busiest functions reported.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ import contextlib
 import ctypes
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +147,16 @@ class Processes:
 
     def cpu_seconds(self) -> float:
         """User + system time of the processes so far (``/proc/PID/stat``)."""
-        total = 0
-        for p in self.procs.values():
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """User + system time of each process so far, by role name."""
+        out: dict[str, float] = {}
+        for name, p in self.procs.items():
             with contextlib.suppress(OSError), open(f"/proc/{p.pid}/stat", encoding="ascii") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / _TICK
+                out[name] = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+        return out
 
     def counts(self, name: str) -> Path:
         return self.logs / f"{name}.counts.json"
@@ -189,7 +197,8 @@ def _costs_counter(procs: Processes | None) -> Callable[[], dict[str, float]]:
         if procs is None:
             return {"cpu": cpu_seconds(), "commits": mine}
         time.sleep(0.3)  # the children write their counts every 0.1 s
-        return {"cpu": procs.cpu_seconds(), "commits": mine + procs.commits()}
+        split = {f"cpu:{name}": cpu for name, cpu in procs.cpu_by_process().items()}
+        return {"cpu": sum(split.values()), "commits": mine + procs.commits(), **split}
 
     return costs
 
@@ -254,6 +263,11 @@ async def _phase(
         },
         "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5]),
         "cpu_ms_per_checkout": (k1["cpu"] - k0["cpu"]) / n * 1000,
+        **{
+            f"cpu_ms_per_checkout_{key[4:]}": (k1[key] - k0.get(key, 0.0)) / n * 1000
+            for key in k1
+            if key.startswith("cpu:")
+        },
         "commits_per_checkout": (k1["commits"] - k0["commits"]) / n,
         "messages_per_checkout": (msgs1 - msgs0) / n,
     }
@@ -343,6 +357,95 @@ async def _hops(stores: dict[str, Any], since: float) -> dict[str, float]:
     }
 
 
+PROFILE_RATE = 200
+"""py-spy samples per second in each process."""
+PROFILE_TOP = 8
+"""Functions listed per process (by their own samples)."""
+
+
+@contextlib.contextmanager
+def _sampled(procs: Processes | None, work: Path, out: dict[str, Any]) -> Iterator[None]:
+    """Sample every process's Python stacks with py-spy while the block runs.
+
+    py-spy reads another process's memory from outside (no code in it, no slowdown
+    beyond the reads), so the numbers of the phase stay comparable. Puts into
+    ``out["profile"]``, per process: samples taken, the share that was idle (waiting in
+    the event loop's selector) and the functions with the most samples of their own.
+    Without py-spy (``pip install py-spy``) or permission to attach, says why instead.
+    """
+    if procs is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        out["profile_skipped"] = "py-spy is not installed (pip install py-spy)"
+        yield
+        return
+    samplers: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    for name, p in procs.procs.items():
+        raw = work / f"{name}.spy.txt"
+        cmd = [spy, "record", "--pid", str(p.pid), "--rate", str(PROFILE_RATE)]
+        cmd += ["--format", "raw", "--output", str(raw), "--nonblocking", "--idle"]
+        samplers[name] = (
+            subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            ),
+            raw,
+        )
+    try:
+        yield
+    finally:
+        profile: dict[str, Any] = {}
+        for name, (sampler, raw) in samplers.items():
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                _, err = sampler.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                sampler.kill()
+                _, err = sampler.communicate()
+            if raw.exists():
+                profile[name] = _top_functions(raw.read_text(errors="replace"))
+            else:
+                profile[name] = {"error": err.decode(errors="replace")[-300:]}
+        out["profile"] = profile
+
+
+# A thread waiting for work: the event loop in its selector, a pool thread on its queue.
+_IDLE = re.compile(
+    r"^(\w+\.)?(select|poll|wait|get|_worker) \(.*(selectors|threading|queue|thread)\.py"
+)
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def _top_functions(collapsed: str) -> dict[str, Any]:
+    """From py-spy's collapsed stacks (``frame;frame;leaf count`` per line): samples,
+    the idle share and the leaf functions with the most samples."""
+    leaves: dict[str, int] = {}
+    total = idle = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        if "_dump (_counted_process.py" in stack:
+            continue  # the bench's own thread that writes the commit counts
+        n = int(count)
+        total += n
+        leaf = stack.rsplit(";", 1)[-1]
+        if _IDLE.search(leaf):
+            idle += n
+            continue
+        fn = _LINE.sub(")", leaf)  # one entry per function, not per line
+        leaves[fn] = leaves.get(fn, 0) + n
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]
+    return {
+        "samples": total,
+        "idle_share": idle / total if total else None,
+        "top": [[fn, n / total] for fn, n in top] if total else [],
+    }
+
+
 async def measure(params: dict[str, Any]) -> dict[str, Any]:
     from sagakit_checkout.sagas import CHECKOUT
 
@@ -390,17 +493,19 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
                 out["seq_p50_ms"] = percentile(seq, 0.5)
                 out["seq_p99_ms"] = percentile(seq, 0.99)
                 out.update(await _hops(stores, seq_started))
-                # Steady load: a bounded number of orders in flight.
-                win = await _phase(
-                    engine,
-                    orch,
-                    stores,
-                    costs,
-                    f"win-{tag}",
-                    params["orders"],
-                    params["window"],
-                    timeout,
-                )
+                # Steady load: a bounded number of orders in flight (sampled by py-spy,
+                # when it is installed, process by process).
+                with _sampled(procs, Path(d), out):
+                    win = await _phase(
+                        engine,
+                        orch,
+                        stores,
+                        costs,
+                        f"win-{tag}",
+                        params["orders"],
+                        params["window"],
+                        timeout,
+                    )
                 out.update({f"win_{k}": v for k, v in win.items()})
                 # A burst: every order placed at once (full runs only).
                 if params.get("burst", 0):

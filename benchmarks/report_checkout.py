@@ -92,7 +92,42 @@ def checkout_results(res: ResultLines, sizes: Any) -> None:
             ),
             Row("burst_p50", "end-to-end p50 of the burst", "ms", "burst_e2e_p50_ms", "lower"),
         ]
+    runs = [o.value for o in res.by_key.get(key, []) if o.value is not None]
+    rows += [
+        Row(
+            f"cpu_{role}",
+            f"CPU per checkout in the {role} process",
+            "ms",
+            f"win_cpu_ms_per_checkout_{role}",
+            "lower",
+            "steady load",
+        )
+        for role in ROLES
+        if any(f"win_cpu_ms_per_checkout_{role}" in v for v in runs)
+    ]
     res.rows("checkout", key, rows, prefix="checkout")
+
+
+ROLES = ("worker", "relay", "order", "payment", "inventory", "shipping")
+"""The checkout's processes, as bench_checkout.py names them."""
+
+
+def _profile_lines(i: int, v: dict[str, Any]) -> list[str]:
+    """Run ``i``'s py-spy sample of each process under steady load, or why there is none."""
+    if v.get("profile_skipped"):
+        return [f"- run {i}, per-process profile: not taken ({v['profile_skipped']})"]
+    out: list[str] = []
+    for role, p in (v.get("profile") or {}).items():
+        if "error" in p:
+            out.append(f"- run {i}, {role}: py-spy failed: {p['error'][:200]}")
+            continue
+        idle = p.get("idle_share")
+        top = ", ".join(f"`{fn}` {share * 100:.1f}%" for fn, share in p.get("top", [])[:5])
+        out.append(
+            f"- run {i}, {role}: {p.get('samples', 0):,} samples, "
+            f"{'—' if idle is None else f'{idle * 100:.0f}%'} idle; busiest: {top or '—'}"
+        )
+    return out
 
 
 def _run_phases(i: int, v: dict[str, Any]) -> list[str]:
@@ -115,4 +150,21 @@ def checkout_notes(outcomes: Sequence[Any], skipped: dict[str, str]) -> list[str
     """Under the checkout table: why it was not measured, or each run's orders and states."""
     if "checkout" in skipped:
         return [f"Not measured: {skipped['checkout']}.", ""]
-    return [*per_run(outcomes, _run_phases), ""]
+    lines = [*per_run(outcomes, _run_phases), ""]
+    profile = [
+        line
+        for i, o in enumerate(outcomes, 1)
+        if o.value is not None
+        for line in _profile_lines(i, o.value)
+    ]
+    if profile:
+        lines += [
+            "Where each process spends its time under steady load (py-spy, sampled from "
+            "outside at 200/s; idle: waiting in the event loop's selector or on a pool's "
+            "queue; a function's share: the samples in which it was the innermost Python "
+            "frame, C calls included, out of all samples):",
+            "",
+            *profile,
+            "",
+        ]
+    return lines

@@ -82,3 +82,27 @@ def test_api_load_benchmark_prints_healthz_percentiles_per_load() -> None:
     # Not speed: a client hanging up mid-body is one INFO line, never a traceback.
     assert rows["disconnect"]["tracebacks"] == 0, rows["disconnect"]
     assert rows["disconnect"]["disconnect_lines"] == {"INFO": 2}, rows["disconnect"]
+
+
+def test_checkout_profile_reads_py_spy_collapsed_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What bench_checkout.py makes of py-spy's output: idle waits apart, one entry per
+    # function (lines merged), the bench's own counting thread left out, junk skipped.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_checkout
+
+    loop = "<module> (_counted_process.py:40);BaseEventLoop._run_once (asyncio/base_events.py:1884)"
+    handle = "<module> (_counted_process.py:40);Handle._run (asyncio/events.py:80)"
+    collapsed = "\n".join(
+        [
+            f"{loop};EpollSelector.select (selectors.py:468) 60",
+            f"{handle};Envelope.from_dict (sagakit/core/envelope.py:120) 25",
+            f"{handle};Envelope.from_dict (sagakit/core/envelope.py:131) 5",
+            "_bootstrap (threading.py:995);_dump (_counted_process.py:26) 100",
+            "not a stack",
+            "_bootstrap (threading.py:995);_worker (concurrent/futures/thread.py:81) 10",
+        ]
+    )
+    got = bench_checkout._top_functions(collapsed)
+    assert got["samples"] == 100
+    assert got["idle_share"] == pytest.approx(0.7)
+    assert got["top"] == [["Envelope.from_dict (sagakit/core/envelope.py)", pytest.approx(0.3)]]
