@@ -42,6 +42,17 @@ from _common import (
     scratch_name,
 )
 
+IN_FLIGHT = 32
+"""Workflows in flight for the bounded drivers."""
+
+DRIVERS = {
+    "asyncio_all": "async workflows, all started at once",
+    "asyncio_32": f"async workflows, at most {IN_FLIGHT} in flight",
+    "threads_32": f"the workflow written synchronously, {IN_FLIGHT} threads",
+    "queue_32": f"a DBOS queue, worker concurrency {IN_FLIGHT}, polled every 10 ms",
+}
+"""The ways the concurrent phase drives DBOS, by name (the report shows each)."""
+
 
 def _count_commits() -> dict[str, int]:
     """Count SQLAlchemy commits (DBOS's write transactions) in this process."""
@@ -165,7 +176,7 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
             handle = await queue.enqueue_async(bench4, key, fail_at)
             return await handle.get_result()
 
-        drivers: dict[str, Callable[[str], Awaitable[str]]] = {
+        runners: dict[str, Callable[[str], Awaitable[str]]] = {
             "asyncio_all": lambda key: bench4(key, fail_at),
             "asyncio_32": at_most_32,
             "threads_32": in_thread,
@@ -173,13 +184,14 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
         }
         best: dict[str, Any] = {}
         try:
-            for driver, run in drivers.items():
+            for driver, run in runners.items():
                 got = await _concurrent(driver, run, conc_n, tag, expected, commits)
                 out[f"conc_{driver}_sagas_per_s"] = got["conc_sagas_per_s"]
                 if not best or got["conc_sagas_per_s"] > best["conc_sagas_per_s"]:
                     best = got
         finally:
             pool.shutdown()
+        assert runners.keys() == DRIVERS.keys(), "every driver is described for the report"
         out.update(best)
     finally:
         DBOS.destroy(destroy_registry=True)
@@ -189,10 +201,6 @@ async def measure(params: dict[str, Any]) -> dict[str, Any]:
             os.unlink(os.path.join(workdir, name))
         os.rmdir(workdir)
     return out
-
-
-IN_FLIGHT = 32
-"""Workflows in flight for the bounded drivers."""
 
 
 async def _concurrent(

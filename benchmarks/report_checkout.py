@@ -92,24 +92,27 @@ def checkout_results(res: ResultLines, sizes: Any) -> None:
             ),
             Row("burst_p50", "end-to-end p50 of the burst", "ms", "burst_e2e_p50_ms", "lower"),
         ]
-    runs = [o.value for o in res.by_key.get(key, []) if o.value is not None]
+    # A line per process that reported its share, in the order bench_checkout.py runs them.
+    per_process = "win_cpu_ms_per_checkout_"
+    roles = dict.fromkeys(
+        field[len(per_process) :]
+        for o in res.by_key.get(key, [])
+        if o.value is not None
+        for field in o.value
+        if field.startswith(per_process)
+    )
     rows += [
         Row(
             f"cpu_{role}",
             f"CPU per checkout in the {role} process",
             "ms",
-            f"win_cpu_ms_per_checkout_{role}",
+            f"{per_process}{role}",
             "lower",
             "steady load",
         )
-        for role in ROLES
-        if any(f"win_cpu_ms_per_checkout_{role}" in v for v in runs)
+        for role in roles
     ]
     res.rows("checkout", key, rows, prefix="checkout")
-
-
-ROLES = ("worker", "relay", "order", "payment", "inventory", "shipping")
-"""The checkout's processes, as bench_checkout.py names them."""
 
 
 def _profile_lines(i: int, v: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench_dbos import DRIVERS
 from report_lines import ResultLines, Row
 
 
@@ -109,15 +110,6 @@ def _engine_rows(res: ResultLines, prefix: str, system: str, backend: str, varia
     )
 
 
-DBOS_DRIVERS = (
-    ("asyncio_all", "async workflows, all started at once"),
-    ("asyncio_32", "async workflows, at most 32 in flight"),
-    ("threads_32", "the workflow written synchronously, 32 threads"),
-    ("queue_32", "a DBOS queue, worker concurrency 32, polled every 10 ms"),
-)
-"""How bench_dbos.py drives DBOS in its concurrent phase (the best one is reported)."""
-
-
 def _fastest_drivers(res: ResultLines, key: str) -> list[str]:
     """The fastest way of driving DBOS in each run of ``key`` (none in results written
     before bench_dbos.py measured several)."""
@@ -144,7 +136,7 @@ def _dbos_driver_rows(res: ResultLines, backend: str, variant: str) -> None:
                 f"conc_{driver}_sagas_per_s",
                 note=f"DBOS 3.4 on {backend}: {what}",
             )
-            for driver, what in DBOS_DRIVERS
+            for driver, what in DRIVERS.items()
         ),
     )
 

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _listed() -> set[str]:
+def _setuptools() -> dict[str, Any]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    return set(config["tool"]["setuptools"]["packages"])
+    tool: dict[str, Any] = config["tool"]["setuptools"]
+    return tool
+
+
+def _listed() -> set[str]:
+    return set(_setuptools()["packages"])
 
 
 def test_every_package_under_src_is_listed_for_the_wheel() -> None:
@@ -25,16 +31,8 @@ def test_every_package_under_src_is_listed_for_the_wheel() -> None:
 
 
 def test_every_listed_package_exists() -> None:
-    dirs = {
-        "": ROOT / "src",
-        **{
-            name: ROOT / path
-            for name, path in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"][
-                "setuptools"
-            ]["package-dir"].items()
-            if name
-        },
-    }
+    dirs = {"": ROOT / "src"}
+    dirs.update((name, ROOT / path) for name, path in _setuptools()["package-dir"].items() if name)
     for package in _listed():
         top = package.split(".")[0]
         base = dirs[top] if top in dirs else dirs[""] / top

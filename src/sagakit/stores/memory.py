@@ -54,8 +54,9 @@ class MemoryStore(SQLiteStore):
     def __init__(self, name: str = "memory") -> None:
         # A shared-cache in-memory database, named uniquely: the writer and the reader
         # are two connections to it, and no other store (or test) can reach it.
-        super().__init__(f"file:sagakit-memory-{uuid.uuid4().hex}?mode=memory&cache=shared")
-        self.name = name
+        super().__init__(
+            f"file:sagakit-memory-{uuid.uuid4().hex}?mode=memory&cache=shared", name=name
+        )
         self._image: bytes | None = None
 
     def __repr__(self) -> str:
@@ -64,11 +65,12 @@ class MemoryStore(SQLiteStore):
     def read_in_threads(self, threads: int) -> None:
         """Refused unless 0: an in-memory database is reached by this store's own
         connections only, on the event loop."""
-        if threads:
+        if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
             raise ConfigurationError(
                 f"MemoryStore {self.name!r} reads on the event loop only; use a SQLiteStore "
                 "on a file to read in worker threads"
             )
+        super().read_in_threads(threads)  # 0 is accepted; anything else is refused there
 
     async def open(self) -> None:
         """Create the database (or bring back what it held at :meth:`close`) and apply
