@@ -57,7 +57,10 @@ async def test_serve_and_the_cli_against_it(tmp_path: Path) -> None:
             assert r.status_code == 202, r.text
             saga_id = r.json()["saga_id"]
             for _ in range(200):
-                if (await client.get(f"/orders/{r.json()['order_id']}")).json()["terminal"]:
+                # Waiting for a person: NEEDS_ATTENTION, not final (terminal stays false).
+                view = (await client.get(f"/orders/{r.json()['order_id']}")).json()
+                if view["status"] == "NEEDS_ATTENTION":
+                    assert view["terminal"] is False, view
                     break
                 await asyncio.sleep(0.05)
             assert (await client.get("/sagas")).json()["total"] >= 5  # 4 demo orders + 1

@@ -125,12 +125,16 @@ async def api_on_deployment(
                 yield client, store, broker
 
 
-async def _until_terminal(client: httpx.AsyncClient, order_id: str) -> dict[str, Any]:
+async def _until_terminal(
+    client: httpx.AsyncClient, order_id: str, waiting: str | None = None
+) -> dict[str, Any]:
+    """The order once final, or once it shows ``waiting`` (an order waiting for a
+    person, NEEDS_ATTENTION, is not final: a decision moves it on)."""
     for _ in range(600):
         view: dict[str, Any] = (
             await client.get(f"/orders/{order_id}", headers=auth("viewer"))
         ).json()
-        if view["terminal"]:
+        if view["terminal"] or view["status"] == waiting:
             return view
         await asyncio.sleep(0.1)
     raise AssertionError(f"order {order_id} not final after 60s: {view}")
@@ -158,8 +162,8 @@ async def _exercise(client: httpx.AsyncClient, store: str, broker: str, provider
     with processes(store, broker, provider) as procs:
         done = await _until_terminal(client, ok.json()["order_id"])
         assert done["status"] == "COMPLETED", done
-        stuck = await _until_terminal(client, manual.json()["order_id"])
-        assert stuck["status"] == "NEEDS_ATTENTION", stuck
+        stuck = await _until_terminal(client, manual.json()["order_id"], "NEEDS_ATTENTION")
+        assert stuck["status"] == "NEEDS_ATTENTION" and stuck["terminal"] is False, stuck
         assert all(p.poll() is None for p in procs)
 
         saga_id = manual.json()["saga_id"]

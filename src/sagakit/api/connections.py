@@ -38,7 +38,9 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sagakit.api.http import request_path
 from sagakit.api.limits import PROBES
+from sagakit.api.problems import PROBLEM_JSON, problem_bytes, problem_document
 from sagakit.errors import ConfigurationError
 
 MAX_CONNECTIONS_CEILING = 1000
@@ -55,12 +57,29 @@ def _open_file_limit() -> int:
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
-BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-    b"retry-after: 1\r\nconnection: close\r\ncontent-length: 83\r\n\r\n"
-    b'{"error":"not_ready","message":"the server has no room for another connection now"}'
-)
-"""The answer to a connection beyond the cap when no stalled one can make room."""
+def busy_reply(path: str | None) -> bytes:
+    """The answer to a connection beyond the cap when no stalled one can make room: a
+    503 problem document, its ``instance`` the request's path when one was read."""
+    body = problem_bytes(
+        problem_document(
+            503, "not_ready", "the server has no room for another connection now", path
+        )
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"content-type: {PROBLEM_JSON}\r\n"
+        "retry-after: 1\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def request_target(head: bytes) -> str | None:
+    """The path of the request line at the start of ``head`` (None: not a request line)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return None
+    return parts[1].split(b"?", 1)[0].decode("latin-1")
 
 
 PROBE_ROOM = 16
@@ -153,6 +172,42 @@ class GuardedH11Protocol(H11Protocol):
     """Let in on the room kept for probes: it may ask for a probe, once."""
     _probe_head: bytes | None = None
     """The start of its request, until the request line is whole."""
+    _concurrency: int | None = None
+    """uvicorn's ``limit_concurrency``, checked here instead of by uvicorn."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn answers a request beyond limit_concurrency with a text/plain 503 of
+        # its own making; the same check is made here, so that the answer is the API's
+        # problem document like every other error.
+        self._concurrency, self.limit_concurrency = self.limit_concurrency, None
+        if self._concurrency is not None:
+            self.app = self._limited(self.app, self._concurrency)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse (a header larger than
+        ``max_header_bytes``, say), as a problem document instead of plain text."""
+        body = problem_bytes(
+            problem_document(
+                400,
+                "bad_request",
+                "the request is not valid HTTP/1.1 (a malformed request line or header, "
+                "or a header larger than the server accepts)",
+                None,
+            )
+        )
+        headers = [
+            (b"content-type", PROBLEM_JSON.encode("ascii")),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the header clock; make room if the cap is exceeded."""
@@ -171,7 +226,7 @@ class GuardedH11Protocol(H11Protocol):
                 return
             self._probe_head = None
             if not asks_for_probe(head):
-                self._turn_away()
+                self._turn_away(request_target(head))
                 return
             data = head
         super().data_received(data)
@@ -196,6 +251,32 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     # -- internals ----------------------------------------------------------------------
+    def _limited(self, app: Any, cap: int) -> Any:
+        async def limited(scope: Any, receive: Any, send: Any) -> None:
+            # uvicorn counts before it adds the request's task; here it is counted.
+            if scope["type"] != "http" or (len(self.connections) < cap and len(self.tasks) <= cap):
+                await app(scope, receive, send)
+                return
+            self.logger.warning("Exceeded concurrency limit.")
+            body = problem_bytes(
+                problem_document(
+                    503,
+                    "not_ready",
+                    f"the server is at its limit of {cap} connections and requests; retry",
+                    request_path(scope),
+                )
+            )
+            headers = [
+                (b"content-type", PROBLEM_JSON.encode("ascii")),
+                (b"content-length", str(len(body)).encode("ascii")),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        return limited
+
     def _await_header(self) -> None:
         self._stop_header_clock()
         self._waiting_since = self.loop.time()
@@ -227,10 +308,10 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._turn_away()
 
-    def _turn_away(self) -> None:
+    def _turn_away(self, path: str | None = None) -> None:
         self._stop_header_clock()
         if not self.transport.is_closing():
-            self.transport.write(BUSY)
+            self.transport.write(busy_reply(path))
             self.transport.close()
 
     def _close(self) -> None:

@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sagakit.api.auth import Role
-from sagakit.api.http import ApiContext, Endpoint, Reply, json_reply
+from sagakit.api.http import ApiContext, Endpoint, Reply, json_reply, request_path
+from sagakit.api.problems import PROBLEM_JSON, problem_bytes, problem_document
 from sagakit.core.instance import MANUAL_STATES, SagaState
 from sagakit.metrics import REGISTRY, Registry, format_value, label_text
 from sagakit.runtime.engine import Engine
@@ -131,10 +132,18 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         except Exception as exc:
             ready = False
             stores["api"] = f"{type(exc).__name__}: {exc}"
-        body = {"ready": ready, "stores": stores}
-        if not ready:
-            body.update(error="not_ready", message="a store does not answer; see stores")
-        return json_reply(body, 200 if ready else 503)
+        if ready:
+            return json_reply({"ready": True, "stores": stores})
+        # Not ready is an error like any other (a problem document), with the stores'
+        # answers as extension members so that a person sees which one failed and why.
+        body = problem_document(
+            503,
+            "not_ready",
+            "a store does not answer; see stores",
+            request_path(request.scope),
+            {"ready": False, "stores": stores},
+        )
+        return Response(problem_bytes(body), status_code=503, media_type=PROBLEM_JSON)
 
     async def metrics_text(request: Request) -> Response:
         return Response(await metrics.text(), media_type=CONTENT_TYPE)
@@ -160,7 +169,11 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "health",
             {
                 200: Reply("Ready: every store answered.", "Ready"),
-                503: Reply("Not ready: the stores that did not answer, and why.", "Ready"),
+                503: Reply(
+                    "Not ready: a problem document with the stores that did not answer, and why.",
+                    "NotReady",
+                    PROBLEM_JSON,
+                ),
             },
         ),
         Endpoint(

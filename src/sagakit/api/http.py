@@ -12,15 +12,16 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, quote_from_bytes
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api.auth import Principal, Role, TokenStore, require
 from sagakit.api.console_session import ConsoleSessions
-from sagakit.api.problems import ApiError
+from sagakit.api.problems import PROBLEM_JSON, ApiError, problem_bytes
 from sagakit.api.records import CheckoutStores, Records
 from sagakit.api.validation import parse_json
 from sagakit.runtime.engine import Engine
@@ -103,9 +104,26 @@ def principal(request: Request) -> Principal:
     return who
 
 
-def error_response(err: ApiError) -> JSONResponse:
-    """The JSON response of an :class:`ApiError`."""
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def error_response(err: ApiError, instance: str | None) -> Response:
+    """The ``application/problem+json`` response (RFC 9457) of an :class:`ApiError`;
+    ``instance`` is the request's path (:func:`request_path`)."""
+    body = problem_bytes(err.problem(instance))
+    return Response(body, status_code=err.status, media_type=PROBLEM_JSON, headers=err.headers)
+
+
+def request_path(scope: Scope) -> str:
+    """The path of the request in ``scope`` as the client sent it (still percent-encoded,
+    so that it is a valid URI reference for a problem's ``instance``), without the query."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw:
+        # Escapes the client sent stay as they are; a byte it sent unescaped is escaped.
+        return quote_from_bytes(raw.split(b"?", 1)[0], safe=_PATH_SAFE)
+    path: str = scope.get("root_path", "") + scope.get("path", "")
+    return quote(path, safe=_PATH_SAFE.replace("%", ""))
+
+
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+"""Characters a URI path may hold unescaped (RFC 3986 pchar), and ``%`` of escapes."""
 
 
 class TokenAuth:
@@ -156,7 +174,7 @@ class TokenAuth:
             if console:
                 await _to_sign_in(scope, receive, send, clear=False)
                 return
-            await error_response(err)(scope, receive, send)
+            await error_response(err, request_path(scope))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -196,11 +214,11 @@ async def _to_sign_in(scope: Scope, receive: Receive, send: Send, *, clear: bool
 async def on_api_error(request: Request, exc: Exception) -> Response:
     """Render an :class:`ApiError` raised by a handler."""
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return error_response(exc, request_path(request.scope))
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
-    """Render Starlette's own errors (unknown path, wrong method) as JSON."""
+    """Render Starlette's own errors (unknown path, wrong method) as problem documents."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         message = f"no route {request.url.path!r}; see /openapi.json for the endpoints"
@@ -209,13 +227,14 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     else:
         message = str(exc.detail)
     err = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
-    return error_response(err)
+    return error_response(err, request_path(request.scope))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    """A 500 with a JSON body; the traceback goes to the log, not to the client."""
+    """A 500 problem document; the traceback goes to the log, not to the client."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ApiError(500, "the server failed on this request; it is logged"))
+    err = ApiError(500, "the server failed on this request; it is logged")
+    return error_response(err, request_path(request.scope))
 
 
 def query_lists(request: Request) -> dict[str, list[str]]:

@@ -6,9 +6,10 @@
 * **rate**: a token bucket per token name: ``burst`` requests at once, refilled at
   ``rate`` requests per second; a ``GET`` of a page of ``?limit=N`` rows counts as
   ``1 + N // 100`` requests (:func:`request_cost`). Beyond it the answer is 429 with
-  ``Retry-After`` (whole seconds until the request fits again) and the usual JSON
-  error body (``error: rate_limited``). The probes (``/healthz``, ``/readyz``,
-  ``/metrics``) are exempt: a load balancer or Prometheus must never be told to go away.
+  ``Retry-After`` (whole seconds until the request fits again) and the usual problem
+  document (``type: /problems/rate_limited``, ``error: rate_limited``). The probes
+  (``/healthz``, ``/readyz``, ``/metrics``) are exempt: a load balancer or Prometheus
+  must never be told to go away.
 * **streams**: at most ``streams`` server-sent event streams (``GET .../events``) open at
   once per token; one more is refused with 429 until one ends.
 
@@ -33,7 +34,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sagakit.api.auth import Principal
-from sagakit.api.http import PRINCIPAL, error_response
+from sagakit.api.http import PRINCIPAL, error_response, request_path
 from sagakit.api.problems import ApiError
 from sagakit.errors import ConfigurationError
 
@@ -157,7 +158,7 @@ class RequestLimits:
                     code="rate_limited",
                     headers={"Retry-After": str(seconds)},
                 )
-                await error_response(err)(scope, receive, send)
+                await error_response(err, request_path(scope))(scope, receive, send)
                 return
         cap = self.limits.streams
         if not cap or not is_event_stream(scope):
@@ -170,7 +171,7 @@ class RequestLimits:
                 code="too_many_streams",
                 headers={"Retry-After": "5"},
             )
-            await error_response(err)(scope, receive, send)
+            await error_response(err, request_path(scope))(scope, receive, send)
             return
         self._streams[name] = self._streams.get(name, 0) + 1
         try:
@@ -194,7 +195,9 @@ async def on_client_disconnect(request: Request, exc: Exception) -> Response:
         request.method,
         request.url.path,
     )
-    return Response(status_code=400)
+    # Still the API's error shape: a proxy that kept the connection could log it.
+    err = ApiError(400, "the client disconnected before sending its whole request body")
+    return error_response(err, request_path(request.scope))
 
 
 __all__ = [

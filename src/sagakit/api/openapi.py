@@ -3,7 +3,8 @@
 Paths, parameters, request bodies and success responses come from each
 :class:`~sagakit.api.http.Endpoint`; the error responses every route can give are
 added by rule (401 and 403 everywhere; 400, 413, 415 and 422 wherever a body is read;
-422 wherever query parameters are validated); the schemas are written out below.
+422 wherever query parameters are validated), each an ``application/problem+json``
+body (RFC 9457, :mod:`sagakit.api.problems`); the schemas are written out below.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sagakit.api.http import Endpoint
-from sagakit.api.problems import ERROR_CODES
+from sagakit.api.problems import ERROR_CODES, PROBLEM_JSON
 from sagakit.api.start import MAX_KEY
 from sagakit.api.validation import (
     ACTIONS,
@@ -142,17 +143,43 @@ ACTION = {
     ),
 }
 
+PROBLEM: dict[str, Any] = {
+    "type": {
+        "type": "string",
+        "format": "uri-reference",
+        "description": "The problem type: /problems/<error>, relative to the API.",
+    },
+    "title": {"type": "string", "description": "The problem type's summary (the same each time)."},
+    "status": {"type": "integer", "description": "The HTTP status code of the response."},
+    "detail": {"type": "string", "description": "What was wrong with this request, what to do."},
+    "instance": {
+        "type": "string",
+        "format": "uri-reference",
+        "description": "The path of the request that was refused.",
+    },
+    "error": {"type": "string", "description": "The stable code (also the end of `type`)."},
+    "message": {"type": "string", "description": "The same text as `detail`."},
+    "fields": {
+        "type": "array",
+        "description": "Only for 422: every refused field and what is wrong with it.",
+        "items": _obj({"field": STR, "problem": STR}, ["field", "problem"]),
+    },
+}
+"""An RFC 9457 problem document with the API's extension members (``error``,
+``message``, ``fields``)."""
+PROBLEM_REQUIRED = ("type", "title", "status", "detail", "error", "message")
+
+ORDER_TERMINAL = {
+    "type": "boolean",
+    "description": "true once the order is final: nobody can move it on. false while it "
+    "waits for a person (NEEDS_ATTENTION): their decision moves it on.",
+}
+
 SCHEMAS: dict[str, Any] = {
-    "Error": _obj(
-        {
-            "error": STR,
-            "message": STR,
-            "fields": {
-                "type": "array",
-                "items": _obj({"field": STR, "problem": STR}, ["field", "problem"]),
-            },
-        },
-        ["error", "message"],
+    "Problem": _obj(PROBLEM, list(PROBLEM_REQUIRED)),
+    "NotReady": _obj(
+        {**PROBLEM, "ready": BOOL, "stores": {"type": "object", "additionalProperties": STR}},
+        [*PROBLEM_REQUIRED, "ready", "stores"],
     ),
     "SagaState": {"type": "string", "enum": [s.value for s in SagaState]},
     "OrderRequest": _obj(
@@ -178,7 +205,8 @@ SCHEMAS: dict[str, Any] = {
     ),
     "OrderStatus": _obj(
         {
-            **_fields("order_id:str saga_id:str terminal:bool updated_at:num?"),
+            **_fields("order_id:str saga_id:str updated_at:num?"),
+            "terminal": ORDER_TERMINAL,
             "status": _null(
                 {
                     "type": "string",
@@ -193,7 +221,14 @@ SCHEMAS: dict[str, Any] = {
         ["order_id", "saga_id", "status", "terminal", "history"],
     ),
     "OrderStatusEvent": _obj(
-        {"order_id": STR, "saga_id": STR, "status": STR, "at": NUM, "seq": INT, "terminal": BOOL}
+        {
+            **_fields("order_id:str saga_id:str status:str at:num seq:int"),
+            "terminal": {
+                **ORDER_TERMINAL,
+                "description": "true on the last status event, when the order is final "
+                "(an `end` event follows).",
+            },
+        }
     ),
     "SagaSummary": _obj(SAGA_SUMMARY, list(SAGA_SUMMARY)),
     "SagaPage": _obj(
@@ -382,12 +417,7 @@ SCHEMAS: dict[str, Any] = {
     "OpenApiDocument": {"type": "object", "description": "An OpenAPI 3.0 document."},
     "Health": _obj({"status": STR}, ["status"]),
     "Ready": _obj(
-        {
-            "ready": BOOL,
-            "stores": {"type": "object", "additionalProperties": STR},
-            "error": STR,
-            "message": STR,
-        },
+        {"ready": BOOL, "stores": {"type": "object", "additionalProperties": STR}},
         ["ready", "stores"],
     ),
 }
@@ -396,7 +426,7 @@ SCHEMAS: dict[str, Any] = {
 def _error(status: int) -> dict[str, Any]:
     return {
         "description": ERROR_TEXT.get(status, ERROR_CODES.get(status, "Error")),
-        "content": {"application/json": {"schema": _ref("Error")}},
+        "content": {PROBLEM_JSON: {"schema": _ref("Problem")}},
     }
 
 

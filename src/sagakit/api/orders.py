@@ -37,7 +37,7 @@ from sagakit.api.http import (
 from sagakit.api.problems import ApiError, FieldProblem, invalid, not_found
 from sagakit.api.records import payments, shipments, stock
 from sagakit.api.validation import parse_order, parse_paging
-from sagakit.api.views import order_view, status_path
+from sagakit.api.views import order_final, order_view, status_path
 from sagakit.errors import PersonalDataRefused
 
 log = logging.getLogger("sagakit.api.audit")
@@ -302,8 +302,11 @@ async def _status_events(
 ) -> AsyncIterator[str]:
     """Each new status as an event (id = its position), heartbeats, ``end`` when final.
 
-    Only committed history rows are read, so no event is ahead of the truth; positions
-    only grow, so no client sees a status older than one it was sent.
+    Final is :func:`~sagakit.api.views.order_final`: an order waiting for a person
+    (NEEDS_ATTENTION) is not, so its stream stays open, with heartbeats, until that
+    person's decision moves it on to a final status. Only committed history rows are
+    read, so no event is ahead of the truth; positions only grow, so no client sees a
+    status older than one it was sent.
     """
     store = ctx.engine.store
     channel = f"sagas:{store.name}"
@@ -313,7 +316,7 @@ async def _status_events(
     while True:
         history = await store.history(saga_id)
         path = status_path(history)
-        final = bool(history) and history[-1].state.terminal
+        final = bool(history) and order_final(history[-1].state)
         for position in range(sent, len(path)):
             item = path[position]
             data = {"order_id": order_id, "saga_id": saga_id, **item, "seq": position + 1}

@@ -13,7 +13,7 @@ from typing import Any
 
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.envelope import Envelope
-from sagakit.core.instance import HistoryEntry, SagaInstance
+from sagakit.core.instance import MANUAL_STATES, HistoryEntry, SagaInstance, SagaState
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.tracker import TrackedFlow
 
@@ -203,15 +203,29 @@ def status_path(history: Sequence[HistoryEntry]) -> list[dict[str, Any]]:
     return path
 
 
+def order_final(state: SagaState) -> bool:
+    """Whether an order whose saga is in ``state`` is final: nothing can move it on.
+
+    A saga in FAILED_NEEDS_MANUAL (the customer sees NEEDS_ATTENTION) stopped on its
+    own, but a person's decision moves it on (to COMPLETED, CANCELLED, ...): it is in
+    :data:`~sagakit.core.instance.MANUAL_STATES`, the states manual actions apply to,
+    so it is not final. Every other terminal state is.
+    """
+    return state.terminal and state not in MANUAL_STATES
+
+
 def order_view(order_id: str, saga_id: str, history: Sequence[HistoryEntry]) -> dict[str, Any]:
-    """An order as its customer sees it: the current status and the ones before."""
+    """An order as its customer sees it: the current status and the ones before.
+
+    ``terminal`` is true only once the order is final (:func:`order_final`).
+    """
     path = status_path(history)
     last = history[-1] if history else None
     return {
         "order_id": order_id,
         "saga_id": saga_id,
         "status": path[-1]["status"] if path else None,
-        "terminal": bool(last and last.state.terminal),
+        "terminal": last is not None and order_final(last.state),
         "updated_at": last.at if last else None,
         "history": path,
     }
