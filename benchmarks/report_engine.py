@@ -253,3 +253,27 @@ def compare_results(res: ResultLines) -> None:
             better="lower",
             note=f"{seq_label}; compare with engine/{backend}/ok/seq_p50",
         )
+
+    # Issue 17's targets, against the limit measured in the same run.
+    res.ratio(
+        "compare/limit/postgres_sagas_vs_raw_8",
+        tp("engine/postgres/ok"),
+        res.vals("raw", "pg_8_commits_per_s"),
+        "sagakit's concurrent sagas/s on PostgreSQL / raw commits/s with 8 clients",
+        metric="sagas/s per raw commit/s",
+    )
+    res.ratio(
+        "compare/limit/postgres_seq_p50_in_commits",
+        res.vals("engine/postgres/ok", "seq_p50_ms"),
+        [1000 / c if c else None for c in res.vals("raw", "pg_1_commits_per_s")],
+        "sagakit's sequential p50 on PostgreSQL / the time of one raw commit with 1 client "
+        "(1000 / its commits/s)",
+        metric="sequential p50 in single-commit times",
+    )
+    res.ratio(
+        "compare/limit/sqlite_sagas_vs_raw",
+        tp("engine/sqlite/ok"),
+        res.vals("raw", "sqlite_full_commits_per_s"),
+        "sagakit's concurrent sagas/s on SQLite WAL+FULL / raw commits/s (1 connection)",
+        metric="sagas/s per raw commit/s",
+    )

@@ -106,3 +106,90 @@ def test_checkout_profile_reads_py_spy_collapsed_stacks(monkeypatch: pytest.Monk
     assert got["samples"] == 100
     assert got["idle_share"] == pytest.approx(0.7)
     assert got["top"] == [["Envelope.from_dict (sagakit/core/envelope.py)", pytest.approx(0.3)]]
+
+
+def _target_rows(lines: list[str]) -> dict[str, list[str]]:
+    """The Targets table's rows by label: [goal, measured, met, ratio]."""
+    rows: dict[str, list[str]] = {}
+    for line in lines[4:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_issue_17_targets_are_ratios_taken_run_by_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two hand-made runs whose medians of ratios differ from the ratios of medians: the
+    # report must divide run 1 by run 1 and run 2 by run 2, then take the median.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+    from report import derive
+    from report_targets import TARGETS, targets_section
+
+    def runs(*values: dict[str, float]) -> list[run.Outcome]:
+        return [run.Outcome(dict(v)) for v in values]
+
+    by_key = {
+        "raw": runs(
+            {"pg_8_commits_per_s": 10_000, "pg_1_commits_per_s": 4_000,
+             "sqlite_full_commits_per_s": 2_000},
+            {"pg_8_commits_per_s": 8_000, "pg_1_commits_per_s": 2_000,
+             "sqlite_full_commits_per_s": 1_000},
+        ),
+        "engine/postgres/ok": runs(
+            {"conc_sagas_per_s": 5_000, "seq_p50_ms": 5.0, "conc_cpu_ms_per_saga": 0.2,
+             "seq_cpu_ms_per_saga": 2.0},
+            {"conc_sagas_per_s": 2_400, "seq_p50_ms": 20.0, "conc_cpu_ms_per_saga": 0.4,
+             "seq_cpu_ms_per_saga": 4.0},
+        ),
+        "engine/sqlite/ok": runs({"conc_sagas_per_s": 3_000}, {"conc_sagas_per_s": 700}),
+        "checkout/postgres+nats": runs(
+            {"win_per_s": 600, "hop_outbox_ms": 1.0, "hop_delivery_ms": 0.2,
+             "win_cpu_ms_per_checkout": 2.0},
+            {"win_per_s": 400, "hop_outbox_ms": 3.0, "hop_delivery_ms": 0.4,
+             "win_cpu_ms_per_checkout": 3.0},
+        ),
+    }  # fmt: skip
+    results = derive(by_key, 2, {}, run.FULL, quick=False)
+    by_name = {r.name: r for r in results}
+
+    def values(name: str) -> list[float | None]:
+        return by_name[name].values
+
+    assert values("compare/limit/postgres_sagas_vs_raw_8") == pytest.approx([0.5, 0.3])
+    # p50 / (1000 / pg_1_commits_per_s): 5 ms / 0.25 ms, 20 ms / 0.5 ms
+    assert values("compare/limit/postgres_seq_p50_in_commits") == pytest.approx([20, 40])
+    assert values("compare/limit/sqlite_sagas_vs_raw") == pytest.approx([1.5, 0.7])
+    assert values("checkout/hop") == pytest.approx([1.2, 3.4])
+    assert by_name["compare/limit/postgres_seq_p50_in_commits"].target == "<= 10 commit times"
+    assert by_name["compare/limit/postgres_seq_p50_in_commits"].better == "lower"
+
+    rows = _target_rows(targets_section(by_name, run.FULL.__dict__))
+    assert list(rows) == [t.label for t in TARGETS]
+
+    def row(result: str) -> list[str]:
+        return rows[next(t.label for t in TARGETS if t.result == result)]
+
+    # Met: the median of 0.5 and 0.3 (0.4), not the ratio of the medians (3,700 / 9,000).
+    assert row("compare/limit/postgres_sagas_vs_raw_8") == [
+        ">= 0.3 x raw commits/s", "0.400 x raw commits/s", "yes", "1.33x of target"
+    ]  # fmt: skip
+    assert row("compare/limit/sqlite_sagas_vs_raw")[2:] == ["yes", "1.10x of target"]
+    assert row("checkout/cpu")[2:] == ["yes", "0.83x of the limit"]
+    # Missed: the median of 20 and 40, not 12.5 ms x 3,000/s.
+    assert row("compare/limit/postgres_seq_p50_in_commits") == [
+        "<= 10 commit times", "30 commit times", "**no**", "missed: 3.0x over the limit"
+    ]  # fmt: skip
+    assert row("checkout/hop")[1:] == ["2.30 ms", "**no**", "missed: 1.5x over the limit"]
+    assert row("engine/postgres/ok/seq_cpu_per_saga")[2:] == [
+        "**no**", "missed: 3.0x over the limit"
+    ]  # fmt: skip
+    assert row("checkout/throughput")[2:] == ["yes", "1.00x of target"]
+    # Not in these runs: DBOS, recovery, the checkout's steady-load latency.
+    for result in (
+        "compare/throughput/sagakit_pg_vs_dbos_pg",
+        "recovery/sqlite/recovery_s",
+        "checkout/steady_p50",
+    ):
+        assert row(result)[2:] == ["—", "not measured"], result
