@@ -581,6 +581,26 @@ async def test_inbox_deduplicates_per_consumer(open_store: OpenStore) -> None:
         assert await store.inbox_ids("nobody") == set()
 
 
+async def test_inbox_add_new_records_new_ids_and_fails_the_transaction_on_a_seen_one(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as store:
+        async with store.transaction() as tx:
+            await tx.inbox_add_new("payments", ["m1", "m2", "m1"], now=1.0)  # twice: once
+        assert await store.inbox_ids("payments") == {"m1", "m2"}
+        # A seen id fails the whole transaction (at once in process, at the commit on
+        # PostgreSQL): nothing it wrote stays, the new id included.
+        with pytest.raises(ConcurrencyError):
+            async with store.transaction() as tx:
+                await tx.inbox_add_new("payments", ["m3", "m2"], now=2.0)
+                await tx.inbox_add("shipping", "s1", now=2.0)
+        assert await store.inbox_ids("payments") == {"m1", "m2"}
+        assert await store.inbox_ids("shipping") == set()
+        async with store.transaction() as tx:  # another consumer's ids are its own
+            await tx.inbox_add_new("shipping", ["m1"], now=3.0)
+        assert await store.inbox_ids("shipping") == {"m1"}
+
+
 async def test_inbox_purge(open_store: OpenStore) -> None:
     async with open_store() as store:
         async with store.transaction() as tx:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 
 from sagakit.core.definition import RetryPolicy
 from sagakit.core.envelope import Envelope
@@ -24,6 +25,11 @@ from sagakit.stores.base import Store, Tx
 from sagakit.transports.base import ACK, BatchHandler, Delivery, Settle, Transport, retry
 
 log = logging.getLogger(__name__)
+
+FIRST_DELIVERIES: ContextVar[bool] = ContextVar("sagakit_first_deliveries", default=True)
+"""Whether the batch being handled holds first deliveries only (and is not a retry of a
+failed batch). A redelivered message is the likely duplicate: a handler that skips a
+read when nothing is a duplicate (the orchestrator's saga copies) reads for it."""
 
 # Errors that will fail the same way on every redelivery: park at once. Not
 # VersionMissing (a DefinitionError): a process that has the version can handle it.
@@ -144,18 +150,22 @@ class BatchConsumer:
             by_handle: dict[int, Settle] = {}
             for item in parsed:
                 try:
-                    await self._run([item])
+                    await self._run([item], first=False)
                     by_handle[item[0].handle] = ACK
                 except Exception as one_exc:
                     by_handle[item[0].handle] = await self._settle_failure(item, one_exc)
             return [by_handle.get(d.handle, ACK) for d in deliveries]
         return [ACK] * len(deliveries)
 
-    async def _run(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+    async def _run(self, items: Sequence[tuple[Delivery, Envelope]], *, first: bool = True) -> None:
         now = self.clock()
-        async with self.transaction() as tx:
-            await self.process_batch(tx, [env for _, env in items], now)
-            self.faults.point("before_commit", self.endpoint)
+        token = FIRST_DELIVERIES.set(first and all(d.deliveries <= 1 for d, _ in items))
+        try:
+            async with self.transaction() as tx:
+                await self.process_batch(tx, [env for _, env in items], now)
+                self.faults.point("before_commit", self.endpoint)
+        finally:
+            FIRST_DELIVERIES.reset(token)
         self.after_commit()
 
     async def _settle_failure(self, item: tuple[Delivery, Envelope], exc: Exception) -> Settle:

@@ -31,7 +31,13 @@ from sagakit.clock import using
 from sagakit.core.definition import LocalAction, StepContext
 from sagakit.core.envelope import Envelope, Outcome, failure, reply_to, success
 from sagakit.core.machine import parse_key
-from sagakit.errors import ConfigurationError, DefinitionError, MessageError, StepFailed
+from sagakit.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    DefinitionError,
+    MessageError,
+    StepFailed,
+)
 from sagakit.runtime.consumer import BatchConsumer
 from sagakit.runtime.step_threads import Finished, ThreadLane
 from sagakit.stores.base import Tx
@@ -355,12 +361,22 @@ class LocalStepRunner(BatchConsumer):
             self.orchestrator.wakeups.notify(f"queue:{self.endpoint}")
 
     async def _apply_inline(self, done: Sequence[tuple[int, Envelope, Outcome]]) -> None:
+        try:
+            await self._apply_inline_once(done, copies=True)
+        except ConcurrencyError:
+            # A copy of a saga was stale (another process moved it) or a command had
+            # been handled (its lease ran out): load, and see.
+            await self._apply_inline_once(done, copies=False)
+
+    async def _apply_inline_once(
+        self, done: Sequence[tuple[int, Envelope, Outcome]], *, copies: bool
+    ) -> None:
         now = self.clock()
         async with self.transaction() as tx:
             # Already recorded: the mailbox consumer handled it (a lease ran out).
             envelopes = [env for _, env, _ in done]
             fresh, loaded = await self.orchestrator.record_and_load(
-                tx, self.endpoint, envelopes, now
+                tx, self.endpoint, envelopes, now, copies=copies
             )
             outcomes = {env.message_id: outcome for _, env, outcome in done}
             replies = [

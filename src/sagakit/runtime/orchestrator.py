@@ -3,10 +3,13 @@
 Each input (a reply, a fired timer, a start or cancel request) is applied in a local
 transaction that loads the instance, computes the decision, and writes the new
 instance (version-checked), its history, its timers and its outgoing commands to the
-outbox. Many inputs share one transaction when they arrive together. A crash at any
-point leaves either the old state with the input still to be processed, or the new
-state with the outbox still to be relayed; the version check means two workers can
-never both apply a transition.
+outbox. A reply to a saga this process committed last skips the load: its copy is kept
+(:mod:`~sagakit.runtime.saga_cache`) and the version check finds out if it is stale.
+A start writes without looking up its business key first; only if the key (or an
+id) is taken does it look and start again. Many inputs share one transaction when they
+arrive together. A crash at any point leaves either the old state with the input still
+to be processed, or the new state with the outbox still to be relayed; the version
+check means two workers can never both apply a transition.
 
 Local steps (Python callables) are commands to ``<endpoint>.local``: the worker runs
 the callable outside any transaction (at least once, with the step's idempotency key)
@@ -51,8 +54,9 @@ from sagakit.errors import (
 )
 from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
-from sagakit.runtime.consumer import BatchConsumer, FaultHook
+from sagakit.runtime.consumer import FIRST_DELIVERIES, BatchConsumer, FaultHook
 from sagakit.runtime.local_steps import LocalStepRunner
+from sagakit.runtime.saga_cache import SagaCache
 from sagakit.runtime.set_aside import REPLY, TIMER, SetAsideDesk, timer_to_json
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
@@ -69,6 +73,9 @@ class _TxNotes:
     timers: bool = False  # timers set: wake the timer loop
     timers_due: float | None = None  # the earliest of them (the timer loop may not look)
     finished: list[SagaInstance] = field(default_factory=list)  # watched, now terminal
+    written: dict[str, SagaInstance] = field(default_factory=dict)  # sagas inserted/changed
+    copies: dict[str, SagaInstance] = field(default_factory=dict)  # used from the cache
+    checked: set[str] = field(default_factory=set)  # copies the commit checks unwritten
 
 
 # A context variable because several tasks may hold transactions at once (PostgreSQL
@@ -113,6 +120,8 @@ class Orchestrator(BatchConsumer):
         self.aside = SetAsideDesk(self)
         """Inputs of sagas whose definition version this process lacks (set aside)."""
         self.local = LocalStepRunner(self)
+        self.cache = SagaCache()
+        """Copies of the sagas this process committed last (:mod:`~sagakit.runtime.saga_cache`)."""
         # saga id -> futures of Engine.wait() callers in this process, resolved with the
         # instance when a transaction of this orchestrator commits it terminal.
         self._watchers: dict[str, list[asyncio.Future[SagaInstance]]] = {}
@@ -191,8 +200,19 @@ class Orchestrator(BatchConsumer):
         """Start several sagas in one transaction (see :meth:`start`)."""
         machines = self._machines_for_starts(requests, version)
         requests = await self.admit(machines, requests)
-        async with self.transaction() as tx:
-            results = await self._write_starts(tx, machines, requests, correlation_id)
+        try:
+            # Most starts are new: insert without looking the keys up (a round trip on
+            # PostgreSQL); a key started before fails the insert, and then we look.
+            async with self.transaction() as tx:
+                results = await self._write_starts(
+                    tx, machines, requests, correlation_id, look_up=False
+                )
+        except Exception:
+            # A key started before refused the insert (ConcurrencyError), or a request
+            # for it was not even startable (its saga, started with other data, is what
+            # to return). Look the keys up: that answers, or raises what a new key would.
+            async with self.transaction() as tx:
+                results = await self._write_starts(tx, machines, requests, correlation_id)
         self.after_commit()
         return results
 
@@ -245,6 +265,7 @@ class Orchestrator(BatchConsumer):
         correlation_id: str | None,
         *,
         outbox_only: bool = False,
+        look_up: bool = True,
     ) -> list[tuple[SagaInstance, bool]]:
         results: list[tuple[SagaInstance, bool]] = []
         now = self.clock()
@@ -253,7 +274,7 @@ class Orchestrator(BatchConsumer):
         keys: dict[str, list[str]] = {}
         for name, key, _ in requests:
             keys.setdefault(name, []).append(key)
-        for name, names_keys in keys.items():
+        for name, names_keys in keys.items() if look_up else ():
             found = await tx.saga_get_by_keys(name, sorted(set(names_keys)))
             fresh.update(((name, k), inst) for k, inst in found.items())
         for machine, (name, key, data) in zip(machines, requests, strict=True):
@@ -355,19 +376,36 @@ class Orchestrator(BatchConsumer):
         decision = machine.on_reply(inst, reply, now)
         await self._write(tx, decision, inst.version, now)
 
-    @staticmethod
     async def record_and_load(
-        tx: Tx, consumer: str, envelopes: Sequence[Envelope], now: float
+        self,
+        tx: Tx,
+        consumer: str,
+        envelopes: Sequence[Envelope],
+        now: float,
+        *,
+        copies: bool = True,
     ) -> tuple[set[str], dict[str, SagaInstance]]:
         """Record a batch in ``consumer``'s inbox and load (lock) the sagas it is for.
 
         One round trip on PostgreSQL. The sagas of messages handled before are loaded
         too (the batch is rarely all duplicates); :meth:`apply_replies` ignores them.
+
+        If this process holds a copy of every one of the sagas (and ``copies``, and the
+        batch is of first deliveries: see :data:`~sagakit.runtime.consumer.FIRST_DELIVERIES`),
+        none: the ids are recorded as new (:meth:`Tx.inbox_add_new`) and the copies
+        returned. The transaction then fails with ConcurrencyError, at its commit at the
+        latest, if a copy was stale or a message had been handled; load and retry then.
         """
         saga_ids = sorted({e.saga_id for e in envelopes if e.saga_id})
-        return await tx.inbox_add_and_load(
-            consumer, [e.message_id for e in envelopes], now, saga_ids
-        )
+        ids = [e.message_id for e in envelopes]
+        notes = _NOTES.get()
+        if copies and notes is not None and saga_ids and ids and FIRST_DELIVERIES.get():
+            found = self.cache.take(saga_ids)
+            if found is not None:
+                notes.copies.update(found)  # first: if the next line fails, they go
+                await tx.inbox_add_new(consumer, ids, now)
+                return set(ids), found
+        return await tx.inbox_add_and_load(consumer, ids, now, saga_ids)
 
     async def apply_replies(
         self,
@@ -403,6 +441,19 @@ class Orchestrator(BatchConsumer):
                 decision = machine.on_reply(inst, reply, now)
                 await self._write(tx, decision, inst.version, now)
                 loaded[inst.saga_id] = decision.instance
+        notes = _NOTES.get()
+        if notes is not None and notes.copies:
+            await self._check_copies(tx, notes)
+
+    @staticmethod
+    async def _check_copies(tx: Tx, notes: _TxNotes) -> None:
+        """Have the commit check every copy used and not written (the version-checked
+        write of a transition checks the others). Else a reply that a stale copy found
+        stale would be recorded as handled without being applied."""
+        for saga_id, copy in notes.copies.items():
+            if saga_id not in notes.written and saga_id not in notes.checked:
+                await tx.saga_update(copy, copy.version)  # the very same row, if current
+                notes.checked.add(saga_id)
 
     # -- timers -----------------------------------------------------------------------
     async def fire_due_timers(self, limit: int = 512) -> int:
@@ -440,12 +491,15 @@ class Orchestrator(BatchConsumer):
         self, tx: Tx, d: Decision, expected: int | None, now: float, *, outbox_only: bool = False
     ) -> None:
         inst = d.instance
+        notes = _NOTES.get() or _TxNotes(outbox=True, timers=True)
         if expected is None:
             # The many-form: PostgreSQL pipelines it, so start_many pays no round trip
             # per saga; a refusal still raises before the commit.
             await tx.saga_insert_many([inst])
+            notes.written[inst.saga_id] = inst
         elif d.changed:
             await tx.saga_update(inst, expected)
+            notes.written[inst.saga_id] = inst
         if d.history:
             await tx.history_add(d.history)
         if d.cancel_timers:
@@ -453,7 +507,6 @@ class Orchestrator(BatchConsumer):
             names = [n for n in d.cancel_timers if n not in setting]
             if names:
                 await tx.timers_cancel(inst.saga_id, names)
-        notes = _NOTES.get() or _TxNotes(outbox=True, timers=True)
         if d.set_timers:
             await tx.timers_set(d.set_timers)
             due = min(t.due_at for t in d.set_timers)
@@ -512,8 +565,15 @@ class Orchestrator(BatchConsumer):
                 yield tx
                 if notes.staged:
                     handed = await self._write_local(tx, notes.staged)
+        except BaseException:
+            # Rolled back, or its outcome unknown: a copy used may be stale, and a saga
+            # written may or may not be what the store holds now.
+            self.cache.forget([*notes.copies, *notes.written])
+            raise
         finally:
             _NOTES.reset(token)
+        # Before the local commands are handed over: their results find the copies.
+        self.cache.committed(notes.written.values())
         if handed:
             self.local.hand_over(handed)
         elif notes.staged:

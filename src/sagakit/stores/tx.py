@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, Timer
+from sagakit.errors import ConcurrencyError
 from sagakit.stores.records import DeadLetter, IdempotencyRecord
 
 __all__ = ["ItemByItem", "Tx"]
@@ -41,6 +42,17 @@ class Tx(Protocol):
         """Record several ids at once; return those ``consumer`` had not handled before.
 
         An id given twice counts once. PostgreSQL does it in one statement.
+        """
+        ...
+
+    async def inbox_add_new(self, consumer: str, message_ids: Sequence[str], now: float) -> None:
+        """Record ids that must be new to ``consumer``: if any was handled before, the
+        transaction fails with :class:`~sagakit.errors.ConcurrencyError`, at its commit
+        at the latest.
+
+        For a writer that does not need the answer to go on (the orchestrator applying
+        replies to sagas it holds a copy of): PostgreSQL sends it with the transaction's
+        next statement instead of waiting for it.
         """
         ...
 
@@ -235,6 +247,17 @@ class ItemByItem:
     ) -> set[str]:
         """Record several ids; return those ``consumer`` had not handled before."""
         return {m for m in message_ids if await self.inbox_add(consumer, m, now)}
+
+    async def inbox_add_new(
+        self: Tx, consumer: str, message_ids: Sequence[str], now: float
+    ) -> None:
+        """Record ids that must be new; ConcurrencyError at once if one was handled before."""
+        for m in dict.fromkeys(message_ids):
+            if not await self.inbox_add(consumer, m, now):
+                raise ConcurrencyError(
+                    f"message {m} was handled by {consumer} already: the transaction that "
+                    "recorded it as new must be undone"
+                )
 
     async def idempotency_get_many(
         self: Tx, consumer: str, keys: Sequence[str]

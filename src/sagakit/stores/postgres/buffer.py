@@ -74,6 +74,7 @@ class PostgresTxBuffer:
         "_history",
         "_idem_sent",
         "_idempotency",
+        "_inbox",
         "_inserted",
         "_name",
         "_new",
@@ -114,6 +115,7 @@ class PostgresTxBuffer:
         self._updates: dict[str, tuple[SagaInstance, int]] = {}  # id -> (latest, expected)
         self._history: list[HistoryEntry] = []
         self._idempotency: list[tuple[str, str, str, bool, float]] = []
+        self._inbox: list[tuple[str, str, float]] = []  # ids that must be new (no answer)
         self._idem_sent: set[tuple[str, str]] = set()  # every (consumer, key) recorded
         self._timers: dict[tuple[str, str], Timer | None] = {}  # None: cancel; last wins
         self._outbox: list[tuple[Envelope, float]] = []
@@ -230,6 +232,11 @@ class PostgresTxBuffer:
             rows = [_saga_update_params(i, exp) for i, exp in updates.values()]
             part("write_sagas_changed", rows, f"update {len(rows)} saga(s)")
             check("write_sagas_changed", "update", {k: exp for k, (_, exp) in updates.items()})
+        if self._inbox:
+            # No ON CONFLICT: an id handled before fails the statement (unique key), so
+            # the transaction (ConcurrencyError) with it.
+            rows, self._inbox = self._inbox, []
+            part("write_inbox", rows, f"record {len(rows)} new message(s) in the inbox")
         if self._idempotency:
             rows, self._idempotency = self._idempotency, []
             part("write_idempotency", rows, f"record {len(rows)} idempotency key(s)")
@@ -326,8 +333,12 @@ class PostgresTxBuffer:
         await (self._cur or _finished()).execute("COMMIT")
 
     async def _flush_last(self) -> None:
-        if self._store.notify and self._timers_due is not None:
-            self._notify.add((self._store.timers_channel, repr(self._timers_due)))
+        due = self._timers_due
+        if due is not None and self._store.notify:
+            if self._store._timers_news(due):
+                self._notify.add((self._store.timers_channel, repr(due)))
+            else:
+                self._timers_due = None  # nothing to tell: nothing to remember at commit
         await self._flush(sorted(self._notify) if self._store.notify else (), last=True)
 
     async def flush_for_owner(self) -> None:

@@ -144,6 +144,26 @@ class PostgresStore(PostgresStatements, PostgresMigrations):
         self._tasks_in_tx: set[asyncio.Task[Any]] = set()
         self._clock_offset = 0.0
         self._spare_queue_ids: list[int] = []
+        # The earliest timer a commit of this store told the timer loops of (NOTIFY on
+        # timers_channel); while it is ahead, they will look again by then anyway.
+        self._timers_told = 0.0
+
+    def _timers_news(self, due: float) -> bool:
+        """Whether a commit that sets a timer due at ``due`` should notify the timer loops.
+
+        Not if a commit of this store told them of one due no later that is still ahead:
+        each loop looks at the timers again by then (and at least every idle poll), and
+        finds this one. A step's timeout is set at every step, each later than the one
+        before: without this every step's commit sent a notification that woke every
+        listening process for nothing. Clocks: ``due`` is the orchestrator's; compared
+        with the wall clock, a simulated clock behind it always notifies.
+        """
+        return not (time.time() < self._timers_told <= due)
+
+    def _timers_told_of(self, due: float) -> None:
+        """A commit told the timer loops of a timer due at ``due`` (see :meth:`_timers_news`)."""
+        if self._timers_news(due):
+            self._timers_told = due
 
     def __repr__(self) -> str:
         return f"PostgresStore({_safe_dsn(self.dsn)!r}, name={self.name!r}, schema={self.schema!r})"

@@ -102,6 +102,8 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
                     # Leaving pipeline mode syncs: the queued writes, the notifications
                     # and the COMMIT travel together and are answered together.
                     await self._stack.aclose()
+                    if tx._timers_due is not None:
+                        self._store._timers_told_of(tx._timers_due)
                 except psycopg.Error as commit_exc:
                     # A lost connection may have lost the answer, not the commit.
                     outcome = (

@@ -75,6 +75,13 @@ class PostgresTx(PostgresSagaStatements):
         )
         return {r[0] for r in rows}
 
+    async def inbox_add_new(self, consumer: str, message_ids: Sequence[str], now: float) -> None:
+        """Record ids that must be new (see :meth:`Tx.inbox_add_new`): buffered with the
+        other writes, no round trip of its own; an id handled before fails the statement
+        that carries it, and the transaction with it (ConcurrencyError)."""
+        self._check_open()
+        self._inbox.extend((consumer, m, now) for m in dict.fromkeys(message_ids))
+
     async def idempotency_get(self, consumer: str, key: str) -> IdempotencyRecord | None:
         """The outcome ``consumer`` recorded for ``key``, if any."""
         row = await self._one(

@@ -373,6 +373,11 @@ FROM write_sagas_changed_rows
 WHERE s.saga_id = e->>13 AND s.version = (e->>14)::bigint
 RETURNING s.saga_id
 
+-- name: write_inbox
+-- Ids that must be new (PostgresTx.inbox_add_new): no ON CONFLICT, a duplicate fails.
+INSERT INTO inbox (consumer, message_id, at)
+SELECT e->>0, e->>1, (e->>2)::float8 FROM write_inbox_rows
+
 -- name: write_idempotency
 -- DO NOTHING: a key another transaction recorded first is missing from RETURNING.
 INSERT INTO idempotency (consumer, key, outcome, tombstone, at)
