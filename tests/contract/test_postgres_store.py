@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -988,6 +989,79 @@ async def test_the_last_writes_check_themselves_and_their_commit(make_store: Mak
             assert loaded is not None
             await tx.saga_update(moved(loaded, "PAID"), expected_version=0)
         assert (await store.get_saga("s1") or saga()).status == "PAID"
+
+
+@pytest.mark.postgres
+async def test_a_transaction_that_only_writes_is_one_statement_without_begin(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN waits for the first statement: a transaction whose writes are all buffered
+    sends them as one statement in autocommit, atomic on its own; one that reads sends
+    BEGIN with its first statement and COMMIT at the end, as always."""
+    sent: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def spy(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query).split(None, 1)[0])
+        return await execute(self, query, *args, **kwargs)
+
+    async with opened(make_store()) as store:
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", spy)
+        async with store.transaction() as tx:
+            await tx.saga_insert_many([saga("s1")])
+            await tx.outbox_add([envelope("m1")], now=1.0)
+        assert sent == ["WITH"]
+        sent.clear()
+        # Refused as one statement: nothing of it stays, the error names the saga.
+        with pytest.raises(ConcurrencyError, match="saga s1 was not updated"):
+            async with store.transaction() as tx:
+                await tx.saga_update(moved(saga("s1"), "X"), expected_version=7)
+                await tx.outbox_add([envelope("m2")], now=1.0)
+        assert sent[0] == "WITH" and "BEGIN" not in sent and "ROLLBACK" not in sent
+        assert await store.outbox_pending() == 1
+        sent.clear()
+        async with store.transaction() as tx:
+            loaded = await tx.saga_get("s1")
+            assert loaded is not None
+            await tx.saga_update(moved(loaded, "PAID"), expected_version=0)
+        assert sent[0] == "BEGIN" and sent[-1] == "COMMIT"
+        sent.clear()
+        async with store.transaction():  # nothing at all: nothing sent
+            pass
+        with pytest.raises(Boom):
+            async with store.transaction() as tx:
+                await tx.outbox_add([envelope("m3")], now=1.0)
+                raise Boom
+        assert sent == [] and await store.outbox_pending() == 1
+        monkeypatch.undo()
+        assert (await store.get_saga("s1") or saga()).status == "PAID"
+
+
+@pytest.mark.postgres
+async def test_timer_loops_are_told_only_of_a_timer_sooner_than_the_last_one(
+    make_store: MakeStore,
+) -> None:
+    async with opened(make_store(name="trips")) as store:
+        notes = store.listen()
+        try:
+            assert {await next_note(notes) for _ in range(3)} == {
+                ("sagakit_outbox_trips", ""),
+                ("sagakit_timers_trips", ""),
+                ("sagakit_queue_trips", ""),
+            }
+            ahead = time.time() + 3600
+            for n, due in enumerate((ahead, ahead + 60, ahead + 30, ahead - 60)):
+                async with store.transaction() as tx:
+                    await tx.timers_set([Timer(f"s{n}", "step", due, "f")])
+            async with store.transaction() as tx:
+                await tx.outbox_add([envelope("m1")], now=1.0)  # a marker: commit order
+            # Told of the first, then only of the one due before it; the two later ones
+            # are found by the loops when they look at the first (or sooner).
+            assert await next_note(notes) == (store.timers_channel, repr(ahead))
+            assert await next_note(notes) == (store.timers_channel, repr(ahead - 60))
+            assert await next_note(notes) == (store.outbox_channel, "")
+        finally:
+            await notes.aclose()
 
 
 @pytest.mark.postgres

@@ -43,6 +43,26 @@ def test_wakeups_keep_the_earliest_due_until_taken() -> None:
     assert w.take_due("timers:x") is None
 
 
+async def test_a_waiter_waiting_until_a_time_is_not_woken_for_later_work() -> None:
+    w = Wakeups()
+    waiting = asyncio.create_task(w.wait("timers:x", 5.0, until=10.0))
+    await asyncio.sleep(0.01)
+    w.notify("timers:x", 12.0)  # later than what it waits for: it looks by then anyway
+    w.notify("timers:x", 10.0)
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    w.notify("timers:x", 9.5)  # sooner: woken
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    assert w.take_due("timers:x") == 9.5
+    # Once it waits no more, or for nothing in particular, every notification wakes.
+    w.notify("timers:x", 50.0)
+    assert await w.wait("timers:x", 0.5, until=10.0) is True
+    waiting = asyncio.create_task(w.wait("timers:x", 5.0, until=10.0))
+    await asyncio.sleep(0.01)
+    w.notify("timers:x")  # names no time: the waiter must look
+    assert await asyncio.wait_for(waiting, 1.0) is True
+
+
 async def test_wait_returns_the_instance_as_committed(tmp_path: Path) -> None:
     async with embedded(tmp_path / "e.db", [two_steps()]) as engine:
         inst = await engine.start("two", "k1", {})

@@ -192,3 +192,27 @@ def test_the_cache_keeps_what_a_load_would_read_and_forgets_the_oldest() -> None
         SagaCache(capacity=-1)
     with pytest.raises(ValueError, match="batch_limit"):
         SagaCache(batch_limit=0)
+
+
+@pytest.mark.postgres
+async def test_wait_sees_a_saga_that_another_process_finished() -> None:
+    """Engine.wait skips its first read for a saga its process committed last: the
+    saga finished by another process is still seen, by the next poll."""
+    from sagakit import Engine
+
+    schema = f"sagakit_copies_{uuid.uuid4().hex[:12]}"
+    starter = Engine(PostgresStore(PG_DSN, schema=schema), [TRIP])
+    worker = Engine(PostgresStore(PG_DSN, schema=schema), [TRIP])
+    await starter.store.open()  # opened, not running: its steps wait for the worker
+    try:
+        inst = await starter.start("trip", "t-1")
+        assert starter.orchestrator.cache.peek(inst.saga_id) is not None
+        async with worker:
+            done = await starter.wait(inst.saga_id, timeout=20)
+        assert done.state is SagaState.SUCCEEDED
+    finally:
+        await starter.store.close()
+        import psycopg
+
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

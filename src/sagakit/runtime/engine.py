@@ -440,16 +440,24 @@ class Engine:
         """Wait until the saga is terminal; ``TimeoutError`` after ``timeout`` seconds.
 
         This process's orchestrator hands over the instance when it commits it terminal
-        (no read per transition); other processes' commits are seen by reading the
-        saga every ``wait_poll`` seconds.
+        (no read per transition, and none at first for a saga this process committed
+        last); other processes' commits are seen by reading the saga every
+        ``wait_poll`` seconds.
         """
         deadline = time.monotonic() + timeout
         with self.orchestrator.watch(saga_id) as finished:
+            # This process committed the saga last, not terminal (it holds its copy):
+            # its own commits resolve ``finished`` from now on, so no read is needed
+            # yet; another process's commit is seen by the first poll.
+            known = self.orchestrator.cache.peek(saga_id)
             while True:
-                # Read after registering: a commit just before it is seen here.
-                inst = await self.get(saga_id)
-                if inst.terminal:
-                    return inst
+                if known is None:
+                    # Read after registering: a commit just before it is seen here.
+                    inst = await self.get(saga_id)
+                    if inst.terminal:
+                        return inst
+                else:
+                    inst, known = known, None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"saga {saga_id} still {inst.state.value} after {timeout}s")

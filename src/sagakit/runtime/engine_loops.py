@@ -59,7 +59,7 @@ async def timer_loop(engine: Engine) -> None:
                 await asyncio.sleep(0.05)
                 continue
         timeout = engine.idle_poll if due is None else min(engine.idle_poll, due - engine.clock())
-        woken = await engine.wakeups.wait(channel, max(timeout, 0.001))
+        woken = await engine.wakeups.wait(channel, max(timeout, 0.001), until=due)
         hinted = engine.wakeups.take_due(channel)
         # Woken only by commits that named their earliest new timer, none sooner than
         # the one already waited for (most step timeouts): keep waiting, without a

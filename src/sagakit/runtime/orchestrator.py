@@ -72,7 +72,6 @@ class _TxNotes:
     outbox: bool = False  # rows for the relay: wake it
     timers: bool = False  # timers set: wake the timer loop
     timers_due: float | None = None  # the earliest of them (the timer loop may not look)
-    finished: list[SagaInstance] = field(default_factory=list)  # watched, now terminal
     written: dict[str, SagaInstance] = field(default_factory=dict)  # sagas inserted/changed
     copies: dict[str, SagaInstance] = field(default_factory=dict)  # used from the cache
     checked: set[str] = field(default_factory=set)  # copies the commit checks unwritten
@@ -512,8 +511,6 @@ class Orchestrator(BatchConsumer):
             due = min(t.due_at for t in d.set_timers)
             notes.timers_due = due if notes.timers_due is None else min(due, notes.timers_due)
             notes.timers = True
-        if self._watchers and inst.terminal and inst.saga_id in self._watchers:
-            notes.finished.append(inst)
         if d.outgoing:
             outgoing = d.outgoing
             # outbox_only: a transaction someone else commits, after which no one here
@@ -582,10 +579,15 @@ class Orchestrator(BatchConsumer):
             self.wakeups.notify(f"outbox:{self.store.name}")
         if notes.timers:
             self.wakeups.notify(f"timers:{self.store.name}", notes.timers_due)
-        for inst in notes.finished:
-            for fut in self._watchers.get(inst.saga_id, ()):
-                if not fut.done():
-                    fut.set_result(inst)
+        if self._watchers:
+            # The watchers as they are now, after the commit: one registered while the
+            # commit was on its way (its saga then still unfinished in a read, and in
+            # the copies) is resolved too.
+            for inst in notes.written.values():
+                if inst.terminal:
+                    for fut in self._watchers.get(inst.saga_id, ()):
+                        if not fut.done():
+                            fut.set_result(inst)
 
     async def _write_local(self, tx: Tx, staged: list[Envelope]) -> list[tuple[int, Envelope]]:
         now = self.clock()

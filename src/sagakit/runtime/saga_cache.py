@@ -71,6 +71,10 @@ class SagaCache:
         self.hits += 1
         return found
 
+    def peek(self, saga_id: str) -> SagaInstance | None:
+        """The copy of ``saga_id``, if any (not counted, not moved: a look, not a use)."""
+        return self._items.get(saga_id)
+
     def committed(self, instances: Collection[SagaInstance]) -> None:
         """Keep the instances a transaction just committed (a terminal one is dropped:
         nothing but duplicates comes for it any more; more than ``batch_limit``, all)."""

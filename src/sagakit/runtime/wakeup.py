@@ -19,6 +19,8 @@ class Wakeups:
         # channel -> the earliest due time the wake-ups since the last take_due() named;
         # None once any of them named none (the waiter must look for itself).
         self._due: dict[str, float | None] = {}
+        # channel -> the due time its waiter already waits for (see wait's ``until``).
+        self._until: dict[str, float] = {}
 
     def _event(self, channel: str) -> asyncio.Event:
         event = self._events.get(channel)
@@ -31,13 +33,23 @@ class Wakeups:
 
         ``due``: the new work is due no earlier than this (e.g. the earliest timer a
         commit set), so a waiter already waiting for something due sooner may skip
-        looking; see :meth:`take_due`. Without it the waiter must look.
+        looking; see :meth:`take_due`. Without it the waiter must look. A waiter that
+        said it waits ``until`` a time no later than ``due`` is not woken at all (every
+        step's commit sets a timeout later than the one before): it looks then anyway.
         """
         if channel in self._due:
             known = self._due[channel]
             self._due[channel] = None if due is None or known is None else min(known, due)
         else:
             self._due[channel] = due
+        until = self._until.get(channel)
+        if (
+            until is not None
+            and due is not None
+            and due >= until
+            and self._due[channel] is not None
+        ):
+            return
         self._event(channel).set()
 
     def take_due(self, channel: str) -> float | None:
@@ -54,12 +66,22 @@ class Wakeups:
                 self._due[name] = None
                 event.set()
 
-    async def wait(self, channel: str, timeout: float) -> bool:
-        """Wait for a notification or ``timeout`` seconds; True if notified."""
+    async def wait(self, channel: str, timeout: float, *, until: float | None = None) -> bool:
+        """Wait for a notification or ``timeout`` seconds; True if notified.
+
+        ``until``: the waiter looks at its work by then anyway (a timer loop sleeping
+        until its earliest timer), so a notification naming a ``due`` no earlier than
+        it does not wake it (see :meth:`notify`).
+        """
         event = self._event(channel)
         if not event.is_set() and timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
+            if until is not None:
+                self._until[channel] = until
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+            finally:
+                self._until.pop(channel, None)
         notified = event.is_set()
         event.clear()
         return notified

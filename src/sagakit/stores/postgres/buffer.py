@@ -13,7 +13,7 @@ here, which refuse to run once the block has ended and translate driver errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagakit.core.envelope import Envelope
@@ -79,6 +79,7 @@ class PostgresTxBuffer:
         "_name",
         "_new",
         "_notify",
+        "_opener",
         "_outbox",
         "_pipeline",
         "_q",
@@ -97,6 +98,10 @@ class PostgresTxBuffer:
         # attached to it in order, so after a sync it holds the last statement's.
         self._cur: _Cursor | None = cursor
         self._pipeline = pipeline
+        # Set by PostgresStore.transaction(): BEGIN (and pipeline mode) not sent yet. The
+        # first statement sends it; if there is none before the end, the buffered writes
+        # are one statement, which then runs alone as the whole transaction.
+        self._opener: Callable[[], Awaitable[None]] | None = None
         self._store = store
         self._name = store.name
         self._q = store._q
@@ -135,9 +140,17 @@ class PostgresTxBuffer:
 
     # The helpers below are the only places that touch the connection: they refuse to
     # run after the block ended and translate driver errors into StoreError.
+    async def _live(self) -> _Cursor:
+        """The transaction's cursor, BEGIN sent (see ``_opener``)."""
+        cursor = self._cur or _finished()
+        if self._opener is not None:
+            opener, self._opener = self._opener, None
+            await opener()
+        return cursor
+
     async def _send(self, what: str, query: str, params: _Params) -> None:
         """A write whose result is not needed: queued in the pipeline."""
-        cursor = self._cur or _finished()
+        cursor = await self._live()
         try:
             await cursor.execute(query, params)
         except psycopg.Error as exc:
@@ -151,7 +164,7 @@ class PostgresTxBuffer:
     async def _ask(self, what: str, query: str, params: _Params) -> _Cursor:
         """A statement whose result is needed: sends it with everything queued, waits."""
         await self._flush()
-        cursor = self._cur or _finished()
+        cursor = await self._live()
         try:
             await cursor.execute(query, params)
             if self._pipeline is not None:
@@ -184,13 +197,17 @@ class PostgresTxBuffer:
                             await self._refuse_insert(inserted[saga_id])
                         await self._refuse_update(saga_id, version)
 
-    async def _flush(self, notify: Sequence[tuple[str, str]] = (), *, last: bool = False) -> None:
+    async def _flush(
+        self, notify: Sequence[tuple[str, str]] = (), *, last: bool = False, alone: bool = False
+    ) -> None:
         """Send the buffered writes (and ``notify``) as one statement (see postgres_queries.sql).
 
         The sagas inserted and updated are checked from its answer: at the next
         statement that waits for one (pipeline mode), else at once. The ``last`` flush,
         with COMMIT right behind it, has the statement check them itself: a saga not
         written fails it (sagakit_refuse), so the transaction, and its COMMIT, with it.
+        ``alone``: nothing was sent before it, and it is sent as the whole transaction
+        (autocommit: one statement is atomic), its answer awaited.
         """
         parts: list[str] = []
         params: list[Any] = []
@@ -272,7 +289,7 @@ class PostgresTxBuffer:
             if parts
             else (f"SELECT {', '.join(select)}")
         )
-        conn = (self._cur or _finished()).connection
+        conn = (self._cur or _finished() if alone else await self._live()).connection
         label = ", ".join(what) or "notify"
         try:
             # A cursor of its own: its answer is read at the next sync, whatever the
@@ -328,18 +345,30 @@ class PostgresTxBuffer:
         """Queue the last writes with the notifications, then COMMIT; leaving pipeline
         mode sends them. The last write statement checks itself (see :meth:`_flush`), so
         nothing waits for its answer; earlier flushes were checked by the answer that
-        followed them."""
+        followed them.
+
+        If nothing was sent yet (no read: a transition on a saga the orchestrator held
+        a copy of, a start), BEGIN was never sent: the one write statement runs alone,
+        in autocommit, as the whole transaction. One round trip either way, but the
+        driver's work for BEGIN, COMMIT and the pipeline is saved.
+        """
+        if self._opener is not None:
+            self._opener = None
+            await self._flush_last(alone=True)
+            return
         await self._flush_last()
         await (self._cur or _finished()).execute("COMMIT")
 
-    async def _flush_last(self) -> None:
+    async def _flush_last(self, *, alone: bool = False) -> None:
         due = self._timers_due
         if due is not None and self._store.notify:
             if self._store._timers_news(due):
                 self._notify.add((self._store.timers_channel, repr(due)))
             else:
                 self._timers_due = None  # nothing to tell: nothing to remember at commit
-        await self._flush(sorted(self._notify) if self._store.notify else (), last=True)
+        await self._flush(
+            sorted(self._notify) if self._store.notify else (), last=True, alone=alone
+        )
 
     async def flush_for_owner(self) -> None:
         """Send every buffered write and the notifications, checked, and end this Tx

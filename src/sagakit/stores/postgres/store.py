@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import AsyncGenerator
@@ -60,9 +61,21 @@ _RETURNED_AT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary(
 _CHECK_IDLE_AFTER = 1.0
 
 
-async def _stamp_returned(conn: Any) -> None:
-    """The pool's ``reset`` hook: remember when the connection came back."""
-    _RETURNED_AT[conn] = time.monotonic()
+@functools.cache
+def _pool_class() -> type[_Pool]:
+    """The pool, remembering when each connection came back (see :func:`_check_if_idle`).
+
+    Stamped in ``putconn`` rather than in a ``reset`` hook: given one, the pool hands
+    every returned connection to its worker task, a task switch and two queue handoffs
+    per transaction.
+    """
+
+    class _StampingPool(psycopg_pool.AsyncConnectionPool[Any]):
+        async def putconn(self, conn: Any) -> None:
+            _RETURNED_AT[conn] = time.monotonic()
+            await super().putconn(conn)
+
+    return _StampingPool
 
 
 async def _check_if_idle(conn: Any) -> None:
@@ -189,7 +202,7 @@ class PostgresStore(PostgresStatements, PostgresMigrations):
             raise translate_error(self.name, "prepare the database", exc) from exc
         finally:
             await conn.close()
-        pool: _Pool = psycopg_pool.AsyncConnectionPool(
+        pool: _Pool = _pool_class()(
             self.dsn,
             min_size=self.min_size,
             max_size=self.max_size,
@@ -198,7 +211,6 @@ class PostgresStore(PostgresStatements, PostgresMigrations):
             # A server restart kills every idle connection: check before lending one
             # that sat idle for a while (see _check_if_idle).
             check=_check_if_idle,
-            reset=_stamp_returned,
             name=f"sagakit-{self.name}",
             open=False,
         )

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sagakit.errors import StoreError
 from sagakit.stores.base import OutboxRow
 from sagakit.stores.postgres.driver import log, psycopg, translate_error
 from sagakit.stores.postgres.tx import PostgresTx
@@ -50,7 +51,13 @@ class LockedOutbox:
 
 
 class _Transaction(AbstractAsyncContextManager[PostgresTx]):
-    """``async with``: a pooled connection in pipeline mode, BEGIN; COMMIT or ROLLBACK."""
+    """``async with``: a pooled connection in pipeline mode, BEGIN; COMMIT or ROLLBACK.
+
+    BEGIN and pipeline mode wait for the transaction's first statement (a plain BEGIN:
+    one with options is sent at once). A transaction that sends nothing before its end
+    sends its buffered writes as one statement in autocommit, which is atomic on its
+    own (see :meth:`PostgresTxBuffer._send_commit`).
+    """
 
     __slots__ = ("_begin", "_conn", "_pool", "_stack", "_store", "_task", "_tx")
 
@@ -72,19 +79,25 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
                 conn = self._conn = await self._pool.getconn()
             except psycopg.Error as exc:
                 raise translate_error(store.name, "get a connection from the pool", exc) from exc
-            pipeline = None
-            if store._use_pipeline:
-                pipeline = await self._stack.enter_async_context(conn.pipeline())
-            cursor = conn.cursor()
-            await cursor.execute(self._begin)  # queued: travels with the first statement
-        except psycopg.Error as exc:
-            await self._release()
-            raise translate_error(store.name, "begin a transaction", exc) from exc
+            tx = self._tx = PostgresTx(conn.cursor(), None, store)
+            tx._opener = self._open
+            if self._begin != "BEGIN":  # its options must apply to every statement
+                await tx._live()
         except BaseException:
             await self._release()
             raise
-        self._tx = PostgresTx(cursor, pipeline, store)
-        return self._tx
+        return tx
+
+    async def _open(self) -> None:
+        """Enter pipeline mode and queue BEGIN: it travels with the first statement."""
+        store, conn, tx = self._store, self._conn, self._tx
+        assert conn is not None and tx is not None and tx._cur is not None
+        try:
+            if store._use_pipeline:
+                tx._pipeline = await self._stack.enter_async_context(conn.pipeline())
+            await tx._cur.execute(self._begin)
+        except psycopg.Error as exc:
+            raise translate_error(store.name, "begin a transaction", exc) from exc
 
     async def __aexit__(
         self,
@@ -104,6 +117,13 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
                     await self._stack.aclose()
                     if tx._timers_due is not None:
                         self._store._timers_told_of(tx._timers_due)
+                except StoreError as alone_exc:  # the writes sent alone, in autocommit
+                    if self._conn is not None and self._conn.broken:
+                        raise StoreError(
+                            f"{alone_exc}; the connection was lost, so whether the "
+                            "transaction committed is unknown"
+                        ) from alone_exc
+                    raise
                 except psycopg.Error as commit_exc:
                     # A lost connection may have lost the answer, not the commit.
                     outcome = (
@@ -112,6 +132,8 @@ class _Transaction(AbstractAsyncContextManager[PostgresTx]):
                         else "commit (nothing was written)"
                     )
                     raise tx._fail(outcome, commit_exc) from commit_exc
+            elif tx._opener is not None:  # nothing was sent: nothing to roll back
+                tx._opener = None
             else:
                 try:
                     await cursor.execute("ROLLBACK")

@@ -11,7 +11,7 @@ from typing import Any
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import SagaInstance
 from sagakit.stores.base import DeadLetter, IdempotencyRecord
-from sagakit.stores.postgres.buffer import _already_recorded, _finished
+from sagakit.stores.postgres.buffer import _already_recorded
 from sagakit.stores.postgres.driver import _Params, psycopg, qmark_to_psycopg
 from sagakit.stores.postgres.sagas import PostgresSagaStatements
 from sagakit.stores.rows import check_settlement, dead_letter_from_row
@@ -208,10 +208,11 @@ class PostgresTx(PostgresSagaStatements):
         """Record ``message_ids`` in the inbox and run ``query``, with one sync."""
         await self._flush()  # first: the inbox statement then travels with the query
         recording = f"record {len(message_ids)} message(s) in the inbox"
+        live = await self._live()
         try:
             # A cursor of its own: in pipeline mode each cursor keeps the result of its
             # last statement once synced, whatever the main cursor runs meanwhile.
-            inbox = (self._cur or _finished()).connection.cursor()
+            inbox = live.connection.cursor()
             await inbox.execute(
                 self._q["inbox_add_many"],
                 {"consumer": consumer, "ids": list(message_ids), "now": now},
