@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sagakit.cli_alerts import alert_options, alerts_from_args
 from sagakit.cli_app import add_app_argument, add_app_options, loaded, options_of
 from sagakit.errors import ConfigurationError, SagakitError, StoreError, TransportError
 from sagakit.observability import JsonFormatter
@@ -79,6 +80,7 @@ def _urls(parser: argparse.ArgumentParser) -> None:
         help="at start, keep trying to reach the database and the broker this long before "
         "giving up (0: try once; default 60; env SAGAKIT_WAIT_FOR_SERVERS)",
     )
+    alert_options(parser)
 
 
 def _number(text: str) -> float:
@@ -202,8 +204,10 @@ def _builder(args: argparse.Namespace) -> Callable[[], Engine]:
                 f"its stores: {', '.join(app.store_names)}"
             )
 
+    alerts = alerts_from_args(args)
+
     def build() -> Engine:
-        dep = Deployment(app, args.store, args.broker, options=options)
+        dep = Deployment(app, args.store, args.broker, options=options, alerts=alerts)
         if args.role == "worker":
             return dep.worker()
         if args.role == "relay":

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from sagakit.app import App, AppContext
 from sagakit.core.definition import SagaDefinition
 from sagakit.errors import ConfigurationError
+from sagakit.runtime.alerts import AlertSettings
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.participant import Participant
 from sagakit.service import Service
@@ -41,8 +42,9 @@ class Deployment:
     """``app`` on the stores of ``store_url`` and the broker of ``broker_url``.
 
     ``options`` are the app's options (see :class:`~sagakit.app.AppOption`), filled from
-    their environment variables and defaults where not given. Stores are built once
-    per deployment and opened by the engines that use them.
+    their environment variables and defaults where not given. ``alerts``: the webhooks
+    to tell of sagas that need a person and of dead letters, for every role's engine.
+    Stores are built once per deployment and opened by the engines that use them.
     """
 
     def __init__(
@@ -53,10 +55,13 @@ class Deployment:
         *,
         options: Mapping[str, Any] | None = None,
         data_dir: str | Path | None = None,
+        alerts: AlertSettings | None = None,
     ) -> None:
         if not isinstance(app, App):
             raise ConfigurationError(f"Deployment needs a sagakit.App, got {type(app).__name__}")
         self.app = app
+        self.alerts = alerts
+        """Alert webhooks for every engine of this deployment (:mod:`sagakit.runtime.alerts`)."""
         self.store_url = store_url
         self.broker_url = broker_url
         parts = urlsplit(store_url)
@@ -154,6 +159,8 @@ class Deployment:
         if self.app.canary and definitions:
             kw.setdefault("canary", self.app.canary)
         kw.setdefault("event_routes", self.app.event_routes())
+        if self.alerts is not None:
+            kw.setdefault("alerts", self.alerts)
         return Engine(store, definitions, **kw)
 
     def worker(self, **engine_kw: Any) -> Engine:

@@ -36,6 +36,8 @@ from typing import Generic, TypeVar
 from sagakit.core.instance import HistoryEntry, SagaInstance
 
 __all__ = [
+    "ALERTS_RAISED",
+    "ALERT_DELIVERIES",
     "INBOX_DUPLICATES",
     "INPUTS_RESUMED",
     "INPUTS_SET_ASIDE",
@@ -378,6 +380,19 @@ INPUTS_RESUMED = REGISTRY.counter(
     "sagakit_inputs_resumed_total",
     "Saga inputs set aside for a missing definition version that this process applied.",
     ("waiting_for", "kind"),
+)
+
+ALERTS_RAISED = REGISTRY.counter(
+    "sagakit_alerts_raised_total",
+    "Alerts written to an alert mailbox, by kind (FAILED_NEEDS_MANUAL, TIMED_OUT, "
+    "dead_letter); see sagakit.runtime.alerts.",
+    ("kind",),
+)
+ALERT_DELIVERIES = REGISTRY.counter(
+    "sagakit_alert_deliveries_total",
+    "Alert posts by webhook and outcome: delivered (2xx), failed (to be retried), "
+    "parked (a dead letter after the last attempt).",
+    ("webhook", "outcome"),
 )
 
 _STEP_OUTCOMES = {"step.succeeded": "succeeded", "step.failed": "failed", "step.skipped": "skipped"}

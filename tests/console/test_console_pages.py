@@ -1,15 +1,29 @@
-"""The console's page rendering without a server: which decisions are offered, and that
-everything a saga or a person wrote is escaped."""
+"""The console's page rendering without a server: which decisions are offered, that
+everything a saga or a person wrote is escaped, how durations are read and shown, and
+what a manual case's card shows of the saga (facts, open holds, never personal data)."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 from sagakit_checkout.sagas import checkout_definition
 
-from sagakit import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
+from sagakit import (
+    HistoryEntry,
+    HmacTokeniser,
+    PersonalField,
+    SagaDefinition,
+    SagaInstance,
+    SagaState,
+    Step,
+    StepState,
+    StepStatus,
+)
 from sagakit.console import pages
+from sagakit.console.filters import ManualQuery, human_duration, parse_duration
 from sagakit.console.html import action_form, available_actions
+from sagakit.console.manual import data_facts, manual_page, open_holds
 
 D = checkout_definition()
 ODD = "<img src=x onerror=alert(1)>\"'&"
@@ -88,8 +102,19 @@ def test_pages_escape_what_sagas_and_people_wrote() -> None:
         tag="x",
         more=False,
     )
-    queue = pages.manual_page(
-        "/c", cases=[inst], definition_of=lambda _: D, csrf="t", can_act=True, tag="x"
+    queue = manual_page(
+        "/c",
+        query=ManualQuery(reason=ODD),
+        cases=[inst],
+        matched=1,
+        open_cases=1,
+        definitions=[ODD],
+        steps=[ODD],
+        definition_of=lambda _: D,
+        csrf="t",
+        can_act=True,
+        tag="x",
+        now=2000.0,
     )
     for page in (detail, listing, queue):
         assert "<img" not in page and "onerror=alert(1)>" not in page
@@ -106,3 +131,59 @@ def test_detail_of_an_unknown_definition_still_shows_history() -> None:
     )
     assert "does not know the definition" in page and "saga.started" in page
     assert "<svg" not in page
+
+
+def test_durations_are_read_and_shown_for_people() -> None:
+    read = {"90": 90, "90 s": 90, "30 min": 1800, "2h": 7200, " 1 D 4 h ": 100800}
+    read |= {"1.5 h": 5400, "2 hours 30 minutes": 9000, "0": 0}
+    for text, seconds in read.items():
+        assert parse_duration(text) == seconds, text
+    for bad in ("", "soon", "-5", "2 weeks", "h", "5 h x", "1e9", "h 5", "10000000000000"):
+        with pytest.raises(ValueError, match="must be"):
+            parse_duration(bad)
+    shown = {-5: "0 s", 0: "0 s", 59.9: "59 s", 60: "1 min", 3599: "59 min", 3600: "1 h"}
+    shown |= {11520: "3 h 12 min", 86400: "1 d", 100800: "1 d 4 h", 40 * 86400: "40 d"}
+    for seconds, text in shown.items():
+        assert human_duration(seconds) == text, seconds
+
+
+def test_case_facts_never_show_personal_fields() -> None:
+    d = SagaDefinition(
+        "signup",
+        [Step("hold", lambda _: {}, lambda _: None), Step("pay", lambda _: {})],
+        personal={
+            "customer": "refuse",
+            "contact.email": PersonalField("tokenise", kind="email"),
+            "sku": "public",
+        },
+        tokeniser=HmacTokeniser("k" * 32),
+    )
+    data = {
+        "customer": "cust-000001",
+        "contact": {"email": "email-0a1b2c", "channel": "sms"},
+        "sku": "sku-1",
+        "amount": 4200,
+        "items": [{"sku": "sku-1", "qty": 2}],
+        "note": "leave it at 12 Fake Street",  # looks personal, declared or not
+        "nested": {"x": 1},
+        "long": "y" * 500,
+    }
+    shown = dict(data_facts(d, data))
+    assert list(shown) == ["sku", "amount", "items", "long"]
+    assert shown["items"] == '[{"sku": "sku-1", "qty": 2}]'
+    assert len(shown["long"]) == 120 and shown["long"].endswith("\u2026")
+    chosen = ["contact.channel", "contact.email", "contact", "customer", "amount", "missing"]
+    assert data_facts(d, data, chosen) == [("contact.channel", "sms"), ("amount", "4200")]
+
+
+def test_open_holds_are_steps_done_and_not_undone() -> None:
+    statuses = [OK, StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED, StepStatus.UNKNOWN]
+    inst = saga(SagaState.FAILED_NEEDS_MANUAL, statuses, 3)
+    assert open_holds(D, inst) == [
+        ("create_order", "open"),
+        ("reserve_inventory", "undo failed"),
+        ("create_shipment", "may be open (outcome unknown)"),
+    ]
+    # The pivot and the steps after it hold nothing a compensation would release.
+    done = saga(SagaState.FAILED_NEEDS_MANUAL, [StepStatus.COMPENSATED] * 4 + [OK, OK], 5)
+    assert open_holds(D, done) == []

@@ -29,7 +29,7 @@ from sagakit.core.instance import (
     Timer,
 )
 from sagakit.errors import ConcurrencyError, ConfigurationError, StoreError
-from sagakit.stores.base import SagaQuery, Store
+from sagakit.stores.base import SagaOrder, SagaQuery, Store
 from sagakit.stores.memory import MemoryStore
 from sagakit.stores.postgres import PostgresStore
 from sagakit.stores.sqlite import SQLiteStore, split_statements
@@ -1156,6 +1156,60 @@ async def test_find_sagas_filters_counts_and_pages_in_the_store(open_store: Open
         assert await found(limit=1, offset=1, **combined) == (2, "b")
         page = await store.find_sagas(SagaQuery(saga_ids=("c",)))
         assert page.items == [await store.get_saga("c")]
+
+
+async def test_find_sagas_by_last_change_and_reason_in_any_order(open_store: OpenStore) -> None:
+    reasons = {
+        "a": "Payment VOID refused by the provider",
+        "b": "stock: 100% of sku_1 gone",
+        "c": None,
+        "d": "void refused, then refund refused",
+        "e": "recalled SKU, Ñandú line",
+    }
+    changed = {"a": 50.0, "b": 20.0, "c": 40.0, "d": 20.0, "e": 10.0}
+    created = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 3.0, "e": 4.0}
+    instances = []
+    for saga_id, reason in reasons.items():
+        inst = placed(saga_id, created[saga_id], state=SagaState.FAILED_NEEDS_MANUAL)
+        inst.updated_at, inst.reason = changed[saga_id], reason
+        instances.append(inst)
+    async with open_store() as store:
+        await insert(store, *instances)
+
+        async def found(
+            order: SagaOrder = SagaOrder.NEWEST,
+            limit: int = 100,
+            offset: int = 0,
+            **criteria: object,
+        ) -> tuple[int, str]:
+            query = SagaQuery(**criteria)  # type: ignore[arg-type]
+            page = await store.find_sagas(query, limit=limit, offset=offset, order=order)
+            every = [i for i in instances if query.matches(i)]
+            assert page.total == len(every), "the in-memory reference counts the same"
+            return page.total, "".join(i.saga_id for i in page.items)
+
+        # Ties keep insertion order in the page's direction ("c" before "d" ascending).
+        assert await found() == (5, "edcba")
+        assert await found(SagaOrder.OLDEST) == (5, "abcde")
+        assert await found(SagaOrder.CHANGED_FIRST) == (5, "ebdca")
+        assert await found(SagaOrder.CHANGED_LAST) == (5, "acdbe")
+        assert await found(SagaOrder.CHANGED_FIRST, limit=2, offset=1) == (5, "bd")
+        assert await found(updated_until=20.0) == (3, "edb")
+        assert await found(SagaOrder.CHANGED_FIRST, updated_from=20.0, updated_until=40.0) == (
+            3,
+            "bdc",
+        )
+        # A substring of the reason, whatever the case; LIKE's wildcards are plain text.
+        assert await found(SagaOrder.OLDEST, reason_contains="void REFUSED") == (2, "ad")
+        assert await found(reason_contains="100%") == (1, "b")
+        assert await found(reason_contains="%") == (1, "b")
+        assert await found(reason_contains="sku_") == (1, "b")
+        assert await found(reason_contains="_") == (1, "b")
+        assert await found(reason_contains="Ñandú") == (1, "e")
+        assert await found(reason_contains="nothing like it") == (0, "")
+        assert await found(reason_contains="") == (5, "edcba")  # no text: no criterion
+        combined = {"reason_contains": "refused", "updated_until": 30.0, "definition": "checkout"}
+        assert await found(SagaOrder.CHANGED_FIRST, **combined) == (1, "d")
 
 
 async def test_get_saga_by_key_reads_without_a_transaction(open_store: OpenStore) -> None:

@@ -230,6 +230,7 @@ def _runner(fn: Any) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from sagakit.api.serve import serve
+    from sagakit.cli_alerts import alerts_from_args
     from sagakit.cli_app import loaded, options_of
     from sagakit.errors import SagakitError
 
@@ -250,6 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
                 api_only=args.api_only,
                 app=app,
                 options=options_of(args, "serve", app),
+                alerts=alerts_from_args(args),
                 **_limits_of(args),
             )
         )
@@ -382,6 +384,7 @@ def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -
     from sagakit.cli_app import add_app_argument, add_app_options, default_app
 
     apps = apps or default_app
+    from sagakit.cli_alerts import alert_options
     from sagakit.cli_processes import url_options
 
     serve = subparsers.add_parser(
@@ -428,6 +431,7 @@ def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -
         help="print the URL (and a generated token) as one JSON object",
     )
     _limit_options(serve)
+    alert_options(serve.add_argument_group("alerts"))
     add_app_options(serve, "serve", apps("serve"))
     serve.set_defaults(func=_serve)
 

@@ -1,12 +1,12 @@
 """Liveness, readiness and Prometheus metrics.
 
 ``/metrics`` is the Prometheus text exposition format (0.0.4), written by hand: gauges
-read with the stores' cheap counting methods (sagas by state, manual cases, outbox
-pending and lag, dead letters, mailbox depth, inputs set aside for a missing definition
-version), followed by the counters and histograms the runtime records in
-:data:`sagakit.metrics.REGISTRY` (sagas started and finished, step durations, inbox
-duplicates, inputs set aside and resumed). A rendering is cached for a second so that many
-scrapers cost no more than one.
+read with the stores' cheap counting methods (sagas by state, manual cases and how long
+the oldest has waited, outbox pending and lag, dead letters, mailbox depth, inputs set
+aside for a missing definition version), followed by the counters and histograms the
+runtime records in :data:`sagakit.metrics.REGISTRY` (sagas started and finished, step
+durations, inbox duplicates, inputs set aside and resumed, alerts raised and posted). A
+rendering is cached for a second so that many scrapers cost no more than one.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ class Metrics:
             "sagakit_manual_cases",
             "Sagas waiting for a person (FAILED_NEEDS_MANUAL).",
             [("", sum(counts.get(s, 0) for s in MANUAL_STATES))],
+        )
+        oldest = await engine.store.oldest_update(MANUAL_STATES)
+        gauge(
+            "sagakit_manual_oldest_age_seconds",
+            "Seconds the oldest open manual case has waited for a person (0 when none).",
+            [("", 0.0 if oldest is None else max(engine.clock() - oldest, 0.0))],
         )
         pending, lag, dead, depth = [], [], [], []
         now = engine.clock()

@@ -54,6 +54,7 @@ from sagakit.api.limits import Limits
 from sagakit.app import App, load_app
 from sagakit.errors import ConfigurationError
 from sagakit.redaction import RedactPersonalData
+from sagakit.runtime.alerts import AlertSettings
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.lockfile import LockFile, data_dir_lock, private_dir
 
@@ -196,6 +197,7 @@ async def serve(
     limits: Limits | None = None,
     read_threads: int = 2,
     console_session_seconds: float = SESSION_LIFETIME,
+    alerts: AlertSettings | None = None,
 ) -> None:
     """Run ``app`` (default: the reference checkout) and the API until SIGTERM/SIGINT
     (or ``stop`` is set).
@@ -211,6 +213,7 @@ async def serve(
     request rate and event streams (:class:`~sagakit.api.limits.Limits`); both have safe
     defaults. ``read_threads`` worker threads run the SQLite stores' plain reads, off
     the event loop (0: on the loop). A console sign-in lasts ``console_session_seconds``.
+    ``alerts``: webhooks to tell of sagas that need a person and of dead letters.
     """
     if orders < 0:
         raise ConfigurationError("orders must be >= 0")
@@ -232,7 +235,7 @@ async def serve(
         served = serve_setup.for_app(
             app,
             serve_setup.ServeRequest(
-                base, store_url, broker_url, api_only, synchronous, ctx.options
+                base, store_url, broker_url, api_only, synchronous, ctx.options, alerts
             ),
         )
         async with served.engine as engine:

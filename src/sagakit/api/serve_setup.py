@@ -24,6 +24,7 @@ from sagakit.api.records import CheckoutStores
 from sagakit.app import App
 from sagakit.deployment import Deployment
 from sagakit.errors import ConfigurationError
+from sagakit.runtime.alerts import AlertSettings
 from sagakit.runtime.engine import Engine
 
 WAVE = 100
@@ -40,6 +41,8 @@ class ServeRequest:
     api_only: bool = False
     synchronous: str = "FULL"
     options: Mapping[str, Any] = field(default_factory=dict)
+    alerts: AlertSettings | None = None
+    """Webhooks for alerts (sagas that need a person, dead letters), in every engine."""
 
 
 @dataclass(slots=True)
@@ -76,10 +79,12 @@ def deploy(app: App, req: ServeRequest) -> tuple[Deployment, Engine, str]:
     if req.store_url is None:
         # sqlite:///DIR names an absolute path: a relative --data-dir must be resolved.
         url = f"sqlite:///{req.data_dir.resolve()}?synchronous={req.synchronous}"
-        dep = Deployment(app, url, options=req.options, data_dir=req.data_dir)
+        dep = Deployment(app, url, options=req.options, data_dir=req.data_dir, alerts=req.alerts)
         return dep, dep.everything(), str(req.data_dir)
     if req.api_only:
-        dep = Deployment(app, req.store_url, options=req.options, data_dir=req.data_dir)
+        dep = Deployment(
+            app, req.store_url, options=req.options, data_dir=req.data_dir, alerts=req.alerts
+        )
         where = f"{shown_url(req.store_url)}, API only: run sagakit worker, relay and service"
         return dep, dep.api(), where
     if req.broker_url is None:
@@ -87,7 +92,14 @@ def deploy(app: App, req: ServeRequest) -> tuple[Deployment, Engine, str]:
             "--store without --api-only runs every role here and needs --broker too "
             "(or SAGAKIT_BROKER_URL)"
         )
-    dep = Deployment(app, req.store_url, req.broker_url, options=req.options, data_dir=req.data_dir)
+    dep = Deployment(
+        app,
+        req.store_url,
+        req.broker_url,
+        options=req.options,
+        data_dir=req.data_dir,
+        alerts=req.alerts,
+    )
     where = f"{shown_url(req.store_url)} and {shown_url(req.broker_url)}, every role here"
     return dep, dep.everything(), where
 

@@ -11,11 +11,13 @@ Mount it inside your Starlette app (the HTTP API mounts it behind its authentica
 ``can_act(request)`` says whether they may act: when it is false every form is
 refused with a 403 page, and the pages show no forms.
 
-Pages: ``/`` the saga list (filters, counts per state), ``/sagas/{id}`` a saga's
-detail (timeline, diagram, message flow, steps, history), ``/manual`` the manual
-queue with its decisions, ``/sagas/{id}/events`` and ``/events`` server-sent events
-for live refresh, ``/static/console.{css,js}``. Pages work without JavaScript; the
-small script only refreshes them live.
+Pages: ``/`` the saga list (counts per state, filters, order, age and time in state),
+``/sagas/{id}`` a saga's detail (timeline, diagram, message flow, steps, history),
+``/manual`` the manual queue (longest waiting first, paged, filtered, each case with
+its wait, facts, open holds and decisions; :mod:`sagakit.console.manual`),
+``/sagas/{id}/events`` and ``/events`` server-sent events for live refresh,
+``/static/console.{css,js}``. Pages work without JavaScript; the small script only
+refreshes them live. Every page's nav shows how many manual cases are open.
 
 CSRF: every form carries a token, an HMAC of a random per-browser nonce (kept in an
 ``HttpOnly; SameSite=Strict`` cookie scoped to the console's path) and the actor's

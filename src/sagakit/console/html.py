@@ -89,6 +89,22 @@ def layout(
     )
 
 
+MANUAL_LINK = ">Manual queue</a>"
+"""The end of the manual queue's link in the layout's nav (:func:`with_open_cases`)."""
+
+
+def with_open_cases(page: str, count: int) -> str:
+    """``page`` (built by :func:`layout`) with how many manual cases are open on its nav
+    link to the manual queue."""
+    noun = "open case" if count == 1 else "open cases"
+    badge = (
+        f'>Manual queue <span class="nav-count{" none" if not count else ""}" '
+        f'title="{count} {noun}" aria-label="{count} {noun}">{count}</span></a>'
+    )
+    # The nav is the page's first part: the first link is the layout's own.
+    return page.replace(MANUAL_LINK, badge, 1)
+
+
 def with_sign_out(page: str, action: str, who: str) -> str:
     """``page`` (built by :func:`layout`) with a *Sign out* button for ``who`` at the end
     of its header; the button posts to ``action``."""

@@ -7,10 +7,10 @@ instances, history and counts, checks permissions and passes them in.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from sagakit.console import choreo
 from sagakit.console import html as h
+from sagakit.console.filters import LIST_SORTS, ListQuery, human_duration
 from sagakit.console.html import e, seg, url
 from sagakit.console.svg import flow_svg, fmt_duration, timeline_svg
 from sagakit.core.definition import SagaDefinition
@@ -18,30 +18,10 @@ from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.graph import to_svg
 from sagakit.runtime.tracker import TrackedFlow
 
+__all__ = ["ListQuery", "detail_page", "list_page"]
+
 DefinitionOf = Callable[[SagaInstance], "SagaDefinition | None"]
 FlowOf = Callable[[SagaInstance], "TrackedFlow | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class ListQuery:
-    """The saga list's filters, as read from the query string."""
-
-    state: SagaState | None = None
-    definition: str | None = None
-    search: str = ""
-    offset: int = 0
-    limit: int = 50
-
-    def params(self, **override: str | int | None) -> dict[str, str | int | None]:
-        """The query-string parameters of this view, with some replaced."""
-        out: dict[str, str | int | None] = {
-            "state": self.state.value if self.state else None,
-            "definition": self.definition,
-            "q": self.search,
-            "offset": self.offset or None,
-        }
-        out.update(override)
-        return out
 
 
 def _step(definition: SagaDefinition | None, flow: TrackedFlow | None, inst: SagaInstance) -> str:
@@ -55,6 +35,52 @@ def _cut(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 1] + "\u2026"
 
 
+def _options(values: Sequence[str], current: str | None) -> str:
+    """``<option>`` s of ``values``, ``current`` selected (kept even when not among them)."""
+    extra = [current] if current and current not in values else []
+    return "".join(
+        f'<option value="{e(v)}"{" selected" if v == current else ""}>{e(v)}</option>'
+        for v in [*values, *extra]
+    )
+
+
+def _list_form(
+    base: str, query: ListQuery, definitions: Sequence[str], steps: Sequence[str]
+) -> str:
+    states = "".join(
+        f'<option value="{e(s.value)}"{" selected" if s is query.state else ""}>'
+        f"{e(s.value)}</option>"
+        for s in SagaState
+    )
+    sorts = "".join(
+        f'<option value="{e(k)}"{" selected" if k == query.sort else ""}>{e(label)}</option>'
+        for k, (_, label) in LIST_SORTS.items()
+    )
+    return (
+        f'<form class="filters" method="get" action="{e(base)}/">'
+        f'<label>state <select name="state"><option value="">any</option>{states}</select>'
+        f'</label><label>definition <select name="definition"><option value="">any</option>'
+        f"{_options(definitions, query.definition)}</select></label>"
+        f'<label>step <select name="step"><option value="">any</option>'
+        f"{_options(steps, query.step)}</select></label>"
+        f'<label>age at least <input type="text" name="min_age" size="8" '
+        f'value="{e(query.min_age)}" placeholder="30 min"></label>'
+        f'<label>age at most <input type="text" name="max_age" size="8" '
+        f'value="{e(query.max_age)}" placeholder="2 d"></label>'
+        f'<label>order <select name="sort">{sorts}</select></label>'
+        f'<label>business key <input type="search" name="q" value="{e(query.search)}" '
+        'placeholder="order-42 or a saga id"></label><button type="submit">Filter</button>'
+        f'<a href="{e(base)}/">clear</a></form>'
+    )
+
+
+IN_STATE = (
+    "Since the saga last changed: for a finished saga or a case in the manual queue, how "
+    "long it has been in its state; for a running one, since its last step moved."
+)
+"""What the list's "in state" column measures."""
+
+
 def list_page(
     base: str,
     *,
@@ -66,13 +92,21 @@ def list_page(
     tag: str,
     more: bool,
     flow_of: FlowOf = lambda inst: None,
+    steps: Sequence[str] = (),
+    total: int | None = None,
+    now: float = 0.0,
 ) -> str:
-    """The saga list: counts per state, filters, one row per saga, paging."""
-    total = sum(counts.values())
+    """The saga list: counts per state, filters and order, one row per saga (with its
+    age and time in state, measured at ``now``), paging.
+
+    ``total``: how many sagas the filters select (None when not counted: a search).
+    A query with problems shows them, not sagas.
+    """
+    all_sagas = sum(counts.values())
     chips = [
         f'<a class="count{" current" if query.state is None else ""}" data-state="all" '
         f'href="{e(url(base, "/", query.params(state=None, offset=None)))}">all '
-        f"<b>{total}</b></a>"
+        f"<b>{all_sagas}</b></a>"
     ]
     for state in SagaState:
         current = " current" if query.state is state else ""
@@ -81,24 +115,15 @@ def list_page(
             f'href="{e(url(base, "/", query.params(state=state.value, offset=None)))}">'
             f"{h.state_badge(state)} <b>{counts.get(state, 0)}</b></a>"
         )
-    states = "".join(
-        f'<option value="{e(s.value)}"{" selected" if s is query.state else ""}>'
-        f"{e(s.value)}</option>"
-        for s in SagaState
-    )
-    defs = "".join(
-        f'<option value="{e(d)}"{" selected" if d == query.definition else ""}>{e(d)}</option>'
-        for d in definitions
-    )
-    form = (
-        f'<form class="filters" method="get" action="{e(base)}/">'
-        f'<label>state <select name="state"><option value="">any</option>{states}</select>'
-        f'</label><label>definition <select name="definition"><option value="">any</option>'
-        f"{defs}</select></label>"
-        f'<label>business key <input type="search" name="q" value="{e(query.search)}" '
-        'placeholder="order-42 or a saga id"></label><button type="submit">Filter</button>'
-        f'<a href="{e(base)}/">clear</a></form>'
-    )
+    form = _list_form(base, query, definitions, steps)
+    if query.problems:
+        items = "".join(f"<li>{e(p)}</li>" for p in query.problems)
+        body = (
+            f'<h1>Sagas</h1><div class="counts">{"".join(chips)}</div>{form}'
+            f'<div class="problems" role="alert"><p>These filters cannot be used:</p>'
+            f"<ul>{items}</ul></div>"
+        )
+        return h.layout("Sagas", body, base=base, nav="sagas")
     rows = [
         [
             h.saga_link(base, s),
@@ -107,30 +132,43 @@ def list_page(
             h.state_badge(s.state),
             e(s.status),
             e(_step(definition_of(s), flow_of(s), s)),
-            e(h.fmt_time(s.updated_at)),
+            f'<span class="age" title="started {e(h.fmt_time(s.created_at))}">'
+            f"{e(human_duration(now - s.created_at))}</span>",
+            f'<span class="in-state" title="last change {e(h.fmt_time(s.updated_at))}">'
+            f"{e(human_duration(now - s.updated_at))}</span>",
             f'<span class="reason" title="{e(s.reason or "")}">{e(_cut(s.reason or ""))}</span>',
         ]
         for s in sagas
     ]
-    headers = ["business key", "saga", "definition", "state", "status", "step", "updated"]
+    headers = ["business key", "saga", "definition", "state", "status", "step", "age"]
     listing = (
-        h.table([*headers, "reason"], rows, "sagas")
+        h.table([*headers, "in state", "reason"], rows, "sagas").replace(
+            "<th>in state</th>", f'<th title="{e(IN_STATE)}">in state</th>', 1
+        )
         if rows
         else '<p class="empty">No saga matches these filters.</p>'
     )
     pager = []
     if query.offset:
         prev = max(query.offset - query.limit, 0)
-        pager.append(f'<a href="{e(url(base, "/", query.params(offset=prev or None)))}">newer</a>')
+        href = url(base, "/", query.params(offset=prev or None))
+        pager.append(f'<a rel="prev" href="{e(href)}">\u2039 previous</a>')
     if more:
         nxt = query.offset + query.limit
-        pager.append(f'<a href="{e(url(base, "/", query.params(offset=nxt)))}">older</a>')
+        pager.append(
+            f'<a rel="next" href="{e(url(base, "/", query.params(offset=nxt)))}">next \u203a</a>'
+        )
     dot = " \u00b7 "
+    where = ""
+    if rows:
+        first, last = query.offset + 1, query.offset + len(rows)
+        of = f" of {total}" if total is not None else ""
+        where = f"sagas {first}\u2013{last}{of}, {e(LIST_SORTS[query.sort][1])}"
     body = (
         f'<h1>Sagas</h1><div class="counts">{"".join(chips)}</div>{form}{listing}'
-        f'<p class="pager">{dot.join(pager)}</p>'
+        f'<p class="pager">{dot.join([where, *pager] if where else pager)}</p>'
     )
-    live = url(base, "/events", query.params(q=None, offset=None))
+    live = url(base, "/events", query.params(q=None))
     return h.layout("Sagas", body, base=base, nav="sagas", live=live, tag=tag)
 
 
@@ -261,56 +299,4 @@ def detail_page(
     live = f"{base}/sagas/{seg(inst.saga_id)}/events"
     return h.layout(
         inst.business_key, "".join(parts), base=base, live=live, tag=str(inst.version), flash=flash
-    )
-
-
-def manual_page(
-    base: str,
-    *,
-    cases: Sequence[SagaInstance],
-    definition_of: DefinitionOf,
-    csrf: str,
-    can_act: bool,
-    tag: str,
-    flash: str = "",
-    flow_of: FlowOf = lambda inst: None,
-) -> str:
-    """The manual queue: each case with its reason and, for those a person can decide,
-    the decision form (a choreography's view: the records of what a person did)."""
-    cards = []
-    for inst in cases:
-        d, flow = definition_of(inst), flow_of(inst)
-        form = ""
-        if d is not None and can_act:
-            form = h.action_form(base, d, inst, csrf=csrf, next_url=f"{base}/manual")
-        step = h.current_step(d, inst)
-        status = inst.steps[inst.cursor].status if 0 <= inst.cursor < len(inst.steps) else None
-        if d is None and flow is not None:
-            step, status = choreo.view_step(flow, inst)
-            if can_act:
-                form = choreo.view_form(base, flow, inst, csrf=csrf, next_url=f"{base}/manual")
-        cards.append(
-            f'<article class="case" data-saga="{e(inst.saga_id)}" '
-            f'data-key="{e(inst.business_key)}"><header>'
-            f"{h.saga_link(base, inst)} {h.state_badge(inst.state)} "
-            f"<span>{e(inst.definition)}@{inst.definition_version}</span> "
-            f'<span class="muted">since {e(h.fmt_time(inst.updated_at))}</span></header>'
-            f"<p>stuck at <b>{e(step)}</b> {h.step_badge(status) if status else ''}</p>"
-            f'<p class="error-text">{e(inst.reason or "")}</p>'
-            + (form or '<p class="muted">No decision to take here.</p>')
-            + "</article>"
-        )
-    body = "<h1>Manual queue</h1>" + (
-        "".join(cards) if cards else '<p class="empty">Nobody needs to decide anything.</p>'
-    )
-    if not can_act and cases:
-        body += '<p class="note">You may look but not act on these sagas.</p>'
-    return h.layout(
-        "Manual queue",
-        body,
-        base=base,
-        nav="manual",
-        live=f"{base}/events?manual=1",
-        tag=tag,
-        flash=flash,
     )

@@ -8,15 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from sagakit.api.validation import SagaFilter
 from sagakit.console import dead_letters as dl
+from sagakit.console import filters, pages
 from sagakit.console import html as h
-from sagakit.console import pages
 from sagakit.console.http import (
     HEADERS,
     Csrf,
@@ -25,6 +27,7 @@ from sagakit.console.http import (
     read_form,
     static_file,
 )
+from sagakit.console.manual import manual_page
 from sagakit.console.svg import flow_svg, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
@@ -60,6 +63,7 @@ class _Console:
         stream_seconds: float,
         search_limit: int,
         sign_out: str | None = None,
+        facts: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.engine = engine
         self.actor = actor
@@ -69,6 +73,7 @@ class _Console:
         self.stream_seconds = stream_seconds
         self.search_limit = search_limit
         self.sign_out = sign_out
+        self.facts = facts
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
@@ -90,89 +95,138 @@ class _Console:
     def who(self, request: Request) -> str:
         return (self.actor(request) or "").strip()
 
-    def page(
-        self, request: Request, body: str, status: int = 200, nonce: str | None = None
+    async def open_cases(self, counts: Mapping[SagaState, int] | None = None) -> int | None:
+        """How many cases the manual queue holds (None if the store cannot say)."""
+        if counts is None:
+            try:
+                counts = await self.engine.store.count_sagas()
+            except Exception:  # an error page must not fail for want of a nav badge
+                return None
+        return sum(counts.get(s, 0) for s in MANUAL_STATES)
+
+    async def page(
+        self,
+        request: Request,
+        body: str,
+        status: int = 200,
+        nonce: str | None = None,
+        counts: Mapping[SagaState, int] | None = None,
     ) -> Response:
+        """The page ``body`` as a response: the nav says how many manual cases are open
+        (from ``counts`` when the handler read them already), plus a *Sign out* button."""
         base = self.base(request)
+        open_cases = await self.open_cases(counts)
+        if open_cases is not None:
+            body = h.with_open_cases(body, open_cases)
         if self.sign_out is not None:
             body = h.with_sign_out(body, base + self.sign_out, self.who(request))
         return html_response(request, body, base=base, status=status, nonce=nonce)
 
-    def error(self, request: Request, status: int, title: str, message: str) -> Response:
-        return self.page(request, h.error_page(self.base(request), status, title, message), status)
+    async def error(self, request: Request, status: int, title: str, message: str) -> Response:
+        body = h.error_page(self.base(request), status, title, message)
+        return await self.page(request, body, status)
 
     @staticmethod
     def flash(request: Request) -> str:
         done = request.query_params.get("done", "")
         return f"Decision recorded: {done}." if done in ACTIONS else ""
 
-    async def list_tag(self, states: list[SagaState] | None, definition: str | None) -> str:
+    @staticmethod
+    def tag_of(data: object) -> str:
         """A short fingerprint of what a list page shows; it changes when a saga moves."""
-        store = self.engine.store
-        if states == list(MANUAL_STATES):
-            rows = await self.engine.manual_cases(limit=100)
-            data: object = [(s.saga_id, s.version) for s in rows]
-        else:
-            counts = await store.count_sagas()
-            rows = await store.list_sagas(states=states, definition=definition, limit=50)
-            data = [
-                sorted((k.value, v) for k, v in counts.items()),
-                [(s.saga_id, s.version) for s in rows],
-            ]
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
     # -- pages ------------------------------------------------------------------------
     async def sagas(self, request: Request) -> Response:
-        p = request.query_params
-        state = SagaState(p["state"]) if p.get("state") in SagaState.__members__ else None
-        offset = int(p["offset"]) if p.get("offset", "").isdigit() else 0
-        query = pages.ListQuery(
-            state=state,
-            definition=p.get("definition") or None,
-            search=p.get("q", "").strip()[:200],
-            offset=min(offset, 10**6),
+        query, flt = filters.read_list_query(self.engine, request.query_params)
+        counts = await self.engine.store.count_sagas()
+        found: list[SagaInstance] = []
+        more, total, tag = False, None, ""
+        if not query.problems:
+            found, more, total = await self.listing(query, flt)
+            tag = self.list_tag(counts, found, total)
+        body = pages.list_page(
+            self.base(request),
+            query=query,
+            sagas=found,
+            counts=counts,
+            definitions=filters.definition_names(self.engine),
+            definition_of=self.definition_of,
+            tag=tag,
+            more=more,
+            flow_of=self.flow_of,
+            steps=filters.step_names(self.engine),
+            total=total,
+            now=self.engine.clock(),
         )
-        states = [state] if state else None
+        return await self.page(request, body, 400 if query.problems else 200, counts=counts)
+
+    @staticmethod
+    def list_tag(
+        counts: Mapping[SagaState, int], found: Sequence[SagaInstance], total: int | None
+    ) -> str:
+        """The fingerprint of a saga list page: the counts, the total, its sagas."""
+        return _Console.tag_of(
+            [
+                sorted((k.value, v) for k, v in counts.items()),
+                total,
+                [(s.saga_id, s.version) for s in found],
+            ]
+        )
+
+    async def listing(
+        self, query: pages.ListQuery, flt: SagaFilter
+    ) -> tuple[list[SagaInstance], bool, int | None]:
+        """``(sagas of the page, whether more follow, how many match or None)``."""
+        store = self.engine.store
+        states = list(flt.states) or None
         if query.search:
-            found, more = await self.search(query, states)
-        else:
-            found = await self.engine.store.list_sagas(
+            found, more = await self.search(query, flt)
+            return found, more, None
+        if query.simple:
+            # The plain listing, newest first: no COUNT over the table per page.
+            page = await store.list_sagas(
                 states=states,
                 definition=query.definition,
                 limit=query.limit + 1,
                 offset=query.offset,
             )
-            more, found = len(found) > query.limit, found[: query.limit]
-        body = pages.list_page(
-            self.base(request),
-            query=query,
-            sagas=found,
-            counts=await self.engine.store.count_sagas(),
-            definitions=sorted(
-                {name for name, _ in self.engine.orchestrator.machines} | set(self.engine.trackers)
-            ),
-            definition_of=self.definition_of,
-            tag=await self.list_tag(states, query.definition),
-            more=more,
-            flow_of=self.flow_of,
+            total = None
+            if query.definition is None:
+                counts = await store.count_sagas()
+                total = sum(n for s, n in counts.items() if states is None or s in states)
+            return page[: query.limit], len(page) > query.limit, total
+        found_page = await store.find_sagas(
+            filters.list_store_query(self.engine, flt, self.engine.clock()),
+            limit=query.limit,
+            offset=query.offset,
+            order=query.order,
         )
-        return self.page(request, body)
+        more = query.offset + len(found_page.items) < found_page.total
+        return found_page.items, more, found_page.total
 
     async def search(
-        self, query: pages.ListQuery, states: list[SagaState] | None
+        self, query: pages.ListQuery, flt: SagaFilter
     ) -> tuple[list[SagaInstance], bool]:
         """Sagas whose business key or id contains the search text (case-insensitive),
-        among the newest ``search_limit`` that match the other filters."""
+        among the first ``search_limit`` (in the list's order) that match the filters."""
         needle = query.search.lower()
         hits: list[SagaInstance] = []
+        sq = filters.list_store_query(self.engine, flt, self.engine.clock())
         exact = await self.engine.store.get_saga(query.search)
-        if exact is not None and (states is None or exact.state in states):
+        if exact is not None and sq.matches(exact):
             hits.append(exact)
         scanned, size = 0, 500
         while scanned < self.search_limit:
-            batch = await self.engine.store.list_sagas(
-                states=states, definition=query.definition, limit=size, offset=scanned
-            )
+            if query.simple:
+                batch = await self.engine.store.list_sagas(
+                    states=sq.states, definition=sq.definition, limit=size, offset=scanned
+                )
+            else:
+                found = await self.engine.store.find_sagas(
+                    sq, limit=size, offset=scanned, order=query.order
+                )
+                batch = found.items
             hits += [
                 s
                 for s in batch
@@ -188,7 +242,7 @@ class _Console:
     async def detail(self, request: Request) -> Response:
         inst = await self.engine.store.get_saga(request.path_params["saga_id"])
         if inst is None:
-            return self.error(request, 404, "No such saga", "There is no saga with this id.")
+            return await self.error(request, 404, "No such saga", "There is no saga with this id.")
         token, nonce = self.csrf.issue(request, self.who(request))
         body = pages.detail_page(
             self.base(request),
@@ -202,27 +256,62 @@ class _Console:
             flow=self.flow_of(inst),
             waiting_for=await waiting_for(self.engine.store, inst.saga_id),
         )
-        return self.page(request, body, nonce=nonce)
+        return await self.page(request, body, nonce=nonce)
 
     async def manual(self, request: Request) -> Response:
+        query = filters.read_manual_query(self.engine, request.query_params)
+        counts = await self.engine.store.count_sagas()
+        open_cases = await self.open_cases(counts) or 0
+        now = self.engine.clock()
+        cases: list[SagaInstance] = []
+        matched, tag = 0, ""
+        if not query.problems:
+            matched, cases = await self.manual_cases(query, now)
+            tag = self.manual_tag(open_cases, matched, cases)
         token, nonce = self.csrf.issue(request, self.who(request))
-        body = pages.manual_page(
+        body = manual_page(
             self.base(request),
-            cases=await self.engine.manual_cases(limit=100),
+            query=query,
+            cases=cases,
+            matched=matched,
+            open_cases=open_cases,
+            definitions=filters.definition_names(self.engine),
+            steps=filters.step_names(self.engine),
             definition_of=self.definition_of,
             csrf=token,
             can_act=self.can_act(request),
-            tag=await self.list_tag(list(MANUAL_STATES), None),
+            tag=tag,
+            now=now,
             flash=self.flash(request),
             flow_of=self.flow_of,
+            facts=self.facts,
         )
-        return self.page(request, body, nonce=nonce)
+        status = 400 if query.problems else 200
+        return await self.page(request, body, status, nonce=nonce, counts=counts)
+
+    async def manual_cases(
+        self, query: filters.ManualQuery, now: float
+    ) -> tuple[int, list[SagaInstance]]:
+        """``(how many cases the query selects, its page)``: filtered, ordered and
+        paged by the store."""
+        found = await self.engine.store.find_sagas(
+            filters.manual_store_query(self.engine, query, now),
+            limit=query.limit,
+            offset=query.offset,
+            order=query.order,
+        )
+        return found.total, found.items
+
+    @staticmethod
+    def manual_tag(open_cases: int, matched: int, cases: Sequence[SagaInstance]) -> str:
+        """The fingerprint of a manual queue page: the counts and its cases."""
+        return _Console.tag_of([open_cases, matched, [(s.saga_id, s.version) for s in cases]])
 
     async def picture(self, request: Request) -> Response:
         inst = await self.engine.store.get_saga(request.path_params["saga_id"])
         d = None if inst is None else self.definition_of(inst)
         if inst is None or d is None:
-            return self.error(request, 404, "No picture", "Unknown saga or definition.")
+            return await self.error(request, 404, "No picture", "Unknown saga or definition.")
         name = request.path_params["name"]
         if name in ("diagram.mmd", "diagram.dot"):
             text = (to_mermaid if name.endswith("mmd") else to_dot)(d, inst)
@@ -230,7 +319,7 @@ class _Console:
         if name == "diagram.svg":
             return Response(to_svg(d, inst), media_type="image/svg+xml", headers=HEADERS)
         if name not in ("timeline.svg", "flow.svg"):
-            return self.error(request, 404, "No picture", f"There is no picture {name!r}.")
+            return await self.error(request, 404, "No picture", f"There is no picture {name!r}.")
         history = await self.engine.store.history(inst.saga_id)
         draw = timeline_svg if name == "timeline.svg" else flow_svg
         return Response(draw(d, inst, history), media_type="image/svg+xml", headers=HEADERS)
@@ -245,29 +334,35 @@ class _Console:
         """``(who, form)`` of a decision post, or the error page that refuses it."""
         if not self.can_act(request):
             why = f"You may look at {what} but not act on them."
-            return self.error(request, 403, "Not allowed", why)
+            return await self.error(request, 403, "Not allowed", why)
         who = self.who(request)
         if not who:
-            return self.error(request, 403, "Who are you?", "Sign in before deciding.")
+            return await self.error(request, 403, "Who are you?", "Sign in before deciding.")
         form = await read_form(request)
         if form is None:
             why = "Send the form as application/x-www-form-urlencoded, at most 64 KiB."
-            return self.error(request, 400, "Unreadable form", why)
+            return await self.error(request, 400, "Unreadable form", why)
         if not self.csrf.check(request, form.get("csrf", ""), who):
             why = "This form did not come from this console, or it expired. Reload the page."
-            return self.error(request, 403, "Form refused", why)
+            return await self.error(request, 403, "Form refused", why)
         return who, form
 
     def back(self, request: Request, form: dict[str, str], fallback: str, done: str) -> Response:
-        """Redirect to the form's ``next`` page (only inside the console), else ``fallback``."""
+        """Redirect to the form's ``next`` page (only inside the console), else ``fallback``.
+
+        The page's query string is kept (the manual queue's filters, order and page),
+        with ``done`` saying which decision was recorded.
+        """
         base = self.base(request)
-        target = form.get("next", "").split("?")[0]
+        target, _, query = form.get("next", "")[:4000].partition("?")
         # Only back into the console: never an open redirect.
         if not target.startswith(base + "/") or "//" in target or "\\" in target:
-            target = base + fallback
-        return RedirectResponse(h.url("", target, {"done": done}), status_code=303)
+            target, query = base + fallback, ""
+        params: dict[str, str | int | None] = {k: v for k, v in parse_qsl(query) if k != "done"}
+        params["done"] = done
+        return RedirectResponse(h.url("", target, params), status_code=303)
 
-    def personal_data(self, request: Request, reason: str) -> Response | None:
+    async def personal_data(self, request: Request, reason: str) -> Response | None:
         """A 422 page when ``reason`` holds personal data (refused as the API refuses it:
         see :func:`sagakit.api.validation.reason_problem`), else None."""
         found = personal_data_in(reason)
@@ -277,7 +372,7 @@ class _Console:
             f"The reason holds {found}. A reason is kept for good in the history; write it "
             "without personal data and name the customer by their token (cust-000123)."
         )
-        return self.error(request, 422, "Personal data in the reason", why)
+        return await self.error(request, 422, "Personal data in the reason", why)
 
     async def act(self, request: Request) -> Response:
         checked = await self.decision_form(request, "sagas")
@@ -286,11 +381,13 @@ class _Console:
         who, form = checked
         action, reason = form.get("action", ""), form.get("reason", "").strip()
         if action not in ACTIONS:
-            return self.error(request, 400, "Unknown action", f"Choose one of {sorted(ACTIONS)}.")
+            return await self.error(
+                request, 400, "Unknown action", f"Choose one of {sorted(ACTIONS)}."
+            )
         if not reason:
             why = "Every decision needs a reason; it is recorded in the saga's history."
-            return self.error(request, 400, "Reason missing", why)
-        if (refused := self.personal_data(request, reason)) is not None:
+            return await self.error(request, 400, "Reason missing", why)
+        if (refused := await self.personal_data(request, reason)) is not None:
             return refused
         saga_id = request.path_params["saga_id"]
         rung = form.get("rung", "")
@@ -304,7 +401,7 @@ class _Console:
                         f"The saga is {after.state.value}: a cancel is refused once the saga "
                         "passed its point of no return, is already cancelling, or finished."
                     )
-                    return self.error(request, 409, "Cancel refused", why)
+                    return await self.error(request, 409, "Cancel refused", why)
             else:
                 await self.engine.resolve(
                     saga_id,
@@ -314,11 +411,11 @@ class _Console:
                     rung=int(rung) if action == "use_rung" and rung.isdigit() else None,
                 )
         except SagaNotFound:
-            return self.error(request, 404, "No such saga", "There is no saga with this id.")
+            return await self.error(request, 404, "No such saga", "There is no saga with this id.")
         except ManualActionRefused as exc:
-            return self.error(request, 409, "Decision refused", str(exc))
+            return await self.error(request, 409, "Decision refused", str(exc))
         except VersionMissing as exc:
-            return self.error(request, 409, f"This console lacks {exc.waiting_for}", str(exc))
+            return await self.error(request, 409, f"This console lacks {exc.waiting_for}", str(exc))
         return self.back(request, form, f"/sagas/{h.seg(saga_id)}", action)
 
     async def dead_letters(self, request: Request) -> Response:
@@ -349,7 +446,7 @@ class _Console:
             can_act=self.can_act(request),
             flash=f"Dead letter {dl.SETTLEMENTS[done]}." if done in dl.SETTLEMENTS else "",
         )
-        return self.page(request, body, nonce=nonce)
+        return await self.page(request, body, nonce=nonce)
 
     async def settle_dead_letter(self, request: Request) -> Response:
         checked = await self.decision_form(request, "dead letters")
@@ -358,23 +455,25 @@ class _Console:
         who, form = checked
         settlement, reason = form.get("settlement", ""), form.get("reason", "").strip()
         if settlement not in dl.SETTLEMENTS:
-            return self.error(request, 400, "Unknown action", "Choose replay or discard.")
+            return await self.error(request, 400, "Unknown action", "Choose replay or discard.")
         if not reason:
             why = "Every replay or discard needs a reason; it is kept with the dead letter."
-            return self.error(request, 400, "Reason missing", why)
-        if (refused := self.personal_data(request, reason)) is not None:
+            return await self.error(request, 400, "Reason missing", why)
+        if (refused := await self.personal_data(request, reason)) is not None:
             return refused
         store, raw_id = request.path_params["store"], request.path_params["id"]
         if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 18:
-            return self.error(request, 404, "No such dead letter", "Dead letter ids are numbers.")
+            return await self.error(
+                request, 404, "No such dead letter", "Dead letter ids are numbers."
+            )
         desk = self.engine.dead_letters
         run = desk.replay if settlement == "replay" else desk.discard
         try:
             await run(store, int(raw_id), actor=who, reason=reason[:1000])
         except DeadLetterNotFound as exc:
-            return self.error(request, 404, "No such dead letter", str(exc))
+            return await self.error(request, 404, "No such dead letter", str(exc))
         except DeadLetterRefused as exc:
-            return self.error(request, 409, f"{settlement.capitalize()} refused", str(exc))
+            return await self.error(request, 409, f"{settlement.capitalize()} refused", str(exc))
         return self.back(request, form, "/dead-letters", settlement)
 
     # -- live events ------------------------------------------------------------------
@@ -392,17 +491,24 @@ class _Console:
         return event_stream(tag, poll=self.poll, lifetime=self.stream_seconds)
 
     async def list_events(self, request: Request) -> Response:
-        p = request.query_params
-        states: list[SagaState] | None
-        if p.get("manual"):
-            states, definition = list(MANUAL_STATES), None
-        else:
-            state = p.get("state", "")
-            states = [SagaState(state)] if state in SagaState.__members__ else None
-            definition = p.get("definition") or None
+        params = request.query_params
+        manual = bool(params.get("manual"))
+        list_query, flt = filters.read_list_query(self.engine, params)
+        manual_query = filters.read_manual_query(self.engine, params)
 
         async def tag() -> tuple[str, bool]:
-            return await self.list_tag(states, definition), False
+            # The same reads as the page's, so the tag changes exactly when it would.
+            counts = await self.engine.store.count_sagas()
+            if manual:
+                if manual_query.problems:
+                    return "", False
+                matched, cases = await self.manual_cases(manual_query, self.engine.clock())
+                open_cases = await self.open_cases(counts) or 0
+                return self.manual_tag(open_cases, matched, cases), False
+            if list_query.problems:
+                return "", False
+            found, _, total = await self.listing(list_query, flt)
+            return self.list_tag(counts, found, total), False
 
         return event_stream(tag, poll=self.poll, lifetime=self.stream_seconds)
 
@@ -417,6 +523,7 @@ def console_routes(
     stream_seconds: float = 300.0,
     search_limit: int = 5000,
     sign_out: str | None = None,
+    facts: Mapping[str, Sequence[str]] | None = None,
 ) -> list[BaseRoute]:
     """The console's routes, to mount under a prefix of your app (``Mount("/console",
     routes=console_routes(...))``) behind your authentication.
@@ -429,6 +536,10 @@ def console_routes(
     ``search_limit`` bounds how many of the newest sagas a business-key search scans.
     ``sign_out``, the path (under the console's prefix) of your ``POST`` route that ends
     the person's session, puts a *Sign out* button in every page's header.
+    ``facts`` maps a definition's name to the fields of its sagas' data that a manual
+    case's card shows (dotted paths, in order); a definition left out shows its first
+    fields. Fields the definition declares personal are never shown either way (see
+    :func:`sagakit.console.manual.data_facts`).
     """
     c = _Console(
         engine,
@@ -439,6 +550,7 @@ def console_routes(
         stream_seconds,
         search_limit,
         sign_out,
+        facts,
     )
     return [
         Route("/", c.sagas, name="console_sagas"),

@@ -10,6 +10,10 @@ delivers it over whichever transport is configured, and the consumer's inbox sti
 deduplicates it. Only the header :data:`~sagakit.core.envelope.REPLAYED_FROM` is
 added, which makes the replay a new copy for brokers that deduplicate by id.
 
+An alert a webhook never took (endpoint ``sagakit.alerts.<webhook>``, see
+:mod:`sagakit.runtime.notifier`) is replayed into that webhook's mailbox instead, to be
+posted again with all its attempts.
+
 A replay that could not change anything is refused with the reason, and the dead
 letter stays open (discard it instead):
 
@@ -35,6 +39,7 @@ from typing import Any
 from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused, MessageError
+from sagakit.runtime.alerts import ALERTS_ENDPOINT, load_alert
 from sagakit.stores.base import DISCARDED, REPLAYED, DeadLetter, Store
 from sagakit.transports.base import ParkedByBroker
 
@@ -195,6 +200,8 @@ class DeadLetterDesk:
         found = await self.get(store, id)
         letter = found.letter
         _check_open(store, letter)
+        if letter.endpoint.startswith(f"{ALERTS_ENDPOINT}."):
+            return await self._replay_alert(store, letter, actor=actor, reason=reason)
         envelope = await self._replayable(store, letter)
         s = self._store(store)
         async with s.transaction() as tx:
@@ -216,6 +223,36 @@ class DeadLetterDesk:
             extra=_extra(store, letter, envelope, actor, "replay"),
         )
         return await self.get(store, id)
+
+    async def _replay_alert(
+        self, store: str, letter: DeadLetter, *, actor: str, reason: str
+    ) -> StoredDeadLetter:
+        """An alert a webhook never took, back in that webhook's mailbox (with all its
+        attempts again), in the transaction that settles the dead letter."""
+        try:
+            load_alert(letter.body)
+        except ValueError as exc:
+            raise DeadLetterRefused(
+                f"cannot replay dead letter {letter.id}: its body is not an alert ({exc}); "
+                "discard it"
+            ) from None
+        async with self._store(store).transaction() as tx:
+            locked = await tx.dead_letter_get(letter.id)
+            if locked is None:
+                raise DeadLetterNotFound(f"no dead letter {letter.id} in store {store!r}")
+            _check_open(store, locked)
+            await tx.queue_add(letter.endpoint, [letter.body], self.clock())
+            await tx.dead_letter_settle(letter.id, REPLAYED, actor, reason, self.clock())
+        log.info(
+            "replayed alert %s:%s (%s) by %s: %s",
+            store,
+            letter.id,
+            letter.message_id,
+            actor,
+            reason,
+            extra=_extra(store, letter, None, actor, "replay"),
+        )
+        return await self.get(store, letter.id)
 
     async def discard(self, store: str, id: int, *, actor: str, reason: str) -> StoredDeadLetter:
         """Settle the dead letter without sending anything; return it settled (a

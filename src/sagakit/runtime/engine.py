@@ -26,9 +26,11 @@ from sagakit.core.machine import ManualAction
 from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import ConfigurationError, SagaNotFound
 from sagakit.runtime import engine_loops
+from sagakit.runtime.alerts import AlertSettings, AlertWriter
 from sagakit.runtime.consumer import FaultHook
 from sagakit.runtime.dead_letters import DeadLetterDesk
 from sagakit.runtime.lockfile import LockFile
+from sagakit.runtime.notifier import Notifier
 from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.runtime.own_tx import start_with
 from sagakit.runtime.participant import Participant
@@ -67,6 +69,11 @@ class Engine:
     with ``orchestrator`` or ``timers`` among its roles it applies those set aside for
     its own versions, at start, when notified, and every ``set_aside_poll`` seconds
     (see :mod:`sagakit.runtime.set_aside`).
+
+    ``alerts``: webhooks to tell when a saga enters FAILED_NEEDS_MANUAL or TIMED_OUT or
+    a dead letter is parked (see :mod:`sagakit.runtime.alerts`). Each transition that
+    raises one writes it in its own transaction; an engine with the ``relays`` role
+    also runs the notifier that posts them (:mod:`sagakit.runtime.notifier`).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class Engine:
         lock_file: str | Path | LockFile | None = None,
         canary: Mapping[str, float] | None = None,
         set_aside_poll: float = 2.0,
+        alerts: AlertSettings | None = None,
     ) -> None:
         unknown = set(roles) - ALL_ROLES
         if unknown:
@@ -212,6 +220,16 @@ class Engine:
         self.set_aside_poll = set_aside_poll
         """How often the engine looks for inputs set aside for its definition versions
         when no notification woke it (see :mod:`sagakit.runtime.set_aside`)."""
+        self.alerts = alerts
+        self.notifier: Notifier | None = None
+        """Posts the alerts of this engine's stores (with ``alerts`` and ``relays``)."""
+        if alerts is not None:
+            self.orchestrator.alerts = AlertWriter(store)
+            for p in self.participants:
+                if isinstance(p, Tracker):
+                    p.alerts = AlertWriter(p.store)
+            if "relays" in self.roles:
+                self.notifier = Notifier(self.stores, alerts, wakeups=self.wakeups, clock=clock)
         self._tasks: list[asyncio.Task[None]] = []
         self._periodic: list[tuple[str, float, Callable[[], Awaitable[object]]]] = []
         self._setup: list[Callable[[], Awaitable[object]]] = []
@@ -301,6 +319,8 @@ class Engine:
         if "relays" in self.roles:
             for relay in self.relays:
                 self._spawn(engine_loops.relay_loop(self, relay), f"relay:{relay.store.name}")
+        if self.notifier is not None:
+            self._spawn(self.notifier.run(lambda: self._running), "alerts")
         if "timers" in self.roles:
             self._spawn(engine_loops.timer_loop(self), "timers")
         if self.resumes_set_aside:

@@ -54,6 +54,7 @@ from sagakit.errors import (
 )
 from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
+from sagakit.runtime.alerts import AlertWriter
 from sagakit.runtime.consumer import FIRST_DELIVERIES, BatchConsumer, FaultHook
 from sagakit.runtime.local_steps import LocalStepRunner
 from sagakit.runtime.saga_cache import SagaCache
@@ -121,6 +122,9 @@ class Orchestrator(BatchConsumer):
         self.local = LocalStepRunner(self)
         self.cache = SagaCache()
         """Copies of the sagas this process committed last (:mod:`~sagakit.runtime.saga_cache`)."""
+        self.alerts: AlertWriter | None = None
+        """Writes the alert of a transition into FAILED_NEEDS_MANUAL or TIMED_OUT in its
+        own transaction (:mod:`~sagakit.runtime.alerts`); set by the Engine."""
         # saga id -> futures of Engine.wait() callers in this process, resolved with the
         # instance when a transaction of this orchestrator commits it terminal.
         self._watchers: dict[str, list[asyncio.Future[SagaInstance]]] = {}
@@ -501,6 +505,8 @@ class Orchestrator(BatchConsumer):
             notes.written[inst.saga_id] = inst
         if d.history:
             await tx.history_add(d.history)
+        if self.alerts is not None and d.changed and inst.terminal:  # alerts hook
+            await self.alerts.saga_changed(tx, inst, d.history, now)
         if d.cancel_timers:
             setting = {t.name for t in d.set_timers}
             names = [n for n in d.cancel_timers if n not in setting]

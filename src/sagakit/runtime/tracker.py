@@ -29,6 +29,7 @@ from sagakit.core.envelope import Envelope
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState, StepState, StepStatus
 from sagakit.errors import ConfigurationError
 from sagakit.metrics import record_history
+from sagakit.runtime.alerts import AlertWriter
 from sagakit.runtime.participant import Participant
 from sagakit.stores.base import Store, Tx
 
@@ -262,6 +263,8 @@ class Tracker(Participant):
     def __init__(self, name: str, store: Store, flow: TrackedFlow, **kwargs: Any) -> None:
         super().__init__(name, store, **kwargs)
         self.flow = flow
+        self.alerts: AlertWriter | None = None
+        """Writes the alert of a view escalated to a person (set by the Engine)."""
         for event_type in sorted(flow.facts):
             self.on_event(event_type)(self._on_fact)
 
@@ -289,6 +292,8 @@ class Tracker(Participant):
             await tx.saga_update(seen.instance, inst.version)
         await tx.history_add(seen.history)
         record_history(seen.instance, (), seen.history, finishing=_FINISHING)
+        if self.alerts is not None and seen.changed:
+            await self.alerts.saga_changed(tx, seen.instance, seen.history, self.clock())
         for h in seen.history:
             log.debug(
                 "%s %s",
@@ -357,6 +362,8 @@ class Tracker(Participant):
         )
         await tx.history_add([entry])
         record_history(new, (), [entry], finishing=_FINISHING)
+        if self.alerts is not None:
+            await self.alerts.saga_changed(tx, new, [entry], now)
         log.warning(
             "saga %s is stuck: %s",
             new.saga_id,

@@ -30,6 +30,7 @@ from sagakit.stores.records import (
     OutboxRow,
     QueuedMessage,
     SagaColumns,
+    SagaOrder,
     SagaPage,
     SagaQuery,
     SetAside,
@@ -48,6 +49,7 @@ __all__ = [
     "QueuedMessage",
     "SQLStore",
     "SagaColumns",
+    "SagaOrder",
     "SagaPage",
     "SagaQuery",
     "SetAside",
@@ -89,11 +91,20 @@ class Store(Protocol):
         """Instances, newest first, optionally filtered."""
         ...
 
-    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
-        """The sagas ``query`` selects, newest first, and how many it selects in all.
+    async def find_sagas(
+        self,
+        query: SagaQuery,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        order: SagaOrder = SagaOrder.NEWEST,
+    ) -> SagaPage:
+        """The sagas ``query`` selects, in ``order`` (newest first by default), and how
+        many it selects in all.
 
-        Filtered and counted by the database (indexed on state, definition and version,
-        creation time); the page and the total come from one consistent snapshot.
+        Filtered, ordered and counted by the database (indexed on state, definition and
+        version, creation time); the page and the total come from one consistent
+        snapshot.
         """
         ...
 
@@ -103,6 +114,12 @@ class Store(Protocol):
 
     async def count_sagas(self) -> dict[SagaState, int]:
         """How many instances are in each state (states with none are left out)."""
+        ...
+
+    async def oldest_update(self, states: Sequence[SagaState]) -> float | None:
+        """``updated_at`` of the saga in any of ``states`` that changed least recently,
+        or ``None`` when none is. A terminal saga's ``updated_at`` is when it got there:
+        for the manual queue, when its oldest case started waiting (a metric)."""
         ...
 
     async def history(self, saga_id: str) -> list[HistoryEntry]:

@@ -5,6 +5,7 @@ protocols that use them are in :mod:`sagakit.stores.base`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sagakit.core.envelope import Envelope
@@ -34,6 +35,10 @@ class SagaColumns(Protocol):
     def cursor(self) -> int: ...
     @property
     def created_at(self) -> float: ...
+    @property
+    def updated_at(self) -> float: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,10 @@ class SagaQuery:
     ``list_sagas(states=[])`` does). ``positions`` are ``(definition, version, cursor)``
     triples: a step's name only means something in a definition, so callers that filter
     by step name translate it with the definitions they know (see ``sagakit.api``).
-    Times are inclusive bounds on ``created_at``.
+    Times are inclusive bounds on ``created_at`` (``created_*``) and on ``updated_at``,
+    when the saga last changed (``updated_*``: for a saga in the manual queue, when it
+    entered it). ``reason_contains`` selects the sagas whose reason holds that text,
+    ignoring case (SQLite folds only ASCII letters; an empty text selects every saga).
     """
 
     states: tuple[SagaState, ...] | None = None
@@ -54,6 +62,9 @@ class SagaQuery:
     created_from: float | None = None
     created_until: float | None = None
     saga_ids: tuple[str, ...] | None = None
+    updated_from: float | None = None
+    updated_until: float | None = None
+    reason_contains: str | None = None
 
     def matches(self, inst: SagaColumns) -> bool:
         """Whether ``inst`` is selected (the in-memory reference of the SQL filters)."""
@@ -68,7 +79,45 @@ class SagaQuery:
             and (self.created_from is None or inst.created_at >= self.created_from)
             and (self.created_until is None or inst.created_at <= self.created_until)
             and (self.saga_ids is None or inst.saga_id in self.saga_ids)
+            and (self.updated_from is None or inst.updated_at >= self.updated_from)
+            and (self.updated_until is None or inst.updated_at <= self.updated_until)
+            and (
+                self.reason_contains is None
+                or ascii_lower(self.reason_contains) in ascii_lower(inst.reason or "")
+            )
         )
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with A-Z lowered and every other character kept, as SQLite's ``lower``."""
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+class SagaOrder(StrEnum):
+    """How :meth:`Store.find_sagas` orders its page (ties in insertion order, the same
+    direction)."""
+
+    NEWEST = "newest"
+    """Last created first (the default)."""
+    OLDEST = "oldest"
+    """First created first: the oldest sagas."""
+    CHANGED_LAST = "changed_last"
+    """Last changed first (``updated_at``, newest first)."""
+    CHANGED_FIRST = "changed_first"
+    """Least recently changed first: for the manual queue, the longest waiting."""
+
+    @property
+    def column(self) -> str:
+        """The ``sagas`` column the order sorts on."""
+        return "created_at" if self in (SagaOrder.NEWEST, SagaOrder.OLDEST) else "updated_at"
+
+    @property
+    def descending(self) -> bool:
+        """Whether the largest value comes first."""
+        return self in (SagaOrder.NEWEST, SagaOrder.CHANGED_LAST)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.errors import StoreError
-from sagakit.stores.base import SETTLEMENTS, DeadLetter, SagaQuery, SetAside
+from sagakit.stores.base import SETTLEMENTS, DeadLetter, SagaOrder, SagaQuery, SetAside
 
 # A prebuilt encoder: json.dumps with non-default arguments builds a new one per call.
 dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -163,19 +163,42 @@ def saga_query_where(q: SagaQuery, mark: str) -> tuple[str, list[Any]]:
     if q.created_until is not None:
         conds.append(f"created_at <= {mark}")
         params.append(q.created_until)
+    if q.updated_from is not None:
+        conds.append(f"updated_at >= {mark}")
+        params.append(q.updated_from)
+    if q.updated_until is not None:
+        conds.append(f"updated_at <= {mark}")
+        params.append(q.updated_until)
+    if q.reason_contains:
+        # LIKE with the text's own wildcards escaped: a substring, whatever it holds.
+        # The database lowers both sides, so the two fold letters alike.
+        conds.append(f"lower(reason) LIKE lower(CAST({mark} AS TEXT)) ESCAPE '\\'")
+        params.append("%" + like_escaped(q.reason_contains) + "%")
     return " AND ".join(conds) or "1 = 1", params
 
 
+def like_escaped(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern whose escape character is ``\\``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def saga_find_statements(
-    queries: Mapping[str, str], q: SagaQuery, mark: str
+    queries: Mapping[str, str], q: SagaQuery, mark: str, order: SagaOrder = SagaOrder.NEWEST
 ) -> tuple[str, str, list[Any]]:
     """``(page SQL, count SQL, parameters)`` of ``q``: the adapter's ``saga_find`` and
-    ``saga_find_count`` statements with the condition in place of ``{where}``.
+    ``saga_find_count`` statements with the condition in place of ``{where}``, and the
+    page's ``order`` in place of ``{column}`` and ``{direction}``.
 
     The page statement takes ``limit`` and ``offset`` after the parameters.
     """
     where, params = saga_query_where(q, mark)
-    page = queries["saga_find"].replace("{where}", where)
+    # Only the enum's own column names and keywords reach the text: nothing of a caller's.
+    page = (
+        queries["saga_find"]
+        .replace("{where}", where)
+        .replace("{column}", SagaOrder(order).column)
+        .replace("{direction}", "DESC" if SagaOrder(order).descending else "ASC")
+    )
     return page, queries["saga_find_count"].replace("{where}", where), params
 
 

@@ -67,6 +67,13 @@ class SharedStatements:
         rows = await self._read("list sagas", self._q["saga_list"], params)
         return await self._decoded(rows, saga_from_row)
 
+    async def oldest_update(self, states: Sequence[SagaState]) -> float | None:
+        """``updated_at`` of the saga in any of ``states`` that changed least recently."""
+        params = {"states": self._array([s.value for s in states])}
+        rows = await self._read("find the oldest saga", self._q["saga_oldest_update"], params)
+        oldest: float | None = rows[0][0] if rows else None
+        return oldest
+
     async def get_saga(self, saga_id: str) -> SagaInstance | None:
         """An instance by id (no lock)."""
         rows = await self._read(f"read saga {saga_id}", self._q["saga_read"], (saga_id,))

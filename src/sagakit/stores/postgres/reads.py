@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from sagakit.core.envelope import Envelope
 from sagakit.core.instance import SagaState
-from sagakit.stores.base import OutboxRow, SagaPage, SagaQuery, SetAside
+from sagakit.stores.base import OutboxRow, SagaOrder, SagaPage, SagaQuery, SetAside
 from sagakit.stores.postgres.driver import psycopg, translate_error
 from sagakit.stores.postgres.transaction import LockedOutbox
 from sagakit.stores.rows import saga_find_statements, set_aside_from_row
@@ -39,9 +39,16 @@ class PostgresStatements(SharedStatements):
         def transaction(self) -> AbstractAsyncContextManager[PostgresTx]: ...
 
     # -- reads ------------------------------------------------------------------------
-    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
-        """The sagas ``query`` selects, newest first, and how many it selects in all."""
-        page_sql, count_sql, params = saga_find_statements(self._q, query, "%s")
+    async def find_sagas(
+        self,
+        query: SagaQuery,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        order: SagaOrder = SagaOrder.NEWEST,
+    ) -> SagaPage:
+        """The sagas ``query`` selects, in ``order``, and how many it selects in all."""
+        page_sql, count_sql, params = saga_find_statements(self._q, query, "%s", order)
         pool = self._pool or self._not_open()
         try:
             async with pool.connection() as conn, conn.transaction():

@@ -98,6 +98,10 @@ WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
 ORDER BY created_at DESC, seq DESC
 LIMIT %(limit)s OFFSET %(offset)s
 
+-- name: saga_oldest_update
+-- The metric of the oldest manual case: its rows found through sagas_state_created_idx.
+SELECT min(updated_at) FROM sagas WHERE state = ANY(%(states)s::text[])
+
 -- name: saga_count
 -- The deltas of saga_counts (migration 0002), summed; "rows" says when to fold them.
 SELECT state, sum(n)::bigint, count(*) AS rows FROM saga_counts GROUP BY state
@@ -313,13 +317,14 @@ SELECT min(available_at) FROM queue WHERE endpoint = %s
 -- Operators' reads (API, console, metrics); indexes in postgres_0002_listing.sql.
 
 -- name: saga_find
--- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where.
+-- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where; the
+-- order (created_at or updated_at, ASC or DESC) from a SagaOrder: saga_find_statements.
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
        cancel_requested, timed_out, data, steps
 FROM sagas
 WHERE {where}
-ORDER BY created_at DESC, seq DESC
+ORDER BY {column} {direction}, seq {direction}
 LIMIT %s OFFSET %s
 
 -- name: saga_find_count

@@ -75,6 +75,10 @@ WHERE (:states IS NULL OR state IN (SELECT value FROM json_each(:states)))
 ORDER BY created_at DESC, rowid DESC
 LIMIT :limit OFFSET :offset
 
+-- name: saga_oldest_update
+-- The metric of the oldest manual case: its rows found through sagas_state_created_idx.
+SELECT min(updated_at) FROM sagas WHERE state IN (SELECT value FROM json_each(:states))
+
 -- name: saga_count
 -- Kept by triggers (migration 0003): no scan of sagas.
 SELECT state, n FROM saga_counts WHERE n > 0
@@ -218,13 +222,14 @@ SELECT min(available_at) FROM queue WHERE endpoint = ?
 -- Operators' reads (API, console, metrics); indexes in sqlite_0003_listing.sql.
 
 -- name: saga_find
--- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where.
+-- The condition comes from a SagaQuery, built by stores/rows.py: saga_query_where; the
+-- order (created_at or updated_at, ASC or DESC) from a SagaOrder: saga_find_statements.
 SELECT saga_id, definition, definition_version, business_key, state, status, version,
        cursor, correlation_id, created_at, updated_at, deadline_at, reason,
        cancel_requested, timed_out, data, steps
 FROM sagas
 WHERE {where}
-ORDER BY created_at DESC, rowid DESC
+ORDER BY {column} {direction}, rowid {direction}
 LIMIT ? OFFSET ?
 
 -- name: saga_find_count

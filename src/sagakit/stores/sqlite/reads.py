@@ -18,6 +18,7 @@ from sagakit.core.instance import SagaState
 from sagakit.errors import ConfigurationError
 from sagakit.stores.base import (
     OutboxRow,
+    SagaOrder,
     SagaPage,
     SagaQuery,
     SetAside,
@@ -140,9 +141,16 @@ class SQLiteStatements(SharedStatements):
         except sqlite3.Error as exc:
             raise _fail(self.name, what, exc) from exc
 
-    async def find_sagas(self, query: SagaQuery, *, limit: int = 100, offset: int = 0) -> SagaPage:
-        """The sagas ``query`` selects, newest first, and how many it selects in all."""
-        page_sql, count_sql, params = saga_find_statements(self._q, query, "?")
+    async def find_sagas(
+        self,
+        query: SagaQuery,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+        order: SagaOrder = SagaOrder.NEWEST,
+    ) -> SagaPage:
+        """The sagas ``query`` selects, in ``order``, and how many it selects in all."""
+        page_sql, count_sql, params = saga_find_statements(self._q, query, "?", order)
         page_params = (*params, max(limit, 0), max(offset, 0))
 
         def find(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
