@@ -96,6 +96,34 @@ class ManualActionRefused(SagakitError):
     """That manual action does not apply to the saga in its current state."""
 
 
+class SagaMoved(SagakitError):
+    """The saga changed since the decision was made on it: look at it again, then decide.
+
+    A person's decision carries the saga version it was made on (``expected_version``);
+    when the saga is at another version by the time the decision is applied, applying
+    it would act on a state its author never saw. ``expected`` is the version the
+    decision was made on, ``current`` the saga's version now.
+    """
+
+    def __init__(self, message: str | None = None, *, expected: int, current: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.current = current
+
+
+class OpenHolds(ManualActionRefused):
+    """``accept_partial`` was refused: a compensation or a hold is still open.
+
+    Accepting the saga as it stands would leave those effects in place for good (an
+    authorisation never voided, stock never released). ``holds`` lists ``(step,
+    what)``; a person who means it passes ``force`` with a reason.
+    """
+
+    def __init__(self, message: str, *, holds: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.holds = holds
+
+
 class DeadLetterNotFound(SagakitError):
     """No dead letter has that id in that store."""
 

@@ -27,6 +27,7 @@ from sagakit_checkout.inventory import seed_stock
 
 from sagakit import Engine, SagaNotFound
 from sagakit.api import create_app
+from sagakit.core.machine_manual import irreversible
 from sagakit.testing.views import escalate, heard
 
 ORDER = {
@@ -52,7 +53,9 @@ class ChoreoEnv:
     client: httpx.AsyncClient
 
     async def act(self, saga_id: str, role: str = "operator", **body: Any) -> httpx.Response:
-        """POST /sagas/{saga_id}/actions."""
+        """POST /sagas/{saga_id}/actions (an irreversible action confirmed)."""
+        if irreversible(str(body.get("action"))):
+            body.setdefault("confirm", True)
         return await self.client.post(f"/sagas/{saga_id}/actions", json=body, headers=auth(role))
 
     async def detail(self, saga_id: str) -> dict[str, Any]:
@@ -200,6 +203,7 @@ async def test_batch_actions_on_views(tmp_path: Path) -> None:
             "action": "mark_done",
             "reason": "fixed by hand",
             "dry_run": False,
+            "confirm": True,
         }
         r = await env.client.post("/sagas/actions/batch", json=body, headers=auth("operator"))
         assert r.status_code == 200, r.text
@@ -237,15 +241,18 @@ async def test_the_console_shows_a_view_and_records_a_decision(tmp_path: Path) -
 
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
         assert csrf is not None
+        version = re.search(r'name="version" value="([0-9]+)"', page.text)
+        assert version is not None
+        form = {"csrf": csrf.group(1), "version": version.group(1)}
         refused = await c.post(
-            "/console/sagas/o-console/act",
-            data={"csrf": csrf.group(1), "action": "retry", "reason": "again"},
+            "/console/sagas/o-console/act", data={**form, "action": "retry", "reason": "again"}
         )
         assert refused.status_code == 409 and "no process drives" in refused.text
-        decided = await c.post(
-            "/console/sagas/o-console/act",
-            data={"csrf": csrf.group(1), "action": "mark_compensated", "reason": "refunded"},
-        )
+        decision = {**form, "action": "mark_compensated", "reason": "refunded"}
+        asked = await c.post("/console/sagas/o-console/act", data=decision)
+        # An irreversible record is confirmed first: the page says what it does.
+        assert asked.status_code == 200 and "no compensation is sent" in asked.text
+        decided = await c.post("/console/sagas/o-console/act", data={**decision, "confirm": "yes"})
         assert decided.status_code == 303, decided.text
         inst = await env.engine.get("o-console")
         assert inst.state.value == "COMPENSATED"

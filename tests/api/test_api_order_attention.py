@@ -45,7 +45,11 @@ async def test_the_stream_stays_open_until_the_decision_then_ends(tmp_path: Path
         assert not stream.done(), "the stream of an order waiting for a person ended"
         decided = await env.client.post(
             f"/sagas/{case['saga_id']}/actions",
-            json={"action": "mark_compensated", "reason": "hold released by phone, #4711"},
+            json={
+                "action": "mark_compensated",
+                "reason": "hold released by phone, #4711",
+                "confirm": True,
+            },
             headers=auth("operator"),
         )
         assert decided.status_code == 200, decided.text
@@ -90,8 +94,13 @@ async def test_a_reconnect_after_the_decision_gets_the_final_status_and_end(
         assert _statuses(again.text) == []
         assert not any(e == "end" for e, _, _ in sse_events(again.text))
         # The person decides through the engine: the order becomes final.
+        # The card hold is still open (void and refund refused): a forced accept.
         await env.engine.resolve(
-            case["saga_id"], "accept_partial", reason="customer keeps the hold", actor="ops-1"
+            case["saga_id"],
+            "accept_partial",
+            reason="customer keeps the hold",
+            actor="ops-1",
+            force=True,
         )
         assert (await env.engine.get(case["saga_id"])).state is SagaState.PARTIAL_ACCEPTED
         last = await env.client.get(url, headers={**auth("viewer"), "Last-Event-ID": seen})

@@ -1,6 +1,6 @@
 """Personal data in an operator's free text: a reason is refused before anything keeps it.
 
-A reason is kept for good (the saga's history, ``api_audit``, the dead letter's
+A reason is kept for good (the saga's history, ``audit_trail``, the dead letter's
 settlement, the log, the console), so one that holds an e-mail address, a card number
 or a postal address is refused with a 422 naming the field and what was found, by every
 route, console form and CLI command that takes one; nothing of it is stored, audited or
@@ -140,7 +140,7 @@ async def test_every_route_that_takes_a_reason_refuses_personal_data(tmp_path: P
         assert [a["action"] for a in audit] == ["place_order"]
 
         # An ordinary reason still goes through, and is kept where the canary was looked for.
-        ok = {"action": "mark_compensated", "reason": NORMAL}
+        ok = {"action": "mark_compensated", "reason": NORMAL, "confirm": True}
         r = await c.post(f"/sagas/{saga_id}/actions", json=ok, headers=op)
         assert r.status_code == 200, r.text
         r = await c.post(
@@ -160,7 +160,7 @@ async def test_every_route_that_takes_a_reason_refuses_personal_data(tmp_path: P
         ]
     assert in_databases(tmp_path, PIECES) == []
     kept = in_databases(tmp_path, (NORMAL,))
-    assert any(":api_audit:" in h for h in kept) and any(":saga_history:" in h for h in kept)
+    assert any(":audit_trail:" in h for h in kept) and any(":saga_history:" in h for h in kept)
 
 
 @pytest.mark.fault("F-PII-CANARY")
@@ -192,7 +192,13 @@ async def test_the_console_refuses_a_reason_with_personal_data(tmp_path: Path) -
             assert "Personal data in the reason" in r.text and FOUND in r.text
         after = await env.engine.get(saga_id)
         assert (after.state, after.version) == (before.state, before.version)
-        ok = {"action": "mark_compensated", "reason": NORMAL, "csrf": csrf}
+        ok = {
+            "action": "mark_compensated",
+            "reason": NORMAL,
+            "csrf": csrf,
+            "version": str(before.version),
+            "confirm": "yes",
+        }
         r = await c.post(f"/console/sagas/{saga_id}/act", data=ok, headers=session)
         assert r.status_code == 303, r.text
     assert in_databases(tmp_path, PIECES) == []
@@ -288,4 +294,4 @@ async def test_post_sagas_lets_the_engine_tokenise_declared_fields(tmp_path: Pat
                 assert [f["field"] for f in r.json()["fields"]] == [field]
                 assert email not in r.text
     assert in_databases(tmp_path, (email,)) == []
-    assert any(":api_audit:" in h for h in in_databases(tmp_path, ("signup-1",)))
+    assert any(":audit_trail:" in h for h in in_databases(tmp_path, ("signup-1",)))

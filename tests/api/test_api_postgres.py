@@ -105,7 +105,7 @@ async def _exercise(client: httpx.AsyncClient, engine: Engine) -> None:
     assert dry.json()["saga_ids"] == [case["saga_id"]]
     r = await client.post(
         f"/sagas/{case['saga_id']}/actions",
-        json={"action": "mark_compensated", "reason": "released by hand"},
+        json={"action": "mark_compensated", "reason": "released by hand", "confirm": True},
         headers=auth("operator"),
     )
     assert r.status_code == 200, r.text

@@ -9,6 +9,7 @@ import pytest
 from api_support import auth, running_api
 
 from sagakit import SagaState
+from sagakit.core.machine_manual import IRREVERSIBLE
 from sagakit.errors import ConcurrencyError
 
 
@@ -130,14 +131,16 @@ async def test_invalid_actions_get_422(
         assert [f["field"] for f in r.json()["fields"]] == fields
 
 
+IRREVERSIBLE_NAMES = {a.value for a in IRREVERSIBLE}
+
+
 async def test_actions_that_do_not_apply_get_409_with_the_reason(tmp_path: Path) -> None:
     async with running_api(tmp_path) as env:
         ok = await env.settled("ok")
         url = f"/sagas/{ok['saga_id']}/actions"
         for action in ("retry", "mark_done", "compensate", "accept_partial", "cancel"):
-            r = await env.client.post(
-                url, json={"action": action, "reason": "try"}, headers=auth("operator")
-            )
+            body = {"action": action, "reason": "try", "confirm": action in IRREVERSIBLE_NAMES}
+            r = await env.client.post(url, json=body, headers=auth("operator"))
             assert r.status_code == 409, (action, r.text)
             assert r.json()["error"] == "refused"
             assert "SUCCEEDED" in r.json()["message"]
@@ -159,7 +162,7 @@ async def test_a_decision_racing_another_change_gets_409_not_500(
         monkeypatch.setattr(env.engine, "resolve", lost_the_race)
         r = await env.client.post(
             f"/sagas/{ok['saga_id']}/actions",
-            json={"action": "mark_done", "reason": "fixed by hand"},
+            json={"action": "mark_done", "reason": "fixed by hand", "confirm": True},
             headers=auth("operator"),
         )
         assert r.status_code == 409, r.text
@@ -201,7 +204,11 @@ async def test_a_manual_case_resolved_through_the_api_continues(
         with caplog.at_level(logging.INFO, logger="sagakit.api.audit"):
             r = await env.client.post(
                 f"/sagas/{case['saga_id']}/actions",
-                json={"action": "mark_compensated", "reason": "hold released by phone, #4711"},
+                json={
+                    "action": "mark_compensated",
+                    "reason": "hold released by phone, #4711",
+                    "confirm": True,
+                },
                 headers=auth("operator"),
             )
         assert r.status_code == 200, r.text
@@ -250,7 +257,9 @@ async def test_batch_dry_run_then_execute(tmp_path: Path) -> None:
         for c in cases:  # nothing moved
             assert (await env.engine.get(c["saga_id"])).state is SagaState.FAILED_NEEDS_MANUAL
         r = await env.client.post(
-            "/sagas/actions/batch", json={**body, "dry_run": False}, headers=auth("operator")
+            "/sagas/actions/batch",
+            json={**body, "dry_run": False, "confirm": True},
+            headers=auth("operator"),
         )
         done = r.json()
         assert done["applied"] == 2 and done["failed"] == 0 and done["remaining"] == 0

@@ -85,16 +85,25 @@ async def test_serve_and_the_cli_against_it(tmp_path: Path) -> None:
         assert code == 0 and "authorize_payment" in out and "manual.escalated" in out
         code, out, _ = await asyncio.to_thread(cli, "sagas", "show", saga_id, *base, "--json")
         assert json.loads(out)["state"] == "FAILED_NEEDS_MANUAL"
+        resolve = ("sagas", "resolve", saga_id, *base, "--action", "mark_compensated")
+        # Irreversible: without --yes the command says what it would do, sends nothing.
+        code, _, err = await asyncio.to_thread(cli, *resolve, "--reason", "released by hand")
+        version = json.loads(out)["version"]
+        assert code == 2 and "cannot be taken back; nothing was sent" in err, err
+        assert "nothing is sent for it" in err and f"--version {version} --yes" in err
+        # A version the saga has left: refused by the API (409), nothing changes.
+        code, _, err = await asyncio.to_thread(
+            cli, *resolve, "--reason", "released by hand", "--version", str(version - 1), "--yes"
+        )
+        assert code == 1 and "409" in err and "moved since" in err, err
         code, out, _ = await asyncio.to_thread(
             cli,
-            "sagas",
-            "resolve",
-            saga_id,
-            *base,
-            "--action",
-            "mark_compensated",
+            *resolve,
             "--reason",
             "released by hand",
+            "--version",
+            str(version),
+            "--yes",
             "--json",
         )
         assert code == 0, out

@@ -170,7 +170,7 @@ async def _exercise(client: httpx.AsyncClient, store: str, broker: str, provider
         cases = (await client.get("/manual-cases", headers=auth("viewer"))).json()
         assert [c["saga_id"] for c in cases["items"]] == [saga_id]
         act = f"/sagas/{saga_id}/actions"
-        decision = {"action": "mark_compensated", "reason": "refunded by hand"}
+        decision = {"action": "mark_compensated", "reason": "refunded by hand", "confirm": True}
         assert (await client.post(act, json=decision)).status_code == 401
         refused = await client.post(act, json=decision, headers=auth("viewer"))
         assert refused.status_code == 403, refused.text

@@ -152,6 +152,13 @@ async def test_resolving_a_manual_case_by_clicking(tmp_path: Path, shots: Path) 
         assert page.url.endswith("/manual")
         await case.locator("textarea[name=reason]").fill("voided by hand at the provider")
         await case.locator('button[data-action="mark_compensated"]').click()
+        # It cannot be taken back: a page says what it does, and asks to confirm it.
+        await expect(page.locator("h1")).to_have_text("Confirm mark_compensated")
+        await expect(page.locator("section.what-it-does")).to_contain_text("nothing is sent")
+        await expect(page.locator("textarea[name=reason]")).to_have_value(
+            "voided by hand at the provider"
+        )
+        await page.click('button[data-confirm="mark_compensated"]')
         await page.wait_for_url("**/manual?done=mark_compensated")
         await expect(page.locator(".flash")).to_contain_text("mark_compensated")
         await expect(page.locator(f'article.case[data-saga="{manual.saga_id}"]')).to_have_count(0)
@@ -184,6 +191,10 @@ async def test_pages_work_without_javascript(tmp_path: Path, shots: Path) -> Non
         case = page.locator("article.case")
         await case.locator("textarea[name=reason]").fill("customer agreed to keep it")
         await case.locator('button[data-action="accept_partial"]').click()
+        # The void failed on every rung: the hold is open, so the person forces it.
+        await expect(page.locator("div.holds")).to_contain_text("authorize_payment")
+        await page.check("input[name=force]")
+        await page.click('button[data-confirm="accept_partial"]')
         await page.wait_for_url("**/manual?done=accept_partial")
         inst = await console.engine.get(console.sagas["order-manual-5"].saga_id)
         assert inst.state is SagaState.PARTIAL_ACCEPTED

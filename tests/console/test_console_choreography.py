@@ -39,6 +39,8 @@ async def test_a_stuck_choreography_is_marked_compensated_by_hand(
 
         await page.fill("textarea[name=reason]", "voided and released by hand")
         await page.click('button[data-action="mark_compensated"]')
+        await expect(page.locator("section.what-it-does")).to_contain_text("no compensation")
+        await page.click('button[data-confirm="mark_compensated"]')
         await page.wait_for_url("**/sagas/o-7?done=mark_compensated")
         await expect(page.locator(".flash, .notice").first).to_contain_text("mark_compensated")
         await expect(page.locator("table.history")).to_contain_text("manual.resolved")

@@ -65,7 +65,13 @@ async def test_csrf_origin_and_input_checks(tmp_path: Path) -> None:
             csp = page.headers["content-security-policy"]
             assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
             token = await token_of(client, "manual")
-            good = {"action": "use_rung", "rung": "2", "reason": "try the credit note again"}
+            version = str((await console.engine.get(saga_id)).version)
+            good = {
+                "action": "use_rung",
+                "rung": "2",
+                "reason": "try the credit note again",
+                "version": version,
+            }
 
             no_token = await client.post(act, form={**good})
             assert no_token.status == 403 and "Form refused" in await no_token.text()
@@ -83,7 +89,13 @@ async def test_csrf_origin_and_input_checks(tmp_path: Path) -> None:
             wrong = await client.post(act, form={**good, "csrf": token, "action": "mark_done"})
             assert wrong.status == 409 and "use mark_compensated" in await wrong.text()
             finished = console.sagas["order-ok-1"].saga_id
-            cancel = {"action": "cancel", "reason": "too late", "csrf": token}
+            done_version = str((await console.engine.get(finished)).version)
+            cancel = {
+                "action": "cancel",
+                "reason": "too late",
+                "csrf": token,
+                "version": done_version,
+            }
             late = await client.post(f"sagas/{finished}/act", form=cancel)
             assert late.status == 409 and "SUCCEEDED" in await late.text()
             assert (await console.engine.get(saga_id)).version == console.sagas[

@@ -323,6 +323,8 @@ async def test_filters_narrow_the_queue_and_the_pager_keeps_them() -> None:
             "reason": "captured: checked with the provider",
             "csrf": token.group(1),
             "next": html.unescape(next_url.group(1)),
+            "version": "9",
+            "confirm": "yes",  # mark_done cannot be taken back: confirmed
         }
         done = await c.post(f"/console/sagas/{saga_id}/act", data=form)
         assert done.status_code == 303, done.text

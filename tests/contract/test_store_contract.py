@@ -1406,7 +1406,7 @@ async def test_sqlite_engine_migrations_are_applied_once(tmp_path: Path) -> None
         before = await tx.fetchall("SELECT namespace, step, applied_at FROM schema_migrations")
         mode = await tx.fetchone("PRAGMA journal_mode")
     await store.close()
-    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5, 6)]
+    assert [(ns, step) for ns, step, _ in before] == [("sagakit", n) for n in (1, 2, 3, 4, 5, 6, 7)]
     assert mode == ("wal",)
     await store.open()
     async with store.transaction() as tx:
@@ -1476,7 +1476,7 @@ async def test_sqlite_apply_migrations_for_a_namespace(tmp_path: Path) -> None:
         assert steps == [
             ("payments", 1),
             ("payments", 2),
-            *[("sagakit", n) for n in (1, 2, 3, 4, 5, 6)],
+            *[("sagakit", n) for n in (1, 2, 3, 4, 5, 6, 7)],
         ]
         with pytest.raises(ConfigurationError):
             await store.apply_migrations("payments", "CREATE TABLE x (a)")

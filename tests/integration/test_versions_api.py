@@ -52,7 +52,7 @@ async def test_api_and_console_show_what_a_saga_waits_for(site: Site) -> None:
             for action in ("cancel", "mark_done"):
                 r = await client.post(
                     f"/sagas/{old.saga_id}/actions",
-                    json={"action": action, "reason": "customer called"},
+                    json={"action": action, "reason": "customer called", "confirm": True},
                     headers=auth("operator"),
                 )
                 assert r.status_code == 409, r.text
@@ -75,7 +75,12 @@ async def test_api_and_console_show_what_a_saga_waits_for(site: Site) -> None:
             assert found, "no decision form on the running saga's page"
             refused = await client.post(
                 f"/console/sagas/{old.saga_id}/act",
-                data={"action": "cancel", "reason": "customer called", "csrf": found[1]},
+                data={
+                    "action": "cancel",
+                    "reason": "customer called",
+                    "csrf": found[1],
+                    "version": str((await worker.get(old.saga_id)).version),
+                },
             )
             assert refused.status_code == 409
             assert "lacks trip@1" in refused.text

@@ -104,11 +104,20 @@ class Run:
         reason: str = "checked with the bank",
         actor: str = "ops:alice",
         rung: int | None = None,
+        expected_version: int | None = None,
+        force: bool = False,
     ) -> Decision:
         self.now += 1
         return self._record(
             self.machine.on_manual(
-                self.inst, action, reason=reason, actor=actor, now=self.now, rung=rung
+                self.inst,
+                action,
+                reason=reason,
+                actor=actor,
+                now=self.now,
+                rung=rung,
+                expected_version=expected_version,
+                force=force,
             )
         )
 

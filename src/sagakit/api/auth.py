@@ -10,9 +10,13 @@ token, never the token itself::
       {"name": "grafana",   "role": "viewer",   "sha256": "9f86d081884c..."}
     ]}
 
-(a bare list of entries is accepted too). An entry may carry ``expires_at`` (epoch
+(a bare list of entries is accepted too). The name is who acts: the actor of every
+decision in the audit trail. An entry without a name (a file written before names
+were required) gets a stable one derived from its hash, ``token-`` and the first
+eight hex digits of its SHA-256 (:func:`derived_name`); ``sagakit tokens`` writes that
+name into the file at its next change. An entry may carry ``expires_at`` (epoch
 seconds): from then on its token is refused with 401 saying it expired. ``sagakit
-tokens add|list|rotate|revoke`` (:mod:`sagakit.api.cli_tokens`) edits the file; a
+tokens add|list|rotate|remove`` (:mod:`sagakit.api.cli_tokens`) edits the file; a
 :class:`WatchedTokenStore` (what ``sagakit serve`` uses) notices the changes without a
 restart. There is no way to switch authentication off: a request without a valid
 token is refused with 401.
@@ -117,6 +121,12 @@ class Principal:
     role: Role
 
 
+def derived_name(sha256: str) -> str:
+    """The name of a token entry that has none: ``token-`` and the first eight hex
+    digits of its hash (stable: the same entry always gets the same name)."""
+    return f"token-{sha256[:8]}"
+
+
 def hash_token(token: str) -> str:
     """The SHA-256 hex digest of ``token``: what the tokens file stores."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -206,8 +216,8 @@ class TokenStore:
         for i, item in enumerate(items):
             if not isinstance(item, dict) or set(item) - {"name", "role", "sha256", "expires_at"}:
                 raise ConfigurationError(
-                    f"{source}: entry {i} must be an object with exactly name, role, sha256 "
-                    "(and optionally expires_at)"
+                    f"{source}: entry {i} must be an object with role and sha256 (and "
+                    "optionally name and expires_at)"
                 )
             expires = item.get("expires_at")
             if expires is not None and (
@@ -223,11 +233,13 @@ class TokenStore:
                     f"{source}: entry {i} has role {item.get('role')!r}; "
                     f"use one of {[r.value for r in Role]}"
                 ) from None
+            digest = str(item.get("sha256", ""))
+            name = item.get("name")
             entries.append(
                 TokenEntry(
-                    str(item.get("name", "")),
+                    derived_name(digest) if name is None else str(name),
                     role,
-                    str(item.get("sha256", "")),
+                    digest,
                     None if expires is None else float(expires),
                 )
             )

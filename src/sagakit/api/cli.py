@@ -13,8 +13,15 @@ audit as the HTTP API, the actor recorded in the saga's history is the token's n
 and the data directory stays owned by the one process that serves it. They need only
 the standard library. Every command takes ``--json`` to print the API's JSON answer.
 
+A decision carries the saga version it was made on, so that it is refused (409) if the
+saga moved since: ``--version N`` (the ``version`` that ``sagas show`` prints), else
+the version the command reads just before it acts. The irreversible actions
+(``mark_done``, ``mark_compensated``, ``accept_partial``) say what they would do and
+act only with ``--yes``; ``accept_partial`` with a hold still open needs ``--force``.
+
 Exit status: 0 on success, 1 when the API refused or failed (its message is printed
-on stderr), 2 for usage errors and an unreachable API.
+on stderr), 2 for usage errors, an unreachable API and an irreversible action not
+confirmed (nothing was sent).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sagakit.core.machine_manual import describe, irreversible
 from sagakit.redaction import personal_data_in
 
 if TYPE_CHECKING:
@@ -69,7 +77,13 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     return exchange(args, method, path, body)[1]
 
 
-def exchange(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def exchange(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """One request to the API: ``(HTTP status, parsed JSON answer)``, or
     :class:`CommandFailed` for an error status or an unreachable API."""
     if not args.token:
@@ -83,6 +97,7 @@ def exchange(args: argparse.Namespace, method: str, path: str, body: Any = None)
             "Authorization": f"Bearer {args.token}",
             "Accept": "application/json",
             **({"Content-Type": "application/json"} if data is not None else {}),
+            **(headers or {}),
         },
     )
     try:
@@ -199,12 +214,43 @@ def _start(args: argparse.Namespace) -> Any:
 
 
 def _act(args: argparse.Namespace) -> Any:
+    """One decision, sent with ``If-Match``: the ``--version`` the person decided on, or
+    the version read just before. An irreversible action without ``--yes`` only says
+    what it would do, to which version, and how to confirm (exit 2, nothing sent)."""
     action = args.action_name or args.action
-    body: dict[str, Any] = {"action": action, "reason": checked_reason(args.reason)}
+    reason = checked_reason(args.reason)
+    body: dict[str, Any] = {"action": action, "reason": reason}
     if getattr(args, "rung", None) is not None:
         body["rung"] = args.rung
-    path = f"/sagas/{urllib.parse.quote(args.saga_id, safe='')}/actions"
-    res = call(args, "POST", path, body)
+    if getattr(args, "force", False):
+        body["force"] = True
+    path = f"/sagas/{urllib.parse.quote(args.saga_id, safe='')}"
+    version = args.saga_version
+    unconfirmed = irreversible(action) and not getattr(args, "yes", False)
+    if version is None or unconfirmed:
+        saga = call(args, "GET", path)
+        version = saga["version"] if version is None else version
+        if unconfirmed:
+            step = saga.get("current_step")
+            at = f" at {step}" if step else ""
+            confirm = (
+                f"sagakit sagas {args.sagas_command} {args.saga_id}"
+                + (f" --action {action}" if args.sagas_command == "resolve" else "")
+                + (f" --rung {args.rung}" if getattr(args, "rung", None) is not None else "")
+                + f" --reason {json.dumps(reason)} --version {version}"
+                + (" --force" if getattr(args, "force", False) else "")
+                + " --yes"
+            )
+            raise CommandFailed(
+                f"{action} cannot be taken back; nothing was sent.\n"
+                f"  saga {saga['saga_id']} ({saga['business_key']}) is {saga['state']}{at}, "
+                f"version {saga['version']}\n"
+                f"  {action}: {describe(action)}\n"
+                f"To confirm it on version {version}:\n  {confirm}",
+                2,
+            )
+    body["confirm"] = irreversible(action)
+    res = exchange(args, "POST", path + "/actions", body, {"If-Match": f'"{version}"'})[1]
     saga = res["saga"]
     return res, f"{action} applied to {saga['saga_id']}: now {saga['state']} ({saga['status']})"
 
@@ -478,9 +524,27 @@ def register(subparsers: Any, apps: Callable[[str], App | None] | None = None) -
         p = sub.add_parser(name, help=help_text)
         p.add_argument("saga_id")
         p.add_argument("--reason", required=True, help="why (recorded with your token's name)")
+        p.add_argument(
+            "--version",
+            dest="saga_version",
+            type=int,
+            help="the saga version you decided on (as `sagas show` prints it); refused "
+            "if the saga moved since (default: the version read just before acting)",
+        )
         if name == "resolve":
             p.add_argument("--action", required=True, choices=ACTIONS)
             p.add_argument("--rung", type=int, help="for use_rung: the ladder rung")
+            p.add_argument(
+                "--yes",
+                action="store_true",
+                help="confirm an irreversible action (mark_done, mark_compensated, "
+                "accept_partial); without it the command says what it would do",
+            )
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="accept_partial although a compensation or a hold is still open",
+            )
         _client_options(p)
         p.set_defaults(func=_runner(_act), action_name=None if name == "resolve" else name)
     manual = subparsers.add_parser("manual-cases", help="sagas waiting for a person (via the API)")

@@ -1,4 +1,10 @@
-"""``sagakit tokens add|list|rotate|revoke``: the API's bearer tokens, edited on disk.
+"""``sagakit tokens add|list|rotate|remove``: the API's bearer tokens, edited on disk.
+
+Each token has a name, its holder's: the actor recorded in the audit trail for every
+decision taken with it (``GET /audit?actor=NAME``). ``remove`` (also spelled
+``revoke``) deletes a token; a file whose entries have no name loads with names derived
+from their hashes (:func:`~sagakit.api.auth.derived_name`), written into the file at
+the next change.
 
 The commands edit the tokens file that ``sagakit serve`` reads (``--tokens-file``, else
 ``$SAGAKIT_TOKENS_FILE``, else ``<data-dir>/tokens.json``: the same resolution,
@@ -155,10 +161,11 @@ def _revoke(args: argparse.Namespace) -> None:
         gone = store.entries[_find(store, args.name, path)]
         left = [e for e in store.entries if e.name != args.name]
         write_tokens_file(path, TokenStore(left))
+    verb = "removed" if args.tokens_command == "remove" else "revoked"
     if args.json:
-        print(json.dumps({"revoked": _described(gone), "left": len(left)}))
+        print(json.dumps({verb: _described(gone), "left": len(left)}))
     else:
-        print(f"revoked token {gone.name!r} (role {gone.role.value}, id {gone.sha256[:ID_LENGTH]})")
+        print(f"{verb} token {gone.name!r} (role {gone.role.value}, id {gone.sha256[:ID_LENGTH]})")
     if not left:
         print(
             f"warning: {path} lists no tokens now: the API refuses every request "
@@ -185,7 +192,7 @@ def _list(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"add": _add, "list": _list, "rotate": _rotate, "revoke": _revoke}
+_COMMANDS = {"add": _add, "list": _list, "rotate": _rotate, "remove": _revoke, "revoke": _revoke}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,10 +205,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``tokens add|list|rotate|revoke`` to the command line."""
+    """Add ``tokens add|list|rotate|remove`` to the command line."""
     tokens = subparsers.add_parser(
         "tokens",
-        help="add, list, rotate or revoke the API's bearer tokens",
+        help="add, list, rotate or remove the API's bearer tokens",
         description="Edit the tokens file of `sagakit serve` (only SHA-256 hashes are "
         "stored). A running server picks the change up within about a second.",
     )
@@ -247,6 +254,12 @@ def register(subparsers: Any) -> None:
         help="the new token's lifetime (default: the old token's expiry)",
     )
     common(rotate)
-    revoke = sub.add_parser("revoke", help="remove a token: it stops working")
-    revoke.add_argument("name")
-    common(revoke)
+    remove = sub.add_parser(
+        "remove",
+        aliases=["revoke"],
+        help="remove a token: it stops working",
+        description="Remove a token from the file: it stops working (and its console "
+        "sessions end) within about a second. Its name stays in the audit trail.",
+    )
+    remove.add_argument("name")
+    common(remove)

@@ -2,9 +2,10 @@
 
 A dead letter is addressed by the name of the store that holds it and its id there
 (see :mod:`sagakit.runtime.dead_letters`). Replay and discard are a person's decisions:
-they need the operator role and a reason, which the store keeps with the settlement;
-like the saga actions, every attempt is also written to the structured audit log and
-the API's ``api_audit`` table, refused or not.
+they need the operator role and a reason, which the store keeps with the settlement,
+with a row of the audit trail written in the same transaction (by the desk). Like the
+saga actions, every attempt is also written to the structured audit log, and one that
+did not apply to the audit trail too.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ async def settle(
 ) -> StoredDeadLetter:
     """Replay or discard one dead letter, audited whatever the outcome."""
     desk = ctx.engine.dead_letters
-    outcome, detail = "error", {"store": store, "dead_letter_id": id}
+    outcome = "error"
+    detail: dict[str, Any] = {"store": store}
     saga_id: str | None = None
     try:
         found = await desk.get(store, id)
@@ -139,7 +141,7 @@ async def settle(
         saga_id = None if env is None else env.saga_id
         detail["message_id"] = found.letter.message_id
         run = desk.replay if action == "replay" else desk.discard
-        settled = await run(store, id, actor=who.name, reason=reason)
+        settled = await run(store, id, actor=who.name, reason=reason, role=who.role.value)
         outcome = "applied"
         return settled
     except DeadLetterNotFound as exc:
@@ -167,14 +169,16 @@ async def settle(
                 "dead_letter_id": id,
             },
         )
-        await ctx.records.audit(
-            who,
-            f"dead_letter.{action}",
-            saga_id=saga_id,
-            reason=reason,
-            outcome=outcome,
-            detail=detail,
-        )
+        if outcome != "applied":  # a settlement is audited by its own transaction
+            await ctx.records.audit(
+                who,
+                f"dead_letter.{action}",
+                saga_id=saga_id,
+                reason=reason,
+                outcome=outcome,
+                detail=detail,
+                dead_letter_id=id,
+            )
 
 
 def endpoints(ctx: ApiContext) -> list[Endpoint]:

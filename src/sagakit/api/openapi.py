@@ -141,6 +141,20 @@ ACTION = {
             "description": "Only for use_rung: the ladder rung to run.",
         }
     ),
+    "confirm": {
+        "type": "boolean",
+        "default": False,
+        "description": "Required (true) for the irreversible actions, mark_done, "
+        "mark_compensated and accept_partial: without it they are refused with 422 "
+        "`confirmation_required`, whose message says what the action does.",
+    },
+    "force": {
+        "type": "boolean",
+        "default": False,
+        "description": "Only for accept_partial: accept the saga although a compensation "
+        "or a hold is still open (refused with 409 `open_holds` without it). Recorded in "
+        "the saga's history with what stayed open; say why in the reason.",
+    },
 }
 
 PROBLEM: dict[str, Any] = {
@@ -308,7 +322,13 @@ SCHEMAS: dict[str, Any] = {
     ),
     "ActionRequest": _obj(ACTION, ["action", "reason"], closed=True),
     "ActionResult": _obj(
-        {"action": STR, "actor": STR, "reason": STR, "saga": _ref("SagaSummary")},
+        {
+            "action": STR,
+            "actor": STR,
+            "reason": STR,
+            "description": {**STR, "description": "What the action did."},
+            "saga": _ref("SagaSummary"),
+        },
         ["action", "actor", "reason", "saga"],
     ),
     "BatchFilter": {**_obj(FILTER, closed=True), "minProperties": 1},
@@ -321,6 +341,13 @@ SCHEMAS: dict[str, Any] = {
                 "description": "true: only count and list the matching sagas; false: act on them.",
             },
             "limit": {"type": "integer", "minimum": 1, "maximum": MAX_BATCH, "default": 100},
+            "expected_versions": {
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 1},
+                "description": "saga id -> the version the decision was made on (the dry "
+                "run's `versions`): a saga listed here that moved since is refused with "
+                "`saga_moved` in its result; the others act on the saga as it is.",
+            },
         },
         ["filter", "action", "reason", "dry_run"],
         closed=True,
@@ -328,7 +355,27 @@ SCHEMAS: dict[str, Any] = {
     "BatchResult": _obj(
         {
             **_fields("dry_run:bool action:str filter:obj matched:int"),
+            "description": {**STR, "description": "What the action does to each saga."},
+            "irreversible": {**BOOL, "description": "Whether acting needs `confirm: true`."},
             "saga_ids": {"type": "array", "items": STR},
+            "versions": {
+                "type": "object",
+                "additionalProperties": INT,
+                "description": "Dry run: each saga's version now (send them back as "
+                "`expected_versions`).",
+            },
+            **_fields("would_apply:int would_refuse:int"),
+            "previews": {
+                "type": "array",
+                "description": "Dry run: what the action would do to each saga (computed, "
+                "nothing written): its state after, or why it would be refused.",
+                "items": _obj(
+                    _fields(
+                        "saga_id:str version:int ok:bool state:str status:str error:str message:str"
+                    ),
+                    ["saga_id", "version", "ok"],
+                ),
+            },
             **_fields("batch_id:str applied:int failed:int remaining:int"),
             "results": {
                 "type": "array",
@@ -347,12 +394,16 @@ SCHEMAS: dict[str, Any] = {
     },
     "AuditRow": _obj(
         _fields(
-            "audit_id:str at:num actor:str role:str action:str saga_id:str? reason:str? "
-            "outcome:str detail:obj"
+            "audit_id:str at:num actor:str role:str? action:str outcome:str saga_id:str? "
+            "dead_letter_id:int? reason:str? version_before:int? version_after:int? "
+            "store:str? detail:obj"
         ),
-        ["audit_id", "at", "actor", "role", "action", "outcome"],
+        ["audit_id", "at", "actor", "action", "outcome", "detail"],
     ),
-    "AuditPage": _page("AuditRow"),
+    "AuditPage": {
+        **_page("AuditRow"),
+        "properties": {**_page("AuditRow")["properties"], "filter": {"type": "object"}},
+    },
     "DeadLetter": _obj(
         {
             **_fields("store:str id:int endpoint:str message_id:str? type:str? saga_id:str?"),
@@ -423,6 +474,33 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+ALTERNATIVES: dict[str, dict[str, Any]] = {
+    "listAudit": {
+        "application/x-ndjson": {
+            "schema": {
+                "type": "string",
+                "description": "JSON lines: one AuditRow object per line, newest first.",
+            }
+        }
+    },
+}
+"""Other media types a 200 answer may take, by operation (chosen by ``Accept``)."""
+
+
+ETAG = {
+    "ETag": {
+        "description": 'The saga\'s version as a weak ETag (W/"7"): send it back in '
+        "`If-Match` with a decision on the saga.",
+        "schema": {"type": "string"},
+    }
+}
+HEADERS: dict[str, dict[int, dict[str, Any]]] = {
+    "getSaga": {200: ETAG},
+    "sagaAction": {200: ETAG, 409: ETAG},
+}
+"""Response headers by operation and status (a 409 ``saga_moved`` names the version now)."""
+
+
 def _error(status: int) -> dict[str, Any]:
     return {
         "description": ERROR_TEXT.get(status, ERROR_CODES.get(status, "Error")),
@@ -436,6 +514,8 @@ def _operation(ep: Endpoint) -> dict[str, Any]:
         body: dict[str, Any] = {"description": reply.description}
         schema = _ref(reply.schema) if reply.schema else {"type": "string"}
         body["content"] = {reply.media_type: {"schema": schema}}
+        if status == 200:
+            body["content"].update(ALTERNATIVES.get(ep.operation_id, {}))
         responses[str(status)] = body
     errors = {401, 403, *ep.errors}
     if ep.body is not None:
@@ -448,6 +528,8 @@ def _operation(ep: Endpoint) -> dict[str, Any]:
         errors.add(404)
     for status in sorted(errors):
         responses.setdefault(str(status), _error(status))
+    for status, headers in HEADERS.get(ep.operation_id, {}).items():
+        responses[str(status)] = {**responses[str(status)], "headers": headers}
     op: dict[str, Any] = {
         "operationId": ep.operation_id,
         "summary": ep.summary,

@@ -7,7 +7,9 @@ the namespace ``sagakit.api`` (portable SQL: SQLite and PostgreSQL, qmark ``?``)
   SHA-256 of the canonical body and the order id it created. The row is committed
   *before* the saga starts, and the start is idempotent by order id, so a client that
   retries after a crash gets the very same order.
-* ``api_audit``: who did what to which saga, when, why, and how it ended.
+* ``api_audit``: the API's audit rows up to this version; its second step copies them
+  into the engine's ``audit_trail`` (:mod:`sagakit.runtime.audit`), which now keeps
+  every decision, and drops it.
 
 Saga filters (state, definition, version, current step, age, ids) are translated
 into one :class:`~sagakit.stores.base.SagaQuery` that the store answers with indexed
@@ -18,9 +20,9 @@ positions it has in the definitions this engine knows.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, cast
 
 from sagakit.api.auth import Principal
@@ -28,6 +30,7 @@ from sagakit.api.validation import SagaFilter
 from sagakit.api.views import step_positions
 from sagakit.core.instance import SagaInstance
 from sagakit.errors import ConfigurationError
+from sagakit.runtime.audit import AuditQuery, AuditRecord, append, find, iterate
 from sagakit.runtime.engine import Engine
 from sagakit.stores.base import SagaQuery, SQLStore
 
@@ -56,6 +59,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX api_audit_at_idx ON api_audit (at);
     CREATE INDEX api_audit_saga_idx ON api_audit (saga_id, at);
+    """,
+    # The trail moved to the engine's audit_trail (written in the decisions' own
+    # transactions); what the API recorded before is kept there.
+    """
+    INSERT INTO audit_trail (at, actor, role, action, outcome, saga_id, reason, detail)
+    SELECT at, actor, role, action, outcome, saga_id, reason, detail
+    FROM api_audit ORDER BY at;
+    DROP TABLE api_audit;
     """,
 ]
 """Schema steps (append, never edit). A text primary key instead of an auto-increment
@@ -142,46 +153,40 @@ class Records:
         reason: str | None,
         outcome: str,
         detail: dict[str, Any] | None = None,
+        dead_letter_id: int | None = None,
     ) -> None:
-        """Append one row to ``api_audit``."""
+        """Append a row to the audit trail in a transaction of its own: for what the API
+        saw that has no transaction of its own to share (a refused attempt, an order
+        placed). A decision that took effect is recorded by its own transaction."""
         await self.ensure()
-        async with self.store.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO api_audit (audit_id, at, actor, role, action, saga_id, reason, "
-                "outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    uuid.uuid4().hex,
-                    time.time(),
-                    who.name,
-                    who.role.value,
-                    action,
-                    saga_id,
-                    reason,
-                    outcome,
-                    json.dumps(detail or {}, separators=(",", ":")),
-                ),
-            )
-
-    async def audit_rows(
-        self, *, saga_id: str | None, actor: str | None, limit: int, offset: int
-    ) -> list[dict[str, Any]]:
-        """Audit rows, newest first, optionally of one saga and/or one actor."""
-        await self.ensure()
-        where, params = [], []
-        for column, value in (("saga_id", saga_id), ("actor", actor)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        sql = (
-            "SELECT audit_id, at, actor, role, action, saga_id, reason, outcome, detail "
-            "FROM api_audit"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY at DESC, audit_id LIMIT ? OFFSET ?"
+        record = AuditRecord(
+            at=time.time(),
+            actor=who.name,
+            role=who.role.value,
+            action=action,
+            outcome=outcome,
+            saga_id=saga_id,
+            dead_letter_id=dead_letter_id,
+            reason=reason,
+            detail=detail or {},
         )
         async with self.store.transaction() as tx:
-            rows = await tx.fetchall(sql, (*params, limit, offset))
-        keys = ("audit_id", "at", "actor", "role", "action", "saga_id", "reason", "outcome")
-        return [{**dict(zip(keys, r[:8], strict=True)), "detail": json.loads(r[8])} for r in rows]
+            await append(tx, record)
+
+    async def audit_rows(self, query: AuditQuery, *, limit: int, offset: int) -> list[AuditRecord]:
+        """Audit rows of every store of the engine, newest first (see
+        :func:`sagakit.runtime.audit.find`)."""
+        await self.ensure()
+        stores = [self.engine.store, *self.engine.dead_letters.stores.values()]
+        return await find(stores, query, limit=limit, offset=offset)
+
+    async def audit_export(self, query: AuditQuery) -> AsyncIterator[AuditRecord]:
+        """Every audit row matching ``query``, newest first, read a page at a time (see
+        :func:`sagakit.runtime.audit.iterate`)."""
+        await self.ensure()
+        stores = [self.engine.store, *self.engine.dead_letters.stores.values()]
+        async for record in iterate(stores, query):
+            yield record
 
     # -- filtered saga reads -------------------------------------------------------------
     def query(self, flt: SagaFilter, now: float) -> SagaQuery:

@@ -3,19 +3,34 @@
 Actions are a person's decisions: ``cancel`` goes to :meth:`Engine.cancel`, the
 others (retry, mark_done, compensate, mark_compensated, use_rung, accept_partial) to
 :meth:`Engine.resolve`, which records the actor and reason in the saga's history in
-the same transaction as the decision. The API also writes a structured log line and
-a row of its ``api_audit`` table for every action, refused or not.
+the same transaction as the decision, and with it a row of the audit trail
+(:mod:`sagakit.runtime.audit`). The API also writes a structured log line for every
+action, and an audit row for a cancel and for every attempt that did not apply.
 
 A choreography's view (``driven: false``) has no driver: the engine applies only the
 records of what a person did by hand (:mod:`sagakit.runtime.tracker_manual`) and
 refuses the rest with 409 ``no_driver``.
+
+Safe decisions: ``GET /sagas/{id}`` sends the saga's version as a weak ``ETag``
+(``W/"7"``); an action sent with ``If-Match`` (that ETag, or ``"7"``) is applied only
+if the saga is still at that version, else refused with 409 ``saga_moved`` (the
+answer's ``ETag`` is the version now). ``If-Match`` is optional, so that clients
+written before it keep working; the console and the CLI always send it. The
+irreversible actions (mark_done, mark_compensated, accept_partial) need
+``"confirm": true`` (else 422 ``confirmation_required``, which says what the action
+does), and ``accept_partial`` with a compensation or a hold still open needs
+``"force": true`` (else 409 ``open_holds``). A batch's dry run says what the action
+does, and for each saga its version and whether it would be applied or refused; the
+batch that follows may send those versions back (``expected_versions``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -24,18 +39,19 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sagakit.api.audit import PARAMS as AUDIT_PARAMS
+from sagakit.api.audit import audit_reply
 from sagakit.api.auth import Principal, Role
 from sagakit.api.http import (
     ApiContext,
     Endpoint,
     Reply,
     json_reply,
-    one,
     principal,
     query_lists,
     read_json,
 )
-from sagakit.api.problems import ApiError, FieldProblem, invalid, not_found
+from sagakit.api.problems import ApiError, invalid, not_found
 from sagakit.api.validation import (
     CANCEL,
     ActionRequest,
@@ -46,11 +62,14 @@ from sagakit.api.validation import (
 )
 from sagakit.api.views import manual_case, saga_detail, saga_summary
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
+from sagakit.core.machine_manual import describe, irreversible
 from sagakit.errors import (
     ConcurrencyError,
     DefinitionError,
     ManualActionRefused,
     NoDriver,
+    OpenHolds,
+    SagaMoved,
     SagaNotFound,
     VersionMissing,
 )
@@ -103,6 +122,15 @@ FILTERS = (
 )
 
 
+IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": "The saga version the decision was made on: the ETag of GET "
+    '/sagas/{saga_id} (W/"7", or "7"). A saga at another version answers 409 saga_moved.',
+    "schema": {"type": "string", "pattern": '^(W/)?"[0-9]{1,18}"$|^[0-9]{1,18}$|^\\*$'},
+}
+
 PAGE_SLICE = 50
 """Sagas summarised between two turns of the event loop when a page is rendered."""
 
@@ -136,11 +164,44 @@ CANCELLING = (SagaState.COMPENSATING, SagaState.COMPENSATED)
 
 
 class ActionOutcome(Exception):
-    """An action that did not apply: its HTTP status, code and message."""
+    """An action that did not apply: its HTTP status, code and message (and, for
+    ``saga_moved``, the saga's version now)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, version: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.version = version
+
+    def error(self) -> ApiError:
+        """This outcome as the API's error (a ``saga_moved`` carries the ETag of now)."""
+        headers = {} if self.version is None else {"ETag": etag(self.version)}
+        return ApiError(self.status, self.message, code=self.code, headers=headers)
+
+
+_IF_MATCH = re.compile(r'(?:W/)?"([0-9]{1,18})"|([0-9]{1,18})')
+
+
+def etag(version: int) -> str:
+    """The ETag of a saga at ``version``: weak, since it names the saga's version, not
+    the bytes of one representation."""
+    return f'W/"{version}"'
+
+
+def if_match(request: Request) -> int | None:
+    """The saga version an action was decided on: its ``If-Match`` header (``W/"7"``,
+    ``"7"`` or ``7``; None when absent or ``*``); 400 for anything else."""
+    raw = request.headers.get("if-match")
+    if raw is None or raw.strip() == "*":
+        return None
+    found = _IF_MATCH.fullmatch(raw.strip())
+    if found is None:
+        raise ApiError(
+            400,
+            f"If-Match must be one saga version as GET /sagas/{{id}} sends it in its ETag "
+            f'(W/"7" or "7"), got {raw[:60]!r}',
+            code="bad_request",
+        )
+    return int(found.group(1) or found.group(2))
 
 
 async def _decide(
@@ -151,14 +212,36 @@ async def _decide(
     try:
         if req.action != CANCEL:
             return await engine.resolve(
-                saga_id, req.action, reason=req.reason, actor=who.name, rung=req.rung
+                saga_id,
+                req.action,
+                reason=req.reason,
+                actor=who.name,
+                rung=req.rung,
+                expected_version=req.expected_version,
+                force=req.force,
             )
         before = await engine.get(saga_id)
         # A finished view is asked too: its refusal says that nothing drives it.
         ask = not before.terminal or before.definition in engine.trackers
-        inst = await engine.cancel(saga_id, req.reason) if ask else before
+        if not ask and req.expected_version not in (None, before.version):
+            raise SagaMoved(
+                f"saga {saga_id} moved since this decision was made on its version "
+                f"{req.expected_version}: it is at version {before.version} now "
+                f"({before.state.value}); look at it again, then decide",
+                expected=req.expected_version or 0,
+                current=before.version,
+            )
+        inst = (
+            await engine.cancel(saga_id, req.reason, expected_version=req.expected_version)
+            if ask
+            else before
+        )
     except SagaNotFound:
         raise ActionOutcome(404, "not_found", f"no saga {saga_id!r}") from None
+    except SagaMoved as exc:
+        raise ActionOutcome(409, "saga_moved", str(exc), exc.current) from None
+    except OpenHolds as exc:
+        raise ActionOutcome(409, "open_holds", str(exc)) from None
     except NoDriver as exc:
         raise ActionOutcome(409, "no_driver", str(exc)) from None
     except VersionMissing as exc:
@@ -189,8 +272,10 @@ async def apply_action(
 ) -> SagaInstance:
     """Apply one action; raise :class:`ActionOutcome` when it does not apply.
 
-    Every attempt is audited (structured log line and ``api_audit`` row) with its
-    outcome: ``applied``, ``refused``, ``not_found`` or ``error``.
+    Every attempt is audited (structured log line and audit trail row) with its
+    outcome: ``applied``, ``error`` or the refusal's code (``refused``, ``not_found``,
+    ``saga_moved``, ``open_holds``, ``no_driver``, ...), and the version it was decided
+    on (``expected_version``) and ``forced`` when given.
     """
     outcome, detail = "error", {}
     try:
@@ -215,13 +300,22 @@ async def apply_action(
                 "reason": req.reason,
                 "outcome": outcome,
                 "rung": req.rung,
+                "expected_version": req.expected_version,
+                "forced": req.force,
             },
         )
         if req.rung is not None:
             detail["rung"] = req.rung
-        await ctx.records.audit(
-            who, req.action, saga_id=saga_id, reason=req.reason, outcome=outcome, detail=detail
-        )
+        if req.expected_version is not None:
+            detail["expected_version"] = req.expected_version
+        if req.force:
+            detail["forced"] = True
+        # An applied manual action is in the trail already, written by its own
+        # transaction; a cancel (the engine records no actor) and a refusal are not.
+        if outcome != "applied" or req.action == CANCEL:
+            await ctx.records.audit(
+                who, req.action, saga_id=saga_id, reason=req.reason, outcome=outcome, detail=detail
+            )
 
 
 def endpoints(ctx: ApiContext) -> list[Endpoint]:
@@ -254,24 +348,55 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         outbox = await engine.store.outbox_of_saga(saga_id)
         waiting = await waiting_for(engine.store, saga_id)
         detail = saga_detail(engine, inst, history, outbox, time.time(), waiting_for=waiting)
-        return json_reply(detail)
+        return json_reply(detail, headers={"ETag": etag(inst.version)})
 
     async def act(request: Request) -> Response:
         who = principal(request)
         saga_id = request.path_params["saga_id"]
+        expected = if_match(request)
         req = parse_action(await read_json(request, ctx.max_body))
+        req = dataclasses.replace(req, expected_version=expected)
         try:
             inst = await apply_action(ctx, who, saga_id, req)
         except ActionOutcome as exc:
-            raise ApiError(exc.status, exc.message, code=exc.code) from None
+            raise exc.error() from None
         return json_reply(
             {
                 "action": req.action,
                 "actor": who.name,
                 "reason": req.reason,
+                "description": describe(req.action),
                 "saga": saga_summary(engine, inst, time.time()),
-            }
+            },
+            headers={"ETag": etag(inst.version)},
         )
+
+    def preview(who: Principal, inst: SagaInstance, req: ActionRequest) -> dict[str, Any]:
+        """What the batch's action would do to ``inst`` (computed, nothing written)."""
+        out: dict[str, Any] = {"saga_id": inst.saga_id, "version": inst.version}
+        try:
+            after = engine.preview(
+                inst,
+                req.action,
+                actor=who.name,
+                reason=req.reason,
+                rung=req.rung,
+                force=req.force,
+            )
+        except OpenHolds as exc:
+            return {**out, "ok": False, "error": "open_holds", "message": str(exc)}
+        except NoDriver as exc:
+            return {**out, "ok": False, "error": "no_driver", "message": str(exc)}
+        except VersionMissing as exc:
+            return {**out, "ok": False, "error": "version_missing", "message": str(exc)}
+        except (ManualActionRefused, DefinitionError) as exc:
+            return {**out, "ok": False, "error": "refused", "message": str(exc)}
+        if req.action == CANCEL and not (after.cancel_requested or after.state in CANCELLING):
+            why = f"cancel refused: saga {inst.saga_id} is {inst.state.value}"
+            if not inst.terminal:
+                why += " and past its point of no return"
+            return {**out, "ok": False, "error": "refused", "message": why}
+        return {**out, "ok": True, "state": after.state.value, "status": after.status}
 
     async def batch(request: Request) -> Response:
         who = principal(request)
@@ -281,17 +406,33 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         out: dict[str, Any] = {
             "dry_run": req.dry_run,
             "action": req.action.action,
+            "description": describe(req.action.action),
+            "irreversible": irreversible(req.action.action),
             "filter": req.filter.to_json(),
             "matched": total,
             "saga_ids": ids,
         }
         if req.dry_run:
+            previews = []
+            for i, inst in enumerate(page):
+                if i and not i % PAGE_SLICE:
+                    await asyncio.sleep(0)  # a dry run of a thousand never holds the loop
+                previews.append(preview(who, inst, req.action))
+            out.update(
+                versions={i.saga_id: i.version for i in page},
+                would_apply=sum(1 for p in previews if p["ok"]),
+                would_refuse=sum(1 for p in previews if not p["ok"]),
+                previews=previews,
+            )
             return json_reply(out)
         batch_id = uuid.uuid4().hex
         results = []
         for saga_id in ids:
+            one_req = dataclasses.replace(
+                req.action, expected_version=req.expected_versions.get(saga_id)
+            )
             try:
-                inst = await apply_action(ctx, who, saga_id, req.action)
+                inst = await apply_action(ctx, who, saga_id, one_req)
                 results.append(
                     {
                         "saga_id": saga_id,
@@ -345,20 +486,8 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
         return await page_reply(page, head, lambda i, now: manual_case(engine, i, now))
 
     async def audit(request: Request) -> Response:
-        query = query_lists(request)
-        limit, offset, problems = parse_paging(query)
-        saga_id, actor = one(query, "saga_id"), one(query, "actor")
-        for name, value in (("saga_id", saga_id), ("actor", actor)):
-            if value is not None and len(value) > 200:
-                problems.append(FieldProblem(name, "must be at most 200 characters"))
-        if problems:
-            raise invalid(problems, "the query")
-        rows = await ctx.records.audit_rows(
-            saga_id=saga_id, actor=actor, limit=limit, offset=offset
-        )
-        return json_reply({"limit": limit, "offset": offset, "items": rows})
+        return await audit_reply(ctx, request)
 
-    text_query = {"type": "string", "minLength": 1, "maxLength": 200}
     return [
         Endpoint(
             "GET",
@@ -382,6 +511,13 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "sagas",
             {200: Reply("The matching sagas (dry run) or the result per saga.", "BatchResult")},
             body="BatchRequest",
+            description='The dry run (`"dry_run": true`) writes nothing: it says what the '
+            "action does, and for each matching saga its version and whether the action "
+            "would be applied (the state after) or refused (and why). The real batch may "
+            "send the versions back as `expected_versions`: a saga that moved since is "
+            "refused with `saga_moved` in its result. An irreversible action (mark_done, "
+            'mark_compensated, accept_partial) needs `"confirm": true` to act (422 '
+            "`confirmation_required` without it).",
         ),
         Endpoint(
             "GET",
@@ -404,10 +540,20 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             "A person's decision on one saga (audited)",
             "sagas",
             {200: Reply("The decision was applied.", "ActionResult")},
-            params=(SAGA_ID,),
+            params=(SAGA_ID, IF_MATCH),
             body="ActionRequest",
             errors=(404, 409),
-            description="`cancel` compensates a saga before its point of no return; the "
+            description='With `If-Match` (the `ETag` of `GET /sagas/{saga_id}`: `W/"7"` '
+            'or `"7"`), the decision applies only to the saga at that version; a saga '
+            "that moved since answers 409 `saga_moved` (its `ETag` is the version now) "
+            "and nothing changes. Without `If-Match` the decision applies to the saga as "
+            "it is when it arrives (kept for older clients; the console and the CLI "
+            "always send it). mark_done, mark_compensated and accept_partial cannot be "
+            'taken back: they need `"confirm": true` (422 `confirmation_required` '
+            "without it, saying what the action does). accept_partial is refused with "
+            "409 `open_holds` while a compensation or a hold is still open, unless "
+            '`"force": true` (say why in the reason). `cancel` compensates a saga before '
+            "its point of no return; the "
             "other actions apply to sagas in FAILED_NEEDS_MANUAL. A choreography's view "
             "(`driven: false`) has no driver: it takes only `mark_done`, `mark_compensated` "
             "and `accept_partial`, records of what a person did by hand; the others answer "
@@ -434,14 +580,16 @@ def endpoints(ctx: ApiContext) -> list[Endpoint]:
             Role.ADMIN,
             audit,
             "listAudit",
-            "The API's audit trail: who did what, when and why",
+            "The audit trail: every decision, who took it, when and why",
             "admin",
             {200: Reply("Audit rows, newest first.", "AuditPage")},
-            params=(
-                {"name": "saga_id", "in": "query", "schema": text_query},
-                {"name": "actor", "in": "query", "schema": text_query},
-                *PAGING,
-            ),
+            params=(*AUDIT_PARAMS, *PAGING),
             errors=(422,),
+            description="Every decision a person took, from the console, the API or the "
+            "command line (a saga's manual action, a dead letter's replay or discard), "
+            "written in the decision's own transaction, and every attempt the API refused; "
+            "`actor` is the name of the token used. Filters: `saga_id`, `actor`, `action`, "
+            "`since`/`until`. With `Accept: application/x-ndjson` or `format=jsonl` the "
+            "answer is JSON lines, one row (an `AuditRow`) per line.",
         ),
     ]

@@ -15,12 +15,13 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from sagakit.api.problems import ApiError, FieldProblem, invalid
 from sagakit.core.instance import SagaState
 from sagakit.core.machine import ManualAction
+from sagakit.core.machine_manual import describe, irreversible
 from sagakit.redaction import personal_data_in
 
 TOKEN_PATTERN = r"^[a-z][a-z0-9]*-[A-Za-z0-9_.:\-]*[0-9][A-Za-z0-9_.:\-]*$"
@@ -151,11 +152,24 @@ def parse_order(raw: object) -> OrderRequest:
 
 @dataclass(frozen=True, slots=True)
 class ActionRequest:
-    """A validated operator action on one saga."""
+    """A validated operator action on one saga.
+
+    ``confirm``: the caller confirmed an irreversible action (required for those, see
+    :data:`~sagakit.core.machine_manual.IRREVERSIBLE`); ``force``: accept a partial
+    saga although holds are open; ``expected_version``: the saga version the decision
+    was made on (the ``If-Match`` header; None: not given).
+    """
 
     action: str
     reason: str
     rung: int | None = None
+    confirm: bool = False
+    force: bool = False
+    expected_version: int | None = None
+
+
+ACTION_FIELDS = ("action", "reason", "rung", "confirm", "force")
+"""The members of an action's body."""
 
 
 def _action_problems(raw: Mapping[str, Any]) -> list[FieldProblem]:
@@ -172,22 +186,52 @@ def _action_problems(raw: Mapping[str, Any]) -> list[FieldProblem]:
             problems.append(FieldProblem("rung", "use_rung needs the rung: an integer >= 0"))
     elif rung is not None:
         problems.append(FieldProblem("rung", "only use_rung takes a rung"))
+    for flag in ("confirm", "force"):
+        if flag in raw and not isinstance(raw[flag], bool):
+            problems.append(FieldProblem(flag, "must be true or false"))
+    if raw.get("force") is True and action != ManualAction.ACCEPT_PARTIAL.value:
+        problems.append(FieldProblem("force", "only accept_partial takes force"))
     return problems
 
 
+def confirmation_required(action: str, what: str = "the action") -> ApiError:
+    """The 422 (``confirmation_required``) of an irreversible action sent without
+    ``"confirm": true``: it says what the action would do."""
+    message = (
+        f'{what}: {action} cannot be taken back, so it needs "confirm": true. '
+        f"What it does: {describe(action)}"
+    )
+    problem = FieldProblem("confirm", f'{action} is irreversible: send "confirm": true')
+    return ApiError(422, message, code="confirmation_required", fields=[problem])
+
+
+def _action_of(raw: Mapping[str, Any]) -> ActionRequest:
+    return ActionRequest(
+        raw["action"],
+        raw["reason"].strip(),
+        raw.get("rung"),
+        confirm=raw.get("confirm") is True,
+        force=raw.get("force") is True,
+    )
+
+
 def parse_action(raw: object) -> ActionRequest:
-    """Validate a ``POST /sagas/{id}/actions`` body."""
+    """Validate a ``POST /sagas/{id}/actions`` body: 422 ``invalid_fields`` for bad
+    members, 422 ``confirmation_required`` for an irreversible action not confirmed."""
     if not isinstance(raw, dict):
         raise invalid([FieldProblem("body", "must be a JSON object")], "the action")
     problems = [
-        FieldProblem(k, "unknown field; an action takes action, reason and rung")
+        FieldProblem(k, f"unknown field; an action takes {', '.join(ACTION_FIELDS)}")
         for k in sorted(raw)
-        if k not in ("action", "reason", "rung")
+        if k not in ACTION_FIELDS
     ]
     problems += _action_problems(raw)
     if problems:
         raise invalid(problems, "the action")
-    return ActionRequest(raw["action"], raw["reason"].strip(), raw.get("rung"))
+    req = _action_of(raw)
+    if irreversible(req.action) and not req.confirm:
+        raise confirmation_required(req.action)
+    return req
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,13 +373,16 @@ class BatchRequest:
     action: ActionRequest
     dry_run: bool
     limit: int = 100
+    expected_versions: dict[str, int] = field(default_factory=dict)
+    """saga id -> the version the decision was made on (from the dry run); a saga
+    listed here that moved since is refused (``saga_moved``), the others act as read."""
 
 
 def parse_batch(raw: object) -> BatchRequest:
     """Validate a ``POST /sagas/actions/batch`` body."""
     if not isinstance(raw, dict):
         raise invalid([FieldProblem("body", "must be a JSON object")], "the batch")
-    allowed = ("filter", "action", "reason", "rung", "dry_run", "limit")
+    allowed = ("filter", *ACTION_FIELDS, "dry_run", "limit", "expected_versions")
     problems = [
         FieldProblem(k, f"unknown field; a batch takes {', '.join(allowed)}")
         for k in sorted(raw)
@@ -350,6 +397,20 @@ def parse_batch(raw: object) -> BatchRequest:
     limit = raw.get("limit", 100)
     if not (is_int(limit) and 1 <= limit <= MAX_BATCH):
         problems.append(FieldProblem("limit", f"must be an integer from 1 to {MAX_BATCH}"))
+    versions = raw.get("expected_versions", {})
+    if not (
+        isinstance(versions, dict)
+        and len(versions) <= MAX_BATCH
+        and all(is_int(v) and v >= 1 for v in versions.values())
+    ):
+        problems.append(
+            FieldProblem(
+                "expected_versions",
+                f"must map saga ids to the versions the decision was made on (at most "
+                f"{MAX_BATCH}): the dry run's versions",
+            )
+        )
+        versions = {}
     raw_filter = raw.get("filter")
     flt = SagaFilter()
     if not isinstance(raw_filter, dict):
@@ -375,12 +436,10 @@ def parse_batch(raw: object) -> BatchRequest:
             )
     if problems:
         raise invalid(problems, "the batch")
-    return BatchRequest(
-        flt,
-        ActionRequest(raw["action"], raw["reason"].strip(), raw.get("rung")),
-        dry_run is True,
-        limit,
-    )
+    action = _action_of(raw)
+    if dry_run is False and irreversible(action.action) and not action.confirm:
+        raise confirmation_required(action.action, "the batch")
+    return BatchRequest(flt, action, dry_run is True, limit, dict(versions))
 
 
 def parse_json(body: bytes) -> object:

@@ -19,6 +19,12 @@ its wait, facts, open holds and decisions; :mod:`sagakit.console.manual`),
 ``/static/console.{css,js}``. Pages work without JavaScript; the small script only
 refreshes them live. Every page's nav shows how many manual cases are open.
 
+Decisions (:mod:`sagakit.console.decisions`): every form carries the saga version it
+was rendered at and says what each decision does; a form whose saga moved since is
+refused with 409 on a page that keeps the typed reason; mark_done, mark_compensated,
+accept_partial and a dead letter's discard are confirmed on a page of their own first
+(accept_partial with open holds only with its *force* box).
+
 CSRF: every form carries a token, an HMAC of a random per-browser nonce (kept in an
 ``HttpOnly; SameSite=Strict`` cookie scoped to the console's path) and the actor's
 name; a post is refused with 403 unless token, cookie and actor match and, when the

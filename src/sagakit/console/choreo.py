@@ -12,7 +12,7 @@ from sagakit.console import html as h
 from sagakit.console.html import e
 from sagakit.core.instance import SagaInstance, StepStatus
 from sagakit.runtime.tracker import TrackedFlow
-from sagakit.runtime.tracker_manual import available
+from sagakit.runtime.tracker_manual import VIEW_DESCRIPTIONS, available
 
 LABELS = {
     "mark_done": "Mark done (finished by hand)",
@@ -21,13 +21,30 @@ LABELS = {
 }
 
 
-def view_form(base: str, flow: TrackedFlow, inst: SagaInstance, *, csrf: str, next_url: str) -> str:
-    """The decision form of a view waiting for a person ("" when none applies)."""
+def view_form(
+    base: str,
+    flow: TrackedFlow,
+    inst: SagaInstance,
+    *,
+    csrf: str,
+    next_url: str,
+    reason: str = "",
+) -> str:
+    """The decision form of a view waiting for a person ("" when none applies), with
+    ``reason`` typed already (kept when a decision comes back refused)."""
     acts = available(flow, inst)
     if not acts:
         return ""
     buttons = [h.action_button(a.value, LABELS[a.value]) for a in acts]
-    return h.decision_form(base, inst, buttons, csrf=csrf, next_url=next_url)
+    return h.decision_form(
+        base,
+        inst,
+        buttons,
+        csrf=csrf,
+        next_url=next_url,
+        reason=reason,
+        described={a.value: VIEW_DESCRIPTIONS[a] for a in acts},
+    )
 
 
 def view_step(flow: TrackedFlow, inst: SagaInstance) -> tuple[str, StepStatus | None]:

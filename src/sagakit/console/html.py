@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 from sagakit.console.svg import esc, fmt_duration
 from sagakit.core.definition import SagaDefinition, StepKind
 from sagakit.core.instance import SagaInstance, SagaState, StepStatus
+from sagakit.core.machine_manual import DESCRIPTIONS, irreversible
 
 e = esc
 
@@ -185,9 +186,16 @@ def available_actions(definition: SagaDefinition, inst: SagaInstance) -> list[tu
 
 
 def action_form(
-    base: str, definition: SagaDefinition, inst: SagaInstance, *, csrf: str, next_url: str
+    base: str,
+    definition: SagaDefinition,
+    inst: SagaInstance,
+    *,
+    csrf: str,
+    next_url: str,
+    reason: str = "",
 ) -> str:
-    """The decision form of one saga: a required reason and one button per action."""
+    """The decision form of one saga: a required reason (``reason`` typed already, kept
+    when a decision comes back refused), one button per action, and what each does."""
     acts = available_actions(definition, inst)
     if not acts:
         return ""
@@ -204,31 +212,75 @@ def action_form(
             '<button type="submit" name="action" value="use_rung" class="act" '
             'data-action="use_rung">Use rung</button></span>'
         )
-    return decision_form(base, inst, buttons, csrf=csrf, next_url=next_url)
-
-
-def action_button(action: str, label: str) -> str:
-    """One decision button (cancel and accept_partial look dangerous)."""
-    danger = " danger" if action in ("cancel", "accept_partial") else ""
-    return (
-        f'<button type="submit" name="action" value="{e(action)}" '
-        f'class="act{danger}" data-action="{e(action)}">{e(label)}</button>'
+    described = [a for a, _ in acts] + (["use_rung"] if len(buttons) > len(acts) else [])
+    return decision_form(
+        base,
+        inst,
+        buttons,
+        csrf=csrf,
+        next_url=next_url,
+        reason=reason,
+        described={a: DESCRIPTIONS[a] for a in described},
     )
 
 
+def action_button(action: str, label: str) -> str:
+    """One decision button (cancel and accept_partial look dangerous). An irreversible
+    action's button says that it asks for a confirmation first."""
+    danger = " danger" if action in ("cancel", "accept_partial") else ""
+    more = "…" if irreversible(action) else ""
+    flag = " data-irreversible" if more else ""
+    return (
+        f'<button type="submit" name="action" value="{e(action)}" '
+        f'class="act{danger}" data-action="{e(action)}"{flag}>{e(label)}{more}</button>'
+    )
+
+
+def what_it_does(described: Mapping[str, str]) -> str:
+    """What each action of a form does (to the saga and its participants), folded."""
+    if not described:
+        return ""
+    items = "".join(
+        f"<dt>{e(a)}{' (asks to confirm: cannot be taken back)' if irreversible(a) else ''}"
+        f"</dt><dd>{e(text)}</dd>"
+        for a, text in described.items()
+    )
+    summary = "<summary>What each decision does</summary>"
+    return f'<details class="what">{summary}<dl>{items}</dl></details>'
+
+
 def decision_form(
-    base: str, inst: SagaInstance, buttons: Iterable[str], *, csrf: str, next_url: str
+    base: str,
+    inst: SagaInstance,
+    buttons: Iterable[str],
+    *,
+    csrf: str,
+    next_url: str,
+    reason: str = "",
+    described: Mapping[str, str] | None = None,
+    hidden: Mapping[str, str] | None = None,
+    extra: str = "",
 ) -> str:
-    """The form posting a decision on ``inst``: a required reason and ``buttons``."""
+    """The form posting a decision on ``inst``: a required reason (prefilled with
+    ``reason``), ``buttons``, ``extra`` controls and what each action does.
+
+    It carries the saga version it was rendered at: the console refuses it (409) when
+    the saga moved since, rather than apply a decision made on a state gone by.
+    ``hidden``: more hidden fields (the confirmation step's action and ``confirm``).
+    """
     rid = f"reason-{e(inst.saga_id)}"
+    fields = {"csrf": csrf, "next": next_url, "version": str(inst.version), **(hidden or {})}
+    inputs = "".join(
+        f'<input type="hidden" name="{e(k)}" value="{e(v)}">' for k, v in fields.items()
+    )
     return (
         f'<form class="decide" method="post" action="{e(f"{base}/sagas/{seg(inst.saga_id)}/act")}">'
-        f'<input type="hidden" name="csrf" value="{e(csrf)}">'
-        f'<input type="hidden" name="next" value="{e(next_url)}">'
+        f"{inputs}"
         f'<label for="{rid}">Reason (recorded in the saga history)</label>'
         f'<textarea id="{rid}" name="reason" rows="2" required maxlength="2000" '
-        'placeholder="why this decision"></textarea>'
-        f'<div class="buttons">{"".join(buttons)}</div></form>'
+        f'placeholder="why this decision">{e(reason)}</textarea>{extra}'
+        f'<div class="buttons">{"".join(buttons)}</div>'
+        f"{what_it_does(described or {})}</form>"
     )
 
 

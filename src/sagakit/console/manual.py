@@ -3,7 +3,9 @@
 Each case card says how long the case has waited, where it stopped and why, the
 business facts that matter for the decision (from the saga's data, never a field the
 definition declares personal) and which holds are still open (steps done that have a
-compensation and are not undone), then the decision form.
+compensation and are not undone: the engine's own rule,
+:func:`~sagakit.core.machine_manual.open_holds`, which also refuses an unforced
+``accept_partial`` while any is open), then the decision form.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from sagakit.console import html as h
 from sagakit.console.filters import MANUAL_SORTS, ManualQuery, human_duration
 from sagakit.console.html import e, url
 from sagakit.core.definition import SagaDefinition
-from sagakit.core.instance import SagaInstance, StepStatus
+from sagakit.core.instance import SagaInstance
+from sagakit.core.machine_manual import HOLDS, open_holds
 from sagakit.core.personal import Handling
 from sagakit.redaction import personal_data_in
 from sagakit.runtime.tracker import TrackedFlow
+
+__all__ = ["HOLDS", "data_facts", "manual_page", "open_holds"]
 
 DefinitionOf = Callable[[SagaInstance], "SagaDefinition | None"]
 FlowOf = Callable[[SagaInstance], "TrackedFlow | None"]
@@ -29,30 +34,6 @@ MAX_FACTS = 8
 
 MAX_FACT_TEXT = 120
 """Characters of one fact's value on a card (longer ones are cut)."""
-
-HOLDS: dict[StepStatus, str] = {
-    StepStatus.SUCCEEDED: "open",
-    StepStatus.COMPENSATING: "being undone",
-    StepStatus.COMPENSATION_WAITING: "undo waiting to retry",
-    StepStatus.COMPENSATION_FAILED: "undo failed",
-    StepStatus.UNKNOWN: "may be open (outcome unknown)",
-    StepStatus.QUERYING: "may be open (asking its status)",
-    StepStatus.RUNNING: "may be open (no answer yet)",
-    StepStatus.WAITING_RETRY: "may be open (to be retried)",
-}
-"""The statuses of a step with a compensation whose effect may still be in place, and
-what each says about the hold (the ones compensated, failed, skipped or never run hold
-nothing)."""
-
-
-def open_holds(definition: SagaDefinition, inst: SagaInstance) -> list[tuple[str, str]]:
-    """``(step, what)`` of the steps whose effect a compensation would undo and that are
-    not undone: an authorisation not voided, stock still reserved."""
-    return [
-        (step.name, HOLDS[st.status])
-        for step, st in zip(definition.steps, inst.steps, strict=False)
-        if step.ladder and st.status in HOLDS
-    ]
 
 
 def _personal(definition: SagaDefinition, path: tuple[str, ...]) -> bool:

@@ -17,8 +17,9 @@ from starlette.routing import BaseRoute, Route
 
 from sagakit.api.validation import SagaFilter
 from sagakit.console import dead_letters as dl
-from sagakit.console import filters, pages
+from sagakit.console import decisions, filters, pages
 from sagakit.console import html as h
+from sagakit.console.decisions import ACTIONS
 from sagakit.console.http import (
     HEADERS,
     Csrf,
@@ -31,23 +32,13 @@ from sagakit.console.manual import manual_page
 from sagakit.console.svg import flow_svg, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, SagaState
-from sagakit.core.machine import ManualAction
-from sagakit.errors import (
-    DeadLetterNotFound,
-    DeadLetterRefused,
-    ManualActionRefused,
-    SagaNotFound,
-    VersionMissing,
-)
+from sagakit.errors import DeadLetterNotFound, DeadLetterRefused
 from sagakit.graph import to_dot, to_mermaid, to_svg
 from sagakit.redaction import personal_data_in
 from sagakit.runtime.dead_letters import BrokerDeadLetter
 from sagakit.runtime.engine import Engine
 from sagakit.runtime.set_aside import waiting_for
 from sagakit.runtime.tracker import TrackedFlow
-
-ACTIONS = frozenset({*(a.value for a in ManualAction), "cancel"})
-"""What a decision form may ask: the engine's manual actions, and cancel."""
 
 
 class _Console:
@@ -375,48 +366,7 @@ class _Console:
         return await self.error(request, 422, "Personal data in the reason", why)
 
     async def act(self, request: Request) -> Response:
-        checked = await self.decision_form(request, "sagas")
-        if isinstance(checked, Response):
-            return checked
-        who, form = checked
-        action, reason = form.get("action", ""), form.get("reason", "").strip()
-        if action not in ACTIONS:
-            return await self.error(
-                request, 400, "Unknown action", f"Choose one of {sorted(ACTIONS)}."
-            )
-        if not reason:
-            why = "Every decision needs a reason; it is recorded in the saga's history."
-            return await self.error(request, 400, "Reason missing", why)
-        if (refused := await self.personal_data(request, reason)) is not None:
-            return refused
-        saga_id = request.path_params["saga_id"]
-        rung = form.get("rung", "")
-        try:
-            if action == "cancel":
-                # The engine's cancel takes no actor: the reason carries it into history.
-                before = await self.engine.get(saga_id)
-                after = await self.engine.cancel(saga_id, f"{reason} (by {who})")
-                if after.version == before.version:
-                    why = (
-                        f"The saga is {after.state.value}: a cancel is refused once the saga "
-                        "passed its point of no return, is already cancelling, or finished."
-                    )
-                    return await self.error(request, 409, "Cancel refused", why)
-            else:
-                await self.engine.resolve(
-                    saga_id,
-                    action,
-                    reason=reason,
-                    actor=who,
-                    rung=int(rung) if action == "use_rung" and rung.isdigit() else None,
-                )
-        except SagaNotFound:
-            return await self.error(request, 404, "No such saga", "There is no saga with this id.")
-        except ManualActionRefused as exc:
-            return await self.error(request, 409, "Decision refused", str(exc))
-        except VersionMissing as exc:
-            return await self.error(request, 409, f"This console lacks {exc.waiting_for}", str(exc))
-        return self.back(request, form, f"/sagas/{h.seg(saga_id)}", action)
+        return await decisions.act(self, request)
 
     async def dead_letters(self, request: Request) -> Response:
         p = request.query_params
@@ -466,6 +416,9 @@ class _Console:
             return await self.error(
                 request, 404, "No such dead letter", "Dead letter ids are numbers."
             )
+        if settlement == "discard" and form.get("confirm") != "yes":
+            # A discard cannot be taken back: say what it does, then confirm.
+            return await decisions.confirm_discard(self, request, form, store, int(raw_id))
         desk = self.engine.dead_letters
         run = desk.replay if settlement == "replay" else desk.discard
         try:

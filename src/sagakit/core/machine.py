@@ -57,9 +57,13 @@ from sagakit.core.machine_keys import (
     query_key,
 )
 from sagakit.core.machine_manual import (
+    IRREVERSIBLE,
     ManualAction,
     check_manual,
+    check_version,
+    describe,
     manual_action,
+    open_holds,
     resolve_manual,
 )
 from sagakit.core.machine_retries import RetryRules
@@ -67,6 +71,7 @@ from sagakit.errors import DefinitionError, MessageError
 
 __all__ = [
     "DEADLINE_TIMER",
+    "IRREVERSIBLE",
     "LOCAL_COMMAND",
     "STEP_TIMER",
     "Decision",
@@ -75,9 +80,12 @@ __all__ = [
     "ManualAction",
     "action_key",
     "check_manual",
+    "check_version",
     "compensation_key",
     "deadline_timer",
+    "describe",
     "manual_action",
+    "open_holds",
     "parse_key",
     "query_key",
 ]
@@ -440,16 +448,24 @@ class Machine(RetryRules):
         actor: str,
         now: float,
         rung: int | None = None,
+        expected_version: int | None = None,
+        force: bool = False,
     ) -> Decision:
         """Apply a person's decision to a saga in the manual queue; audited in history.
 
+        ``expected_version``: the saga version the person decided on; another one
+        raises :class:`~sagakit.errors.SagaMoved`. ``force``: accept a partial saga
+        although a compensation or a hold is still open (recorded in history).
+
         Raises :class:`~sagakit.errors.ManualActionRefused` when the action does not fit
-        the saga's state (the message says why and what would).
+        the saga's state (the message says why and what would), and its subclass
+        :class:`~sagakit.errors.OpenHolds` for an unforced ``accept_partial`` that
+        would leave holds open.
         """
         action = manual_action(action)
-        check_manual(inst, reason=reason, actor=actor)
+        check_manual(inst, reason=reason, actor=actor, expected_version=expected_version)
         t = _Transition(self, inst, now, None)
-        return resolve_manual(t, action, reason=reason, actor=actor, rung=rung)
+        return resolve_manual(t, action, reason=reason, actor=actor, rung=rung, force=force)
 
     # -- helpers ----------------------------------------------------------------------
     def _on_status_answer(self, t: _Transition, index: int, outcome: Outcome) -> None:

@@ -1,9 +1,16 @@
 """A person's decisions on a saga in the manual queue (FAILED_NEEDS_MANUAL).
 
-:class:`ManualAction` lists what a person can decide; :func:`check_manual` refuses a
-decision without a reason or an actor, or on a saga not waiting for a person; and
-:func:`resolve_manual` applies an accepted decision to the transition in progress
-(:meth:`Machine.on_manual <sagakit.core.machine.Machine.on_manual>` starts it).
+:class:`ManualAction` lists what a person can decide and :func:`describe` says what
+each does to the saga and to its participants (shown before a person confirms it);
+:data:`IRREVERSIBLE` names the ones that only record what was done by hand and cannot
+be taken back, which the API, the CLI and the console confirm explicitly.
+:func:`check_manual` refuses a decision without a reason or an actor, one made on
+another version of the saga (:class:`~sagakit.errors.SagaMoved`), or on a saga not
+waiting for a person; :func:`resolve_manual` applies an accepted decision to the
+transition in progress (:meth:`Machine.on_manual <sagakit.core.machine.Machine.on_manual>`
+starts it). ``accept_partial`` is refused while :func:`open_holds` finds a
+compensation or a hold still open, unless the person forces it
+(:class:`~sagakit.errors.OpenHolds`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from typing import TYPE_CHECKING
 from sagakit.core.instance import SagaInstance, SagaState, StepStatus
 from sagakit.core.machine_decision import Decision
 from sagakit.core.machine_keys import deadline_timer
-from sagakit.errors import ManualActionRefused
+from sagakit.errors import ManualActionRefused, OpenHolds, SagaMoved
 
 if TYPE_CHECKING:
+    from sagakit.core.definition import SagaDefinition
     from sagakit.core.machine import _Transition
 
 
@@ -37,6 +45,108 @@ class ManualAction(StrEnum):
     """Accept the saga as it stands: it ends PARTIAL_ACCEPTED."""
 
 
+IRREVERSIBLE = frozenset(
+    {ManualAction.MARK_DONE, ManualAction.MARK_COMPENSATED, ManualAction.ACCEPT_PARTIAL}
+)
+"""Decisions that record what a person did (or accepted) instead of making something
+happen: nothing checks them and nothing can take them back, so every front end asks
+for an explicit confirmation (the API's ``confirm``, the CLI's ``--yes``, the
+console's confirmation step)."""
+
+CANCEL = "cancel"
+"""The one decision on a saga that is not a manual action: ask a running saga to stop."""
+
+DESCRIPTIONS: dict[str, str] = {
+    ManualAction.RETRY: "Send the stuck step again (or, while undoing, its compensation) "
+    "with a fresh retry budget: its participant gets the same command, with the same "
+    "idempotency key; the saga goes back to RUNNING (or COMPENSATING).",
+    ManualAction.MARK_DONE: "Record that the stuck step was done by hand: nothing is sent "
+    "for it and nothing checks it; the saga goes on with the next step (whose commands "
+    "are sent). Cannot be taken back.",
+    ManualAction.COMPENSATE: "Undo the stuck step and every done step before it: their "
+    "compensations are sent to their participants, newest first; the saga ends "
+    "COMPENSATED (or comes back here if an undo fails).",
+    ManualAction.MARK_COMPENSATED: "Record that the stuck compensation was done by hand: "
+    "nothing is sent for it and nothing checks it; the saga goes on undoing the steps "
+    "before it (their compensations are sent) and ends COMPENSATED. Cannot be taken back.",
+    ManualAction.USE_RUNG: "Run the chosen rung of the stuck step's compensation ladder "
+    "(a refund, a credit note): its command is sent to the participant; the saga goes "
+    "back to COMPENSATING.",
+    ManualAction.ACCEPT_PARTIAL: "End the saga as it stands: nothing is sent and nothing "
+    "is undone, so every effect still in place stays for good; the saga ends "
+    "PARTIAL_ACCEPTED. Refused while a compensation or a hold is open, unless forced. "
+    "Cannot be taken back.",
+    CANCEL: "Ask the running saga to stop: before its point of no return the done steps "
+    "are compensated (their compensations are sent) and it ends COMPENSATED; after it "
+    "the cancel is refused.",
+}
+"""What each decision does to the saga and to its participants, keyed by the action's
+name (the manual actions and ``cancel``)."""
+
+
+def describe(action: ManualAction | str) -> str:
+    """What ``action`` does to the saga and to its participants (for a person to read
+    before confirming); :class:`ManualActionRefused` for an unknown action."""
+    key = action.value if isinstance(action, ManualAction) else action
+    if key not in DESCRIPTIONS:
+        raise ManualActionRefused(f"unknown action {action!r}; choose from {sorted(DESCRIPTIONS)}")
+    return DESCRIPTIONS[key]
+
+
+def irreversible(action: ManualAction | str) -> bool:
+    """Whether ``action`` needs an explicit confirmation (see :data:`IRREVERSIBLE`)."""
+    return action in {a.value for a in IRREVERSIBLE}
+
+
+HOLDS: dict[StepStatus, str] = {
+    StepStatus.SUCCEEDED: "open",
+    StepStatus.COMPENSATING: "being undone",
+    StepStatus.COMPENSATION_WAITING: "undo waiting to retry",
+    StepStatus.COMPENSATION_FAILED: "undo failed",
+    StepStatus.UNKNOWN: "may be open (outcome unknown)",
+    StepStatus.QUERYING: "may be open (asking its status)",
+    StepStatus.RUNNING: "may be open (no answer yet)",
+    StepStatus.WAITING_RETRY: "may be open (to be retried)",
+}
+"""The statuses of a step with a compensation whose effect may still be in place, and
+what each says about the hold (the ones compensated, failed, skipped or never run hold
+nothing)."""
+
+
+def open_holds(definition: SagaDefinition, inst: SagaInstance) -> list[tuple[str, str]]:
+    """``(step, what)`` of the steps with a compensation whose effect may still be in
+    place and that are not undone: an authorisation not voided, stock still reserved,
+    an undo in flight or failed.
+
+    Once the pivot succeeded, the steps before it that succeeded are not holds: the saga
+    is past its point of no return and keeps them (nothing will compensate them).
+    """
+    p = definition.pivot_index
+    committed = (
+        p is not None and p < len(inst.steps) and inst.steps[p].status is StepStatus.SUCCEEDED
+    )
+    out: list[tuple[str, str]] = []
+    for index, (step, st) in enumerate(zip(definition.steps, inst.steps, strict=False)):
+        if not step.ladder or st.status not in HOLDS:
+            continue
+        if committed and p is not None and index < p and st.status is StepStatus.SUCCEEDED:
+            continue
+        out.append((step.name, HOLDS[st.status]))
+    return out
+
+
+def holds_refusal(saga_id: str, holds: list[tuple[str, str]]) -> OpenHolds:
+    """The refusal of an ``accept_partial`` that would leave ``holds`` open for good."""
+    listed = ", ".join(f"{name} {what}" for name, what in holds)
+    return OpenHolds(
+        f"accept_partial refused on saga {saga_id}: a compensation or a hold is still open "
+        f"({listed}); accepting the saga as it stands would leave it so for good. Undo it "
+        "first (retry, use_rung, compensate, or mark_compensated once done by hand), or "
+        "force the decision with a reason that says why it must stay",
+        holds=holds,
+    )
+
+
 def manual_action(action: ManualAction | str) -> ManualAction:
     """``action`` as a :class:`ManualAction`; :class:`ManualActionRefused` if unknown."""
     try:
@@ -47,13 +157,32 @@ def manual_action(action: ManualAction | str) -> ManualAction:
         ) from None
 
 
-def check_manual(inst: SagaInstance, *, reason: str, actor: str) -> None:
-    """Refuse a manual action without a reason or an actor, or on a saga not waiting
-    for a person (FAILED_NEEDS_MANUAL)."""
+def check_version(inst: SagaInstance, expected_version: int | None) -> None:
+    """:class:`~sagakit.errors.SagaMoved` when a decision made on ``expected_version``
+    meets the saga at another version (None: the caller decided on no version)."""
+    if expected_version is not None and expected_version != inst.version:
+        raise SagaMoved(
+            f"saga {inst.saga_id} moved since this decision was made on its version "
+            f"{expected_version}: it is at version {inst.version} now "
+            f"({inst.state.value}, {inst.status}); look at it again, then decide",
+            expected=expected_version,
+            current=inst.version,
+        )
+
+
+def check_manual(
+    inst: SagaInstance, *, reason: str, actor: str, expected_version: int | None = None
+) -> None:
+    """Refuse a manual action without a reason or an actor, made on another version of
+    the saga than ``expected_version`` (when given), or on a saga not waiting for a
+    person (FAILED_NEEDS_MANUAL)."""
     if not reason or not reason.strip():
         raise ManualActionRefused("a manual action needs a reason (it is audited)")
     if not actor or not actor.strip():
         raise ManualActionRefused("a manual action needs the actor who decided it")
+    # Before the state check: a saga another person just resolved is best explained
+    # as "it moved", not as "it is not in the manual queue".
+    check_version(inst, expected_version)
     if inst.state is not SagaState.FAILED_NEEDS_MANUAL:
         raise ManualActionRefused(
             f"saga {inst.saga_id} is {inst.state.value}; only FAILED_NEEDS_MANUAL sagas "
@@ -62,15 +191,26 @@ def check_manual(inst: SagaInstance, *, reason: str, actor: str) -> None:
 
 
 def resolve_manual(
-    t: _Transition, action: ManualAction, *, reason: str, actor: str, rung: int | None
+    t: _Transition,
+    action: ManualAction,
+    *,
+    reason: str,
+    actor: str,
+    rung: int | None,
+    force: bool = False,
 ) -> Decision:
     """Apply a person's decision (already checked by :func:`check_manual`) to the
     transition ``t``; audited in history.
 
     Raises :class:`~sagakit.errors.ManualActionRefused` when the action does not fit
-    the saga's state (the message says why and what would).
+    the saga's state (the message says why and what would), and its subclass
+    :class:`~sagakit.errors.OpenHolds` for an ``accept_partial`` while
+    :func:`open_holds` finds any, unless ``force``.
     """
     inst, d, now = t.original, t.d, t.now
+    holds = open_holds(d, inst) if action is ManualAction.ACCEPT_PARTIAL else []
+    if holds and not force:
+        raise holds_refusal(inst.saga_id, holds)
     index = inst.cursor
     step = d.steps[index]
     undoing = inst.steps[index].status in (
@@ -88,6 +228,7 @@ def resolve_manual(
         reason=reason,
         rung=rung,
         previous_reason=inst.reason,
+        **({"forced": True, "holds_left_open": [f"{n} {w}" for n, w in holds]} if holds else {}),
     )
 
     def refuse(why: str) -> ManualActionRefused:

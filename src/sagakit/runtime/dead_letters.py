@@ -22,7 +22,8 @@ letter stays open (discard it instead):
 * its consumer, if this engine holds its store, already handled that message id.
 
 Discarding settles the dead letter without sending anything. Both keep the row with
-who, when and why (see :class:`~sagakit.stores.base.DeadLetter`).
+who, when and why (see :class:`~sagakit.stores.base.DeadLetter`), and write a row of
+the audit trail (:mod:`sagakit.runtime.audit`) in the same transaction.
 
 What the broker parked on its own side (NATS ``<stream>_dlq``, RabbitMQ's dead queue)
 is moved into the stores by :meth:`DeadLetterDesk.adopt_broker_dead_letters` (the
@@ -40,7 +41,8 @@ from sagakit.core.envelope import REPLAYED_FROM, Envelope
 from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import DeadLetterNotFound, DeadLetterRefused, MessageError
 from sagakit.runtime.alerts import ALERTS_ENDPOINT, load_alert
-from sagakit.stores.base import DISCARDED, REPLAYED, DeadLetter, Store
+from sagakit.runtime.audit import AuditRecord, append
+from sagakit.stores.base import DISCARDED, REPLAYED, DeadLetter, Store, Tx
 from sagakit.transports.base import ParkedByBroker
 
 log = logging.getLogger(__name__)
@@ -189,19 +191,22 @@ class DeadLetterDesk:
             return self.stores[found.name]
         return next(iter(self.stores.values()))
 
-    async def replay(self, store: str, id: int, *, actor: str, reason: str) -> StoredDeadLetter:
+    async def replay(
+        self, store: str, id: int, *, actor: str, reason: str, role: str | None = None
+    ) -> StoredDeadLetter:
         """Put the parked message back on its way; return the settled dead letter.
 
         :class:`DeadLetterRefused` says why a replay does not apply (the dead letter
         then stays open). A ``reason`` holding personal data is refused
         (:class:`~sagakit.errors.PersonalDataRefused`): it would be kept for good.
+        ``actor`` (and its ``role``, when known) goes into the audit trail.
         """
         refuse_personal_text(reason)
         found = await self.get(store, id)
         letter = found.letter
         _check_open(store, letter)
         if letter.endpoint.startswith(f"{ALERTS_ENDPOINT}."):
-            return await self._replay_alert(store, letter, actor=actor, reason=reason)
+            return await self._replay_alert(store, letter, actor=actor, reason=reason, role=role)
         envelope = await self._replayable(store, letter)
         s = self._store(store)
         async with s.transaction() as tx:
@@ -211,6 +216,7 @@ class DeadLetterDesk:
             _check_open(store, locked)
             await tx.outbox_add([envelope], self.clock())
             await tx.dead_letter_settle(id, REPLAYED, actor, reason, self.clock())
+            await self._audit(tx, store, letter, envelope.saga_id, "replay", actor, role, reason)
         if self.on_replay is not None:
             self.on_replay(s)
         log.info(
@@ -225,7 +231,7 @@ class DeadLetterDesk:
         return await self.get(store, id)
 
     async def _replay_alert(
-        self, store: str, letter: DeadLetter, *, actor: str, reason: str
+        self, store: str, letter: DeadLetter, *, actor: str, reason: str, role: str | None
     ) -> StoredDeadLetter:
         """An alert a webhook never took, back in that webhook's mailbox (with all its
         attempts again), in the transaction that settles the dead letter."""
@@ -243,6 +249,7 @@ class DeadLetterDesk:
             _check_open(store, locked)
             await tx.queue_add(letter.endpoint, [letter.body], self.clock())
             await tx.dead_letter_settle(letter.id, REPLAYED, actor, reason, self.clock())
+            await self._audit(tx, store, letter, None, "replay", actor, role, reason)
         log.info(
             "replayed alert %s:%s (%s) by %s: %s",
             store,
@@ -254,9 +261,12 @@ class DeadLetterDesk:
         )
         return await self.get(store, letter.id)
 
-    async def discard(self, store: str, id: int, *, actor: str, reason: str) -> StoredDeadLetter:
+    async def discard(
+        self, store: str, id: int, *, actor: str, reason: str, role: str | None = None
+    ) -> StoredDeadLetter:
         """Settle the dead letter without sending anything; return it settled (a
-        ``reason`` holding personal data is refused, as for :meth:`replay`)."""
+        ``reason`` holding personal data is refused, as for :meth:`replay`; audited as
+        :meth:`replay` is)."""
         refuse_personal_text(reason)
         found = await self.get(store, id)
         _check_open(store, found.letter)
@@ -265,6 +275,8 @@ class DeadLetterDesk:
                 latest = await tx.dead_letter_get(id)
                 assert latest is not None  # dead letters are never deleted
                 _check_open(store, latest)
+            saga_id = _saga_of(found.letter)
+            await self._audit(tx, store, found.letter, saga_id, "discard", actor, role, reason)
         log.info(
             "discarded dead letter %s:%s (%s) by %s: %s",
             store,
@@ -275,6 +287,30 @@ class DeadLetterDesk:
             extra=_extra(store, found.letter, None, actor, "discard"),
         )
         return await self.get(store, id)
+
+    async def _audit(
+        self,
+        tx: Tx,
+        store: str,
+        letter: DeadLetter,
+        saga_id: str | None,
+        action: str,
+        actor: str,
+        role: str | None,
+        reason: str,
+    ) -> None:
+        """The audit row of a settlement, in the transaction that settles it."""
+        record = AuditRecord(
+            at=self.clock(),
+            actor=actor,
+            role=role,
+            action=f"dead_letter.{action}",
+            saga_id=saga_id,
+            dead_letter_id=letter.id,
+            reason=reason,
+            detail={"store": store, "endpoint": letter.endpoint, "message_id": letter.message_id},
+        )
+        await append(tx, record)
 
     async def _replayable(self, store: str, letter: DeadLetter) -> Envelope:
         """The envelope to put back in the outbox, or why there is none."""
@@ -303,6 +339,14 @@ class DeadLetterDesk:
                 f"{env.message_id} (it is in its inbox); discard it"
             )
         return env.with_changes(headers={**env.headers, REPLAYED_FROM: f"{store}:{letter.id}"})
+
+
+def _saga_of(letter: DeadLetter) -> str | None:
+    """The saga a parked message belongs to, when its body is an envelope that says."""
+    try:
+        return Envelope.from_json(letter.body).saga_id
+    except MessageError:
+        return None  # a malformed body: the dead letter is audited without a saga
 
 
 def _check_open(store: str, letter: DeadLetter) -> None:

@@ -36,7 +36,7 @@ from sagakit.runtime.own_tx import start_with
 from sagakit.runtime.participant import Participant
 from sagakit.runtime.relay import Relay
 from sagakit.runtime.tracker import Tracker
-from sagakit.runtime.tracker_manual import no_driver, resolve_tracked
+from sagakit.runtime.tracker_manual import no_driver, resolve_tracked, resolve_view
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store
 from sagakit.transports.base import Transport
@@ -400,18 +400,22 @@ class Engine:
             return await start_with(self.orchestrator, tx, requests, **kw)
         return [inst for inst, _ in await self.orchestrator.start_many(requests, **kw)]
 
-    async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
+    async def cancel(
+        self, saga_id: str, reason: str, *, expected_version: int | None = None
+    ) -> SagaInstance:
         """Ask a saga to cancel (compensates before its pivot, refused after).
 
         A choreography's view cannot be cancelled (:class:`~sagakit.errors.NoDriver`).
         A ``reason`` holding personal data is refused before anything is read or written
         (:class:`~sagakit.errors.PersonalDataRefused`): it would be kept for good.
+        ``expected_version``: the saga version a person decided on; a saga at another
+        raises :class:`~sagakit.errors.SagaMoved` and nothing changes.
         """
         refuse_personal_text(reason)
         tracker = await self._tracker_of(saga_id)
         if tracker is not None:
             raise no_driver(tracker.flow, saga_id, "cancel")
-        return await self.orchestrator.cancel(saga_id, reason)
+        return await self.orchestrator.cancel(saga_id, reason, expected_version=expected_version)
 
     async def resolve(
         self,
@@ -421,20 +425,78 @@ class Engine:
         reason: str,
         actor: str,
         rung: int | None = None,
+        expected_version: int | None = None,
+        force: bool = False,
     ) -> SagaInstance:
         """Apply a person's decision to a saga in the manual queue (audited).
 
         On a choreography's view only the records of what a person did by hand apply
         (see :mod:`sagakit.runtime.tracker_manual`). A ``reason`` holding personal data
         is refused, as for :meth:`cancel`.
+
+        ``expected_version`` is the saga version the person decided on (every front end
+        passes it): checked against the saga read in the deciding transaction, a saga
+        that moved since raises :class:`~sagakit.errors.SagaMoved` and nothing changes.
+        ``accept_partial`` is refused with :class:`~sagakit.errors.OpenHolds` while a
+        compensation or a hold is open (:func:`~sagakit.core.machine.open_holds`),
+        unless ``force``; the history records that it was forced and what stayed open.
         """
         refuse_personal_text(reason)
         tracker = await self._tracker_of(saga_id)
         if tracker is not None:
-            return await resolve_tracked(tracker, saga_id, action, reason=reason, actor=actor)
+            return await resolve_tracked(
+                tracker,
+                saga_id,
+                action,
+                reason=reason,
+                actor=actor,
+                expected_version=expected_version,
+                force=force,
+            )
         return await self.orchestrator.resolve(
-            saga_id, action, reason=reason, actor=actor, rung=rung
+            saga_id,
+            action,
+            reason=reason,
+            actor=actor,
+            rung=rung,
+            expected_version=expected_version,
+            force=force,
         )
+
+    def preview(
+        self,
+        inst: SagaInstance,
+        action: ManualAction | str,
+        *,
+        actor: str,
+        reason: str = "preview",
+        rung: int | None = None,
+        force: bool = False,
+    ) -> SagaInstance:
+        """What a decision would make of ``inst``, computed and not written (a dry run).
+
+        Raises what :meth:`resolve` (or, for ``"cancel"``, :meth:`cancel`) would raise
+        for it (:class:`~sagakit.errors.ManualActionRefused` and its subclasses,
+        :class:`~sagakit.errors.VersionMissing`); a cancel that would change nothing
+        returns ``inst`` itself. The machines are pure, so nothing is read or written.
+        """
+        now = self.clock()
+        tracker = self.trackers.get(inst.definition)
+        orchestrated = (inst.definition, inst.definition_version) in self.orchestrator.machines
+        if tracker is not None and not orchestrated:
+            if action == "cancel":
+                raise no_driver(tracker.flow, inst.saga_id, "cancel")
+            view, _ = resolve_view(
+                tracker.flow, inst, action, reason=reason, actor=actor, now=now, force=force
+            )
+            return view
+        machine = self.orchestrator.machine_for(inst)
+        if action == "cancel":
+            decision = machine.on_cancel(inst, reason, now)
+            return decision.instance if decision.changed else inst
+        return machine.on_manual(
+            inst, action, reason=reason, actor=actor, now=now, rung=rung, force=force
+        ).instance
 
     async def _tracker_of(self, saga_id: str) -> Tracker | None:
         """The tracker whose view ``saga_id`` is (None: an orchestrated saga, or none)."""

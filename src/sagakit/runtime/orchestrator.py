@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -43,10 +42,9 @@ from typing import Any
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.envelope import Envelope, MessageKind
 from sagakit.core.instance import MANUAL_STATES, SagaInstance, Timer
-from sagakit.core.machine import Decision, Machine, ManualAction
+from sagakit.core.machine import Decision, Machine, ManualAction, check_version
 from sagakit.core.personal import refuse_personal_text
 from sagakit.errors import (
-    ConfigurationError,
     DefinitionError,
     MessageError,
     SagaNotFound,
@@ -55,6 +53,7 @@ from sagakit.errors import (
 from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.alerts import AlertWriter
+from sagakit.runtime.canary import canary_point, checked_canary, previous_version
 from sagakit.runtime.consumer import FIRST_DELIVERIES, BatchConsumer, FaultHook
 from sagakit.runtime.local_steps import LocalStepRunner
 from sagakit.runtime.saga_cache import SagaCache
@@ -115,7 +114,7 @@ class Orchestrator(BatchConsumer):
         self.latest: dict[str, SagaDefinition] = {}
         for d in definitions:
             self.register(d)
-        self.canary = self._checked_canary(canary or {})
+        self.canary = checked_canary(canary or {}, self.latest, self.machines)
         """Definition name -> share of its new sagas started on its latest version."""
         self.aside = SetAsideDesk(self)
         """Inputs of sagas whose definition version this process lacks (set aside)."""
@@ -293,8 +292,14 @@ class Orchestrator(BatchConsumer):
             results.append((decision.instance, True))
         return results
 
-    async def cancel(self, saga_id: str, reason: str) -> SagaInstance:
-        """Ask a saga to cancel: compensates before the pivot, refused after it."""
+    async def cancel(
+        self, saga_id: str, reason: str, *, expected_version: int | None = None
+    ) -> SagaInstance:
+        """Ask a saga to cancel: compensates before the pivot, refused after it.
+
+        ``expected_version``: the saga version a person decided on; another one raises
+        :class:`~sagakit.errors.SagaMoved` (checked in the transaction, nothing written).
+        """
         if not reason or not reason.strip():
             raise ValueError("a cancel needs a reason")
         refuse_personal_text(reason)
@@ -303,6 +308,7 @@ class Orchestrator(BatchConsumer):
             inst = await tx.saga_get(saga_id)
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
+            check_version(inst, expected_version)
             decision = self.machine_for(inst).on_cancel(inst, reason, now)
             await self._write(tx, decision, inst.version, now)
         self.after_commit()
@@ -316,8 +322,18 @@ class Orchestrator(BatchConsumer):
         reason: str,
         actor: str,
         rung: int | None = None,
+        expected_version: int | None = None,
+        force: bool = False,
     ) -> SagaInstance:
-        """Apply a person's decision to a saga in the manual queue (audited in history)."""
+        """Apply a person's decision to a saga in the manual queue (audited in history).
+
+        ``expected_version`` (the saga version the person decided on) is compared with
+        the saga read in this transaction, which locks it: a saga that moved raises
+        :class:`~sagakit.errors.SagaMoved` and nothing is written; the write itself is
+        version-checked too, so a move between the read and the commit cannot slip
+        through. ``force`` lets an ``accept_partial`` leave holds open (see
+        :meth:`Machine.on_manual <sagakit.core.machine.Machine.on_manual>`).
+        """
         refuse_personal_text(reason)
         now = self.clock()
         async with self.transaction() as tx:
@@ -325,7 +341,14 @@ class Orchestrator(BatchConsumer):
             if inst is None:
                 raise SagaNotFound(f"no saga {saga_id!r}")
             decision = self.machine_for(inst).on_manual(
-                inst, action, reason=reason, actor=actor, now=now, rung=rung
+                inst,
+                action,
+                reason=reason,
+                actor=actor,
+                now=now,
+                rung=rung,
+                expected_version=expected_version,
+                force=force,
             )
             await self._write(tx, decision, inst.version, now)
         log.info(
@@ -607,36 +630,6 @@ class Orchestrator(BatchConsumer):
         )
         return list(zip(ids, staged, strict=True))
 
-    def _previous_version(self, name: str) -> int:
-        """The highest registered version of ``name`` below its latest (the canary's rest)."""
-        latest = self.latest[name].version
-        return max(v for n, v in self.machines if n == name and v < latest)
-
-    def _checked_canary(self, canary: Mapping[str, float]) -> dict[str, float]:
-        for name, share in canary.items():
-            if name not in self.latest:
-                raise ConfigurationError(
-                    f"canary for {name!r}: no saga definition of that name is registered "
-                    f"(registered: {sorted(self.latest)})"
-                )
-            if isinstance(share, bool) or not isinstance(share, (int, float)):
-                raise ConfigurationError(
-                    f"canary share of {name!r} must be a number between 0 and 1, got {share!r}"
-                )
-            if not 0 < share < 1:
-                raise ConfigurationError(
-                    f"canary share of {name!r} must be between 0 and 1 (exclusive), got "
-                    f"{share}: 1 means no canary (start every saga on the latest version by "
-                    "dropping the entry), 0 means no new version (drop it from the app)"
-                )
-            versions = sorted(v for n, v in self.machines if n == name)
-            if len(versions) < 2:
-                raise ConfigurationError(
-                    f"canary for {name!r}: only {name}@{versions[0]} is registered; a canary "
-                    "needs the new version and the one before it"
-                )
-        return dict(canary)
-
     def after_commit(self) -> None:
         # The relay and the timer loop were woken by transaction() if there was work.
         self.wakeups.notify(f"sagas:{self.store.name}")
@@ -650,19 +643,9 @@ class Orchestrator(BatchConsumer):
                 )
             share = self.canary.get(name)
             if share is not None and canary_point(name, key) >= share:
-                return self.machines[(name, self._previous_version(name))]
+                return self.machines[(name, previous_version(name, self.latest, self.machines))]
             return self.machines[(d.name, d.version)]
         try:
             return self.machines[(name, version)]
         except KeyError:
             raise DefinitionError(f"no saga definition {name}@{version}") from None
-
-
-def canary_point(definition: str, business_key: str) -> float:
-    """Where ``business_key`` falls in [0, 1): a stable hash (sha256) of the key.
-
-    The same key always gets the same point, in every process and release, so a
-    canary share ``p`` starts the keys below ``p`` on the latest version.
-    """
-    digest = hashlib.sha256(f"{definition}\x00{business_key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
