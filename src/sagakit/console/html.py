@@ -64,7 +64,8 @@ def layout(
     flash: str = "",
 ) -> str:
     """A whole page. ``live`` is the URL of its event stream (the script refreshes the
-    ``#content`` element when the stream reports a ``tag`` other than the page's)."""
+    ``#content`` element when the stream reports a ``tag`` other than the page's, and
+    says so briefly in the ``#live-status`` region for screen readers)."""
     live_attr = f' data-live="{e(live)}" data-tag="{e(tag)}"' if live else ""
     links = [
         ("sagas", f"{base}/", "Sagas"),
@@ -83,10 +84,14 @@ def layout(
         f"<title>{e(title)} \u00b7 sagakit console</title>"
         f'<link rel="stylesheet" href="{e(base)}/static/console.css">'
         f'<script src="{e(base)}/static/console.js" defer></script></head>'
-        f'<body><header><a class="brand" href="{e(base)}/">sagakit console</a>'
-        f"<nav>{menu}</nav>"
+        # The skip link comes first so a keyboard user reaches the content in one tab;
+        # the polite live region stays outside #content, which the live script replaces.
+        f'<body><a class="skip" href="#content">Skip to content</a>'
+        f'<header><a class="brand" href="{e(base)}/">sagakit console</a>'
+        f'<nav aria-label="Console">{menu}</nav>'
         '<span id="live-indicator" class="live" hidden>live</span></header>'
-        f'<main id="content"{live_attr}>{note}{body}</main></body></html>\n'
+        '<p id="live-status" class="sr-only" role="status" aria-live="polite"></p>'
+        f'<main id="content" tabindex="-1"{live_attr}>{note}{body}</main></body></html>\n'
     )
 
 

@@ -82,8 +82,10 @@ def same_origin(request: Request) -> bool:
     return urlsplit(source).netloc == request.url.netloc
 
 
-async def read_form(request: Request) -> dict[str, str] | None:
-    """The posted urlencoded form (first value of each field), or None when the body is
+async def read_form_values(
+    request: Request, *, max_bytes: int = MAX_FORM, max_fields: int = 50
+) -> dict[str, list[str]] | None:
+    """The posted urlencoded form, every value of each field, or None when the body is
     something else or too large. Parsed here so the console needs no multipart library."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
@@ -91,13 +93,19 @@ async def read_form(request: Request) -> dict[str, str] | None:
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_FORM:
+        if len(body) > max_bytes:
             return None
     try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+        return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=max_fields)
     except (UnicodeDecodeError, ValueError):
         return None
-    return {k: v[0] for k, v in fields.items()}
+
+
+async def read_form(request: Request) -> dict[str, str] | None:
+    """The posted urlencoded form (first value of each field), or None when the body is
+    something else or too large (see :func:`read_form_values`)."""
+    fields = await read_form_values(request)
+    return None if fields is None else {k: v[0] for k, v in fields.items()}
 
 
 def html_response(

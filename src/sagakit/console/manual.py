@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 
-from sagakit.console import choreo
+from sagakit.console import bulk, choreo
 from sagakit.console import html as h
 from sagakit.console.filters import MANUAL_SORTS, ManualQuery, human_duration
 from sagakit.console.html import e, url
@@ -135,7 +135,8 @@ def _card(
     return (
         f'<article class="case" data-saga="{e(inst.saga_id)}" '
         f'data-key="{e(inst.business_key)}" data-waiting="{int(max(now - inst.updated_at, 0))}">'
-        f"<header>{h.saga_link(base, inst)} {h.state_badge(inst.state)} "
+        f"<header>{bulk.case_checkbox(inst) if can_act else ''}"
+        f"{h.saga_link(base, inst)} {h.state_badge(inst.state)} "
         f"<span>{e(inst.definition)}@{inst.definition_version}</span> "
         f'<span class="waiting" title="in the queue since {e(h.fmt_time(inst.updated_at))}">'
         f"waiting {e(waited)}</span></header>"
@@ -250,6 +251,10 @@ def manual_page(
             for inst in cases
         ]
         if cards:
+            if can_act:  # the bulk form, which the cards' boxes belong to
+                parts.append(
+                    bulk.selection_form(base, query=query, matched=matched, cases=cases, csrf=csrf)
+                )
             parts += cards
         elif query.filtered:
             parts.append('<p class="empty">No case matches these filters.</p>')

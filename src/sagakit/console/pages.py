@@ -12,7 +12,7 @@ from sagakit.console import choreo
 from sagakit.console import html as h
 from sagakit.console.filters import LIST_SORTS, ListQuery, human_duration
 from sagakit.console.html import e, seg, url
-from sagakit.console.svg import flow_svg, fmt_duration, timeline_svg
+from sagakit.console.svg import flow_svg, fmt_duration, timeline_details, timeline_svg
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.instance import HistoryEntry, SagaInstance, SagaState
 from sagakit.graph import to_svg
@@ -282,12 +282,19 @@ def detail_page(
             f'<a href="{pics}/{n}">{n}</a>'
             for n in ("timeline.svg", "diagram.svg", "flow.svg", "diagram.mmd", "diagram.dot")
         )
+
+        # A figure wider than the screen scrolls in its own box; tabindex lets a
+        # keyboard scroll it too (the pictures themselves have nothing to focus).
+        def figure(name: str) -> str:
+            return f'<div class="figure" tabindex="0" role="group" aria-label="{name}">'
+
         parts += [
-            f'<section><h2>Timeline</h2><div class="figure">'
-            f"{timeline_svg(definition, inst, history)}</div></section>",
-            f'<section><h2>Definition</h2><div class="figure">{to_svg(definition, inst)}'
-            "</div></section>",
-            f'<section><h2>Message flow</h2><div class="figure">'
+            f"<section><h2>Timeline</h2>{figure('timeline')}"
+            f"{timeline_svg(definition, inst, history)}</div>"
+            f"{timeline_details(definition, inst, history)}</section>",
+            f"<section><h2>Definition</h2>{figure('definition diagram')}"
+            f"{to_svg(definition, inst)}</div></section>",
+            f"<section><h2>Message flow</h2>{figure('message flow')}"
             f"{flow_svg(definition, inst, history)}</div></section>",
             f"<section><h2>Steps</h2>{_steps_table(definition, inst, now)}</section>",
             f'<p class="downloads">download: {downloads}</p>',

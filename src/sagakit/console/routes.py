@@ -16,8 +16,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sagakit.api.validation import SagaFilter
+from sagakit.console import bulk, decisions, filters, pages
 from sagakit.console import dead_letters as dl
-from sagakit.console import decisions, filters, pages
 from sagakit.console import html as h
 from sagakit.console.decisions import ACTIONS
 from sagakit.console.http import (
@@ -368,6 +368,12 @@ class _Console:
     async def act(self, request: Request) -> Response:
         return await decisions.act(self, request)
 
+    async def bulk_dry_run(self, request: Request) -> Response:
+        return await bulk.dry_run(self, request)
+
+    async def bulk_apply(self, request: Request) -> Response:
+        return await bulk.apply(self, request)
+
     async def dead_letters(self, request: Request) -> Response:
         p = request.query_params
         status = p.get("status", "open")
@@ -508,6 +514,8 @@ def console_routes(
     return [
         Route("/", c.sagas, name="console_sagas"),
         Route("/manual", c.manual, name="console_manual"),
+        Route("/manual/bulk", c.bulk_dry_run, methods=["POST"], name="console_bulk"),
+        Route("/manual/bulk/apply", c.bulk_apply, methods=["POST"], name="console_bulk_apply"),
         Route("/events", c.list_events, name="console_events"),
         Route("/sagas/{saga_id}", c.detail, name="console_saga"),
         Route("/sagas/{saga_id}/act", c.act, methods=["POST"], name="console_act"),

@@ -9,6 +9,7 @@ command line and for scripts.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,14 +42,16 @@ BAR_COLOURS = {
     "comp": "#ea580c",
     "comp-failed": "#9a3412",
 }
+# State colours double as text colours on the timeline: each is >= 4.5:1 on white
+# and on the lanes' #f8fafc (WCAG 2.1 AA), like the console's badges.
 STATE_COLOURS = {
     SagaState.RUNNING: "#2563eb",
-    SagaState.COMPENSATING: "#ea580c",
-    SagaState.SUCCEEDED: "#16a34a",
+    SagaState.COMPENSATING: "#c2410c",
+    SagaState.SUCCEEDED: "#15803d",
     SagaState.COMPENSATED: "#4338ca",
     SagaState.FAILED_NEEDS_MANUAL: "#dc2626",
     SagaState.TIMED_OUT: "#92400e",
-    SagaState.PARTIAL_ACCEPTED: "#0d9488",
+    SagaState.PARTIAL_ACCEPTED: "#0f766e",
 }
 
 
@@ -168,12 +171,92 @@ _LEGEND = [
 ]
 
 
+# A quiet stretch (no event at all) longer than this share of the saga's duration and
+# than MIN_BREAK_S is drawn as a break of BREAK_PX pixels, so that a long retry wait or
+# a person's late decision does not squash everything else into a sliver (shorter
+# stretches stay to scale: a break there would distort more than it saves); at most
+# MAX_BREAKS of them.
+BREAK_SHARE = 0.15
+MIN_BREAK_S = 1.0
+BREAK_PX = 44.0
+MAX_BREAKS = 6
+# Widths of an 11 px sans-serif character, generously (to keep labels apart).
+CHAR_PX = 6.6
+BOLD_CHAR_PX = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Scale:
+    """Time -> x of the timeline: linear pieces, with the quiet stretches in ``breaks``
+    ((start, end) times) each drawn :data:`BREAK_PX` wide."""
+
+    t0: float
+    left: float
+    per_second: float
+    breaks: tuple[tuple[float, float], ...]
+
+    def x(self, t: float) -> float:
+        """The x of time ``t``."""
+        pos, last = self.left, self.t0
+        for a, b in self.breaks:
+            if t <= a:
+                break
+            pos += (a - last) * self.per_second
+            if t < b:
+                return round(pos + (t - a) / (b - a) * BREAK_PX, 2)
+            pos, last = pos + BREAK_PX, b
+        return round(pos + (t - last) * self.per_second, 2)
+
+
+def _scale(times: Sequence[float], t0: float, span: float, left: float, plot: float) -> _Scale:
+    """A linear scale over ``span``, or one with breaks over the long quiet stretches
+    between ``times`` (sorted) when there are any and some busy time remains (the busy
+    time then gets all the plot but the breaks)."""
+    gaps = sorted(
+        (
+            (b - a, a, b)
+            for a, b in itertools.pairwise(times)
+            if b - a > max(span * BREAK_SHARE, MIN_BREAK_S)
+        ),
+        reverse=True,
+    )[:MAX_BREAKS]
+    busy = span - sum(g for g, _, _ in gaps)
+    if not gaps or busy <= 1e-6:  # nothing but quiet: to scale is as good
+        return _Scale(t0, left, plot / span, ())
+    breaks = tuple(sorted((a, b) for _, a, b in gaps))
+    return _Scale(t0, left, (plot - BREAK_PX * len(breaks)) / busy, breaks)
+
+
+def _place(labels: Sequence[tuple[float, float, int, float | None]]) -> dict[int, int]:
+    """Rows for text labels so that none overlaps another, nor another's diamond
+    marker, on its lane: ``labels`` are (x, width, lane, centre x of its diamond or
+    None); diamonds sit in row 0. Returns the row (0 or 1) of each label, by index; a
+    label is left out when its lane has no free row at its x (its marker's title still
+    tells)."""
+    taken: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
+    for i, (_, _, lane, cx) in enumerate(labels):
+        if cx is not None:
+            taken.setdefault((lane, 0), []).append((cx - 8, cx + 8, i))
+    rows: dict[int, int] = {}
+    for i, (x0, w, lane, _) in sorted(enumerate(labels), key=lambda item: item[1][0]):
+        for row in (0, 1):
+            spans = taken.setdefault((lane, row), [])
+            if all(j == i or b + 3 <= x0 or x0 + w + 3 <= a for a, b, j in spans):
+                spans.append((x0, x0 + w, i))
+                rows[i] = row
+                break
+    return rows
+
+
 def timeline_svg(
     definition: SagaDefinition, instance: SagaInstance, history: Sequence[HistoryEntry]
 ) -> str:
     """The instance's timeline: a lane per step (plus one for the saga), a bar per
     attempt, retry wait, status query and compensation, markers for stale inputs and
-    manual decisions, the terminal state at the end; scaled to the saga's duration."""
+    manual decisions, the terminal state at the end; scaled to the saga's duration,
+    with long quiet stretches drawn as marked breaks of the axis (:func:`_scale`).
+    Labels never overlap: marker texts move to a free row of their lane (or stay in
+    their title), axis labels too close to another are left out."""
     left, plot, lane_h, top = 170, 760, 30, 34
     t0 = history[0].at if history else instance.created_at
     end = max([h.at for h in history] + [t0])
@@ -181,9 +264,8 @@ def timeline_svg(
     names = ["saga", *(s.name for s in definition.steps)]
     lanes_end = top + lane_h * len(names)
     width, height = left + plot + 190, lanes_end + 34
-
-    def x(t: float) -> float:
-        return round(left + (t - t0) / span * plot, 2)
+    scale = _scale(sorted({h.at for h in history}), t0, span, left, plot)
+    x = scale.x
 
     bars, marks = _lanes(definition, history)
     p = [
@@ -193,12 +275,50 @@ def timeline_svg(
         f"<title>timeline of saga {esc(instance.saga_id)} ({esc(instance.state.value)}, "
         f"{fmt_duration(span)})</title>",
     ]
-    for k in range(5):
-        tx = left + plot * k / 4
+    # Axis labels: each break's length on a row of its own above the ticks, which sit
+    # at the ends of the busy pieces (evenly spaced when there is no break); a label
+    # too close to another on its row is left out rather than drawn over it.
+    taken: dict[float, list[tuple[float, float]]] = {}
+
+    def free(cx: float, row: float, text: str) -> bool:
+        half = len(text) * CHAR_PX / 2 + 3
+        spans = taken.setdefault(row, [])
+        if any(a < cx + half and cx - half < b for a, b in spans):
+            return False
+        spans.append((cx - half, cx + half))
+        return True
+
+    broken: list[str] = []  # drawn over the lanes, under the bars
+    for start, stop in scale.breaks:
+        xa, xb = x(start), x(stop)
+        cx = round((xa + xb) / 2, 2)
+        quiet = fmt_duration(stop - start)
+        gap = f"\u2026{quiet}"
+        label = (
+            f'<text x="{cx}" y="{top - 23}" text-anchor="middle" fill="#475569">{gap}</text>'
+            if free(cx, top - 23, gap)
+            else ""
+        )
+        broken.append(
+            f'<g class="break" data-seconds="{round(stop - start, 3)}"><rect x="{xa + 4}" '
+            f'y="{top}" width="{round(xb - xa - 8, 2)}" height="{lanes_end - top}" '
+            f'fill="#e2e8f0" fill-opacity="0.7"/><path d="M{xa + 6},{top - 4} l-6,8 '
+            f"M{xb},{top - 4} l-6,8 M{xa + 6},{lanes_end - 4} l-6,8 M{xb},{lanes_end - 4} "
+            f'l-6,8" stroke="#475569" stroke-width="1.5"/>{label}<title>axis broken: '
+            f"{quiet} with no event, drawn {BREAK_PX:.0f} px wide</title></g>"
+        )
+    edges = [t0, *(t for pair in scale.breaks for t in pair), end] if scale.breaks else []
+    ticks = edges or [t0 + span * k / 4 for k in range(5)]
+    for t in ticks:
+        tx, text = x(t), f"+{fmt_duration(t - t0)}"
+        label = (
+            f'<text x="{tx}" y="{top - 8}" text-anchor="middle" fill="#475569">{text}</text>'
+            if free(tx, top - 8, text)
+            else ""
+        )
         p.append(
             f'<g class="tick"><line x1="{tx}" y1="{top - 6}" x2="{tx}" y2="{lanes_end}" '
-            f'stroke="#e2e8f0"/><text x="{tx}" y="{top - 10}" text-anchor="middle" '
-            f'fill="#64748b">+{fmt_duration(span * k / 4)}</text></g>'
+            f'stroke="#e2e8f0"/>{label}</g>'
         )
     for i, name in enumerate(names):
         y = top + i * lane_h
@@ -209,6 +329,7 @@ def timeline_svg(
             f'y="{y + 19}" font-weight="{"bold" if i == 0 else "normal"}">{esc(name)}'
             f"</text><title>{esc(name)} {esc(kind)}</title></g>"
         )
+    p += broken
     for b in bars:
         y = top + b.lane * lane_h + (9 if b.kind == "wait" else 6)
         h = 12 if b.kind == "wait" else 18
@@ -219,10 +340,26 @@ def timeline_svg(
             f'fill-opacity="{0.55 if b.kind == "wait" else 0.9}"><title>{esc(b.tip)}</title>'
             "</rect>"
         )
+    labelled = [m for m in marks if m.kind in ("manual", "escalated", "finished")]
+    # The text starts right of its marker: 6 px after a line, 9 px after a diamond.
+    rows = _place(
+        [
+            (x(m.t) + 6, len(m.text) * BOLD_CHAR_PX, m.lane, None)
+            if m.kind == "finished"
+            else (x(m.t) + 9, len(m.text) * BOLD_CHAR_PX, m.lane, x(m.t))
+            for m in labelled
+        ]
+    )
+    # Row 0 is the lane's middle, row 1 just above it (in the lower half of the lane
+    # above, which holds no text of its own there: 13 px text boxes, 30 px lanes).
+    row_of = {id(m): rows.get(i) for i, m in enumerate(labelled)}
+    dy = {0: 4.0, 1: -9.5}
     for m in marks:
         cx, cy = x(m.t), top + m.lane * lane_h + lane_h / 2
         lane = esc(names[m.lane])
         tip = f"<title>{esc(m.tip)}</title>"
+        row = row_of.get(id(m))
+        ty = cy + dy[row] if row is not None else cy
         if m.kind == "stale":
             p.append(
                 f'<path class="mark stale" data-lane="{lane}" d="M{cx},{cy - 11} l4,7 h-8 z" '
@@ -232,8 +369,8 @@ def timeline_svg(
             colour = "#0f766e" if m.kind == "manual" else "#dc2626"
             p.append(
                 f'<g class="mark {m.kind}" data-lane="{lane}"><path d="M{cx},{cy - 7} l7,7 '
-                f'l-7,7 l-7,-7 z" fill="{colour}"/><text x="{cx + 9}" y="{cy + 4}" '
-                f'fill="{colour}" font-weight="bold">{esc(m.text)}</text>{tip}</g>'
+                f'l-7,7 l-7,-7 z" fill="{colour}"/>{_label(cx + 9, ty, colour, m.text, row)}'
+                f"{tip}</g>"
             )
         elif m.kind == "finished":
             outcome = SagaState.__members__.get(m.text)
@@ -241,8 +378,7 @@ def timeline_svg(
             p.append(
                 f'<g class="mark finished" data-lane="{lane}"><line x1="{cx}" y1="{top}" '
                 f'x2="{cx}" y2="{lanes_end}" stroke="{colour}" stroke-dasharray="3 3"/>'
-                f'<text x="{cx + 6}" y="{cy + 4}" fill="{colour}" font-weight="bold">'
-                f"{esc(m.text)}</text>{tip}</g>"
+                f"{_label(cx + 6, ty, colour, m.text, row)}{tip}</g>"
             )
         else:
             p.append(
@@ -265,6 +401,35 @@ def timeline_svg(
         )
     p.append("</svg>")
     return "\n".join(p) + "\n"
+
+
+def _label(x: float, y: float, colour: str, text: str, row: int | None) -> str:
+    """A marker's bold text, or nothing when :func:`_place` found no free row for it."""
+    if row is None:
+        return ""
+    return f'<text x="{x}" y="{y}" fill="{colour}" font-weight="bold">{esc(text)}</text>'
+
+
+def timeline_details(
+    definition: SagaDefinition, instance: SagaInstance, history: Sequence[HistoryEntry]
+) -> str:
+    """What the timeline's tooltips say, as HTML a keyboard and a screen reader reach: a
+    folded ``<details>`` listing every bar and marker of :func:`timeline_svg` in time
+    order, each with its lane and what happened."""
+    bars, marks = _lanes(definition, history)
+    names = ["saga", *(s.name for s in definition.steps)]
+    labels = dict(_LEGEND)
+    rows = sorted(
+        [(b.t0, names[b.lane], labels[b.kind], b.tip) for b in bars]
+        + [(m.t, names[m.lane], m.text or m.kind, m.tip) for m in marks]
+    )
+    items = "".join(
+        f"<li><b>{esc(lane)}</b> \u00b7 {esc(kind)}: {esc(tip)}</li>" for _, lane, kind, tip in rows
+    )
+    return (
+        f'<details class="timeline-text" data-saga="{esc(instance.saga_id)}">'
+        f"<summary>Timeline as text ({len(rows)} entries)</summary><ol>{items}</ol></details>"
+    )
 
 
 def _columns(d: SagaDefinition) -> list[str]:
@@ -326,14 +491,15 @@ def _arrows(d: SagaDefinition, history: Sequence[HistoryEntry]) -> list[tuple[st
     return out
 
 
+# Arrow colours are also their labels' text colours: each is >= 4.5:1 on white.
 _ARROW_STYLE = {
     "command": ("#1d4ed8", ""),
     "query": ("#6d28d9", "2 3"),
     "reply": ("#15803d", "6 3"),
     "reply-failed": ("#b91c1c", "6 3"),
-    "comp": ("#ea580c", ""),
-    "comp-reply": ("#c2410c", "6 3"),
-    "stale": ("#94a3b8", "2 2"),
+    "comp": ("#c2410c", ""),
+    "comp-reply": ("#9a3412", "6 3"),
+    "stale": ("#64748b", "2 2"),
 }
 
 

@@ -1,6 +1,27 @@
 // sagakit console: refresh the page's #content live while what it shows changes.
 // The pages work without this script; it only saves the operator a reload. It never
 // replaces the content while someone is typing a decision.
+
+// A table wider than the screen scrolls inside its own box (console.css): let the
+// keyboard reach it then, so it can be scrolled without a mouse. Wide screens keep
+// their tab order untouched.
+(function () {
+  "use strict";
+  function reachable() {
+    var tables = document.querySelectorAll("#content table");
+    for (var i = 0; i < tables.length; i++) {
+      if (tables[i].scrollWidth > tables[i].clientWidth + 1) {
+        tables[i].setAttribute("tabindex", "0");
+      } else {
+        tables[i].removeAttribute("tabindex");
+      }
+    }
+  }
+  document.addEventListener("DOMContentLoaded", reachable);
+  window.addEventListener("resize", reachable);
+  document.addEventListener("console:refreshed", reachable);
+})();
+
 (function () {
   "use strict";
   var main = document.getElementById("content");
@@ -16,6 +37,29 @@
     indicator.hidden = false;
     indicator.textContent = text;
     indicator.className = "live " + state;
+  }
+
+  // The nav's open-case count sits outside #content: copy it from the fresh page.
+  // Returns what changed about it ("" when nothing did).
+  function updateCount(doc) {
+    var mine = document.querySelector("header nav .nav-count");
+    var theirs = doc.querySelector("header nav .nav-count");
+    if (!mine || !theirs || mine.outerHTML === theirs.outerHTML) {
+      return "";
+    }
+    mine.replaceWith(document.importNode(theirs, true));
+    return theirs.getAttribute("aria-label") || "";
+  }
+
+  // A short polite announcement for screen readers (never the whole content). The
+  // time makes each one differ, so a repeated update is announced again.
+  function announce(extra) {
+    var status = document.getElementById("live-status");
+    if (!status) {
+      return;
+    }
+    var now = new Date().toTimeString().slice(0, 8);
+    status.textContent = "Updated at " + now + (extra ? ": " + extra : "");
   }
 
   function editing() {
@@ -45,9 +89,12 @@
     fetch(window.location.href, { credentials: "same-origin", cache: "no-store" })
       .then(function (response) { return response.ok ? response.text() : ""; })
       .then(function (text) {
-        var fresh = new DOMParser().parseFromString(text, "text/html").getElementById("content");
+        var doc = new DOMParser().parseFromString(text, "text/html");
+        var fresh = doc.getElementById("content");
         if (fresh && !editing()) {
           main.innerHTML = fresh.innerHTML;
+          document.dispatchEvent(new Event("console:refreshed"));
+          announce(updateCount(doc));
           say(ended ? "final" : "live", ended ? "done" : "on");
         } else if (fresh) {
           pending = true;
