@@ -8,7 +8,7 @@ included) and every log line is searched. Only the owners' tables (``customers``
 order service, ``card_vault`` in payment) may hold it. The engine itself refuses the
 canary in an operator's reason (cancel, manual actions, dead letters) and in the
 checkout's declared personal fields; a field declared ``tokenise`` is stored as a token
-only. (The API's routes, ``api_audit`` included: tests/api/test_api_personal_data.py.)
+only. (The API's routes, the audit trail included: tests/api/test_api_personal_data.py.)
 """
 
 from __future__ import annotations
