@@ -385,7 +385,8 @@ def test_the_process_commands_run_an_app_of_its_own(tmp_path: Path, own_app: Own
         for schema, table in tables:
             schemas.setdefault(schema, set()).add(table)
         assert set(schemas) == {f"{prefix}_orchestrator", f"{prefix}_hotel"}
-        assert {"sagas", "saga_history", "outbox", "audit_trail"} <= schemas[f"{prefix}_orchestrator"]
+        engine_tables = {"sagas", "saga_history", "outbox", "audit_trail"}
+        assert engine_tables <= schemas[f"{prefix}_orchestrator"]
         assert "bookings" in schemas[f"{prefix}_hotel"]
         assert "bookings" not in schemas[f"{prefix}_orchestrator"]
         for name in ("worker", "relay", "hotel"):
