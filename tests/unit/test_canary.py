@@ -10,7 +10,8 @@ import pytest
 
 from sagakit import Engine, SagaDefinition, Step
 from sagakit.errors import ConfigurationError
-from sagakit.runtime.orchestrator import Orchestrator, canary_point
+from sagakit.runtime.canary import canary_point
+from sagakit.runtime.orchestrator import Orchestrator
 from sagakit.stores.memory import MemoryStore
 
 

@@ -11,7 +11,7 @@ dead letter's discard get a confirmation page first; a decision the engine refus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -137,12 +137,42 @@ async def act(c: _Console, request: Request) -> Response:
 def next_of(c: _Console, request: Request, form: dict[str, str], inst: SagaInstance) -> str:
     """Where a decision page's form goes back to: the form's own ``next`` when it
     stays inside the console, else the saga's page."""
-    base = c.base(request)
+    return _inside(c.base(request), form, f"/sagas/{h.seg(inst.saga_id)}")
+
+
+def _inside(base: str, form: dict[str, str], otherwise: str) -> str:
+    """The form's ``next`` when it stays inside the console, else ``base + otherwise``."""
     target = form.get("next", "")[:4000]
     path = target.partition("?")[0]
     if path.startswith(base + "/") and "//" not in path and "\\" not in path:
         return target
-    return f"{base}/sagas/{h.seg(inst.saga_id)}"
+    return base + otherwise
+
+
+async def _decision_page(
+    c: _Console,
+    request: Request,
+    form: dict[str, str],
+    inst: SagaInstance,
+    decision: _Decision,
+    status: int,
+    **page: Any,
+) -> Response:
+    """The decision page of ``inst`` (refused or to confirm), the typed reason kept."""
+    token, nonce = c.csrf.issue(request, c.who(request))
+    body = decide_page(
+        c.base(request),
+        inst=inst,
+        definition=c.definition_of(inst),
+        flow=c.flow_of(inst),
+        action=decision.action,
+        reason=decision.reason,
+        rung=decision.rung,
+        csrf=token,
+        next_url=next_of(c, request, form, inst),
+        **page,
+    )
+    return await c.page(request, body, status, nonce=nonce)
 
 
 async def refuse(
@@ -156,21 +186,9 @@ async def refuse(
 ) -> Response:
     """A refused decision's page (409): why, the saga as it is now and the
     decisions that apply, with the reason the person typed kept."""
-    token, nonce = c.csrf.issue(request, c.who(request))
-    body = decide_page(
-        c.base(request),
-        inst=inst,
-        definition=c.definition_of(inst),
-        flow=c.flow_of(inst),
-        action=decision.action,
-        reason=decision.reason,
-        rung=decision.rung,
-        csrf=token,
-        next_url=next_of(c, request, form, inst),
-        title="Decision refused",
-        message=message,
+    return await _decision_page(
+        c, request, form, inst, decision, status, title="Decision refused", message=message
     )
-    return await c.page(request, body, status, nonce=nonce)
 
 
 async def confirm(
@@ -199,24 +217,19 @@ async def confirm(
         holds, message = True, message or str(exc)
     except (ManualActionRefused, VersionMissing) as exc:
         return await refuse(c, request, form, inst, decision, str(exc))
-    token, nonce = c.csrf.issue(request, c.who(request))
-    body = decide_page(
-        c.base(request),
-        inst=inst,
-        definition=c.definition_of(inst),
-        flow=c.flow_of(inst),
-        action=decision.action,
-        reason=decision.reason,
-        rung=decision.rung,
-        csrf=token,
-        next_url=next_of(c, request, form, inst),
+    return await _decision_page(
+        c,
+        request,
+        form,
+        inst,
+        decision,
+        status,
         title=f"Confirm {decision.action}",
         message=message,
         confirm=True,
         force_offered=holds,
         refused=status >= 400,
     )
-    return await c.page(request, body, status, nonce=nonce)
 
 
 async def confirm_discard(
@@ -225,10 +238,7 @@ async def confirm_discard(
     """The confirmation page of a dead letter's discard, the typed reason kept."""
     token, nonce = c.csrf.issue(request, c.who(request))
     base = c.base(request)
-    target = form.get("next", "")[:4000]
-    path = target.partition("?")[0]
-    if not path.startswith(base + "/") or "//" in path or "\\" in path:
-        target = base + "/dead-letters"
+    target = _inside(base, form, "/dead-letters")
     body = discard_page(
         base,
         store=store,

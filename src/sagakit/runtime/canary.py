@@ -1,4 +1,5 @@
-"""A canary release of a new definition version: which version a new saga starts on.
+"""Which definition version a new saga starts on (a canary release of a new version
+sends a share of the new sagas to it), and what a start request must be to start.
 
 ``Engine(canary={"checkout": 0.1})`` starts 10% of new checkouts on the latest
 registered version and the rest on the version before it, chosen by a stable hash of
@@ -8,13 +9,72 @@ the business key, so a key always lands on the same version, in every process.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sagakit.core.definition import SagaDefinition
 from sagakit.core.machine import Machine
-from sagakit.errors import ConfigurationError
+from sagakit.errors import ConfigurationError, DefinitionError
 
-__all__ = ["canary_point", "checked_canary", "previous_version"]
+__all__ = ["admit", "canary_point", "checked_canary", "machines_for_starts", "previous_version"]
+
+StartRequest = tuple[str, str, Mapping[str, Any]]
+"""(definition name, business key, data)."""
+
+
+def machines_for_starts(
+    machines: Mapping[tuple[str, int], Machine],
+    latest: Mapping[str, SagaDefinition],
+    canary: Mapping[str, float],
+    requests: Sequence[StartRequest],
+    version: int | None,
+) -> list[Machine]:
+    """The machine each start request runs on: ``version`` if given, else the latest
+    (or, for a key the canary keeps back, the version before it). A request with no
+    key, data that is not a mapping or an unknown definition is a DefinitionError."""
+    for _, key, data in requests:
+        if not isinstance(key, str) or not key:
+            raise DefinitionError(f"business key must be a non-empty string, got {key!r}")
+        if not isinstance(data, Mapping):
+            raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
+    return [_machine_named(machines, latest, canary, n, version, k) for n, k, _ in requests]
+
+
+def _machine_named(
+    machines: Mapping[tuple[str, int], Machine],
+    latest: Mapping[str, SagaDefinition],
+    canary: Mapping[str, float],
+    name: str,
+    version: int | None,
+    key: str,
+) -> Machine:
+    if version is None:
+        d = latest.get(name)
+        if d is None:
+            raise DefinitionError(
+                f"no saga definition named {name!r}; registered: {sorted(latest)}"
+            )
+        share = canary.get(name)
+        if share is not None and canary_point(name, key) >= share:
+            return machines[(name, previous_version(name, latest, machines))]
+        return machines[(d.name, d.version)]
+    try:
+        return machines[(name, version)]
+    except KeyError:
+        raise DefinitionError(f"no saga definition {name}@{version}") from None
+
+
+async def admit(
+    machines: Sequence[Machine], requests: Sequence[StartRequest]
+) -> list[StartRequest]:
+    """The requests as they may be stored: each definition's personal-data rules
+    applied to its data (see :mod:`sagakit.core.personal`), before any transaction;
+    one refused start refuses the batch (:class:`~sagakit.errors.PersonalDataRefused`).
+    """
+    return [
+        (name, key, await machine.definition.personal.admit(key, data))
+        for machine, (name, key, data) in zip(machines, requests, strict=True)
+    ]
 
 
 def canary_point(definition: str, business_key: str) -> float:

@@ -53,10 +53,10 @@ from sagakit.errors import (
 from sagakit.metrics import on_commit, record_history
 from sagakit.observability import handler_span, record_transition
 from sagakit.runtime.alerts import AlertWriter
-from sagakit.runtime.canary import canary_point, checked_canary, previous_version
+from sagakit.runtime.canary import admit, checked_canary, machines_for_starts
 from sagakit.runtime.consumer import FIRST_DELIVERIES, BatchConsumer, FaultHook
 from sagakit.runtime.local_steps import LocalStepRunner
-from sagakit.runtime.saga_cache import SagaCache
+from sagakit.runtime.saga_cache import SagaCache, check_copies
 from sagakit.runtime.set_aside import REPLY, TIMER, SetAsideDesk, timer_to_json
 from sagakit.runtime.wakeup import Wakeups
 from sagakit.stores.base import Store, Tx
@@ -200,8 +200,8 @@ class Orchestrator(BatchConsumer):
         correlation_id: str | None = None,
     ) -> list[tuple[SagaInstance, bool]]:
         """Start several sagas in one transaction (see :meth:`start`)."""
-        machines = self._machines_for_starts(requests, version)
-        requests = await self.admit(machines, requests)
+        machines = machines_for_starts(self.machines, self.latest, self.canary, requests, version)
+        requests = await admit(machines, requests)
         try:
             # Most starts are new: insert without looking the keys up (a round trip on
             # PostgreSQL); a key started before fails the insert, and then we look.
@@ -232,32 +232,9 @@ class Orchestrator(BatchConsumer):
         here, and every command, local steps' included, goes to the outbox: the relay
         publishes them once the owner commits (see :mod:`sagakit.runtime.own_tx`).
         """
-        machines = self._machines_for_starts(requests, version)
-        requests = await self.admit(machines, requests)
+        machines = machines_for_starts(self.machines, self.latest, self.canary, requests, version)
+        requests = await admit(machines, requests)
         return await self._write_starts(tx, machines, requests, correlation_id, outbox_only=True)
-
-    @staticmethod
-    async def admit(
-        machines: Sequence[Machine], requests: Sequence[tuple[str, str, Mapping[str, Any]]]
-    ) -> list[tuple[str, str, Mapping[str, Any]]]:
-        """The requests as they may be stored: each definition's personal-data rules
-        applied to its data (see :mod:`sagakit.core.personal`), before any transaction;
-        one refused start refuses the batch (:class:`~sagakit.errors.PersonalDataRefused`).
-        """
-        return [
-            (name, key, await machine.definition.personal.admit(key, data))
-            for machine, (name, key, data) in zip(machines, requests, strict=True)
-        ]
-
-    def _machines_for_starts(
-        self, requests: Sequence[tuple[str, str, Mapping[str, Any]]], version: int | None
-    ) -> list[Machine]:
-        for _, key, data in requests:
-            if not isinstance(key, str) or not key:
-                raise DefinitionError(f"business key must be a non-empty string, got {key!r}")
-            if not isinstance(data, Mapping):
-                raise DefinitionError(f"saga data must be a mapping, got {type(data).__name__}")
-        return [self._machine_named(name, version, key) for name, key, _ in requests]
 
     async def _write_starts(
         self,
@@ -303,16 +280,12 @@ class Orchestrator(BatchConsumer):
         if not reason or not reason.strip():
             raise ValueError("a cancel needs a reason")
         refuse_personal_text(reason)
-        now = self.clock()
-        async with self.transaction() as tx:
-            inst = await tx.saga_get(saga_id)
-            if inst is None:
-                raise SagaNotFound(f"no saga {saga_id!r}")
+
+        def decide(inst: SagaInstance, now: float) -> Decision:
             check_version(inst, expected_version)
-            decision = self.machine_for(inst).on_cancel(inst, reason, now)
-            await self._write(tx, decision, inst.version, now)
-        self.after_commit()
-        return decision.instance
+            return self.machine_for(inst).on_cancel(inst, reason, now)
+
+        return (await self._decide_on(saga_id, decide)).instance
 
     async def resolve(
         self,
@@ -335,12 +308,9 @@ class Orchestrator(BatchConsumer):
         :meth:`Machine.on_manual <sagakit.core.machine.Machine.on_manual>`).
         """
         refuse_personal_text(reason)
-        now = self.clock()
-        async with self.transaction() as tx:
-            inst = await tx.saga_get(saga_id)
-            if inst is None:
-                raise SagaNotFound(f"no saga {saga_id!r}")
-            decision = self.machine_for(inst).on_manual(
+
+        def decide(inst: SagaInstance, now: float) -> Decision:
+            return self.machine_for(inst).on_manual(
                 inst,
                 action,
                 reason=reason,
@@ -350,7 +320,8 @@ class Orchestrator(BatchConsumer):
                 expected_version=expected_version,
                 force=force,
             )
-            await self._write(tx, decision, inst.version, now)
+
+        decision = await self._decide_on(saga_id, decide)
         log.info(
             "manual action %s by %s: %s",
             action,
@@ -358,8 +329,21 @@ class Orchestrator(BatchConsumer):
             reason,
             extra={"saga_id": saga_id, "step": decision.history[0].step, "actor": actor},
         )
-        self.after_commit()
         return decision.instance
+
+    async def _decide_on(
+        self, saga_id: str, decide: Callable[[SagaInstance, float], Decision]
+    ) -> Decision:
+        """Load ``saga_id`` (locked), apply ``decide`` to it and write the decision."""
+        now = self.clock()
+        async with self.transaction() as tx:
+            inst = await tx.saga_get(saga_id)
+            if inst is None:
+                raise SagaNotFound(f"no saga {saga_id!r}")
+            decision = decide(inst, now)
+            await self._write(tx, decision, inst.version, now)
+        self.after_commit()
+        return decision
 
     async def manual_cases(self, *, limit: int = 100, offset: int = 0) -> list[SagaInstance]:
         """Sagas waiting for a person (:data:`~sagakit.core.instance.MANUAL_STATES`)."""
@@ -469,17 +453,7 @@ class Orchestrator(BatchConsumer):
                 loaded[inst.saga_id] = decision.instance
         notes = _NOTES.get()
         if notes is not None and notes.copies:
-            await self._check_copies(tx, notes)
-
-    @staticmethod
-    async def _check_copies(tx: Tx, notes: _TxNotes) -> None:
-        """Have the commit check every copy used and not written (the version-checked
-        write of a transition checks the others). Else a reply that a stale copy found
-        stale would be recorded as handled without being applied."""
-        for saga_id, copy in notes.copies.items():
-            if saga_id not in notes.written and saga_id not in notes.checked:
-                await tx.saga_update(copy, copy.version)  # the very same row, if current
-                notes.checked.add(saga_id)
+            await check_copies(tx, notes.copies, notes.written, notes.checked)
 
     # -- timers -----------------------------------------------------------------------
     async def fire_due_timers(self, limit: int = 512) -> int:
@@ -633,19 +607,3 @@ class Orchestrator(BatchConsumer):
     def after_commit(self) -> None:
         # The relay and the timer loop were woken by transaction() if there was work.
         self.wakeups.notify(f"sagas:{self.store.name}")
-
-    def _machine_named(self, name: str, version: int | None, key: str = "") -> Machine:
-        if version is None:
-            d = self.latest.get(name)
-            if d is None:
-                raise DefinitionError(
-                    f"no saga definition named {name!r}; registered: {sorted(self.latest)}"
-                )
-            share = self.canary.get(name)
-            if share is not None and canary_point(name, key) >= share:
-                return self.machines[(name, previous_version(name, self.latest, self.machines))]
-            return self.machines[(d.name, d.version)]
-        try:
-            return self.machines[(name, version)]
-        except KeyError:
-            raise DefinitionError(f"no saga definition {name}@{version}") from None

@@ -23,12 +23,13 @@ is one statement for all of them). So only transactions that wrote at most
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from sagakit.core.instance import SagaInstance
 from sagakit.stores.rows import saga_from_row, saga_insert_params
+from sagakit.stores.tx import Tx
 
-__all__ = ["SagaCache"]
+__all__ = ["SagaCache", "check_copies"]
 
 
 class SagaCache:
@@ -101,3 +102,18 @@ class SagaCache:
     def clear(self) -> None:
         """Drop every copy (the store was closed, or restored)."""
         self._items.clear()
+
+
+async def check_copies(
+    tx: Tx,
+    copies: Mapping[str, SagaInstance],
+    written: Mapping[str, SagaInstance],
+    checked: set[str],
+) -> None:
+    """Have the commit check every copy used and not written (the version-checked
+    write of a transition checks the others). Else a reply that a stale copy found
+    stale would be recorded as handled without being applied."""
+    for saga_id, copy in copies.items():
+        if saga_id not in written and saga_id not in checked:
+            await tx.saga_update(copy, copy.version)  # the very same row, if current
+            checked.add(saga_id)
